@@ -1,0 +1,186 @@
+"""Find attention modules, switch their fast paths off for one call, and hook their probabilities and gradients.
+
+timm computes attention with fused ``scaled_dot_product_attention`` by default, which never materialises the
+attention probabilities. Each timm attention module has a per-instance ``fused_attn`` flag and an ``attn_drop``
+submodule that receives the post-softmax, pre-dropout probabilities ``A [B, H, N, N]`` on the unfused path. The
+capture therefore turns ``fused_attn`` off on each instance for the duration of one call, hooks ``attn_drop``'s
+input, and restores everything in ``finally``.
+
+Other attention implementations plug in through an :class:`AttentionAdapter`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+__all__ = [
+    "TIMM_ADAPTER",
+    "AttentionAdapter",
+    "AttentionLayer",
+    "AttentionNotFoundError",
+    "eval_mode_without_fast_paths",
+    "find_attention_layers",
+    "hook_attention",
+    "register_attention_adapter",
+    "unregister_attention_adapter",
+    "unwrap_model",
+]
+
+
+class AttentionNotFoundError(ValueError):
+    """The model has no attention module that any registered adapter recognises."""
+
+
+@dataclass(frozen=True)
+class AttentionAdapter:
+    """How to reach the attention probabilities of one kind of attention module.
+
+    Args:
+        name: A label for messages.
+        matches: Whether a module is an attention module of this kind.
+        probs_module: Given a matching module, the submodule whose first positional input is the post-softmax
+            attention ``[B, H, N, N]`` on the unfused path (timm: ``attn_drop``).
+        disable_flags: Boolean attributes set to ``False`` for the call to force the unfused path
+            (timm: ``fused_attn``). Their values are restored afterwards.
+
+    Example:
+        >>> class MyAttention(nn.Module):  # computes softmax, then calls self.dropout(attn)
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.dropout = nn.Dropout(0.0)
+        >>> adapter = AttentionAdapter("mine", lambda m: isinstance(m, MyAttention), lambda m: m.dropout)
+        >>> register_attention_adapter(adapter)
+        >>> [name for name, _ in find_attention_layers(nn.Sequential(MyAttention()))]
+        ['0']
+        >>> unregister_attention_adapter(adapter)
+    """
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    probs_module: Callable[[nn.Module], nn.Module]
+    disable_flags: tuple[str, ...] = ()
+
+
+def _is_timm_attention(module: nn.Module) -> bool:
+    return hasattr(module, "fused_attn") and isinstance(getattr(module, "attn_drop", None), nn.Module)
+
+
+TIMM_ADAPTER = AttentionAdapter(
+    name="timm",
+    matches=_is_timm_attention,
+    probs_module=lambda module: module.attn_drop,
+    disable_flags=("fused_attn",),
+)
+
+ADAPTERS: list[AttentionAdapter] = [TIMM_ADAPTER]
+"""Adapters tried in order; the first that matches a module wins."""
+
+
+def register_attention_adapter(adapter: AttentionAdapter) -> None:
+    """Teach the capture a new kind of attention module; it is tried before the built-in timm adapter."""
+    if not isinstance(adapter, AttentionAdapter):
+        raise TypeError(f"`adapter` must be an AttentionAdapter, got {type(adapter).__name__}.")
+    ADAPTERS.insert(0, adapter)
+
+
+def unregister_attention_adapter(adapter: AttentionAdapter) -> None:
+    """Forget an adapter added with :func:`register_attention_adapter`."""
+    ADAPTERS.remove(adapter)
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """One attention module of a model, with the adapter that reaches its probabilities."""
+
+    name: str
+    module: nn.Module
+    adapter: AttentionAdapter
+
+    @property
+    def probs_module(self) -> nn.Module:
+        return self.adapter.probs_module(self.module)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the eager module behind ``torch.compile`` (``OptimizedModule._orig_mod``), or the model itself."""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
+
+
+def find_attention_layers(model: nn.Module) -> list[AttentionLayer]:
+    """List the model's attention layers in forward (registration) order.
+
+    Raises:
+        AttentionNotFoundError: If no module matches any adapter; the message names the model class and the fix.
+    """
+    layers = []
+    for name, module in unwrap_model(model).named_modules():
+        adapter = next((a for a in ADAPTERS if a.matches(module)), None)
+        if adapter is not None:
+            layers.append(AttentionLayer(name, module, adapter))
+    if not layers:
+        raise AttentionNotFoundError(
+            f"`model` ({type(model).__name__}) has no recognisable attention modules: expected timm attention "
+            "(a `fused_attn` flag and an `attn_drop` submodule); register an AttentionAdapter for other kinds."
+        )
+    return layers
+
+
+@contextlib.contextmanager
+def eval_mode_without_fast_paths(model: nn.Module, layers: list[AttentionLayer]) -> Iterator[None]:
+    """Put the model in eval mode with unfused attention and no gradient checkpointing, then restore all of it.
+
+    Every module's own ``training`` flag is restored (not just the root's), so partially frozen models come back
+    exactly as they were.
+    """
+    training_flags = [(module, module.training) for module in model.modules()]
+    changed_flags: list[tuple[nn.Module, str, object]] = []
+    try:
+        for layer in layers:
+            for flag in layer.adapter.disable_flags:
+                changed_flags.append((layer.module, flag, getattr(layer.module, flag)))
+                setattr(layer.module, flag, False)
+        # timm checkpoints blocks whenever `grad_checkpointing` is set, in eval mode too; recomputation would
+        # fire the capture hooks twice.
+        for module in model.modules():
+            if getattr(module, "grad_checkpointing", False) is True:
+                changed_flags.append((module, "grad_checkpointing", True))
+                module.grad_checkpointing = False
+        model.eval()
+        yield
+    finally:
+        for module, flag, value in reversed(changed_flags):
+            setattr(module, flag, value)
+        for module, training in training_flags:
+            module.training = training
+
+
+OnAttention = Callable[[int, Tensor], None]
+
+
+@contextlib.contextmanager
+def hook_attention(layers: list[AttentionLayer], on_attention: OnAttention) -> Iterator[None]:
+    """Call ``on_attention(layer_index, probs)`` with each layer's post-softmax attention during forward passes.
+
+    The hooks are removed on exit, also when the body raises.
+    """
+    handles = []
+
+    def make_hook(index: int) -> Callable[[nn.Module, tuple[Tensor, ...]], None]:
+        def hook(_module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            on_attention(index, inputs[0])
+
+        return hook
+
+    try:
+        for index, layer in enumerate(layers):
+            handles.append(layer.probs_module.register_forward_pre_hook(make_hook(index)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

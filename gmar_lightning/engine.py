@@ -1,0 +1,336 @@
+"""``explain``: one forward and at most one backward pass over a batch, reduced as it streams, into an Explanation.
+
+The engine never imports Lightning. It leaves the model exactly as it found it: training flags, fused-attention and
+gradient-checkpointing flags, hooks, parameter ``.grad`` and the RNG state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gmar_lightning import methods
+from gmar_lightning.capture import (
+    AttentionLayer,
+    eval_mode_without_fast_paths,
+    find_attention_layers,
+    hook_attention,
+    unwrap_model,
+)
+from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
+from gmar_lightning.tokens import TokenLayout, infer_token_layout, patch_grid
+
+__all__ = ["explain"]
+
+Target = int | Sequence[int] | Tensor | None
+
+GRADIENT_METHODS = (*GMAR_METHODS, "grad_rollout")
+
+
+@dataclass
+class _LayerReductions:
+    """What the hooks keep of each layer: one ``[B, N, N]`` matrix and, for GMAR, ``[B, H]`` head scores."""
+
+    method: str
+    matrices: list[Tensor | None]
+    scores: list[Tensor | None]
+    pending: dict[int, Tensor] = field(default_factory=dict)  # attention waiting for its gradient
+
+    def on_attention(self, index: int, attention: Tensor) -> None:
+        if self.method == "rollout" or (self.method == "attention" and index == len(self.matrices) - 1):
+            self.matrices[index] = attention.float().mean(dim=1)
+        elif self.method in GRADIENT_METHODS:
+            self.pending[index] = attention
+            attention.register_hook(lambda grad, index=index: self.on_gradient(index, grad))
+
+    def on_gradient(self, index: int, grad: Tensor) -> None:
+        # Runs inside the backward pass: reduce the [B, H, N, N] gradient at once so it can be freed.
+        attention = self.pending.pop(index)
+        if self.method == "grad_rollout":
+            self.matrices[index] = methods.positive_relevance(attention, grad)
+            return
+        scores = methods.head_scores(grad, "l1" if self.method == "gmar_l1" else "l2")
+        self.scores[index] = scores
+        self.matrices[index] = methods.fuse_heads(attention, methods.layer_head_weights(scores))
+
+    def fill_unreached(self) -> None:
+        """Layers the target does not depend on get zero gradients (uniform GMAR weights, zero relevance)."""
+        for index, attention in list(self.pending.items()):
+            self.on_gradient(index, torch.zeros_like(attention))
+
+
+def _check_choice(name: str, value: object, choices: Sequence[object]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+
+
+def _check_images(model: nn.Module, images: object) -> Tensor:
+    if not isinstance(images, Tensor):
+        raise TypeError(f"`images` must be a float tensor [B, C, H, W], got {type(images).__name__}.")
+    if images.dim() != 4:
+        hint = " (add a batch dimension with images.unsqueeze(0))" if images.dim() == 3 else ""
+        raise ValueError(f"`images` must have shape [B, C, H, W], got {list(images.shape)}{hint}.")
+    if not images.is_floating_point():
+        raise TypeError(f"`images` must be a float tensor, got {images.dtype}; convert and normalise it first.")
+    if images.shape[0] == 0:
+        raise ValueError("`images` is an empty batch; pass at least one image.")
+    patch_embed = getattr(model, "patch_embed", None)
+    proj = getattr(patch_embed, "proj", None)
+    expected_channels = getattr(proj, "in_channels", None)
+    if expected_channels is not None and images.shape[1] != expected_channels:
+        raise ValueError(
+            f"`images` have {images.shape[1]} channels but the model takes {expected_channels}; "
+            "convert the images (e.g. grayscale to RGB) before explaining."
+        )
+    img_size = getattr(patch_embed, "img_size", None)
+    actual = tuple(images.shape[-2:])
+    if img_size is not None and getattr(patch_embed, "strict_img_size", False) and actual != tuple(img_size):
+        raise ValueError(
+            f"`images` are {actual[0]}x{actual[1]} but the model takes {img_size[0]}x{img_size[1]}; resize them, or "
+            "create the model with dynamic_img_size=True."
+        )
+    return images
+
+
+def _resolve_targets(target: Target, logits: Tensor) -> Tensor:
+    batch, num_classes = logits.shape
+    if target is None:
+        return logits.argmax(dim=-1)
+    if isinstance(target, bool) or not isinstance(target, int | Sequence | Tensor):
+        raise TypeError(f"`target` must be None, an int or a LongTensor [B], got {type(target).__name__}.")
+    targets = torch.as_tensor(target, device=logits.device)
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        raise TypeError(f"`target` must hold integer class indices, got dtype {targets.dtype}.")
+    targets = targets.long().expand(batch) if targets.dim() == 0 else targets.long()
+    if targets.shape != (batch,):
+        raise ValueError(f"`target` must be an int or have shape [{batch}], got {list(targets.shape)}.")
+    if bool(((targets < 0) | (targets >= num_classes)).any()):
+        raise ValueError(f"`target` {targets.tolist()} is out of range for a model with {num_classes} classes.")
+    return targets
+
+
+def _check_logits(model: nn.Module, logits: object, batch: int) -> Tensor:
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
+        shape = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(
+            f"`model` ({type(model).__name__}) must return logits [B, C] in eval mode, got {shape}; "
+            "wrap it so that forward returns classification logits."
+        )
+    if not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError(
+            f"`model` ({type(model).__name__}) produced NaN/inf logits; check `images` and the weights for NaN/inf."
+        )
+    return logits
+
+
+@contextlib.contextmanager
+def _isolated(device: torch.device, needs_grad: bool) -> Iterator[None]:
+    """Gradients on (even under no_grad/inference_mode), autocast off, RNG state restored afterwards."""
+    rng_devices = [device] if device.type == "cuda" else []
+    grad_mode = torch.enable_grad() if needs_grad else torch.no_grad()
+    autocast_device = device.type if device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
+    with (
+        torch.random.fork_rng(devices=rng_devices, device_type=device.type if rng_devices else "cuda"),
+        torch.inference_mode(False),
+        grad_mode,
+        torch.autocast(autocast_device, enabled=False),
+    ):
+        yield
+
+
+def _explain_chunk(
+    model: nn.Module,
+    layers: list[AttentionLayer],
+    images: Tensor,
+    method: str,
+    target: Target,
+) -> tuple[Tensor, Tensor, list[Tensor], Tensor | None]:
+    """Run one chunk; return logits, targets, the per-layer ``[B, N, N]`` matrices and ``[B, L, H]`` scores."""
+    reductions = _LayerReductions(method, [None] * len(layers), [None] * len(layers))
+    needs_grad = method in GRADIENT_METHODS
+    # Inference tensors cannot enter autograd: clone inside inference_mode(False). requires_grad makes the attention
+    # part of the graph even when every parameter is frozen.
+    inputs = images.clone().requires_grad_(needs_grad)
+    with hook_attention(layers, reductions.on_attention):
+        logits = _check_logits(model, model(inputs), images.shape[0])
+    targets = _resolve_targets(target, logits)
+    if needs_grad:
+        first_attention = reductions.pending.get(0)
+        if first_attention is None:
+            raise RuntimeError(f"No attention probabilities were captured from {layers[0].name}: is it called?")
+        objective = logits.gather(1, targets[:, None]).sum()
+        # Differentiate with respect to the first layer's attention only: the tensor hooks see every layer's gradient
+        # on the way down, and no parameter's .grad is touched.
+        torch.autograd.grad(objective, [first_attention], allow_unused=True)
+        reductions.fill_unreached()
+    missing = [layer.name for layer, matrix in zip(layers, reductions.matrices, strict=True) if matrix is None]
+    if method != "attention" and missing:
+        raise RuntimeError(f"No attention probabilities were captured from {', '.join(missing)}.")
+    matrices = [matrix for matrix in reductions.matrices if matrix is not None]
+    scores = torch.stack(reductions.scores, dim=1) if method in GMAR_METHODS else None
+    if needs_grad:
+        gradient_summary = scores if scores is not None else torch.stack(matrices)
+        if not bool(torch.isfinite(gradient_summary).all()):
+            raise FloatingPointError(
+                "`model` produced NaN/inf attention gradients for `target`; check `images` and the weights for NaN/inf."
+            )
+    return logits.detach().float(), targets, [m.detach() for m in matrices], scores
+
+
+def explain(
+    model: nn.Module,
+    images: Tensor,
+    method: str = "gmar_l1",
+    target: Target = None,
+    *,
+    residual: float = 0.5,
+    head_norm: str = "layer",
+    discard_ratio: float = 0.0,
+    start_layer: int = 0,
+    chunk_size: int | None = None,
+    token_layout: TokenLayout | None = None,
+) -> Explanation:
+    """Explain a ViT's predictions for a batch with GMAR or one of the baselines.
+
+    GMAR (Jo et al., 2025): backpropagate the target logit to every layer's post-softmax attention ``A_l``,
+    score each head by the L1 (``gmar_l1``) or L2 (``gmar_l2``) norm of its gradient, normalise the scores into
+    head weights, fuse each layer's heads with those weights and roll the fused matrices out across layers
+    (Abnar & Zuidema, 2020). Baselines: ``rollout`` (head mean), ``grad_rollout`` (Chefer et al., 2021, generic
+    rule) and ``attention`` (last layer, head mean). See ``docs/method.md`` for every formula.
+
+    The whole batch takes one forward and (gradient methods) one backward pass, in eval mode and float32, with
+    fused attention switched off for the call only. Everything the call changes is restored, also on error.
+
+    Args:
+        model: A timm ViT (or any model whose attention an :class:`~gmar_lightning.capture.AttentionAdapter`
+            reaches). ``torch.compile``d models are explained through their eager module.
+        images: ``[B, C, H, W]`` float batch, normalised as the model expects.
+        method: One of ``"gmar_l1"``, ``"gmar_l2"``, ``"rollout"``, ``"grad_rollout"``, ``"attention"``.
+        target: Class to explain: ``None`` for the predicted class, an ``int`` for all images, or a ``[B]`` tensor.
+        residual: Weight of the identity added to each layer's fused attention before renormalising rows
+            (GMAR and rollout).
+        head_norm: ``"layer"`` normalises head scores over each layer's heads, ``"global"`` over all layers and
+            heads (GMAR only).
+        discard_ratio: Fraction of each layer's lowest fused-attention entries zeroed before the rollout, keeping the
+            read-out tokens' diagonal entries (GMAR and rollout).
+        start_layer: First layer (0-based) included in the rollout (all methods but ``attention``).
+        chunk_size: Explain at most this many images per pass, to bound memory; results are identical.
+        token_layout: Override the inferred prefix tokens and read-out (see :class:`~gmar_lightning.TokenLayout`).
+
+    Returns:
+        An :class:`~gmar_lightning.Explanation` with token maps, upsampled maps in ``[0, 1]``, targets, logits and,
+        for GMAR, head weights and scores ``[B, L, H]``.
+
+    Example:
+        >>> import timm
+        >>> vit = timm.models.vision_transformer.VisionTransformer(
+        ...     img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=3)
+        >>> result = explain(vit, torch.randn(2, 3, 32, 32), method="gmar_l1")
+        >>> result.token_maps.shape, result.maps.shape, result.head_weights.shape
+        (torch.Size([2, 4, 4]), torch.Size([2, 32, 32]), torch.Size([2, 2, 4]))
+        >>> torch.allclose(result.head_weights.sum(-1), torch.ones(2, 2))
+        True
+    """
+    _check_choice("method", method, METHODS)
+    _check_choice("head_norm", head_norm, ("layer", "global"))
+    if not 0.0 <= residual <= 1.0:
+        raise ValueError(f"`residual` must lie in [0, 1], got {residual}.")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError(f"`discard_ratio` must lie in [0, 1), got {discard_ratio}.")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"`chunk_size` must be a positive integer or None, got {chunk_size!r}.")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    model = unwrap_model(model)
+    layers = find_attention_layers(model)
+    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < len(layers):
+        raise ValueError(f"`start_layer` must be an integer in [0, {len(layers) - 1}], got {start_layer!r}.")
+    layout = token_layout if token_layout is not None else infer_token_layout(model)
+    images = _check_images(model, images)
+    if isinstance(target, Tensor) and target.dim() == 0:
+        target = int(target)
+    options = {
+        "residual": residual,
+        "head_norm": head_norm,
+        "discard_ratio": discard_ratio,
+        "start_layer": start_layer,
+        "token_layout": layout,
+    }
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else images.device
+    with _isolated(device, method in GRADIENT_METHODS):
+        return _explain_batch(model, layers, layout, images.to(device), method, target, chunk_size, options)
+
+
+def _explain_batch(
+    model: nn.Module,
+    layers: list[AttentionLayer],
+    layout: TokenLayout,
+    images: Tensor,
+    method: str,
+    target: Target,
+    chunk_size: int | None,
+    options: dict,
+) -> Explanation:
+    """Explain ``images`` in chunks and roll out; runs inside :func:`_isolated`."""
+    parameter = next(model.parameters(), None)
+    # Feed the parameters' dtype: autocast is off, so a bf16-true model gets bf16 inputs; reductions are float32.
+    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    residual, head_norm = options["residual"], options["head_norm"]
+    discard_ratio, start_layer = options["discard_ratio"], options["start_layer"]
+    batch = images.shape[0]
+    step = chunk_size or batch
+    chunks = []
+    with eval_mode_without_fast_paths(model, layers):
+        for start in range(0, batch, step):
+            chunk_target = target[start : start + step] if isinstance(target, Tensor | Sequence) else target
+            chunk_images = images[start : start + step].to(dtype=dtype)
+            chunks.append(_explain_chunk(model, layers, chunk_images, method, chunk_target))
+
+    logits = torch.cat([chunk[0] for chunk in chunks])
+    targets = torch.cat([chunk[1] for chunk in chunks])
+    matrices = [torch.cat([chunk[2][i] for chunk in chunks]) for i in range(len(chunks[0][2]))]
+    scores = torch.cat([chunk[3] for chunk in chunks]) if method in GMAR_METHODS else None
+
+    num_tokens = matrices[0].shape[-1]
+    grid = patch_grid(model, tuple(images.shape[-2:]))
+    num_patches = num_tokens - layout.num_prefix_tokens
+    if grid[0] * grid[1] != num_patches:
+        raise ValueError(
+            f"`model` ({type(model).__name__}) has {num_tokens} tokens, which is not {layout.num_prefix_tokens} "
+            f"prefix tokens plus a {grid[0]}x{grid[1]} patch grid; pass `token_layout=TokenLayout(...)`."
+        )
+    readout = layout.readout_vector(num_tokens, batch, device=matrices[0].device)
+    weights = None
+    if method == "attention":
+        rows = torch.bmm(readout.unsqueeze(1), matrices[-1]).squeeze(1)
+    elif method == "grad_rollout":
+        rows = methods.propagate_gradient_rollout(readout, matrices[start_layer:])
+    else:
+        if scores is not None:
+            weights = methods.head_weights(scores, head_norm)
+            if head_norm == "global":
+                shares = methods.layer_shares(scores)
+                matrices = [m * shares[:, i, None, None] for i, m in enumerate(matrices)]
+        keep = layout.readout_indices(num_tokens).to(matrices[0].device)
+        matrices = [methods.discard_lowest(m, discard_ratio, keep) for m in matrices]
+        rows = methods.propagate_rollout(readout, matrices[start_layer:], residual)
+
+    token_maps = rows[:, layout.num_prefix_tokens :].reshape(batch, *grid)
+    maps = F.interpolate(token_maps.unsqueeze(1), size=images.shape[-2:], mode="bilinear", align_corners=False)
+    return Explanation(
+        method=method,
+        token_maps=token_maps,
+        maps=methods.normalize_maps(maps.squeeze(1)),
+        targets=targets,
+        logits=logits,
+        head_weights=weights,
+        head_scores=scores,
+        layer_names=[layer.name for layer in layers],
+        options=options,
+    )

@@ -1,0 +1,80 @@
+"""The result of one explanation call: a plain dataclass of tensors, no behaviour beyond moving them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+METHODS: tuple[str, ...] = ("gmar_l1", "gmar_l2", "rollout", "grad_rollout", "attention")
+"""Every method :func:`gmar_lightning.explain` accepts."""
+
+GMAR_METHODS: tuple[str, ...] = ("gmar_l1", "gmar_l2")
+"""The methods that weight heads by gradient norms and so produce head weights and scores."""
+
+
+@dataclass
+class Explanation:
+    """Saliency maps and head importance for one batch, as returned by :func:`gmar_lightning.explain`.
+
+    All tensors are float32 (targets int64) on the device the model ran on; call :meth:`cpu` to move them.
+
+    Attributes:
+        method: The method that produced the maps, one of :data:`METHODS`.
+        token_maps: ``[B, h, w]`` raw relevance of the patch tokens: the read-out row(s) of the rolled-out matrix
+            restricted to patch columns, reshaped to the patch grid and not rescaled.
+        maps: ``[B, H_img, W_img]`` token maps bilinearly upsampled to the input size and min-max normalised per
+            image to ``[0, 1]`` (an image whose map is constant gets all zeros).
+        targets: ``[B]`` the class explained for each image.
+        logits: ``[B, C]`` the model's logits for the batch (computed in float32, eval mode).
+        head_weights: ``[B, L, H]`` normalised head weights ``w_{l,h}`` (GMAR methods; ``None`` otherwise).
+        head_scores: ``[B, L, H]`` raw head scores ``s_{l,h}``, the L1 or L2 norm of each head's gradient
+            (GMAR methods; ``None`` otherwise).
+        layer_names: Qualified module names of the attention layers, in forward order (``L`` entries).
+        options: The resolved options the maps were computed with (residual, head_norm, ...).
+
+    Example:
+        >>> e = Explanation("rollout", torch.ones(1, 2, 2), torch.zeros(1, 8, 8), torch.tensor([3]), torch.zeros(1, 5))
+        >>> e.batch_size, e.grid_size, e.predictions.tolist()
+        (1, (2, 2), [0])
+    """
+
+    method: str
+    token_maps: Tensor
+    maps: Tensor
+    targets: Tensor
+    logits: Tensor
+    head_weights: Tensor | None = None
+    head_scores: Tensor | None = None
+    layer_names: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        """Number of explained images."""
+        return int(self.token_maps.shape[0])
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """The patch grid ``(h, w)`` of the token maps."""
+        return int(self.token_maps.shape[-2]), int(self.token_maps.shape[-1])
+
+    @property
+    def predictions(self) -> Tensor:
+        """``[B]`` the predicted class of each image (argmax of the logits)."""
+        return self.logits.argmax(dim=-1)
+
+    def to(self, device: torch.device | str) -> Explanation:
+        """Return a copy with every tensor moved to ``device``."""
+        moved = {
+            name: getattr(self, name).to(device)
+            for name in ("token_maps", "maps", "targets", "logits", "head_weights", "head_scores")
+            if getattr(self, name) is not None
+        }
+        return replace(self, **moved)
+
+    def cpu(self) -> Explanation:
+        """Return a copy with every tensor on the CPU."""
+        return self.to("cpu")

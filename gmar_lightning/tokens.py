@@ -1,0 +1,102 @@
+"""Where the patch tokens are in a ViT's sequence, which tokens the classifier reads, and the patch grid.
+
+timm puts prefix tokens first: the class token, then a distillation token (DeiT) or register tokens, then the patch
+tokens in row-major order. The classifier reads the class token (``global_pool="token"``), the mean of class and
+distillation token (distilled DeiT), or the mean of the patch tokens (``global_pool="avg"``, the default of BEiT and
+EVA). A :class:`TokenLayout` states this explicitly; :func:`infer_token_layout` reads it off timm's attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TokenLayout", "infer_token_layout", "patch_grid"]
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The token sequence of a ViT as the read-out of an explanation needs it.
+
+    Args:
+        num_prefix_tokens: Tokens before the patch tokens (class, distillation, register tokens).
+        readout_tokens: Indices of the tokens whose rows are averaged for the read-out, or ``None`` for the mean
+            of the patch tokens (average pooling).
+        pool_includes_prefix: With average pooling, whether the prefix tokens are part of the mean.
+
+    Example:
+        >>> TokenLayout(num_prefix_tokens=1).readout_vector(num_tokens=5, batch_size=1).tolist()
+        [[1.0, 0.0, 0.0, 0.0, 0.0]]
+        >>> TokenLayout(num_prefix_tokens=1, readout_tokens=None).readout_vector(5, 1).tolist()
+        [[0.0, 0.25, 0.25, 0.25, 0.25]]
+    """
+
+    num_prefix_tokens: int = 1
+    readout_tokens: tuple[int, ...] | None = (0,)
+    pool_includes_prefix: bool = False
+
+    def readout_indices(self, num_tokens: int) -> Tensor:
+        """Indices of the tokens the classifier pools."""
+        if self.readout_tokens is not None:
+            return torch.tensor(self.readout_tokens, dtype=torch.long)
+        first = 0 if self.pool_includes_prefix else self.num_prefix_tokens
+        return torch.arange(first, num_tokens)
+
+    def readout_vector(self, num_tokens: int, batch_size: int, device: torch.device | str = "cpu") -> Tensor:
+        """``[B, N]`` the mean of the one-hot rows of the pooled tokens."""
+        vector = torch.zeros(num_tokens, device=device)
+        indices = self.readout_indices(num_tokens).to(device)
+        vector[indices] = 1.0 / len(indices)
+        return vector.expand(batch_size, num_tokens)
+
+
+def infer_token_layout(model: nn.Module) -> TokenLayout:
+    """Read the token layout off a timm ViT (VisionTransformer, DeiT, BEiT, EVA and their relatives).
+
+    Raises:
+        ValueError: If the model's pooling has no linear read-out (attention pooling, max pooling) or the model does
+            not say how many prefix tokens it has; pass ``token_layout=TokenLayout(...)`` to ``explain`` instead.
+    """
+    model_name = type(model).__name__
+    num_prefix = getattr(model, "num_prefix_tokens", None)
+    if not isinstance(num_prefix, int):
+        raise ValueError(
+            f"`model` ({model_name}) has no integer `num_prefix_tokens`; pass `token_layout=TokenLayout(...)` to say "
+            "which tokens are prefix tokens and which the classifier reads."
+        )
+    if getattr(model, "attn_pool", None) is not None:
+        raise ValueError(
+            f"`model` ({model_name}) pools with attention (global_pool='map'), which has no rollout read-out; "
+            "create it with global_pool='token' or 'avg', or pass `token_layout=TokenLayout(...)`."
+        )
+    if getattr(model, "dist_token", None) is not None:
+        return TokenLayout(num_prefix_tokens=num_prefix, readout_tokens=(0, 1))
+    pool = getattr(model, "global_pool", "token")
+    if pool == "token":
+        if getattr(model, "cls_token", True) is None:
+            raise ValueError(f"`model` ({model_name}) reads a class token it does not have; use global_pool='avg'.")
+        return TokenLayout(num_prefix_tokens=num_prefix, readout_tokens=(0,))
+    if pool == "avg":
+        includes_prefix = bool(getattr(model, "pool_include_prefix", False))
+        return TokenLayout(num_prefix_tokens=num_prefix, readout_tokens=None, pool_includes_prefix=includes_prefix)
+    raise ValueError(
+        f"`model` ({model_name}) uses global_pool={pool!r}, which has no linear read-out for rollout; "
+        "use global_pool='token' or 'avg', or pass `token_layout=TokenLayout(...)`."
+    )
+
+
+def patch_grid(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]:
+    """The patch grid ``(h, w)`` a timm ViT produces for an image of ``image_size`` (non-square sizes included)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if hasattr(patch_embed, "dynamic_feat_size"):
+        height, width = patch_embed.dynamic_feat_size(image_size)
+        return int(height), int(width)
+    patch = getattr(patch_embed, "patch_size", None)
+    if patch is None:
+        raise ValueError(
+            f"`model` ({type(model).__name__}) has no `patch_embed.patch_size`; pass `token_layout=` and `grid_size=`."
+        )
+    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
+    return image_size[0] // patch_h, image_size[1] // patch_w

@@ -1,0 +1,323 @@
+"""The core engine against a plain full-matrix reference, on every supported timm ViT family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from gmar_lightning import METHODS, AttentionAdapter, explain, register_attention_adapter, unregister_attention_adapter
+from gmar_lightning.capture import AttentionNotFoundError
+from gmar_lightning.tokens import infer_token_layout, patch_grid
+from tests.models import FAMILIES, TINY, make_images, make_model, sharpen
+from tests.reference import reference_explain
+
+ATOL = 1e-5
+
+
+def reference_for(model: nn.Module, images: torch.Tensor, method: str, **options):
+    layout = infer_token_layout(model)
+    readout = None if layout.readout_tokens is None else list(layout.readout_tokens)
+    grid = patch_grid(model, tuple(images.shape[-2:]))
+    return reference_explain(
+        model, images, method, num_prefix=layout.num_prefix_tokens, readout=readout, grid=grid, **options
+    )
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_full_matrix_reference(family: str, method: str) -> None:
+    model, images = make_model(family), make_images(family)
+    result = explain(model, images, method=method)
+    expected_maps, expected_weights = reference_for(model, images, method)
+    torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
+    assert result.maps.shape == (images.shape[0], *images.shape[-2:])
+    assert float(result.maps.min()) == 0.0 and float(result.maps.max()) == 1.0
+    if method.startswith("gmar"):
+        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
+        assert result.head_scores.shape == result.head_weights.shape
+    else:
+        assert result.head_weights is None and result.head_scores is None
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"head_norm": "global"},
+        {"discard_ratio": 0.3},
+        {"start_layer": 1},
+        {"residual": 0.2, "discard_ratio": 0.5, "head_norm": "global", "start_layer": 1},
+    ],
+    ids=["global", "discard", "start_layer", "all"],
+)
+@pytest.mark.parametrize("family", ["vit", "deit_distilled", "vit_avg_no_cls"])
+@pytest.mark.parametrize("method", ["gmar_l1", "gmar_l2", "rollout"])
+def test_options_match_reference(family: str, method: str, options: dict) -> None:
+    model, images = make_model(family), make_images(family)
+    result = explain(model, images, method=method, **options)
+    expected_maps, expected_weights = reference_for(model, images, method, **options)
+    torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
+    if expected_weights is not None:
+        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
+
+
+def test_grad_rollout_start_layer_matches_reference() -> None:
+    model, images = make_model("vit"), make_images("vit")
+    result = explain(model, images, method="grad_rollout", start_layer=2)
+    expected, _ = reference_for(model, images, "grad_rollout", start_layer=2)
+    torch.testing.assert_close(result.token_maps, expected, rtol=1e-4, atol=ATOL)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("method", METHODS)
+def test_batched_equals_per_image(family: str, method: str) -> None:
+    model, images = make_model(family), make_images(family, batch=4)
+    batched = explain(model, images, method=method)
+    singles = [explain(model, images[i : i + 1], method=method) for i in range(4)]
+    torch.testing.assert_close(batched.token_maps, torch.cat([s.token_maps for s in singles]), rtol=0, atol=ATOL)
+    torch.testing.assert_close(batched.maps, torch.cat([s.maps for s in singles]), rtol=0, atol=ATOL)
+    if batched.head_weights is not None:
+        per_image = torch.cat([s.head_weights for s in singles])
+        torch.testing.assert_close(batched.head_weights, per_image, rtol=0, atol=ATOL)
+
+
+def test_chunk_size_gives_identical_results() -> None:
+    model, images = make_model("vit"), make_images("vit", batch=5)
+    whole = explain(model, images, target=torch.tensor([0, 1, 2, 3, 4]))
+    chunked = explain(model, images, target=torch.tensor([0, 1, 2, 3, 4]), chunk_size=2)
+    torch.testing.assert_close(chunked.token_maps, whole.token_maps, rtol=0, atol=ATOL)
+    torch.testing.assert_close(chunked.head_weights, whole.head_weights, rtol=0, atol=ATOL)
+    assert chunked.targets.tolist() == [0, 1, 2, 3, 4]
+
+
+def identical_heads_model() -> VisionTransformer:
+    """Every head of every layer has the same weights, so GMAR's gradient weights are exactly uniform."""
+    model = sharpen(VisionTransformer(**TINY)).eval()
+    heads, head_dim = TINY["num_heads"], TINY["embed_dim"] // TINY["num_heads"]
+    with torch.no_grad():
+        for block in model.blocks:
+            qkv = block.attn.qkv.weight.view(3, heads, head_dim, -1)
+            qkv.copy_(qkv[:, :1].expand_as(qkv).clone())
+            bias = block.attn.qkv.bias.view(3, heads, head_dim)
+            bias.copy_(bias[:, :1].expand_as(bias).clone())
+            proj = block.attn.proj.weight.view(-1, heads, head_dim)
+            proj.copy_(proj[:, :1].expand_as(proj).clone())
+    return model
+
+
+@pytest.mark.parametrize("method", ["gmar_l1", "gmar_l2"])
+def test_gmar_with_uniform_weights_is_rollout(method: str) -> None:
+    model, images = identical_heads_model(), make_images("vit")
+    gmar = explain(model, images, method=method)
+    torch.testing.assert_close(gmar.head_weights, torch.full_like(gmar.head_weights, 0.25), rtol=0, atol=1e-6)
+    rollout = explain(model, images, method="rollout")
+    torch.testing.assert_close(gmar.token_maps, rollout.token_maps, rtol=1e-5, atol=1e-6)
+
+
+def test_permuting_heads_permutes_weights() -> None:
+    model, images = make_model("vit"), make_images("vit")
+    before = explain(model, images)
+    heads, head_dim = TINY["num_heads"], TINY["embed_dim"] // TINY["num_heads"]
+    permutation = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        for block in model.blocks:
+            qkv_w = block.attn.qkv.weight.view(3, heads, head_dim, -1)
+            qkv_w.copy_(qkv_w[:, permutation].clone())
+            qkv_b = block.attn.qkv.bias.view(3, heads, head_dim)
+            qkv_b.copy_(qkv_b[:, permutation].clone())
+            proj = block.attn.proj.weight.view(-1, heads, head_dim)
+            proj.copy_(proj[:, permutation].clone())
+    after = explain(model, images)
+    torch.testing.assert_close(after.logits, before.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after.head_weights, before.head_weights[:, :, permutation], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after.token_maps, before.token_maps, rtol=1e-5, atol=1e-6)
+
+
+def model_state(model: nn.Module) -> dict:
+    return {
+        "training": [m.training for m in model.modules()],
+        "fused": [getattr(m, "fused_attn", None) for m in model.modules()],
+        "checkpointing": [getattr(m, "grad_checkpointing", None) for m in model.modules()],
+        "hooks": sum(
+            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
+            for m in model.modules()
+        ),
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "params": [p.detach().clone() for p in model.parameters()],
+    }
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    for key in ("training", "fused", "checkpointing", "hooks"):
+        assert before[key] == after[key], key
+    for old, new in zip(before["grads"], after["grads"], strict=True):
+        assert (old is None and new is None) or torch.equal(old, new)
+    for old, new in zip(before["params"], after["params"], strict=True):
+        assert torch.equal(old, new)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_leaves_model_and_rng_untouched(method: str) -> None:
+    model = make_model("vit")
+    model.train()
+    model.blocks[0].eval()  # a partially frozen model must come back exactly so
+    model.set_grad_checkpointing(True)
+    for p in list(model.parameters())[:3]:
+        p.grad = torch.ones_like(p)
+    before = model_state(model)
+    rng = torch.get_rng_state()
+    explain(model, make_images("vit"), method=method)
+    assert_same_state(before, model_state(model))
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
+
+
+def test_gradient_checkpointing_does_not_change_results() -> None:
+    model, images = make_model("vit"), make_images("vit")
+    plain = explain(model, images)
+    model.set_grad_checkpointing(True)
+    model.train()
+    checkpointed = explain(model, images)
+    torch.testing.assert_close(checkpointed.token_maps, plain.token_maps, rtol=0, atol=ATOL)
+    assert model.grad_checkpointing and model.training
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_works_under_no_grad_and_inference_mode(mode: str) -> None:
+    model, images = make_model("vit"), make_images("vit")
+    expected = explain(model, images)
+    context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with context:
+        inputs = images.clone()  # created in the mode, as Lightning's validation batches are
+        result = explain(model, inputs)
+    torch.testing.assert_close(result.token_maps, expected.token_maps, rtol=0, atol=0)
+    torch.testing.assert_close(result.head_weights, expected.head_weights, rtol=0, atol=0)
+
+
+def test_computes_in_float32_under_autocast() -> None:
+    model, images = make_model("vit"), make_images("vit")
+    expected = explain(model, images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = explain(model, images)
+    assert result.token_maps.dtype == torch.float32
+    torch.testing.assert_close(result.token_maps, expected.token_maps, rtol=0, atol=0)
+
+
+def test_frozen_model_still_gets_gradients() -> None:
+    model, images = make_model("vit"), make_images("vit")
+    expected = explain(model, images)
+    model.requires_grad_(False)
+    torch.testing.assert_close(explain(model, images).head_weights, expected.head_weights, rtol=0, atol=0)
+
+
+def test_compiled_model_is_explained_through_eager_module() -> None:
+    model, images = make_model("vit"), make_images("vit")
+    compiled = torch.compile(model)
+    torch.testing.assert_close(explain(compiled, images).token_maps, explain(model, images).token_maps)
+
+
+@pytest.mark.parametrize("target", [2, torch.tensor(2), [2, 2, 2], torch.tensor([2, 2, 2])])
+def test_target_forms(target: object) -> None:
+    model, images = make_model("vit"), make_images("vit")
+    result = explain(model, images, target=target)
+    assert result.targets.tolist() == [2, 2, 2]
+    expected, _ = reference_for(model, images, "gmar_l1", target=torch.tensor([2, 2, 2]))
+    torch.testing.assert_close(result.token_maps, expected, rtol=1e-4, atol=ATOL)
+
+
+def test_default_target_is_prediction() -> None:
+    model, images = make_model("vit"), make_images("vit")
+    result = explain(model, images)
+    assert torch.equal(result.targets, result.logits.argmax(-1))
+    assert torch.equal(result.predictions, result.targets)
+
+
+class CustomAttention(nn.Module):
+    """Not timm: a `fast` path with SDPA and a slow path that calls `self.probs_dropout` on the probabilities."""
+
+    def __init__(self, timm_attention: nn.Module) -> None:
+        super().__init__()
+        self.qkv, self.proj, self.num_heads = timm_attention.qkv, timm_attention.proj, timm_attention.num_heads
+        self.fast = True
+        self.probs_dropout = nn.Dropout(0.0)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fast:
+            out = nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            probs = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+            out = self.probs_dropout(probs) @ v
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+def test_adapter_plugs_in_other_attention_modules() -> None:
+    model, images = make_model("vit"), make_images("vit")
+    expected = explain(model, images)
+    for block in model.blocks:
+        block.attn = CustomAttention(block.attn)
+    with pytest.raises(AttentionNotFoundError, match=r"VisionTransformer.*AttentionAdapter"):
+        explain(model, images)
+    adapter = AttentionAdapter(
+        "custom", lambda m: isinstance(m, CustomAttention), lambda m: m.probs_dropout, disable_flags=("fast",)
+    )
+    register_attention_adapter(adapter)
+    try:
+        result = explain(model, images)
+    finally:
+        unregister_attention_adapter(adapter)
+    torch.testing.assert_close(result.token_maps, expected.token_maps, rtol=1e-5, atol=1e-6)
+    assert all(block.attn.fast for block in model.blocks)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"images": torch.randn(3, 32, 32)}, ValueError, r"`images`.*\[B, C, H, W\].*unsqueeze"),
+        ({"images": torch.randn(2, 1, 32, 32)}, ValueError, r"`images` have 1 channels.*takes 3"),
+        ({"images": torch.randn(2, 3, 40, 40)}, ValueError, r"`images` are 40x40.*dynamic_img_size"),
+        ({"images": torch.zeros(2, 3, 32, 32, dtype=torch.uint8)}, TypeError, r"`images` must be a float"),
+        ({"target": 5}, ValueError, r"`target` .* out of range .* 5 classes"),
+        ({"target": torch.tensor([0, 1])}, ValueError, r"`target` must be an int or have shape \[3\]"),
+        ({"target": 1.5}, TypeError, r"`target`"),
+        ({"method": "gradcam"}, ValueError, r"`method` must be one of"),
+        ({"head_norm": "max"}, ValueError, r"`head_norm`"),
+        ({"residual": 1.5}, ValueError, r"`residual`"),
+        ({"discard_ratio": 1.0}, ValueError, r"`discard_ratio`"),
+        ({"start_layer": 3}, ValueError, r"`start_layer` must be an integer in \[0, 2\]"),
+        ({"chunk_size": 0}, ValueError, r"`chunk_size`"),
+        ({"images": torch.full((3, 3, 32, 32), float("nan"))}, FloatingPointError, r"NaN/inf logits"),
+    ],
+)
+def test_bad_input_errors_and_model_restored(kwargs: dict, error: type, pattern: str) -> None:
+    model = make_model("vit").train()
+    before = model_state(model)
+    arguments = {"model": model, "images": make_images("vit"), **kwargs}
+    with pytest.raises(error, match=pattern):
+        explain(**arguments)
+    assert_same_state(before, model_state(model))
+
+
+def test_nan_gradients_raise_and_model_restored() -> None:
+    model = make_model("vit").train()
+    handle = model.head.register_full_backward_pre_hook(lambda _m, grad: (grad[0] * float("nan"),))
+    before = model_state(model)
+    with pytest.raises(FloatingPointError, match="NaN/inf attention gradients"):
+        explain(model, make_images("vit"))
+    handle.remove()
+    after = model_state(model)
+    assert before["hooks"] - 1 == after["hooks"]
+    assert before["fused"] == after["fused"] and before["training"] == after["training"]
+
+
+def test_model_without_attention_names_its_class() -> None:
+    with pytest.raises(AttentionNotFoundError, match=r"`model` \(Sequential\).*AttentionAdapter"):
+        explain(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), torch.randn(1, 3, 2, 2))
+
+
+def test_unsupported_pooling_is_rejected() -> None:
+    model = VisionTransformer(global_pool="map", **TINY)
+    with pytest.raises(ValueError, match="global_pool='map'"):
+        explain(model, make_images("vit"))
