@@ -26,10 +26,7 @@ def head_scores(grad: Tensor, norm: GradNorm) -> Tensor:
         >>> head_scores(grad, "l1").tolist(), head_scores(grad, "l2").tolist()
         ([[7.0, 1.0]], [[5.0, 1.0]])
     """
-    flat = grad.float().flatten(start_dim=2)
-    if norm == "l1":
-        return flat.abs().sum(dim=-1)
-    return flat.square().sum(dim=-1).sqrt()
+    return torch.linalg.vector_norm(grad.float(), ord=1 if norm == "l1" else 2, dim=(-2, -1))
 
 
 def layer_head_weights(scores: Tensor) -> Tensor:
@@ -84,7 +81,9 @@ def head_weights(scores: Tensor, head_norm: HeadNorm) -> Tensor:
 
 def fuse_heads(attention: Tensor, weights: Tensor) -> Tensor:
     """Weighted sum of a layer's heads: ``sum_h w_h A_h``, ``[B, H, N, N]`` with ``[B, H]`` -> ``[B, N, N]``."""
-    return torch.einsum("bh,bhij->bij", weights.to(attention.dtype), attention).float()
+    batch, heads, tokens, _ = attention.shape
+    mixed = torch.bmm(weights.to(attention.dtype).unsqueeze(1), attention.reshape(batch, heads, tokens * tokens))
+    return mixed.reshape(batch, tokens, tokens).float()
 
 
 def discard_lowest(fused: Tensor, ratio: float, keep_tokens: Tensor) -> Tensor:
@@ -109,23 +108,13 @@ def discard_lowest(fused: Tensor, ratio: float, keep_tokens: Tensor) -> Tensor:
     return flat.masked_fill(drop, 0.0).reshape_as(fused)
 
 
-def with_residual(fused: Tensor, residual: float) -> Tensor:
-    """``residual * I + (1 - residual) * A`` with rows renormalised to sum 1 (the skip connection of rollout).
-
-    Example:
-        >>> with_residual(torch.tensor([[[0.0, 1.0], [1.0, 0.0]]]), 0.5).tolist()
-        [[[0.5, 0.5], [0.5, 0.5]]]
-    """
-    eye = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
-    mixed = residual * eye + (1.0 - residual) * fused
-    return mixed / mixed.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mixed.dtype).tiny)
-
-
 def propagate_rollout(readout: Tensor, layers: list[Tensor], residual: float) -> Tensor:
     """Read-out row of the attention rollout ``R = Ahat_L ... Ahat_1``: returns ``readout @ R``, ``[B, N]``.
 
-    ``layers`` are the fused ``[B, N, N]`` matrices in forward order; ``readout`` is ``[B, N]`` (one-hot rows of the
-    pooled tokens, averaged).
+    ``Ahat_l = (r I + (1 - r) A_l) / rowsum``, the skip connection of Abnar & Zuidema's rollout with rows renormalised
+    to sum 1. ``layers`` are the fused ``[B, N, N]`` matrices ``A_l`` in forward order; ``readout`` is ``[B, N]``
+    (one-hot rows of the pooled tokens, averaged). Because ``v^T Ahat = r u + (1 - r) u^T A`` with
+    ``u_i = v_i / (r + (1 - r) sum_j A_ij)``, each layer costs one vector-matrix product and no ``N x N`` temporary.
 
     Example:
         >>> layer = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
@@ -134,7 +123,9 @@ def propagate_rollout(readout: Tensor, layers: list[Tensor], residual: float) ->
     """
     row = readout.float()
     for fused in reversed(layers):
-        row = torch.bmm(row.unsqueeze(1), with_residual(fused, residual)).squeeze(1)
+        row_sums = residual + (1.0 - residual) * fused.sum(dim=-1)
+        scaled = row / row_sums.clamp_min(torch.finfo(row_sums.dtype).tiny)
+        row = residual * scaled + (1.0 - residual) * torch.bmm(scaled.unsqueeze(1), fused).squeeze(1)
     return row
 
 
