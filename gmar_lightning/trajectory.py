@@ -1,0 +1,359 @@
+"""How attention-head importance evolves over training: a per-epoch record and specialisation statistics.
+
+A :class:`HeadTrajectory` stores one ``[L, H]`` row of GMAR head weights (and the raw gradient-norm scores they
+were normalised from) per evaluated epoch. :func:`specialisation` and :func:`rank_stability` summarise a row as
+"how concentrated is each layer on few heads" and "did the head ranking change since the last epoch"; both are
+plain torch functions so they work on any ``[L, H]`` tensor, not only on a trajectory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gmar_lightning._io import atomic_write_bytes, atomic_write_text
+
+__all__ = ["CSV_COLUMNS", "HeadTrajectory", "rank_stability", "specialisation"]
+
+CSV_COLUMNS: tuple[str, ...] = ("epoch", "step", "layer", "layer_name", "head", "weight", "score")
+"""Header of :meth:`HeadTrajectory.save_csv`: one row per (epoch, layer, head)."""
+
+_STATE_KEYS: tuple[str, ...] = ("epochs", "steps", "weights", "scores", "layer_names")
+
+
+def _check_head_matrix(name: str, values: Tensor) -> Tensor:
+    """Validate an ``[L, H]`` head tensor and return it as a detached float64 CPU tensor."""
+    if not isinstance(values, Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor of shape [L, H], got {type(values).__name__}.")
+    if values.ndim != 2 or values.shape[1] == 0:
+        raise ValueError(f"`{name}` must have shape [L, H] with H >= 1, got {list(values.shape)}.")
+    values = values.detach().to("cpu", torch.float64)
+    if not torch.isfinite(values).all():
+        raise ValueError(f"`{name}` must contain only finite values; check the head weights for NaN/inf.")
+    return values
+
+
+def specialisation(weights: Tensor) -> dict[str, Tensor]:
+    """How strongly each layer concentrates its importance on few heads.
+
+    Each layer's row is renormalised to a distribution ``p_h = w_h / sum_k w_k`` (a row of zeros counts as
+    uniform). Then
+
+    * ``entropy = -sum_h p_h log p_h / log H`` (with ``0 log 0 = 0``): 1 when all heads are equally important,
+      0 when one head carries everything. A layer with a single head (``H = 1``) gets 0, since that head
+      carries all the weight.
+    * ``top_share = max_h p_h``: the share of the most important head, between ``1/H`` and 1.
+
+    Args:
+        weights: ``[L, H]`` non-negative head weights (e.g. the batch mean of GMAR's ``head_weights``).
+
+    Returns:
+        ``{"entropy": Tensor [L], "top_share": Tensor [L]}``, float32.
+
+    Example:
+        >>> stats = specialisation(torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 2.0, 0.0, 0.0], [3.0, 1.0, 0.0, 0.0]]))
+        >>> [round(v, 4) for v in stats["entropy"].tolist()], stats["top_share"].tolist()
+        ([1.0, 0.0, 0.4056], [0.25, 1.0, 0.75])
+    """
+    weights = _check_head_matrix("weights", weights)
+    if (weights < 0).any():
+        raise ValueError("`weights` must be non-negative; pass head weights or gradient-norm scores, not logits.")
+    num_heads = weights.shape[1]
+    totals = weights.sum(dim=1, keepdim=True)
+    uniform = torch.full_like(weights, 1.0 / num_heads)
+    probs = torch.where(totals > 0, weights / totals.clamp_min(torch.finfo(torch.float64).tiny), uniform)
+    if num_heads == 1:
+        entropy = torch.zeros(weights.shape[0], dtype=torch.float64)
+    else:
+        # `entr` is -p log p with entr(0) = 0; abs() only turns the -0.0 of a one-hot row into 0.0.
+        entropy = torch.special.entr(probs).sum(dim=1).abs() / math.log(num_heads)
+    return {"entropy": entropy.clamp(max=1.0).float(), "top_share": probs.amax(dim=1).float()}
+
+
+def _average_ranks(values: Tensor) -> Tensor:
+    """1-based ranks along the last dimension, ties sharing the mean of the ranks they span."""
+    below = (values.unsqueeze(-1) > values.unsqueeze(-2)).sum(dim=-1)
+    equal = (values.unsqueeze(-1) == values.unsqueeze(-2)).sum(dim=-1)
+    return below.to(torch.float64) + (equal.to(torch.float64) + 1.0) / 2.0
+
+
+def rank_stability(previous: Tensor, current: Tensor) -> Tensor:
+    """Spearman rank correlation of the head ordering of each layer between two evaluations.
+
+    Heads are ranked within each layer (ties get the average of the ranks they span) and the Pearson correlation
+    of the two rank vectors is returned: ``rho = sum(dr_prev * dr_cur) / sqrt(sum(dr_prev^2) * sum(dr_cur^2))``
+    with ``dr = rank - mean(rank)``. 1 means the same ordering, -1 the reversed one. A constant row has no
+    ordering: two constant rows count as unchanged (1.0); a constant row against a non-constant one as
+    uncorrelated (0.0). So a single-head layer is always 1.0.
+
+    Args:
+        previous: ``[L, H]`` head weights at the earlier evaluation.
+        current: ``[L, H]`` head weights at the later evaluation.
+
+    Returns:
+        ``Tensor [L]`` of correlations in ``[-1, 1]``, float32.
+
+    Example:
+        >>> previous = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4], [1.0, 1, 1, 1]])
+        >>> current = torch.tensor([[1.0, 2.0, 3.0, 9.0], [0.4, 0.3, 0.2, 0.1], [0.2, 0.1, 0.4, 0.3], [2.0, 2, 2, 2]])
+        >>> rank_stability(previous, current).tolist()
+        [1.0, -1.0, 0.6000000238418579, 1.0]
+    """
+    previous = _check_head_matrix("previous", previous)
+    current = _check_head_matrix("current", current)
+    if previous.shape != current.shape:
+        raise ValueError(
+            f"`previous` and `current` must have the same [L, H] shape, got {list(previous.shape)} and "
+            f"{list(current.shape)}."
+        )
+    centred_previous = _average_ranks(previous)
+    centred_previous = centred_previous - centred_previous.mean(dim=1, keepdim=True)
+    centred_current = _average_ranks(current)
+    centred_current = centred_current - centred_current.mean(dim=1, keepdim=True)
+    spread_previous = centred_previous.square().sum(dim=1)
+    spread_current = centred_current.square().sum(dim=1)
+    denominator = (spread_previous * spread_current).sqrt()
+    rho = (centred_previous * centred_current).sum(dim=1) / denominator.clamp_min(torch.finfo(torch.float64).tiny)
+    both_constant = (spread_previous == 0) & (spread_current == 0)
+    rho = torch.where(both_constant, torch.ones_like(rho), torch.where(denominator > 0, rho, torch.zeros_like(rho)))
+    return rho.clamp(-1.0, 1.0).float()
+
+
+def _check_step(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+    return value
+
+
+@dataclass(eq=False)
+class HeadTrajectory:
+    """Per-epoch GMAR head weights and scores of every attention layer.
+
+    Rows are kept sorted by epoch and each epoch appears once: appending an epoch that is already recorded
+    replaces its row, so a run resumed from a checkpoint does not duplicate epochs.
+
+    Attributes:
+        epochs: ``E`` epoch numbers, ascending.
+        steps: ``E`` global steps at which each row was recorded.
+        weights: ``[E, L, H]`` normalised head weights (``[0, 0, 0]`` before anything is known).
+        scores: ``[E, L, H]`` raw head scores (gradient norms).
+        layer_names: ``L`` attention-layer names, or empty when unknown.
+
+    Example:
+        >>> trajectory = HeadTrajectory(layer_names=["blocks.0.attn", "blocks.1.attn"])
+        >>> trajectory.append(0, 10, torch.tensor([[0.5, 0.5], [0.9, 0.1]]), torch.tensor([[1.0, 1.0], [9.0, 1.0]]))
+        >>> trajectory.append(1, 20, torch.tensor([[0.4, 0.6], [1.0, 0.0]]), torch.tensor([[2.0, 3.0], [4.0, 0.0]]))
+        >>> trajectory.append(1, 25, torch.tensor([[0.3, 0.7], [1.0, 0.0]]), torch.tensor([[3.0, 7.0], [4.0, 0.0]]))
+        >>> len(trajectory), trajectory.epochs, trajectory.steps, tuple(trajectory.weights.shape)
+        (2, [0, 1], [10, 25], (2, 2, 2))
+        >>> HeadTrajectory.from_state_dict(trajectory.state_dict()).weights.equal(trajectory.weights)
+        True
+    """
+
+    epochs: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    weights: Tensor = field(default_factory=lambda: torch.zeros(0, 0, 0))
+    scores: Tensor = field(default_factory=lambda: torch.zeros(0, 0, 0))
+    layer_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.epochs = [_check_step("epochs", int(epoch)) for epoch in self.epochs]
+        self.steps = [_check_step("steps", int(step)) for step in self.steps]
+        self.layer_names = [str(name) for name in self.layer_names]
+        for name in ("weights", "scores"):
+            values = getattr(self, name)
+            if not isinstance(values, Tensor) or values.ndim != 3:
+                raise ValueError(
+                    f"`{name}` must be a tensor of shape [E, L, H], got {getattr(values, 'shape', values)}."
+                )
+            setattr(self, name, values.detach().to("cpu", torch.float32))
+        if self.weights.shape != self.scores.shape:
+            raise ValueError(
+                f"`weights` and `scores` must have the same [E, L, H] shape, got {list(self.weights.shape)} and "
+                f"{list(self.scores.shape)}."
+            )
+        num_epochs = self.weights.shape[0]
+        if len(self.epochs) != num_epochs or len(self.steps) != num_epochs:
+            raise ValueError(
+                f"`epochs` and `steps` must each have one entry per row of `weights` ({num_epochs}), got "
+                f"{len(self.epochs)} and {len(self.steps)}."
+            )
+        if len(set(self.epochs)) != num_epochs or self.epochs != sorted(self.epochs):
+            raise ValueError(f"`epochs` must be strictly increasing, got {self.epochs}.")
+        self._check_layer_names(self.weights.shape[1])
+
+    def _check_layer_names(self, num_layers: int) -> None:
+        if self.layer_names and num_layers and len(self.layer_names) != num_layers:
+            raise ValueError(
+                f"`layer_names` must name each of the {num_layers} layers, got {len(self.layer_names)} names."
+            )
+
+    def __len__(self) -> int:
+        return len(self.epochs)
+
+    @property
+    def num_layers(self) -> int:
+        """``L``, the number of attention layers (0 before the first row when no names were given)."""
+        return int(self.weights.shape[1]) or len(self.layer_names)
+
+    @property
+    def num_heads(self) -> int:
+        """``H``, the number of heads per layer (0 before the first row)."""
+        return int(self.weights.shape[2])
+
+    def append(self, epoch: int, step: int, weights: Tensor, scores: Tensor) -> None:
+        """Record the head weights and scores of one epoch, replacing the row if the epoch is already present.
+
+        Args:
+            epoch: The epoch the row belongs to.
+            step: The global step it was computed at.
+            weights: ``[L, H]`` head weights, or ``[B, L, H]`` per-image weights, which are averaged over the batch.
+            scores: ``[L, H]`` or ``[B, L, H]`` raw head scores, averaged likewise.
+        """
+        epoch = _check_step("epoch", epoch)
+        step = _check_step("step", step)
+        weights = _check_head_matrix("weights", _batch_mean("weights", weights)).float()
+        scores = _check_head_matrix("scores", _batch_mean("scores", scores)).float()
+        if weights.shape != scores.shape:
+            raise ValueError(
+                f"`weights` and `scores` must have the same [L, H] shape, got {list(weights.shape)} and "
+                f"{list(scores.shape)}."
+            )
+        if len(self) and weights.shape != self.weights.shape[1:]:
+            raise ValueError(
+                f"`weights` must have shape {list(self.weights.shape[1:])} like the recorded rows, got "
+                f"{list(weights.shape)}; start a new HeadTrajectory for a different model."
+            )
+        self._check_layer_names(weights.shape[0])
+        if not len(self):
+            self.weights = weights.new_zeros((0, *weights.shape))
+            self.scores = scores.new_zeros((0, *scores.shape))
+        if epoch in self.epochs:
+            row = self.epochs.index(epoch)
+            self.steps[row] = step
+            self.weights[row] = weights
+            self.scores[row] = scores
+            return
+        row = sum(recorded < epoch for recorded in self.epochs)
+        self.epochs.insert(row, epoch)
+        self.steps.insert(row, step)
+        self.weights = torch.cat([self.weights[:row], weights[None], self.weights[row:]])
+        self.scores = torch.cat([self.scores[:row], scores[None], self.scores[row:]])
+
+    def summaries(self) -> dict[str, Tensor]:
+        """Per-epoch specialisation statistics.
+
+        Returns:
+            ``{"entropy", "top_share", "stability"}``, each ``Tensor [E, L]`` float32: the :func:`specialisation`
+            statistics of every row and the :func:`rank_stability` of each row against the previous one (NaN for
+            the first row, which has nothing to compare with).
+
+        Example:
+            >>> trajectory = HeadTrajectory()
+            >>> trajectory.append(0, 1, torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]))
+            >>> trajectory.append(1, 2, torch.tensor([[0.5, 0.5]]), torch.tensor([[1.0, 1.0]]))
+            >>> {name: values.tolist() for name, values in trajectory.summaries().items()}
+            {'entropy': [[0.0], [1.0]], 'top_share': [[1.0], [0.5]], 'stability': [[nan], [0.0]]}
+        """
+        num_epochs, num_layers = self.weights.shape[:2]
+        entropy = torch.zeros(num_epochs, num_layers)
+        top_share = torch.zeros(num_epochs, num_layers)
+        stability = torch.full((num_epochs, num_layers), math.nan)
+        for row in range(num_epochs):
+            stats = specialisation(self.weights[row])
+            entropy[row], top_share[row] = stats["entropy"], stats["top_share"]
+            if row:
+                stability[row] = rank_stability(self.weights[row - 1], self.weights[row])
+        return {"entropy": entropy, "top_share": top_share, "stability": stability}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain lists and CPU tensors, safe for ``torch.load(weights_only=True)`` and Lightning checkpoints."""
+        return {
+            "epochs": list(self.epochs),
+            "steps": list(self.steps),
+            "weights": self.weights.clone(),
+            "scores": self.scores.clone(),
+            "layer_names": list(self.layer_names),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> HeadTrajectory:
+        """Rebuild a trajectory from :meth:`state_dict` output."""
+        if not isinstance(state, dict):
+            raise TypeError(f"`state` must be a dict from HeadTrajectory.state_dict(), got {type(state).__name__}.")
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(
+                f"`state` lacks the keys {missing}; pass the dict returned by HeadTrajectory.state_dict()."
+            )
+        return cls(**{key: state[key] for key in _STATE_KEYS})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace this trajectory's contents with :meth:`state_dict` output, in place."""
+        loaded = self.from_state_dict(state)
+        self.epochs, self.steps, self.layer_names = loaded.epochs, loaded.steps, loaded.layer_names
+        self.weights, self.scores = loaded.weights, loaded.scores
+
+    def save_npz(self, path: str | Path) -> None:
+        """Write the trajectory atomically as ``.npz`` (arrays ``epochs``, ``steps``, ``weights``, ``scores``,
+        ``layer_names``), readable without pickle; :meth:`load_npz` reads it back."""
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            epochs=np.asarray(self.epochs, dtype=np.int64),
+            steps=np.asarray(self.steps, dtype=np.int64),
+            weights=self.weights.numpy(),
+            scores=self.scores.numpy(),
+            layer_names=np.asarray(self.layer_names, dtype=np.str_),
+        )
+        atomic_write_bytes(path, buffer.getvalue())
+
+    @classmethod
+    def load_npz(cls, path: str | Path) -> HeadTrajectory:
+        """Read a file written by :meth:`save_npz`."""
+        with np.load(path, allow_pickle=False) as arrays:
+            missing = [key for key in _STATE_KEYS if key not in arrays.files]
+            if missing:
+                raise ValueError(f"`path` {path} lacks the arrays {missing}; pass a file written by save_npz().")
+            return cls(
+                epochs=arrays["epochs"].tolist(),
+                steps=arrays["steps"].tolist(),
+                weights=torch.from_numpy(arrays["weights"].astype(np.float32)),
+                scores=torch.from_numpy(arrays["scores"].astype(np.float32)),
+                layer_names=arrays["layer_names"].tolist(),
+            )
+
+    def save_csv(self, path: str | Path) -> None:
+        """Write the trajectory atomically as long-format CSV with the columns :data:`CSV_COLUMNS`.
+
+        ``layer`` is the 0-based layer index, ``layer_name`` its module name (empty when unknown); floats carry
+        nine significant digits, enough to read the float32 values back exactly.
+        """
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        num_layers, num_heads = self.weights.shape[1:]
+        weights, scores = self.weights.tolist(), self.scores.tolist()
+        for row, (epoch, step) in enumerate(zip(self.epochs, self.steps, strict=True)):
+            for layer in range(num_layers):
+                layer_name = self.layer_names[layer] if self.layer_names else ""
+                for head in range(num_heads):
+                    weight, score = weights[row][layer][head], scores[row][layer][head]
+                    writer.writerow([epoch, step, layer, layer_name, head, f"{weight:.9g}", f"{score:.9g}"])
+        atomic_write_text(path, buffer.getvalue())
+
+
+def _batch_mean(name: str, values: Tensor) -> Tensor:
+    if isinstance(values, Tensor) and values.ndim == 3:
+        if values.shape[0] == 0:
+            raise ValueError(f"`{name}` has an empty batch dimension; pass [L, H] or a non-empty [B, L, H] tensor.")
+        return values.detach().to(torch.float64).mean(dim=0)
+    return values

@@ -1,0 +1,200 @@
+"""Rendering of overlays, head-importance figures and their conversion to PNG/arrays."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import matplotlib
+import pytest
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from gmar_lightning.render import (
+    denormalize,
+    figure_to_array,
+    figure_to_png_bytes,
+    head_heatmap_figure,
+    overlay,
+    overlay_grid_figure,
+    overlay_grid_image,
+    specialisation_figure,
+    trajectory_figure,
+)
+from gmar_lightning.trajectory import HeadTrajectory
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def make_trajectory(epochs: int = 4, layers: int = 4, heads: int = 4, named: bool = True) -> HeadTrajectory:
+    generator = torch.Generator().manual_seed(0)
+    trajectory = HeadTrajectory(layer_names=[f"blocks.{i}.attn" for i in range(layers)] if named else [])
+    for epoch in range(epochs):
+        weights = torch.rand(layers, heads, generator=generator).softmax(dim=1)
+        trajectory.append(epoch, 10 * epoch, weights, weights * 3)
+    return trajectory
+
+
+def test_denormalize_with_mean_and_std_round_trips() -> None:
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    restored = denormalize((images - mean) / std, IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.allclose(restored, images, atol=1e-6)
+
+
+def test_denormalize_clamps_out_of_range_values() -> None:
+    restored = denormalize(torch.tensor([-10.0, 10.0]).view(1, 1, 1, 2), mean=[0.5], std=[0.5])
+    assert restored.flatten().tolist() == [0.0, 1.0]
+
+
+def test_denormalize_without_stats_scales_each_image_to_the_unit_range() -> None:
+    images = torch.stack([torch.randn(3, 6, 6) * 5 + 3, torch.full((3, 6, 6), 2.0)])
+    restored = denormalize(images)
+    assert restored[0].min().item() == 0.0 and restored[0].max().item() == pytest.approx(1.0)
+    assert restored[1].abs().sum().item() == 0.0  # a constant image has no range: zeros
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mean": IMAGENET_MEAN}, "`mean` and `std` must be given together"),
+        ({"mean": (0.5, 0.5), "std": (0.5, 0.5)}, "`std` must have one value per channel (3)"),
+    ],
+)
+def test_denormalize_rejects_bad_statistics(kwargs: dict[str, tuple[float, ...]], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        denormalize(torch.rand(1, 3, 4, 4), **kwargs)
+
+
+def test_overlay_shape_range_and_blend() -> None:
+    images = torch.rand(3, 3, 16, 12)
+    maps = torch.rand(3, 16, 12)
+    blended = overlay(images, maps)
+    assert blended.shape == (3, 3, 16, 12) and blended.dtype == torch.float32
+    assert blended.min().item() >= 0.0 and blended.max().item() <= 1.0
+    assert torch.equal(overlay(images, maps, alpha=0.0), images)
+
+
+def test_overlay_uses_the_matplotlib_colormap() -> None:
+    maps = torch.tensor([0.0, 1.0]).view(1, 1, 2).expand(1, 2, 2)
+    colours = overlay(torch.zeros(1, 3, 2, 2), maps, cmap="jet", alpha=1.0)[0, :, 0]  # [3, 2]: map 0 then map 1
+    jet = matplotlib.colormaps["jet"]
+    assert colours[:, 0].tolist() == pytest.approx(jet(0.0)[:3], abs=1e-6)
+    assert colours[:, 1].tolist() == pytest.approx(jet(1.0)[:3], abs=1e-6)
+
+
+def test_overlay_accepts_grayscale_images() -> None:
+    assert overlay(torch.rand(2, 1, 8, 8), torch.rand(2, 8, 8)).shape == (2, 3, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("maps", "options", "message"),
+    [
+        (torch.rand(2, 16, 16), {}, "`maps` must have shape [2, 8, 8]"),
+        (torch.rand(2, 8, 8), {"cmap": "no-such-map"}, "`cmap` must be a matplotlib colormap name"),
+        (torch.rand(2, 8, 8), {"alpha": 1.5}, "`alpha` must be a number in [0, 1]"),
+    ],
+)
+def test_overlay_rejects_bad_inputs(maps: torch.Tensor, options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        overlay(torch.rand(2, 3, 8, 8), maps, **options)
+
+
+def test_overlay_grid_image_tiles_at_most_max_images() -> None:
+    grid = overlay_grid_image(torch.rand(20, 3, 32, 32), torch.rand(20, 32, 32), max_images=16, padding=2)
+    assert grid.shape == (3, 4 * 34 + 2, 4 * 34 + 2)  # 4 x 4 tiles of 32 px with 2 px padding
+    assert grid.min().item() >= 0.0 and grid.max().item() <= 1.0
+
+
+def test_overlay_grid_figure_captions_each_shown_image() -> None:
+    labels = ["cat", "dog", "cat", "bird", "dog"]
+    predictions = ["cat", "cat", "cat", "bird", "dog"]
+    figure = overlay_grid_figure(torch.rand(5, 3, 32, 32), torch.rand(5, 32, 32), labels, predictions, max_images=4)
+    assert len(figure.axes) == 1
+    captions = [text.get_text() for text in figure.axes[0].texts]
+    assert captions == [
+        "true: cat / pred: cat",
+        "true: dog / pred: cat",
+        "true: cat / pred: cat",
+        "true: bird / pred: bird",
+    ]
+    assert [text.get_color() for text in figure.axes[0].texts] == ["green", "red", "green", "green"]
+
+
+def test_overlay_grid_figure_rejects_too_few_labels() -> None:
+    with pytest.raises(ValueError, match="`labels` must be a list with one string per shown image"):
+        overlay_grid_figure(torch.rand(3, 3, 8, 8), torch.rand(3, 8, 8), labels=["cat"])
+
+
+def test_head_heatmap_figure_labels_layers_and_has_a_colorbar() -> None:
+    names = ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]
+    figure = head_heatmap_figure(torch.rand(8, 3, 4), names)  # [B, L, H] is averaged over the batch
+    heatmap, colorbar = figure.axes
+    assert [label.get_text() for label in heatmap.get_yticklabels()] == names
+    assert len(heatmap.get_xticklabels()) == 4
+    assert colorbar.get_ylabel() == "weight"
+
+
+def test_head_heatmap_figure_rejects_mismatched_layer_names() -> None:
+    with pytest.raises(ValueError, match="`layer_names` must name each of the 3 layers"):
+        head_heatmap_figure(torch.rand(3, 4), ["only one"])
+
+
+def test_trajectory_figure_has_one_panel_per_layer_and_one_line_per_head() -> None:
+    figure = trajectory_figure(make_trajectory(epochs=3, layers=5, heads=6))
+    assert len(figure.axes) == 5
+    assert all(len(axes.get_lines()) == 6 for axes in figure.axes)
+    assert list(figure.axes[0].get_lines()[0].get_xdata()) == [0, 1, 2]
+    assert [axes.get_title() for axes in figure.axes] == [f"blocks.{i}.attn" for i in range(5)]
+
+
+def test_trajectory_figure_of_an_empty_trajectory() -> None:
+    assert len(trajectory_figure(HeadTrajectory()).axes) == 1
+    assert len(trajectory_figure(HeadTrajectory(layer_names=["a", "b"])).axes) == 2
+    assert figure_to_png_bytes(trajectory_figure(HeadTrajectory())).startswith(PNG_SIGNATURE)
+
+
+def test_specialisation_figure_has_three_panels_with_one_line_per_layer() -> None:
+    figure = specialisation_figure(make_trajectory(layers=3, named=False))
+    assert len(figure.axes) == 3
+    assert all(len(axes.get_lines()) == 3 for axes in figure.axes)
+    assert [line.get_label() for line in figure.axes[0].get_lines()] == ["layer 0", "layer 1", "layer 2"]
+    assert len(specialisation_figure(HeadTrajectory(layer_names=["a"])).axes) == 3
+
+
+def test_figure_conversions() -> None:
+    figure = head_heatmap_figure(torch.rand(2, 2))
+    png = figure_to_png_bytes(figure)
+    assert png.startswith(PNG_SIGNATURE)
+    width, height = Image.open(io.BytesIO(png)).size
+    assert (width, height) == pytest.approx(figure.get_size_inches() * figure.dpi, abs=1)
+    array = figure_to_array(figure)
+    assert array.shape == (height, width, 3) and array.dtype.name == "uint8"
+    assert array.min() < 128 < array.max()  # something was drawn on the white background
+
+
+def test_figure_conversions_reject_non_figures() -> None:
+    with pytest.raises(TypeError, match="`figure` must be a matplotlib Figure"):
+        figure_to_png_bytes(torch.rand(3, 4, 4))  # type: ignore[arg-type]
+    assert isinstance(head_heatmap_figure(torch.rand(1, 1)), Figure)
+
+
+def test_rendering_one_evaluation_is_fast() -> None:
+    images, maps, trajectory = torch.randn(16, 3, 48, 48), torch.rand(16, 48, 48), make_trajectory(epochs=10)
+
+    def render_evaluation() -> None:
+        overlay_grid_image(denormalize(images), maps)
+        for figure in (
+            head_heatmap_figure(trajectory.weights[-1], trajectory.layer_names),
+            trajectory_figure(trajectory),
+            specialisation_figure(trajectory),
+        ):
+            figure_to_png_bytes(figure)
+
+    render_evaluation()  # warm-up: font cache, colormaps
+    start = time.process_time()  # CPU time, so other processes on a busy machine do not count
+    render_evaluation()
+    # About 0.2 s on one idle core; the bound leaves room for slow CI machines.
+    assert time.process_time() - start < 1.0

@@ -1,0 +1,251 @@
+"""Logger sinks against the real back-ends: TensorBoard event files, an offline W&B run and plain files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator
+from torch.utils.tensorboard import SummaryWriter
+
+from gmar_lightning.render import head_heatmap_figure, trajectory_figure
+from gmar_lightning.sinks import (
+    EvaluationRecord,
+    FileSink,
+    Sink,
+    TensorBoardSink,
+    WandbSink,
+    sinks_for_loggers,
+)
+from gmar_lightning.trajectory import HeadTrajectory
+
+OVERLAY_TAG = "gmar/overlay/gmar_l1"
+FIGURE_TAG = "gmar/head_importance"
+HISTOGRAM_TAG = "gmar/head_weights/layer_00"
+SCALAR_TAG = "gmar/entropy/layer_00"
+CAPTION = "true: cat / pred: dog"
+
+
+def make_trajectory() -> HeadTrajectory:
+    trajectory = HeadTrajectory(layer_names=["blocks.0.attn", "blocks.1.attn"])
+    trajectory.append(0, 10, torch.tensor([[0.5, 0.5], [0.9, 0.1]]), torch.tensor([[1.0, 1.0], [9.0, 1.0]]))
+    trajectory.append(1, 20, torch.tensor([[0.4, 0.6], [0.7, 0.3]]), torch.tensor([[2.0, 3.0], [7.0, 3.0]]))
+    return trajectory
+
+
+def make_record(step: int = 12, epoch: int = 1, scalar: float = 0.75) -> EvaluationRecord:
+    return EvaluationRecord(
+        step=step,
+        epoch=epoch,
+        images={OVERLAY_TAG: torch.rand(3, 20, 30, generator=torch.Generator().manual_seed(step))},
+        figures={
+            FIGURE_TAG: head_heatmap_figure(torch.rand(2, 2)),
+            "gmar/trajectory": trajectory_figure(make_trajectory()),
+        },
+        histograms={HISTOGRAM_TAG: torch.tensor([0.1, 0.2, 0.3, 0.4])},
+        scalars={SCALAR_TAG: scalar},
+        captions={OVERLAY_TAG: CAPTION},
+    )
+
+
+def assert_trajectory_files(directory: Path) -> None:
+    restored = HeadTrajectory.load_npz(directory / "head_importance.npz")
+    assert torch.equal(restored.weights, make_trajectory().weights)
+    assert (directory / "head_importance.csv").read_text().startswith("epoch,step,layer,layer_name,head,weight,score\n")
+
+
+def test_evaluation_record_rejects_malformed_data() -> None:
+    with pytest.raises(ValueError, match="`step` must be a non-negative integer"):
+        EvaluationRecord(step=-1, epoch=0)
+    with pytest.raises(ValueError, match=r"`images\['x'\]` must be a \[3, H, W\] or \[1, H, W\] tensor"):
+        EvaluationRecord(step=0, epoch=0, images={"x": torch.rand(1, 3, 8, 8)})
+    with pytest.raises(TypeError, match=r"`figures\['x'\]` must be a matplotlib Figure"):
+        EvaluationRecord(step=0, epoch=0, figures={"x": torch.rand(3, 8, 8)})  # type: ignore[dict-item]
+
+
+def test_tensorboard_sink_writes_every_kind_at_the_step(tmp_path: Path) -> None:
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    sink = TensorBoardSink(writer)
+    assert isinstance(sink, Sink)
+    sink.log_evaluation(make_record(step=12))
+    sink.log_evaluation(make_record(step=40, scalar=0.5))
+    sink.finalize(make_trajectory())
+    writer.close()
+
+    events = event_accumulator.EventAccumulator(
+        str(tmp_path),
+        size_guidance={
+            event_accumulator.IMAGES: 0,
+            event_accumulator.HISTOGRAMS: 0,
+            event_accumulator.SCALARS: 0,
+            event_accumulator.TENSORS: 0,
+        },
+    ).Reload()
+    tags = events.Tags()
+    assert {OVERLAY_TAG, FIGURE_TAG, "gmar/trajectory"} <= set(tags["images"])
+    assert [image.step for image in events.Images(OVERLAY_TAG)] == [12, 40]
+    overlay = Image.open(io.BytesIO(events.Images(OVERLAY_TAG)[0].encoded_image_string))
+    assert overlay.size == (30, 20)
+    assert [image.step for image in events.Images(FIGURE_TAG)] == [12, 40]
+    assert [histogram.step for histogram in events.Histograms(HISTOGRAM_TAG)] == [12, 40]
+    assert events.Histograms(HISTOGRAM_TAG)[0].histogram_value.num == 4
+    assert [(scalar.step, scalar.value) for scalar in events.Scalars(SCALAR_TAG)] == [(12, 0.75), (40, 0.5)]
+    captions = events.Tensors(f"{OVERLAY_TAG}/text_summary")
+    assert [(caption.step, caption.tensor_proto.string_val) for caption in captions] == [
+        (12, [CAPTION.encode()]),
+        (40, [CAPTION.encode()]),
+    ]
+    assert_trajectory_files(tmp_path)
+
+
+def test_file_sink_writes_valid_files_atomically(tmp_path: Path) -> None:
+    sink = FileSink(tmp_path / "gmar")
+    sink.log_evaluation(make_record(step=12, scalar=0.75))
+    sink.log_evaluation(make_record(step=123, epoch=2, scalar=0.5))
+    sink.finalize(make_trajectory())
+
+    step_dir = tmp_path / "gmar" / "step_000123"
+    assert sorted(path.name for path in step_dir.iterdir()) == [
+        "captions.json",
+        "gmar_head_importance.png",
+        "gmar_overlay_gmar_l1.png",
+        "gmar_trajectory.png",
+        "histograms.npz",
+    ]
+    with Image.open(step_dir / "gmar_overlay_gmar_l1.png") as overlay:
+        assert overlay.format == "PNG" and overlay.size == (30, 20) and overlay.mode == "RGB"
+    with Image.open(step_dir / "gmar_head_importance.png") as figure:
+        figure.verify()
+    with np.load(step_dir / "histograms.npz") as histograms:
+        assert histograms[HISTOGRAM_TAG].tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert json.loads((step_dir / "captions.json").read_text()) == {OVERLAY_TAG: CAPTION}
+    with (tmp_path / "gmar" / "scalars.csv").open(newline="") as handle:
+        assert list(csv.reader(handle)) == [
+            ["step", "epoch", "tag", "value"],
+            ["12", "1", SCALAR_TAG, "0.75"],
+            ["123", "2", SCALAR_TAG, "0.5"],
+        ]
+    assert_trajectory_files(tmp_path / "gmar")
+    leftovers = [path for path in tmp_path.rglob("*") if path.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+@pytest.fixture
+def rank_zero_notices() -> Iterator[list[str]]:
+    """Messages Lightning's ``rank_zero_info`` emits (its logger does not propagate to the root logger)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(level=logging.INFO)
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_sinks_for_a_tensorboard_logger(tmp_path: Path, rank_zero_notices: list[str]) -> None:
+    logger = TensorBoardLogger(tmp_path, name="run")
+    (sink,) = sinks_for_loggers([logger], log_dir=logger.log_dir)
+    assert isinstance(sink, TensorBoardSink) and sink.experiment is logger.experiment
+    sink.finalize(make_trajectory())
+    assert_trajectory_files(Path(logger.log_dir))
+    assert rank_zero_notices == []
+
+
+def test_sinks_for_a_csv_logger_fall_back_to_files_with_a_notice(tmp_path: Path, rank_zero_notices: list[str]) -> None:
+    logger = CSVLogger(tmp_path)
+    (sink,) = sinks_for_loggers([logger], log_dir=logger.log_dir)
+    assert isinstance(sink, FileSink)
+    assert sink.save_dir == Path(logger.log_dir) / "gmar"
+    sink.finalize(make_trajectory())
+    assert_trajectory_files(Path(logger.log_dir))  # next to metrics.csv, where head-pruning tools look
+    assert rank_zero_notices == [
+        f"GMARCallback: no TensorBoard or W&B logger; writing PNG/CSV/NPZ to {Path(logger.log_dir) / 'gmar'}"
+    ]
+
+
+def test_sinks_without_any_logger(tmp_path: Path) -> None:
+    (sink,) = sinks_for_loggers([], log_dir=tmp_path)
+    assert isinstance(sink, FileSink) and sink.save_dir == tmp_path / "gmar"
+    (explicit,) = sinks_for_loggers([], save_dir=tmp_path / "mine")
+    assert explicit.save_dir == tmp_path / "mine"
+    with pytest.raises(ValueError, match="`save_dir` or `log_dir` is required"):
+        sinks_for_loggers([])
+
+
+def test_sinks_serve_several_loggers_and_an_explicit_save_dir(tmp_path: Path) -> None:
+    loggers = [CSVLogger(tmp_path), TensorBoardLogger(tmp_path / "tb")]
+    sinks = sinks_for_loggers(loggers, save_dir=tmp_path / "files", log_dir=tmp_path)
+    assert [type(sink) for sink in sinks] == [TensorBoardSink, FileSink]
+    assert sinks[1].save_dir == tmp_path / "files"
+
+
+def test_sinks_are_empty_on_other_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert sinks_for_loggers([TensorBoardLogger(tmp_path)], save_dir=tmp_path) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sinks_for_loggers_rejects_a_single_logger(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="`loggers` must be a list of Lightning loggers"):
+        sinks_for_loggers(CSVLogger(tmp_path))  # type: ignore[arg-type]
+
+
+def test_wandb_sink_logs_one_offline_step_and_uploads_the_trajectory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wandb = pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    for variable, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+        "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+        "WANDB_DATA_DIR": str(tmp_path / "data"),
+    }.items():
+        monkeypatch.setenv(variable, value)
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="gmar-test")
+    try:
+        (sink,) = sinks_for_loggers([logger], log_dir=logger.save_dir)
+        assert isinstance(sink, WandbSink)
+        run = logger.experiment
+        sink.log_evaluation(make_record(step=12))
+        sink.finalize(make_trajectory())
+        files_dir = Path(run.dir)
+    finally:
+        wandb.finish()
+        # `finish` can return before the wandb-core service has flushed the offline transaction log; tearing
+        # the service down waits for it (the next `wandb.init` starts a fresh one).
+        wandb.teardown()
+
+    assert_trajectory_files(tmp_path)  # logger.save_dir, like trainer.log_dir for W&B
+    assert {"head_importance.csv", "head_importance.npz"} <= {path.name for path in files_dir.iterdir()}
+    images = sorted(path.relative_to(files_dir / "media" / "images").as_posix() for path in files_dir.rglob("*.png"))
+    assert [name.rsplit("_", 2)[0] for name in images] == [
+        "gmar/head_importance",
+        "gmar/overlay/gmar_l1",
+        "gmar/trajectory",
+    ]
+    # wandb 0.31 keeps offline history only in the binary transaction log (no wandb-summary.json is written);
+    # its protobuf records carry keys and JSON values as plain bytes.
+    (transaction_log,) = files_dir.parent.glob("run-*.wandb")
+    history = transaction_log.read_bytes()
+    for expected in (OVERLAY_TAG, FIGURE_TAG, HISTOGRAM_TAG, SCALAR_TAG, "trainer/global_step", CAPTION, '"histogram"'):
+        assert expected.encode() in history
