@@ -1,5 +1,6 @@
 """gmar-lightning: GMAR explanations and attention-head importance for Vision Transformers while they train."""
 
+from gmar_lightning.callback import GMARCallback
 from gmar_lightning.capture import AttentionAdapter, register_attention_adapter, unregister_attention_adapter
 from gmar_lightning.engine import explain
 from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
@@ -12,6 +13,7 @@ __all__ = [
     "METHODS",
     "AttentionAdapter",
     "Explanation",
+    "GMARCallback",
     "TokenLayout",
     "__version__",
     "explain",

@@ -24,6 +24,7 @@ __all__ = [
     "AttentionNotFoundError",
     "eval_mode_without_fast_paths",
     "find_attention_layers",
+    "find_vision_transformer",
     "hook_attention",
     "register_attention_adapter",
     "unregister_attention_adapter",
@@ -129,6 +130,25 @@ def find_attention_layers(model: nn.Module) -> list[AttentionLayer]:
             "(a `fused_attn` flag and an `attn_drop` submodule); register an AttentionAdapter for other kinds."
         )
     return layers
+
+
+def find_vision_transformer(module: nn.Module) -> nn.Module:
+    """The outermost submodule that is a ViT: it has a ``patch_embed`` and recognisable attention layers.
+
+    Used to find the timm model inside a bigger wrapper (a LightningModule, a torch.compile'd attribute).
+
+    Raises:
+        AttentionNotFoundError: If no submodule qualifies; the message says how to point at the model instead.
+    """
+    for candidate in module.modules():
+        if isinstance(candidate, nn.Module) and hasattr(candidate, "patch_embed"):
+            with contextlib.suppress(AttentionNotFoundError):
+                find_attention_layers(candidate)
+                return candidate
+    raise AttentionNotFoundError(
+        f"`model` ({type(module).__name__}) contains no ViT with `patch_embed` and recognisable attention modules; "
+        "pass `model_getter` to point at the ViT, or register an AttentionAdapter."
+    )
 
 
 @contextlib.contextmanager

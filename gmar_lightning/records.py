@@ -1,0 +1,151 @@
+"""Turn one evaluation's explanations into an :class:`~gmar_lightning.sinks.EvaluationRecord` of plain data.
+
+The callback decides *when* to explain and keeps the state; this module decides *what* is logged: overlay grids,
+per-layer head-weight histograms, specialisation scalars, figures and probe-batch metric scores. Tags live under
+``gmar/``; layers are numbered ``layer_00, layer_01, ...`` in forward order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from gmar_lightning import metrics
+from gmar_lightning.explanation import Explanation
+from gmar_lightning.render import (
+    denormalize,
+    figure_to_array,
+    head_heatmap_figure,
+    overlay_grid_figure,
+    trajectory_figure,
+)
+from gmar_lightning.sinks import EvaluationRecord
+from gmar_lightning.trajectory import HeadTrajectory
+
+__all__ = ["METRICS", "Probe", "evaluation_record", "probe_metric_scores"]
+
+METRICS: tuple[str, ...] = ("pointing_game", "energy_pointing_game", "deletion_auc", "insertion_auc")
+"""Metric names the callback accepts in ``metrics=``; the first two need ground-truth masks in the probe."""
+
+_SUMMARY_TAGS = {"entropy": "entropy", "top_share": "top_head_share", "stability": "rank_stability"}
+
+
+@dataclass
+class Probe:
+    """The fixed batch explained at every evaluation, kept on the CPU.
+
+    Attributes:
+        images: ``[B, C, H, W]`` model inputs.
+        labels: ``[B]`` class labels, if known.
+        masks: ``[B, H, W]`` boolean object masks, if known (needed by the pointing games).
+    """
+
+    images: Tensor
+    labels: Tensor | None = None
+    masks: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def state_dict(self) -> dict[str, Tensor | None]:
+        return {"images": self.images, "labels": self.labels, "masks": self.masks}
+
+
+def _class_name(index: int, class_names: Sequence[str] | None) -> str:
+    return class_names[index] if class_names is not None and 0 <= index < len(class_names) else str(index)
+
+
+def probe_metric_scores(
+    model: nn.Module, probe: Probe, explanation: Explanation, names: Sequence[str]
+) -> dict[str, float]:
+    """Score one method's maps on the probe with the named metrics; metrics undefined without masks are skipped."""
+    images = probe.images.to(explanation.maps.device)
+    scores: dict[str, float] = {}
+    for name in names:
+        if name in ("pointing_game", "energy_pointing_game"):
+            if probe.masks is None:
+                continue
+            metric = metrics.PointingGame() if name == "pointing_game" else metrics.EnergyPointingGame()
+            metric.update(explanation.maps.cpu(), probe.masks.bool())
+        else:
+            metric_class = metrics.DeletionAUC if name == "deletion_auc" else metrics.InsertionAUC
+            metric = metric_class(model)
+            metric.update(images, explanation.maps, explanation.targets)
+        scores[name] = float(metric.compute())
+    return scores
+
+
+def evaluation_record(
+    *,
+    step: int,
+    epoch: int,
+    probe: Probe,
+    explanations: dict[str, Explanation],
+    trajectory: HeadTrajectory,
+    head_method: str | None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    max_images: int = 16,
+    class_names: Sequence[str] | None = None,
+    per_head_histograms: bool = False,
+    metric_scores: dict[str, dict[str, float]] | None = None,
+) -> EvaluationRecord:
+    """Assemble everything one evaluation logs.
+
+    Args:
+        step: Trainer global step.
+        epoch: Trainer epoch.
+        probe: The explained batch.
+        explanations: Method name -> its explanation of the probe.
+        trajectory: The head-importance trajectory, already updated with this evaluation.
+        head_method: The GMAR method whose head weights feed histograms and the heatmap (``None``: no head data).
+        mean: Per-channel normalisation mean for display (``None``: per-image min-max).
+        std: Per-channel normalisation std for display.
+        max_images: Most probe images shown per grid.
+        class_names: Names for class indices in captions.
+        per_head_histograms: Also log one histogram per head.
+        metric_scores: Method -> metric name -> score on the probe.
+
+    Returns:
+        The record, with images ``gmar/overlay/<method>``, histograms ``gmar/head_weights/layer_XX``, scalars
+        ``gmar/{entropy,top_head_share,rank_stability}/layer_XX`` and ``gmar/metrics/<method>/<metric>``, and figures
+        ``gmar/head_importance`` and ``gmar/trajectory``.
+    """
+    display = denormalize(probe.images[:max_images], mean, std)
+    record = EvaluationRecord(step=step, epoch=epoch)
+    for method, explanation in explanations.items():
+        shown = min(max_images, explanation.batch_size)
+        predictions = explanation.predictions[:shown].tolist()
+        truths = probe.labels[:shown].tolist() if probe.labels is not None else ["?"] * shown
+        figure = overlay_grid_figure(
+            display,
+            explanation.maps[:shown].cpu(),
+            labels=[_class_name(int(t), class_names) if t != "?" else "?" for t in truths],
+            predictions=[_class_name(int(p), class_names) for p in predictions],
+            max_images=max_images,
+        )
+        tag = f"gmar/overlay/{method}"
+        record.images[tag] = torch.from_numpy(figure_to_array(figure)).permute(2, 0, 1).float() / 255.0
+        hits = sum(int(t) == p for t, p in zip(truths, predictions, strict=True) if t != "?")
+        record.captions[tag] = f"{method} at epoch {epoch}, step {step}: {hits}/{shown} probe images predicted right"
+        for metric, score in (metric_scores or {}).get(method, {}).items():
+            record.scalars[f"gmar/metrics/{method}/{metric}"] = score
+
+    if head_method is not None:
+        weights = explanations[head_method].head_weights.cpu()
+        for layer in range(weights.shape[1]):
+            record.histograms[f"gmar/head_weights/layer_{layer:02d}"] = weights[:, layer].flatten()
+            if per_head_histograms:
+                for head in range(weights.shape[2]):
+                    record.histograms[f"gmar/head_weights/layer_{layer:02d}/head_{head:02d}"] = weights[:, layer, head]
+        record.figures["gmar/head_importance"] = head_heatmap_figure(weights, trajectory.layer_names or None)
+        for name, values in trajectory.summaries().items():
+            for layer, value in enumerate(values[-1].tolist()):
+                if not math.isnan(value):
+                    record.scalars[f"gmar/{_SUMMARY_TAGS[name]}/layer_{layer:02d}"] = value
+        record.figures["gmar/trajectory"] = trajectory_figure(trajectory)
+    return record

@@ -1,0 +1,35 @@
+"""Real DDP with 2 CPU processes (gloo): rank 0 explains without collectives and nothing hangs or desynchronises."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+SCRIPT = Path(__file__).with_name("ddp_script.py")
+
+
+def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parent.parent), "OMP_WAIT_POLICY": "PASSIVE"}
+    completed = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    # Only rank 0 explains and keeps a trajectory; the other rank never took a probe.
+    assert rank0["trajectory_epochs"] == [0, 1] and rank0["has_probe"]
+    assert rank1["trajectory_epochs"] == [] and not rank1["has_probe"]
+    # Both ranks end with the same weights: no desynchronisation.
+    assert rank0["weights_sum"] == rank1["weights_sum"]
+    assert rank0["weights_abs_sum"] == rank1["weights_abs_sum"]
+    events = EventAccumulator(rank0["log_dir"], size_guidance={"images": 0, "histograms": 0, "scalars": 0})
+    events.Reload()
+    assert len(events.Images("gmar/overlay/gmar_l1")) == 2
+    assert len(events.Histograms("gmar/head_weights/layer_00")) == 2
+    assert (Path(rank0["log_dir"]) / "head_importance.npz").exists()
