@@ -7,6 +7,7 @@ import glob
 import os
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 import lightning.pytorch as pl
 import numpy as np
@@ -262,3 +263,26 @@ def test_checkpoint_state_is_plain_data(tmp_path: Path) -> None:
     assert state["trajectory"]["epochs"] == [0]
     assert np.isfinite(np.asarray(state["trajectory"]["weights"])).all()
     assert os.path.exists(tmp_path / "ckpt" / "last.ckpt")
+
+
+def test_wandb_offline_and_tensorboard_together(tmp_path: Path, offline_wandb: ModuleType) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    wandb_logger = WandbLogger(save_dir=str(tmp_path / "wandb_logs"), offline=True, project="gmar-test")
+    tensorboard_logger = TensorBoardLogger(str(tmp_path), name="tb")
+    callback = GMARCallback(num_probe=4, methods=("gmar_l1", "attention"))
+    fit(tmp_path, [callback], logger=[tensorboard_logger, wandb_logger], max_epochs=2)
+    files_dir = Path(wandb_logger.experiment.dir)
+    offline_wandb.finish()
+    offline_wandb.teardown()  # waits until the offline transaction log is flushed
+
+    overlays = sorted(p.name for p in (files_dir / "media" / "images" / "gmar" / "overlay").glob("*.png"))
+    assert len([name for name in overlays if name.startswith("gmar_l1")]) == 2
+    assert len([name for name in overlays if name.startswith("attention")]) == 2
+    (transaction_log,) = files_dir.parent.glob("run-*.wandb")
+    history = transaction_log.read_bytes()
+    for key in ("gmar/overlay/gmar_l1", "gmar/head_weights/layer_00", "gmar/entropy/layer_01", "trainer/global_step"):
+        assert key.encode() in history, key
+    assert len(read_events(tensorboard_logger.log_dir).Images("gmar/overlay/gmar_l1")) == 2
+    assert (Path(tensorboard_logger.log_dir) / "head_importance.npz").exists()
+    assert (tmp_path / "wandb_logs" / "head_importance.npz").exists()

@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -206,34 +207,18 @@ def test_sinks_for_loggers_rejects_a_single_logger(tmp_path: Path) -> None:
         sinks_for_loggers(CSVLogger(tmp_path))  # type: ignore[arg-type]
 
 
-def test_wandb_sink_logs_one_offline_step_and_uploads_the_trajectory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    wandb = pytest.importorskip("wandb")
+def test_wandb_sink_logs_one_offline_step_and_uploads_the_trajectory(tmp_path: Path, offline_wandb: ModuleType) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
-    for variable, value in {
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "WANDB_DIR": str(tmp_path),
-        "WANDB_CONFIG_DIR": str(tmp_path / "config"),
-        "WANDB_CACHE_DIR": str(tmp_path / "cache"),
-        "WANDB_DATA_DIR": str(tmp_path / "data"),
-    }.items():
-        monkeypatch.setenv(variable, value)
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="gmar-test")
-    try:
-        (sink,) = sinks_for_loggers([logger], log_dir=logger.save_dir)
-        assert isinstance(sink, WandbSink)
-        run = logger.experiment
-        sink.log_evaluation(make_record(step=12))
-        sink.finalize(make_trajectory())
-        files_dir = Path(run.dir)
-    finally:
-        wandb.finish()
-        # `finish` can return before the wandb-core service has flushed the offline transaction log; tearing
-        # the service down waits for it (the next `wandb.init` starts a fresh one).
-        wandb.teardown()
+    (sink,) = sinks_for_loggers([logger], log_dir=logger.save_dir)
+    assert isinstance(sink, WandbSink)
+    run = logger.experiment
+    sink.log_evaluation(make_record(step=12))
+    sink.finalize(make_trajectory())
+    files_dir = Path(run.dir)
+    offline_wandb.finish()
+    offline_wandb.teardown()  # waits until the offline transaction log is flushed
 
     assert_trajectory_files(tmp_path)  # logger.save_dir, like trainer.log_dir for W&B
     assert {"head_importance.csv", "head_importance.npz"} <= {path.name for path in files_dir.iterdir()}
