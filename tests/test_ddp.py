@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,22 @@ SCRIPT = Path(__file__).with_name("ddp_script.py")
 
 def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(SCRIPT.parent.parent), "OMP_WAIT_POLICY": "PASSIVE"}
-    completed = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    # Its own session, so a hang can be killed with every rank Lightning launched, not just the first.
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise AssertionError("DDP fit did not finish within 300 s: a rank is hanging") from None
+    assert process.returncode == 0, stderr[-3000:]
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert rank0["world_size"] == rank1["world_size"] == 2
