@@ -30,6 +30,7 @@ def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[M
         "WANDB_DATA_DIR": str(tmp_path / "data"),
     }.items():
         monkeypatch.setenv(variable, value)
+    wandb.finish()  # a run left open elsewhere would be reused by the next WandbLogger
     yield wandb
     wandb.finish()
     # `finish` can return before the wandb-core service has flushed the offline transaction log; tearing the service
