@@ -55,7 +55,7 @@ class AttentionAdapter:
         ...         self.dropout = nn.Dropout(0.0)
         >>> adapter = AttentionAdapter("mine", lambda m: isinstance(m, MyAttention), lambda m: m.dropout)
         >>> register_attention_adapter(adapter)
-        >>> [name for name, _ in find_attention_layers(nn.Sequential(MyAttention()))]
+        >>> [layer.name for layer in find_attention_layers(nn.Sequential(MyAttention()))]
         ['0']
         >>> unregister_attention_adapter(adapter)
     """
