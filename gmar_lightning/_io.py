@@ -1,6 +1,6 @@
 """Atomic file writes: a reader never sees a half-written file, and a crash never truncates an existing one.
 
-Example:
+Examples:
     >>> import pathlib, tempfile
     >>> folder = pathlib.Path(tempfile.mkdtemp())
     >>> atomic_write_text(folder / "run" / "notes.txt", "epoch 3")
@@ -37,7 +37,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         path: Destination file.
         data: The complete new contents.
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> target = pathlib.Path(tempfile.mkdtemp()) / "blob.bin"
         >>> atomic_write_bytes(target, b"\\x00\\x01")
@@ -64,7 +64,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
     """Write ``text`` to ``path`` atomically; see :func:`atomic_write_bytes`.
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> target = pathlib.Path(tempfile.mkdtemp()) / "a.json"
         >>> atomic_write_text(target, '{"x": 1}')

@@ -48,7 +48,7 @@ class AttentionAdapter:
         disable_flags: Boolean attributes set to ``False`` for the call to force the unfused path
             (timm: ``fused_attn``). Their values are restored afterwards.
 
-    Example:
+    Examples:
         >>> class MyAttention(nn.Module):  # computes softmax, then calls self.dropout(attn)
         ...     def __init__(self):
         ...         super().__init__()

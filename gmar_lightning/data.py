@@ -79,7 +79,7 @@ def _item_generator(seed: int, index: int) -> torch.Generator:
 def denormalize(images: Tensor) -> Tensor:
     """Map normalised :class:`ShapesDataset` images (``[3, H, W]`` or ``[B, 3, H, W]``) back to ``[0, 1]`` for display.
 
-    Example:
+    Examples:
         >>> denormalize(torch.zeros(1, 3, 2, 2)).unique()
         tensor([0.3000])
     """
@@ -104,7 +104,7 @@ class ShapesDataset(Dataset[tuple[Tensor, int, Tensor]]):
         seed: Seed in ``[0, 2**32)``; item ``i`` depends only on ``(seed, start_index + i)``.
         start_index: Offset of the first item's index, to carve disjoint splits out of one seed.
 
-    Example:
+    Examples:
         >>> dataset = ShapesDataset(8, image_size=32, num_classes=4)
         >>> image, label, mask = dataset[5]
         >>> image.shape, image.dtype, label, SHAPES[label], mask.shape, mask.dtype
@@ -226,7 +226,7 @@ class ShapesDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: Seed of both splits.
 
-    Example:
+    Examples:
         >>> datamodule = ShapesDataModule(num_train=8, num_val=4, image_size=16, batch_size=4)
         >>> images, labels, masks = next(iter(datamodule.val_dataloader()))
         >>> images.shape, labels.tolist(), masks.shape

@@ -226,7 +226,7 @@ def explain(
         An :class:`~gmar_lightning.Explanation` with token maps, upsampled maps in ``[0, 1]``, targets, logits and,
         for GMAR, head weights and scores ``[B, L, H]``.
 
-    Example:
+    Examples:
         >>> import timm
         >>> vit = timm.models.vision_transformer.VisionTransformer(
         ...     img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=3)

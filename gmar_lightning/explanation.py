@@ -35,7 +35,7 @@ class Explanation:
         layer_names: Qualified module names of the attention layers, in forward order (``L`` entries).
         options: The resolved options the maps were computed with (residual, head_norm, ...).
 
-    Example:
+    Examples:
         >>> e = Explanation("rollout", torch.ones(1, 2, 2), torch.zeros(1, 8, 8), torch.tensor([3]), torch.zeros(1, 5))
         >>> e.batch_size, e.grid_size, e.predictions.tolist()
         (1, (2, 2), [0])

@@ -11,7 +11,7 @@ include the masked heads, so the result is not identical to a model trained with
 better: zeroing a head before the norm still lets its (shifted) channels and the norm's bias reach ``proj``.
 A sigmoid ``gate`` (``gated=True``) acts per channel and so per head; it does not affect exactness.
 
-Example:
+Examples:
     >>> import timm
     >>> model = timm.models.vision_transformer.VisionTransformer(
     ...     img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3)
@@ -71,7 +71,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 def per_example_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     """Cross-entropy of each example, ``[B, C], [B] -> [B]`` (the default ``loss_fn``).
 
-    Example:
+    Examples:
         >>> per_example_cross_entropy(torch.zeros(2, 4), torch.tensor([0, 3])).tolist()  # ln 4 each
         [1.3862943649291992, 1.3862943649291992]
     """
@@ -106,7 +106,7 @@ def _maskable_layers(model: nn.Module) -> tuple[list[AttentionLayer], int]:
 def attention_head_grid(model: nn.Module) -> tuple[int, int]:
     """The shape ``(L, H)`` of head masks and importance for ``model``: attention layers by heads per layer.
 
-    Example:
+    Examples:
         >>> import timm
         >>> attention_head_grid(timm.models.vision_transformer.VisionTransformer(
         ...     img_size=16, patch_size=8, embed_dim=24, depth=3, num_heads=6))
@@ -183,7 +183,7 @@ def head_mask(model: nn.Module, mask: Tensor | np.ndarray) -> Iterator[None]:
     Raises:
         ValueError: If ``mask`` is not ``[L, H]`` or has non-finite entries, or the layers' head counts differ.
 
-    Example:
+    Examples:
         >>> import timm
         >>> model = timm.models.vision_transformer.VisionTransformer(
         ...     img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3).eval()
@@ -214,7 +214,7 @@ def head_mask(model: nn.Module, mask: Tensor | np.ndarray) -> Iterator[None]:
 def mask_from_order(order: Tensor | Sequence[Sequence[int]], count: int, num_layers: int, num_heads: int) -> Tensor:
     """The ``[L, H]`` 0/1 mask that drops the first ``count`` heads of a pruning ``order``.
 
-    Example:
+    Examples:
         >>> mask_from_order([(1, 0), (0, 1), (0, 0), (1, 1)], 2, num_layers=2, num_heads=2).tolist()
         [[1.0, 0.0], [0.0, 1.0]]
     """
@@ -334,7 +334,7 @@ def michel_importance(
     Returns:
         ``[L, H]`` float32 non-negative importance on the CPU.
 
-    Example:
+    Examples:
         >>> import timm
         >>> model = timm.models.vision_transformer.VisionTransformer(
         ...     img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3)
@@ -427,7 +427,7 @@ def rank_heads(
     Returns:
         ``[L * H, 2]`` int64 tensor; row ``i`` is the ``(layer, head)`` of the ``i``-th head in the order.
 
-    Example:
+    Examples:
         >>> rank_heads(torch.tensor([[0.5, 0.1], [0.1, 0.9]])).tolist()
         [[0, 1], [1, 0], [0, 0], [1, 1]]
     """
@@ -444,7 +444,7 @@ def rank_heads(
 def random_order(num_layers: int, num_heads: int, seed: int = 0) -> Tensor:
     """A seeded random pruning order, the baseline for ablation curves; same seed, same order on every machine.
 
-    Example:
+    Examples:
         >>> order = random_order(2, 3, seed=1)
         >>> order.shape, torch.equal(order, random_order(2, 3, seed=1))
         (torch.Size([6, 2]), True)
@@ -493,7 +493,7 @@ class AblationCurve:
         loss: Mean per-example loss for each fraction.
         order_name: Label of the pruning order (for legends and files).
 
-    Example:
+    Examples:
         >>> curve = AblationCurve([0.0, 1.0], [0, 4], [0.75, 0.25], [0.5, 1.5], "gmar")
         >>> AblationCurve.from_dict(curve.to_dict()) == curve
         True
@@ -596,7 +596,7 @@ def head_ablation_curve(
         device: Where batches are moved; defaults to the device of the model's parameters.
         progress: Show a tqdm progress bar.
 
-    Example:
+    Examples:
         >>> import timm
         >>> model = timm.models.vision_transformer.VisionTransformer(
         ...     img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3)
@@ -642,7 +642,7 @@ def plot_ablation_curves(
 
     Uses :class:`matplotlib.figure.Figure` directly, so no pyplot state or GUI backend is involved.
 
-    Example:
+    Examples:
         >>> figure = plot_ablation_curves([AblationCurve([0.0, 1.0], [0, 4], [0.9, 0.1], [0.2, 2.0], "gmar")])
         >>> figure.axes[0].get_legend_handles_labels()[1]
         ['gmar']

@@ -21,7 +21,7 @@ def head_scores(grad: Tensor, norm: GradNorm) -> Tensor:
 
     ``l1``: ``s_h = sum_ij |G_hij|``; ``l2``: ``s_h = sqrt(sum_ij G_hij^2)``.
 
-    Example:
+    Examples:
         >>> grad = torch.tensor([[[[3.0, -4.0]], [[0.0, 1.0]]]])  # B=1, H=2, a 1x2 "matrix" per head
         >>> head_scores(grad, "l1").tolist(), head_scores(grad, "l2").tolist()
         ([[7.0, 1.0]], [[5.0, 1.0]])
@@ -34,7 +34,7 @@ def layer_head_weights(scores: Tensor) -> Tensor:
 
     Works on any ``[..., H]`` tensor.
 
-    Example:
+    Examples:
         >>> layer_head_weights(torch.tensor([[3.0, 1.0], [0.0, 0.0]])).tolist()
         [[0.75, 0.25], [0.5, 0.5]]
     """
@@ -50,7 +50,7 @@ def layer_shares(scores: Tensor) -> Tensor:
     is its per-layer fusion scaled by this share. A layer whose scores are all zero keeps uniform head weights
     ``1/H`` (share 1) rather than vanishing, so it still contributes plain attention to the rollout.
 
-    Example:
+    Examples:
         >>> layer_shares(torch.tensor([[[3.0, 1.0], [1.0, 3.0], [0.0, 0.0]]])).tolist()
         [[0.5, 0.5, 1.0]]
     """
@@ -66,7 +66,7 @@ def head_weights(scores: Tensor, head_norm: HeadNorm) -> Tensor:
     ``layer``: ``w_{l,h} = s_{l,h} / sum_h s_{l,h}``. ``global``: ``w_{l,h} = s_{l,h} / sum_{l,h} s_{l,h}``.
     Either way a layer whose scores are all zero gets ``1/H``, never NaN.
 
-    Example:
+    Examples:
         >>> s = torch.tensor([[[3.0, 1.0], [1.0, 3.0], [0.0, 0.0]]])
         >>> head_weights(s, "layer")[0].tolist()
         [[0.75, 0.25], [0.25, 0.75], [0.5, 0.5]]
@@ -92,7 +92,7 @@ def discard_lowest(fused: Tensor, ratio: float, keep_tokens: Tensor) -> Tensor:
     This is the noise filter of Abnar & Zuidema-style rollout code; the read-out tokens' own diagonal entries are kept
     so that their rows never vanish.
 
-    Example:
+    Examples:
         >>> fused = torch.tensor([[[0.1, 0.9], [0.6, 0.4]]])
         >>> discard_lowest(fused, 0.5, keep_tokens=torch.tensor([0])).tolist()
         [[[0.10000000149011612, 0.8999999761581421], [0.6000000238418579, 0.0]]]
@@ -116,7 +116,7 @@ def propagate_rollout(readout: Tensor, layers: list[Tensor], residual: float) ->
     (one-hot rows of the pooled tokens, averaged). Because ``v^T Ahat = r u + (1 - r) u^T A`` with
     ``u_i = v_i / (r + (1 - r) sum_j A_ij)``, each layer costs one vector-matrix product and no ``N x N`` temporary.
 
-    Example:
+    Examples:
         >>> layer = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
         >>> propagate_rollout(torch.tensor([[1.0, 0.0]]), [layer, layer], residual=0.5).tolist()
         [[0.25, 0.75]]
@@ -135,7 +135,7 @@ def propagate_gradient_rollout(readout: Tensor, relevances: list[Tensor]) -> Ten
     ``relevances`` are the per-layer ``Abar_l = mean_h((G_l * A_l)^+)`` in forward order; the product
     ``(I + Abar_L) ... (I + Abar_1)`` is applied to the read-out row from the last layer down.
 
-    Example:
+    Examples:
         >>> relevance = torch.tensor([[[0.0, 1.0], [0.0, 0.0]]])
         >>> propagate_gradient_rollout(torch.tensor([[1.0, 0.0]]), [relevance]).tolist()
         [[1.0, 1.0]]
@@ -154,7 +154,7 @@ def positive_relevance(attention: Tensor, grad: Tensor) -> Tensor:
 def normalize_maps(maps: Tensor) -> Tensor:
     """Min-max normalise each ``[..., H, W]`` map to ``[0, 1]``; a constant map becomes all zeros.
 
-    Example:
+    Examples:
         >>> normalize_maps(torch.tensor([[[1.0, 3.0]], [[2.0, 2.0]]])).tolist()
         [[[0.0, 1.0]], [[0.0, 0.0]]]
     """

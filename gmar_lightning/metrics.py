@@ -44,7 +44,7 @@ class PointingGame(Metric):
         tolerance: Dilation radius of the masks in pixels, ``>= 0``.
         kwargs: Passed to :class:`torchmetrics.Metric`.
 
-    Example:
+    Examples:
         >>> maps = torch.zeros(2, 4, 4)
         >>> maps[0, 1, 1] = maps[1, 3, 3] = 1.0  # first peaks inside the mask, second two pixels away from it
         >>> masks = torch.zeros(2, 4, 4, dtype=torch.bool)
@@ -97,7 +97,7 @@ class EnergyPointingGame(Metric):
     Args:
         kwargs: Passed to :class:`torchmetrics.Metric`.
 
-    Example:
+    Examples:
         >>> maps = torch.tensor([[[0.0, 1.0], [3.0, 5.0]]])  # normalised: 0, 0.2, 0.6, 1.0
         >>> masks = torch.tensor([[[False, True], [False, True]]])
         >>> EnergyPointingGame()(maps, masks)  # (0.2 + 1.0) / 1.8
@@ -163,7 +163,7 @@ def deletion_curve(
     Returns:
         ``fractions [steps + 1]`` of pixels replaced (0 to 1) and ``scores [B, steps + 1]`` target probabilities.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
         >>> images, maps, targets = torch.ones(3, 1, 2, 2), torch.rand(3, 2, 2), torch.zeros(3, dtype=torch.long)
         >>> fractions, scores = deletion_curve(model, images, maps, targets, steps=2)
@@ -211,7 +211,7 @@ def insertion_curve(
     Returns:
         ``fractions [steps + 1]`` of pixels revealed (0 to 1) and ``scores [B, steps + 1]`` target probabilities.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
         >>> images, maps, targets = torch.ones(3, 1, 2, 2), torch.rand(3, 2, 2), torch.zeros(3, dtype=torch.long)
         >>> fractions, scores = insertion_curve(model, images, maps, targets, steps=4)
@@ -242,7 +242,7 @@ class DeletionAUC(Metric):
         batch_size: Perturbed images per forward pass.
         kwargs: Passed to :class:`torchmetrics.Metric`.
 
-    Example:
+    Examples:
         >>> class LeftHalf(nn.Module):  # only the left half of the image is evidence for class 0
         ...     def forward(self, x: Tensor) -> Tensor:
         ...         logit = 4 * x[..., :2].mean(dim=(1, 2, 3)) - 2
@@ -303,7 +303,7 @@ class InsertionAUC(Metric):
         batch_size: Perturbed images per forward pass.
         kwargs: Passed to :class:`torchmetrics.Metric`.
 
-    Example:
+    Examples:
         >>> class LeftHalf(nn.Module):  # only the left half of the image is evidence for class 0
         ...     def forward(self, x: Tensor) -> Tensor:
         ...         logit = 4 * x[..., :2].mean(dim=(1, 2, 3)) - 2

@@ -71,7 +71,7 @@ def denormalize(
     Returns:
         ``[B, C, H, W]`` float32 images in ``[0, 1]``, on the input's device.
 
-    Example:
+    Examples:
         >>> mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
         >>> denormalize(torch.tensor([-2.0, 0.0, 1.0, 4.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2), mean, std)[0, 0]
         tensor([[0.0000, 0.5000],
@@ -121,7 +121,7 @@ def overlay(images: Tensor, maps: Tensor, cmap: str = "jet", alpha: float = 0.5)
     Returns:
         ``[B, 3, H, W]`` float32 tensor in ``[0, 1]`` on the images' device.
 
-    Example:
+    Examples:
         >>> blended = overlay(torch.ones(2, 3, 4, 4), torch.zeros(2, 4, 4), cmap="gray", alpha=0.5)
         >>> tuple(blended.shape), blended.unique().tolist()
         ((2, 3, 4, 4), [0.5])
@@ -171,7 +171,7 @@ def overlay_grid_image(
     Returns:
         ``[3, H_grid, W_grid]`` float32 CPU tensor in ``[0, 1]``.
 
-    Example:
+    Examples:
         >>> overlay_grid_image(torch.rand(5, 3, 8, 8), torch.rand(5, 8, 8), max_images=4, padding=1).shape
         torch.Size([3, 19, 19])
     """
@@ -215,7 +215,7 @@ def overlay_grid_figure(
     Returns:
         A figure with one axes.
 
-    Example:
+    Examples:
         >>> figure = overlay_grid_figure(torch.rand(2, 3, 8, 8), torch.rand(2, 8, 8), ["cat", "dog"], ["cat", "cat"])
         >>> len(figure.axes), [text.get_text() for text in figure.axes[0].texts]
         (1, ['true: cat / pred: cat', 'true: dog / pred: cat'])
@@ -324,7 +324,7 @@ def head_heatmap_figure(
     Returns:
         A figure with two axes: the heatmap and its colorbar.
 
-    Example:
+    Examples:
         >>> len(head_heatmap_figure(torch.rand(3, 4), ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]).axes)
         2
     """
@@ -368,7 +368,7 @@ def trajectory_figure(trajectory: HeadTrajectory, title: str = "GMAR head import
     Returns:
         A figure with one axes per layer (at least one).
 
-    Example:
+    Examples:
         >>> trajectory = HeadTrajectory(layer_names=["blocks.0.attn", "blocks.1.attn"])
         >>> trajectory.append(0, 5, torch.tensor([[0.5, 0.5], [0.9, 0.1]]), torch.ones(2, 2))
         >>> len(trajectory_figure(trajectory).axes)
@@ -429,7 +429,7 @@ def specialisation_figure(trajectory: HeadTrajectory, title: str = "GMAR head sp
     Returns:
         A figure with three axes.
 
-    Example:
+    Examples:
         >>> trajectory = HeadTrajectory()
         >>> trajectory.append(0, 5, torch.tensor([[0.5, 0.5]]), torch.ones(1, 2))
         >>> [axes.get_title() for axes in specialisation_figure(trajectory).axes]
@@ -468,7 +468,7 @@ def specialisation_figure(trajectory: HeadTrajectory, title: str = "GMAR head sp
 def figure_to_array(figure: Figure) -> np.ndarray:
     """Render a figure with the Agg canvas to an ``[H, W, 3]`` uint8 RGB array.
 
-    Example:
+    Examples:
         >>> figure = Figure(figsize=(2, 1), dpi=50)
         >>> figure_to_array(figure).shape, figure_to_array(figure).dtype
         ((50, 100, 3), dtype('uint8'))
@@ -483,7 +483,7 @@ def figure_to_array(figure: Figure) -> np.ndarray:
 def figure_to_png_bytes(figure: Figure) -> bytes:
     """Encode a figure as PNG bytes at the figure's own dpi, with fast (light) compression.
 
-    Example:
+    Examples:
         >>> figure_to_png_bytes(Figure(figsize=(1, 1), dpi=20))[:8]
         b'\\x89PNG\\r\\n\\x1a\\n'
     """

@@ -73,7 +73,7 @@ class EvaluationRecord:
         scalars: Tag -> number, e.g. one layer's head entropy.
         captions: Tag -> caption for the image or figure of the same tag.
 
-    Example:
+    Examples:
         >>> import torch
         >>> record = EvaluationRecord(step=120, epoch=2, scalars={"gmar/entropy/layer_00": 0.93})
         >>> record.step, record.images, record.scalars
@@ -120,7 +120,7 @@ def write_trajectory(trajectory: HeadTrajectory, directory: str | os.PathLike[st
     Returns:
         The two written paths, CSV first.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> [path.name for path in write_trajectory(HeadTrajectory(), tempfile.mkdtemp())]
         ['head_importance.csv', 'head_importance.npz']
@@ -239,7 +239,7 @@ class FileSink:
         save_dir: Root directory; created as needed.
         trajectory_dir: Where :meth:`finalize` writes the trajectory files; defaults to ``save_dir``.
 
-    Example:
+    Examples:
         >>> import tempfile, torch
         >>> sink = FileSink(tempfile.mkdtemp())
         >>> record = EvaluationRecord(7, 0, images={"gmar/overlay": torch.rand(3, 8, 8)}, scalars={"gmar/x": 1.0})
@@ -316,7 +316,7 @@ def sinks_for_loggers(
     Returns:
         The sinks, in logger order, the file sink last.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from lightning.pytorch.loggers import TensorBoardLogger
         >>> [type(sink).__name__ for sink in sinks_for_loggers([TensorBoardLogger(tempfile.mkdtemp())])]

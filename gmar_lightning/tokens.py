@@ -26,7 +26,7 @@ class TokenLayout:
             of the patch tokens (average pooling).
         pool_includes_prefix: With average pooling, whether the prefix tokens are part of the mean.
 
-    Example:
+    Examples:
         >>> TokenLayout(num_prefix_tokens=1).readout_vector(num_tokens=5, batch_size=1).tolist()
         [[1.0, 0.0, 0.0, 0.0, 0.0]]
         >>> TokenLayout(num_prefix_tokens=1, readout_tokens=None).readout_vector(5, 1).tolist()

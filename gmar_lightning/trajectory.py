@@ -58,7 +58,7 @@ def specialisation(weights: Tensor) -> dict[str, Tensor]:
     Returns:
         ``{"entropy": Tensor [L], "top_share": Tensor [L]}``, float32.
 
-    Example:
+    Examples:
         >>> stats = specialisation(torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 2.0, 0.0, 0.0], [3.0, 1.0, 0.0, 0.0]]))
         >>> [round(v, 4) for v in stats["entropy"].tolist()], stats["top_share"].tolist()
         ([1.0, 0.0, 0.4056], [0.25, 1.0, 0.75])
@@ -101,7 +101,7 @@ def rank_stability(previous: Tensor, current: Tensor) -> Tensor:
     Returns:
         ``Tensor [L]`` of correlations in ``[-1, 1]``, float32.
 
-    Example:
+    Examples:
         >>> previous = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4], [1.0, 1, 1, 1]])
         >>> current = torch.tensor([[1.0, 2.0, 3.0, 9.0], [0.4, 0.3, 0.2, 0.1], [0.2, 0.1, 0.4, 0.3], [2.0, 2, 2, 2]])
         >>> rank_stability(previous, current).tolist()
@@ -147,7 +147,7 @@ class HeadTrajectory:
         scores: ``[E, L, H]`` raw head scores (gradient norms).
         layer_names: ``L`` attention-layer names, or empty when unknown.
 
-    Example:
+    Examples:
         >>> trajectory = HeadTrajectory(layer_names=["blocks.0.attn", "blocks.1.attn"])
         >>> trajectory.append(0, 10, torch.tensor([[0.5, 0.5], [0.9, 0.1]]), torch.tensor([[1.0, 1.0], [9.0, 1.0]]))
         >>> trajectory.append(1, 20, torch.tensor([[0.4, 0.6], [1.0, 0.0]]), torch.tensor([[2.0, 3.0], [4.0, 0.0]]))
@@ -256,7 +256,7 @@ class HeadTrajectory:
             statistics of every row and the :func:`rank_stability` of each row against the previous one (NaN for
             the first row, which has nothing to compare with).
 
-        Example:
+        Examples:
             >>> trajectory = HeadTrajectory()
             >>> trajectory.append(0, 1, torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]))
             >>> trajectory.append(1, 2, torch.tensor([[0.5, 0.5]]), torch.tensor([[1.0, 1.0]]))
