@@ -1,0 +1,182 @@
+"""Prune attention heads in GMAR order and compare with Michel et al. importance and a random order.
+
+Reads a run's ``head_importance.npz`` (written by GMARCallback at the end of fit) and the run's checkpoint, ranks the
+heads by their GMAR weight at the last epoch, and measures validation accuracy as more and more heads are masked in
+four orders: GMAR least important first, GMAR most important first, Michel et al. (2019) least important first,
+and a seeded random order. If GMAR's weights mean something, removing the least important heads first hurts much
+less than removing the most important first. Writes ``ablation.png``, ``ranking.json`` and one CSV per curve::
+
+    python examples/finetune_vit.py                      # a run to prune, in runs/gmar_demo/version_0
+    python examples/head_pruning.py runs/gmar_demo/version_0
+    python examples/head_pruning.py --demo               # train a small model first, then prune it
+
+The checkpoint defaults to ``<run>/checkpoints/last.ckpt``; a model trained by the demo is rebuilt from the settings
+stored in it, and its validation split is regenerated from the stored data settings. For other weights pass
+``--model``, ``--num-classes`` (and ``--img-size``/``--model-kwargs``) and ``--data-dir`` with a ``val/`` folder.
+"""
+
+from __future__ import annotations
+
+import os
+
+# OpenMP's default spin-waiting makes every parallel op wait ~8 ms on small shared VMs; passive waiting changes no
+# result. libgomp reads it once, when torch loads, so set it first.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.data import resolve_model_data_config
+from torch import nn
+from torch.utils.data import DataLoader
+
+from gmar_lightning.data import ShapesDataModule
+from gmar_lightning.demo import DemoConfig, ImageFolderDataModule, add_model_arguments, run_demo
+from gmar_lightning.heads import (
+    AblationCurve,
+    attention_head_grid,
+    head_ablation_curve,
+    michel_importance,
+    plot_ablation_curves,
+    random_order,
+    rank_heads,
+)
+from gmar_lightning.models import checkpoint_model_settings, create_vit
+from gmar_lightning.report import find_trajectory
+from gmar_lightning.trajectory import HeadTrajectory
+
+FRACTIONS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+
+# A quick run for --demo: the default small ViT on fewer shapes, long enough for the heads to differ.
+DEMO_SETTINGS = {"epochs": 8, "max_train_images": 2000, "max_val_images": 256}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", nargs="?", default=None, help="run directory holding head_importance.npz")
+    parser.add_argument("--demo", action="store_true", help="train a small model first and prune that run")
+    parser.add_argument("--demo-log-dir", default="runs", help="where --demo logs its run")
+    add_model_arguments(parser)
+    parser.add_argument("--num-classes", type=int, default=None, help="classes of a non-demo checkpoint")
+    parser.add_argument("--data-dir", default=None, help="ImageFolder root with a val/ folder (default: shapes)")
+    parser.add_argument("--batch-size", type=int, default=128, help="validation images per batch")
+    parser.add_argument("--max-batches", type=int, default=None, help="validation batches per curve (default all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random order")
+    parser.add_argument("--epoch", choices=("last", "mean"), default="last", help="GMAR weights of which epoch")
+    parser.add_argument("--output", default=None, help="output folder (default: <run>/pruning)")
+    return parser
+
+
+def load_model(run_dir: Path, args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained ViT and the stored data settings of its run (empty when the checkpoint has none)."""
+    checkpoint = Path(args.checkpoint) if args.checkpoint else run_dir / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"`--checkpoint` {str(checkpoint)!r} does not exist; pass the run's weights file.")
+    stored = checkpoint_model_settings(checkpoint) or {}
+    model_name = args.model or stored.get("model_name")
+    num_classes = args.num_classes or stored.get("num_classes")
+    if model_name is None or num_classes is None:
+        raise ValueError(
+            f"`--checkpoint` {str(checkpoint)!r} stores no model settings; pass --model and --num-classes."
+        )
+    model = create_vit(
+        model_name,
+        num_classes,
+        img_size=args.img_size or stored.get("img_size"),
+        checkpoint_path=checkpoint,
+        model_kwargs={**(stored.get("model_kwargs") or {}), **args.model_kwargs},
+        strict=True,
+    )
+    data_settings = {}
+    if checkpoint.suffix == ".ckpt":
+        data_settings = torch.load(checkpoint, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters")
+    return model.eval(), dict(data_settings or {})
+
+
+def validation_loader(model: nn.Module, data_settings: dict[str, Any], args: argparse.Namespace) -> DataLoader:
+    """The run's validation data: the stored shapes split, or ``--data-dir``'s ``val/`` folder."""
+    img_size = int(model.patch_embed.img_size[0])
+    if args.data_dir is not None:
+        config = resolve_model_data_config(model)
+        folders = ImageFolderDataModule(
+            args.data_dir, img_size, tuple(config["mean"]), tuple(config["std"]), batch_size=args.batch_size
+        )
+        return folders.val_dataloader()
+    settings = {"image_size": img_size, "num_classes": model.num_classes, **data_settings}
+    settings["batch_size"] = args.batch_size
+    return ShapesDataModule(**settings).val_dataloader()
+
+
+def prune(trajectory: HeadTrajectory, model: nn.Module, loader: DataLoader, args: argparse.Namespace) -> dict:
+    """Rank heads four ways and trace an ablation curve for each; returns the JSON-ready ranking."""
+    epoch = -1 if args.epoch == "last" else "mean"
+    num_layers, num_heads = attention_head_grid(model)
+    if trajectory.weights.shape[1:] != (num_layers, num_heads):
+        raise ValueError(
+            f"`run` head weights are {list(trajectory.weights.shape[1:])} but the model has [{num_layers}, "
+            f"{num_heads}] heads; pass the checkpoint of the same run."
+        )
+    michel = michel_importance(model, loader, max_batches=args.max_batches)
+    orders = {
+        "gmar_least_important_first": rank_heads(trajectory, least_important_first=True, epoch=epoch),
+        "gmar_most_important_first": rank_heads(trajectory, least_important_first=False, epoch=epoch),
+        "michel_least_important_first": rank_heads(michel, least_important_first=True),
+        f"random_seed{args.seed}": random_order(num_layers, num_heads, seed=args.seed),
+    }
+    curves: list[AblationCurve] = [
+        head_ablation_curve(model, loader, order, FRACTIONS, order_name=name, max_batches=args.max_batches)
+        for name, order in orders.items()
+    ]
+    gmar_weights = trajectory.weights[-1] if epoch == -1 else trajectory.weights.mean(dim=0)
+    return {
+        "layer_names": trajectory.layer_names,
+        "gmar_epoch": trajectory.epochs[-1] if epoch == -1 else "mean",
+        "gmar_head_weights": gmar_weights.tolist(),
+        "michel_importance": michel.tolist(),
+        "orders": {name: order.tolist() for name, order in orders.items()},
+        "curves": {curve.order_name: curve.to_dict() for curve in curves},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Prune a run's heads; returns ``{"ranking", "plot_path", "ranking_path"}`` and the ranking itself."""
+    args = build_parser().parse_args(argv)
+    if args.demo:
+        result = run_demo(DemoConfig(log_dir=args.demo_log_dir, **DEMO_SETTINGS))
+        run_dir = Path(result["log_dir"])
+    elif args.run is None:
+        raise ValueError("`run` is required: pass a run directory of a fit with GMARCallback, or --demo.")
+    else:
+        run_dir = Path(args.run)
+    trajectory_path = find_trajectory(run_dir)
+    run_dir = trajectory_path.parent
+    trajectory = HeadTrajectory.load_npz(trajectory_path)
+    if not len(trajectory):
+        raise ValueError(f"`run` {str(trajectory_path)!r} records no epoch; let the fit validate at least once.")
+    model, data_settings = load_model(run_dir, args)
+    ranking = prune(trajectory, model, validation_loader(model, data_settings, args), args)
+    output = Path(args.output) if args.output else run_dir / "pruning"
+    output.mkdir(parents=True, exist_ok=True)
+    curves = [AblationCurve.from_dict(curve) for curve in ranking["curves"].values()]
+    plot_ablation_curves(curves, path=output / "ablation.png")
+    for curve in curves:
+        curve.save_csv(output / f"ablation_{curve.order_name}.csv")
+    ranking_path = output / "ranking.json"
+    ranking_path.write_text(json.dumps(ranking, indent=2) + "\n", encoding="utf-8")
+    for curve in curves:
+        accuracy = ", ".join(f"{value:.2f}" for value in curve.accuracy)
+        print(f"{curve.order_name:>30}: accuracy {accuracy}")
+    print(f"Wrote {output / 'ablation.png'} and {ranking_path}")
+    return {"ranking": ranking, "plot_path": str(output / "ablation.png"), "ranking_path": str(ranking_path)}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"head_pruning.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,341 @@
+"""The ``gmar-lightning`` command: ``explain`` images, build a run ``report``, or train the ``demo``.
+
+```bash
+gmar-lightning explain cat.jpg dogs/ --model vit_small_patch16_224 --checkpoint vit_s.pth --method gmar_l1,rollout
+gmar-lightning explain shapes/ --checkpoint runs/gmar_demo/version_0/checkpoints/last.ckpt
+gmar-lightning report runs/gmar_demo/version_0
+gmar-lightning demo --epochs 5
+```
+
+Every failure the user can fix (a missing file, an unknown model name, an unreadable image, a bad option) prints
+one line to stderr and exits with status 2; nothing prints a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+# OpenMP's default spin-waiting makes every parallel op wait ~8 ms on small shared VMs; passive waiting changes no
+# result. libgomp reads it once, when torch loads, so it must come before any torch import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import io
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import numpy as np
+import timm
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from gmar_lightning._io import atomic_write_bytes
+from gmar_lightning.demo import add_demo_arguments, add_model_arguments, config_from_args, parse_methods, run_demo
+from gmar_lightning.engine import explain
+from gmar_lightning.models import checkpoint_model_settings, create_vit
+from gmar_lightning.render import denormalize, overlay
+from gmar_lightning.report import build_report
+
+__all__ = ["main"]
+
+PROG = "gmar-lightning"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+EXIT_ERROR = 2
+
+
+class CommandError(Exception):
+    """A problem the user can fix; reported as one line without a traceback."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line naming the fix, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# explain
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def collect_images(inputs: Sequence[str]) -> list[Path]:
+    """Image files from files and folders (searched recursively for common image extensions), in argument order.
+
+    Raises:
+        CommandError: If an input does not exist or a folder holds no image.
+    """
+    images: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(file for file in path.rglob("*") if file.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise CommandError(f"folder {item!r} holds no image ({', '.join(IMAGE_EXTENSIONS)}).")
+            images.extend(found)
+        elif path.is_file():
+            images.append(path)
+        else:
+            raise CommandError(f"image {item!r} does not exist; pass image files or folders of images.")
+    return images
+
+
+@dataclass
+class Preprocessing:
+    """How images become model inputs: square side, normalisation and resampling filter."""
+
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: Image.Resampling
+
+
+def model_preprocessing(model: nn.Module) -> Preprocessing:
+    """Size from the built model (timm's data config keeps the pretrained size), stats from its timm data config."""
+    config = timm.data.resolve_model_data_config(model)
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    side = int(img_size[0]) if img_size is not None else int(config["input_size"][-1])
+    interpolation = Image.Resampling.BILINEAR if config["interpolation"] == "bilinear" else Image.Resampling.BICUBIC
+    return Preprocessing(side, tuple(config["mean"]), tuple(config["std"]), interpolation)
+
+
+def check_readable(paths: list[Path]) -> None:
+    """Fail before any work if a file is not an image PIL can identify (reads only each file's header).
+
+    Raises:
+        CommandError: Naming the first unreadable file.
+    """
+    for path in paths:
+        try:
+            with Image.open(path):
+                pass
+        except (UnidentifiedImageError, OSError) as error:
+            raise CommandError(
+                f"cannot read image {str(path)!r} ({_one_line(error)}); pass PNG, JPEG or alike."
+            ) from None
+
+
+def load_image(path: Path, preprocessing: Preprocessing) -> Tensor:
+    """Read an image with PIL, convert to RGB, resize to the model's square input and normalise: ``[3, S, S]``.
+
+    Raises:
+        CommandError: If PIL cannot read the file.
+    """
+    try:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise CommandError(
+            f"cannot read image {str(path)!r} ({_one_line(error)}); pass PNG, JPEG or similar."
+        ) from None
+    side = preprocessing.img_size
+    resized = rgb.resize((side, side), preprocessing.interpolation)
+    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(preprocessing.mean).view(3, 1, 1)
+    std = torch.tensor(preprocessing.std).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+def _build_model(args: argparse.Namespace) -> nn.Module:
+    """The model to explain: from the options, filled in from a ViTClassifier checkpoint's stored settings."""
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise CommandError(f"checkpoint {args.checkpoint!r} does not exist; pass a weights file.")
+    stored = checkpoint_model_settings(args.checkpoint) if args.checkpoint else None
+    if args.model is None and stored is None:
+        raise CommandError("--model is required unless --checkpoint is a gmar-lightning .ckpt; pass a timm name.")
+    stored = stored or {}
+    model_name = args.model or stored["model_name"]
+    if not timm.is_model(model_name):
+        raise CommandError(f"unknown timm model {model_name!r}; see timm.list_models('vit*') for valid names.")
+    num_classes = args.num_classes or stored.get("num_classes") or 1000
+    img_size = args.img_size or stored.get("img_size")
+    model_kwargs = {**(stored.get("model_kwargs") or {}), **args.model_kwargs}
+    model = create_vit(
+        model_name,
+        num_classes,
+        img_size=img_size,
+        pretrained=args.pretrained,
+        checkpoint_path=args.checkpoint,
+        model_kwargs=model_kwargs,
+        strict=True,
+    )
+    return model.eval()
+
+
+def _unique_stems(paths: list[Path]) -> list[str]:
+    """File stems made unique by appending ``_2``, ``_3``, ... to repeats, so outputs never overwrite each other.
+
+    Examples:
+        >>> _unique_stems([Path("a/x.png"), Path("b/x.jpg"), Path("x_2.png"), Path("y.png")])
+        ['x', 'x_2', 'x_2_2', 'y']
+    """
+    used: set[str] = set()
+    stems = []
+    for path in paths:
+        stem, count = path.stem, 1
+        while stem in used:
+            count += 1
+            stem = f"{path.stem}_{count}"
+        used.add(stem)
+        stems.append(stem)
+    return stems
+
+
+def _png_bytes(image: Tensor) -> bytes:
+    """``[3, H, W]`` in ``[0, 1]`` as PNG bytes."""
+    pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _explain_files(
+    model: nn.Module, paths: list[Path], methods: list[str], batch_size: int, target: int | None, output: Path
+) -> dict[str, np.ndarray]:
+    """Explain ``paths`` batch by batch, write one overlay PNG per image and method, return the arrays for maps.npz."""
+    preprocessing = model_preprocessing(model)
+    stems = _unique_stems(paths)
+    maps: dict[str, list[Tensor]] = {method: [] for method in methods}
+    head_weights: dict[str, list[Tensor]] = {}
+    predictions: list[Tensor] = []
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(paths), batch_size), desc="explaining", unit="batch"):
+        batch_paths = paths[start : start + batch_size]
+        images = torch.stack([load_image(path, preprocessing) for path in batch_paths]).to(device)
+        shown = denormalize(images, preprocessing.mean, preprocessing.std)
+        for method in methods:
+            explanation = explain(model, images, method=method, target=target).cpu()
+            maps[method].append(explanation.maps)
+            if explanation.head_weights is not None:
+                head_weights.setdefault(method, []).append(explanation.head_weights)
+            for offset, tile in enumerate(overlay(shown.cpu(), explanation.maps)):
+                atomic_write_bytes(output / f"{stems[start + offset]}_{method}.png", _png_bytes(tile))
+        predictions.append(explanation.predictions)
+    arrays = {f"maps_{method}": torch.cat(values).numpy() for method, values in maps.items()}
+    arrays.update({f"head_weights_{method}": torch.cat(values).numpy() for method, values in head_weights.items()})
+    arrays["predictions"] = torch.cat(predictions).numpy()
+    arrays["files"] = np.asarray([str(path) for path in paths], dtype=np.str_)
+    return arrays
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    paths = collect_images(args.inputs)
+    check_readable(paths)
+    methods = parse_methods(args.method or ["gmar_l1"])
+    model = _build_model(args).to(args.device)
+    if args.target is not None and not 0 <= args.target < model.num_classes:
+        raise CommandError(f"--target {args.target} is out of range for a model with {model.num_classes} classes.")
+    output = Path(args.output)
+    arrays = _explain_files(model, paths, methods, args.batch_size, args.target, output)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(output / "maps.npz", buffer.getvalue())
+    print(f"Wrote {len(paths) * len(methods)} overlays and maps.npz to {output}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report and demo
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    report = build_report(args.run, output_dir=args.output, title=args.title)
+    print(f"Wrote {len(report.plots)} plots and {report.html_path} ({len(report.overlays)} overlays)")
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    run_demo(config_from_args(args))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parser and entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"must be a torch device such as cpu or cuda:0, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gmar-lightning`` argument parser with its ``explain``, ``report`` and ``demo`` subcommands."""
+    parser = _OneLineParser(prog=PROG, description="GMAR explanations and attention-head importance for timm ViTs.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser, metavar="COMMAND")
+
+    explain_parser = commands.add_parser(
+        "explain", help="overlay GMAR maps on images", description="Explain images with a timm ViT."
+    )
+    explain_parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
+    add_model_arguments(explain_parser)
+    explain_parser.add_argument("--num-classes", type=_positive_int, default=None, help="classifier classes")
+    explain_parser.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")
+    explain_parser.add_argument(
+        "--method", action="append", default=None, help="method(s), repeatable or comma-separated (default gmar_l1)"
+    )
+    explain_parser.add_argument("--target", type=int, default=None, help="class to explain (default: predicted)")
+    explain_parser.add_argument("--output", default="gmar_explanations", help="output folder")
+    explain_parser.add_argument("--batch-size", type=_positive_int, default=16, help="images per pass")
+    explain_parser.add_argument(
+        "--device",
+        type=_device,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the model runs (cpu, cuda, cuda:1)",
+    )
+    explain_parser.set_defaults(handler=_run_explain)
+
+    report_parser = commands.add_parser(
+        "report", help="plots and an HTML page of a run", description="Build a run's head-importance report."
+    )
+    report_parser.add_argument("run", help="run directory holding head_importance.npz, or the file itself")
+    report_parser.add_argument("--output", default=None, help="output folder (default: <run>/report)")
+    report_parser.add_argument("--title", default=None, help="page title")
+    report_parser.set_defaults(handler=_run_report)
+
+    demo_parser = commands.add_parser(
+        "demo", help="fine-tune a ViT with GMARCallback", description="Fine-tune a ViT with GMARCallback."
+    )
+    add_demo_arguments(demo_parser)
+    demo_parser.set_defaults(handler=_run_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 on success, 2 on a user error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (CommandError, ValueError, OSError) as error:
+        print(f"{PROG} {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

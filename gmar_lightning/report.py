@@ -1,0 +1,266 @@
+"""A run report: head-importance plots and one self-contained HTML page from a run's ``head_importance.npz``.
+
+:func:`build_report` reads the trajectory the callback wrote at the end of fit, renders the layers x heads heatmap of
+the last epoch, the per-head trajectories and the specialisation summaries as PNG files, and writes ``report.html``
+with every image embedded as a base64 data URI, so the page can be mailed or archived as one file. Saliency overlays
+found in the run directory are shown too: the latest ``gmar/overlay/<method>`` image of each TensorBoard event file
+and the PNG files a :class:`~gmar_lightning.sinks.FileSink` wrote (``gmar/step_*/gmar_overlay_*.png``).
+
+Examples:
+    >>> import tempfile, torch
+    >>> from gmar_lightning.trajectory import HeadTrajectory
+    >>> run_dir = tempfile.mkdtemp()
+    >>> trajectory = HeadTrajectory()
+    >>> trajectory.append(0, 10, torch.tensor([[0.7, 0.3], [0.5, 0.5]]), torch.ones(2, 2))
+    >>> trajectory.save_npz(f"{run_dir}/head_importance.npz")
+    >>> report = build_report(run_dir)
+    >>> report.html_path.name, [path.name for path in report.plots]
+    ('report.html', ['head_importance.png', 'trajectory.png', 'specialisation.png'])
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gmar_lightning._io import atomic_write_bytes, atomic_write_text
+from gmar_lightning.render import figure_to_png_bytes, head_heatmap_figure, specialisation_figure, trajectory_figure
+from gmar_lightning.sinks import TRAJECTORY_NPZ
+from gmar_lightning.trajectory import HeadTrajectory
+
+__all__ = ["Report", "build_report", "find_trajectory"]
+
+OVERLAY_TAG_PREFIX = "gmar/overlay/"
+_REPORT_DIR = "report"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# At most this many overlay images from FileSink PNG files: the latest evaluations, so the page stays small.
+_MAX_FILE_OVERLAYS = 8
+
+# Marks the page once every image has decoded, so a headless browser (and a test) can tell the plots rendered.
+_LOADED_SCRIPT = """<script>
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  document.body.dataset.imagesTotal = String(images.length);
+  const loaded = images.filter((image) => image.complete && image.naturalWidth > 0);
+  document.body.dataset.imagesLoaded = String(loaded.length);
+});
+</script>"""
+
+_STYLE = """<style>
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; padding: 0 1rem; color: #222; }
+h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
+figure { margin: 1rem 0; } figcaption { color: #555; font-size: 0.9rem; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; }
+table { border-collapse: collapse; font-size: 0.9rem; } td, th { border: 1px solid #ddd; padding: 0.25rem 0.6rem; }
+th { background: #f5f5f5; } td.number { text-align: right; font-variant-numeric: tabular-nums; }
+</style>"""
+
+
+@dataclass
+class Report:
+    """What :func:`build_report` wrote.
+
+    Attributes:
+        html_path: The self-contained HTML page.
+        plots: The PNG plots, in page order.
+        overlays: ``(caption, png bytes)`` of the saliency overlays shown on the page.
+        trajectory_path: The ``head_importance.npz`` the report was built from.
+    """
+
+    html_path: Path
+    plots: list[Path]
+    overlays: list[tuple[str, bytes]] = field(default_factory=list)
+    trajectory_path: Path | None = None
+
+
+def find_trajectory(source: str | os.PathLike[str]) -> Path:
+    """The ``head_importance.npz`` for ``source``: the file itself, or the one in (or uniquely below) a run directory.
+
+    Raises:
+        FileNotFoundError: If nothing is found, or a directory holds several runs' files.
+
+    Examples:
+        >>> import tempfile
+        >>> find_trajectory(tempfile.mkdtemp())
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: `run` ... holds no head_importance.npz; pass a run directory of a fit with GMARCallback.
+    """
+    path = Path(source)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"`run` {str(path)!r} does not exist; pass a run directory or a {TRAJECTORY_NPZ}.")
+    if (path / TRAJECTORY_NPZ).is_file():
+        return path / TRAJECTORY_NPZ
+    found = sorted(path.rglob(TRAJECTORY_NPZ))
+    if not found:
+        raise FileNotFoundError(
+            f"`run` {str(path)!r} holds no {TRAJECTORY_NPZ}; pass a run directory of a fit with GMARCallback."
+        )
+    if len(found) > 1:
+        runs = ", ".join(str(candidate.parent) for candidate in found[:3])
+        raise FileNotFoundError(f"`run` {str(path)!r} holds {len(found)} runs ({runs}, ...); pass one of them.")
+    return found[0]
+
+
+def _load_trajectory(path: Path) -> HeadTrajectory:
+    try:
+        trajectory = HeadTrajectory.load_npz(path)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"`run` {str(path)!r} is not a readable {TRAJECTORY_NPZ}: {error}") from None
+    if not len(trajectory):
+        raise ValueError(f"`run` {str(path)!r} records no epoch yet; let the fit run at least one validation.")
+    return trajectory
+
+
+def _tensorboard_overlays(run_dir: Path) -> list[tuple[str, bytes]]:
+    """The latest image of every ``gmar/overlay/<method>`` tag in the TensorBoard event files under ``run_dir``."""
+    event_dirs = sorted({path.parent for path in run_dir.rglob("events.out.tfevents.*")})
+    if not event_dirs:
+        return []
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    overlays = []
+    for event_dir in event_dirs:
+        # Only images are loaded, and all of them (0 = no sampling), so the last step is really the last.
+        accumulator = EventAccumulator(str(event_dir), size_guidance={IMAGES: 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()[IMAGES]:
+            if tag.startswith(OVERLAY_TAG_PREFIX):
+                latest = accumulator.Images(tag)[-1]
+                overlays.append((f"{tag} at step {latest.step}", latest.encoded_image_string))
+    return overlays
+
+
+def _file_overlays(run_dir: Path, output_dir: Path) -> list[tuple[str, bytes]]:
+    """Overlay PNG files (a FileSink's ``step_*/gmar_overlay_*.png``) under ``run_dir``, latest first."""
+    paths = [
+        path
+        for path in run_dir.rglob("*overlay*.png")
+        if not path.resolve().is_relative_to(output_dir.resolve()) and path.read_bytes()[:8] == _PNG_SIGNATURE
+    ]
+    # Step folders are zero-padded, so the path order is the step order.
+    latest = sorted(paths, key=lambda path: str(path.relative_to(run_dir)), reverse=True)[:_MAX_FILE_OVERLAYS]
+    return [(str(path.relative_to(run_dir)), path.read_bytes()) for path in latest]
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _figure_html(caption: str, png: bytes) -> str:
+    escaped = html.escape(caption)
+    return f'<figure><img src="{_data_uri(png)}" alt="{escaped}"><figcaption>{escaped}</figcaption></figure>'
+
+
+def _number(value: float) -> str:
+    return "&ndash;" if math.isnan(value) else f"{value:.3f}"
+
+
+def _layer_table(trajectory: HeadTrajectory) -> str:
+    """One row per layer at the last epoch: top head, its weight, entropy, top-head share and rank stability."""
+    summaries = trajectory.summaries()
+    weights = trajectory.weights[-1]
+    names = trajectory.layer_names or [f"layer {index}" for index in range(weights.shape[0])]
+    rows = []
+    for layer, name in enumerate(names):
+        top_head = int(weights[layer].argmax())
+        cells = [
+            f"<td>{html.escape(name)}</td>",
+            f'<td class="number">{top_head}</td>',
+            f'<td class="number">{_number(float(weights[layer, top_head]))}</td>',
+            f'<td class="number">{_number(float(summaries["entropy"][-1, layer]))}</td>',
+            f'<td class="number">{_number(float(summaries["stability"][-1, layer]))}</td>',
+        ]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    header = (
+        "<tr><th>layer</th><th>top head</th><th>its weight</th><th>normalised entropy</th><th>rank stability</th></tr>"
+    )
+    return f"<table>{header}{''.join(rows)}</table>"
+
+
+def _page(title: str, trajectory: HeadTrajectory, source: Path, plots: list[tuple[str, bytes]], overlays: str) -> str:
+    epochs = trajectory.epochs
+    facts = (
+        f"{len(epochs)} evaluated epoch{'s' if len(epochs) != 1 else ''} ({epochs[0]} to {epochs[-1]}), "
+        f"{trajectory.num_layers} attention layers x {trajectory.num_heads} heads, from "
+        f"<code>{html.escape(str(source))}</code>."
+    )
+    figures = "\n".join(_figure_html(caption, png) for caption, png in plots)
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
+{_STYLE}
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p>{facts}</p>
+<h2>Layers at the last epoch ({epochs[-1]})</h2>
+{_layer_table(trajectory)}
+<h2>Head importance</h2>
+{figures}
+{overlays}
+{_LOADED_SCRIPT}
+</body>
+</html>
+"""
+
+
+def build_report(
+    run: str | os.PathLike[str], output_dir: str | os.PathLike[str] | None = None, title: str | None = None
+) -> Report:
+    """Write PNG plots and a self-contained ``report.html`` for a run.
+
+    Args:
+        run: A run directory holding ``head_importance.npz`` (also in a subdirectory), or the file itself.
+        output_dir: Where the files go; defaults to ``report/`` next to the ``head_importance.npz``.
+        title: Page title; defaults to "GMAR report: <run directory name>".
+
+    Returns:
+        The written :class:`Report`.
+
+    Raises:
+        FileNotFoundError: If no trajectory file is found.
+        ValueError: If the file is unreadable or records no epoch.
+    """
+    trajectory_path = find_trajectory(run)
+    trajectory = _load_trajectory(trajectory_path)
+    run_dir = trajectory_path.parent
+    output = Path(output_dir) if output_dir is not None else run_dir / _REPORT_DIR
+    last_epoch = trajectory.epochs[-1]
+    figures = {
+        "head_importance.png": (
+            f"Head weights at epoch {last_epoch} (probe mean)",
+            head_heatmap_figure(
+                trajectory.weights[-1],
+                trajectory.layer_names or None,
+                title=f"GMAR head importance, epoch {last_epoch}",
+            ),
+        ),
+        "trajectory.png": ("Head weights over training", trajectory_figure(trajectory)),
+        "specialisation.png": ("Specialisation per layer over training", specialisation_figure(trajectory)),
+    }
+    plots, plot_pngs = [], []
+    for name, (caption, figure) in figures.items():
+        png = figure_to_png_bytes(figure)
+        atomic_write_bytes(output / name, png)
+        plots.append(output / name)
+        plot_pngs.append((caption, png))
+    overlays = _tensorboard_overlays(run_dir) + _file_overlays(run_dir, output)
+    overlay_html = ""
+    if overlays:
+        overlay_html = "<h2>Saliency overlays (latest evaluation)</h2>\n" + "\n".join(
+            _figure_html(caption, png) for caption, png in overlays
+        )
+    page = _page(title or f"GMAR report: {run_dir.name}", trajectory, trajectory_path, plot_pngs, overlay_html)
+    html_path = output / "report.html"
+    atomic_write_text(html_path, page)
+    return Report(html_path=html_path, plots=plots, overlays=overlays, trajectory_path=trajectory_path)

@@ -1,0 +1,278 @@
+"""The `gmar-lightning` command line: explain images, build a report, and fail with one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gmar_lightning import explain
+from gmar_lightning.cli import load_image, main, model_preprocessing
+from gmar_lightning.data import ShapesDataModule
+from gmar_lightning.models import ViTClassifier, create_vit, load_weights
+from gmar_lightning.sinks import EvaluationRecord, FileSink
+from gmar_lightning.trajectory import HeadTrajectory
+
+MODEL = "vit_tiny_patch16_224"
+MODEL_KWARGS = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4}
+TINY_OPTIONS = ["--model", MODEL, "--model-kwargs", json.dumps(MODEL_KWARGS), "--img-size", "32", "--num-classes", "3"]
+
+
+def tiny_vit(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create_vit(MODEL, 3, img_size=32, model_kwargs=MODEL_KWARGS).eval()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "tiny_vit.pth"
+    torch.save(tiny_vit(seed=7).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two PNGs of other sizes than the model's input, one of them grayscale, and a JPEG in a subfolder."""
+    folder = tmp_path_factory.mktemp("images")
+    generator = np.random.default_rng(0)
+    (folder / "nested").mkdir()
+    paths = [folder / "colour.png", folder / "gray.png", folder / "nested" / "photo.jpg"]
+    Image.fromarray(generator.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(paths[0])
+    Image.fromarray(generator.integers(0, 256, (20, 20), dtype=np.uint8), mode="L").save(paths[1])
+    Image.fromarray(generator.integers(0, 256, (64, 48, 3), dtype=np.uint8)).save(paths[2])
+    return paths
+
+
+def test_explain_writes_overlays_and_maps_of_the_loaded_weights(
+    weights: Path, images: list[Path], tmp_path: Path
+) -> None:
+    output = tmp_path / "out"
+    argv = ["explain", str(images[0]), str(images[1]), *TINY_OPTIONS, "--checkpoint", str(weights)]
+    assert main([*argv, "--method", "gmar_l1,rollout", "--method", "attention", "--output", str(output)]) == 0
+
+    for stem in ("colour", "gray"):
+        for method in ("gmar_l1", "rollout", "attention"):
+            with Image.open(output / f"{stem}_{method}.png") as overlay_image:
+                assert overlay_image.size == (32, 32) and overlay_image.mode == "RGB"
+    with np.load(output / "maps.npz") as arrays:
+        assert sorted(arrays.files) == [
+            "files",
+            "head_weights_gmar_l1",
+            "maps_attention",
+            "maps_gmar_l1",
+            "maps_rollout",
+            "predictions",
+        ]
+        assert arrays["files"].tolist() == [str(images[0]), str(images[1])]
+        maps = arrays["maps_gmar_l1"]
+        assert maps.shape == (2, 32, 32) and maps.min() >= 0.0 and maps.max() <= 1.0
+        assert arrays["head_weights_gmar_l1"].shape == (2, 2, 4)
+        assert not np.allclose(maps, arrays["maps_rollout"])
+        # The CLI must explain with the checkpoint's weights: the same maps as explaining the saved model directly.
+        model = tiny_vit(seed=7)
+        inputs = torch.stack([load_image(path, model_preprocessing(model)) for path in images[:2]])
+        expected = explain(model, inputs, method="gmar_l1")
+        np.testing.assert_allclose(maps, expected.maps.numpy(), atol=1e-5)
+        np.testing.assert_array_equal(arrays["predictions"], expected.predictions.numpy())
+
+
+def test_explain_takes_folders_and_batches_them(weights: Path, images: list[Path], tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    folder = images[0].parent
+    assert (
+        main(
+            [
+                "explain",
+                str(folder),
+                *TINY_OPTIONS,
+                "--checkpoint",
+                str(weights),
+                "--batch-size",
+                "2",
+                "--output",
+                str(output),
+            ]
+        )
+        == 0
+    )
+    assert sorted(path.name for path in output.glob("*.png")) == [
+        "colour_gmar_l1.png",
+        "gray_gmar_l1.png",
+        "photo_gmar_l1.png",
+    ]
+    with np.load(output / "maps.npz") as arrays:
+        assert arrays["maps_gmar_l1"].shape == (3, 32, 32)
+
+
+def test_explain_reads_model_settings_from_a_lightning_checkpoint(images: list[Path], tmp_path: Path) -> None:
+    module = ViTClassifier(MODEL, num_classes=4, img_size=32, model_kwargs=MODEL_KWARGS)
+    trainer = L.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.fit(module, datamodule=ShapesDataModule(num_train=8, num_val=4, image_size=32, batch_size=8))
+    checkpoint = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    output = tmp_path / "out"
+    assert main(["explain", str(images[0]), "--checkpoint", str(checkpoint), "--output", str(output)]) == 0
+    with np.load(output / "maps.npz") as arrays:
+        assert arrays["head_weights_gmar_l1"].shape == (1, 2, 4)
+        expected = module.model(load_image(images[0], model_preprocessing(module.model))[None]).argmax(-1)
+        assert arrays["predictions"].tolist() == expected.tolist()
+
+
+def test_load_weights_keeps_a_fresh_head_only_when_not_strict(weights: Path) -> None:
+    saved = torch.load(weights, weights_only=True)
+    model = create_vit(MODEL, 5, img_size=32, model_kwargs=MODEL_KWARGS)
+    assert load_weights(model, weights, strict=False) == ["head.bias", "head.weight"]
+    assert torch.equal(model.state_dict()["blocks.1.attn.qkv.weight"], saved["blocks.1.attn.qkv.weight"])
+    assert model.head.weight.shape == (5, 32)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        load_weights(create_vit(MODEL, 5, img_size=32, model_kwargs=MODEL_KWARGS), weights, strict=True)
+
+
+def _run_dir_with_trajectory(root: Path, epochs: int = 3) -> Path:
+    run_dir = root / "run"
+    trajectory = HeadTrajectory(layer_names=["blocks.0.attn", "blocks.1.attn"])
+    generator = torch.Generator().manual_seed(0)
+    for epoch in range(epochs):
+        weights = torch.rand(2, 4, generator=generator).softmax(dim=-1)
+        trajectory.append(epoch, 10 * (epoch + 1), weights, weights * 3)
+    trajectory.save_npz(run_dir / "head_importance.npz")
+    return run_dir
+
+
+def test_report_writes_plots_and_a_self_contained_page(tmp_path: Path) -> None:
+    run_dir = _run_dir_with_trajectory(tmp_path)
+    # What a FileSink writes for a CSV-logged run: an overlay PNG per evaluation.
+    FileSink(run_dir / "gmar").log_evaluation(
+        EvaluationRecord(30, 2, images={"gmar/overlay/gmar_l1": torch.rand(3, 16, 16)})
+    )
+    assert main(["report", str(run_dir)]) == 0
+
+    report_dir = run_dir / "report"
+    for name in ("head_importance.png", "trajectory.png", "specialisation.png"):
+        with Image.open(report_dir / name) as plot:
+            assert plot.format == "PNG" and min(plot.size) > 100
+    page = (report_dir / "report.html").read_text(encoding="utf-8")
+    assert page.count('src="data:image/png;base64,') == 4
+    assert "gmar/step_000030/gmar_overlay_gmar_l1.png" in page
+    assert "blocks.1.attn" in page and "epoch 2" in page.lower()
+    # Self-contained: no image or script is fetched from anywhere.
+    assert 'src="http' not in page and 'href="http' not in page and 'src="file' not in page
+
+
+def test_report_accepts_the_npz_file_and_an_output_folder(tmp_path: Path) -> None:
+    run_dir = _run_dir_with_trajectory(tmp_path, epochs=1)
+    output = tmp_path / "elsewhere"
+    assert main(["report", str(run_dir / "head_importance.npz"), "--output", str(output), "--title", "My run"]) == 0
+    assert "<title>My run</title>" in (output / "report.html").read_text(encoding="utf-8")
+    assert not (run_dir / "report").exists()
+
+
+def _error_cases(tmp_path: Path, weights: Path, images: list[Path]) -> dict[str, tuple[list[str], str]]:
+    unreadable = tmp_path / "broken.png"
+    unreadable.write_text("not an image")
+    corrupt_run = tmp_path / "corrupt"
+    corrupt_run.mkdir()
+    (corrupt_run / "head_importance.npz").write_bytes(b"garbage")
+    empty_run = tmp_path / "empty"
+    empty_run.mkdir()
+    wrong_classes = [*TINY_OPTIONS[:-1], "7"]
+    image = str(images[0])
+    explain_base = ["explain", image, *TINY_OPTIONS, "--checkpoint", str(weights)]
+    return {
+        "missing image": (["explain", str(tmp_path / "nope.png"), *TINY_OPTIONS], "does not exist"),
+        "unknown model": (["explain", image, "--model", "vit_does_not_exist"], "unknown timm model"),
+        "unreadable image": (["explain", str(unreadable), *TINY_OPTIONS], "cannot read image"),
+        "missing checkpoint": (
+            ["explain", image, *TINY_OPTIONS, "--checkpoint", str(tmp_path / "x.pth")],
+            "does not exist",
+        ),
+        "checkpoint of another model": (
+            ["explain", image, *wrong_classes, "--checkpoint", str(weights)],
+            "does not fit",
+        ),
+        "unknown method": ([*explain_base, "--method", "gmar_l3"], "--method"),
+        "no model": (["explain", image], "--model is required"),
+        "bad model kwargs": (["explain", image, *TINY_OPTIONS, "--model-kwargs", '{"depth": "two"}'], "model_kwargs"),
+        "empty run": (["report", str(empty_run)], "holds no head_importance.npz"),
+        "corrupt trajectory": (["report", str(corrupt_run)], "not a readable"),
+        "missing run": (["report", str(tmp_path / "no_run")], "does not exist"),
+    }
+
+
+ERROR_CASES = [
+    "missing image",
+    "unknown model",
+    "unreadable image",
+    "missing checkpoint",
+    "checkpoint of another model",
+    "unknown method",
+    "no model",
+    "bad model kwargs",
+    "empty run",
+    "corrupt trajectory",
+    "missing run",
+]
+
+
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_user_errors_exit_non_zero_with_one_line(
+    case: str, weights: Path, images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv, expected = _error_cases(tmp_path, weights, images)[case]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"gmar-lightning {argv[0]}: error: ") and expected in lines[0]
+    assert "Traceback" not in captured.err
+    assert not (tmp_path / "out" / "maps.npz").exists()
+
+
+def test_usage_errors_are_one_line_too(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["explain"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "required: inputs" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [(["--device", "nonsense"], "must be a torch device"), (["--batch-size", "0"], "must be a positive integer")],
+)
+def test_bad_option_values_are_one_line(
+    option: list[str], expected: str, images: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["explain", str(images[0]), *TINY_OPTIONS, *option])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0]
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path: Path) -> None:
+    executable = shutil.which("gmar-lightning", path=os.path.dirname(sys.executable))
+    command = [executable] if executable else [sys.executable, "-m", "gmar_lightning.cli"]
+    completed = subprocess.run(
+        [*command, "explain", str(tmp_path / "missing.png"), "--model", "vit_tiny_patch16_224"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines() == [
+        f"gmar-lightning explain: error: image {str(tmp_path / 'missing.png')!r} does not exist; pass image files or "
+        "folders of images."
+    ]

@@ -1,0 +1,168 @@
+"""The examples end to end on tiny settings: the main job, head pruning on its output, and the LightningCLI config."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gmar_lightning.cli import main as cli_main
+from gmar_lightning.trajectory import HeadTrajectory
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY_JOB = [
+    "--max-train-images", "48", "--max-val-images", "32", "--epochs", "2", "--batch-size", "16",
+    "--img-size", "32", "--model-kwargs", '{"embed_dim": 32, "depth": 2}', "--num-probe", "8", "--no-progress-bar",
+]  # fmt: skip
+
+
+def load_example(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One tiny run of examples/finetune_vit.py, shared by the tests that read its output."""
+    log_dir = tmp_path_factory.mktemp("job")
+    return load_example("finetune_vit").main([*TINY_JOB, "--methods", "gmar_l1,rollout", "--log-dir", str(log_dir)])
+
+
+def test_main_job_logs_to_tensorboard_and_writes_head_importance(job: dict[str, Any]) -> None:
+    run_dir = Path(job["log_dir"])
+    assert 0.0 <= job["val_acc"] <= 1.0 and job["wall_time_s"] > 0
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert job["tensorboard_command"] == f"tensorboard --logdir {run_dir}"
+    assert Path(job["checkpoint_path"]).is_file()
+    assert job["trajectory_path"] == str(run_dir / "head_importance.npz")
+    trajectory = HeadTrajectory.load_npz(job["trajectory_path"])
+    assert trajectory.epochs == [0, 1] and tuple(trajectory.weights.shape) == (2, 2, 4)
+    assert torch.allclose(trajectory.weights.sum(dim=-1), torch.ones(2, 2))
+    header = (run_dir / "head_importance.csv").read_text(encoding="utf-8").splitlines()[0]
+    assert header == "epoch,step,layer,layer_name,head,weight,score"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = events.Tags()
+    assert {"gmar/overlay/gmar_l1", "gmar/overlay/rollout"} <= set(tags["images"])
+    assert "gmar/head_weights/layer_00" in tags["histograms"]
+    assert {"val_acc", "gmar/entropy/layer_01"} <= set(tags["scalars"])
+
+
+def test_main_job_prints_where_the_logs_are(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = load_example("finetune_vit").main([*TINY_JOB, "--epochs", "1", "--log-dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert f"tensorboard --logdir {result['log_dir']}" in printed
+    assert str(tmp_path) in result["log_dir"]
+
+
+def test_head_pruning_ranks_and_ablates_the_run(job: dict[str, Any], tmp_path: Path) -> None:
+    output = tmp_path / "pruning"
+    result = load_example("head_pruning").main([job["log_dir"], "--output", str(output), "--batch-size", "16"])
+
+    with Image.open(output / "ablation.png") as plot:
+        assert plot.format == "PNG"
+    ranking = json.loads((output / "ranking.json").read_text(encoding="utf-8"))
+    assert ranking == result["ranking"]
+    assert set(ranking["orders"]) == {
+        "gmar_least_important_first",
+        "gmar_most_important_first",
+        "michel_least_important_first",
+        "random_seed0",
+    }
+    every_head = sorted([layer, head] for layer in range(2) for head in range(4))
+    for order in ranking["orders"].values():
+        assert sorted(order) == every_head
+    assert ranking["orders"]["gmar_most_important_first"] == ranking["orders"]["gmar_least_important_first"][::-1]
+    trajectory = HeadTrajectory.load_npz(job["trajectory_path"])
+    least = ranking["orders"]["gmar_least_important_first"][0]
+    assert trajectory.weights[-1, least[0], least[1]] == trajectory.weights[-1].min()
+    # Same model and data for every order: masking nothing, and masking everything, must agree across orders.
+    curves = ranking["curves"].values()
+    assert len({curve["accuracy"][0] for curve in curves}) == 1
+    assert len({curve["accuracy"][-1] for curve in curves}) == 1
+    assert all(curve["num_masked"] == [0, 1, 2, 3, 4, 5, 6, 7, 8] for curve in curves)
+
+
+def test_demo_command_with_csv_logger_feeds_the_report(tmp_path: Path) -> None:
+    assert cli_main(["demo", *TINY_JOB, "--epochs", "1", "--logger", "csv", "--log-dir", str(tmp_path)]) == 0
+    run_dir = tmp_path / "gmar_demo" / "version_0"
+    assert (run_dir / "metrics.csv").is_file() and (run_dir / "head_importance.npz").is_file()
+    overlays = sorted((run_dir / "gmar").glob("step_*/gmar_overlay_gmar_l1.png"))
+    assert overlays
+
+    assert cli_main(["report", str(tmp_path)]) == 0
+    page = (run_dir / "report" / "report.html").read_text(encoding="utf-8")
+    assert str(overlays[-1].relative_to(run_dir)) in page
+
+
+def test_main_job_trains_on_an_image_folder(tmp_path: Path) -> None:
+    generator = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 3)):
+        for label, name in enumerate(("bright", "dark")):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = generator.integers(0, 128, (40, 48, 3), dtype=np.uint8) + 127 * (1 - label)
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{index}.png")
+    options = [
+        "--data-dir", str(tmp_path / "data"), "--model", "vit_tiny_patch16_224", "--img-size", "32",
+        "--model-kwargs", '{"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4}', "--epochs", "1",
+        "--batch-size", "4", "--num-probe", "4", "--no-progress-bar", "--log-dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    result = load_example("finetune_vit").main(options)
+    trajectory = HeadTrajectory.load_npz(result["trajectory_path"])
+    assert tuple(trajectory.weights.shape) == (1, 2, 4)
+    checkpoint = torch.load(result["checkpoint_path"], map_location="cpu", weights_only=True)
+    assert checkpoint["hyper_parameters"]["num_classes"] == 2
+    assert checkpoint["state_dict"]["model.head.weight"].shape == (2, 32)
+
+
+def test_demo_with_wandb_logger_runs_offline_and_writes_head_importance(tmp_path: Path) -> None:
+    pytest.importorskip("wandb")
+    result = load_example("finetune_vit").main(
+        [*TINY_JOB, "--epochs", "1", "--logger", "wandb", "--log-dir", str(tmp_path)]
+    )
+    assert result["trajectory_path"] == str(tmp_path / "head_importance.npz")
+    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and result["view_command"] == f"wandb sync {offline_runs[0]}"
+    assert result["tensorboard_command"] is None
+
+
+def test_lightning_cli_config_trains_with_the_callback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # LightningCLI writes config.yaml into the log dir; run from tmp so nothing lands in the checkout.
+    monkeypatch.chdir(tmp_path)
+    load_example("lightning_cli").main(
+        [
+            "fit",
+            "--config",
+            str(EXAMPLES / "cli_config.yaml"),
+            "--trainer.max_epochs=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.log_every_n_steps=1",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+            "--model.img_size=32",
+            "--data.image_size=32",
+            "--data.num_train=32",
+            "--data.num_val=16",
+            "--data.batch_size=16",
+        ]
+    )
+    run_dir = tmp_path / "runs" / "gmar_cli" / "version_0"
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    trajectory = HeadTrajectory.load_npz(run_dir / "head_importance.npz")
+    assert trajectory.epochs == [0] and tuple(trajectory.weights.shape) == (1, 4, 4)
+    assert (run_dir / "head_importance.csv").is_file()
