@@ -35,7 +35,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from gmar_lightning._io import atomic_write_bytes
-from gmar_lightning.demo import add_demo_arguments, add_model_arguments, config_from_args, parse_methods, run_demo
+from gmar_lightning.demo import (
+    add_demo_arguments,
+    add_model_arguments,
+    config_from_args,
+    parse_methods,
+    positive_int,
+    run_demo,
+)
 from gmar_lightning.engine import explain
 from gmar_lightning.models import checkpoint_model_settings, create_vit
 from gmar_lightning.render import denormalize, overlay
@@ -264,16 +271,6 @@ def _run_demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def _device(text: str) -> torch.device:
     try:
         device = torch.device(text)
@@ -294,14 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain_parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     add_model_arguments(explain_parser)
-    explain_parser.add_argument("--num-classes", type=_positive_int, default=None, help="classifier classes")
+    explain_parser.add_argument("--num-classes", type=positive_int, default=None, help="classifier classes")
     explain_parser.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")
     explain_parser.add_argument(
         "--method", action="append", default=None, help="method(s), repeatable or comma-separated (default gmar_l1)"
     )
     explain_parser.add_argument("--target", type=int, default=None, help="class to explain (default: predicted)")
     explain_parser.add_argument("--output", default="gmar_explanations", help="output folder")
-    explain_parser.add_argument("--batch-size", type=_positive_int, default=16, help="images per pass")
+    explain_parser.add_argument("--batch-size", type=positive_int, default=16, help="images per pass")
     explain_parser.add_argument(
         "--device",
         type=_device,

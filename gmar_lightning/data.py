@@ -13,12 +13,15 @@ torchvision's ``ImageFolder``, works with the rest of the package.
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+T = TypeVar("T")
 
 __all__ = ["SHAPES", "ShapesDataModule", "ShapesDataset", "denormalize"]
 
@@ -264,10 +267,15 @@ class ShapesDataModule(L.LightningDataModule):
         return self._loader(self.val_dataset, shuffle=False)
 
     def _loader(self, dataset: ShapesDataset, shuffle: bool) -> DataLoader[tuple[Tensor, int, Tensor]]:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(dataset, self.batch_size, shuffle, self.num_workers)
+
+
+def make_loader(dataset: Dataset[T], batch_size: int, shuffle: bool, num_workers: int) -> DataLoader[T]:
+    """A DataLoader as both data modules build them: workers kept alive between epochs when there are any."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )

@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from gmar_lightning.callback import GMARCallback
-from gmar_lightning.data import ShapesDataModule
+from gmar_lightning.data import ShapesDataModule, make_loader
 from gmar_lightning.explanation import METHODS
 from gmar_lightning.models import ViTClassifier
 from gmar_lightning.sinks import TRAJECTORY_NPZ
@@ -138,7 +138,8 @@ def _json_dict(text: str) -> dict[str, Any]:
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer, with a one-line error otherwise."""
     try:
         value = int(text)
     except ValueError:
@@ -168,7 +169,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="JSON",
         help='timm constructor overrides as JSON, e.g. \'{"depth": 2, "patch_size": 8}\'',
     )
-    parser.add_argument("--img-size", type=_positive_int, default=None, help="input side in pixels")
+    parser.add_argument("--img-size", type=positive_int, default=None, help="input side in pixels")
     parser.add_argument("--checkpoint", default=None, help="local weights file (.pth, .safetensors, .ckpt)")
 
 
@@ -177,15 +178,15 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DemoConfig()
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default=None, help="ImageFolder root with train/ and val/ (default: shapes)")
-    data.add_argument("--max-train-images", type=_positive_int, default=None, help="training images (shapes: 3000)")
-    data.add_argument("--max-val-images", type=_positive_int, default=None, help="validation images (shapes: 500)")
+    data.add_argument("--max-train-images", type=positive_int, default=None, help="training images (shapes: 3000)")
+    data.add_argument("--max-val-images", type=positive_int, default=None, help="validation images (shapes: 500)")
     data.add_argument("--num-workers", type=int, default=defaults.num_workers, help="DataLoader workers")
     model = parser.add_argument_group("model")
     add_model_arguments(model)
     model.add_argument("--pretrained", action="store_true", help="start from timm hub weights (needs internet)")
     training = parser.add_argument_group("training")
-    training.add_argument("--epochs", "--max-epochs", type=_positive_int, default=defaults.epochs)
-    training.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size)
+    training.add_argument("--epochs", "--max-epochs", type=positive_int, default=defaults.epochs)
+    training.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     training.add_argument("--lr", type=_positive_float, default=defaults.lr, help="peak AdamW learning rate")
     training.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     training.add_argument("--seed", type=int, default=defaults.seed)
@@ -204,8 +205,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"explanation methods, repeatable or comma-separated: {', '.join(METHODS)} (default gmar_l1)",
     )
-    logging.add_argument("--num-probe", type=_positive_int, default=defaults.num_probe, help="images explained")
-    logging.add_argument("--every-n-epochs", type=_positive_int, default=defaults.every_n_epochs)
+    logging.add_argument("--num-probe", type=positive_int, default=defaults.num_probe, help="images explained")
+    logging.add_argument("--every-n-epochs", type=positive_int, default=defaults.every_n_epochs)
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
@@ -285,13 +286,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self._loader(self.val_dataset, shuffle=False)
 
     def _loader(self, dataset: Dataset[tuple[Tensor, int]], shuffle: bool) -> DataLoader[tuple[Tensor, int]]:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(dataset, self.batch_size, shuffle, self.num_workers)
 
 
 class RandomHorizontalFlip(Dataset[tuple[Tensor, int, Tensor]]):

@@ -224,16 +224,56 @@ def insertion_curve(
     return _perturbation_curve(model, blurred, images, maps, targets, steps, batch_size)
 
 
-class DeletionAUC(Metric):
+class _PerturbationAUC(Metric):
+    """Shared state and update of the deletion and insertion AUCs; a subclass supplies the curve (``_curve``).
+
+    The model is kept as a plain attribute, not a submodule, so it stays out of the metric's ``state_dict``,
+    device moves and process sync, which cover only the AUC sum and the image count.
+    """
+
+    is_differentiable = False
+    full_state_update = False
+    plot_lower_bound = 0.0
+    plot_upper_bound = 1.0
+
+    model: nn.Module
+    auc_sum: Tensor
+    total: Tensor
+
+    def __init__(self, model: nn.Module, steps: int, batch_size: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        _check_positive_int("steps", steps)
+        _check_positive_int("batch_size", batch_size)
+        # Bypass nn.Module.__setattr__ so the model is not registered as a submodule.
+        object.__setattr__(self, "model", model)
+        self.steps = steps
+        self.batch_size = batch_size
+        self.add_state("auc_sum", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
+
+    def _curve(self, images: Tensor, maps: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def update(self, images: Tensor, maps: Tensor, targets: Tensor) -> None:
+        """Add the AUCs of a batch: ``images [B, C, H, W]``, ``maps [B, H', W']``, ``targets [B]``."""
+        fractions, scores = self._curve(images, maps, targets)
+        self.auc_sum += torch.trapezoid(scores, fractions, dim=1).sum()
+        self.total += scores.shape[0]
+
+    def compute(self) -> Tensor:
+        """The mean AUC over all images seen."""
+        return self.auc_sum / self.total
+
+
+class DeletionAUC(_PerturbationAUC):
     """Area under the deletion curve: how fast the target probability falls as salient pixels are removed.
 
     With ``p_k`` the target's softmax probability after replacing the top ``min(k * ceil(HW / steps), HW)``
     pixels by ``baseline`` and ``x_k`` that count over ``HW``, the score of one image is the trapezoid rule
     ``AUC = sum_k (x_{k+1} - x_k) (p_k + p_{k+1}) / 2`` over ``k = 0..steps``; the metric is the mean over images.
     Lower is better: a faithful map deletes the evidence first. See :func:`deletion_curve` for the arguments.
-
-    The model is kept as a plain attribute, not a submodule, so it stays out of the metric's ``state_dict``,
-    device moves and process sync.
 
     Args:
         model: Classifier mapping ``[N, C, H, W]`` to logits.
@@ -256,39 +296,21 @@ class DeletionAUC(Metric):
         (tensor(0.3096), tensor(0.6904))
     """
 
-    is_differentiable = False
     higher_is_better = False
-    full_state_update = False
-    plot_lower_bound = 0.0
-    plot_upper_bound = 1.0
-
-    model: nn.Module
-    auc_sum: Tensor
-    total: Tensor
 
     def __init__(
         self, model: nn.Module, steps: int = 50, baseline: float | Tensor = 0.0, batch_size: int = 128, **kwargs: Any
     ) -> None:
-        super().__init__(**kwargs)
-        _init_perturbation_metric(self, model, steps, batch_size)
+        super().__init__(model, steps, batch_size, **kwargs)
         if not isinstance(baseline, (int, float, Tensor)) or isinstance(baseline, bool):
             raise TypeError(f"`baseline` must be a number or a tensor, got {type(baseline).__name__}.")
         self.baseline = baseline
 
-    def update(self, images: Tensor, maps: Tensor, targets: Tensor) -> None:
-        """Add the deletion AUCs of a batch: ``images [B, C, H, W]``, ``maps [B, H', W']``, ``targets [B]``."""
-        fractions, scores = deletion_curve(
-            self.model, images, maps, targets, self.steps, self.baseline, self.batch_size
-        )
-        self.auc_sum += torch.trapezoid(scores, fractions, dim=1).sum()
-        self.total += scores.shape[0]
-
-    def compute(self) -> Tensor:
-        """The mean deletion AUC over all images seen."""
-        return self.auc_sum / self.total
+    def _curve(self, images: Tensor, maps: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        return deletion_curve(self.model, images, maps, targets, self.steps, self.baseline, self.batch_size)
 
 
-class InsertionAUC(Metric):
+class InsertionAUC(_PerturbationAUC):
     """Area under the insertion curve: how fast the target probability rises as salient pixels are revealed.
 
     Like :class:`DeletionAUC`, but ``p_k`` is measured on the Gaussian-blurred image with its top
@@ -318,15 +340,7 @@ class InsertionAUC(Metric):
         (tensor(0.8143), tensor(0.6867))
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
-    plot_lower_bound = 0.0
-    plot_upper_bound = 1.0
-
-    model: nn.Module
-    auc_sum: Tensor
-    total: Tensor
 
     def __init__(
         self,
@@ -337,37 +351,15 @@ class InsertionAUC(Metric):
         batch_size: int = 128,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
-        _init_perturbation_metric(self, model, steps, batch_size)
+        super().__init__(model, steps, batch_size, **kwargs)
         _check_blur(blur_kernel_size, blur_sigma)
         self.blur_kernel_size = blur_kernel_size
         self.blur_sigma = blur_sigma
 
-    def update(self, images: Tensor, maps: Tensor, targets: Tensor) -> None:
-        """Add the insertion AUCs of a batch: ``images [B, C, H, W]``, ``maps [B, H', W']``, ``targets [B]``."""
-        fractions, scores = insertion_curve(
+    def _curve(self, images: Tensor, maps: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        return insertion_curve(
             self.model, images, maps, targets, self.steps, self.blur_kernel_size, self.blur_sigma, self.batch_size
         )
-        self.auc_sum += torch.trapezoid(scores, fractions, dim=1).sum()
-        self.total += scores.shape[0]
-
-    def compute(self) -> Tensor:
-        """The mean insertion AUC over all images seen."""
-        return self.auc_sum / self.total
-
-
-def _init_perturbation_metric(metric: Metric, model: nn.Module, steps: int, batch_size: int) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    _check_positive_int("steps", steps)
-    _check_positive_int("batch_size", batch_size)
-    # Bypass nn.Module.__setattr__ so the model is not registered as a submodule: it must stay out of the
-    # metric's state_dict, `.to()` moves and distributed sync, which should cover only the AUC sums.
-    object.__setattr__(metric, "model", model)
-    metric.steps = steps
-    metric.batch_size = batch_size
-    metric.add_state("auc_sum", torch.tensor(0.0), dist_reduce_fx="sum")
-    metric.add_state("total", torch.tensor(0), dist_reduce_fx="sum")
 
 
 def _perturbation_curve(
