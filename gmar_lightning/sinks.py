@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import Tensor
 
+from gmar_lightning._checks import check_non_negative_int
 from gmar_lightning._io import atomic_write_bytes, atomic_write_text
 from gmar_lightning.render import figure_to_array, figure_to_png_bytes
 from gmar_lightning.trajectory import HeadTrajectory
@@ -52,12 +53,6 @@ TRAJECTORY_NPZ = "head_importance.npz"
 
 _WANDB_STEP_KEY = "trainer/global_step"
 _UNSAFE_FILE_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def _check_count(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
-    return value
 
 
 @dataclass(eq=False)
@@ -89,8 +84,8 @@ class EvaluationRecord:
     captions: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_count("step", self.step)
-        _check_count("epoch", self.epoch)
+        check_non_negative_int("step", self.step)
+        check_non_negative_int("epoch", self.epoch)
         for tag, image in self.images.items():
             if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] not in (1, 3):
                 shape = list(image.shape) if isinstance(image, Tensor) else type(image).__name__

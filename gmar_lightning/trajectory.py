@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gmar_lightning._checks import check_non_negative_int
 from gmar_lightning._io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["CSV_COLUMNS", "HeadTrajectory", "rank_stability", "specialisation"]
@@ -127,12 +128,6 @@ def rank_stability(previous: Tensor, current: Tensor) -> Tensor:
     return rho.clamp(-1.0, 1.0).float()
 
 
-def _check_step(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
-    return value
-
-
 @dataclass(eq=False)
 class HeadTrajectory:
     """Per-epoch GMAR head weights and scores of every attention layer.
@@ -165,8 +160,8 @@ class HeadTrajectory:
     layer_names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.epochs = [_check_step("epochs", int(epoch)) for epoch in self.epochs]
-        self.steps = [_check_step("steps", int(step)) for step in self.steps]
+        self.epochs = [check_non_negative_int("epochs", int(epoch)) for epoch in self.epochs]
+        self.steps = [check_non_negative_int("steps", int(step)) for step in self.steps]
         self.layer_names = [str(name) for name in self.layer_names]
         for name in ("weights", "scores"):
             values = getattr(self, name)
@@ -218,8 +213,8 @@ class HeadTrajectory:
             weights: ``[L, H]`` head weights, or ``[B, L, H]`` per-image weights, which are averaged over the batch.
             scores: ``[L, H]`` or ``[B, L, H]`` raw head scores, averaged likewise.
         """
-        epoch = _check_step("epoch", epoch)
-        step = _check_step("step", step)
+        epoch = check_non_negative_int("epoch", epoch)
+        step = check_non_negative_int("step", step)
         weights = _check_head_matrix("weights", _batch_mean("weights", weights)).float()
         scores = _check_head_matrix("scores", _batch_mean("scores", scores)).float()
         if weights.shape != scores.shape:
