@@ -22,6 +22,7 @@ __all__ = [
     "AttentionAdapter",
     "AttentionLayer",
     "AttentionNotFoundError",
+    "eval_mode",
     "eval_mode_without_fast_paths",
     "find_attention_layers",
     "find_vision_transformer",
@@ -152,13 +153,23 @@ def find_vision_transformer(module: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def eval_mode_without_fast_paths(model: nn.Module, layers: list[AttentionLayer]) -> Iterator[None]:
-    """Put the model in eval mode with unfused attention, no gradient checkpointing and frozen parameters; restore all.
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put the model in eval mode, then restore every module's own ``training`` flag (not just the root's).
 
-    Every module's own ``training`` flag is restored (not just the root's), so partially frozen models come back
-    exactly as they were.
+    Partially frozen models (some submodules kept in eval mode) come back exactly as they were, also after an error.
     """
     training_flags = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, training in training_flags:
+            module.training = training
+
+
+@contextlib.contextmanager
+def eval_mode_without_fast_paths(model: nn.Module, layers: list[AttentionLayer]) -> Iterator[None]:
+    """:func:`eval_mode` with unfused attention, no gradient checkpointing and frozen parameters; all restored."""
     changed_flags: list[tuple[nn.Module, str, object]] = []
     # Parameters stop requiring grad for the call: autograd then saves no layer inputs for weight gradients, which
     # the explanation never needs, cutting the backward graph's memory roughly in half. The input image carries the
@@ -177,13 +188,11 @@ def eval_mode_without_fast_paths(model: nn.Module, layers: list[AttentionLayer])
             if getattr(module, "grad_checkpointing", False) is True:
                 changed_flags.append((module, "grad_checkpointing", True))
                 module.grad_checkpointing = False
-        model.eval()
-        yield
+        with eval_mode(model):
+            yield
     finally:
         for module, flag, value in reversed(changed_flags):
             setattr(module, flag, value)
-        for module, training in training_flags:
-            module.training = training
         for parameter, requires_grad in grad_flags:
             parameter.requires_grad_(requires_grad)
 

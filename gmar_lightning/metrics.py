@@ -12,15 +12,15 @@ Maps whose spatial size differs from the masks or images are bilinearly resized 
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
+
+from gmar_lightning.capture import eval_mode
 
 __all__ = [
     "DeletionAUC",
@@ -381,7 +381,7 @@ def _perturbation_curve(
     step_index = torch.arange(steps + 1, device=device).repeat(num_images)
     targets = targets.to(device)
     scores = torch.empty(num_images * (steps + 1), device=device)
-    with _eval_no_grad(model):
+    with eval_mode(model), torch.no_grad():
         for chunk in torch.arange(num_images * (steps + 1), device=device).split(batch_size):
             images_in_chunk = image_index[chunk]
             take_end = (rank[images_in_chunk] < switched[step_index[chunk], None]).view(-1, 1, height, width)
@@ -396,19 +396,6 @@ def _perturbation_curve(
             probabilities = logits.float().softmax(dim=1)
             scores[chunk] = probabilities.gather(1, targets[images_in_chunk, None])[:, 0]
     return switched.float() / num_pixels, scores.view(num_images, steps + 1)
-
-
-@contextlib.contextmanager
-def _eval_no_grad(model: nn.Module) -> Iterator[None]:
-    """Eval mode without gradients; every module's own ``training`` flag is restored, even after an error."""
-    training_flags = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in training_flags:
-            module.training = training
 
 
 def _gaussian_blur(images: Tensor, kernel_size: int, sigma: float) -> Tensor:
