@@ -10,7 +10,8 @@ Times are medians of interleaved repeats, so a noisy machine slows both sides al
 subprocess per operation: on CUDA with ``torch.cuda.max_memory_allocated``, on CPU as the growth of the process's peak
 resident set (``VmHWM``, reset just before) over the state with model and batch loaded.
 
-Run: ``python benchmarks/bench_engine.py`` (``--device cuda`` on a GPU; ``--model``/``--batch``/``--repeats`` to vary).
+Run: ``python benchmarks/bench_engine.py`` (``--device cuda`` on a GPU; ``--model``/``--batch``/``--repeats`` to vary;
+``--json PATH`` writes the numbers).
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, help="also write the times, peaks and ratios here")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_of:
@@ -156,6 +158,12 @@ def main() -> None:
         met = value <= target if relation == "<=" else value >= target
         failures += not met
         print(f"RATIO {label:<40} {value:6.2f}  (target {relation} {target}: {'met' if met else 'MISSED'})")
+    if args.json:
+        peaks = {"train_step": train_peak, "explain": explain_peak}
+        results = [
+            {"label": label, "value": value, "relation": rel, "target": target} for label, value, rel, target in ratios
+        ]
+        args.json.write_text(json.dumps({"times": times, "peaks": peaks, "ratios": results}, indent=1))
     sys.exit(1 if failures else 0)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 # OpenMP's default spin-waiting costs ~8 ms per parallel op on small shared VMs; passive waiting halves the suite's
 # time there and changes no result. Must be set before torch loads OpenMP.
@@ -15,6 +16,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Nothing in the tests may reach a W&B server.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where the engine tests run: ``GMAR_TEST_DEVICE`` (``cpu`` by default; ``cuda`` on a GPU machine)."""
+    device = torch.device(os.environ.get("GMAR_TEST_DEVICE", "cpu"))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("GMAR_TEST_DEVICE=cuda but torch sees no CUDA device; unset it to test on CPU.")
+        # The tests compare to 1e-5; TF32 convolutions would add their own rounding to one side of a comparison.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return device
 
 
 @pytest.fixture

@@ -57,7 +57,7 @@ def reference_explain(
     attentions, grads, _, _ = capture_full(model, images, target)
     batch, _, num_tokens, _ = attentions[0].shape
     readout = list(range(num_prefix, num_tokens)) if readout is None else readout
-    eye = torch.eye(num_tokens).expand(batch, num_tokens, num_tokens)
+    eye = torch.eye(num_tokens, device=attentions[0].device).expand(batch, num_tokens, num_tokens)
     weights_out = None
     if method == "attention":
         rows = readout_rows(attentions[-1].mean(1), readout)

@@ -27,8 +27,8 @@ def reference_for(model: nn.Module, images: torch.Tensor, method: str, **options
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("method", METHODS)
-def test_matches_full_matrix_reference(family: str, method: str) -> None:
-    model, images = make_model(family), make_images(family)
+def test_matches_full_matrix_reference(family: str, method: str, device: torch.device) -> None:
+    model, images = make_model(family).to(device), make_images(family).to(device)
     result = explain(model, images, method=method)
     expected_maps, expected_weights = reference_for(model, images, method)
     torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
@@ -53,8 +53,8 @@ def test_matches_full_matrix_reference(family: str, method: str) -> None:
 )
 @pytest.mark.parametrize("family", ["vit", "deit_distilled", "vit_avg_no_cls"])
 @pytest.mark.parametrize("method", ["gmar_l1", "gmar_l2", "rollout"])
-def test_options_match_reference(family: str, method: str, options: dict) -> None:
-    model, images = make_model(family), make_images(family)
+def test_options_match_reference(family: str, method: str, options: dict, device: torch.device) -> None:
+    model, images = make_model(family).to(device), make_images(family).to(device)
     result = explain(model, images, method=method, **options)
     expected_maps, expected_weights = reference_for(model, images, method, **options)
     torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
@@ -62,8 +62,8 @@ def test_options_match_reference(family: str, method: str, options: dict) -> Non
         torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
 
 
-def test_grad_rollout_start_layer_matches_reference() -> None:
-    model, images = make_model("vit"), make_images("vit")
+def test_grad_rollout_start_layer_matches_reference(device: torch.device) -> None:
+    model, images = make_model("vit").to(device), make_images("vit").to(device)
     result = explain(model, images, method="grad_rollout", start_layer=2)
     expected, _ = reference_for(model, images, "grad_rollout", start_layer=2)
     torch.testing.assert_close(result.token_maps, expected, rtol=1e-4, atol=ATOL)
@@ -71,8 +71,8 @@ def test_grad_rollout_start_layer_matches_reference() -> None:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("method", METHODS)
-def test_batched_equals_per_image(family: str, method: str) -> None:
-    model, images = make_model(family), make_images(family, batch=4)
+def test_batched_equals_per_image(family: str, method: str, device: torch.device) -> None:
+    model, images = make_model(family).to(device), make_images(family, batch=4).to(device)
     batched = explain(model, images, method=method)
     singles = [explain(model, images[i : i + 1], method=method) for i in range(4)]
     torch.testing.assert_close(batched.token_maps, torch.cat([s.token_maps for s in singles]), rtol=0, atol=ATOL)
@@ -82,8 +82,8 @@ def test_batched_equals_per_image(family: str, method: str) -> None:
         torch.testing.assert_close(batched.head_weights, per_image, rtol=0, atol=ATOL)
 
 
-def test_chunk_size_gives_identical_results() -> None:
-    model, images = make_model("vit"), make_images("vit", batch=5)
+def test_chunk_size_gives_identical_results(device: torch.device) -> None:
+    model, images = make_model("vit").to(device), make_images("vit", batch=5).to(device)
     whole = explain(model, images, target=torch.tensor([0, 1, 2, 3, 4]))
     chunked = explain(model, images, target=torch.tensor([0, 1, 2, 3, 4]), chunk_size=2)
     torch.testing.assert_close(chunked.token_maps, whole.token_maps, rtol=0, atol=ATOL)
@@ -158,8 +158,8 @@ def assert_same_state(before: dict, after: dict) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_leaves_model_and_rng_untouched(method: str) -> None:
-    model = make_model("vit")
+def test_leaves_model_and_rng_untouched(method: str, device: torch.device) -> None:
+    model = make_model("vit").to(device)
     model.train()
     model.blocks[0].eval()  # a partially frozen model must come back exactly so
     model.set_grad_checkpointing(True)
@@ -167,9 +167,12 @@ def test_leaves_model_and_rng_untouched(method: str) -> None:
         p.grad = torch.ones_like(p)
     before = model_state(model)
     rng = torch.get_rng_state()
-    explain(model, make_images("vit"), method=method)
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    explain(model, make_images("vit").to(device), method=method)
     assert_same_state(before, model_state(model))
     assert torch.equal(rng, torch.get_rng_state())
+    if cuda_rng is not None:
+        assert torch.equal(cuda_rng, torch.cuda.get_rng_state(device))
     assert all(m.fused_attn for m in model.modules() if hasattr(m, "fused_attn"))
 
 
@@ -184,8 +187,8 @@ def test_gradient_checkpointing_does_not_change_results() -> None:
 
 
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
-def test_works_under_no_grad_and_inference_mode(mode: str) -> None:
-    model, images = make_model("vit"), make_images("vit")
+def test_works_under_no_grad_and_inference_mode(mode: str, device: torch.device) -> None:
+    model, images = make_model("vit").to(device), make_images("vit").to(device)
     expected = explain(model, images)
     context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
     with context:
@@ -195,17 +198,17 @@ def test_works_under_no_grad_and_inference_mode(mode: str) -> None:
     torch.testing.assert_close(result.head_weights, expected.head_weights, rtol=0, atol=0)
 
 
-def test_computes_in_float32_under_autocast() -> None:
-    model, images = make_model("vit"), make_images("vit")
+def test_computes_in_float32_under_autocast(device: torch.device) -> None:
+    model, images = make_model("vit").to(device), make_images("vit").to(device)
     expected = explain(model, images)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         result = explain(model, images)
     assert result.token_maps.dtype == torch.float32
     torch.testing.assert_close(result.token_maps, expected.token_maps, rtol=0, atol=0)
 
 
-def test_frozen_model_still_gets_gradients() -> None:
-    model, images = make_model("vit"), make_images("vit")
+def test_frozen_model_still_gets_gradients(device: torch.device) -> None:
+    model, images = make_model("vit").to(device), make_images("vit").to(device)
     expected = explain(model, images)
     model.requires_grad_(False)
     torch.testing.assert_close(explain(model, images).head_weights, expected.head_weights, rtol=0, atol=0)
@@ -218,16 +221,16 @@ def test_compiled_model_is_explained_through_eager_module() -> None:
 
 
 @pytest.mark.parametrize("target", [2, torch.tensor(2), [2, 2, 2], torch.tensor([2, 2, 2])])
-def test_target_forms(target: object) -> None:
-    model, images = make_model("vit"), make_images("vit")
+def test_target_forms(target: object, device: torch.device) -> None:
+    model, images = make_model("vit").to(device), make_images("vit").to(device)
     result = explain(model, images, target=target)
     assert result.targets.tolist() == [2, 2, 2]
-    expected, _ = reference_for(model, images, "gmar_l1", target=torch.tensor([2, 2, 2]))
+    expected, _ = reference_for(model, images, "gmar_l1", target=torch.tensor([2, 2, 2], device=device))
     torch.testing.assert_close(result.token_maps, expected, rtol=1e-4, atol=ATOL)
 
 
-def test_default_target_is_prediction() -> None:
-    model, images = make_model("vit"), make_images("vit")
+def test_default_target_is_prediction(device: torch.device) -> None:
+    model, images = make_model("vit").to(device), make_images("vit").to(device)
     result = explain(model, images)
     assert torch.equal(result.targets, result.logits.argmax(-1))
     assert torch.equal(result.predictions, result.targets)

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: record the device, driver and library versions, run bench_engine.py and
+# bench_anchors.py on CUDA, run the engine tests on CUDA, then the rest of the
+# test suite,, and print one summary table with the
+# CUDA targets (batched >= 10x the per-image anchors at B=32; explain <= 0.75 of a training step; peak memory <= 1.0
+# of a training step). It finishes within 7 minutes on an H100/H200.
+#
+#   bash benchmarks/gpu_check.sh             # on a GPU machine, from the repository root
+#   bash benchmarks/gpu_check.sh --dry-run   # anywhere: CPU, tiny model, engine tests only (also chosen without CUDA)
+#
+# PYTHON picks the interpreter (default python3); the package is imported from the checkout (PYTHONPATH), nothing is
+# installed. Logs and JSON go to $OUT when set, else to a fresh temporary folder.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MPLBACKEND=Agg WANDB_MODE=offline WANDB_SILENT=true
+LOGS="${OUT:-$(mktemp -d)}"
+mkdir -p "$LOGS"
+START=$SECONDS
+BUDGET_S=400 # whole-script limit; the test suite gets what the benchmarks leave
+
+dry_run=0
+[ "${1:-}" = "--dry-run" ] && dry_run=1
+if [ "$dry_run" = 0 ] && ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: torch sees no CUDA device; doing a dry run on CPU instead."
+    dry_run=1
+fi
+if [ "$dry_run" = 1 ]; then
+    DEVICE=cpu
+    ENGINE_ARGS=(--model vit_tiny_patch16_224 --batch 2 --repeats 1)
+    ANCHOR_ARGS=(--quick)
+else
+    DEVICE=cuda
+    ENGINE_ARGS=(--repeats 5)
+    ANCHOR_ARGS=(--repeats 5)
+fi
+echo "gpu_check: device=$DEVICE logs=$LOGS"
+
+step() { # name, seconds allowed, command...: run with a time limit, log, and remember the exit status
+    local name=$1 limit=$2
+    shift 2
+    echo
+    echo "=== $name (limit ${limit}s) ==="
+    timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+    local status=${PIPESTATUS[0]}
+    echo "$name $status" >>"$LOGS/status.txt"
+    echo "=== $name: exit $status after $((SECONDS - START))s in total ==="
+}
+: >"$LOGS/status.txt"
+
+step versions 60 bash -c "
+    command -v nvidia-smi >/dev/null && nvidia-smi && nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
+    uname -a; nproc
+    \"$PYTHON\" - <<'EOF'
+import platform, torch, timm, lightning
+print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
+      'cudnn', torch.backends.cudnn.version(), 'timm', timm.__version__, 'lightning', lightning.__version__)
+if torch.cuda.is_available():
+    props = torch.cuda.get_device_properties(0)
+    print('device', torch.cuda.get_device_name(0), 'capability', torch.cuda.get_device_capability(0),
+          'memory_GiB', round(props.total_memory / 2**30, 1), 'devices', torch.cuda.device_count())
+EOF"
+step bench_engine 90 "$PYTHON" benchmarks/bench_engine.py --device "$DEVICE" "${ENGINE_ARGS[@]}" \
+    --json "$LOGS/bench_engine.json"
+step bench_anchors 180 "$PYTHON" benchmarks/bench_anchors.py --device "$DEVICE" "${ANCHOR_ARGS[@]}" \
+    --json "$LOGS/bench_anchors.json"
+step tests_engine 150 env GMAR_TEST_DEVICE="$DEVICE" "$PYTHON" -m pytest -q -p no:randomly -p no:cacheprovider \
+    tests/test_engine.py
+if [ "$dry_run" = 0 ]; then # the rest of the suite (its tensors stay on the CPU) gets the time that is left
+    rest_limit=$((BUDGET_S - (SECONDS - START)))
+    [ "$rest_limit" -lt 30 ] && rest_limit=30
+    step tests_rest "$rest_limit" env GMAR_TEST_DEVICE="$DEVICE" "$PYTHON" -m pytest -q -p no:randomly \
+        -p no:cacheprovider --ignore=tests/test_engine.py
+fi
+
+echo
+"$PYTHON" benchmarks/gpu_summary.py "$LOGS" --dry-run "$dry_run"
+summary_status=$?
+echo "gpu_check: total $((SECONDS - START))s; logs in $LOGS"
+exit "$summary_status"
