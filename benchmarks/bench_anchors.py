@@ -240,12 +240,11 @@ def run_case(model: nn.Module, batch: int, size: int, args: argparse.Namespace) 
             samples[name].append(time.perf_counter() - start)
     times = {name: statistics.median(values) for name, values in samples.items()}
     peaks = {name: peak_bytes(op, device) for name, op in ops.items()}
-    return {"batch": batch, "size": size, "tokens": explain_tokens(model, size), "times": times, "peaks": peaks}
-
-
-def explain_tokens(model: nn.Module, size: int) -> int:
-    height, width = model.patch_embed.dynamic_feat_size((size, size))
-    return height * width + model.num_prefix_tokens
+    recorder = AttentionRecorder(model)
+    with torch.no_grad(), recorder.recording(keep_gradients=False):
+        model(images[:1])
+        tokens = recorder.attentions[0].shape[-1]
+    return {"batch": batch, "size": size, "tokens": tokens, "times": times, "peaks": peaks}
 
 
 def print_case(case: dict, repeats: int) -> None:
