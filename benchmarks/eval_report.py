@@ -1,7 +1,7 @@
 """Evaluation report: localisation, faithfulness, a model-randomisation check and head ablation over training seeds.
 
-For each training seed the script trains a small timm ViT from scratch on :class:`~gmar_lightning.data.ShapesDataset`
-and then, on held-out images with object masks:
+For each training seed the script trains a small timm ViT from scratch on
+:class:`~gmar_lightning.demos.data.ShapesDataset` and then, on held-out images with object masks:
 
 1. explains the true label with ``attention``, ``rollout``, ``grad_rollout``, ``gmar_l1``, ``gmar_l2`` and a seeded
    uniform-random baseline, and scores every map with the pointing game, the energy pointing game, deletion AUC and
@@ -46,7 +46,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from gmar_lightning import explain
-from gmar_lightning.data import ShapesDataset
+from gmar_lightning.demos.data import ShapesDataset
+from gmar_lightning.demos.model import create_vit
 from gmar_lightning.heads import (
     AblationCurve,
     head_ablation_curve,
@@ -57,7 +58,6 @@ from gmar_lightning.heads import (
 )
 from gmar_lightning.methods import normalize_maps
 from gmar_lightning.metrics import DeletionAUC, EnergyPointingGame, InsertionAUC, PointingGame
-from gmar_lightning.models import create_vit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED_LOG = REPO_ROOT / "benchmarks" / "eval_report_output.txt"

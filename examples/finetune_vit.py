@@ -22,7 +22,8 @@ import argparse
 import sys
 from typing import Any
 
-from gmar_lightning.demo import add_demo_arguments, config_from_args, run_demo
+from gmar_lightning.cli import add_demo_arguments, config_from_args
+from gmar_lightning.demos.job import run_demo
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -34,8 +34,11 @@ from timm.data import resolve_model_data_config
 from torch import nn
 from torch.utils.data import DataLoader
 
-from gmar_lightning.data import ShapesDataModule
-from gmar_lightning.demo import DemoConfig, ImageFolderDataModule, add_model_arguments, run_demo
+from gmar_lightning.cli import add_model_arguments
+from gmar_lightning.demos.data import ShapesDataModule
+from gmar_lightning.demos.image_folder import ImageFolderDataModule
+from gmar_lightning.demos.job import DemoConfig, run_demo
+from gmar_lightning.demos.model import checkpoint_model_settings, create_vit
 from gmar_lightning.heads import (
     AblationCurve,
     attention_head_grid,
@@ -45,7 +48,6 @@ from gmar_lightning.heads import (
     random_order,
     rank_heads,
 )
-from gmar_lightning.models import checkpoint_model_settings, create_vit
 from gmar_lightning.report import find_trajectory
 from gmar_lightning.trajectory import HeadTrajectory
 

@@ -7,7 +7,7 @@ Examples::
     python examples/lightning_cli.py fit --print_config          # every option with its default
 
 Any ``LightningModule``/``LightningDataModule`` pair works the same way; this one trains
-:class:`gmar_lightning.models.ViTClassifier` on :class:`gmar_lightning.data.ShapesDataModule`.
+:class:`gmar_lightning.demos.model.ViTClassifier` on :class:`gmar_lightning.demos.data.ShapesDataModule`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
-from gmar_lightning.data import ShapesDataModule
-from gmar_lightning.models import ViTClassifier
+from gmar_lightning.demos.data import ShapesDataModule
+from gmar_lightning.demos.model import ViTClassifier
 
 
 def main(args: ArgsType = None) -> LightningCLI:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "GMARCallback": "gmar_lightning.callback",
+    "GMARCallback": "gmar_lightning.callback.gmar",
     "AttentionAdapter": "gmar_lightning.capture",
     "register_attention_adapter": "gmar_lightning.capture",
     "unregister_attention_adapter": "gmar_lightning.capture",
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from gmar_lightning.callback import GMARCallback
+    from gmar_lightning.callback.gmar import GMARCallback
     from gmar_lightning.capture import AttentionAdapter, register_attention_adapter, unregister_attention_adapter
     from gmar_lightning.engine import explain
     from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation

@@ -1,4 +1,4 @@
-"""Find attention modules, switch their fast paths off for one call, and hook their probabilities and gradients.
+"""Find attention modules through adapters and hook their probabilities.
 
 timm computes attention with fused ``scaled_dot_product_attention`` by default, which never materialises the
 attention probabilities. Each timm attention module has a per-instance ``fused_attn`` flag and an ``attn_drop``
@@ -22,8 +22,6 @@ __all__ = [
     "AttentionAdapter",
     "AttentionLayer",
     "AttentionNotFoundError",
-    "eval_mode",
-    "eval_mode_without_fast_paths",
     "find_attention_layers",
     "find_vision_transformer",
     "hook_attention",
@@ -150,51 +148,6 @@ def find_vision_transformer(module: nn.Module) -> nn.Module:
         f"`model` ({type(module).__name__}) contains no ViT with `patch_embed` and recognisable attention modules; "
         "pass `model_getter` to point at the ViT, or register an AttentionAdapter."
     )
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put the model in eval mode, then restore every module's own ``training`` flag (not just the root's).
-
-    Partially frozen models (some submodules kept in eval mode) come back exactly as they were, also after an error.
-    """
-    training_flags = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for module, training in training_flags:
-            module.training = training
-
-
-@contextlib.contextmanager
-def eval_mode_without_fast_paths(model: nn.Module, layers: list[AttentionLayer]) -> Iterator[None]:
-    """:func:`eval_mode` with unfused attention, no gradient checkpointing and frozen parameters; all restored."""
-    changed_flags: list[tuple[nn.Module, str, object]] = []
-    # Parameters stop requiring grad for the call: autograd then saves no layer inputs for weight gradients, which
-    # the explanation never needs, cutting the backward graph's memory roughly in half. The input image carries the
-    # graph instead.
-    grad_flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
-    try:
-        for parameter, _ in grad_flags:
-            parameter.requires_grad_(False)
-        for layer in layers:
-            for flag in layer.adapter.disable_flags:
-                changed_flags.append((layer.module, flag, getattr(layer.module, flag)))
-                setattr(layer.module, flag, False)
-        # timm checkpoints blocks whenever `grad_checkpointing` is set, in eval mode too; recomputation would
-        # fire the capture hooks twice.
-        for module in model.modules():
-            if getattr(module, "grad_checkpointing", False) is True:
-                changed_flags.append((module, "grad_checkpointing", True))
-                module.grad_checkpointing = False
-        with eval_mode(model):
-            yield
-    finally:
-        for module, flag, value in reversed(changed_flags):
-            setattr(module, flag, value)
-        for parameter, requires_grad in grad_flags:
-            parameter.requires_grad_(requires_grad)
 
 
 OnAttention = Callable[[int, Tensor], None]

@@ -21,11 +21,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import io
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import numpy as np
 import timm
@@ -34,21 +35,16 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from gmar_lightning._checks import parse_methods
 from gmar_lightning._io import atomic_write_bytes
-from gmar_lightning.demo import (
-    add_demo_arguments,
-    add_model_arguments,
-    config_from_args,
-    parse_methods,
-    positive_int,
-    run_demo,
-)
+from gmar_lightning.demos.job import LOGGERS, DemoConfig, run_demo
+from gmar_lightning.demos.model import checkpoint_model_settings, create_vit
 from gmar_lightning.engine import explain
-from gmar_lightning.models import checkpoint_model_settings, create_vit
+from gmar_lightning.explanation import METHODS
 from gmar_lightning.render import denormalize, overlay
 from gmar_lightning.report import build_report
 
-__all__ = ["main"]
+__all__ = ["add_demo_arguments", "add_model_arguments", "config_from_args", "main", "positive_int"]
 
 PROG = "gmar-lightning"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -269,6 +265,94 @@ def _run_demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # parser and entry point
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _json_dict(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error.msg}); e.g. '{{\"depth\": 2}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"depth\": 2}}', got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a positive integer, with a one-line error otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that build a model: ``--model``, ``--model-kwargs``, ``--img-size``, ``--checkpoint``."""
+    parser.add_argument("--model", default=None, help="timm model name (default: a small 4-layer ViT)")
+    parser.add_argument(
+        "--model-kwargs",
+        type=_json_dict,
+        default={},
+        metavar="JSON",
+        help='timm constructor overrides as JSON, e.g. \'{"depth": 2, "patch_size": 8}\'',
+    )
+    parser.add_argument("--img-size", type=positive_int, default=None, help="input side in pixels")
+    parser.add_argument("--checkpoint", default=None, help="local weights file (.pth, .safetensors, .ckpt)")
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of :class:`DemoConfig` to ``parser`` (shared by the example script and the CLI)."""
+    defaults = DemoConfig()
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", default=None, help="ImageFolder root with train/ and val/ (default: shapes)")
+    data.add_argument("--max-train-images", type=positive_int, default=None, help="training images (shapes: 3000)")
+    data.add_argument("--max-val-images", type=positive_int, default=None, help="validation images (shapes: 500)")
+    data.add_argument("--num-workers", type=int, default=defaults.num_workers, help="DataLoader workers")
+    model = parser.add_argument_group("model")
+    add_model_arguments(model)
+    model.add_argument("--pretrained", action="store_true", help="start from timm hub weights (needs internet)")
+    training = parser.add_argument_group("training")
+    training.add_argument("--epochs", "--max-epochs", type=positive_int, default=defaults.epochs)
+    training.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
+    training.add_argument("--lr", type=_positive_float, default=defaults.lr, help="peak AdamW learning rate")
+    training.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    training.add_argument("--seed", type=int, default=defaults.seed)
+    training.add_argument("--accelerator", default=defaults.accelerator, help="Trainer accelerator (cpu, gpu, ...)")
+    training.add_argument("--devices", default=defaults.devices, help="Trainer devices (auto, 2, '0,1')")
+    training.add_argument("--strategy", default=defaults.strategy, help="Trainer strategy (auto, ddp, ...)")
+    training.add_argument("--precision", default=None, help="Trainer precision (32-true, bf16-mixed, ...)")
+    training.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", help="hide the progress bar")
+    logging = parser.add_argument_group("logging")
+    logging.add_argument("--logger", choices=LOGGERS, default=defaults.logger)
+    logging.add_argument("--log-dir", default=defaults.log_dir, help="root directory of the logs")
+    logging.add_argument(
+        "--methods",
+        "--method",
+        action="append",
+        default=None,
+        help=f"explanation methods, repeatable or comma-separated: {', '.join(METHODS)} (default gmar_l1)",
+    )
+    logging.add_argument("--num-probe", type=positive_int, default=defaults.num_probe, help="images explained")
+    logging.add_argument("--every-n-epochs", type=positive_int, default=defaults.every_n_epochs)
+
+
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    """Turn parsed :func:`add_demo_arguments` options into a :class:`DemoConfig`."""
+    fields = {name: getattr(args, name) for name in DemoConfig.__dataclass_fields__ if hasattr(args, name)}
+    fields["methods"] = parse_methods(args.methods or ["gmar_l1"])
+    return DemoConfig(**fields)
 
 
 def _device(text: str) -> torch.device:

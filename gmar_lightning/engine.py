@@ -15,14 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gmar_lightning import methods
-from gmar_lightning.capture import (
-    AttentionLayer,
-    eval_mode_without_fast_paths,
-    find_attention_layers,
-    hook_attention,
-    unwrap_model,
-)
+from gmar_lightning.capture import AttentionLayer, find_attention_layers, hook_attention, unwrap_model
 from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
+from gmar_lightning.model_state import eval_mode_without_fast_paths
 from gmar_lightning.tokens import TokenLayout, infer_token_layout, patch_grid
 
 __all__ = ["explain"]

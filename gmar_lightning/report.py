@@ -29,8 +29,7 @@ from pathlib import Path
 
 from gmar_lightning._io import atomic_write_bytes, atomic_write_text
 from gmar_lightning.render import figure_to_png_bytes, head_heatmap_figure, specialisation_figure, trajectory_figure
-from gmar_lightning.sinks import TRAJECTORY_NPZ
-from gmar_lightning.trajectory import HeadTrajectory
+from gmar_lightning.trajectory import TRAJECTORY_NPZ, HeadTrajectory
 
 __all__ = ["Report", "build_report", "find_trajectory"]
 

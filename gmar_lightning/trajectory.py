@@ -22,7 +22,13 @@ from torch import Tensor
 from gmar_lightning._checks import check_non_negative_int
 from gmar_lightning._io import atomic_write_bytes, atomic_write_text
 
-__all__ = ["CSV_COLUMNS", "HeadTrajectory", "rank_stability", "specialisation"]
+__all__ = ["CSV_COLUMNS", "TRAJECTORY_CSV", "TRAJECTORY_NPZ", "HeadTrajectory", "rank_stability", "specialisation"]
+
+TRAJECTORY_CSV = "head_importance.csv"
+"""File name of the long-format trajectory table (see :meth:`HeadTrajectory.save_csv`)."""
+
+TRAJECTORY_NPZ = "head_importance.npz"
+"""File name of the trajectory arrays (see :meth:`HeadTrajectory.save_npz`)."""
 
 CSV_COLUMNS: tuple[str, ...] = ("epoch", "step", "layer", "layer_name", "head", "weight", "score")
 """Header of :meth:`HeadTrajectory.save_csv`: one row per (epoch, layer, head)."""

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from gmar_lightning.data import ShapesDataModule
+from gmar_lightning.demos.data import ShapesDataModule
 
 
 class TinyViTModule(pl.LightningModule):

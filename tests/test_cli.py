@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 
 from gmar_lightning import explain
+from gmar_lightning.callback.records import EvaluationRecord
+from gmar_lightning.callback.sinks import FileSink
 from gmar_lightning.cli import load_image, main, model_preprocessing
-from gmar_lightning.data import ShapesDataModule
-from gmar_lightning.models import ViTClassifier, create_vit, load_weights
-from gmar_lightning.sinks import EvaluationRecord, FileSink
+from gmar_lightning.demos.data import ShapesDataModule
+from gmar_lightning.demos.model import ViTClassifier, create_vit, load_weights
 from gmar_lightning.trajectory import HeadTrajectory
 
 MODEL = "vit_tiny_patch16_224"

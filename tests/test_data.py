@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import RandomSampler, SequentialSampler
 
-from gmar_lightning.data import SHAPES, ShapesDataModule, ShapesDataset, denormalize
+from gmar_lightning.demos.data import SHAPES, ShapesDataModule, ShapesDataset, denormalize
 
 
 def test_item_shapes_dtypes_labels_and_value_range() -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from gmar_lightning.callback.records import EvaluationRecord
+from gmar_lightning.callback.sinks import FileSink
 from gmar_lightning.report import build_report
-from gmar_lightning.sinks import EvaluationRecord, FileSink
 from gmar_lightning.trajectory import HeadTrajectory
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

@@ -19,15 +19,15 @@ from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from gmar_lightning.render import head_heatmap_figure, trajectory_figure
-from gmar_lightning.sinks import (
-    EvaluationRecord,
+from gmar_lightning.callback.records import EvaluationRecord
+from gmar_lightning.callback.sinks import (
     FileSink,
     Sink,
     TensorBoardSink,
     WandbSink,
     sinks_for_loggers,
 )
+from gmar_lightning.render import head_heatmap_figure, trajectory_figure
 from gmar_lightning.trajectory import HeadTrajectory
 
 OVERLAY_TAG = "gmar/overlay/gmar_l1"

@@ -19,8 +19,8 @@ import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from gmar_lightning import GMARCallback
-from gmar_lightning.data import ShapesDataModule
-from gmar_lightning.models import ViTClassifier
+from gmar_lightning.demos.data import ShapesDataModule
+from gmar_lightning.demos.model import ViTClassifier
 
 SERVER_TIMEOUT_S = 90.0
 IMAGE_TAG = "gmar/overlay/gmar_l1"

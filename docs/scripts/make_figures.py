@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
-from gmar_lightning.demo import DemoConfig, run_demo
+from gmar_lightning.demos.job import DemoConfig, run_demo
 from gmar_lightning.report import build_report
 
 REPOSITORY = Path(__file__).resolve().parents[2]

@@ -24,11 +24,11 @@ from torch import Tensor, nn
 from torch.utils.data import default_collate
 from typing_extensions import override
 
+from gmar_lightning.callback.records import METRICS, Probe, evaluation_record, probe_metric_scores
+from gmar_lightning.callback.sinks import Sink, sinks_for_loggers
 from gmar_lightning.capture import find_attention_layers, find_vision_transformer, unwrap_model
 from gmar_lightning.engine import explain
 from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
-from gmar_lightning.records import METRICS, Probe, evaluation_record, probe_metric_scores
-from gmar_lightning.sinks import Sink, sinks_for_loggers
 from gmar_lightning.tokens import infer_token_layout
 from gmar_lightning.trajectory import HeadTrajectory
 

@@ -1,0 +1,291 @@
+"""Where an evaluation's images, figures, histograms and scalars go: TensorBoard, Weights & Biases or plain files.
+
+This is the only module that knows about logger back-ends. The callback assembles one
+:class:`~gmar_lightning.callback.records.EvaluationRecord`
+of plain data per evaluation and hands it to every :class:`Sink`; at the end of fit it hands each sink the
+:class:`~gmar_lightning.trajectory.HeadTrajectory`, which every sink writes as ``head_importance.csv`` and
+``head_importance.npz`` into its log directory so that head-pruning tools find it wherever the run logged.
+
+``wandb`` is imported lazily inside :class:`WandbSink`, so nothing here needs it installed.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from PIL import Image
+from torch import Tensor
+
+from gmar_lightning._io import atomic_write_bytes, atomic_write_text
+from gmar_lightning.callback.records import EvaluationRecord
+from gmar_lightning.render import figure_to_array, figure_to_png_bytes
+from gmar_lightning.trajectory import TRAJECTORY_CSV, TRAJECTORY_NPZ, HeadTrajectory
+
+__all__ = [
+    "FileSink",
+    "Sink",
+    "TensorBoardSink",
+    "WandbSink",
+    "sinks_for_loggers",
+    "write_trajectory",
+]
+
+_WANDB_STEP_KEY = "trainer/global_step"
+_UNSAFE_FILE_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """A destination for evaluation records; the callback calls it on global rank 0 only."""
+
+    def log_evaluation(self, record: EvaluationRecord) -> None:
+        """Log everything in one evaluation's record at ``record.step``."""
+
+    def finalize(self, trajectory: HeadTrajectory) -> None:
+        """Write the head-importance trajectory files at the end of fit."""
+
+
+def write_trajectory(trajectory: HeadTrajectory, directory: str | os.PathLike[str]) -> list[Path]:
+    """Write ``head_importance.csv`` and ``head_importance.npz`` atomically into ``directory``.
+
+    Returns:
+        The two written paths, CSV first.
+
+    Examples:
+        >>> import tempfile
+        >>> [path.name for path in write_trajectory(HeadTrajectory(), tempfile.mkdtemp())]
+        ['head_importance.csv', 'head_importance.npz']
+    """
+    if not isinstance(trajectory, HeadTrajectory):
+        raise TypeError(f"`trajectory` must be a HeadTrajectory, got {type(trajectory).__name__}.")
+    csv_path, npz_path = Path(directory) / TRAJECTORY_CSV, Path(directory) / TRAJECTORY_NPZ
+    trajectory.save_csv(csv_path)
+    trajectory.save_npz(npz_path)
+    return [csv_path, npz_path]
+
+
+def _image_array(image: Tensor) -> np.ndarray:
+    """``[C, H, W]`` float in ``[0, 1]`` -> ``[H, W, 3]`` uint8, the layout every back-end accepts."""
+    pixels = image.detach().float().cpu().clamp(0.0, 1.0).expand(3, -1, -1)
+    return (pixels * 255.0).round().byte().permute(1, 2, 0).numpy()
+
+
+def _histogram_values(values: Tensor) -> np.ndarray:
+    return values.detach().float().cpu().flatten().numpy()
+
+
+class TensorBoardSink:
+    """Log to a TensorBoard ``SummaryWriter`` (``TensorBoardLogger.experiment``), everything at ``global_step=step``.
+
+    Figures go through ``add_figure`` (rendered to images), captions through ``add_text`` under the same tag
+    (the Text tab, which shows it as ``<tag>/text_summary``); empty histograms are skipped (TensorBoard rejects
+    them).
+
+    Args:
+        experiment: The ``SummaryWriter``.
+        trajectory_dir: Where :meth:`finalize` writes the trajectory files; defaults to the writer's log dir.
+    """
+
+    def __init__(self, experiment: Any, trajectory_dir: str | os.PathLike[str] | None = None) -> None:
+        self.experiment = experiment
+        self.trajectory_dir = Path(trajectory_dir if trajectory_dir is not None else experiment.get_logdir())
+
+    def log_evaluation(self, record: EvaluationRecord) -> None:
+        writer, step = self.experiment, record.step
+        for tag, image in record.images.items():
+            writer.add_image(tag, image.detach().float().cpu().clamp(0.0, 1.0), global_step=step, dataformats="CHW")
+        for tag, figure in record.figures.items():
+            writer.add_figure(tag, figure, global_step=step, close=True)
+        for tag, caption in record.captions.items():
+            writer.add_text(tag, caption, global_step=step)
+        for tag, values in record.histograms.items():
+            if values.numel():
+                writer.add_histogram(tag, _histogram_values(values), global_step=step)
+        for tag, value in record.scalars.items():
+            writer.add_scalar(tag, float(value), global_step=step)
+        writer.flush()
+
+    def finalize(self, trajectory: HeadTrajectory) -> None:
+        write_trajectory(trajectory, self.trajectory_dir)
+
+
+class WandbSink:
+    """Log to a W&B run (``WandbLogger.experiment``) with one ``run.log`` call per evaluation.
+
+    Like Lightning's ``WandbLogger.log_metrics``, the step travels as the ``trainer/global_step`` key (which
+    ``WandbLogger`` declares as the step metric of every key) instead of ``run.log(step=...)``, whose step must
+    increase strictly and would clash with Lightning's own logging. Images and figures become ``wandb.Image``
+    (figures rasterised with Agg, not converted to plotly), histograms ``wandb.Histogram``.
+
+    Args:
+        run: The ``wandb`` run.
+        trajectory_dir: Where :meth:`finalize` writes the trajectory files; defaults to ``run.dir`` (the run's
+            files, uploaded with it). Files written elsewhere are uploaded with ``run.save(policy="now")``.
+    """
+
+    def __init__(self, run: Any, trajectory_dir: str | os.PathLike[str] | None = None) -> None:
+        self.run = run
+        self.trajectory_dir = Path(trajectory_dir if trajectory_dir is not None else run.dir)
+
+    def log_evaluation(self, record: EvaluationRecord) -> None:
+        import wandb
+
+        payload: dict[str, Any] = {_WANDB_STEP_KEY: record.step}
+        for tag, image in record.images.items():
+            payload[tag] = wandb.Image(_image_array(image), caption=record.captions.get(tag))
+        for tag, figure in record.figures.items():
+            payload[tag] = wandb.Image(figure_to_array(figure), caption=record.captions.get(tag))
+        for tag, values in record.histograms.items():
+            if values.numel():
+                payload[tag] = wandb.Histogram(_histogram_values(values))
+        payload.update({tag: float(value) for tag, value in record.scalars.items()})
+        self.run.log(payload)
+
+    def finalize(self, trajectory: HeadTrajectory) -> None:
+        directory = self.trajectory_dir.resolve()
+        written = write_trajectory(trajectory, directory)
+        if not directory.is_relative_to(Path(self.run.dir).resolve()):
+            for path in written:
+                self.run.save(glob.escape(str(path)), base_path=str(directory), policy="now")
+
+
+def _file_name(tag: str) -> str:
+    return _UNSAFE_FILE_CHARACTERS.sub("_", tag.replace("/", "_")).strip("_") or "untitled"
+
+
+class FileSink:
+    """Write evaluations as plain files, for runs without TensorBoard or W&B.
+
+    Layout under ``save_dir``::
+
+        step_000123/<tag with "/" -> "_">.png   images and figures
+        step_000123/histograms.npz              one array per histogram tag (keys are the tags)
+        step_000123/captions.json               tag -> caption, when there are captions
+        scalars.csv                             step,epoch,tag,value; one row per scalar, appended
+        head_importance.csv / .npz              the trajectory, at finalize (into ``trajectory_dir``)
+
+    Every file is written atomically, so a crash never leaves a truncated PNG or CSV behind.
+
+    Args:
+        save_dir: Root directory; created as needed.
+        trajectory_dir: Where :meth:`finalize` writes the trajectory files; defaults to ``save_dir``.
+
+    Examples:
+        >>> import tempfile, torch
+        >>> sink = FileSink(tempfile.mkdtemp())
+        >>> record = EvaluationRecord(7, 0, images={"gmar/overlay": torch.rand(3, 8, 8)}, scalars={"gmar/x": 1.0})
+        >>> sink.log_evaluation(record)
+        >>> sorted(path.name for path in sink.save_dir.rglob("*"))
+        ['gmar_overlay.png', 'scalars.csv', 'step_000007']
+    """
+
+    def __init__(self, save_dir: str | os.PathLike[str], trajectory_dir: str | os.PathLike[str] | None = None) -> None:
+        if not isinstance(save_dir, str | os.PathLike):
+            raise TypeError(f"`save_dir` must be a path, got {type(save_dir).__name__}.")
+        self.save_dir = Path(save_dir)
+        self.trajectory_dir = Path(trajectory_dir) if trajectory_dir is not None else self.save_dir
+
+    def step_dir(self, step: int) -> Path:
+        """The directory holding the files of the evaluation at ``step``."""
+        return self.save_dir / f"step_{step:06d}"
+
+    def log_evaluation(self, record: EvaluationRecord) -> None:
+        step_dir = self.step_dir(record.step)
+        for tag, image in record.images.items():
+            buffer = io.BytesIO()
+            Image.fromarray(_image_array(image)).save(buffer, format="PNG", compress_level=1)
+            atomic_write_bytes(step_dir / f"{_file_name(tag)}.png", buffer.getvalue())
+        for tag, figure in record.figures.items():
+            atomic_write_bytes(step_dir / f"{_file_name(tag)}.png", figure_to_png_bytes(figure))
+        histograms = {tag: _histogram_values(values) for tag, values in record.histograms.items()}
+        if histograms:
+            buffer = io.BytesIO()
+            np.savez(buffer, **histograms)
+            atomic_write_bytes(step_dir / "histograms.npz", buffer.getvalue())
+        if record.captions:
+            atomic_write_text(step_dir / "captions.json", json.dumps(record.captions, indent=2, sort_keys=True))
+        if record.scalars:
+            self._append_scalars(record)
+
+    def _append_scalars(self, record: EvaluationRecord) -> None:
+        # Rewriting the whole (small) file keeps the append atomic: readers see the old or the new table.
+        path = self.save_dir / "scalars.csv"
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        if not path.exists():
+            writer.writerow(["step", "epoch", "tag", "value"])
+        writer.writerows([record.step, record.epoch, tag, repr(float(value))] for tag, value in record.scalars.items())
+        previous = path.read_text(encoding="utf-8") if path.exists() else ""
+        atomic_write_text(path, previous + buffer.getvalue())
+
+    def finalize(self, trajectory: HeadTrajectory) -> None:
+        write_trajectory(trajectory, self.trajectory_dir)
+
+
+def sinks_for_loggers(
+    loggers: Sequence[Any],
+    save_dir: str | os.PathLike[str] | None = None,
+    log_dir: str | os.PathLike[str] | None = None,
+) -> list[Sink]:
+    """Pick a sink for each of the trainer's loggers.
+
+    * ``TensorBoardLogger`` -> :class:`TensorBoardSink`, trajectory files in ``logger.log_dir``.
+    * ``WandbLogger`` -> :class:`WandbSink`, trajectory files in ``logger.save_dir`` (the run's files dir when
+      that is ``None``), also uploaded to the run.
+    * Without either (CSV, MLflow or no logger): one :class:`FileSink` at ``save_dir`` (default
+      ``<log_dir>/gmar``) with the trajectory files in ``log_dir`` (``save_dir`` when ``log_dir`` is not
+      given), and a one-time notice saying where the files go.
+    * An explicit ``save_dir`` always adds a :class:`FileSink` there, also next to TensorBoard or W&B.
+
+    On global ranks other than 0 the list is empty, so the sinks never write twice.
+
+    Args:
+        loggers: ``trainer.loggers``.
+        save_dir: Directory for plain PNG/CSV/NPZ output; ``None`` for the default above.
+        log_dir: The run's log directory, normally ``trainer.log_dir``.
+
+    Returns:
+        The sinks, in logger order, the file sink last.
+
+    Examples:
+        >>> import tempfile
+        >>> from lightning.pytorch.loggers import TensorBoardLogger
+        >>> [type(sink).__name__ for sink in sinks_for_loggers([TensorBoardLogger(tempfile.mkdtemp())])]
+        ['TensorBoardSink']
+    """
+    if isinstance(loggers, str) or not isinstance(loggers, Sequence):
+        raise TypeError(
+            f"`loggers` must be a list of Lightning loggers (trainer.loggers), got {type(loggers).__name__}."
+        )
+    if rank_zero_only.rank != 0:
+        return []
+    sinks: list[Sink] = []
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            sinks.append(TensorBoardSink(logger.experiment, trajectory_dir=logger.log_dir))
+        elif isinstance(logger, WandbLogger):
+            sinks.append(WandbSink(logger.experiment, trajectory_dir=logger.save_dir))
+    if save_dir is None and not sinks:
+        if log_dir is None:
+            raise ValueError(
+                "`save_dir` or `log_dir` is required when there is no TensorBoard or W&B logger; pass "
+                "`log_dir=trainer.log_dir` or a `save_dir` for the PNG/CSV/NPZ files."
+            )
+        save_dir = Path(log_dir) / "gmar"
+    if save_dir is not None:
+        file_sink = FileSink(save_dir, trajectory_dir=log_dir if log_dir is not None and not sinks else None)
+        if not sinks:
+            rank_zero_info(f"GMARCallback: no TensorBoard or W&B logger; writing PNG/CSV/NPZ to {file_sink.save_dir}")
+        sinks.append(file_sink)
+    return sinks

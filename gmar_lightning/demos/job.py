@@ -1,0 +1,296 @@
+"""The main job: fine-tune a timm ViT with :class:`~gmar_lightning.GMARCallback` and log GMAR maps and head importance.
+
+``examples/finetune_vit.py`` and ``gmar-lightning demo`` both run :func:`run_demo`. By default it trains a small ViT
+(4 layers, 96 wide, 4 heads, patch 8, 64 px) from scratch on the synthetic
+:class:`~gmar_lightning.demos.data.ShapesDataset`, which reaches about 0.93 validation accuracy in about three minutes
+on 2 CPU cores; ``--data-dir`` switches to an ``ImageFolder`` with ``train/`` and ``val/`` subfolders and ``--model``
+to any timm model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import netrc
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+
+from gmar_lightning._checks import parse_methods
+from gmar_lightning.callback import GMARCallback
+from gmar_lightning.demos.data import HorizontalFlipWithMask, ShapesDataModule
+from gmar_lightning.demos.image_folder import ImageFolderDataModule
+from gmar_lightning.demos.model import ViTClassifier
+from gmar_lightning.trajectory import TRAJECTORY_NPZ
+
+__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_KWARGS", "LOGGERS", "DemoConfig", "run_demo"]
+
+DEFAULT_MODEL = "vit_tiny_patch16_224"
+"""The timm architecture behind the default model; :data:`DEFAULT_MODEL_KWARGS` shrinks it."""
+
+DEFAULT_MODEL_KWARGS: dict[str, Any] = {"patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 4}
+"""Constructor overrides of the default model: 4 layers, 96 wide, 4 heads, patch 8."""
+
+DEFAULT_IMG_SIZE = 64
+LOGGERS = ("tensorboard", "wandb", "csv")
+RUN_NAME = "gmar_demo"
+
+
+@dataclass
+class DemoConfig:
+    """Settings of :func:`run_demo`; the command-line options map one to one onto these fields.
+
+    Attributes:
+        data_dir: An ``ImageFolder`` root with ``train/`` and ``val/`` subfolders; ``None`` trains on shapes.
+        model: A timm model name; ``None`` is the small default ViT (:data:`DEFAULT_MODEL` with
+            :data:`DEFAULT_MODEL_KWARGS`).
+        model_kwargs: timm constructor overrides, merged over the defaults for the default model.
+        img_size: Input side; ``None`` is 64 for the default model and the model's own size otherwise.
+        checkpoint: A local weights file to start from (a head for another class count is re-initialised).
+        pretrained: Start from timm hub weights (needs internet access).
+        epochs: Training epochs.
+        batch_size: Images per batch.
+        lr: Peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        max_train_images: Training images (shapes: generated count, default 3000; ImageFolder: a seeded subset).
+        max_val_images: Validation images (shapes: default 500).
+        num_workers: DataLoader worker processes.
+        logger: ``"tensorboard"``, ``"wandb"`` or ``"csv"``.
+        log_dir: Root directory of the logs.
+        accelerator: Passed to ``Trainer``.
+        devices: Passed to ``Trainer`` (``"auto"``, a count or a list such as ``"0,1"``).
+        strategy: Passed to ``Trainer``.
+        precision: Passed to ``Trainer``, e.g. ``"bf16-mixed"``.
+        methods: Explanation methods logged by the callback.
+        num_probe: Validation images the callback explains at each evaluation.
+        every_n_epochs: Explain every n-th epoch.
+        seed: Seed of the data, the model initialisation and the training order.
+        progress_bar: Show Lightning's progress bar.
+    """
+
+    data_dir: str | None = None
+    model: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: int | None = None
+    checkpoint: str | None = None
+    pretrained: bool = False
+    epochs: int = 16
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    max_train_images: int | None = None
+    max_val_images: int | None = None
+    num_workers: int = 0
+    logger: str = "tensorboard"
+    log_dir: str = "runs"
+    accelerator: str = "auto"
+    devices: str = "auto"
+    strategy: str = "auto"
+    precision: str | None = None
+    methods: list[str] = field(default_factory=lambda: ["gmar_l1"])
+    num_probe: int = 16
+    every_n_epochs: int = 1
+    seed: int = 0
+    progress_bar: bool = True
+
+
+def _model_spec(config: DemoConfig) -> tuple[str, dict[str, Any], int | None]:
+    """The timm name, constructor overrides and image size the run builds its model with."""
+    if config.model is None:
+        return DEFAULT_MODEL, {**DEFAULT_MODEL_KWARGS, **config.model_kwargs}, config.img_size or DEFAULT_IMG_SIZE
+    return config.model, dict(config.model_kwargs), config.img_size
+
+
+def _input_size(model: torch.nn.Module) -> int:
+    """The square input side a timm model was built for."""
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        return int(img_size[0])
+    return int(model.pretrained_cfg["input_size"][-1])
+
+
+def _wandb_is_configured() -> bool:
+    """Whether the user set W&B up (an API key in the environment or in ~/.netrc, or an explicit mode)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def _make_logger(config: DemoConfig) -> tuple[Logger, Path]:
+    """The Lightning logger and the directory the run's trajectory files and checkpoint go into."""
+    if config.logger == "tensorboard":
+        logger: Logger = TensorBoardLogger(config.log_dir, name=RUN_NAME)
+        return logger, Path(logger.log_dir)
+    if config.logger == "csv":
+        logger = CSVLogger(config.log_dir, name=RUN_NAME)
+        return logger, Path(logger.log_dir)
+    if importlib.util.find_spec("wandb") is None:
+        raise ValueError("`--logger wandb` needs wandb; pip install 'gmar-lightning[wandb]'.")
+    if not _wandb_is_configured():
+        # Without credentials W&B would prompt for a login; offline runs can be synced later with `wandb sync`.
+        os.environ["WANDB_MODE"] = "offline"
+    Path(config.log_dir).mkdir(parents=True, exist_ok=True)
+    logger = WandbLogger(project="gmar-lightning", name=RUN_NAME, save_dir=config.log_dir)
+    return logger, Path(config.log_dir)
+
+
+def _make_data(config: DemoConfig, model: torch.nn.Module, num_classes: int) -> tuple[L.LightningDataModule, dict]:
+    """The datamodule plus the callback's display settings (normalisation and class names)."""
+    img_size = _input_size(model)
+    if config.data_dir is None:
+        shapes = ShapesDataModule(
+            num_train=config.max_train_images or 3000,
+            num_val=config.max_val_images or 500,
+            image_size=img_size,
+            num_classes=num_classes,
+            batch_size=config.batch_size,
+            num_workers=config.num_workers,
+            seed=config.seed,
+        )
+        display = {"mean": shapes.train_dataset.mean, "std": shapes.train_dataset.std, "class_names": shapes.classes}
+        shapes.train_dataset = HorizontalFlipWithMask(shapes.train_dataset)
+        return shapes, display
+    from timm.data import resolve_model_data_config
+
+    data_config = resolve_model_data_config(model)
+    folders = ImageFolderDataModule(
+        config.data_dir,
+        img_size,
+        tuple(data_config["mean"]),
+        tuple(data_config["std"]),
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        max_train_images=config.max_train_images,
+        max_val_images=config.max_val_images,
+        seed=config.seed,
+    )
+    display = {"mean": data_config["mean"], "std": data_config["std"], "class_names": folders.classes}
+    return folders, display
+
+
+def _num_classes(config: DemoConfig) -> int:
+    if config.data_dir is None:
+        return 4
+    train_dir = Path(config.data_dir) / "train"
+    if not train_dir.is_dir():
+        raise FileNotFoundError(
+            f"`--data-dir` {config.data_dir!r} has no train/ folder; lay images out as train/<class>/<image>."
+        )
+    classes = [entry for entry in train_dir.iterdir() if entry.is_dir()]
+    if len(classes) < 2:
+        raise ValueError(f"`--data-dir` {config.data_dir!r} needs at least 2 class folders under train/.")
+    return len(classes)
+
+
+def _devices(value: str) -> str | int | list[int]:
+    """``--devices`` as Lightning expects it: ``"auto"``, a count, or a list of indices for ``"0,1"``."""
+    if "," in value:
+        return [int(index) for index in value.split(",") if index.strip()]
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
+def run_demo(config: DemoConfig) -> dict[str, Any]:
+    """Fine-tune a ViT with :class:`~gmar_lightning.GMARCallback` and return where everything went.
+
+    Args:
+        config: The run's settings.
+
+    Returns:
+        ``{"val_acc", "val_loss", "log_dir", "trajectory_path", "checkpoint_path", "wall_time_s",
+        "tensorboard_command", "view_command", "config"}``; paths are strings. ``view_command`` is how to look at
+        the logs (``tensorboard --logdir ...``, ``wandb sync ...`` or ``gmar-lightning report ...``);
+        ``tensorboard_command`` is the same for TensorBoard and ``None`` for other loggers.
+
+    Raises:
+        ValueError: For an unknown model name, bad options or data folders.
+        FileNotFoundError: For a missing data folder or checkpoint.
+    """
+    if config.logger not in LOGGERS:
+        raise ValueError(f"`--logger` must be one of {', '.join(LOGGERS)}, got {config.logger!r}.")
+    if config.checkpoint is not None and not Path(config.checkpoint).is_file():
+        raise FileNotFoundError(f"`--checkpoint` {config.checkpoint!r} does not exist; pass a weights file.")
+    methods = parse_methods(config.methods)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    model_name, model_kwargs, img_size = _model_spec(config)
+    num_classes = _num_classes(config)
+    module = ViTClassifier(
+        model_name=model_name,
+        num_classes=num_classes,
+        img_size=img_size,
+        pretrained=config.pretrained,
+        checkpoint_path=config.checkpoint,
+        model_kwargs=model_kwargs,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+    )
+    datamodule, display = _make_data(config, module.model, num_classes)
+    logger, run_dir = _make_logger(config)
+    gmar = GMARCallback(
+        num_probe=config.num_probe,
+        methods=methods,
+        every_n_epochs=config.every_n_epochs,
+        mean=display["mean"],
+        std=display["std"],
+        class_names=display["class_names"],
+    )
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
+    trainer_options: dict[str, Any] = {}
+    if config.precision is not None:
+        trainer_options["precision"] = config.precision
+    trainer = L.Trainer(
+        max_epochs=config.epochs,
+        accelerator=config.accelerator,
+        devices=_devices(config.devices),
+        strategy=config.strategy,
+        logger=logger,
+        callbacks=[gmar, checkpoint],
+        log_every_n_steps=10,
+        enable_progress_bar=config.progress_bar,
+        **trainer_options,
+    )
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    wall_time = time.perf_counter() - started
+    metrics = trainer.callback_metrics
+    trajectory_path = run_dir / TRAJECTORY_NPZ
+    view_command = f"tensorboard --logdir {run_dir}"
+    if isinstance(logger, WandbLogger):
+        offline_run = Path(logger.experiment.dir).parent
+        view_command = (
+            f"wandb sync {offline_run}" if os.environ.get("WANDB_MODE") == "offline" else logger.experiment.url
+        )
+    elif isinstance(logger, CSVLogger):
+        view_command = f"gmar-lightning report {run_dir}"
+    result: dict[str, Any] = {
+        "val_acc": float(metrics["val_acc"]) if "val_acc" in metrics else None,
+        "val_loss": float(metrics["val_loss"]) if "val_loss" in metrics else None,
+        "log_dir": str(run_dir),
+        "trajectory_path": str(trajectory_path) if trajectory_path.is_file() else None,
+        "checkpoint_path": str(run_dir / "checkpoints" / "last.ckpt"),
+        "wall_time_s": wall_time,
+        "tensorboard_command": view_command if config.logger == "tensorboard" else None,
+        "view_command": view_command,
+        "config": asdict(config),
+    }
+    if trainer.is_global_zero:
+        _print_summary(result)
+    return result
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    accuracy = "n/a" if result["val_acc"] is None else f"{result['val_acc']:.3f}"
+    print(f"\nval_acc {accuracy} after {result['wall_time_s']:.0f} s")
+    print(f"Logs:       {result['log_dir']}")
+    print(f"Heads:      {result['trajectory_path']}")
+    print(f"Checkpoint: {result['checkpoint_path']}")
+    print(f"View them:  {result['view_command']}")
+    print(f"Report:     gmar-lightning report {result['log_dir']}")

@@ -1,0 +1,255 @@
+"""A small, reusable LightningModule around a timm Vision Transformer, and loading of local weights files.
+
+:class:`ViTClassifier` is what the examples, the ``gmar-lightning demo`` command and the LightningCLI config train:
+a timm model created by name (with any constructor overrides such as ``img_size`` or ``depth``), cross-entropy,
+accuracy logged as ``val_acc`` and AdamW with a linear-warmup cosine schedule. :class:`~gmar_lightning.GMARCallback`
+finds the ViT as its ``model`` attribute.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models import load_state_dict
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+__all__ = ["ViTClassifier", "checkpoint_model_settings", "create_vit", "load_weights"]
+
+_MODEL_SETTINGS = ("model_name", "num_classes", "img_size", "model_kwargs")
+
+
+def create_vit(
+    model_name: str,
+    num_classes: int,
+    img_size: int | None = None,
+    pretrained: bool = False,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    strict: bool = False,
+) -> nn.Module:
+    """Create a timm model by name with constructor overrides, optionally loading weights.
+
+    Args:
+        model_name: Any name ``timm.is_model`` accepts, e.g. ``"vit_tiny_patch16_224"``.
+        num_classes: Size of the classification head.
+        img_size: Input side the model is built for; ``None`` keeps the model's default.
+        pretrained: Download timm hub weights (needs internet access).
+        checkpoint_path: A local weights file loaded after creation (see :func:`load_weights`).
+        model_kwargs: More constructor overrides, e.g. ``{"patch_size": 8, "depth": 4}``.
+        strict: Passed to :func:`load_weights`: ``False`` re-initialises tensors whose shape differs (a new head).
+
+    Returns:
+        The model, in training mode.
+
+    Examples:
+        >>> vit = create_vit("vit_tiny_patch16_224", 3, img_size=32, model_kwargs={"patch_size": 8, "depth": 2})
+        >>> vit.patch_embed.img_size, len(vit.blocks), vit.num_classes
+        ((32, 32), 2, 3)
+    """
+    if not isinstance(model_name, str) or not timm.is_model(model_name):
+        raise ValueError(f"`model_name` {model_name!r} is not a timm model; list names with timm.list_models('vit*').")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"`num_classes` must be a positive integer, got {num_classes!r}.")
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise TypeError(f"`model_kwargs` must be a dict of constructor overrides, got {type(model_kwargs).__name__}.")
+    overrides = dict(model_kwargs or {})
+    if img_size is not None:
+        overrides["img_size"] = img_size
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **overrides)
+    except TypeError as error:
+        raise ValueError(f"`model_kwargs` {overrides} do not fit timm model {model_name!r}: {error}") from None
+    if checkpoint_path is not None:
+        load_weights(model, checkpoint_path, strict=strict)
+    return model
+
+
+def _checkpoint_filter(model: nn.Module) -> Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]] | None:
+    """timm's per-family ``checkpoint_filter_fn``, which resamples position embeddings to the model's size."""
+    return getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = True) -> list[str]:
+    """Load a local weights file into a timm model.
+
+    Accepts a plain ``state_dict`` (``.pth``/``.pt``/``.bin``/``.safetensors``), a dict holding it under
+    ``"state_dict"`` or ``"model"`` (timm training checkpoints) and a Lightning checkpoint of
+    :class:`ViTClassifier` (keys prefixed ``model.``). The file is read with ``weights_only=True``, so it cannot run
+    code. Position embeddings saved at another image size are resampled by timm's filter for the model's family.
+
+    Args:
+        model: The model to fill.
+        path: The weights file.
+        strict: Require every tensor to match in name and shape. With ``False`` tensors whose shape differs
+            (typically a classification head for another number of classes) keep their fresh initialisation.
+
+    Returns:
+        The names of the tensors that were not loaded (always empty when ``strict``).
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a file.
+        ValueError: If the file does not fit the model.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"`checkpoint` {path!r} does not exist; pass a weights file (.pth, .ckpt, ...).")
+    try:
+        state_dict = load_state_dict(path, use_ema=False, weights_only=True)
+    except Exception as error:
+        raise ValueError(f"`checkpoint` {path!r} is not a readable weights file: {error}") from None
+    prefix = "model."
+    if state_dict and all(key.startswith(prefix) for key in state_dict):
+        state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
+    filter_fn = _checkpoint_filter(model)
+    if filter_fn is not None:
+        state_dict = filter_fn(state_dict, model)
+    expected = model.state_dict()
+    mismatched = [key for key, value in state_dict.items() if key in expected and value.shape != expected[key].shape]
+    missing = [key for key in expected if key not in state_dict]
+    if strict and (mismatched or missing):
+        problem = f"shapes differ for {mismatched[:3]}" if mismatched else f"lacks {missing[:3]}"
+        raise ValueError(
+            f"`checkpoint` {path!r} does not fit this model ({problem}); check --model, --num-classes, --img-size "
+            "and the model kwargs."
+        )
+    loadable = {key: value for key, value in state_dict.items() if key in expected and key not in mismatched}
+    if not loadable:
+        raise ValueError(f"`checkpoint` {path!r} shares no tensor with the model; is it for another architecture?")
+    model.load_state_dict(loadable, strict=False)
+    return sorted(set(missing) | set(mismatched))
+
+
+def checkpoint_model_settings(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The model settings stored in a Lightning checkpoint of :class:`ViTClassifier`, or ``None`` for other files.
+
+    Returns:
+        ``{"model_name", "num_classes", "img_size", "model_kwargs"}``, enough to rebuild the model for the weights.
+    """
+    path = os.fspath(path)
+    if not path.endswith(".ckpt") or not os.path.isfile(path):
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"`checkpoint` {path!r} is not a readable Lightning checkpoint: {error}") from None
+    settings = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    if not all(key in settings for key in _MODEL_SETTINGS):
+        return None
+    return {key: settings[key] for key in _MODEL_SETTINGS}
+
+
+class ViTClassifier(L.LightningModule):
+    """Image classification with a timm Vision Transformer: cross-entropy, accuracy, AdamW, warmup + cosine.
+
+    Batches are ``(images, labels)`` or ``(images, labels, masks)`` (masks are ignored). Logged metrics:
+    ``train_loss``, ``train_acc``, ``val_loss`` and ``val_acc`` (epoch means). The learning rate rises linearly
+    for ``warmup_fraction`` of the optimiser steps and then follows a cosine down to zero.
+
+    Args:
+        model_name: A timm model name.
+        num_classes: Number of classes.
+        img_size: Input side the model is built for; ``None`` keeps timm's default.
+        pretrained: Start from timm hub weights (needs internet access).
+        checkpoint_path: Start from a local weights file instead (a mismatching head is re-initialised).
+        model_kwargs: More timm constructor overrides, e.g. ``{"patch_size": 8, "embed_dim": 96}``.
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay (not applied to biases, norms, tokens and position embeddings).
+        warmup_fraction: Fraction of the training steps spent warming up, in ``[0, 1)``.
+        label_smoothing: Cross-entropy label smoothing, in ``[0, 1)``.
+
+    Examples:
+        >>> module = ViTClassifier("vit_tiny_patch16_224", num_classes=3, img_size=32,
+        ...                        model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4})
+        >>> module(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(
+        self,
+        model_name: str = "vit_tiny_patch16_224",
+        num_classes: int = 4,
+        img_size: int | None = None,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_fraction: float = 0.1,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not lr > 0:
+            raise ValueError(f"`lr` must be positive, got {lr!r}.")
+        if not weight_decay >= 0:
+            raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise ValueError(f"`warmup_fraction` must lie in [0, 1), got {warmup_fraction!r}.")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"`label_smoothing` must lie in [0, 1), got {label_smoothing!r}.")
+        self.save_hyperparameters()
+        self.model = create_vit(model_name, num_classes, img_size, pretrained, checkpoint_path, model_kwargs)
+        self.train_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def _step(self, batch: tuple[Tensor, ...] | list[Tensor], stage: str) -> Tensor:
+        if not isinstance(batch, list | tuple) or len(batch) < 2:
+            raise TypeError(f"`batch` must be (images, labels) or (images, labels, masks), got {type(batch).__name__}.")
+        images, labels = batch[0], batch[1]
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        accuracy = self.train_accuracy if stage == "train" else self.val_accuracy
+        accuracy(logits, labels)
+        on_step = stage == "train"
+        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=on_step, on_epoch=True, batch_size=labels.shape[0])
+        self.log(f"{stage}_acc", accuracy, prog_bar=True, on_step=False, on_epoch=True, batch_size=labels.shape[0])
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, ...] | list[Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, ...] | list[Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # Decaying norms, biases, tokens and position embeddings hurts small ViTs; timm's convention skips them.
+        decay, no_decay = [], []
+        for name, parameter in self.model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            skip = parameter.ndim <= 1 or "token" in name or "pos_embed" in name
+            (no_decay if skip else decay).append(parameter)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.lr,
+        )
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup_steps = int(self.hparams.warmup_fraction * total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup_steps, total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor at each step: linear warmup to 1, then a cosine down to 0 at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

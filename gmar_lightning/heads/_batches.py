@@ -1,0 +1,93 @@
+"""The evaluation loop the head tools share: batches from a dataloader, logits and per-example losses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+__all__ = ["LossFn", "per_example_cross_entropy"]
+
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""``loss_fn(logits [B, C], labels [B]) -> per-example losses [B]``."""
+
+
+def per_example_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of each example, ``[B, C], [B] -> [B]`` (the default ``loss_fn``).
+
+    Examples:
+        >>> per_example_cross_entropy(torch.zeros(2, 4), torch.tensor([0, 3])).tolist()  # ln 4 each
+        [1.3862943649291992, 1.3862943649291992]
+    """
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def _check_max_batches(max_batches: int | None) -> None:
+    if max_batches is not None and (
+        not isinstance(max_batches, int) or isinstance(max_batches, bool) or max_batches < 1
+    ):
+        raise ValueError(f"`max_batches` must be a positive integer or None, got {max_batches!r}.")
+
+
+def _model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _batches(
+    dataloader: Iterable[Any], max_batches: int | None, device: torch.device, progress: bool, description: str
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(images, labels)`` on ``device`` from ``(images, labels[, masks, ...])`` batches."""
+    try:
+        total: int | None = len(dataloader)  # type: ignore[arg-type]
+    except TypeError:  # iterables and DataLoaders over an IterableDataset have no length
+        total = None
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    batches = tqdm(dataloader, total=total, desc=description, disable=not progress, leave=False)
+    try:
+        for index, batch in enumerate(batches):
+            if max_batches is not None and index >= max_batches:
+                break
+            if not isinstance(batch, list | tuple) or len(batch) < 2:
+                raise TypeError(
+                    f"`dataloader` must yield (images, labels) or (images, labels, masks) batches, "
+                    f"got {type(batch).__name__}."
+                )
+            images, labels = batch[0], batch[1]
+            if not isinstance(labels, Tensor) or labels.dim() != 1 or labels.is_floating_point():
+                raise ValueError(
+                    "`dataloader` labels must be an integer class-index tensor of shape [B], got "
+                    f"{type(labels).__name__}{list(labels.shape) if isinstance(labels, Tensor) else ''}."
+                )
+            yield images.to(device), labels.to(device)
+    finally:
+        batches.close()
+
+
+def _logits(model: nn.Module, images: Tensor) -> Tensor:
+    logits = model(images)
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise TypeError(
+            f"`model` must return logits of shape [B, C], got {type(logits).__name__}"
+            f"{list(logits.shape) if isinstance(logits, Tensor) else ''}."
+        )
+    return logits
+
+
+def _per_example_loss(loss_fn: LossFn, logits: Tensor, labels: Tensor) -> Tensor:
+    losses = loss_fn(logits, labels)
+    if not isinstance(losses, Tensor) or tuple(losses.shape) != (labels.shape[0],):
+        shape = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(
+            f"`loss_fn` must return per-example losses of shape [{labels.shape[0]}], got {shape}; "
+            "use reduction='none' (e.g. the default `per_example_cross_entropy`)."
+        )
+    return losses

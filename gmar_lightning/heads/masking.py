@@ -1,0 +1,203 @@
+"""Mask attention heads: scale chosen heads' outputs inside a ``with`` block, and build masks from pruning orders.
+
+Heads are masked by scaling their outputs just before each attention module's output projection ``proj``: a forward
+pre-hook views ``proj``'s input ``[B, N, H * head_dim]`` as ``[B, N, H, head_dim]`` and multiplies it by the mask.
+Fused attention (``scaled_dot_product_attention``) stays on, because nothing needs the attention probabilities.
+
+Limitation: timm attention modules built with ``scale_norm=True`` (e.g. EVA with ``scale_attn_inner=True``)
+normalise the concatenated heads (``self.norm``) before ``proj``. Masking at ``proj``'s input still removes the
+masked heads' contribution to the output exactly, but the remaining heads were normalised with statistics that
+include the masked heads, so the result is not identical to a model trained without them. No earlier hook point is
+better: zeroing a head before the norm still lets its (shifted) channels and the norm's bias reach ``proj``.
+A sigmoid ``gate`` (``gated=True``) acts per channel and so per head; it does not affect exactness.
+
+Examples:
+    >>> import timm
+    >>> model = timm.models.vision_transformer.VisionTransformer(
+    ...     img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3)
+    >>> attention_head_grid(model)
+    (2, 2)
+    >>> mask = torch.ones(2, 2)
+    >>> mask[0, 1] = 0  # drop head 1 of the first layer
+    >>> with head_mask(model, mask):
+    ...     logits = model(torch.randn(1, 3, 16, 16))
+    >>> logits.shape
+    torch.Size([1, 3])
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gmar_lightning.capture import AttentionLayer, find_attention_layers
+
+__all__ = ["attention_head_grid", "head_mask", "mask_from_order"]
+
+
+def _maskable_layers(model: nn.Module) -> tuple[list[AttentionLayer], int]:
+    """The attention layers with the head count they share; errors if a layer has no ``proj``/``num_heads``."""
+    layers = find_attention_layers(model)
+    head_counts = set()
+    for layer in layers:
+        num_heads = getattr(layer.module, "num_heads", None)
+        if not isinstance(num_heads, int) or not isinstance(getattr(layer.module, "proj", None), nn.Module):
+            raise TypeError(
+                f"`model` attention layer `{layer.name}` ({type(layer.module).__name__}) needs an integer `num_heads` "
+                "and a `proj` output projection for head masking; only timm-style attention is supported."
+            )
+        head_counts.add(num_heads)
+    if len(head_counts) != 1:
+        raise ValueError(
+            f"`model` must have the same number of heads in every attention layer for an [L, H] head mask, "
+            f"got head counts {sorted(head_counts)}."
+        )
+    return layers, head_counts.pop()
+
+
+def attention_head_grid(model: nn.Module) -> tuple[int, int]:
+    """The shape ``(L, H)`` of head masks and importance for ``model``: attention layers by heads per layer.
+
+    Examples:
+        >>> import timm
+        >>> attention_head_grid(timm.models.vision_transformer.VisionTransformer(
+        ...     img_size=16, patch_size=8, embed_dim=24, depth=3, num_heads=6))
+        (3, 6)
+    """
+    layers, num_heads = _maskable_layers(model)
+    return len(layers), num_heads
+
+
+def _gate_hook(layer_name: str, gate: Tensor) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
+    """A ``proj`` pre-hook scaling head ``h``'s input slice by ``gate[..., h]``; ``gate`` is ``[H]`` or ``[B, H]``."""
+    num_heads = gate.shape[-1]
+
+    def hook(_proj: nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        head_outputs = inputs[0]
+        if head_outputs.shape[-1] % num_heads != 0:
+            raise ValueError(
+                f"`model` layer `{layer_name}`: `proj` input width {head_outputs.shape[-1]} is not divisible by "
+                f"{num_heads} heads, so it cannot be split per head."
+            )
+        per_head = head_outputs.unflatten(-1, (num_heads, -1))
+        if gate.dim() == 1:
+            scale = gate.view(num_heads, 1)
+        elif head_outputs.shape[0] == gate.shape[0]:
+            # Broadcast each sample's gate over every middle (token) dimension.
+            scale = gate.view(gate.shape[0], *([1] * (per_head.dim() - 3)), num_heads, 1)
+        else:
+            raise ValueError(
+                f"`model` layer `{layer_name}`: `proj` input has leading dimension {head_outputs.shape[0]} but the "
+                f"batch has {gate.shape[0]} samples; per-sample head gates need unwindowed attention."
+            )
+        scale = scale.to(device=per_head.device, dtype=per_head.dtype)
+        return ((per_head * scale).flatten(-2), *inputs[1:])
+
+    return hook
+
+
+@contextlib.contextmanager
+def _gated_heads(layers: list[AttentionLayer], gates: Sequence[Tensor | None]) -> Iterator[None]:
+    """Scale each layer's head outputs by ``gates[l]`` (``[H]``, ``[B, H]`` or ``None`` to leave it alone)."""
+    handles = []
+    try:
+        for layer, gate in zip(layers, gates, strict=True):
+            if gate is not None:
+                handles.append(layer.module.proj.register_forward_pre_hook(_gate_hook(layer.name, gate)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _as_float_tensor(name: str, value: object) -> Tensor:
+    if isinstance(value, Tensor):
+        return value if value.is_floating_point() else value.float()
+    if isinstance(value, np.ndarray | list | tuple):
+        return torch.as_tensor(np.asarray(value, dtype=np.float64), dtype=torch.float32)
+    raise TypeError(f"`{name}` must be a tensor or array, got {type(value).__name__}.")
+
+
+@contextlib.contextmanager
+def head_mask(model: nn.Module, mask: Tensor | np.ndarray) -> Iterator[None]:
+    """Scale (usually zero) chosen attention heads' outputs inside the ``with`` block.
+
+    Each head's output is multiplied by its mask entry just before the attention module's output projection, so a
+    0 removes the head's contribution to the output (see the module docstring for ``scale_norm`` models). Rows that
+    are all ones get no hook, so an all-ones mask leaves outputs bit-identical. Hooks are removed on exit, also
+    when the body raises; the model itself is never changed.
+
+    Args:
+        model: A timm Vision Transformer (or ``torch.compile`` of one).
+        mask: ``[L, H]`` over the model's attention layers in :func:`~gmar_lightning.capture.find_attention_layers`
+            order: 0/1, bool, or float weights. A mask that requires grad is always applied, so gradients reach it.
+
+    Raises:
+        ValueError: If ``mask`` is not ``[L, H]`` or has non-finite entries, or the layers' head counts differ.
+
+    Examples:
+        >>> import timm
+        >>> model = timm.models.vision_transformer.VisionTransformer(
+        ...     img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3).eval()
+        >>> images = torch.randn(2, 3, 16, 16)
+        >>> reference = model(images)
+        >>> with head_mask(model, torch.ones(2, 2)):
+        ...     unchanged = torch.equal(model(images), reference)
+        >>> with head_mask(model, torch.tensor([[0, 0], [1, 1]])):  # silence every head of layer 0
+        ...     changed = not torch.allclose(model(images), reference)
+        >>> unchanged, changed
+        (True, True)
+    """
+    layers, num_heads = _maskable_layers(model)
+    mask = _as_float_tensor("mask", mask)
+    if tuple(mask.shape) != (len(layers), num_heads):
+        raise ValueError(
+            f"`mask` must have shape [L, H] = [{len(layers)}, {num_heads}] (attention layers x heads), "
+            f"got {list(mask.shape)}."
+        )
+    if not torch.isfinite(mask).all():
+        raise ValueError("`mask` must contain only finite values; use 0 to drop a head and 1 to keep it.")
+    keep_all = (mask == 1).all(dim=-1).tolist()
+    gates = [None if keep and not mask.requires_grad else row for row, keep in zip(mask, keep_all, strict=True)]
+    with _gated_heads(layers, gates):
+        yield
+
+
+def mask_from_order(order: Tensor | Sequence[Sequence[int]], count: int, num_layers: int, num_heads: int) -> Tensor:
+    """The ``[L, H]`` 0/1 mask that drops the first ``count`` heads of a pruning ``order``.
+
+    Examples:
+        >>> mask_from_order([(1, 0), (0, 1), (0, 0), (1, 1)], 2, num_layers=2, num_heads=2).tolist()
+        [[1.0, 0.0], [0.0, 1.0]]
+    """
+    order = _check_order(order, num_layers, num_heads)
+    if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= len(order):
+        raise ValueError(f"`count` must be an integer in [0, {len(order)}], got {count!r}.")
+    mask = torch.ones(num_layers, num_heads)
+    dropped = order[:count]
+    mask[dropped[:, 0], dropped[:, 1]] = 0.0
+    return mask
+
+
+def _check_order(order: Tensor | Sequence[Sequence[int]], num_layers: int, num_heads: int) -> Tensor:
+    """``order`` as an int64 ``[L * H, 2]`` tensor covering every head exactly once."""
+    order = torch.as_tensor(order)
+    expected = num_layers * num_heads
+    if order.shape != (expected, 2) or order.is_floating_point():
+        raise ValueError(
+            f"`order` must be {expected} integer (layer, head) pairs, shape [{expected}, 2], got "
+            f"{order.dtype} of shape {list(order.shape)}; build it with `rank_heads` or `random_order`."
+        )
+    order = order.long()
+    in_range = (order[:, 0] >= 0) & (order[:, 0] < num_layers) & (order[:, 1] >= 0) & (order[:, 1] < num_heads)
+    if not in_range.all() or torch.unique(order[:, 0] * num_heads + order[:, 1]).numel() != expected:
+        raise ValueError(
+            f"`order` must list every (layer, head) of the {num_layers}x{num_heads} grid exactly once; "
+            "build it with `rank_heads` or `random_order`."
+        )
+    return order

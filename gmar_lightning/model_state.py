@@ -1,0 +1,95 @@
+"""Temporary model states, each restored on exit (also after an error): eval mode, frozen parameters, no gradient
+checkpointing, unfused attention.
+
+The engine combines them all (:func:`eval_mode_without_fast_paths`); the head tools and the perturbation metrics take
+only the ones they need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+from gmar_lightning.capture import AttentionLayer
+
+__all__ = [
+    "eval_mode",
+    "eval_mode_without_fast_paths",
+    "frozen_parameters",
+    "no_grad_checkpointing",
+    "unfused_attention",
+]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put the model in eval mode, then restore every module's own ``training`` flag (not just the root's).
+
+    Partially frozen models (some submodules kept in eval mode) come back exactly as they were, also after an error.
+    """
+    training_flags = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, training in training_flags:
+            module.training = training
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Make every parameter stop requiring grad, then restore each one's own ``requires_grad``."""
+    grad_flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        for parameter, _ in grad_flags:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter, requires_grad in grad_flags:
+            parameter.requires_grad_(requires_grad)
+
+
+@contextlib.contextmanager
+def _attributes_set_false(settings: list[tuple[nn.Module, str]]) -> Iterator[None]:
+    """Set each ``(module, flag)`` to ``False``, then restore the values in reverse order."""
+    changed: list[tuple[nn.Module, str, object]] = []
+    try:
+        for module, flag in settings:
+            changed.append((module, flag, getattr(module, flag)))
+            setattr(module, flag, False)
+        yield
+    finally:
+        for module, flag, value in reversed(changed):
+            setattr(module, flag, value)
+
+
+def no_grad_checkpointing(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Switch timm's ``grad_checkpointing`` off on every module that has it set.
+
+    timm checkpoints blocks whenever ``grad_checkpointing`` is set, in eval mode too: recomputation would fire capture
+    hooks twice, and reentrant checkpointing drops gradients to tensors that reach a block only through hooks.
+    """
+    return _attributes_set_false(
+        [
+            (module, "grad_checkpointing")
+            for module in model.modules()
+            if getattr(module, "grad_checkpointing", False) is True
+        ]
+    )
+
+
+def unfused_attention(layers: list[AttentionLayer]) -> contextlib.AbstractContextManager[None]:
+    """Set each layer's adapter ``disable_flags`` (timm: ``fused_attn``) to ``False``, so probabilities materialise."""
+    return _attributes_set_false([(layer.module, flag) for layer in layers for flag in layer.adapter.disable_flags])
+
+
+@contextlib.contextmanager
+def eval_mode_without_fast_paths(model: nn.Module, layers: list[AttentionLayer]) -> Iterator[None]:
+    """:func:`eval_mode` with unfused attention, no gradient checkpointing and frozen parameters; all restored."""
+    # Parameters stop requiring grad for the call: autograd then saves no layer inputs for weight gradients, which
+    # the explanation never needs, cutting the backward graph's memory roughly in half. The input image carries the
+    # graph instead.
+    with frozen_parameters(model), unfused_attention(layers), no_grad_checkpointing(model), eval_mode(model):
+        yield
