@@ -293,7 +293,11 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False, dynamic_img_size=True).to(args.device).eval()
+    model = (
+        timm.create_model(args.model, pretrained=False, dynamic_img_size=True, dynamic_img_pad=True)
+        .to(args.device)
+        .eval()
+    )
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(
         f"model={args.model} device={args.device} ({device_name}) threads={torch.get_num_threads()} "

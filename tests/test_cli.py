@@ -57,7 +57,8 @@ def test_explain_writes_overlays_and_maps_of_the_loaded_weights(
     weights: Path, images: list[Path], tmp_path: Path
 ) -> None:
     output = tmp_path / "out"
-    argv = ["explain", str(images[0]), str(images[1]), *TINY_OPTIONS, "--checkpoint", str(weights)]
+    # On the CPU like the reference below: on a GPU machine the CLI would default to CUDA and differ by rounding.
+    argv = ["explain", str(images[0]), str(images[1]), *TINY_OPTIONS, "--checkpoint", str(weights), "--device", "cpu"]
     assert main([*argv, "--method", "gmar_l1,rollout", "--method", "attention", "--output", str(output)]) == 0
 
     for stem in ("colour", "gray"):

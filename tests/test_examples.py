@@ -142,6 +142,7 @@ def test_demo_with_wandb_logger_runs_offline_and_writes_head_importance(tmp_path
 
 
 def test_lightning_cli_config_trains_with_the_callback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("jsonargparse")  # LightningCLI's own requirement; absent where only Lightning is installed
     # LightningCLI writes config.yaml into the log dir; run from tmp so nothing lands in the checkout.
     monkeypatch.chdir(tmp_path)
     load_example("lightning_cli").main(
