@@ -15,15 +15,18 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "KEPT_HEADS",
     "TIMM_ADAPTER",
     "AttentionAdapter",
     "AttentionLayer",
     "AttentionNotFoundError",
     "find_attention_layers",
     "find_vision_transformer",
+    "head_slots",
     "hook_attention",
     "register_attention_adapter",
     "unregister_attention_adapter",
@@ -103,6 +106,33 @@ class AttentionLayer:
     @property
     def probs_module(self) -> nn.Module:
         return self.adapter.probs_module(self.module)
+
+
+KEPT_HEADS = "kept_heads"
+"""Name of the persistent ``[H_original]`` bool buffer that an attention module which lost heads carries (True: the
+head is still there); :func:`gmar_lightning.heads.pruning.prune_heads` writes it, so it travels in every state dict."""
+
+
+def head_slots(module: nn.Module, num_heads: int) -> Tensor:
+    """The original index (slot) of each of an attention module's ``num_heads`` current heads, ascending (CPU int64).
+
+    ``0 .. num_heads - 1`` for a module that never lost a head; the positions of the ``kept_heads`` buffer's True
+    entries for one that did. Layers with different head counts are laid side by side by these slots.
+
+    Examples:
+        >>> head_slots(nn.Linear(2, 2), 3).tolist()
+        [0, 1, 2]
+    """
+    kept = getattr(module, KEPT_HEADS, None)
+    if kept is None:
+        return torch.arange(num_heads)
+    return kept.nonzero().flatten().cpu()
+
+
+def slot_count(module: nn.Module, num_heads: int) -> int:
+    """How many heads the module had before any was removed (the width of its row in an ``[L, H]`` head grid)."""
+    kept = getattr(module, KEPT_HEADS, None)
+    return num_heads if kept is None else int(kept.numel())
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -1,0 +1,497 @@
+"""Remove attention heads from timm ViTs for real: smaller weights, fewer FLOPs, the outputs of masking them.
+
+:func:`prune_heads` slices every tensor whose size depends on a layer's head count: the ``qkv`` (or ``q_proj``,
+``k_proj``, ``v_proj``) output rows with their biases (BEiT/EVA's separate ``q_bias``/``k_bias``/``v_bias`` too), a
+``gate``'s rows, ``proj``'s input columns and BEiT's relative-position-bias table; it updates ``num_heads`` (and
+``attn_dim``) and keeps ``head_dim``. ``q_norm``/``k_norm`` act on each head's ``head_dim`` channels with weights
+shared by all heads and EVA's rotary embedding acts on ``head_dim`` too, so neither changes. Fused attention stays on.
+Layers may end with different head counts, and a layer may lose every head: its attention branch then outputs only
+``proj``'s bias, exactly what :func:`~gmar_lightning.heads.head_mask` gives when it zeroes all of the layer's heads.
+
+Heads keep the index they had in the unpruned model (their *slot*). A pruned attention module carries a persistent
+boolean buffer ``kept_heads`` ``[H_original]``, so the pruning spec travels inside every ``state_dict`` (a plain
+file, a Lightning checkpoint) and :func:`restore_pruning` prunes a freshly built model to match before loading.
+
+Refused: attention that normalises the concatenated heads before ``proj`` (``scale_norm``, EVA with
+``scale_attn_inner=True``): the remaining heads would be normalised with other statistics, so no pruned model equals
+the masked one. Other attention classes raise a ``TypeError`` naming the supported ones.
+
+Examples:
+    >>> import timm
+    >>> vit = timm.models.vision_transformer.VisionTransformer(
+    ...     img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=4, num_classes=3).eval()
+    >>> changes = prune_heads(vit, {0: [1, 3], 1: [0]})
+    >>> head_counts(vit), vit.blocks[0].attn.qkv.weight.shape, vit(torch.randn(1, 3, 16, 16)).shape
+    ([2, 3], torch.Size([24, 16]), torch.Size([1, 3]))
+    >>> [ids.tolist() for ids in head_ids(vit)]
+    [[0, 2], [1, 2, 3]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
+from timm.layers.attention import Attention as TimmAttention
+from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+from timm.models.beit import Attention as BeitAttention
+from timm.models.eva import EvaAttention
+from torch import Tensor, nn
+
+from gmar_lightning.capture import (
+    KEPT_HEADS,
+    AttentionLayer,
+    find_attention_layers,
+    head_slots,
+    slot_count,
+    unwrap_model,
+)
+
+__all__ = [
+    "ParameterSlice",
+    "head_counts",
+    "head_ids",
+    "prune_heads",
+    "pruning_spec",
+    "restore_pruning",
+    "slice_optimizer_state",
+    "weight_magnitude_importance",
+]
+
+HeadsToPrune = Mapping[int | str, Iterable[int]] | Tensor | np.ndarray
+
+
+@dataclass(frozen=True)
+class ParameterSlice:
+    """How :func:`prune_heads` cut one parameter: ``new = old.index_select(dim, index)``.
+
+    Attributes:
+        old: The parameter before pruning (no longer in the model; optimizers may still hold it).
+        new: The parameter that replaced it.
+        dim: The dimension that was sliced.
+        index: The kept positions along ``dim`` (int64, CPU).
+    """
+
+    old: nn.Parameter
+    new: nn.Parameter
+    dim: int
+    index: Tensor
+
+
+class PrunedBeitAttention(BeitAttention):
+    """BEiT attention whose head count may differ from ``dim // head_dim`` (timm reshapes to the input width).
+
+    Identical to :class:`timm.models.beit.Attention` except that the heads are concatenated to ``num_heads * head_dim``
+    channels and a relative-position bias shared by all layers is restricted to the layer's remaining heads.
+    """
+
+    head_dim: int
+
+    def forward(self, x: Tensor, shared_rel_pos_bias: Tensor | None = None) -> Tensor:
+        batch, num_tokens, _ = x.shape
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            if self.qkv_bias_separate:
+                qkv = self.qkv(x) + qkv_bias
+            else:
+                qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+        qkv = qkv.reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        if shared_rel_pos_bias is not None:
+            # The shared table is [H_original, N, N]: keep this layer's heads.
+            shared_rel_pos_bias = shared_rel_pos_bias.index_select(-3, _kept_indices(self).to(x.device))
+        rel_pos_bias = self._get_rel_pos_bias() if self.relative_position_bias_table is not None else None
+        if shared_rel_pos_bias is not None:
+            rel_pos_bias = shared_rel_pos_bias if rel_pos_bias is None else rel_pos_bias + shared_rel_pos_bias
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=rel_pos_bias, dropout_p=self.attn_drop.p if self.training else 0.0
+            )
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if rel_pos_bias is not None:
+                attn = attn + rel_pos_bias
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = attn @ v
+        x = x.transpose(1, 2).reshape(batch, num_tokens, self.num_heads * self.head_dim)
+        return self.proj_drop(self.proj(x))
+
+
+class PrunedEvaAttention(EvaAttention):
+    """EVA attention whose head count may differ from ``dim // head_dim`` (timm reshapes to the input width).
+
+    Identical to :class:`timm.models.eva.EvaAttention` except that the heads are concatenated to
+    ``num_heads * head_dim`` channels. The rotary embedding acts within each head, so it needs no change.
+    """
+
+    def forward(
+        self, x: Tensor, rope: Tensor | None = None, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> Tensor:
+        batch, num_tokens, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        if self.qkv is not None:
+            if self.q_bias is None:
+                qkv = self.qkv(x)
+            else:
+                qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+                if self.qkv_bias_separate:
+                    qkv = self.qkv(x) + qkv_bias
+                else:
+                    qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
+            qkv = qkv.reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        else:
+            shape = (batch, num_tokens, self.num_heads, self.head_dim)
+            q = self.q_proj(x).reshape(shape).transpose(1, 2)
+            k = self.k_proj(x).reshape(shape).transpose(1, 2)
+            v = self.v_proj(x).reshape(shape).transpose(1, 2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            prefix, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
+            q = torch.cat([q[:, :, :prefix], apply_rot_embed_cat(q[:, :, prefix:], rope, half=half)], dim=2).type_as(v)
+            k = torch.cat([k[:, :, :prefix], apply_rot_embed_cat(k[:, :, prefix:], rope, half=half)], dim=2).type_as(v)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, is_causal=is_causal
+            )
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = maybe_add_mask(attn, resolve_self_attn_mask(num_tokens, attn, attn_mask, is_causal=is_causal))
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = self.norm(x.transpose(1, 2).reshape(batch, num_tokens, self.num_heads * self.head_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+_PRUNED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
+    BeitAttention: PrunedBeitAttention,
+    EvaAttention: PrunedEvaAttention,
+}
+_SUPPORTED = (TimmAttention, BeitAttention, EvaAttention)
+
+
+def _kept_indices(module: nn.Module) -> Tensor:
+    return head_slots(module, int(module.num_heads))
+
+
+def _layers(model: nn.Module) -> list[AttentionLayer]:
+    return find_attention_layers(unwrap_model(model))
+
+
+def head_ids(model: nn.Module) -> list[Tensor]:
+    """Per attention layer, the original indices (slots) of the heads it still has, ascending (int64, CPU).
+
+    An unpruned layer's heads are ``0 .. H - 1``.
+
+    Examples:
+        >>> import timm
+        >>> vit = timm.models.vision_transformer.VisionTransformer(
+        ...     img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2)
+        >>> _ = prune_heads(vit, {1: [0]})
+        >>> [ids.tolist() for ids in head_ids(vit)]
+        [[0, 1], [1]]
+    """
+    return [_kept_indices(layer.module) for layer in _layers(model)]
+
+
+def head_counts(model: nn.Module) -> list[int]:
+    """The number of heads each attention layer has now, in forward order."""
+    return [int(layer.module.num_heads) for layer in _layers(model)]
+
+
+def pruning_spec(model: nn.Module) -> dict[str, list[int]]:
+    """``{layer name: removed original head indices}`` for every attention layer that lost heads.
+
+    The same information as the ``kept_heads`` buffers in the state dict, in a JSON-ready form for logs and reports.
+    """
+    spec = {}
+    for layer in _layers(model):
+        kept = getattr(layer.module, KEPT_HEADS, None)
+        if kept is not None and not bool(kept.all()):
+            spec[layer.name] = (~kept).nonzero().flatten().tolist()
+    return spec
+
+
+def _head_dim(module: nn.Module) -> int:
+    head_dim = getattr(module, "head_dim", None)
+    if isinstance(head_dim, int):
+        return head_dim
+    # timm's BEiT attention keeps head_dim only as a local; recover it from the projection width.
+    return module.proj.in_features // module.num_heads
+
+
+def _check_prunable(layer: AttentionLayer) -> None:
+    module = layer.module
+    if not isinstance(module, _SUPPORTED):
+        names = ", ".join(f"{cls.__module__}.{cls.__name__}" for cls in _SUPPORTED)
+        raise TypeError(
+            f"`model` layer `{layer.name}` is a {type(module).__name__}; prune_heads supports timm's {names}."
+        )
+    if not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity):
+        raise ValueError(
+            f"`heads`: layer `{layer.name}` normalises the concatenated heads before `proj` (scale_norm), so the "
+            "remaining heads would change with the removed ones and pruning cannot match masking; leave it unpruned."
+        )
+    if not isinstance(module, TimmAttention | EvaAttention) and getattr(module, "gate", None) is not None:
+        raise TypeError(f"`model` layer `{layer.name}` has a gate prune_heads does not know how to slice.")
+    head_dim = _head_dim(module)
+    for norm_name in ("q_norm", "k_norm"):
+        for parameter in getattr(module, norm_name, nn.Identity()).parameters():
+            if parameter.shape != (head_dim,):
+                raise ValueError(
+                    f"`model` layer `{layer.name}`: `{norm_name}` has a parameter of shape {list(parameter.shape)}, "
+                    f"not shared across heads ([{head_dim}]); prune_heads cannot slice it."
+                )
+
+
+def _removals(layers: list[AttentionLayer], heads: HeadsToPrune) -> list[set[int]]:
+    """Original head indices to remove per layer, validated against what each layer still has."""
+    slots = [set(_kept_indices(layer.module).tolist()) for layer in layers]
+    removals: list[set[int]] = [set() for _ in layers]
+    names = {layer.name: index for index, layer in enumerate(layers)}
+    if isinstance(heads, Tensor | np.ndarray):
+        mask = torch.as_tensor(np.asarray(heads, dtype=np.float64) if isinstance(heads, np.ndarray) else heads)
+        width = max(_original_count(layer.module) for layer in layers)
+        if mask.shape != (len(layers), width):
+            raise ValueError(
+                f"`heads` as a keep-mask must have shape [L, H] = [{len(layers)}, {width}], got {list(mask.shape)}."
+            )
+        for index, row in enumerate(mask.float()):
+            for slot, value in enumerate(row.tolist()):
+                if value == 0:
+                    removals[index].add(slot)
+                elif value != 1 and not (np.isnan(value) and slot not in slots[index]):
+                    raise ValueError(
+                        f"`heads` keep-mask entries must be 1 (keep) or 0 (remove), NaN only for removed heads; "
+                        f"got {value} at layer {index}, head {slot}."
+                    )
+    elif isinstance(heads, Mapping):
+        for key, values in heads.items():
+            index = names.get(key) if isinstance(key, str) else key
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(layers):
+                raise ValueError(
+                    f"`heads` key {key!r} is not an attention layer: use an index in [0, {len(layers) - 1}] or a "
+                    f"name such as {layers[0].name!r}."
+                )
+            removals[index].update(int(head) for head in values)
+    else:
+        raise TypeError(
+            f"`heads` must be a mapping {{layer: [head, ...]}} or an [L, H] keep-mask, got {type(heads).__name__}."
+        )
+    for index, (remove, present) in enumerate(zip(removals, slots, strict=True)):
+        absent = sorted(remove - present)
+        if absent:
+            raise ValueError(
+                f"`heads` names head(s) {absent} of layer {index} ({layers[index].name}), which it does not have; "
+                f"its heads are {sorted(present)} (original indices)."
+            )
+    return removals
+
+
+def _original_count(module: nn.Module) -> int:
+    return slot_count(module, int(module.num_heads))
+
+
+def _replace(owner: nn.Module, name: str, dim: int, index: Tensor, changes: list[ParameterSlice]) -> None:
+    """Replace ``owner.<name>`` (a parameter or buffer) by its ``index_select`` along ``dim``."""
+    old = getattr(owner, name, None)
+    if old is None:
+        return
+    data = old.detach().index_select(dim, index.to(old.device)).clone()
+    if isinstance(old, nn.Parameter):
+        new = nn.Parameter(data, requires_grad=old.requires_grad)
+        setattr(owner, name, new)
+        changes.append(ParameterSlice(old, new, dim, index))
+    else:
+        owner._buffers[name] = data
+
+
+def _slice_linear(linear: nn.Linear | None, dim: int, index: Tensor, changes: list[ParameterSlice]) -> None:
+    if linear is None:
+        return
+    _replace(linear, "weight", dim, index, changes)
+    if dim == 0:
+        _replace(linear, "bias", 0, index, changes)
+        linear.out_features = int(index.numel())
+    else:
+        linear.in_features = int(index.numel())
+
+
+def _prune_layer(module: nn.Module, remove: set[int]) -> list[ParameterSlice]:
+    slots = _kept_indices(module).tolist()
+    num_heads, head_dim = len(slots), _head_dim(module)
+    keep = torch.tensor([position for position, slot in enumerate(slots) if slot not in remove], dtype=torch.long)
+    channels = (keep[:, None] * head_dim + torch.arange(head_dim)).flatten()
+    width = num_heads * head_dim
+    qkv_rows = torch.cat([channels + part * width for part in range(3)])
+    changes: list[ParameterSlice] = []
+    if getattr(module, "qkv", None) is not None:
+        _slice_linear(module.qkv, 0, qkv_rows, changes)
+    for name in ("q_proj", "k_proj", "v_proj", "gate"):
+        _slice_linear(getattr(module, name, None), 0, channels, changes)
+    for name in ("q_bias", "k_bias", "v_bias"):
+        _replace(module, name, 0, channels, changes)
+    _slice_linear(module.proj, 1, channels, changes)
+    _replace(module, "relative_position_bias_table", 1, keep, changes)
+
+    kept = getattr(module, KEPT_HEADS, None)
+    if kept is None:
+        kept = torch.ones(num_heads, dtype=torch.bool, device=module.proj.weight.device)
+        module.register_buffer(KEPT_HEADS, kept, persistent=True)
+    kept[sorted(remove)] = False
+    module.num_heads = int(keep.numel())
+    module.head_dim = head_dim
+    if hasattr(module, "attn_dim"):
+        module.attn_dim = module.num_heads * head_dim
+    pruned_class = _PRUNED_CLASSES.get(type(module))
+    if pruned_class is not None:
+        module.__class__ = pruned_class
+    return changes
+
+
+def prune_heads(model: nn.Module, heads: HeadsToPrune) -> list[ParameterSlice]:
+    """Physically remove attention heads, layer by layer; the model is changed in place.
+
+    The pruned model computes what the unpruned one computes under :func:`~gmar_lightning.heads.head_mask` with the
+    same heads zeroed (up to float rounding). Everything is checked before anything changes, so a bad request leaves
+    the model as it was. Parameters that change are replaced by new ``nn.Parameter`` objects; the returned slices let
+    :func:`slice_optimizer_state` carry an optimizer's state over.
+
+    Args:
+        model: A timm ViT (vit, deit, beit, eva families) or ``torch.compile`` of one, possibly pruned before.
+        heads: What to remove, by *original* head index (a head keeps its index when others go): a mapping
+            ``{layer index or name: [head, ...]}``, or an ``[L, H_original]`` keep-mask (1 keep, 0 remove, NaN
+            allowed for heads already removed) in :func:`~gmar_lightning.capture.find_attention_layers` order.
+
+    Returns:
+        One :class:`ParameterSlice` per replaced parameter.
+
+    Raises:
+        ValueError: If ``heads`` names a layer or head the model does not have, or a layer normalises the
+            concatenated heads (``scale_norm``).
+        TypeError: If an attention layer to prune is not a supported timm class.
+
+    Examples:
+        >>> import timm
+        >>> vit = timm.models.vision_transformer.VisionTransformer(
+        ...     img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2, num_classes=3)
+        >>> before = sum(p.numel() for p in vit.parameters())
+        >>> _ = prune_heads(vit, torch.tensor([[1, 0], [1, 1]]))
+        >>> before - sum(p.numel() for p in vit.parameters())  # 3 * 8 * 16 qkv weights + 24 biases + 8 * 16 in proj
+        536
+    """
+    eager = unwrap_model(model)
+    layers = find_attention_layers(eager)
+    removals = _removals(layers, heads)
+    for layer, remove in zip(layers, removals, strict=True):
+        if remove:
+            _check_prunable(layer)
+    changes: list[ParameterSlice] = []
+    for layer, remove in zip(layers, removals, strict=True):
+        if remove:
+            changes.extend(_prune_layer(layer.module, remove))
+    return changes
+
+
+def weight_magnitude_importance(model: nn.Module) -> Tensor:
+    """Each head's weight magnitude: the L2 norm of its ``q``, ``k``, ``v`` rows and its ``proj`` columns.
+
+    The classic structured-pruning criterion, needing no data. Biases and relative-position tables are left out.
+
+    Returns:
+        ``[L, H_original]`` float32 by original head index; NaN where a head was already removed.
+
+    Examples:
+        >>> import timm
+        >>> vit = timm.models.vision_transformer.VisionTransformer(
+        ...     img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2)
+        >>> _ = prune_heads(vit, {0: [1]})
+        >>> weight_magnitude_importance(vit).isnan().tolist()
+        [[False, True], [False, False]]
+    """
+    layers = _layers(model)
+    width = max(_original_count(layer.module) for layer in layers)
+    importance = torch.full((len(layers), width), float("nan"))
+    for index, layer in enumerate(layers):
+        module = layer.module
+        head_dim, num_heads = _head_dim(module), int(module.num_heads)
+        if getattr(module, "qkv", None) is not None:
+            inputs = module.qkv.weight.detach().float().reshape(3, num_heads, head_dim, -1).transpose(0, 1)
+        else:
+            projections = (module.q_proj, module.k_proj, module.v_proj)
+            inputs = torch.stack([p.weight.detach().float().reshape(num_heads, head_dim, -1) for p in projections], 1)
+        outputs = module.proj.weight.detach().float().reshape(-1, num_heads, head_dim).transpose(0, 1)
+        squares = inputs.square().flatten(1).sum(dim=1) + outputs.square().flatten(1).sum(dim=1)
+        importance[index, _kept_indices(module)] = squares.sqrt().cpu()
+    return importance
+
+
+def restore_pruning(model: nn.Module, state_dict: Mapping[str, Any]) -> list[ParameterSlice]:
+    """Prune ``model`` the way the model that wrote ``state_dict`` was pruned, so the state dict loads into it.
+
+    Reads the ``<layer>.kept_heads`` entries (any key prefix, e.g. Lightning's ``model.``). Layers already pruned the
+    same way are left alone, so calling it twice is harmless.
+
+    Raises:
+        ValueError: If the state dict keeps a head the model has already lost, or its head count differs.
+    """
+    layers = find_attention_layers(unwrap_model(model))
+    removals: dict[int, list[int]] = {}
+    for index, layer in enumerate(layers):
+        suffix = f"{layer.name}.{KEPT_HEADS}"
+        keys = [key for key in state_dict if key == suffix or key.endswith(f".{suffix}")]
+        if not keys:
+            continue
+        stored = torch.as_tensor(state_dict[min(keys, key=len)]).bool().cpu()
+        current = torch.zeros(_original_count(layer.module), dtype=torch.bool)
+        current[_kept_indices(layer.module).cpu()] = True
+        if stored.shape != current.shape or bool((stored & ~current).any()):
+            raise ValueError(
+                f"`state_dict` keeps heads {stored.nonzero().flatten().tolist()} of {stored.numel()} in layer "
+                f"`{layer.name}`, but the model has heads {current.nonzero().flatten().tolist()} of "
+                f"{current.numel()}; build the model with the checkpoint's architecture."
+            )
+        if bool((current & ~stored).any()):
+            removals[index] = (current & ~stored).nonzero().flatten().tolist()
+    return prune_heads(model, removals) if removals else []
+
+
+def slice_optimizer_state(optimizer: torch.optim.Optimizer, changes: Sequence[ParameterSlice]) -> None:
+    """Point ``optimizer`` at the pruned parameters and slice their state (Adam moments, momentum) to match.
+
+    Every state tensor shaped like its parameter is sliced the way the parameter was; scalars (Adam's ``step``) are
+    kept. The state of the remaining heads is therefore exactly what it was, never reset.
+
+    Raises:
+        ValueError: If a state tensor is neither a scalar nor shaped like its parameter (the optimizer keeps some
+            other layout, e.g. Adafactor's factored moments), since slicing it could silently corrupt it.
+    """
+    by_old = {id(change.old): change for change in changes}
+    for group in optimizer.param_groups:
+        for position, parameter in enumerate(group["params"]):
+            change = by_old.get(id(parameter))
+            if change is None:
+                continue
+            group["params"][position] = change.new
+            state = optimizer.state.pop(parameter, None)
+            if state is None:
+                continue
+            sliced = {}
+            for key, value in state.items():
+                if isinstance(value, Tensor) and value.shape == parameter.shape and value.dim() > 0:
+                    value = value.index_select(change.dim, change.index.to(value.device))
+                elif isinstance(value, Tensor) and value.dim() > 0:
+                    raise ValueError(
+                        f"`optimizer` ({type(optimizer).__name__}) state '{key}' has shape {list(value.shape)}, not "
+                        f"the parameter's {list(parameter.shape)}; slice_optimizer_state cannot prune it."
+                    )
+                sliced[key] = value
+            optimizer.state[change.new] = sliced

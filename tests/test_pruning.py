@@ -1,0 +1,286 @@
+"""Structural head pruning: exact against masking on every family, costs, state dicts and optimizer state."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from timm.layers.attention import Attention
+from timm.models.beit import Beit
+from timm.models.eva import Eva
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from gmar_lightning.heads.pruning import (
+    head_counts,
+    head_ids,
+    prune_heads,
+    pruning_spec,
+    restore_pruning,
+    slice_optimizer_state,
+    weight_magnitude_importance,
+)
+from tests.models import FAMILIES, TINY, make_images, sharpen
+
+DIM, DEPTH, HEADS = TINY["embed_dim"], TINY["depth"], TINY["num_heads"]
+HEAD_DIM = DIM // HEADS
+
+
+def gated_vit() -> nn.Module:
+    model = VisionTransformer(**TINY)
+    for block in model.blocks:
+        block.attn = Attention(DIM, HEADS, qkv_bias=True, gated=True)
+    return model
+
+
+VARIANTS: dict[str, Callable[[], nn.Module]] = {
+    **FAMILIES,
+    "vit_qk_norm": lambda: VisionTransformer(qk_norm=True, **TINY),
+    "vit_gated": gated_vit,
+    "beit_qkv_bias": lambda: Beit(use_rel_pos_bias=True, qkv_bias=True, **TINY),
+    "beit_shared_rel_pos": lambda: Beit(use_rel_pos_bias=False, use_shared_rel_pos_bias=True, **TINY),
+    "eva_unfused_qkv": lambda: Eva(use_rot_pos_emb=True, qkv_fused=False, **TINY),
+    "eva_qk_norm": lambda: Eva(use_rot_pos_emb=True, qk_norm=True, **TINY),
+}
+
+# Ragged on purpose: 2, 0 and 3 heads remain; layer 1 loses every head.
+KEEP = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0]])
+
+
+def make(variant: str, seed: int = 0) -> nn.Module:
+    """A tiny random model whose biases are non-zero too, so bias slicing mistakes show."""
+    torch.manual_seed(seed)
+    model = sharpen(VARIANTS[variant](), seed).eval()
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias") or name.endswith("bias_table"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return model
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [module for module in model.modules() if hasattr(module, "fused_attn") and hasattr(module, "proj")]
+
+
+def zeroed_proj_columns(model: nn.Module, keep: Tensor) -> nn.Module:
+    """Reference masking, written independently of the package: zero `proj`'s input columns of the dropped heads."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for module, row in zip(attention_modules(reference), keep, strict=True):
+            module.proj.weight.mul_(row.repeat_interleave(HEAD_DIM))
+    return reference
+
+
+def images_for(variant: str) -> Tensor:
+    return make_images(variant if variant in FAMILIES else "vit")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_pruned_model_equals_masked_model_with_fused_and_unfused_attention(variant: str) -> None:
+    model, images = make(variant), images_for(variant)
+    masked = zeroed_proj_columns(model, KEEP)
+    prune_heads(model, KEEP)
+    assert head_counts(model) == [2, 0, 3]
+    assert all(module.fused_attn for module in attention_modules(model))
+    with torch.no_grad():
+        expected = masked(images)
+        assert torch.allclose(model(images), expected, atol=1e-5)
+        for module in attention_modules(model):
+            module.fused_attn = False
+        assert torch.allclose(model(images), expected, atol=1e-5)
+        assert not torch.allclose(make(variant)(images), expected, atol=1e-3)  # the heads did matter
+
+
+@pytest.mark.parametrize("variant", ["vit", "beit", "eva"])
+def test_a_layer_without_heads_outputs_only_the_proj_bias(variant: str) -> None:
+    model = make(variant)
+    prune_heads(model, {1: range(HEADS)})
+    attention = attention_modules(model)[1]
+    tokens = torch.randn(2, 17, DIM)
+    with torch.no_grad():
+        output = attention(tokens)
+    assert torch.equal(output, attention.proj.bias.expand(2, 17, DIM))
+    assert attention.qkv.weight.shape == (0, DIM) and attention.proj.weight.shape == (DIM, 0)
+
+
+def test_pruning_in_steps_equals_pruning_at_once_and_heads_keep_their_original_index() -> None:
+    at_once, in_steps, images = make("beit"), make("beit"), images_for("beit")
+    prune_heads(at_once, {0: [1, 3], 2: [2]})
+    prune_heads(in_steps, {0: [3]})
+    prune_heads(in_steps, {"blocks.0.attn": [1], 2: [2]})
+    assert [ids.tolist() for ids in head_ids(in_steps)] == [[0, 2], [0, 1, 2, 3], [0, 1, 3]]
+    assert pruning_spec(in_steps) == {"blocks.0.attn": [1, 3], "blocks.2.attn": [2]}
+    with torch.no_grad():
+        assert torch.equal(at_once(images), in_steps(images))
+
+
+@pytest.mark.parametrize("variant", ["vit", "deit_distilled", "beit_qkv_bias", "eva"])
+def test_parameters_and_flops_drop_by_the_per_head_cost(variant: str) -> None:
+    model, images = make(variant), images_for(variant)
+    num_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+
+    def parameters() -> int:
+        return sum(parameter.numel() for parameter in model.parameters())
+
+    def flops() -> int:
+        for module in attention_modules(model):
+            module.fused_attn = False  # the counter sees matmuls, not the fused CPU kernel
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(images)
+        return counter.get_total_flops()
+
+    attention = attention_modules(model)[0]
+    has_qkv_bias = any("bias" in name and "proj" not in name for name, _ in attention.named_parameters())
+    rel_pos = getattr(attention, "relative_position_bias_table", None)
+    per_head_parameters = (
+        4 * DIM * HEAD_DIM + 2 * HEAD_DIM * has_qkv_bias + (rel_pos.shape[0] if rel_pos is not None else 0)
+    )
+    if isinstance(model, VisionTransformer) and has_qkv_bias:
+        per_head_parameters += HEAD_DIM  # timm's ViT learns a k bias; BEiT and EVA fix it at zero
+    batch = images.shape[0]
+    per_head_flops = batch * (2 * num_tokens * 4 * DIM * HEAD_DIM + 4 * num_tokens * num_tokens * HEAD_DIM)
+    before_parameters, before_flops = parameters(), flops()
+    prune_heads(model, KEEP)
+    removed = int((KEEP == 0).sum())
+    assert before_parameters - parameters() == removed * per_head_parameters
+    assert before_flops - flops() == removed * per_head_flops
+
+
+def test_bad_requests_fail_in_one_line_and_leave_the_model_untouched() -> None:
+    model = make("vit")
+    state = copy.deepcopy(model.state_dict())
+    cases = [
+        ({5: [0]}, ValueError, r"`heads` key 5 is not an attention layer: use an index in \[0, 2\]"),
+        ({"blocks.9.attn": [0]}, ValueError, "`heads` key 'blocks.9.attn' is not an attention layer"),
+        ({0: [1], 2: [7]}, ValueError, r"`heads` names head\(s\) \[7\] of layer 2"),
+        (torch.ones(DEPTH, HEADS + 1), ValueError, r"keep-mask must have shape \[L, H\] = \[3, 4\]"),
+        (torch.full((DEPTH, HEADS), 0.5), ValueError, "keep-mask entries must be 1 \\(keep\\) or 0 \\(remove\\)"),
+        ([0, 1], TypeError, "`heads` must be a mapping"),
+    ]
+    for heads, error, message in cases:
+        with pytest.raises(error, match=message) as raised:
+            prune_heads(model, heads)
+        assert "\n" not in str(raised.value)
+    prune_heads(model, {0: [1]})
+    with pytest.raises(ValueError, match=r"names head\(s\) \[1\] of layer 0 .* its heads are \[0, 2, 3\]"):
+        prune_heads(model, {0: [1]})
+    assert head_counts(model) == [3, 4, 4]
+    reference = make("vit")
+    prune_heads(reference, {0: [1]})
+    assert all(torch.equal(value, reference.state_dict()[name]) for name, value in model.state_dict().items())
+    assert state.keys() <= model.state_dict().keys()
+
+
+def test_scale_norm_attention_is_refused_before_anything_changes() -> None:
+    model = Eva(scale_attn_inner=True, **TINY).eval()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"`heads`: layer `blocks\.1\.attn` normalises the concatenated heads"):
+        prune_heads(model, {0: [], 1: [0]})
+    assert all(torch.equal(value, state[name]) for name, value in model.state_dict().items())
+
+
+def test_unsupported_attention_is_refused_with_the_supported_classes() -> None:
+    model = VisionTransformer(**TINY)
+
+    class OtherAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fused_attn, self.attn_drop, self.proj, self.num_heads = True, nn.Dropout(), nn.Linear(DIM, DIM), 4
+
+    model.blocks[0].attn = OtherAttention()
+    with pytest.raises(TypeError, match=r"`model` layer `blocks\.0\.attn` is a OtherAttention; prune_heads supports"):
+        prune_heads(model, {0: [0]})
+
+
+@pytest.mark.parametrize("variant", ["vit", "beit_shared_rel_pos", "eva"])
+def test_state_dict_carries_the_spec_and_restores_into_a_fresh_model(variant: str, tmp_path: Path) -> None:
+    model, images = make(variant), images_for(variant)
+    prune_heads(model, KEEP)
+    path = tmp_path / "pruned.pth"
+    torch.save(model.state_dict(), path)
+    fresh = VARIANTS[variant]().eval()
+    state = torch.load(path, weights_only=True)
+    restore_pruning(fresh, state)
+    restore_pruning(fresh, state)  # idempotent
+    fresh.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(images), model(images))
+    # A Lightning-style prefix is found as well.
+    prefixed = VARIANTS[variant]().eval()
+    restore_pruning(prefixed, {f"model.{key}": value for key, value in state.items()})
+    assert head_counts(prefixed) == [2, 0, 3]
+
+
+def test_restoring_into_a_model_pruned_differently_fails_clearly() -> None:
+    source, target = make("vit"), make("vit")
+    prune_heads(source, {0: [0]})
+    prune_heads(target, {0: [1]})
+    with pytest.raises(ValueError, match=r"`state_dict` keeps heads \[1, 2, 3\] of 4 in layer `blocks.0.attn`"):
+        restore_pruning(target, source.state_dict())
+
+
+def test_adam_moments_are_sliced_not_reset_and_training_goes_on() -> None:
+    model, images = make("eva"), images_for("eva")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, amsgrad=True)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(images).square().mean().backward()
+        optimizer.step()
+    qkv, proj = model.blocks[0].attn.qkv.weight, model.blocks[0].attn.proj.weight
+    old_qkv_state = {key: value.clone() for key, value in optimizer.state[qkv].items()}
+    old_proj_avg = optimizer.state[proj]["exp_avg"].clone()
+    changes = prune_heads(model, {0: [1, 2]})
+    slice_optimizer_state(optimizer, changes)
+    new_qkv, new_proj = model.blocks[0].attn.qkv.weight, model.blocks[0].attn.proj.weight
+    kept_rows = [
+        row
+        for part in range(3)
+        for head in (0, 3)
+        for row in range(part * DIM + head * HEAD_DIM, part * DIM + (head + 1) * HEAD_DIM)
+    ]
+    kept_columns = [c for head in (0, 3) for c in range(head * HEAD_DIM, (head + 1) * HEAD_DIM)]
+    state = optimizer.state[new_qkv]
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        assert torch.equal(state[key], old_qkv_state[key][kept_rows])
+    assert torch.equal(state["step"], old_qkv_state["step"])
+    assert torch.equal(optimizer.state[new_proj]["exp_avg"], old_proj_avg[:, kept_columns])
+    assert qkv not in optimizer.state and all(
+        any(p is new_qkv for p in group["params"]) for group in optimizer.param_groups
+    )
+    model_parameters = {id(p) for p in model.parameters()}
+    assert all(id(p) in model_parameters for group in optimizer.param_groups for p in group["params"])
+    optimizer.zero_grad()
+    model(images).square().mean().backward()
+    optimizer.step()
+    assert int(optimizer.state[new_qkv]["step"]) == 3
+
+
+def test_optimizer_state_of_another_layout_is_refused() -> None:
+    model = make("vit")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    qkv = model.blocks[0].attn.qkv.weight
+    optimizer.state[qkv] = {"factored": torch.zeros(3, 3)}
+    changes = prune_heads(model, {0: [0]})
+    with pytest.raises(ValueError, match="state 'factored' has shape \\[3, 3\\], not the parameter's \\[96, 32\\]"):
+        slice_optimizer_state(optimizer, changes)
+
+
+def test_weight_magnitude_importance_matches_a_direct_computation() -> None:
+    model = make("vit")
+    attention = model.blocks[2].attn
+    head = 3
+    q_k_v_rows = [
+        attention.qkv.weight[part * DIM + head * HEAD_DIM : part * DIM + (head + 1) * HEAD_DIM] for part in range(3)
+    ]
+    columns = attention.proj.weight[:, head * HEAD_DIM : (head + 1) * HEAD_DIM]
+    expected = torch.cat([*(rows.flatten() for rows in q_k_v_rows), columns.flatten()]).norm()
+    importance = weight_magnitude_importance(model)
+    assert torch.allclose(importance[2, 3], expected.detach())
+    prune_heads(model, {2: [0]})
+    after = weight_magnitude_importance(model)
+    assert after[2, 0].isnan() and torch.allclose(after[2, 3], expected.detach())
