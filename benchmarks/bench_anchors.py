@@ -276,18 +276,20 @@ def set_malloc_mmap_threshold(threshold: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[224, 384, 518])
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8 32; --quick: 1 2)")
+    parser.add_argument("--sizes", type=int, nargs="+", help="image sizes in px (default 224 384 518; --quick: 224)")
     parser.add_argument("--anchors", nargs="+", choices=ANCHORS, default=list(ANCHORS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--quick", action="store_true", help="dry run: tiny model, B=1,2 at 224 px, one repeat")
+    parser.add_argument("--quick", action="store_true", help="dry run: tiny model, one repeat, B=1,2 at 224 px")
     parser.add_argument("--json", type=Path, help="write every time, peak and ratio here")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch; use --device cpu.")
     if args.quick:
-        args.model, args.batches, args.sizes, args.repeats = "vit_tiny_patch16_224", [1, 2], [224], 1
+        args.model, args.repeats = "vit_tiny_patch16_224", 1
+    args.batches = args.batches or ([1, 2] if args.quick else [1, 8, 32])
+    args.sizes = args.sizes or ([224] if args.quick else [224, 384, 518])
     set_malloc_mmap_threshold(65536)
     # Exact float32 on both sides of every comparison: TF32 convolutions would round batched and per-image differently.
     torch.backends.cudnn.allow_tf32 = False
