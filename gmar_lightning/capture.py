@@ -24,6 +24,7 @@ __all__ = [
     "AttentionAdapter",
     "AttentionLayer",
     "AttentionNotFoundError",
+    "attention_modules",
     "find_attention_layers",
     "find_vision_transformer",
     "head_slots",
@@ -142,17 +143,26 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def attention_modules(module: nn.Module, prefix: str = "") -> list[AttentionLayer]:
+    """The attention modules inside ``module`` that a registered adapter recognises, in registration order.
+
+    Names are qualified with ``prefix`` (the name of ``module`` in its model). An empty list when there are none.
+    """
+    layers = []
+    for name, child in module.named_modules(prefix=prefix):
+        adapter = next((a for a in ADAPTERS if a.matches(child)), None)
+        if adapter is not None:
+            layers.append(AttentionLayer(name, child, adapter))
+    return layers
+
+
 def find_attention_layers(model: nn.Module) -> list[AttentionLayer]:
     """List the model's attention layers in forward (registration) order.
 
     Raises:
         AttentionNotFoundError: If no module matches any adapter; the message names the model class and the fix.
     """
-    layers = []
-    for name, module in unwrap_model(model).named_modules():
-        adapter = next((a for a in ADAPTERS if a.matches(module)), None)
-        if adapter is not None:
-            layers.append(AttentionLayer(name, module, adapter))
+    layers = attention_modules(unwrap_model(model))
     if not layers:
         raise AttentionNotFoundError(
             f"`model` ({type(model).__name__}) has no recognisable attention modules: expected timm attention "

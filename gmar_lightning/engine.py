@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gmar_lightning import methods
-from gmar_lightning.capture import AttentionLayer, find_attention_layers, hook_attention, unwrap_model
+from gmar_lightning import families, methods
+from gmar_lightning.capture import hook_attention, unwrap_model
 from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
+from gmar_lightning.families import Probe, UnsupportedModelError
 from gmar_lightning.model_state import eval_mode_without_fast_paths
-from gmar_lightning.tokens import TokenLayout, infer_token_layout, patch_grid
+from gmar_lightning.tokens import TokenLayout
 
 __all__ = ["explain"]
 
@@ -29,34 +30,54 @@ GRADIENT_METHODS = (*GMAR_METHODS, "grad_rollout")
 
 @dataclass
 class _LayerReductions:
-    """What the hooks keep of each layer: one ``[B, N, N]`` matrix and, for GMAR, ``[B, H]`` head scores."""
+    """What the hooks keep of each rollout layer: one fused ``[B * W, n_q, n_k]`` matrix and, for GMAR, head scores.
+
+    A layer may have several attention modules (parallel branches of one block); their heads are the layer's heads.
+    """
 
     method: str
+    batch: int
+    branches: list[int]  # attention modules per rollout layer
     matrices: list[Tensor | None]
     scores: list[Tensor | None]
-    pending: dict[int, Tensor] = field(default_factory=dict)  # attention waiting for its gradient
+    pending: dict[int, dict[int, Tensor]] = field(default_factory=dict)  # layer -> branch -> attention
+    gradients: dict[int, dict[int, Tensor]] = field(default_factory=dict)  # layer -> branch -> reduced gradient
 
-    def on_attention(self, index: int, attention: Tensor) -> None:
-        if self.method == "rollout" or (self.method == "attention" and index == len(self.matrices) - 1):
-            self.matrices[index] = attention.float().mean(dim=1)
+    def on_attention(self, layer: int, branch: int, attention: Tensor) -> None:
+        if self.method == "rollout" or (self.method == "attention" and layer == len(self.matrices) - 1):
+            partial = attention.float().sum(dim=1) / (self.branches[layer] * attention.shape[1])
+            self.matrices[layer] = partial if self.matrices[layer] is None else self.matrices[layer] + partial
         elif self.method in GRADIENT_METHODS:
-            self.pending[index] = attention
-            attention.register_hook(lambda grad, index=index: self.on_gradient(index, grad))
+            self.pending.setdefault(layer, {})[branch] = attention
+            attention.register_hook(lambda grad, layer=layer, branch=branch: self.on_gradient(layer, branch, grad))
 
-    def on_gradient(self, index: int, grad: Tensor) -> None:
-        # Runs inside the backward pass: reduce the [B, H, N, N] gradient at once so it can be freed.
-        attention = self.pending.pop(index)
+    def on_gradient(self, layer: int, branch: int, grad: Tensor) -> None:
+        # Runs inside the backward pass: reduce the [B * W, H, n_q, n_k] gradient at once so it can be freed.
+        attention = self.pending[layer][branch]
         if self.method == "grad_rollout":
-            self.matrices[index] = methods.positive_relevance(attention, grad)
+            reduced = methods.positive_relevance(attention, grad) / self.branches[layer]
+        else:
+            reduced = methods.head_scores(grad, "l1" if self.method == "gmar_l1" else "l2", self.batch)
+        done = self.gradients.setdefault(layer, {})
+        done[branch] = reduced
+        if len(done) < self.branches[layer]:
             return
-        scores = methods.head_scores(grad, "l1" if self.method == "gmar_l1" else "l2")
-        self.scores[index] = scores
-        self.matrices[index] = methods.fuse_heads(attention, methods.layer_head_weights(scores))
+        attentions = [self.pending[layer].pop(index) for index in range(self.branches[layer])]
+        del self.pending[layer]
+        if self.method == "grad_rollout":
+            self.matrices[layer] = sum(done[index] for index in range(len(attentions)))
+            return
+        scores = torch.cat([done[index] for index in range(len(attentions))], dim=1)
+        weights = methods.layer_head_weights(scores).split([a.shape[1] for a in attentions], dim=1)
+        self.scores[layer] = scores
+        self.matrices[layer] = sum(methods.fuse_heads(a, w) for a, w in zip(attentions, weights, strict=True))
 
     def fill_unreached(self) -> None:
         """Layers the target does not depend on get zero gradients (uniform GMAR weights, zero relevance)."""
-        for index, attention in list(self.pending.items()):
-            self.on_gradient(index, torch.zeros_like(attention))
+        for layer, branches in list(self.pending.items()):
+            for branch, attention in list(branches.items()):
+                if branch not in self.gradients.get(layer, {}):
+                    self.on_gradient(layer, branch, torch.zeros_like(attention))
 
 
 def _check_choice(name: str, value: object, choices: Sequence[object]) -> None:
@@ -138,43 +159,72 @@ def _isolated(device: torch.device, needs_grad: bool) -> Iterator[None]:
         yield
 
 
+def _check_shape(probe: Probe, layer: int, attention: Tensor, batch: int) -> None:
+    """The captured attention must have the shape the family's token plan expects, or the maps would be wrong."""
+    mixing = probe.plan.attention_steps[layer].mixing
+    expected = mixing.shape(batch)
+    actual = (attention.shape[0], attention.shape[-2], attention.shape[-1])
+    if attention.dim() != 4 or actual != expected:
+        raise UnsupportedModelError(
+            f"attention layer {probe.layer_names[layer]} produced {list(attention.shape)}, but its token plan expects "
+            f"[{expected[0]}, heads, {expected[1]}, {expected[2]}]: this architecture mixes tokens in a way "
+            "gmar-lightning does not map; see docs/supported_models.md."
+        )
+
+
 def _explain_chunk(
     model: nn.Module,
-    layers: list[AttentionLayer],
+    probe: Probe,
     images: Tensor,
     method: str,
     target: Target,
-) -> tuple[Tensor, Tensor, list[Tensor], Tensor | None]:
-    """Run one chunk; return logits, targets, the per-layer ``[B, N, N]`` matrices and ``[B, L, H]`` scores."""
-    reductions = _LayerReductions(method, [None] * len(layers), [None] * len(layers))
+) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor] | None]:
+    """Run one chunk; return logits, targets, the per-layer ``[B, W, n_q, n_k]`` matrices and ``[B, H_l]`` scores."""
+    batch = images.shape[0]
+    branches = [len(layer) for layer in probe.layers]
+    reductions = _LayerReductions(method, batch, branches, [None] * len(branches), [None] * len(branches))
+    owners = [(layer, branch) for layer, count in enumerate(branches) for branch in range(count)]
+
+    def on_attention(index: int, attention: Tensor) -> None:
+        layer, branch = owners[index]
+        _check_shape(probe, layer, attention, batch)
+        reductions.on_attention(layer, branch, attention)
+
     needs_grad = method in GRADIENT_METHODS
     # Inference tensors cannot enter autograd: clone inside inference_mode(False). requires_grad makes the attention
     # part of the graph even when every parameter is frozen.
     inputs = images.clone().requires_grad_(needs_grad)
-    with hook_attention(layers, reductions.on_attention):
-        logits = _check_logits(model, model(inputs), images.shape[0])
+    with hook_attention(probe.modules, on_attention):
+        logits = _check_logits(model, model(inputs), batch)
     targets = _resolve_targets(target, logits)
     if needs_grad:
-        first_attention = reductions.pending.get(0)
-        if first_attention is None:
-            raise RuntimeError(f"No attention probabilities were captured from {layers[0].name}: is it called?")
+        if not reductions.pending:
+            raise RuntimeError(f"No attention probabilities were captured from {probe.layer_names[0]}: is it called?")
         objective = logits.gather(1, targets[:, None]).sum()
-        # Differentiate with respect to the first layer's attention only: the tensor hooks see every layer's gradient
-        # on the way down, and no parameter's .grad is touched.
-        torch.autograd.grad(objective, [first_attention], allow_unused=True)
+        # Differentiate with respect to the input: the tensor hooks see every layer's attention gradient on the way
+        # down (each reduced at once), and no parameter's .grad is touched.
+        torch.autograd.grad(objective, [inputs], allow_unused=True)
         reductions.fill_unreached()
-    missing = [layer.name for layer, matrix in zip(layers, reductions.matrices, strict=True) if matrix is None]
+    missing = [name for name, matrix in zip(probe.layer_names, reductions.matrices, strict=True) if matrix is None]
     if method != "attention" and missing:
         raise RuntimeError(f"No attention probabilities were captured from {', '.join(missing)}.")
-    matrices = [matrix for matrix in reductions.matrices if matrix is not None]
-    scores = torch.stack(reductions.scores, dim=1) if method in GMAR_METHODS else None
+    matrices = [
+        matrix.detach().unflatten(0, (batch, -1)) if matrix is not None else None for matrix in reductions.matrices
+    ]
+    scores = list(reductions.scores) if method in GMAR_METHODS else None
     if needs_grad:
-        gradient_summary = scores if scores is not None else torch.stack(matrices)
-        if not bool(torch.isfinite(gradient_summary).all()):
+        summary = scores if scores is not None else matrices
+        if not all(bool(torch.isfinite(part).all()) for part in summary):
             raise FloatingPointError(
                 "`model` produced NaN/inf attention gradients for `target`; check `images` and the weights for NaN/inf."
             )
-    return logits.detach().float(), targets, [m.detach() for m in matrices], scores
+    return logits.detach().float(), targets, matrices, scores
+
+
+def _pad_heads(per_layer: list[Tensor]) -> Tensor:
+    """``[B, L, H_max]`` from per-layer ``[B, H_l]``; layers with fewer heads are padded with zeros."""
+    width = max(part.shape[1] for part in per_layer)
+    return torch.stack([F.pad(part, (0, width - part.shape[1])) for part in per_layer], dim=1)
 
 
 def explain(
@@ -242,11 +292,11 @@ def explain(
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     model = unwrap_model(model)
-    layers = find_attention_layers(model)
-    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < len(layers):
-        raise ValueError(f"`start_layer` must be an integer in [0, {len(layers) - 1}], got {start_layer!r}.")
-    layout = token_layout if token_layout is not None else infer_token_layout(model)
     images = _check_images(model, images)
+    probe = families.probe(model, tuple(images.shape[-2:]), token_layout)
+    num_layers = len(probe.layers)
+    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < num_layers:
+        raise ValueError(f"`start_layer` must be an integer in [0, {num_layers - 1}], got {start_layer!r}.")
     if isinstance(target, Tensor) and target.dim() == 0:
         target = int(target)
     options = {
@@ -254,18 +304,17 @@ def explain(
         "head_norm": head_norm,
         "discard_ratio": discard_ratio,
         "start_layer": start_layer,
-        "token_layout": layout,
+        "token_layout": token_layout,
     }
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else images.device
     with _isolated(device, method in GRADIENT_METHODS):
-        return _explain_batch(model, layers, layout, images.to(device), method, target, chunk_size, options)
+        return _explain_batch(model, probe, images.to(device), method, target, chunk_size, options)
 
 
 def _explain_batch(
     model: nn.Module,
-    layers: list[AttentionLayer],
-    layout: TokenLayout,
+    probe: Probe,
     images: Tensor,
     method: str,
     target: Target,
@@ -281,42 +330,47 @@ def _explain_batch(
     batch = images.shape[0]
     step = chunk_size or batch
     chunks = []
-    with eval_mode_without_fast_paths(model, layers):
+    with probe.context(), eval_mode_without_fast_paths(model, probe.modules):
         for start in range(0, batch, step):
             chunk_target = target[start : start + step] if isinstance(target, Tensor | Sequence) else target
             chunk_images = images[start : start + step].to(dtype=dtype)
-            chunks.append(_explain_chunk(model, layers, chunk_images, method, chunk_target))
+            chunks.append(_explain_chunk(model, probe, chunk_images, method, chunk_target))
 
     logits = torch.cat([chunk[0] for chunk in chunks])
     targets = torch.cat([chunk[1] for chunk in chunks])
-    matrices = [torch.cat([chunk[2][i] for chunk in chunks]) for i in range(len(chunks[0][2]))]
-    scores = torch.cat([chunk[3] for chunk in chunks]) if method in GMAR_METHODS else None
-
-    num_tokens = matrices[0].shape[-1]
-    grid = patch_grid(model, tuple(images.shape[-2:]))
-    num_patches = num_tokens - layout.num_prefix_tokens
-    if grid[0] * grid[1] != num_patches:
-        raise ValueError(
-            f"`model` ({type(model).__name__}) has {num_tokens} tokens, which is not {layout.num_prefix_tokens} "
-            f"prefix tokens plus a {grid[0]}x{grid[1]} patch grid; pass `token_layout=TokenLayout(...)`."
-        )
-    readout = layout.readout_vector(num_tokens, batch, device=matrices[0].device)
-    weights = None
+    matrices = [
+        torch.cat([chunk[2][i] for chunk in chunks]) if chunks[0][2][i] is not None else None
+        for i in range(len(probe.layers))
+    ]
+    plan = probe.plan
+    weights = scores = None
     if method == "attention":
-        rows = torch.bmm(readout.unsqueeze(1), matrices[-1]).squeeze(1)
+        rows = methods.propagate_last_attention(plan, matrices[-1])
     elif method == "grad_rollout":
-        rows = methods.propagate_gradient_rollout(readout, matrices[start_layer:])
+        rows = methods.propagate_gradient_rollout(plan, matrices, start_layer)
     else:
-        if scores is not None:
-            weights = methods.head_weights(scores, head_norm)
+        mixings = [step.mixing for step in plan.attention_steps]
+        if method in GMAR_METHODS:
+            per_layer = [torch.cat([chunk[3][i] for chunk in chunks]) for i in range(len(probe.layers))]
+            layer_weights = [methods.layer_head_weights(part) for part in per_layer]
             if head_norm == "global":
-                shares = methods.layer_shares(scores)
-                matrices = [m * shares[:, i, None, None] for i, m in enumerate(matrices)]
-        keep = layout.readout_indices(num_tokens).to(matrices[0].device)
-        matrices = [methods.discard_lowest(m, discard_ratio, keep) for m in matrices]
-        rows = methods.propagate_rollout(readout, matrices[start_layer:], residual)
+                shares = methods.layer_shares(torch.stack([part.sum(dim=1) for part in per_layer], dim=1)[..., None])
+                layer_weights = [w * shares[:, i, None] for i, w in enumerate(layer_weights)]
+                matrices = [m * shares[:, i, None, None, None] for i, m in enumerate(matrices)]
+            scores, weights = _pad_heads(per_layer), _pad_heads(layer_weights)
+        for index, mixing in enumerate(mixings):
+            padding = mixing.key_padding()
+            if padding is not None:  # attention to padding slots reaches no token
+                matrices[index] = matrices[index].masked_fill(padding.to(matrices[index].device), 0.0)
+        if discard_ratio > 0:
+            protected = plan.protected_tokens()
+            matrices = [
+                methods.discard_lowest(m, discard_ratio, mixing.diagonal(tokens))
+                for m, mixing, tokens in zip(matrices, mixings, protected, strict=True)
+            ]
+        rows = methods.propagate_rollout(plan, matrices, residual, start_layer)
 
-    token_maps = rows[:, layout.num_prefix_tokens :].reshape(batch, *grid)
+    token_maps = rows[:, plan.num_prefix_tokens :].reshape(batch, *plan.grid)
     maps = F.interpolate(token_maps.unsqueeze(1), size=images.shape[-2:], mode="bilinear", align_corners=False)
     return Explanation(
         method=method,
@@ -326,6 +380,6 @@ def _explain_batch(
         logits=logits,
         head_weights=weights,
         head_scores=scores,
-        layer_names=[layer.name for layer in layers],
+        layer_names=list(probe.layer_names),
         options=options,
     )

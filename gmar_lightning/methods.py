@@ -7,26 +7,31 @@ of full ``N x N`` products: ``v^T (A_L ... A_1) = (...((v^T A_L) A_{L-1}) ...) A
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from gmar_lightning.mixing import AttentionMixing, TokenMap, TokenPlan
+
 HeadNorm = Literal["layer", "global"]
 GradNorm = Literal["l1", "l2"]
 
 
-def head_scores(grad: Tensor, norm: GradNorm) -> Tensor:
-    """Score each head by the norm of its attention gradient: ``[B, H, N, N] -> [B, H]``.
+def head_scores(grad: Tensor, norm: GradNorm, batch: int | None = None) -> Tensor:
+    """Score each head by the norm of its attention gradient: ``[B * W, H, n_q, n_k] -> [B, H]``.
 
-    ``l1``: ``s_h = sum_ij |G_hij|``; ``l2``: ``s_h = sqrt(sum_ij G_hij^2)``.
+    ``l1``: ``s_h = sum |G_h|``; ``l2``: ``s_h = sqrt(sum G_h^2)``, summed over every query, key and window of an image
+    (``W`` windows per image, ``batch`` images; ``W = 1`` when ``batch`` is omitted).
 
     Examples:
         >>> grad = torch.tensor([[[[3.0, -4.0]], [[0.0, 1.0]]]])  # B=1, H=2, a 1x2 "matrix" per head
         >>> head_scores(grad, "l1").tolist(), head_scores(grad, "l2").tolist()
         ([[7.0, 1.0]], [[5.0, 1.0]])
     """
-    return torch.linalg.vector_norm(grad.float(), ord=1 if norm == "l1" else 2, dim=(-2, -1))
+    per_image = grad.float().unflatten(0, (batch or grad.shape[0], -1))
+    return torch.linalg.vector_norm(per_image, ord=1 if norm == "l1" else 2, dim=(1, 3, 4))
 
 
 def layer_head_weights(scores: Tensor) -> Tensor:
@@ -80,70 +85,129 @@ def head_weights(scores: Tensor, head_norm: HeadNorm) -> Tensor:
 
 
 def fuse_heads(attention: Tensor, weights: Tensor) -> Tensor:
-    """Weighted sum of a layer's heads: ``sum_h w_h A_h``, ``[B, H, N, N]`` with ``[B, H]`` -> ``[B, N, N]``."""
-    batch, heads, tokens, _ = attention.shape
-    mixed = torch.bmm(weights.to(attention.dtype).unsqueeze(1), attention.reshape(batch, heads, tokens * tokens))
-    return mixed.reshape(batch, tokens, tokens).float()
+    """Weighted sum of a layer's heads ``sum_h w_h A_h``: ``[B * W, H, n_q, n_k]``, ``[B, H]`` -> ``[B * W, n_q, n_k]``.
+
+    The ``W`` windows of an image share its weights.
+    """
+    windows, heads, queries, keys = attention.shape
+    weights = weights.to(attention.dtype).repeat_interleave(windows // weights.shape[0], dim=0)
+    mixed = torch.bmm(weights.unsqueeze(1), attention.reshape(windows, heads, queries * keys))
+    return mixed.reshape(windows, queries, keys).float()
 
 
-def discard_lowest(fused: Tensor, ratio: float, keep_tokens: Tensor) -> Tensor:
-    """Zero the lowest ``ratio`` of each image's ``[N, N]`` entries, never the diagonal entries of ``keep_tokens``.
+def discard_lowest(fused: Tensor, ratio: float, protected: Tensor) -> Tensor:
+    """Zero the lowest ``ratio`` of each image's attention entries ``[B, ...]``, never where ``protected`` is True.
 
-    This is the noise filter of Abnar & Zuidema-style rollout code; the read-out tokens' own diagonal entries are kept
-    so that their rows never vanish.
+    This is the noise filter of Abnar & Zuidema-style rollout code. ``protected`` (shaped like one image's entries)
+    marks the read-out tokens' own diagonal entries, so that their rows never vanish.
 
     Examples:
         >>> fused = torch.tensor([[[0.1, 0.9], [0.6, 0.4]]])
-        >>> discard_lowest(fused, 0.5, keep_tokens=torch.tensor([0])).tolist()
+        >>> discard_lowest(fused, 0.5, protected=torch.tensor([[True, False], [False, False]])).tolist()
         [[[0.10000000149011612, 0.8999999761581421], [0.6000000238418579, 0.0]]]
     """
     if ratio <= 0:
         return fused
-    batch, num_tokens, _ = fused.shape
-    flat = fused.reshape(batch, -1)
-    protected = torch.zeros(num_tokens * num_tokens, dtype=torch.bool, device=fused.device)
-    protected[keep_tokens * num_tokens + keep_tokens] = True
+    flat = fused.reshape(fused.shape[0], -1)
     lowest = flat.topk(int(flat.shape[-1] * ratio), dim=-1, largest=False).indices
-    drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, lowest, True) & ~protected
+    drop = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, lowest, True) & ~protected.to(fused.device).flatten()
     return flat.masked_fill(drop, 0.0).reshape_as(fused)
 
 
-def propagate_rollout(readout: Tensor, layers: list[Tensor], residual: float) -> Tensor:
-    """Read-out row of the attention rollout ``R = Ahat_L ... Ahat_1``: returns ``readout @ R``, ``[B, N]``.
+def rollout_step(mixing: AttentionMixing, row: Tensor, fused: Tensor, residual: float) -> Tensor:
+    """``row^T Ahat`` for one layer, ``Ahat = (r I + (1 - r) M) / rowsum`` with ``M`` the layer's global mixing.
 
-    ``Ahat_l = (r I + (1 - r) A_l) / rowsum``, the skip connection of Abnar & Zuidema's rollout with rows renormalised
-    to sum 1. ``layers`` are the fused ``[B, N, N]`` matrices ``A_l`` in forward order; ``readout`` is ``[B, N]``
-    (one-hot rows of the pooled tokens, averaged). Because ``v^T Ahat = r u + (1 - r) u^T A`` with
-    ``u_i = v_i / (r + (1 - r) sum_j A_ij)``, each layer costs one vector-matrix product and no ``N x N`` temporary.
+    ``M`` places the fused ``[B, W, n_q, n_k]`` attention of each window at its tokens (:class:`AttentionMixing`);
+    tokens that are no query keep an identity row. Because ``v^T Ahat = r u + (1 - r) u^T M`` with
+    ``u_i = v_i / (r + (1 - r) sum_j M_ij)``, a layer costs one batched vector-matrix product per window and no
+    ``N x N`` temporary.
 
     Examples:
-        >>> layer = torch.tensor([[[0.0, 1.0], [0.0, 1.0]]])
-        >>> propagate_rollout(torch.tensor([[1.0, 0.0]]), [layer, layer], residual=0.5).tolist()
+        >>> layer = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])  # one image, one window of 2 tokens
+        >>> rollout_step(AttentionMixing(2), torch.tensor([[1.0, 0.0]]), layer, residual=0.5).tolist()
+        [[0.5, 0.5]]
+    """
+    row_sums = residual + (1.0 - residual) * mixing.row_sums(fused)
+    scaled = row / row_sums.clamp_min(torch.finfo(row_sums.dtype).tiny)
+    mixed = mixing.mix(scaled, fused)
+    if mixing.queries is not None:
+        mixed = mixed + scaled * (~mixing.queried()).to(scaled.device, scaled.dtype)
+    return residual * scaled + (1.0 - residual) * mixed
+
+
+def propagate(plan: TokenPlan, update: Callable[[int, AttentionMixing, Tensor], Tensor], batch: int) -> Tensor:
+    """The read-out row pulled back through the whole plan: ``[B, N_first]``.
+
+    ``update(layer, mixing, row)`` applies one attention layer to the row (return ``row`` to skip it); fixed maps
+    between token spaces are always applied.
+
+    Examples:
+        >>> from gmar_lightning.mixing import AttentionStep
+        >>> plan = TokenPlan((AttentionStep(0, AttentionMixing(2)),), torch.tensor([1.0, 0.0]), 0, (1, 2))
+        >>> layer = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])
+        >>> propagate(plan, lambda _i, mixing, row: rollout_step(mixing, row, layer, 0.5), batch=1).tolist()
+        [[0.5, 0.5]]
+    """
+    row = plan.readout.float().expand(batch, -1)
+    for step in reversed(plan.steps):
+        row = step.pull_back(row) if isinstance(step, TokenMap) else update(step.layer, step.mixing, row)
+    return row
+
+
+def propagate_rollout(plan: TokenPlan, layers: list[Tensor], residual: float, start_layer: int = 0) -> Tensor:
+    """Read-out row of the attention rollout ``R = Ahat_L ... Ahat_1`` (layers from ``start_layer``): ``[B, N]``.
+
+    ``layers`` are the fused ``[B, W, n_q, n_k]`` attentions in forward order. Only the read-out row vector is
+    propagated: ``v^T (Ahat_L ... Ahat_1) = (...((v^T Ahat_L) Ahat_{L-1}) ...) Ahat_1``, with the plan's fixed maps
+    between token spaces in between.
+
+    Examples:
+        >>> from gmar_lightning.mixing import AttentionStep
+        >>> plan = TokenPlan((AttentionStep(0, AttentionMixing(2)), AttentionStep(1, AttentionMixing(2))),
+        ...                  torch.tensor([1.0, 0.0]), 0, (1, 2))
+        >>> layer = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])
+        >>> propagate_rollout(plan, [layer, layer], residual=0.5).tolist()
         [[0.25, 0.75]]
     """
-    row = readout.float()
-    for fused in reversed(layers):
-        row_sums = residual + (1.0 - residual) * fused.sum(dim=-1)
-        scaled = row / row_sums.clamp_min(torch.finfo(row_sums.dtype).tiny)
-        row = residual * scaled + (1.0 - residual) * torch.bmm(scaled.unsqueeze(1), fused).squeeze(1)
-    return row
+
+    def update(index: int, mixing: AttentionMixing, row: Tensor) -> Tensor:
+        return rollout_step(mixing, row, layers[index], residual) if index >= start_layer else row
+
+    return propagate(plan, update, layers[0].shape[0])
 
 
-def propagate_gradient_rollout(readout: Tensor, relevances: list[Tensor]) -> Tensor:
+def propagate_gradient_rollout(plan: TokenPlan, relevances: list[Tensor], start_layer: int = 0) -> Tensor:
     """Read-out row of Chefer et al.'s (2021) generic rule ``R <- R + Abar_l R`` from ``R = I``: ``[B, N]``.
 
-    ``relevances`` are the per-layer ``Abar_l = mean_h((G_l * A_l)^+)`` in forward order; the product
-    ``(I + Abar_L) ... (I + Abar_1)`` is applied to the read-out row from the last layer down.
+    ``relevances`` are the per-layer ``Abar_l = mean_h((G_l * A_l)^+)`` as ``[B, W, n_q, n_k]`` in forward order;
+    the product ``(I + Abar_L) ... (I + Abar_1)`` is applied to the read-out row from the last layer down.
 
     Examples:
-        >>> relevance = torch.tensor([[[0.0, 1.0], [0.0, 0.0]]])
-        >>> propagate_gradient_rollout(torch.tensor([[1.0, 0.0]]), [relevance]).tolist()
+        >>> from gmar_lightning.mixing import AttentionStep
+        >>> plan = TokenPlan((AttentionStep(0, AttentionMixing(2)),), torch.tensor([1.0, 0.0]), 0, (1, 2))
+        >>> propagate_gradient_rollout(plan, [torch.tensor([[[[0.0, 1.0], [0.0, 0.0]]]])]).tolist()
         [[1.0, 1.0]]
     """
-    row = readout.float()
-    for relevance in reversed(relevances):
-        row = row + torch.bmm(row.unsqueeze(1), relevance.float()).squeeze(1)
-    return row
+
+    def update(index: int, mixing: AttentionMixing, row: Tensor) -> Tensor:
+        return row + mixing.mix(row, relevances[index]) if index >= start_layer else row
+
+    return propagate(plan, update, relevances[0].shape[0])
+
+
+def propagate_last_attention(plan: TokenPlan, last: Tensor) -> Tensor:
+    """Read-out row of the last layer's attention alone, pulled back through the fixed maps: ``[B, N]``."""
+    last_index = len(plan.attention_steps) - 1
+
+    def update(index: int, mixing: AttentionMixing, row: Tensor) -> Tensor:
+        if index != last_index:
+            return row
+        mixed = mixing.mix(row, last)
+        if mixing.queries is not None:
+            mixed = mixed + row * (~mixing.queried()).to(row.device, row.dtype)
+        return mixed
+
+    return propagate(plan, update, last.shape[0])
 
 
 def positive_relevance(attention: Tensor, grad: Tensor) -> Tensor:

@@ -82,7 +82,9 @@ def no_grad_checkpointing(model: nn.Module) -> contextlib.AbstractContextManager
 
 def unfused_attention(layers: list[AttentionLayer]) -> contextlib.AbstractContextManager[None]:
     """Set each layer's adapter ``disable_flags`` (timm: ``fused_attn``) to ``False``, so probabilities materialise."""
-    return _attributes_set_false([(layer.module, flag) for layer in layers for flag in layer.adapter.disable_flags])
+    # A flag the module lacks has no fast path to switch off (e.g. Swin V2's window attention).
+    settings = [(layer.module, flag) for layer in layers for flag in layer.adapter.disable_flags]
+    return _attributes_set_false([(module, flag) for module, flag in settings if hasattr(module, flag)])
 
 
 @contextlib.contextmanager

@@ -56,8 +56,8 @@ def infer_token_layout(model: nn.Module) -> TokenLayout:
     """Read the token layout off a timm ViT (VisionTransformer, DeiT, BEiT, EVA and their relatives).
 
     Raises:
-        ValueError: If the model's pooling has no linear read-out (attention pooling, max pooling) or the model does
-            not say how many prefix tokens it has; pass ``token_layout=TokenLayout(...)`` to ``explain`` instead.
+        ValueError: If the model's pooling has no linear read-out (attention pooling, max pooling), or the model does
+            not say how many prefix tokens it has (pass ``token_layout=TokenLayout(...)`` to ``explain`` then).
     """
     model_name = type(model).__name__
     num_prefix = getattr(model, "num_prefix_tokens", None)
@@ -69,7 +69,7 @@ def infer_token_layout(model: nn.Module) -> TokenLayout:
     if getattr(model, "attn_pool", None) is not None:
         raise ValueError(
             f"`model` ({model_name}) pools with attention (global_pool='map'), which has no rollout read-out; "
-            "create it with global_pool='token' or 'avg', or pass `token_layout=TokenLayout(...)`."
+            "create it with global_pool='token' or 'avg'."
         )
     if getattr(model, "dist_token", None) is not None:
         return TokenLayout(num_prefix_tokens=num_prefix, readout_tokens=(0, 1))
@@ -83,7 +83,7 @@ def infer_token_layout(model: nn.Module) -> TokenLayout:
         return TokenLayout(num_prefix_tokens=num_prefix, readout_tokens=None, pool_includes_prefix=includes_prefix)
     raise ValueError(
         f"`model` ({model_name}) uses global_pool={pool!r}, which has no linear read-out for rollout; "
-        "use global_pool='token' or 'avg', or pass `token_layout=TokenLayout(...)`."
+        "create it with global_pool='token' or 'avg'."
     )
 
 
@@ -96,7 +96,8 @@ def patch_grid(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]
     patch = getattr(patch_embed, "patch_size", None)
     if patch is None:
         raise ValueError(
-            f"`model` ({type(model).__name__}) has no `patch_embed.patch_size`; pass `token_layout=` and `grid_size=`."
+            f"`model` ({type(model).__name__}) has no `patch_embed.patch_size` to tell its patch grid, so its maps "
+            "cannot be placed on the image; see docs/supported_models.md for the supported models."
         )
     patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
     return image_size[0] // patch_h, image_size[1] // patch_w

@@ -24,12 +24,12 @@ from torch import Tensor, nn
 from torch.utils.data import default_collate
 from typing_extensions import override
 
+from gmar_lightning import families
 from gmar_lightning.callback.records import METRICS, Probe, evaluation_record, probe_metric_scores
 from gmar_lightning.callback.sinks import Sink, sinks_for_loggers
-from gmar_lightning.capture import find_attention_layers, find_vision_transformer, unwrap_model
+from gmar_lightning.capture import find_vision_transformer, unwrap_model
 from gmar_lightning.engine import explain
 from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
-from gmar_lightning.tokens import infer_token_layout
 from gmar_lightning.trajectory import HeadTrajectory
 
 __all__ = ["GMARCallback"]
@@ -244,8 +244,7 @@ class GMARCallback(Callback):
         # trainer.log_dir broadcasts from rank 0, so read it here, where every rank takes part, never on rank 0 alone.
         self._log_dir = trainer.log_dir
         model = self._model(pl_module)
-        find_attention_layers(model)
-        infer_token_layout(model)
+        families.check_supported(model)
         if isinstance(self._probe_input, Tensor | tuple):
             images = self._probe_input if isinstance(self._probe_input, Tensor) else self._probe_input[0]
             try:  # a forward-only explanation of one image checks that the model takes the probe images

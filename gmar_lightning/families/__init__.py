@@ -1,0 +1,108 @@
+"""Model families: for each kind of model, its attention layers in forward order and how they mix tokens.
+
+A family is a small module of plain functions, ``matches(model)`` and ``probe(model, image_size, token_layout)``,
+registered in :data:`FAMILIES`. Its probe returns a :class:`Probe`: the attention modules to capture, grouped into
+rollout layers, and the :class:`~gmar_lightning.mixing.TokenPlan` that maps each layer onto its token space.
+Models whose attention has no token rollout are refused by :mod:`gmar_lightning.families.refused` with a one-line
+reason. ``docs/method.md`` defines every mapping; ``docs/supported_models.md`` lists what works.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from gmar_lightning.capture import AttentionLayer, find_attention_layers
+from gmar_lightning.mixing import TokenPlan
+from gmar_lightning.tokens import TokenLayout
+
+__all__ = ["FAMILIES", "Family", "Probe", "UnsupportedModelError", "check_supported", "find_family", "probe"]
+
+
+class UnsupportedModelError(ValueError):
+    """The model's attention has no token rollout (or gmar-lightning does not know how to map it)."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the engine needs to explain one model at one image size.
+
+    Args:
+        layers: Per rollout layer, its attention modules (parallel branches of one block share a layer).
+        layer_names: One name per rollout layer.
+        plan: How the layers mix tokens, from the first token space to the read-out.
+        context: Entered around the explanation's forward and backward passes (e.g. to switch an attention
+            implementation), restored on exit.
+    """
+
+    layers: list[list[AttentionLayer]]
+    layer_names: list[str]
+    plan: TokenPlan
+    context: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
+
+    @property
+    def modules(self) -> list[AttentionLayer]:
+        """Every captured attention module, in forward order."""
+        return [module for layer in self.layers for module in layer]
+
+
+ProbeFunction = Callable[[nn.Module, tuple[int, int], TokenLayout | None], Probe]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: a predicate and the probe that describes its token mixing."""
+
+    name: str
+    matches: Callable[[nn.Module], bool]
+    probe: ProbeFunction
+    check: Callable[[nn.Module], None] = lambda _model: None
+    """Raises the family's refusals that do not depend on the image size (e.g. an unsupported pooling)."""
+
+
+def _registry() -> list[Family]:
+    from gmar_lightning.families import swin, vit
+
+    return [
+        Family("swin", swin.matches, swin.probe, swin.check),
+        Family("vit", vit.matches, vit.probe, vit.check),
+    ]
+
+
+FAMILIES: list[Family] = _registry()
+"""Families tried in order; the first that matches a model wins (specific families before the generic ViT)."""
+
+
+def find_family(model: nn.Module) -> Family:
+    """The family that explains ``model``.
+
+    Raises:
+        UnsupportedModelError: The model's attention has no token rollout; the message names the class and why.
+        AttentionNotFoundError: The model has no recognisable attention at all.
+    """
+    from gmar_lightning.families.refused import refusal
+
+    reason = refusal(model)
+    if reason is not None:
+        raise UnsupportedModelError(f"`model` ({type(model).__name__}) cannot be explained: {reason}.")
+    family = next((family for family in FAMILIES if family.matches(model)), None)
+    if family is None:
+        find_attention_layers(model)  # no attention at all: the capture's own error says so
+        raise UnsupportedModelError(
+            f"`model` ({type(model).__name__}) is not a model family gmar-lightning knows how to roll out; "
+            "docs/supported_models.md lists the supported ones."
+        )
+    return family
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise the one-line refusal for a model that cannot be explained at any image size; return if it can be."""
+    find_family(model).check(model)
+
+
+def probe(model: nn.Module, image_size: tuple[int, int], token_layout: TokenLayout | None = None) -> Probe:
+    """Describe ``model``'s attention layers and token mixing for images of ``image_size`` (height, width)."""
+    return find_family(model).probe(model, image_size, token_layout)

@@ -1,0 +1,113 @@
+"""Token geometry shared by the families: windows with a cyclic shift, 2x2 merging, pooling cells.
+
+Tokens of an ``h x w`` grid are numbered row-major, ``i * w + j``. Every function returns index tensors for
+:mod:`gmar_lightning.mixing`; ``-1`` marks a padding slot that holds no token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gmar_lightning.mixing import AttentionMixing, TokenMap
+
+__all__ = [
+    "adaptive_cells",
+    "cells_map",
+    "global_mixing",
+    "grid_cells",
+    "merge_map",
+    "pool_cells",
+    "window_mixing",
+    "window_tokens",
+]
+
+
+def global_mixing(num_tokens: int) -> AttentionMixing:
+    """Every token attends to every token (plain self-attention)."""
+    return AttentionMixing(num_tokens)
+
+
+def window_tokens(
+    grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int] = (0, 0), offset: int = 0
+) -> torch.Tensor:
+    """``[W, wh * ww]`` the token in each slot of each window, row-major over windows and within them.
+
+    The grid is first rolled by ``-shift`` (Swin's cyclic shift: slot ``(i, j)`` holds token
+    ``((i + shift_h) mod h, (j + shift_w) mod w)``), then padded at the bottom and right to whole windows
+    (padding slots are ``-1``). ``offset`` is added to every real token index (prefix tokens before the grid).
+
+    Examples:
+        >>> window_tokens((2, 3), (2, 2)).tolist()
+        [[0, 1, 3, 4], [2, -1, 5, -1]]
+        >>> window_tokens((2, 2), (1, 2), shift=(1, 0)).tolist()
+        [[2, 3], [0, 1]]
+    """
+    height, width = grid
+    rows = (torch.arange(height) + shift[0]) % height
+    cols = (torch.arange(width) + shift[1]) % width
+    tokens = rows[:, None] * width + cols[None, :] + offset
+    padded_h, padded_w = math.ceil(height / window[0]) * window[0], math.ceil(width / window[1]) * window[1]
+    padded = torch.full((padded_h, padded_w), -1, dtype=torch.long)
+    padded[:height, :width] = tokens
+    blocks = padded.view(padded_h // window[0], window[0], padded_w // window[1], window[1]).permute(0, 2, 1, 3)
+    return blocks.reshape(-1, window[0] * window[1])
+
+
+def window_mixing(
+    grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int] = (0, 0), num_prefix_tokens: int = 0
+) -> AttentionMixing:
+    """Self-attention inside (shifted) windows of a grid: queries and keys are the same window slots."""
+    tokens = window_tokens(grid, window, shift, offset=num_prefix_tokens)
+    return AttentionMixing(num_prefix_tokens + grid[0] * grid[1], queries=tokens, keys=tokens)
+
+
+def merge_map(grid: tuple[int, int], factor: int = 2) -> TokenMap:
+    """Patch merging: merged token ``(i, j)`` averages its ``factor x factor`` children (padding children dropped).
+
+    Examples:
+        >>> merge = merge_map((2, 3))
+        >>> merge.sources.tolist(), merge.weights.tolist()
+        ([[0, 1, 3, 4], [2, 5, -1, -1]], [[0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]])
+    """
+    height, width = grid
+    cells = [
+        [
+            (i * width + j)
+            for i in range(r * factor, min((r + 1) * factor, height))
+            for j in range(c * factor, min((c + 1) * factor, width))
+        ]
+        for r in range(math.ceil(height / factor))
+        for c in range(math.ceil(width / factor))
+    ]
+    return cells_map(cells, height * width)
+
+
+def pool_cells(size: int, out_size: int, kernel: int, stride: int, padding: int) -> list[list[int]]:
+    """The input positions each output position of a 1-d pooling or convolution window reads (padding excluded)."""
+    return [
+        [p for p in range(o * stride - padding, o * stride - padding + kernel) if 0 <= p < size]
+        for o in range(out_size)
+    ]
+
+
+def adaptive_cells(size: int, out_size: int) -> list[list[int]]:
+    """The input positions of each output of ``adaptive_avg_pool`` (PyTorch's floor/ceil cell bounds)."""
+    return [list(range(math.floor(o * size / out_size), math.ceil((o + 1) * size / out_size))) for o in range(out_size)]
+
+
+def grid_cells(rows: list[list[int]], cols: list[list[int]], width: int, offset: int = 0) -> list[list[int]]:
+    """2-d cells from 1-d row and column cells, as token indices of a row-major grid of ``width`` columns."""
+    return [[offset + i * width + j for i in row for j in col] for row in rows for col in cols]
+
+
+def cells_map(cells: list[list[int]], num_inputs: int) -> TokenMap:
+    """A :class:`TokenMap` whose new token ``i`` averages the old tokens in ``cells[i]`` uniformly."""
+    longest = max(len(cell) for cell in cells)
+    sources = torch.full((len(cells), longest), -1, dtype=torch.long)
+    weights = torch.zeros(len(cells), longest)
+    for index, cell in enumerate(cells):
+        sources[index, : len(cell)] = torch.tensor(cell, dtype=torch.long)
+        weights[index, : len(cell)] = 1.0 / len(cell)
+    return TokenMap(sources, weights, num_inputs)

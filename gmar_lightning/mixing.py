@@ -1,0 +1,187 @@
+"""How a model mixes its tokens, in the form the rollout needs, and the row-vector propagation through it.
+
+A :class:`TokenPlan` lists, in forward order, the model's attention layers and the fixed maps between its token
+spaces (patch merging, token pooling, a class token joining the sequence). Each attention layer is described by an
+:class:`AttentionMixing`: where the query and key slots of its captured ``[B * W, H, n_q, n_k]`` attention sit in the
+layer's token space (``W`` windows per image). The global ``N x N`` mixing matrix of a layer is never built: the
+rollout applies the block structure of the windows to the read-out row vector directly. The formulas are in
+``docs/method.md`` (Hierarchical and windowed models); the model families that build plans are in
+:mod:`gmar_lightning.families`. Nothing here knows about modules or hooks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["AttentionMixing", "AttentionStep", "TokenMap", "TokenPlan"]
+
+
+def _scatter_rows(values: Tensor, index: Tensor, size: int) -> Tensor:
+    """``out[b, index[j]] += values[b, j]`` over ``size`` tokens; ``index`` entries of ``-1`` are dropped."""
+    index = index.to(values.device).flatten()
+    safe = torch.where(index < 0, size, index).expand(values.shape[0], -1)
+    out = values.new_zeros(values.shape[0], size + 1)
+    return out.scatter_add_(1, safe, values.flatten(1))[:, :size]
+
+
+def _gather_rows(row: Tensor, index: Tensor) -> Tensor:
+    """``row[b, index]`` with ``0`` where ``index`` is ``-1``; keeps ``index``'s shape after the batch dimension."""
+    index = index.to(row.device)
+    padded = torch.cat([row, row.new_zeros(row.shape[0], 1)], dim=1)
+    safe = torch.where(index < 0, row.shape[1], index)
+    return padded[:, safe]
+
+
+@dataclass(frozen=True)
+class TokenMap:
+    """A fixed linear map between token spaces: new token ``i`` is ``sum_k weights[i, k] * old[sources[i, k]]``.
+
+    Every row of ``weights`` sums to 1 (a new token averages the tokens it is made from), so relevance is conserved
+    when it flows back. ``sources`` pads short rows with ``-1``.
+
+    Args:
+        sources: ``[n_new, k]`` indices into the old token space.
+        weights: ``[n_new, k]`` the averaging weights.
+        num_inputs: Tokens in the old space.
+
+    Examples:
+        >>> merge = TokenMap(torch.tensor([[0, 1], [2, -1]]), torch.tensor([[0.5, 0.5], [1.0, 0.0]]), num_inputs=3)
+        >>> merge.pull_back(torch.tensor([[1.0, 2.0]])).tolist()
+        [[0.5, 0.5, 2.0]]
+    """
+
+    sources: Tensor
+    weights: Tensor
+    num_inputs: int
+
+    @property
+    def num_outputs(self) -> int:
+        return int(self.sources.shape[0])
+
+    def pull_back(self, row: Tensor) -> Tensor:
+        """``row @ T``: a ``[B, n_new]`` row over the new tokens as a ``[B, num_inputs]`` row over the old ones."""
+        values = row[:, :, None] * self.weights.to(row.device, row.dtype)
+        return _scatter_rows(values, self.sources, self.num_inputs)
+
+
+@dataclass(frozen=True)
+class AttentionMixing:
+    """Where one attention layer's ``[B * W, H, n_q, n_k]`` probabilities sit in a token space of ``num_tokens``.
+
+    Args:
+        num_tokens: Tokens of the layer's token space.
+        queries: ``[W, n_q]`` the token of each window's query slots (``-1``: padding), or ``None`` for all tokens
+            in order (one window). Tokens that are no query keep their value: their row of the layer is the identity.
+        keys: ``[W, n_k]`` the token of each key slot (``-1``: padding, its attention is dropped), or ``None`` for
+            all tokens in order; ignored with ``key_map``.
+        key_map: When the keys are pooled tokens (spatial-reduction attention), the map from the token space to the
+            ``n_k`` pooled tokens; a key's relevance flows back to the tokens it pools.
+
+    Examples:
+        >>> AttentionMixing(4, queries=torch.tensor([[0, 1], [2, 3]]), keys=torch.tensor([[0, 1], [2, 3]])).shape(2)
+        (4, 2, 2)
+    """
+
+    num_tokens: int
+    queries: Tensor | None = None
+    keys: Tensor | None = None
+    key_map: TokenMap | None = None
+
+    @property
+    def num_windows(self) -> int:
+        return 1 if self.queries is None else int(self.queries.shape[0])
+
+    def shape(self, batch: int) -> tuple[int, int, int]:
+        """The ``(B * W, n_q, n_k)`` of the captured attention for ``batch`` images (heads aside)."""
+        num_queries = self.num_tokens if self.queries is None else int(self.queries.shape[1])
+        if self.key_map is not None:
+            num_keys = self.key_map.num_outputs
+        else:
+            num_keys = self.num_tokens if self.keys is None else int(self.keys.shape[1])
+        return batch * self.num_windows, num_queries, num_keys
+
+    def key_padding(self) -> Tensor | None:
+        """``[W, 1, n_k]`` True where a key slot is padding (no token), or ``None`` when there is none."""
+        if self.key_map is not None or self.keys is None or not bool((self.keys < 0).any()):
+            return None
+        return (self.keys < 0)[:, None, :]
+
+    def diagonal(self, tokens: Tensor) -> Tensor:
+        """``[W, n_q, n_k]`` True where query and key slot hold the same token and ``tokens`` (bool ``[N]``) has it."""
+        _, num_queries, num_keys = self.shape(1)
+        if self.key_map is not None:
+            return torch.zeros(self.num_windows, num_queries, num_keys, dtype=torch.bool)
+        queries = torch.arange(self.num_tokens)[None] if self.queries is None else self.queries
+        keys = torch.arange(self.num_tokens)[None] if self.keys is None else self.keys
+        protected = torch.cat([tokens.cpu(), torch.zeros(1, dtype=torch.bool)])[torch.where(queries < 0, -1, queries)]
+        return (queries[:, :, None] == keys[:, None, :]) & (queries[:, :, None] >= 0) & protected[:, :, None]
+
+    def queried(self) -> Tensor:
+        """``[N]`` bool: the tokens this layer updates."""
+        if self.queries is None:
+            return torch.ones(self.num_tokens, dtype=torch.bool)
+        mask = torch.zeros(self.num_tokens + 1, dtype=torch.bool)
+        mask[torch.where(self.queries < 0, self.num_tokens, self.queries).flatten()] = True
+        return mask[: self.num_tokens]
+
+    def mix(self, row: Tensor, fused: Tensor) -> Tensor:
+        """``row^T M`` over the queried tokens: ``[B, N]`` row, ``[B, W, n_q, n_k]`` fused attention -> ``[B, N]``."""
+        by_query = row[:, None, None, :] if self.queries is None else _gather_rows(row, self.queries)[:, :, None, :]
+        by_key = (by_query @ fused).squeeze(2)  # [B, W, n_k]
+        if self.key_map is not None:
+            return self.key_map.pull_back(by_key.squeeze(1))
+        if self.keys is None:
+            return by_key.squeeze(1)
+        return _scatter_rows(by_key, self.keys, self.num_tokens)
+
+    def row_sums(self, fused: Tensor) -> Tensor:
+        """``[B, N]`` row sums of the layer's global matrix; ``1`` for tokens that are no query (identity rows)."""
+        sums = fused.sum(dim=-1)  # [B, W, n_q]
+        if self.queries is None:
+            return sums.squeeze(1)
+        ones = torch.ones(sums.shape[0], self.num_tokens, device=sums.device, dtype=sums.dtype)
+        scattered = _scatter_rows(sums, self.queries, self.num_tokens)
+        return torch.where(self.queried().to(sums.device), scattered, ones)
+
+
+@dataclass(frozen=True)
+class AttentionStep:
+    """One rollout layer of a :class:`TokenPlan`: the index of its attention among the plan's layers, and its mixing."""
+
+    layer: int
+    mixing: AttentionMixing
+
+
+@dataclass(frozen=True)
+class TokenPlan:
+    """How a model mixes tokens from its first token space to its read-out, in forward order.
+
+    Args:
+        steps: Attention layers and fixed maps between token spaces, in forward order.
+        readout: ``[N_last]`` the weights with which the classifier pools the last token space (they sum to 1).
+        num_prefix_tokens: Tokens before the patch grid in the first token space (class, distillation, registers).
+        grid: ``(h, w)`` the patch grid of the first token space, in row-major order after the prefix tokens.
+    """
+
+    steps: tuple[AttentionStep | TokenMap, ...]
+    readout: Tensor
+    num_prefix_tokens: int
+    grid: tuple[int, int]
+
+    @property
+    def attention_steps(self) -> list[AttentionStep]:
+        return [step for step in self.steps if isinstance(step, AttentionStep)]
+
+    def protected_tokens(self) -> list[Tensor]:
+        """Per attention step, the tokens the read-out pools when mapped back through the fixed maps only (bool)."""
+        row = self.readout[None].float()
+        protected = []
+        for step in reversed(self.steps):
+            if isinstance(step, TokenMap):
+                row = step.pull_back(row)
+            else:
+                protected.append(row[0] > 0)
+        return protected[::-1]
