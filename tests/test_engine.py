@@ -324,3 +324,29 @@ def test_unsupported_pooling_is_rejected() -> None:
     model = VisionTransformer(global_pool="map", **TINY)
     with pytest.raises(ValueError, match="global_pool='map'"):
         explain(model, make_images("vit"))
+
+
+def test_swin_is_explained_on_its_first_stage_grid() -> None:
+    import timm
+
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        embed_dim=16,
+        depths=(2, 1),
+        num_heads=(2, 4),
+        img_size=32,
+        window_size=4,
+        num_classes=3,
+    )
+    result = explain(model, torch.randn(2, 3, 32, 32))
+    assert result.token_maps.shape == (2, 8, 8)
+    # Stage 2 has 4 heads, stage 1 only 2: its absent heads get zero weight.
+    assert result.head_weights.shape == (2, 3, 4)
+    torch.testing.assert_close(result.head_weights.sum(-1), torch.ones(2, 3))
+    assert float(result.head_weights[:, :2, 2:].abs().max()) == 0.0
+
+
+def test_differential_attention_is_refused() -> None:
+    model = VisionTransformer(attn_layer="diff", **TINY)
+    with pytest.raises(ValueError, match=r"VisionTransformer.*differential attention.*not a distribution"):
+        explain(model, make_images("vit"))
