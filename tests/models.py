@@ -26,6 +26,23 @@ FAMILIES: dict[str, Callable[[], nn.Module]] = {
 # Non-square input for the dynamic-size model: a 4x6 patch grid.
 IMAGE_SIZES = {"vit_dynamic": (32, 48)}
 
+# What each family's classifier reads, stated here from timm's definitions rather than read off the model by the
+# package: (prefix tokens, read-out token indices, or None for the mean of the patch tokens).
+LAYOUTS: dict[str, tuple[int, list[int] | None]] = {
+    "vit": (1, [0]),
+    "vit_registers": (3, [0]),  # class token, then 2 registers
+    "vit_avg_no_cls": (0, None),
+    "vit_dynamic": (1, [0]),
+    "deit_distilled": (2, [0, 1]),  # the mean of the class and distillation heads
+    "beit": (1, None),  # BEiT and EVA default to average pooling over the patch tokens
+    "eva": (1, None),
+}
+
+
+def patch_grid_of(images: torch.Tensor) -> tuple[int, int]:
+    """The patch grid of the tiny models: 8-pixel patches."""
+    return images.shape[-2] // TINY["patch_size"], images.shape[-1] // TINY["patch_size"]
+
 
 def sharpen(model: nn.Module, seed: int = 0) -> nn.Module:
     """Re-initialise weights with a larger scale so attention is peaked and maps differ clearly across tokens."""

@@ -1,24 +1,50 @@
 """A deliberately plain reference of every method: full attention and gradient tensors, full N x N products.
 
-It shares no code with the package beyond timm itself, so agreement between the two is evidence, not tautology.
+It shares no code with the package beyond timm itself, so agreement between the two is evidence, not tautology. The
+token layout (prefix tokens, read-out, patch grid) and, for hierarchical models, every layer's global token-mixing
+matrix and every map between token spaces are stated by the caller (the tests), never taken from the package.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
+ToGlobal = Callable[[Tensor], Tensor]
+"""Places a layer's captured ``[B * W, H, n_q, n_k]`` tensor into its global ``[B, H, N, N]`` token matrix."""
+
+
+@dataclass
+class Layer:
+    """One attention layer of a structure: how its windows sit in the token space and which tokens it updates."""
+
+    to_global: ToGlobal | None = None  # None: the capture already is [B, H, N, N]
+    queried: list[int] | None = None  # None: every token is a query; others keep an identity row
+
+
+Structure = list["Layer | Tensor"]
+"""Forward order: attention layers and dense ``[N_new, N_old]`` maps between token spaces."""
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module that calls an ``attn_drop`` submodule on its attention probabilities, in registration order."""
+    return [m for m in model.modules() if isinstance(getattr(m, "attn_drop", None), nn.Module)]
+
 
 def capture_full(model: nn.Module, images: Tensor, target: Tensor | None = None) -> tuple[list, list, Tensor, Tensor]:
-    """Every layer's attention ``[B, H, N, N]`` and its gradient of the summed target logits."""
-    modules = [m for m in model.modules() if hasattr(m, "fused_attn") and hasattr(m, "attn_drop")]
-    saved_flags = [m.fused_attn for m in modules]
+    """Every layer's attention ``[B', H, n_q, n_k]`` and its gradient of the summed target logits."""
+    modules = attention_modules(model)
+    saved_flags = [getattr(m, "fused_attn", None) for m in modules]
     attentions: list[Tensor] = []
     handles = [m.attn_drop.register_forward_hook(lambda _m, inp, _out: attentions.append(inp[0])) for m in modules]
     was_training = model.training
     try:
-        for m in modules:
-            m.fused_attn = False
+        for m, flag in zip(modules, saved_flags, strict=True):
+            if flag is not None:
+                m.fused_attn = False
         model.eval()
         with torch.enable_grad():
             logits = model(images.clone().requires_grad_(True))
@@ -29,14 +55,27 @@ def capture_full(model: nn.Module, images: Tensor, target: Tensor | None = None)
         for handle in handles:
             handle.remove()
         for m, flag in zip(modules, saved_flags, strict=True):
-            m.fused_attn = flag
+            if flag is not None:
+                m.fused_attn = flag
         model.train(was_training)
     return [a.detach() for a in attentions], grads, logits.detach(), targets
 
 
 def readout_rows(matrix: Tensor, readout: list[int]) -> Tensor:
-    """Mean of the read-out tokens' rows of ``[B, N, N]``."""
+    """Mean of the read-out tokens' rows of ``[B, N, M]``."""
     return matrix[:, readout, :].mean(dim=1)
+
+
+def _identity_rows(fused: Tensor, queried: list[int] | None) -> Tensor:
+    """Tokens that are no query of the layer keep their value: an identity row."""
+    if queried is None:
+        return fused
+    num_tokens = fused.shape[-1]
+    passive = [i for i in range(num_tokens) if i not in set(queried)]
+    fused = fused.clone()
+    fused[:, passive, :] = 0
+    fused[:, passive, passive] = 1
+    return fused
 
 
 def reference_explain(
@@ -47,55 +86,85 @@ def reference_explain(
     num_prefix: int,
     readout: list[int] | None,
     grid: tuple[int, int],
+    structure: Structure | None = None,
     residual: float = 0.5,
     head_norm: str = "layer",
     discard_ratio: float = 0.0,
     start_layer: int = 0,
     target: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Token maps ``[B, h, w]`` and head weights ``[B, L, H]`` (GMAR) computed the slow, obvious way."""
+    """Token maps ``[B, h, w]`` and head weights ``[B, L, H_max]`` (GMAR; zero for absent heads), the slow way.
+
+    ``num_prefix`` and ``grid`` describe the first token space; ``readout`` lists the read-out tokens of the last
+    space (``None``: the mean of its tokens after ``num_prefix``). ``structure`` defaults to one global layer per
+    captured attention.
+    """
     attentions, grads, _, _ = capture_full(model, images, target)
-    batch, _, num_tokens, _ = attentions[0].shape
-    readout = list(range(num_prefix, num_tokens)) if readout is None else readout
-    eye = torch.eye(num_tokens, device=attentions[0].device).expand(batch, num_tokens, num_tokens)
+    batch = images.shape[0]
+    structure = [Layer() for _ in attentions] if structure is None else structure
+    layers = [step for step in structure if isinstance(step, Layer)]
+    assert len(layers) == len(attentions), (len(layers), len(attentions))
+
+    def placed(layer: Layer, tensor: Tensor) -> Tensor:
+        return tensor if layer.to_global is None else layer.to_global(tensor)
+
+    head_attention = [placed(layer, a) for layer, a in zip(layers, attentions, strict=True)]
     weights_out = None
-    if method == "attention":
-        rows = readout_rows(attentions[-1].mean(1), readout)
-    elif method == "grad_rollout":
-        relevance = eye.clone()
-        for layer in range(start_layer, len(attentions)):
-            fused = (grads[layer] * attentions[layer]).clamp(min=0).mean(1)
-            relevance = relevance + fused @ relevance
-        rows = readout_rows(relevance, readout)
-    else:
-        if method == "rollout":
-            fused_layers = [a.mean(1) for a in attentions]
+    if method in ("gmar_l1", "gmar_l2"):
+        per_image = [g.unflatten(0, (batch, -1)) for g in grads]  # [B, W, H, n_q, n_k]: every window of an image
+        if method == "gmar_l1":
+            scores = [g.abs().sum(dim=(1, 3, 4)) for g in per_image]
         else:
-            if method == "gmar_l1":
-                scores = torch.stack([g.abs().sum(dim=(2, 3)) for g in grads], dim=1)
-            else:
-                scores = torch.stack([g.pow(2).sum(dim=(2, 3)).sqrt() for g in grads], dim=1)
-            if head_norm == "layer":
-                weights_out = scores / scores.sum(dim=2, keepdim=True)
-            else:
-                weights_out = scores / scores.sum(dim=(1, 2), keepdim=True)
-            fused_layers = [(weights_out[:, i, :, None, None] * a).sum(1) for i, a in enumerate(attentions)]
-        rollout = eye.clone()
-        for layer in range(start_layer, len(attentions)):
-            fused = fused_layers[layer].clone()
+            scores = [g.pow(2).sum(dim=(1, 3, 4)).sqrt() for g in per_image]
+        if head_norm == "layer":
+            weights = [s / s.sum(dim=1, keepdim=True) for s in scores]
+        else:
+            total = sum(s.sum(dim=1, keepdim=True) for s in scores)
+            weights = [s / total for s in scores]
+        width = max(w.shape[1] for w in weights)
+        weights_out = torch.stack([nn.functional.pad(w, (0, width - w.shape[1])) for w in weights], dim=1)
+        fused_layers = [(w[:, :, None, None] * a).sum(1) for w, a in zip(weights, head_attention, strict=True)]
+    elif method == "grad_rollout":
+        fused_layers = [
+            placed(layer, (g * a).clamp(min=0)).mean(1) for layer, g, a in zip(layers, grads, attentions, strict=True)
+        ]
+    else:
+        fused_layers = [a.mean(1) for a in head_attention]
+
+    first_tokens = num_prefix + grid[0] * grid[1]
+    relevance = torch.eye(first_tokens, device=images.device).expand(batch, first_tokens, first_tokens)
+    index = 0
+    for step in structure:
+        if not isinstance(step, Layer):
+            relevance = step.to(relevance.device) @ relevance
+            continue
+        fused, used = fused_layers[index], index >= start_layer
+        num_tokens = fused.shape[-1]
+        eye = torch.eye(num_tokens, device=images.device).expand(batch, num_tokens, num_tokens)
+        if method == "attention":
+            if index == len(layers) - 1:
+                relevance = _identity_rows(fused, step.queried) @ relevance
+        elif method == "grad_rollout":
+            if used:
+                relevance = relevance + fused @ relevance
+        elif used:
+            fused = fused.clone()
             if discard_ratio > 0:
                 for b in range(batch):
                     flat = fused[b].flatten()
                     lowest = flat.argsort()[: int(flat.numel() * discard_ratio)]
+                    keep = readout if readout is not None else range(num_prefix, num_tokens)
                     lowest = [
                         i
                         for i in lowest.tolist()
-                        if not (i // num_tokens == i % num_tokens and i // num_tokens in readout)
+                        if not (i // num_tokens == i % num_tokens and i // num_tokens in keep)
                     ]
                     flat[lowest] = 0
                     fused[b] = flat.view(num_tokens, num_tokens)
-            mixed = residual * eye + (1 - residual) * fused
+            mixed = _identity_rows(residual * eye + (1 - residual) * fused, step.queried)
             mixed = mixed / mixed.sum(dim=-1, keepdim=True)
-            rollout = mixed @ rollout
-        rows = readout_rows(rollout, readout)
+            relevance = mixed @ relevance
+        index += 1
+    last_tokens = relevance.shape[1]
+    rows = readout_rows(relevance, list(range(num_prefix, last_tokens)) if readout is None else readout)
     return rows[:, num_prefix:].reshape(batch, *grid), weights_out

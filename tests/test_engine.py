@@ -9,20 +9,16 @@ from torch import nn
 
 from gmar_lightning import METHODS, AttentionAdapter, explain, register_attention_adapter, unregister_attention_adapter
 from gmar_lightning.capture import AttentionNotFoundError
-from gmar_lightning.tokens import infer_token_layout, patch_grid
-from tests.models import FAMILIES, TINY, make_images, make_model, sharpen
+from tests.models import FAMILIES, LAYOUTS, TINY, make_images, make_model, patch_grid_of, sharpen
 from tests.reference import reference_explain
 
 ATOL = 1e-5
 
 
-def reference_for(model: nn.Module, images: torch.Tensor, method: str, **options):
-    layout = infer_token_layout(model)
-    readout = None if layout.readout_tokens is None else list(layout.readout_tokens)
-    grid = patch_grid(model, tuple(images.shape[-2:]))
-    return reference_explain(
-        model, images, method, num_prefix=layout.num_prefix_tokens, readout=readout, grid=grid, **options
-    )
+def reference_for(model: nn.Module, images: torch.Tensor, method: str, family: str = "vit", **options):
+    num_prefix, readout = LAYOUTS[family]
+    grid = patch_grid_of(images)
+    return reference_explain(model, images, method, num_prefix=num_prefix, readout=readout, grid=grid, **options)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -30,7 +26,7 @@ def reference_for(model: nn.Module, images: torch.Tensor, method: str, **options
 def test_matches_full_matrix_reference(family: str, method: str, device: torch.device) -> None:
     model, images = make_model(family).to(device), make_images(family).to(device)
     result = explain(model, images, method=method)
-    expected_maps, expected_weights = reference_for(model, images, method)
+    expected_maps, expected_weights = reference_for(model, images, method, family)
     torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
     assert result.maps.shape == (images.shape[0], *images.shape[-2:])
     assert float(result.maps.min()) == 0.0 and float(result.maps.max()) == 1.0
@@ -56,7 +52,7 @@ def test_matches_full_matrix_reference(family: str, method: str, device: torch.d
 def test_options_match_reference(family: str, method: str, options: dict, device: torch.device) -> None:
     model, images = make_model(family).to(device), make_images(family).to(device)
     result = explain(model, images, method=method, **options)
-    expected_maps, expected_weights = reference_for(model, images, method, **options)
+    expected_maps, expected_weights = reference_for(model, images, method, family, **options)
     torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
     if expected_weights is not None:
         torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)

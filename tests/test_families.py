@@ -1,0 +1,128 @@
+"""Hierarchical and windowed families against the full-matrix reference, with every map written out here.
+
+The global token-mixing matrix of each windowed layer is built by running the model's own roll, pad and window
+partition on a grid of token indices; merge maps are written as dense matrices. Nothing here calls the package's
+token-plan or grid helpers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from torch import Tensor, nn
+
+from gmar_lightning import METHODS, explain
+from tests.models import sharpen
+from tests.reference import Layer, reference_explain
+
+ATOL = 1e-5
+
+SWIN = {"embed_dim": 16, "depths": (2, 2), "num_heads": (2, 4), "window_size": 4, "num_classes": 5}
+SWIN_MODELS = {
+    # 40 px / 4 = a 10x10 grid: windows of 4 need padding, and the second block of each stage shifts by 2.
+    "swin": ("swin_tiny_patch4_window7_224", 40),
+    "swin_v2": ("swinv2_tiny_window8_256", 40),
+    "swin_v2_cr": ("swinv2_cr_tiny_ns_224", 32),
+}
+
+
+def window_slots(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]) -> Tensor:
+    """``[W, n]`` token index per window slot (-1: padding), from the same roll, pad and partition as the model."""
+    height, width = grid
+    index = torch.arange(height * width, dtype=torch.float32).view(1, height, width, 1)
+    if any(shift):
+        index = torch.roll(index, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    pad_h, pad_w = (-height) % window[0], (-width) % window[1]
+    index = nn.functional.pad(index, (0, 0, 0, pad_w, 0, pad_h), value=-1.0)
+    _, padded_h, padded_w, _ = index.shape
+    windows = index.view(padded_h // window[0], window[0], padded_w // window[1], window[1])
+    return windows.permute(0, 2, 1, 3).reshape(-1, window[0] * window[1]).long()
+
+
+def windows_to_global(slots: Tensor, num_tokens: int):
+    def to_global(captured: Tensor) -> Tensor:
+        num_windows = slots.shape[0]
+        per_window = captured.unflatten(0, (-1, num_windows))  # [B, W, H, n, n]
+        batch, _, heads, _, _ = per_window.shape
+        full = captured.new_zeros(batch, heads, num_tokens, num_tokens)
+        for w in range(num_windows):
+            for q, query in enumerate(slots[w].tolist()):
+                for k, key in enumerate(slots[w].tolist()):
+                    if query >= 0 and key >= 0:
+                        full[:, :, query, key] += per_window[:, w, :, q, k]
+        return full
+
+    return to_global
+
+
+def merge_matrix(grid: tuple[int, int]) -> Tensor:
+    """Dense ``[N_new, N_old]``: each merged token averages its 2x2 children inside the grid."""
+    height, width = grid
+    new_h, new_w = math.ceil(height / 2), math.ceil(width / 2)
+    matrix = torch.zeros(new_h * new_w, height * width)
+    for i in range(new_h):
+        for j in range(new_w):
+            children = [(a, b) for a in (2 * i, 2 * i + 1) for b in (2 * j, 2 * j + 1) if a < height and b < width]
+            for a, b in children:
+                matrix[i * new_w + j, a * width + b] = 1.0 / len(children)
+    return matrix
+
+
+def swin_structure(model: nn.Module, grid: tuple[int, int]) -> tuple[list, tuple[int, int]]:
+    stages = model.layers if hasattr(model, "layers") else model.stages
+    structure: list = []
+    for stage_index, stage in enumerate(stages):
+        if stage_index > 0:
+            structure.append(merge_matrix(grid))
+            grid = (math.ceil(grid[0] / 2), math.ceil(grid[1] / 2))
+        for block in stage.blocks:
+            slots = window_slots(grid, tuple(block.window_size), tuple(block.shift_size))
+            structure.append(Layer(windows_to_global(slots, grid[0] * grid[1])))
+    return structure, grid
+
+
+def make_swin(name: str, size: int) -> nn.Module:
+    torch.manual_seed(0)
+    model = sharpen(timm.create_model(name, img_size=size, **SWIN)).eval()
+    with torch.no_grad():  # Swin V2 zero-initialises its post-norms, which would cut every attention branch off
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+    return model
+
+
+@pytest.mark.parametrize("family", list(SWIN_MODELS))
+@pytest.mark.parametrize("method", METHODS)
+def test_swin_matches_full_matrix_reference(family: str, method: str) -> None:
+    name, size = SWIN_MODELS[family]
+    model = make_swin(name, size)
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    grid = (size // 4, size // 4)
+    structure, _ = swin_structure(model, grid)
+    shifts = [
+        tuple(block.shift_size) for stage in (getattr(model, "layers", None) or model.stages) for block in stage.blocks
+    ]
+    assert any(any(shift) for shift in shifts), "the test model must have shifted windows"
+    result = explain(model, images, method=method)
+    expected_maps, expected_weights = reference_explain(
+        model, images, method, num_prefix=0, readout=None, grid=grid, structure=structure
+    )
+    torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
+    if expected_weights is not None:
+        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
+
+
+@pytest.mark.parametrize("options", [{"head_norm": "global"}, {"start_layer": 2, "residual": 0.3}])
+def test_swin_options_match_reference(options: dict) -> None:
+    model = make_swin("swin_tiny_patch4_window7_224", 40)
+    images = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    structure, _ = swin_structure(model, (10, 10))
+    result = explain(model, images, method="gmar_l2", **options)
+    expected_maps, expected_weights = reference_explain(
+        model, images, "gmar_l2", num_prefix=0, readout=None, grid=(10, 10), structure=structure, **options
+    )
+    torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
+    torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
