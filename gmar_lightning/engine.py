@@ -198,12 +198,13 @@ def _explain_chunk(
         logits = _check_logits(model, model(inputs), batch)
     targets = _resolve_targets(target, logits)
     if needs_grad:
-        if not reductions.pending:
+        first_layer = list(reductions.pending.get(0, {}).values())
+        if len(first_layer) != branches[0]:
             raise RuntimeError(f"No attention probabilities were captured from {probe.layer_names[0]}: is it called?")
         objective = logits.gather(1, targets[:, None]).sum()
-        # Differentiate with respect to the input: the tensor hooks see every layer's attention gradient on the way
-        # down (each reduced at once), and no parameter's .grad is touched.
-        torch.autograd.grad(objective, [inputs], allow_unused=True)
+        # Differentiate with respect to the first layer's attention only: every later layer depends on it, so the
+        # tensor hooks see each layer's gradient on the way down, and no parameter's .grad is touched.
+        torch.autograd.grad(objective, first_layer, allow_unused=True)
         reductions.fill_unreached()
     missing = [name for name, matrix in zip(probe.layer_names, reductions.matrices, strict=True) if matrix is None]
     if method != "attention" and missing:

@@ -23,6 +23,7 @@ class Layer:
 
     to_global: ToGlobal | None = None  # None: the capture already is [B, H, N, N]
     queried: list[int] | None = None  # None: every token is a query; others keep an identity row
+    branches: int = 1  # parallel attention branches of one block: their heads are the layer's heads
 
 
 Structure = list["Layer | Tensor"]
@@ -103,7 +104,13 @@ def reference_explain(
     batch = images.shape[0]
     structure = [Layer() for _ in attentions] if structure is None else structure
     layers = [step for step in structure if isinstance(step, Layer)]
-    assert len(layers) == len(attentions), (len(layers), len(attentions))
+    assert sum(layer.branches for layer in layers) == len(attentions), (len(layers), len(attentions))
+    grouped_attentions, grouped_grads, start = [], [], 0
+    for layer in layers:  # a block's parallel branches are one layer with all their heads
+        grouped_attentions.append(torch.cat(attentions[start : start + layer.branches], dim=1))
+        grouped_grads.append(torch.cat(grads[start : start + layer.branches], dim=1))
+        start += layer.branches
+    attentions, grads = grouped_attentions, grouped_grads
 
     def placed(layer: Layer, tensor: Tensor) -> Tensor:
         return tensor if layer.to_global is None else layer.to_global(tensor)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from gmar_lightning import METHODS, explain
-from tests.models import sharpen
+from tests.models import TINY, make_images, sharpen
 from tests.reference import Layer, reference_explain
 
 ATOL = 1e-5
@@ -126,3 +126,21 @@ def test_swin_options_match_reference(options: dict) -> None:
     )
     torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
     torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_parallel_branches_are_one_layer_per_block(method: str) -> None:
+    """``x + attn_1(x) + attn_2(x)``: one rollout layer per block, whose heads are both branches' heads."""
+    torch.manual_seed(0)
+    model = sharpen(timm.create_model("vit_small_patch16_18x2_224", **TINY)).eval()
+    images = make_images("vit")
+    result = explain(model, images, method=method)
+    assert result.layer_names == ["blocks.0", "blocks.1", "blocks.2"]
+    structure = [Layer(branches=2) for _ in range(TINY["depth"])]
+    expected_maps, expected_weights = reference_explain(
+        model, images, method, num_prefix=1, readout=[0], grid=(4, 4), structure=structure
+    )
+    torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
+    if expected_weights is not None:
+        assert result.head_weights.shape == (3, TINY["depth"], 2 * TINY["num_heads"])
+        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)

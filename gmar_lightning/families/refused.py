@@ -10,11 +10,14 @@ from torch import nn
 
 __all__ = ["MODEL_REASONS", "MODULE_REASONS", "refusal"]
 
+_DIFFERENTIAL = (
+    "its differential attention mixes tokens with softmax(Q1 K1^T) - lambda * softmax(Q2 K2^T), a signed matrix "
+    "that is not a distribution over tokens, so attention rollout is not defined for it"
+)
+
 MODULE_REASONS: dict[str, str] = {
-    "DiffAttention": (
-        "its differential attention mixes tokens with softmax(Q1 K1^T) - lambda * softmax(Q2 K2^T), a signed matrix "
-        "that is not a distribution over tokens, so attention rollout is not defined for it"
-    ),
+    "DiffAttention": _DIFFERENTIAL,
+    "DiffParallelScalingBlock": _DIFFERENTIAL,
     "AttentionPoolLatent": (
         "it pools tokens with a learned latent query (global_pool='map'), whose read-out passes through an MLP and is "
         "not a fixed average of token rows; create it with global_pool='token' or 'avg'"
