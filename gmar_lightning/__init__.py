@@ -17,6 +17,7 @@ _EXPORTS = {
     "register_attention_adapter": "gmar_lightning.capture",
     "unregister_attention_adapter": "gmar_lightning.capture",
     "explain": "gmar_lightning.engine",
+    "ExplainOptions": "gmar_lightning.options",
     "Explanation": "gmar_lightning.explanation",
     "GMAR_METHODS": "gmar_lightning.explanation",
     "METHODS": "gmar_lightning.explanation",
@@ -27,6 +28,7 @@ __all__ = [
     "GMAR_METHODS",
     "METHODS",
     "AttentionAdapter",
+    "ExplainOptions",
     "Explanation",
     "GMARCallback",
     "TokenLayout",
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
     from gmar_lightning.capture import AttentionAdapter, register_attention_adapter, unregister_attention_adapter
     from gmar_lightning.engine import explain
     from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
+    from gmar_lightning.options import ExplainOptions
     from gmar_lightning.tokens import TokenLayout
 
 

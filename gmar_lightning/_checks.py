@@ -1,8 +1,23 @@
-"""Argument checks shared by modules, with one-line messages that name the argument."""
+"""Argument checks shared by every module, each raising one exception type with a one-line message that names the
+argument: a value out of its range or set raises ``ValueError``; an object of the wrong kind raises ``TypeError``.
+"""
 
 from __future__ import annotations
 
-from gmar_lightning.explanation import METHODS
+from collections.abc import Sequence
+
+__all__ = [
+    "check_choice",
+    "check_int_in_range",
+    "check_non_negative_int",
+    "check_number_in_range",
+    "check_positive_int",
+    "parse_methods",
+]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_non_negative_int(name: str, value: object) -> int:
@@ -12,9 +27,55 @@ def check_non_negative_int(name: str, value: object) -> int:
         >>> check_non_negative_int("step", 3)
         3
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not _is_int(value) or value < 0:
         raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
     return value
+
+
+def check_positive_int(name: str, value: object, *, allow_none: bool = False) -> int | None:
+    """Return ``value`` if it is an ``int >= 1`` (or ``None`` when allowed), else raise a ValueError naming ``name``.
+
+    Examples:
+        >>> check_positive_int("chunk_size", None, allow_none=True) is None
+        True
+        >>> check_positive_int("steps", 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `steps` must be a positive integer, got 0.
+    """
+    if value is None and allow_none:
+        return None
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer{' or None' if allow_none else ''}, got {value!r}.")
+    return value
+
+
+def check_int_in_range(name: str, value: object, low: int, high: int) -> int:
+    """Return ``value`` if it is an integer in ``[low, high]``, else raise a ValueError naming ``name``."""
+    if not _is_int(value) or not low <= value <= high:
+        raise ValueError(f"`{name}` must be an integer in [{low}, {high}], got {value!r}.")
+    return value
+
+
+def check_number_in_range(name: str, value: object, low: float, high: float, *, include_high: bool = True) -> float:
+    """Return ``value`` if it is a real number in ``[low, high]`` (``[low, high)`` without ``include_high``).
+
+    Examples:
+        >>> check_number_in_range("discard_ratio", 1.0, 0.0, 1.0, include_high=False)
+        Traceback (most recent call last):
+        ...
+        ValueError: `discard_ratio` must lie in [0.0, 1.0), got 1.0.
+    """
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not is_number or not (low <= value <= high if include_high else low <= value < high):
+        raise ValueError(f"`{name}` must lie in [{low}, {high}{']' if include_high else ')'}, got {value!r}.")
+    return float(value)
+
+
+def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
+    """Raise a ValueError naming ``name`` and the valid choices unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}.")
 
 
 def parse_methods(values: list[str] | str) -> list[str]:
@@ -24,9 +85,12 @@ def parse_methods(values: list[str] | str) -> list[str]:
         >>> parse_methods(["gmar_l1,rollout", "gmar_l2"])
         ['gmar_l1', 'rollout', 'gmar_l2']
     """
+    # Imported here so that this module imports nothing of the package and every module can use it.
+    from gmar_lightning.explanation import METHODS
+
     items = [values] if isinstance(values, str) else values
     methods = [name.strip() for item in items for name in item.split(",") if name.strip()]
     unknown = [name for name in methods if name not in METHODS]
     if not methods or unknown:
-        raise ValueError(f"`--method` must be one or more of {', '.join(METHODS)}; got {unknown or 'nothing'}.")
+        raise ValueError(f"`--method` must be one of {', '.join(METHODS)}; got {unknown or 'nothing'}.")
     return list(dict.fromkeys(methods))

@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gmar_lightning import families, methods
+from gmar_lightning._checks import check_choice, check_int_in_range
 from gmar_lightning.capture import hook_attention, unwrap_model
 from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
 from gmar_lightning.families import Probe, UnsupportedModelError
 from gmar_lightning.model_state import eval_mode_without_fast_paths
+from gmar_lightning.options import ExplainOptions
 from gmar_lightning.tokens import TokenLayout
 
 __all__ = ["explain"]
@@ -78,11 +80,6 @@ class _LayerReductions:
             for branch, attention in list(branches.items()):
                 if branch not in self.gradients.get(layer, {}):
                     self.on_gradient(layer, branch, torch.zeros_like(attention))
-
-
-def _check_choice(name: str, value: object, choices: Sequence[object]) -> None:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}.")
 
 
 def _check_images(model: nn.Module, images: object) -> Tensor:
@@ -268,6 +265,8 @@ def explain(
         chunk_size: Explain at most this many images per pass, to bound memory; results are identical.
         token_layout: Override the inferred prefix tokens and read-out (see :class:`~gmar_lightning.TokenLayout`).
 
+    The keyword options are the fields of :class:`~gmar_lightning.options.ExplainOptions`, which checks them.
+
     Returns:
         An :class:`~gmar_lightning.Explanation` with token maps, upsampled maps in ``[0, 1]``, targets, logits and,
         for GMAR, head weights and scores ``[B, L, H]``.
@@ -282,35 +281,20 @@ def explain(
         >>> torch.allclose(result.head_weights.sum(-1), torch.ones(2, 2))
         True
     """
-    _check_choice("method", method, METHODS)
-    _check_choice("head_norm", head_norm, ("layer", "global"))
-    if not 0.0 <= residual <= 1.0:
-        raise ValueError(f"`residual` must lie in [0, 1], got {residual}.")
-    if not 0.0 <= discard_ratio < 1.0:
-        raise ValueError(f"`discard_ratio` must lie in [0, 1), got {discard_ratio}.")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"`chunk_size` must be a positive integer or None, got {chunk_size!r}.")
+    check_choice("method", method, METHODS)
+    options = ExplainOptions(residual, head_norm, discard_ratio, start_layer, chunk_size, token_layout)
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     model = unwrap_model(model)
     images = _check_images(model, images)
     probe = families.probe(model, tuple(images.shape[-2:]), token_layout)
-    num_layers = len(probe.layers)
-    if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer < num_layers:
-        raise ValueError(f"`start_layer` must be an integer in [0, {num_layers - 1}], got {start_layer!r}.")
+    check_int_in_range("start_layer", start_layer, 0, len(probe.layers) - 1)
     if isinstance(target, Tensor) and target.dim() == 0:
         target = int(target)
-    options = {
-        "residual": residual,
-        "head_norm": head_norm,
-        "discard_ratio": discard_ratio,
-        "start_layer": start_layer,
-        "token_layout": token_layout,
-    }
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else images.device
     with _isolated(device, method in GRADIENT_METHODS):
-        return _explain_batch(model, probe, images.to(device), method, target, chunk_size, options)
+        return _explain_batch(model, probe, images.to(device), method, target, options)
 
 
 def _explain_batch(
@@ -319,17 +303,14 @@ def _explain_batch(
     images: Tensor,
     method: str,
     target: Target,
-    chunk_size: int | None,
-    options: dict,
+    options: ExplainOptions,
 ) -> Explanation:
     """Explain ``images`` in chunks and roll out; runs inside :func:`_isolated`."""
     parameter = next(model.parameters(), None)
     # Feed the parameters' dtype: autocast is off, so a bf16-true model gets bf16 inputs; reductions are float32.
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
-    residual, head_norm = options["residual"], options["head_norm"]
-    discard_ratio, start_layer = options["discard_ratio"], options["start_layer"]
     batch = images.shape[0]
-    step = chunk_size or batch
+    step = options.chunk_size or batch
     chunks = []
     with probe.context(), eval_mode_without_fast_paths(model, probe.modules):
         for start in range(0, batch, step):
@@ -348,13 +329,13 @@ def _explain_batch(
     if method == "attention":
         rows = methods.propagate_last_attention(plan, matrices[-1])
     elif method == "grad_rollout":
-        rows = methods.propagate_gradient_rollout(plan, matrices, start_layer)
+        rows = methods.propagate_gradient_rollout(plan, matrices, options.start_layer)
     else:
         mixings = [step.mixing for step in plan.attention_steps]
         if method in GMAR_METHODS:
             per_layer = [torch.cat([chunk[3][i] for chunk in chunks]) for i in range(len(probe.layers))]
             layer_weights = [methods.layer_head_weights(part) for part in per_layer]
-            if head_norm == "global":
+            if options.head_norm == "global":
                 shares = methods.layer_shares(torch.stack([part.sum(dim=1) for part in per_layer], dim=1)[..., None])
                 layer_weights = [w * shares[:, i, None] for i, w in enumerate(layer_weights)]
                 matrices = [m * shares[:, i, None, None, None] for i, m in enumerate(matrices)]
@@ -363,13 +344,13 @@ def _explain_batch(
             padding = mixing.key_padding()
             if padding is not None:  # attention to padding slots reaches no token
                 matrices[index] = matrices[index].masked_fill(padding.to(matrices[index].device), 0.0)
-        if discard_ratio > 0:
+        if options.discard_ratio > 0:
             protected = plan.protected_tokens()
             matrices = [
-                methods.discard_lowest(m, discard_ratio, mixing.diagonal(tokens))
+                methods.discard_lowest(m, options.discard_ratio, mixing.diagonal(tokens))
                 for m, mixing, tokens in zip(matrices, mixings, protected, strict=True)
             ]
-        rows = methods.propagate_rollout(plan, matrices, residual, start_layer)
+        rows = methods.propagate_rollout(plan, matrices, options.residual, options.start_layer)
 
     token_maps = rows[:, plan.num_prefix_tokens :].reshape(batch, *plan.grid)
     maps = F.interpolate(token_maps.unsqueeze(1), size=images.shape[-2:], mode="bilinear", align_corners=False)

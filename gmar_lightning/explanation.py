@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
 from torch import Tensor
+
+from gmar_lightning.options import ExplainOptions
 
 METHODS: tuple[str, ...] = ("gmar_l1", "gmar_l2", "rollout", "grad_rollout", "attention")
 """Every method :func:`gmar_lightning.explain` accepts."""
@@ -33,7 +34,7 @@ class Explanation:
         head_scores: ``[B, L, H]`` raw head scores ``s_{l,h}``, the L1 or L2 norm of each head's gradient
             (GMAR methods; ``None`` otherwise).
         layer_names: Qualified module names of the attention layers, in forward order (``L`` entries).
-        options: The resolved options the maps were computed with (residual, head_norm, ...).
+        options: The options the maps were computed with (``token_layout`` as given: ``None`` when inferred).
 
     Examples:
         >>> e = Explanation("rollout", torch.ones(1, 2, 2), torch.zeros(1, 8, 8), torch.tensor([3]), torch.zeros(1, 5))
@@ -49,7 +50,7 @@ class Explanation:
     head_weights: Tensor | None = None
     head_scores: Tensor | None = None
     layer_names: list[str] = field(default_factory=list)
-    options: dict[str, Any] = field(default_factory=dict)
+    options: ExplainOptions = field(default_factory=ExplainOptions)
 
     @property
     def batch_size(self) -> int:

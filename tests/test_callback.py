@@ -202,6 +202,8 @@ def test_num_probe_larger_than_validation_set_warns_and_uses_what_there_is(tmp_p
         ({"on_error": "ignore"}, r"`on_error`"),
         ({"mean": (0.5, 0.5, 0.5)}, r"`mean` and `std` must be given together"),
         ({"explain_options": {"method": "rollout"}}, r"`explain_options` must not contain"),
+        ({"explain_options": {"residul": 0.3}}, r"`explain_options` has unknown key 'residul'; valid keys: residual"),
+        ({"explain_options": {"residual": 2.0}}, r"`residual` must lie in \[0.0, 1.0\]"),
     ],
 )
 def test_bad_arguments_fail_in_init(kwargs: dict, pattern: str) -> None:

@@ -30,6 +30,7 @@ from gmar_lightning.callback.sinks import Sink, sinks_for_loggers
 from gmar_lightning.capture import find_vision_transformer, unwrap_model
 from gmar_lightning.engine import explain
 from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
+from gmar_lightning.options import ExplainOptions
 from gmar_lightning.trajectory import HeadTrajectory
 
 __all__ = ["GMARCallback"]
@@ -123,8 +124,9 @@ class GMARCallback(Callback):
         save_dir: Directory for PNG/CSV/NPZ output; given, it is written in addition to TensorBoard or W&B.
         on_error: ``"warn"``: report an error in explaining or logging once, with its traceback, and disable the
             callback so training goes on; ``"raise"``: re-raise it. The model is restored either way.
-        explain_options: Extra keyword arguments for :func:`gmar_lightning.explain` (``residual``, ``head_norm``,
-            ``discard_ratio``, ``start_layer``, ``chunk_size``).
+        explain_options: Options for :func:`gmar_lightning.explain`: an
+            :class:`~gmar_lightning.options.ExplainOptions` or a dict of its fields (``residual``, ``head_norm``,
+            ``discard_ratio``, ``start_layer``, ``chunk_size``, ``token_layout``), checked here.
 
     Raises:
         ValueError: If an argument is invalid (checked here) or the model cannot be explained (checked in ``setup``).
@@ -153,7 +155,7 @@ class GMARCallback(Callback):
         metrics: Sequence[str] = (),
         save_dir: str | None = None,
         on_error: Literal["warn", "raise"] = "warn",
-        explain_options: dict[str, Any] | None = None,
+        explain_options: ExplainOptions | dict[str, Any] | None = None,
     ) -> None:
         for name, value, minimum in (("num_probe", num_probe, 1), ("every_n_epochs", every_n_epochs, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -175,10 +177,11 @@ class GMARCallback(Callback):
             raise ValueError("`mean` and `std` must be given together (or neither, for min-max display).")
         if model_getter is not None and not callable(model_getter):
             raise TypeError(f"`model_getter` must be callable, got {type(model_getter).__name__}.")
-        options = dict(explain_options or {})
-        reserved = {"model", "images", "method", "target"} & options.keys()
+        given = explain_options if isinstance(explain_options, Mapping) else {}
+        reserved = sorted({"model", "images", "method", "target"} & given.keys())
         if reserved:
-            raise ValueError(f"`explain_options` must not contain {sorted(reserved)}; use the callback's arguments.")
+            raise ValueError(f"`explain_options` must not contain {reserved}; use the callback's arguments.")
+        options = ExplainOptions.from_mapping(explain_options)
 
         self.num_probe = num_probe
         self.methods = methods
@@ -248,7 +251,7 @@ class GMARCallback(Callback):
         if isinstance(self._probe_input, Tensor | tuple):
             images = self._probe_input if isinstance(self._probe_input, Tensor) else self._probe_input[0]
             try:  # a forward-only explanation of one image checks that the model takes the probe images
-                explain(model, images[:1], method="attention", **self.explain_options)
+                explain(model, images[:1], method="attention", **self.explain_options.as_kwargs())
             except (TypeError, ValueError) as error:
                 raise ValueError(f"`probe` cannot be explained by the model: {error}") from error
             if self.target == "label" and isinstance(self._probe_input, Tensor):
@@ -327,7 +330,7 @@ class GMARCallback(Callback):
             raise ValueError("`target='label'` but the probe has no labels; use target='pred' or pass labels.")
         targets = probe.labels if self.target == "label" else None
         explanations: dict[str, Explanation] = {
-            method: explain(model, probe.images, method=method, target=targets, **self.explain_options)
+            method: explain(model, probe.images, method=method, target=targets, **self.explain_options.as_kwargs())
             for method in self.methods
         }
         if self.head_method is not None:

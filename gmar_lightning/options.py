@@ -1,0 +1,81 @@
+"""The options of an explanation: one frozen type, validated once, shared by ``explain``, ``Explanation.options`` and
+the callback's ``explain_options``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from gmar_lightning._checks import check_choice, check_non_negative_int, check_number_in_range, check_positive_int
+from gmar_lightning.tokens import TokenLayout
+
+__all__ = ["HEAD_NORMS", "ExplainOptions"]
+
+HEAD_NORMS: tuple[str, ...] = ("layer", "global")
+"""How GMAR normalises head scores: over each layer's heads, or over all layers and heads."""
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    """How :func:`gmar_lightning.explain` computes maps; every field is checked at construction.
+
+    Args:
+        residual: Weight of the identity added to each layer's fused attention before renormalising rows
+            (GMAR and rollout), in ``[0, 1]``.
+        head_norm: ``"layer"`` normalises head scores over each layer's heads, ``"global"`` over all layers and
+            heads (GMAR only).
+        discard_ratio: Fraction of each layer's lowest fused-attention entries zeroed before the rollout, in
+            ``[0, 1)`` (GMAR and rollout).
+        start_layer: First layer (0-based) included in the rollout; ``explain`` checks it against the model's depth.
+        chunk_size: Explain at most this many images per pass, to bound memory; ``None``: the whole batch.
+        token_layout: Override the inferred prefix tokens and read-out; ``None``: inferred from the model.
+
+    Examples:
+        >>> ExplainOptions(residual=0.3).residual
+        0.3
+        >>> ExplainOptions.from_mapping({"residul": 0.3})
+        Traceback (most recent call last):
+        ...
+        ValueError: `explain_options` has unknown key 'residul'; valid keys: residual, head_norm, discard_ratio, start_layer, chunk_size, token_layout.
+    """  # noqa: E501
+
+    residual: float = 0.5
+    head_norm: str = "layer"
+    discard_ratio: float = 0.0
+    start_layer: int = 0
+    chunk_size: int | None = None
+    token_layout: TokenLayout | None = None
+
+    def __post_init__(self) -> None:
+        check_number_in_range("residual", self.residual, 0.0, 1.0)
+        check_choice("head_norm", self.head_norm, HEAD_NORMS)
+        check_number_in_range("discard_ratio", self.discard_ratio, 0.0, 1.0, include_high=False)
+        check_non_negative_int("start_layer", self.start_layer)
+        check_positive_int("chunk_size", self.chunk_size, allow_none=True)
+        if self.token_layout is not None and not isinstance(self.token_layout, TokenLayout):
+            raise TypeError(f"`token_layout` must be a TokenLayout or None, got {type(self.token_layout).__name__}.")
+
+    @classmethod
+    def from_mapping(
+        cls, options: ExplainOptions | Mapping[str, Any] | None, argument: str = "explain_options"
+    ) -> ExplainOptions:
+        """Options from keyword arguments (or options already built); an unknown key names ``argument`` and the fix."""
+        if options is None:
+            return cls()
+        if isinstance(options, ExplainOptions):
+            return options
+        if not isinstance(options, Mapping):
+            raise TypeError(f"`{argument}` must be a dict or an ExplainOptions, got {type(options).__name__}.")
+        names = [field.name for field in fields(cls)]
+        unknown = [key for key in options if key not in names]
+        if unknown:
+            raise ValueError(
+                f"`{argument}` has unknown key {', '.join(map(repr, unknown))}; valid keys: {', '.join(names)}."
+            )
+        return cls(**options)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The options as keyword arguments of :func:`gmar_lightning.explain`."""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
