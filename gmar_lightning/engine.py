@@ -30,6 +30,11 @@ Target = int | Sequence[int] | Tensor | None
 GRADIENT_METHODS = (*GMAR_METHODS, "grad_rollout")
 
 
+def _as_windows(attention: Tensor) -> Tensor:
+    """``[B * W, H, n_q, n_k]`` from a capture that keeps windows in their own dimension (``[B, W, H, n_q, n_k]``)."""
+    return attention.flatten(0, 1) if attention.dim() == 5 else attention
+
+
 @dataclass
 class _LayerReductions:
     """What the hooks keep of each rollout layer: one fused ``[B * W, n_q, n_k]`` matrix and, for GMAR, head scores.
@@ -47,7 +52,8 @@ class _LayerReductions:
 
     def on_attention(self, layer: int, branch: int, attention: Tensor) -> None:
         if self.method == "rollout" or (self.method == "attention" and layer == len(self.matrices) - 1):
-            partial = attention.float().sum(dim=1) / (self.branches[layer] * attention.shape[1])
+            windows = _as_windows(attention)
+            partial = windows.float().sum(dim=1) / (self.branches[layer] * windows.shape[1])
             self.matrices[layer] = partial if self.matrices[layer] is None else self.matrices[layer] + partial
         elif self.method in GRADIENT_METHODS:
             self.pending.setdefault(layer, {})[branch] = attention
@@ -55,7 +61,7 @@ class _LayerReductions:
 
     def on_gradient(self, layer: int, branch: int, grad: Tensor) -> None:
         # Runs inside the backward pass: reduce the [B * W, H, n_q, n_k] gradient at once so it can be freed.
-        attention = self.pending[layer][branch]
+        attention, grad = _as_windows(self.pending[layer][branch]), _as_windows(grad)
         if self.method == "grad_rollout":
             reduced = methods.positive_relevance(attention, grad) / self.branches[layer]
         else:
@@ -64,7 +70,7 @@ class _LayerReductions:
         done[branch] = reduced
         if len(done) < self.branches[layer]:
             return
-        attentions = [self.pending[layer].pop(index) for index in range(self.branches[layer])]
+        attentions = [_as_windows(self.pending[layer].pop(index)) for index in range(self.branches[layer])]
         del self.pending[layer]
         if self.method == "grad_rollout":
             self.matrices[layer] = sum(done[index] for index in range(len(attentions)))
@@ -160,6 +166,7 @@ def _check_shape(probe: Probe, layer: int, attention: Tensor, batch: int) -> Non
     """The captured attention must have the shape the family's token plan expects, or the maps would be wrong."""
     mixing = probe.plan.attention_steps[layer].mixing
     expected = mixing.shape(batch)
+    attention = _as_windows(attention)
     actual = (attention.shape[0], attention.shape[-2], attention.shape[-1])
     if attention.dim() != 4 or actual != expected:
         raise UnsupportedModelError(

@@ -59,6 +59,9 @@ def capture_full(model: nn.Module, images: Tensor, target: Tensor | None = None)
             if flag is not None:
                 m.fused_attn = flag
         model.train(was_training)
+    # Windows kept in their own dimension ([B, W, H, n, n], Twins) become [B * W, H, n, n], image-major.
+    attentions = [a.flatten(0, 1) if a.dim() == 5 else a for a in attentions]
+    grads = [g.flatten(0, 1) if g.dim() == 5 else g for g in grads]
     return [a.detach() for a in attentions], grads, logits.detach(), targets
 
 

@@ -144,3 +144,91 @@ def test_parallel_branches_are_one_layer_per_block(method: str) -> None:
     if expected_weights is not None:
         assert result.head_weights.shape == (3, TINY["depth"], 2 * TINY["num_heads"])
         torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
+
+
+def pool_matrix(grid: tuple[int, int], kernel: int, stride: int, padding: int = 0, adaptive: int | None = None):
+    """Dense ``[N_new, N_old]`` uniform averaging over each output's cell, by pooling one-hot token images."""
+    num_tokens = grid[0] * grid[1]
+    one_hot = torch.eye(num_tokens).view(num_tokens, 1, *grid)
+    if adaptive is not None:
+        pooled = nn.functional.adaptive_avg_pool2d(one_hot, adaptive)
+    else:
+        pooled = nn.functional.avg_pool2d(one_hot, kernel, stride, padding, count_include_pad=False)
+    return pooled.reshape(num_tokens, -1).T.contiguous(), tuple(pooled.shape[-2:])
+
+
+def pooled_keys_to_global(pool: Tensor):
+    """Spatial-reduction attention: every token queries pooled keys; a key's attention goes to its cell's tokens."""
+
+    def to_global(captured: Tensor) -> Tensor:
+        return captured @ pool
+
+    return to_global
+
+
+def first_conv(conv: nn.Conv2d, size: int) -> tuple[int, int]:
+    kernel, stride, padding = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    side = (size + 2 * padding - kernel) // stride + 1
+    return side, side
+
+
+def pyramid_structure(model: nn.Module, size: int) -> tuple[list, tuple[int, int]]:
+    """Per stage: the embedding convolution as a map, then each block's global, reduced or windowed attention."""
+    twins = hasattr(model, "patch_embeds")
+    stages = (
+        zip(model.patch_embeds, model.blocks, strict=True)
+        if twins
+        else [(model.patch_embed if s.downsample is None else s.downsample, s.blocks) for s in model.stages]
+    )
+    structure, grid, first = [], None, None
+    for embed, blocks in stages:
+        conv = embed.proj
+        if grid is None:
+            grid = first = first_conv(conv, size)
+        else:
+            matrix, grid = pool_matrix(grid, conv.kernel_size[0], conv.stride[0], conv.padding[0])
+            structure.append(matrix)
+        for block in blocks:
+            attention, num_tokens = block.attn, grid[0] * grid[1]
+            if hasattr(attention, "ws"):
+                structure.append(Layer(windows_to_global(window_slots(grid, (attention.ws,) * 2, (0, 0)), num_tokens)))
+            elif getattr(attention, "pool", None) is not None:
+                structure.append(Layer(pooled_keys_to_global(pool_matrix(grid, 0, 0, adaptive=7)[0])))
+            elif getattr(attention, "sr", None) is not None:
+                ratio = attention.sr.kernel_size[0]
+                structure.append(Layer(pooled_keys_to_global(pool_matrix(grid, ratio, ratio)[0])))
+            else:
+                structure.append(Layer())
+    return structure, first
+
+
+PYRAMIDS = {
+    # 72 px: an 18x18 first grid; 2x2 spatial reduction of odd grids drops the last row and column.
+    "pvt_v2": ("pvt_v2_b0", {"embed_dims": (8, 16, 16, 32), "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 4)}),
+    "pvt_v2_li": ("pvt_v2_b2_li", {"embed_dims": (8, 16, 16, 32), "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 4)}),
+    "twins_svt": (
+        "twins_svt_small",
+        {"embed_dims": (8, 16, 16, 32), "depths": (2, 2, 2, 2), "num_heads": (1, 2, 2, 4), "wss": (4, 4, 2, 2)},
+    ),
+    "twins_pcpvt": (
+        "twins_pcpvt_small",
+        {"embed_dims": (8, 16, 16, 32), "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 4)},
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(PYRAMIDS))
+@pytest.mark.parametrize("method", METHODS)
+def test_pyramids_match_full_matrix_reference(family: str, method: str) -> None:
+    name, config = PYRAMIDS[family]
+    torch.manual_seed(0)
+    model = sharpen(timm.create_model(name, num_classes=5, **config)).eval()
+    images = torch.randn(2, 3, 72, 72, generator=torch.Generator().manual_seed(1))
+    structure, grid = pyramid_structure(model, 72)
+    result = explain(model, images, method=method)
+    expected_maps, expected_weights = reference_explain(
+        model, images, method, num_prefix=0, readout=None, grid=grid, structure=structure
+    )
+    torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
+    if expected_weights is not None:
+        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)

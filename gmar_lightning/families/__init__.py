@@ -64,10 +64,11 @@ class Family:
 
 
 def _registry() -> list[Family]:
-    from gmar_lightning.families import swin, vit
+    from gmar_lightning.families import pvt, swin, vit
 
     return [
         Family("swin", swin.matches, swin.probe, swin.check),
+        Family("pvt", pvt.matches, pvt.probe, pvt.check),
         Family("vit", vit.matches, vit.probe, vit.check),
     ]
 
