@@ -98,11 +98,16 @@ def unregister_attention_adapter(adapter: AttentionAdapter) -> None:
 
 @dataclass(frozen=True)
 class AttentionLayer:
-    """One attention module of a model, with the adapter that reaches its probabilities."""
+    """One attention module of a model, with the adapter that reaches its probabilities.
+
+    ``layout``, when set, turns the captured tensor into ``[B * W, H, n_q, n_k]`` (and its gradient the same way),
+    for modules whose probabilities are laid out otherwise (CaiT's talking heads put the heads last).
+    """
 
     name: str
     module: nn.Module
     adapter: AttentionAdapter
+    layout: Callable[[Tensor], Tensor] | None = None
 
     @property
     def probs_module(self) -> nn.Module:

@@ -7,7 +7,7 @@ gradient-checkpointing flags, hooks, parameter ``.grad`` and the RNG state.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +35,9 @@ def _as_windows(attention: Tensor) -> Tensor:
     return attention.flatten(0, 1) if attention.dim() == 5 else attention
 
 
+Layout = Callable[[Tensor], Tensor]
+
+
 @dataclass
 class _LayerReductions:
     """What the hooks keep of each rollout layer: one fused ``[B * W, n_q, n_k]`` matrix and, for GMAR, head scores.
@@ -44,15 +47,19 @@ class _LayerReductions:
 
     method: str
     batch: int
-    branches: list[int]  # attention modules per rollout layer
+    layouts: list[list[Layout]]  # per rollout layer and branch: the captured tensor as [B * W, H, n_q, n_k]
     matrices: list[Tensor | None]
     scores: list[Tensor | None]
     pending: dict[int, dict[int, Tensor]] = field(default_factory=dict)  # layer -> branch -> attention
     gradients: dict[int, dict[int, Tensor]] = field(default_factory=dict)  # layer -> branch -> reduced gradient
 
+    @property
+    def branches(self) -> list[int]:
+        return [len(layouts) for layouts in self.layouts]
+
     def on_attention(self, layer: int, branch: int, attention: Tensor) -> None:
         if self.method == "rollout" or (self.method == "attention" and layer == len(self.matrices) - 1):
-            windows = _as_windows(attention)
+            windows = self.layouts[layer][branch](attention)
             partial = windows.float().sum(dim=1) / (self.branches[layer] * windows.shape[1])
             self.matrices[layer] = partial if self.matrices[layer] is None else self.matrices[layer] + partial
         elif self.method in GRADIENT_METHODS:
@@ -61,7 +68,8 @@ class _LayerReductions:
 
     def on_gradient(self, layer: int, branch: int, grad: Tensor) -> None:
         # Runs inside the backward pass: reduce the [B * W, H, n_q, n_k] gradient at once so it can be freed.
-        attention, grad = _as_windows(self.pending[layer][branch]), _as_windows(grad)
+        layout = self.layouts[layer][branch]
+        attention, grad = layout(self.pending[layer][branch]), layout(grad)
         if self.method == "grad_rollout":
             reduced = methods.positive_relevance(attention, grad) / self.branches[layer]
         else:
@@ -70,7 +78,7 @@ class _LayerReductions:
         done[branch] = reduced
         if len(done) < self.branches[layer]:
             return
-        attentions = [_as_windows(self.pending[layer].pop(index)) for index in range(self.branches[layer])]
+        attentions = [self.layouts[layer][index](self.pending[layer].pop(index)) for index in range(len(done))]
         del self.pending[layer]
         if self.method == "grad_rollout":
             self.matrices[layer] = sum(done[index] for index in range(len(attentions)))
@@ -166,7 +174,6 @@ def _check_shape(probe: Probe, layer: int, attention: Tensor, batch: int) -> Non
     """The captured attention must have the shape the family's token plan expects, or the maps would be wrong."""
     mixing = probe.plan.attention_steps[layer].mixing
     expected = mixing.shape(batch)
-    attention = _as_windows(attention)
     actual = (attention.shape[0], attention.shape[-2], attention.shape[-1])
     if attention.dim() != 4 or actual != expected:
         raise UnsupportedModelError(
@@ -185,13 +192,14 @@ def _explain_chunk(
 ) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor] | None]:
     """Run one chunk; return logits, targets, the per-layer ``[B, W, n_q, n_k]`` matrices and ``[B, H_l]`` scores."""
     batch = images.shape[0]
+    layouts = [[module.layout or _as_windows for module in layer] for layer in probe.layers]
     branches = [len(layer) for layer in probe.layers]
-    reductions = _LayerReductions(method, batch, branches, [None] * len(branches), [None] * len(branches))
+    reductions = _LayerReductions(method, batch, layouts, [None] * len(branches), [None] * len(branches))
     owners = [(layer, branch) for layer, count in enumerate(branches) for branch in range(count)]
 
     def on_attention(index: int, attention: Tensor) -> None:
         layer, branch = owners[index]
-        _check_shape(probe, layer, attention, batch)
+        _check_shape(probe, layer, layouts[layer][branch](attention), batch)
         reductions.on_attention(layer, branch, attention)
 
     needs_grad = method in GRADIENT_METHODS

@@ -35,12 +35,22 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(getattr(m, "attn_drop", None), nn.Module)]
 
 
-def capture_full(model: nn.Module, images: Tensor, target: Tensor | None = None) -> tuple[list, list, Tensor, Tensor]:
-    """Every layer's attention ``[B', H, n_q, n_k]`` and its gradient of the summed target logits."""
+Inputs = list[tuple[nn.Module, Callable[[Tensor], Tensor]]]
+"""Where to capture: the module whose first input is the attention, and how to lay it out as ``[B', H, n_q, n_k]``."""
+
+
+def capture_full(
+    model: nn.Module, images: Tensor, target: Tensor | None = None, inputs: Inputs | None = None
+) -> tuple[list, list, Tensor, Tensor]:
+    """Every layer's attention ``[B', H, n_q, n_k]`` and its gradient of the summed target logits.
+
+    By default the input of every ``attn_drop``; ``inputs`` names other capture points.
+    """
     modules = attention_modules(model)
     saved_flags = [getattr(m, "fused_attn", None) for m in modules]
+    inputs = [(m.attn_drop, lambda a: a) for m in modules] if inputs is None else inputs
     attentions: list[Tensor] = []
-    handles = [m.attn_drop.register_forward_hook(lambda _m, inp, _out: attentions.append(inp[0])) for m in modules]
+    handles = [point.register_forward_hook(lambda _m, inp, _out: attentions.append(inp[0])) for point, _ in inputs]
     was_training = model.training
     try:
         for m, flag in zip(modules, saved_flags, strict=True):
@@ -59,6 +69,8 @@ def capture_full(model: nn.Module, images: Tensor, target: Tensor | None = None)
             if flag is not None:
                 m.fused_attn = flag
         model.train(was_training)
+    attentions = [layout(a) for a, (_, layout) in zip(attentions, inputs, strict=True)]
+    grads = [layout(g) for g, (_, layout) in zip(grads, inputs, strict=True)]
     # Windows kept in their own dimension ([B, W, H, n, n], Twins) become [B * W, H, n, n], image-major.
     attentions = [a.flatten(0, 1) if a.dim() == 5 else a for a in attentions]
     grads = [g.flatten(0, 1) if g.dim() == 5 else g for g in grads]
@@ -96,6 +108,7 @@ def reference_explain(
     discard_ratio: float = 0.0,
     start_layer: int = 0,
     target: Tensor | None = None,
+    inputs: Inputs | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Token maps ``[B, h, w]`` and head weights ``[B, L, H_max]`` (GMAR; zero for absent heads), the slow way.
 
@@ -103,7 +116,7 @@ def reference_explain(
     space (``None``: the mean of its tokens after ``num_prefix``). ``structure`` defaults to one global layer per
     captured attention.
     """
-    attentions, grads, _, _ = capture_full(model, images, target)
+    attentions, grads, _, _ = capture_full(model, images, target, inputs)
     batch = images.shape[0]
     structure = [Layer() for _ in attentions] if structure is None else structure
     layers = [step for step in structure if isinstance(step, Layer)]
@@ -131,6 +144,11 @@ def reference_explain(
         else:
             total = sum(s.sum(dim=1, keepdim=True) for s in scores)
             weights = [s / total for s in scores]
+        # A layer the target does not depend on (all scores zero) gets uniform weights 1/H, never NaN.
+        weights = [
+            torch.where(s.sum(dim=1, keepdim=True) > 0, w, 1.0 / s.shape[1])
+            for s, w in zip(scores, weights, strict=True)
+        ]
         width = max(w.shape[1] for w in weights)
         weights_out = torch.stack([nn.functional.pad(w, (0, width - w.shape[1])) for w in weights], dim=1)
         fused_layers = [(w[:, :, None, None] * a).sum(1) for w, a in zip(weights, head_attention, strict=True)]

@@ -232,3 +232,37 @@ def test_pyramids_match_full_matrix_reference(family: str, method: str) -> None:
     torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
     if expected_weights is not None:
         torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
+
+
+def class_attention_to_global(num_tokens: int):
+    """Only the class token (index 0) queries: its row is the captured ``[B, H, 1, N]`` row; other rows are empty."""
+
+    def to_global(captured: Tensor) -> Tensor:
+        full = captured.new_zeros(captured.shape[0], captured.shape[1], num_tokens, num_tokens)
+        full[:, :, 0, :] = captured[:, :, 0, :]
+        return full
+
+    return to_global
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+@pytest.mark.parametrize("method", METHODS)
+def test_cait_matches_full_matrix_reference(pool: str, method: str) -> None:
+    torch.manual_seed(0)
+    model = sharpen(timm.create_model("cait_xxs24_224", global_pool=pool, **TINY)).eval()
+    images = make_images("vit")
+    patches = 16
+    # Talking heads: the heads are the softmax distributions, which enter proj_w heads-last.
+    inputs = [(block.attn.proj_w, lambda a: a.permute(0, 3, 1, 2)) for block in model.blocks]
+    inputs += [(block.attn.attn_drop, lambda a: a) for block in model.blocks_token_only]
+    join = torch.cat([torch.zeros(1, patches), torch.eye(patches)])  # the class token comes from no patch
+    structure = [Layer() for _ in model.blocks] + [join]
+    structure += [Layer(class_attention_to_global(1 + patches), queried=[0]) for _ in model.blocks_token_only]
+    readout = [0] if pool == "token" else list(range(1, 1 + patches))
+    result = explain(model, images, method=method)
+    expected_maps, expected_weights = reference_explain(
+        model, images, method, num_prefix=0, readout=readout, grid=(4, 4), structure=structure, inputs=inputs
+    )
+    torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
+    if expected_weights is not None:
+        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)

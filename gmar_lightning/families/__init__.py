@@ -64,9 +64,10 @@ class Family:
 
 
 def _registry() -> list[Family]:
-    from gmar_lightning.families import pvt, swin, vit
+    from gmar_lightning.families import cait, pvt, swin, vit
 
     return [
+        Family("cait", cait.matches, cait.probe, cait.check),
         Family("swin", swin.matches, swin.probe, swin.check),
         Family("pvt", pvt.matches, pvt.probe, pvt.check),
         Family("vit", vit.matches, vit.probe, vit.check),
