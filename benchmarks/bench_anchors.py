@@ -146,7 +146,7 @@ ANCHOR_FUNCTIONS = {"rollout": anchor_rollout, "grad_rollout": anchor_grad_rollo
 
 
 def floor(model: nn.Module, recorder: AttentionRecorder, images: Tensor) -> None:
-    """One forward with unfused attention, then a backward to the attention tensors only (parameters frozen)."""
+    """One forward with unfused attention, then a backward that stops at the attention tensors (parameters frozen)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         for parameter, _ in flags:
@@ -154,7 +154,9 @@ def floor(model: nn.Module, recorder: AttentionRecorder, images: Tensor) -> None
         with recorder.recording(keep_gradients=False):
             logits = model(images.requires_grad_())
             objective = logits.gather(1, logits.argmax(dim=-1, keepdim=True)).sum()
-            torch.autograd.grad(objective, recorder.attentions)
+            # Down to the first layer's attention: every layer's attention gradient is computed on the way, and none
+            # is kept (asking for all of them would hold L gradients [B, H, N, N] until the call returns).
+            torch.autograd.grad(objective, recorder.attentions[:1])
     finally:
         for parameter, requires_grad in flags:
             parameter.requires_grad_(requires_grad)
@@ -278,7 +280,7 @@ def main() -> None:
     parser.add_argument("--model", default="vit_small_patch16_224")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8 32; --quick: 1 2)")
     parser.add_argument("--sizes", type=int, nargs="+", help="image sizes in px (default 224 384 518; --quick: 224)")
-    parser.add_argument("--anchors", nargs="+", choices=ANCHORS, default=list(ANCHORS))
+    parser.add_argument("--anchors", nargs="*", choices=ANCHORS, default=list(ANCHORS), help="none: ours only")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--quick", action="store_true", help="dry run: tiny model, one repeat, B=1,2 at 224 px")
