@@ -328,6 +328,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     training.add_argument("--lr", type=_positive_float, default=defaults.lr, help="peak AdamW learning rate")
     training.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    training.add_argument(
+        "--target-acc",
+        type=_target_accuracy,
+        default=defaults.target_acc,
+        help=f"stop once val_acc reaches this (default {defaults.target_acc}; 0 trains every epoch)",
+    )
     training.add_argument("--seed", type=int, default=defaults.seed)
     training.add_argument("--accelerator", default=defaults.accelerator, help="Trainer accelerator (cpu, gpu, ...)")
     training.add_argument("--devices", default=defaults.devices, help="Trainer devices (auto, 2, '0,1')")
@@ -346,6 +352,16 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     logging.add_argument("--num-probe", type=positive_int, default=defaults.num_probe, help="images explained")
     logging.add_argument("--every-n-epochs", type=positive_int, default=defaults.every_n_epochs)
+
+
+def _target_accuracy(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be an accuracy in [0, 1] (0 trains every epoch), got {text!r}")
+    return value or None
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:

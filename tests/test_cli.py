@@ -264,6 +264,15 @@ def test_bad_option_values_are_one_line(
     assert len(lines) == 1 and expected in lines[0]
 
 
+@pytest.mark.parametrize("value", ["2", "-0.5", "high"])
+def test_bad_target_accuracy_is_one_line(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--target-acc", value])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--target-acc" in lines[0] and "must be an accuracy in [0, 1]" in lines[0]
+
+
 def test_console_script_reports_errors_without_traceback(tmp_path: Path) -> None:
     executable = shutil.which("gmar-lightning", path=os.path.dirname(sys.executable))
     command = [executable] if executable else [sys.executable, "-m", "gmar_lightning.cli"]

@@ -112,6 +112,23 @@ def test_datamodule_splits_are_disjoint_and_batches_are_triples() -> None:
     assert torch.equal(images[0], ShapesDataset(1, 16, 3, seed=2, start_index=24)[0][0])
 
 
+def test_cached_datamodule_serves_the_same_items() -> None:
+    settings = {"num_train": 6, "num_val": 4, "image_size": 16, "num_classes": 3, "seed": 5}
+    rendered, fresh = ShapesDataModule(**settings, cache=True), ShapesDataModule(**settings)
+    assert rendered.classes == fresh.classes == ["circle", "square", "triangle"]
+    for cached_split, fresh_split in (
+        (rendered.train_dataset, fresh.train_dataset),
+        (rendered.val_dataset, fresh.val_dataset),
+    ):
+        assert len(cached_split) == len(fresh_split)
+        for index in range(len(fresh_split)):
+            (image, label, mask), (expected_image, expected_label, expected_mask) = (
+                cached_split[index],
+                fresh_split[index],
+            )
+            assert torch.equal(image, expected_image) and label == expected_label and torch.equal(mask, expected_mask)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "argument"), [({"batch_size": 0}, "`batch_size`"), ({"num_workers": -1}, "`num_workers`")]
 )

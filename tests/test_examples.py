@@ -20,6 +20,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY_JOB = [
     "--max-train-images", "48", "--max-val-images", "32", "--epochs", "2", "--batch-size", "16",
     "--img-size", "32", "--model-kwargs", '{"embed_dim": 32, "depth": 2}', "--num-probe", "8", "--no-progress-bar",
+    "--target-acc", "0",
 ]  # fmt: skip
 
 
@@ -66,6 +67,19 @@ def test_main_job_prints_where_the_logs_are(tmp_path: Path, capsys: pytest.Captu
     printed = capsys.readouterr().out
     assert f"tensorboard --logdir {result['log_dir']}" in printed
     assert str(tmp_path) in result["log_dir"]
+
+
+def test_main_job_stops_once_the_target_accuracy_is_reached(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Any accuracy reaches 0.01, so the run must stop after its first epoch and say so.
+    options = [*TINY_JOB, "--epochs", "3", "--target-acc", "0.01", "--log-dir", str(tmp_path)]
+    result = load_example("finetune_vit").main(options)
+    assert result["epochs"] == 1 and result["stopped_early"] and result["val_acc"] >= 0.01
+    assert "Stopped after epoch 1 of 3: val_acc reached the target 0.01" in capsys.readouterr().out
+    assert HeadTrajectory.load_npz(result["trajectory_path"]).epochs == [0]
+
+
+def test_main_job_trains_every_epoch_without_a_target(job: dict[str, Any]) -> None:
+    assert job["epochs"] == 2 and not job["stopped_early"]
 
 
 def test_head_pruning_ranks_and_ablates_the_run(job: dict[str, Any], tmp_path: Path) -> None:
