@@ -266,3 +266,32 @@ def test_cait_matches_full_matrix_reference(pool: str, method: str) -> None:
     torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
     if expected_weights is not None:
         torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["pit_ti_224", "pit_ti_distilled_224"])
+@pytest.mark.parametrize("method", METHODS)
+def test_pit_matches_full_matrix_reference(name: str, method: str) -> None:
+    torch.manual_seed(0)
+    config = {"img_size": 64, "base_dims": [8, 8, 8], "heads": [1, 2, 4], "depth": [2, 1, 1], "num_classes": 5}
+    model = sharpen(timm.create_model(name, **config)).eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    prefix = 2 if "distilled" in name else 1
+    grid = first = first_conv(model.patch_embed.conv, 64)
+    structure: list = []
+    for stage in model.transformers:
+        if stage.pool is not None:
+            conv = stage.pool.conv
+            pooled, new_grid = pool_matrix(grid, conv.kernel_size[0], conv.stride[0], conv.padding[0])
+            matrix = torch.zeros(prefix + pooled.shape[0], prefix + pooled.shape[1])
+            matrix[:prefix, :prefix] = torch.eye(prefix)  # class (and distillation) tokens carry over
+            matrix[prefix:, prefix:] = pooled
+            structure.append(matrix)
+            grid = new_grid
+        structure += [Layer() for _ in stage.blocks]
+    result = explain(model, images, method=method)
+    expected_maps, expected_weights = reference_explain(
+        model, images, method, num_prefix=prefix, readout=list(range(prefix)), grid=first, structure=structure
+    )
+    torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
+    if expected_weights is not None:
+        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)

@@ -9,15 +9,19 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from gmar_lightning.mixing import AttentionMixing, TokenMap
 
 __all__ = [
     "adaptive_cells",
     "cells_map",
+    "conv_map",
+    "conv_output",
     "global_mixing",
     "grid_cells",
     "merge_map",
+    "pair",
     "pool_cells",
     "window_mixing",
     "window_tokens",
@@ -100,6 +104,35 @@ def adaptive_cells(size: int, out_size: int) -> list[list[int]]:
 def grid_cells(rows: list[list[int]], cols: list[list[int]], width: int, offset: int = 0) -> list[list[int]]:
     """2-d cells from 1-d row and column cells, as token indices of a row-major grid of ``width`` columns."""
     return [[offset + i * width + j for i in row for j in col] for row in rows for col in cols]
+
+
+def pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def conv_output(grid: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
+    """The output grid of a convolution (or any module with ``kernel_size``, ``stride`` and ``padding``)."""
+    kernel, stride, padding = pair(conv.kernel_size), pair(conv.stride), pair(conv.padding)
+    return tuple((size + 2 * pad - k) // s + 1 for size, k, s, pad in zip(grid, kernel, stride, padding, strict=True))
+
+
+def conv_map(grid: tuple[int, int], conv: nn.Conv2d, num_prefix_tokens: int = 0) -> tuple[TokenMap, tuple[int, int]]:
+    """A patch embedding or pooling convolution: each output token averages the input tokens under its kernel.
+
+    Prefix tokens (before the grid, in both spaces) map to themselves. Returns the map and the output grid.
+
+    Examples:
+        >>> token_map, out = conv_map((3, 3), nn.Conv2d(1, 1, kernel_size=3, stride=2, padding=1), num_prefix_tokens=1)
+        >>> out, token_map.sources[1].tolist()
+        ((2, 2), [1, 2, 4, 5])
+    """
+    kernel, stride, padding = pair(conv.kernel_size), pair(conv.stride), pair(conv.padding)
+    out = conv_output(grid, conv)
+    rows = pool_cells(grid[0], out[0], kernel[0], stride[0], padding[0])
+    cols = pool_cells(grid[1], out[1], kernel[1], stride[1], padding[1])
+    prefix = [[index] for index in range(num_prefix_tokens)]
+    cells = prefix + grid_cells(rows, cols, grid[1], offset=num_prefix_tokens)
+    return cells_map(cells, num_prefix_tokens + grid[0] * grid[1]), out
 
 
 def cells_map(cells: list[list[int]], num_inputs: int) -> TokenMap:

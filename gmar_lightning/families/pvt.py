@@ -14,7 +14,16 @@ from torch import nn
 
 from gmar_lightning.capture import TIMM_ADAPTER, AttentionLayer
 from gmar_lightning.families import Probe, UnsupportedModelError
-from gmar_lightning.families.grids import adaptive_cells, cells_map, grid_cells, pool_cells, window_mixing
+from gmar_lightning.families.grids import (
+    adaptive_cells,
+    cells_map,
+    conv_map,
+    conv_output,
+    grid_cells,
+    pair,
+    pool_cells,
+    window_mixing,
+)
 from gmar_lightning.mixing import AttentionMixing, AttentionStep, TokenMap, TokenPlan
 from gmar_lightning.tokens import TokenLayout
 
@@ -39,34 +48,16 @@ def check(model: nn.Module) -> None:
         )
 
 
-def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
-def _conv_output(grid: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
-    kernel, stride, padding = _pair(conv.kernel_size), _pair(conv.stride), _pair(conv.padding)
-    return tuple((size + 2 * pad - k) // s + 1 for size, k, s, pad in zip(grid, kernel, stride, padding, strict=True))
-
-
-def conv_map(grid: tuple[int, int], conv: nn.Conv2d) -> tuple[TokenMap, tuple[int, int]]:
-    """A patch embedding or downsampling convolution: each output token averages the input tokens under its kernel."""
-    kernel, stride, padding = _pair(conv.kernel_size), _pair(conv.stride), _pair(conv.padding)
-    out = _conv_output(grid, conv)
-    rows = pool_cells(grid[0], out[0], kernel[0], stride[0], padding[0])
-    cols = pool_cells(grid[1], out[1], kernel[1], stride[1], padding[1])
-    return cells_map(grid_cells(rows, cols, grid[1]), grid[0] * grid[1]), out
-
-
 def reduction_mixing(grid: tuple[int, int], attention: nn.Module) -> AttentionMixing:
     """Spatial-reduction attention: all tokens query the keys pooled by ``sr`` (or ``pool``); none: global."""
     num_tokens = grid[0] * grid[1]
     if getattr(attention, "pool", None) is not None:  # PVT v2-li: adaptive average pooling, then a 1x1 convolution
-        size = _pair(attention.pool.output_size)
+        size = pair(attention.pool.output_size)
         rows, cols = adaptive_cells(grid[0], size[0]), adaptive_cells(grid[1], size[1])
     elif getattr(attention, "sr", None) is not None:
-        ratio = _pair(attention.sr.kernel_size)
-        stride = _pair(attention.sr.stride)
-        out = _conv_output(grid, attention.sr)
+        ratio = pair(attention.sr.kernel_size)
+        stride = pair(attention.sr.stride)
+        out = conv_output(grid, attention.sr)
         rows = pool_cells(grid[0], out[0], ratio[0], stride[0], 0)
         cols = pool_cells(grid[1], out[1], ratio[1], stride[1], 0)
     else:
@@ -102,7 +93,7 @@ def probe(model: nn.Module, image_size: tuple[int, int], token_layout: TokenLayo
     grid, first_grid = None, None
     for conv, attentions in _stages(model):
         if grid is None:
-            grid = first_grid = _conv_output(image_size, conv)
+            grid = first_grid = conv_output(image_size, conv)
         else:
             token_map, grid = conv_map(grid, conv)
             steps.append(token_map)
