@@ -295,3 +295,24 @@ def test_pit_matches_full_matrix_reference(name: str, method: str) -> None:
     torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
     if expected_weights is not None:
         torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sam_windowed_and_global_blocks_match_full_matrix_reference(method: str) -> None:
+    torch.manual_seed(0)
+    config = {"img_size": 40, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "window_size": 2}
+    config |= {"global_attn_indexes": (1, 3), "num_classes": 5, "global_pool": "avg", "neck_chans": 16}
+    model = sharpen(timm.create_model("samvit_base_patch16", use_rel_pos=True, **config)).eval()
+    images = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    grid = (5, 5)  # windows of 2 need padding
+    slots = window_slots(grid, (2, 2), (0, 0))
+    structure = [Layer(windows_to_global(slots, 25)) if block.window_size else Layer() for block in model.blocks]
+    # SAM folds the heads into the batch: [B * W * H, n, n].
+    inputs = [(block.attn.attn_drop, lambda a: a.unflatten(0, (-1, 2))) for block in model.blocks]
+    result = explain(model, images, method=method)
+    expected_maps, expected_weights = reference_explain(
+        model, images, method, num_prefix=0, readout=None, grid=grid, structure=structure, inputs=inputs
+    )
+    torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
+    if expected_weights is not None:
+        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)

@@ -64,9 +64,10 @@ class Family:
 
 
 def _registry() -> list[Family]:
-    from gmar_lightning.families import cait, pit, pvt, swin, vit
+    from gmar_lightning.families import cait, pit, pvt, sam, swin, vit
 
     return [
+        Family("sam", sam.matches, sam.probe, sam.check),
         Family("pit", pit.matches, pit.probe, pit.check),
         Family("cait", cait.matches, cait.probe, cait.check),
         Family("swin", swin.matches, swin.probe, swin.check),
