@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_check.sh             # on a GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --dry-run   # anywhere: CPU, tiny model, engine tests only (also chosen without CUDA)
 #
-# PYTHON picks the interpreter (default python3); the package is imported from the checkout (PYTHONPATH), nothing is
+# PYTHON picks the interpreter (default python3), GPU_CHECK_BUDGET_S the whole script's time (default 400 s); the package is imported from the checkout (PYTHONPATH), nothing is
 # installed. Logs and JSON go to $OUT when set, else to a fresh temporary folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" MPLBACKEND=Agg WANDB_MODE=of
 LOGS="${OUT:-$(mktemp -d)}"
 mkdir -p "$LOGS"
 START=$SECONDS
-BUDGET_S=400 # whole-script limit; the test suite gets what the benchmarks leave
+BUDGET_S="${GPU_CHECK_BUDGET_S:-400}" # whole-script limit; the rest of the test suite gets what is left
 
 dry_run=0
 [ "${1:-}" = "--dry-run" ] && dry_run=1
@@ -51,7 +51,7 @@ step() { # name, seconds allowed, command...: run with a time limit, log, and re
 
 step versions 60 bash -c "
     command -v nvidia-smi >/dev/null && nvidia-smi && nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
-    uname -a; nproc
+    uname -a; nproc; git rev-parse HEAD 2>/dev/null || true
     \"$PYTHON\" - <<'EOF'
 import platform, torch, timm, lightning
 print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
