@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from gmar_lightning import families, methods
 from gmar_lightning._checks import check_choice, check_int_in_range
 from gmar_lightning.capture import hook_attention, unwrap_model
-from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
+from gmar_lightning.explanation import Explanation
 from gmar_lightning.families import Probe, UnsupportedModelError
+from gmar_lightning.methods import METHOD_TABLE, Method
 from gmar_lightning.model_state import eval_mode_without_fast_paths
 from gmar_lightning.options import ExplainOptions
 from gmar_lightning.tokens import TokenLayout
@@ -26,8 +27,6 @@ from gmar_lightning.tokens import TokenLayout
 __all__ = ["explain"]
 
 Target = int | Sequence[int] | Tensor | None
-
-GRADIENT_METHODS = (*GMAR_METHODS, "grad_rollout")
 
 
 def _as_windows(attention: Tensor) -> Tensor:
@@ -45,7 +44,7 @@ class _LayerReductions:
     A layer may have several attention modules (parallel branches of one block); their heads are the layer's heads.
     """
 
-    method: str
+    method: Method
     batch: int
     layouts: list[list[Layout]]  # per rollout layer and branch: the captured tensor as [B * W, H, n_q, n_k]
     matrices: list[Tensor | None]
@@ -58,29 +57,29 @@ class _LayerReductions:
         return [len(layouts) for layouts in self.layouts]
 
     def on_attention(self, layer: int, branch: int, attention: Tensor) -> None:
-        if self.method == "rollout" or (self.method == "attention" and layer == len(self.matrices) - 1):
+        if self.method.needs_gradients:
+            self.pending.setdefault(layer, {})[branch] = attention
+            attention.register_hook(lambda grad, layer=layer, branch=branch: self.on_gradient(layer, branch, grad))
+        elif not self.method.last_layer_only or layer == len(self.matrices) - 1:  # the head mean
             windows = self.layouts[layer][branch](attention)
             partial = windows.float().sum(dim=1) / (self.branches[layer] * windows.shape[1])
             self.matrices[layer] = partial if self.matrices[layer] is None else self.matrices[layer] + partial
-        elif self.method in GRADIENT_METHODS:
-            self.pending.setdefault(layer, {})[branch] = attention
-            attention.register_hook(lambda grad, layer=layer, branch=branch: self.on_gradient(layer, branch, grad))
 
     def on_gradient(self, layer: int, branch: int, grad: Tensor) -> None:
         # Runs inside the backward pass: reduce the [B * W, H, n_q, n_k] gradient at once so it can be freed.
         layout = self.layouts[layer][branch]
         attention, grad = layout(self.pending[layer][branch]), layout(grad)
-        if self.method == "grad_rollout":
-            reduced = methods.positive_relevance(attention, grad) / self.branches[layer]
+        if self.method.weighs_heads:
+            reduced = methods.head_scores(grad, self.method.gradient_norm, self.batch)
         else:
-            reduced = methods.head_scores(grad, "l1" if self.method == "gmar_l1" else "l2", self.batch)
+            reduced = methods.positive_relevance(attention, grad) / self.branches[layer]
         done = self.gradients.setdefault(layer, {})
         done[branch] = reduced
         if len(done) < self.branches[layer]:
             return
         attentions = [self.layouts[layer][index](self.pending[layer].pop(index)) for index in range(len(done))]
         del self.pending[layer]
-        if self.method == "grad_rollout":
+        if not self.method.weighs_heads:
             self.matrices[layer] = sum(done[index] for index in range(len(attentions)))
             return
         scores = torch.cat([done[index] for index in range(len(attentions))], dim=1)
@@ -183,14 +182,24 @@ def _check_shape(probe: Probe, layer: int, attention: Tensor, batch: int) -> Non
         )
 
 
+@dataclass
+class _Chunk:
+    """What one chunk of images yields, before the chunks are concatenated and rolled out."""
+
+    logits: Tensor  # [B, C] float32
+    targets: Tensor  # [B] the explained classes
+    matrices: list[Tensor | None]  # per layer [B, W, n_q, n_k]; None where the method keeps no matrix
+    scores: list[Tensor] | None  # per layer [B, H_l] head scores, for methods that weigh heads
+
+
 def _explain_chunk(
     model: nn.Module,
     probe: Probe,
     images: Tensor,
-    method: str,
+    method: Method,
     target: Target,
-) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor] | None]:
-    """Run one chunk; return logits, targets, the per-layer ``[B, W, n_q, n_k]`` matrices and ``[B, H_l]`` scores."""
+) -> _Chunk:
+    """Run one chunk of images through the model (and, for gradient methods, the backward pass)."""
     batch = images.shape[0]
     layouts = [[module.layout or _as_windows for module in layer] for layer in probe.layers]
     branches = [len(layer) for layer in probe.layers]
@@ -202,7 +211,7 @@ def _explain_chunk(
         _check_shape(probe, layer, layouts[layer][branch](attention), batch)
         reductions.on_attention(layer, branch, attention)
 
-    needs_grad = method in GRADIENT_METHODS
+    needs_grad = method.needs_gradients
     # Inference tensors cannot enter autograd: clone inside inference_mode(False). requires_grad makes the attention
     # part of the graph even when every parameter is frozen.
     inputs = images.clone().requires_grad_(needs_grad)
@@ -219,19 +228,19 @@ def _explain_chunk(
         torch.autograd.grad(objective, first_layer, allow_unused=True)
         reductions.fill_unreached()
     missing = [name for name, matrix in zip(probe.layer_names, reductions.matrices, strict=True) if matrix is None]
-    if method != "attention" and missing:
+    if not method.last_layer_only and missing:
         raise RuntimeError(f"No attention probabilities were captured from {', '.join(missing)}.")
     matrices = [
         matrix.detach().unflatten(0, (batch, -1)) if matrix is not None else None for matrix in reductions.matrices
     ]
-    scores = list(reductions.scores) if method in GMAR_METHODS else None
+    scores = list(reductions.scores) if method.weighs_heads else None
     if needs_grad:
         summary = scores if scores is not None else matrices
         if not all(bool(torch.isfinite(part).all()) for part in summary):
             raise FloatingPointError(
                 "`model` produced NaN/inf attention gradients for `target`; check `images` and the weights for NaN/inf."
             )
-    return logits.detach().float(), targets, matrices, scores
+    return _Chunk(logits.detach().float(), targets, matrices, scores)
 
 
 def _pad_heads(per_layer: list[Tensor]) -> Tensor:
@@ -296,7 +305,7 @@ def explain(
         >>> torch.allclose(result.head_weights.sum(-1), torch.ones(2, 2))
         True
     """
-    check_choice("method", method, METHODS)
+    check_choice("method", method, tuple(METHOD_TABLE))
     options = ExplainOptions(residual, head_norm, discard_ratio, start_layer, chunk_size, token_layout)
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
@@ -308,15 +317,16 @@ def explain(
         target = int(target)
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else images.device
-    with _isolated(device, method in GRADIENT_METHODS):
-        return _explain_batch(model, probe, images.to(device), method, target, options)
+    spec = METHOD_TABLE[method]
+    with _isolated(device, spec.needs_gradients):
+        return _explain_batch(model, probe, images.to(device), spec, target, options)
 
 
 def _explain_batch(
     model: nn.Module,
     probe: Probe,
     images: Tensor,
-    method: str,
+    method: Method,
     target: Target,
     options: ExplainOptions,
 ) -> Explanation:
@@ -333,22 +343,22 @@ def _explain_batch(
             chunk_images = images[start : start + step].to(dtype=dtype)
             chunks.append(_explain_chunk(model, probe, chunk_images, method, chunk_target))
 
-    logits = torch.cat([chunk[0] for chunk in chunks])
-    targets = torch.cat([chunk[1] for chunk in chunks])
+    logits = torch.cat([chunk.logits for chunk in chunks])
+    targets = torch.cat([chunk.targets for chunk in chunks])
     matrices = [
-        torch.cat([chunk[2][i] for chunk in chunks]) if chunks[0][2][i] is not None else None
+        torch.cat([chunk.matrices[i] for chunk in chunks]) if chunks[0].matrices[i] is not None else None
         for i in range(len(probe.layers))
     ]
     plan = probe.plan
     weights = scores = None
-    if method == "attention":
+    if method.propagate == "last_layer":
         rows = methods.propagate_last_attention(plan, matrices[-1])
-    elif method == "grad_rollout":
+    elif method.propagate == "gradient_rollout":
         rows = methods.propagate_gradient_rollout(plan, matrices, options.start_layer)
     else:
         mixings = [step.mixing for step in plan.attention_steps]
-        if method in GMAR_METHODS:
-            per_layer = [torch.cat([chunk[3][i] for chunk in chunks]) for i in range(len(probe.layers))]
+        if method.weighs_heads:
+            per_layer = [torch.cat([chunk.scores[i] for chunk in chunks]) for i in range(len(probe.layers))]
             layer_weights = [methods.layer_head_weights(part) for part in per_layer]
             if options.head_norm == "global":
                 shares = methods.layer_shares(torch.stack([part.sum(dim=1) for part in per_layer], dim=1)[..., None])
@@ -370,7 +380,7 @@ def _explain_batch(
     token_maps = rows[:, plan.num_prefix_tokens :].reshape(batch, *plan.grid)
     maps = F.interpolate(token_maps.unsqueeze(1), size=images.shape[-2:], mode="bilinear", align_corners=False)
     return Explanation(
-        method=method,
+        method=method.name,
         token_maps=token_maps,
         maps=methods.normalize_maps(maps.squeeze(1)),
         targets=targets,

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
+from gmar_lightning.methods import METHOD_TABLE
 from gmar_lightning.options import ExplainOptions
 
-METHODS: tuple[str, ...] = ("gmar_l1", "gmar_l2", "rollout", "grad_rollout", "attention")
-"""Every method :func:`gmar_lightning.explain` accepts."""
+METHODS: tuple[str, ...] = tuple(METHOD_TABLE)
+"""Every method :func:`gmar_lightning.explain` accepts: the names of :data:`~gmar_lightning.methods.METHOD_TABLE`."""
 
-GMAR_METHODS: tuple[str, ...] = ("gmar_l1", "gmar_l2")
+GMAR_METHODS: tuple[str, ...] = tuple(name for name, method in METHOD_TABLE.items() if method.weighs_heads)
 """The methods that weight heads by gradient norms and so produce head weights and scores."""
 
 

@@ -8,6 +8,7 @@ of full ``N x N`` products: ``v^T (A_L ... A_1) = (...((v^T A_L) A_{L-1}) ...) A
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -227,3 +228,62 @@ def normalize_maps(maps: Tensor) -> Tensor:
     span = flat.max(dim=-1, keepdim=True).values - low
     scaled = torch.where(span > 0, (flat - low) / span.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
     return scaled.reshape_as(maps)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the method table: what the engine keeps of each layer and how it propagates the layers.
+
+    Args:
+        name: The ``method=`` name of :func:`gmar_lightning.explain`.
+        reduce: What the hooks keep of each layer: ``"head_mean"`` (the attention averaged over heads, no gradient),
+            ``"gradient_relevance"`` (:func:`positive_relevance`, head mean of ``relu(grad * A)``) or
+            ``"gradient_head_weights"`` (heads scored by the ``gradient_norm`` of their gradient, then fused with
+            :func:`layer_head_weights`; the method yields head weights).
+        propagate: How the read-out row crosses the layers: ``"rollout"`` (:func:`propagate_rollout`, with residual,
+            discard and head-norm options), ``"gradient_rollout"`` (:func:`propagate_gradient_rollout`) or
+            ``"last_layer"`` (:func:`propagate_last_attention`: only the last layer is reduced).
+        gradient_norm: For ``"gradient_head_weights"``: the norm of :func:`head_scores`.
+
+    Examples:
+        >>> METHOD_TABLE["gmar_l2"].needs_gradients, METHOD_TABLE["rollout"].weighs_heads
+        (True, False)
+    """
+
+    name: str
+    reduce: Literal["head_mean", "gradient_relevance", "gradient_head_weights"]
+    propagate: Literal["rollout", "gradient_rollout", "last_layer"]
+    gradient_norm: GradNorm | None = None
+
+    def __post_init__(self) -> None:
+        if (self.reduce == "gradient_head_weights") != (self.gradient_norm is not None):
+            raise ValueError(f"Method {self.name!r}: `gradient_norm` is needed by, and only by, gradient_head_weights.")
+
+    @property
+    def needs_gradients(self) -> bool:
+        """Whether the method backpropagates the target logit to the attention (one backward pass)."""
+        return self.reduce != "head_mean"
+
+    @property
+    def weighs_heads(self) -> bool:
+        """Whether the method scores and weights heads (and so fills ``head_weights`` and ``head_scores``)."""
+        return self.reduce == "gradient_head_weights"
+
+    @property
+    def last_layer_only(self) -> bool:
+        """Whether only the last layer is reduced (the others are hooked but not kept)."""
+        return self.propagate == "last_layer"
+
+
+METHOD_TABLE: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method("gmar_l1", reduce="gradient_head_weights", propagate="rollout", gradient_norm="l1"),
+        Method("gmar_l2", reduce="gradient_head_weights", propagate="rollout", gradient_norm="l2"),
+        Method("rollout", reduce="head_mean", propagate="rollout"),
+        Method("grad_rollout", reduce="gradient_relevance", propagate="gradient_rollout"),
+        Method("attention", reduce="head_mean", propagate="last_layer"),
+    )
+}
+"""Every method :func:`gmar_lightning.explain` accepts, by name; adding a method that reuses a reduction and a
+propagation is one entry here."""
