@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from gmar_lightning import families, methods
 from gmar_lightning._checks import check_choice, check_int_in_range
-from gmar_lightning.capture import hook_attention, unwrap_model
+from gmar_lightning.capture import head_slots, hook_attention, slot_count, unwrap_model
 from gmar_lightning.explanation import Explanation
 from gmar_lightning.families import Probe, UnsupportedModelError
 from gmar_lightning.methods import METHOD_TABLE, Method
@@ -62,7 +62,8 @@ class _LayerReductions:
             attention.register_hook(lambda grad, layer=layer, branch=branch: self.on_gradient(layer, branch, grad))
         elif not self.method.last_layer_only or layer == len(self.matrices) - 1:  # the head mean
             windows = self.layouts[layer][branch](attention)
-            partial = windows.float().sum(dim=1) / (self.branches[layer] * windows.shape[1])
+            # max(..., 1): a layer whose heads were all pruned away contributes no attention, not NaN.
+            partial = windows.float().sum(dim=1) / (self.branches[layer] * max(windows.shape[1], 1))
             self.matrices[layer] = partial if self.matrices[layer] is None else self.matrices[layer] + partial
 
     def on_gradient(self, layer: int, branch: int, grad: Tensor) -> None:
@@ -243,10 +244,22 @@ def _explain_chunk(
     return _Chunk(logits.detach().float(), targets, matrices, scores)
 
 
-def _pad_heads(per_layer: list[Tensor]) -> Tensor:
-    """``[B, L, H_max]`` from per-layer ``[B, H_l]``; layers with fewer heads are padded with zeros."""
-    width = max(part.shape[1] for part in per_layer)
-    return torch.stack([F.pad(part, (0, width - part.shape[1])) for part in per_layer], dim=1)
+def _head_grid(probe: Probe, per_layer: list[Tensor]) -> Tensor:
+    """``[B, L, H]`` from per-layer ``[B, H_l]``, each head in the column of its original index, NaN where none.
+
+    ``H`` is the largest head count a layer has or had. A layer keeps its heads' original indices after
+    :func:`~gmar_lightning.heads.pruning.prune_heads` (its ``kept_heads`` buffer); other layers with fewer heads
+    (e.g. the early stages of Swin or PVT) fill their first columns.
+    """
+    slots, widths = [], []
+    for modules, part in zip(probe.layers, per_layer, strict=True):
+        single = len(modules) == 1
+        slots.append(head_slots(modules[0].module, part.shape[1]) if single else torch.arange(part.shape[1]))
+        widths.append(slot_count(modules[0].module, part.shape[1]) if single else part.shape[1])
+    grid = per_layer[0].new_full((per_layer[0].shape[0], len(per_layer), max(widths)), float("nan"))
+    for index, (layer_slots, part) in enumerate(zip(slots, per_layer, strict=True)):
+        grid[:, index, layer_slots.to(grid.device)] = part
+    return grid
 
 
 def explain(
@@ -293,7 +306,9 @@ def explain(
 
     Returns:
         An :class:`~gmar_lightning.Explanation` with token maps, upsampled maps in ``[0, 1]``, targets, logits and,
-        for GMAR, head weights and scores ``[B, L, H]``.
+        for GMAR, head weights and scores ``[B, L, H]``: ``H`` is the largest head count of any layer, and heads a
+        layer does not have (removed by :func:`~gmar_lightning.heads.pruning.prune_heads`, or fewer in an early
+        Swin or PVT stage) are NaN.
 
     Examples:
         >>> import timm
@@ -364,7 +379,7 @@ def _explain_batch(
                 shares = methods.layer_shares(torch.stack([part.sum(dim=1) for part in per_layer], dim=1)[..., None])
                 layer_weights = [w * shares[:, i, None] for i, w in enumerate(layer_weights)]
                 matrices = [m * shares[:, i, None, None, None] for i, m in enumerate(matrices)]
-            scores, weights = _pad_heads(per_layer), _pad_heads(layer_weights)
+            scores, weights = _head_grid(probe, per_layer), _head_grid(probe, layer_weights)
         for index, mixing in enumerate(mixings):
             padding = mixing.key_padding()
             if padding is not None:  # attention to padding slots reaches no token

@@ -32,8 +32,11 @@ class Explanation:
         targets: ``[B]`` the class explained for each image.
         logits: ``[B, C]`` the model's logits for the batch (computed in float32, eval mode).
         head_weights: ``[B, L, H]`` normalised head weights ``w_{l,h}`` (GMAR methods; ``None`` otherwise).
+            Column ``h`` is each layer's original head ``h``; in a model whose layers lost heads
+            (:func:`~gmar_lightning.heads.pruning.prune_heads`) the missing heads are NaN, so a layer's weights sum
+            to 1 over the finite entries and ``(~head_weights[0].isnan()).sum(-1)`` is its head count.
         head_scores: ``[B, L, H]`` raw head scores ``s_{l,h}``, the L1 or L2 norm of each head's gradient
-            (GMAR methods; ``None`` otherwise).
+            (GMAR methods; ``None`` otherwise), NaN for missing heads likewise.
         layer_names: Qualified module names of the attention layers, in forward order (``L`` entries).
         options: The options the maps were computed with (``token_layout`` as given: ``None`` when inferred).
 

@@ -1,6 +1,8 @@
 """Pure tensor functions of the explanation methods: head scores and weights, head fusion, rollout.
 
 Nothing here knows about models or hooks. Shapes use ``B`` images, ``L`` layers, ``H`` heads and ``N`` tokens.
+Layers with different head counts (after :func:`~gmar_lightning.heads.pruning.prune_heads`) share one ``[..., L, H]``
+grid whose missing heads are NaN; the score and weight functions below ignore NaN entries and keep them NaN.
 Rollouts propagate only the read-out row vector through the layers (``[B, N] @ [B, N, N]`` per layer), never a chain
 of full ``N x N`` products: ``v^T (A_L ... A_1) = (...((v^T A_L) A_{L-1}) ...) A_1``.
 """
@@ -38,15 +40,20 @@ def head_scores(grad: Tensor, norm: GradNorm, batch: int | None = None) -> Tenso
 def layer_head_weights(scores: Tensor) -> Tensor:
     """Normalise head scores over the heads of each layer: ``w_h = s_h / sum_h s_h``; all-zero rows become ``1/H``.
 
-    Works on any ``[..., H]`` tensor.
+    Works on any ``[..., H]`` tensor. NaN entries (heads a layer does not have) are left out of the sum and of ``H``
+    and stay NaN.
 
     Examples:
         >>> layer_head_weights(torch.tensor([[3.0, 1.0], [0.0, 0.0]])).tolist()
         [[0.75, 0.25], [0.5, 0.5]]
+        >>> layer_head_weights(torch.tensor([[3.0, float("nan"), 1.0]])).tolist()
+        [[0.75, nan, 0.25]]
     """
-    totals = scores.sum(dim=-1, keepdim=True)
-    uniform = torch.full_like(scores, 1.0 / scores.shape[-1])
-    return torch.where(totals > 0, scores / totals.clamp_min(torch.finfo(scores.dtype).tiny), uniform)
+    present = ~scores.isnan()
+    totals = scores.nansum(dim=-1, keepdim=True)
+    uniform = 1.0 / present.sum(dim=-1, keepdim=True).clamp_min(1).to(scores.dtype)
+    weights = torch.where(totals > 0, scores / totals.clamp_min(torch.finfo(scores.dtype).tiny), uniform)
+    return weights.masked_fill(~present, float("nan"))
 
 
 def layer_shares(scores: Tensor) -> Tensor:
@@ -54,13 +61,14 @@ def layer_shares(scores: Tensor) -> Tensor:
 
     Global head normalisation divides every score by the sum over all layers and heads, so a layer's fused attention
     is its per-layer fusion scaled by this share. A layer whose scores are all zero keeps uniform head weights
-    ``1/H`` (share 1) rather than vanishing, so it still contributes plain attention to the rollout.
+    ``1/H`` (share 1) rather than vanishing, so it still contributes plain attention to the rollout. NaN entries
+    (missing heads) count as nothing.
 
     Examples:
         >>> layer_shares(torch.tensor([[[3.0, 1.0], [1.0, 3.0], [0.0, 0.0]]])).tolist()
         [[0.5, 0.5, 1.0]]
     """
-    per_layer = scores.sum(dim=-1)
+    per_layer = scores.nansum(dim=-1)
     total = per_layer.sum(dim=-1, keepdim=True)
     shares = per_layer / total.clamp_min(torch.finfo(scores.dtype).tiny)
     return torch.where(per_layer > 0, shares, torch.ones_like(shares))
@@ -70,7 +78,7 @@ def head_weights(scores: Tensor, head_norm: HeadNorm) -> Tensor:
     """Head weights ``w_{l,h}`` from raw scores ``[B, L, H]``, normalised per layer or over all layers and heads.
 
     ``layer``: ``w_{l,h} = s_{l,h} / sum_h s_{l,h}``. ``global``: ``w_{l,h} = s_{l,h} / sum_{l,h} s_{l,h}``.
-    Either way a layer whose scores are all zero gets ``1/H``, never NaN.
+    Either way a layer whose scores are all zero gets ``1/H``, never NaN; missing heads (NaN scores) stay NaN.
 
     Examples:
         >>> s = torch.tensor([[[3.0, 1.0], [1.0, 3.0], [0.0, 0.0]]])
@@ -83,6 +91,16 @@ def head_weights(scores: Tensor, head_norm: HeadNorm) -> Tensor:
     if head_norm == "global":
         weights = weights * layer_shares(scores).unsqueeze(-1)
     return weights
+
+
+def head_mean(attention: Tensor) -> Tensor:
+    """Mean over the heads of ``[B, H, N, N]`` in float32; a layer without heads (``H = 0``) gives zeros.
+
+    Examples:
+        >>> head_mean(torch.ones(1, 0, 2, 2)).tolist()
+        [[[0.0, 0.0], [0.0, 0.0]]]
+    """
+    return attention.float().sum(dim=1) / max(attention.shape[1], 1)
 
 
 def fuse_heads(attention: Tensor, weights: Tensor) -> Tensor:
@@ -213,7 +231,7 @@ def propagate_last_attention(plan: TokenPlan, last: Tensor) -> Tensor:
 
 def positive_relevance(attention: Tensor, grad: Tensor) -> Tensor:
     """Chefer et al.'s per-layer relevance ``mean_h((G * A)^+)``: ``[B, H, N, N]`` pair -> ``[B, N, N]``."""
-    return (grad.float() * attention.float()).clamp_min(0).mean(dim=1)
+    return head_mean((grad.float() * attention.float()).clamp_min(0))
 
 
 def normalize_maps(maps: Tensor) -> Tensor:

@@ -317,7 +317,7 @@ def head_heatmap_figure(
 
     Args:
         weights: ``[L, H]`` head weights (e.g. the batch mean of ``Explanation.head_weights``) or ``[B, L, H]``,
-            which is averaged over the batch.
+            which is averaged over the batch. NaN cells (heads a pruned layer no longer has) are drawn light grey.
         layer_names: ``L`` row labels; defaults to ``layer 0 .. layer L-1``.
         title: Figure title.
 
@@ -340,7 +340,8 @@ def head_heatmap_figure(
     panel = (max(1.6, 0.4 * num_heads), max(1.0, 0.3 * num_layers))
     figure, grid = _panel_grid(1, 1, panel, margins=(left, 1.1, 0.5, 0.35))
     axes = grid[0, 0]
-    image = axes.imshow(values.numpy(), cmap="viridis", aspect="auto", interpolation="nearest")
+    colormap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+    image = axes.imshow(values.numpy(), cmap=colormap, aspect="auto", interpolation="nearest")
     axes.set_xticks(range(num_heads), [str(head) for head in range(num_heads)])
     axes.set_yticks(range(num_layers), labels)
     axes.tick_params(labelsize=8)

@@ -168,10 +168,11 @@ def _layer_table(trajectory: HeadTrajectory) -> str:
     names = trajectory.layer_names or [f"layer {index}" for index in range(weights.shape[0])]
     rows = []
     for layer, name in enumerate(names):
-        top_head = int(weights[layer].argmax())
+        # NaN marks heads a pruned layer no longer has; a layer without heads has no top head.
+        top_head = int(weights[layer].nan_to_num(nan=-math.inf).argmax())
         cells = [
             f"<td>{html.escape(name)}</td>",
-            f'<td class="number">{top_head}</td>',
+            f'<td class="number">{"&ndash;" if weights[layer].isnan().all() else top_head}</td>',
             f'<td class="number">{_number(float(weights[layer, top_head]))}</td>',
             f'<td class="number">{_number(float(summaries["entropy"][-1, layer]))}</td>',
             f'<td class="number">{_number(float(summaries["stability"][-1, layer]))}</td>',
@@ -183,11 +184,17 @@ def _layer_table(trajectory: HeadTrajectory) -> str:
     return f"<table>{header}{''.join(rows)}</table>"
 
 
+def _pruned_note(trajectory: HeadTrajectory) -> str:
+    """``" (heads per layer now: [2, 0, 3])"`` when the last evaluation saw layers that lost heads, else nothing."""
+    counts = (~trajectory.weights[-1].isnan()).sum(dim=-1).tolist()
+    return "" if all(count == trajectory.num_heads for count in counts) else f" (heads per layer now: {counts})"
+
+
 def _page(title: str, trajectory: HeadTrajectory, source: Path, plots: list[tuple[str, bytes]], overlays: str) -> str:
     epochs = trajectory.epochs
     facts = (
         f"{len(epochs)} evaluated epoch{'s' if len(epochs) != 1 else ''} ({epochs[0]} to {epochs[-1]}), "
-        f"{trajectory.num_layers} attention layers x {trajectory.num_heads} heads, from "
+        f"{trajectory.num_layers} attention layers x {trajectory.num_heads} heads{_pruned_note(trajectory)}, from "
         f"<code>{html.escape(str(source))}</code>."
     )
     figures = "\n".join(_figure_html(caption, png) for caption, png in plots)

@@ -1,9 +1,12 @@
 """How attention-head importance evolves over training: a per-epoch record and specialisation statistics.
 
 A :class:`HeadTrajectory` stores one ``[L, H]`` row of GMAR head weights (and the raw gradient-norm scores they
-were normalised from) per evaluated epoch. :func:`specialisation` and :func:`rank_stability` summarise a row as
-"how concentrated is each layer on few heads" and "did the head ranking change since the last epoch"; both are
-plain torch functions so they work on any ``[L, H]`` tensor, not only on a trajectory.
+were normalised from) per evaluated epoch. Column ``h`` is each layer's original head ``h``: once
+:func:`~gmar_lightning.heads.pruning.prune_heads` removes heads, their entries are NaN from then on, so rows before
+and after a pruning stay comparable and a layer's head count is its number of finite entries.
+:func:`specialisation` and :func:`rank_stability` summarise a row as "how concentrated is each layer on few heads"
+and "did the head ranking change since the last epoch"; both are plain torch functions so they work on any
+``[L, H]`` tensor, not only on a trajectory.
 """
 
 from __future__ import annotations
@@ -37,14 +40,17 @@ _STATE_KEYS: tuple[str, ...] = ("epochs", "steps", "weights", "scores", "layer_n
 
 
 def _check_head_matrix(name: str, values: Tensor) -> Tensor:
-    """Validate an ``[L, H]`` head tensor and return it as a detached float64 CPU tensor."""
+    """Validate an ``[L, H]`` head tensor (NaN marks a missing head) and return it as detached float64 on the CPU."""
     if not isinstance(values, Tensor):
         raise TypeError(f"`{name}` must be a torch.Tensor of shape [L, H], got {type(values).__name__}.")
     if values.ndim != 2 or values.shape[1] == 0:
         raise ValueError(f"`{name}` must have shape [L, H] with H >= 1, got {list(values.shape)}.")
     values = values.detach().to("cpu", torch.float64)
-    if not torch.isfinite(values).all():
-        raise ValueError(f"`{name}` must contain only finite values; check the head weights for NaN/inf.")
+    if torch.isinf(values).any() or torch.isnan(values).all():
+        raise ValueError(
+            f"`{name}` must contain only finite values (NaN only for heads a pruned layer no longer has); check the "
+            "head weights for NaN/inf."
+        )
     return values
 
 
@@ -58,6 +64,9 @@ def specialisation(weights: Tensor) -> dict[str, Tensor]:
       0 when one head carries everything. A layer with a single head (``H = 1``) gets 0, since that head
       carries all the weight.
     * ``top_share = max_h p_h``: the share of the most important head, between ``1/H`` and 1.
+
+    NaN entries are heads a layer does not have: ``H`` is then the layer's own head count, and a layer with no head
+    at all gets NaN for both.
 
     Args:
         weights: ``[L, H]`` non-negative head weights (e.g. the batch mean of GMAR's ``head_weights``).
@@ -73,22 +82,27 @@ def specialisation(weights: Tensor) -> dict[str, Tensor]:
     weights = _check_head_matrix("weights", weights)
     if (weights < 0).any():
         raise ValueError("`weights` must be non-negative; pass head weights or gradient-norm scores, not logits.")
-    num_heads = weights.shape[1]
-    totals = weights.sum(dim=1, keepdim=True)
-    uniform = torch.full_like(weights, 1.0 / num_heads)
+    present = ~weights.isnan()
+    counts = present.sum(dim=1, keepdim=True)
+    totals = weights.nansum(dim=1, keepdim=True)
+    uniform = 1.0 / counts.clamp_min(1).to(torch.float64)
     probs = torch.where(totals > 0, weights / totals.clamp_min(torch.finfo(torch.float64).tiny), uniform)
-    if num_heads == 1:
-        entropy = torch.zeros(weights.shape[0], dtype=torch.float64)
-    else:
-        # `entr` is -p log p with entr(0) = 0; abs() only turns the -0.0 of a one-hot row into 0.0.
-        entropy = torch.special.entr(probs).sum(dim=1).abs() / math.log(num_heads)
-    return {"entropy": entropy.clamp(max=1.0).float(), "top_share": probs.amax(dim=1).float()}
+    probs = probs.masked_fill(~present, 0.0)
+    # `entr` is -p log p with entr(0) = 0; abs() only turns the -0.0 of a one-hot row into 0.0.
+    entropy = torch.special.entr(probs).sum(dim=1).abs() / counts.squeeze(1).clamp_min(2).to(torch.float64).log()
+    entropy = torch.where(counts.squeeze(1) > 1, entropy.clamp(max=1.0), torch.zeros_like(entropy))
+    no_heads = counts.squeeze(1) == 0
+    return {
+        "entropy": entropy.masked_fill(no_heads, math.nan).float(),
+        "top_share": probs.amax(dim=1).masked_fill(no_heads, math.nan).float(),
+    }
 
 
-def _average_ranks(values: Tensor) -> Tensor:
-    """1-based ranks along the last dimension, ties sharing the mean of the ranks they span."""
-    below = (values.unsqueeze(-1) > values.unsqueeze(-2)).sum(dim=-1)
-    equal = (values.unsqueeze(-1) == values.unsqueeze(-2)).sum(dim=-1)
+def _average_ranks(values: Tensor, present: Tensor) -> Tensor:
+    """1-based ranks along the last dimension among the ``present`` entries, ties sharing the mean of their ranks."""
+    others = present.unsqueeze(-2)
+    below = ((values.unsqueeze(-1) > values.unsqueeze(-2)) & others).sum(dim=-1)
+    equal = ((values.unsqueeze(-1) == values.unsqueeze(-2)) & others).sum(dim=-1)
     return below.to(torch.float64) + (equal.to(torch.float64) + 1.0) / 2.0
 
 
@@ -99,7 +113,8 @@ def rank_stability(previous: Tensor, current: Tensor) -> Tensor:
     of the two rank vectors is returned: ``rho = sum(dr_prev * dr_cur) / sqrt(sum(dr_prev^2) * sum(dr_cur^2))``
     with ``dr = rank - mean(rank)``. 1 means the same ordering, -1 the reversed one. A constant row has no
     ordering: two constant rows count as unchanged (1.0); a constant row against a non-constant one as
-    uncorrelated (0.0). So a single-head layer is always 1.0.
+    uncorrelated (0.0). So a single-head layer is always 1.0. Only heads present (not NaN) in both rows are
+    compared, so a layer that lost heads in between is ranked over the heads it kept; with none in common it is NaN.
 
     Args:
         previous: ``[L, H]`` head weights at the earlier evaluation.
@@ -121,17 +136,21 @@ def rank_stability(previous: Tensor, current: Tensor) -> Tensor:
             f"`previous` and `current` must have the same [L, H] shape, got {list(previous.shape)} and "
             f"{list(current.shape)}."
         )
-    centred_previous = _average_ranks(previous)
-    centred_previous = centred_previous - centred_previous.mean(dim=1, keepdim=True)
-    centred_current = _average_ranks(current)
-    centred_current = centred_current - centred_current.mean(dim=1, keepdim=True)
+    present = ~previous.isnan() & ~current.isnan()
+    counts = present.sum(dim=1, keepdim=True).clamp_min(1)
+
+    def centred_ranks(values: Tensor) -> Tensor:
+        ranks = _average_ranks(values, present).masked_fill(~present, 0.0)
+        return (ranks - ranks.sum(dim=1, keepdim=True) / counts).masked_fill(~present, 0.0)
+
+    centred_previous, centred_current = centred_ranks(previous), centred_ranks(current)
     spread_previous = centred_previous.square().sum(dim=1)
     spread_current = centred_current.square().sum(dim=1)
     denominator = (spread_previous * spread_current).sqrt()
     rho = (centred_previous * centred_current).sum(dim=1) / denominator.clamp_min(torch.finfo(torch.float64).tiny)
     both_constant = (spread_previous == 0) & (spread_current == 0)
     rho = torch.where(both_constant, torch.ones_like(rho), torch.where(denominator > 0, rho, torch.zeros_like(rho)))
-    return rho.clamp(-1.0, 1.0).float()
+    return rho.clamp(-1.0, 1.0).masked_fill(~present.any(dim=1), math.nan).float()
 
 
 @dataclass(eq=False)
@@ -335,8 +354,9 @@ class HeadTrajectory:
     def save_csv(self, path: str | Path) -> None:
         """Write the trajectory atomically as long-format CSV with the columns :data:`CSV_COLUMNS`.
 
-        ``layer`` is the 0-based layer index, ``layer_name`` its module name (empty when unknown); floats carry
-        nine significant digits, enough to read the float32 values back exactly.
+        ``layer`` is the 0-based layer index, ``layer_name`` its module name (empty when unknown), ``head`` the
+        original head index; heads a pruned layer no longer has (NaN) get no row. Floats carry nine significant
+        digits, enough to read the float32 values back exactly.
         """
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
@@ -348,6 +368,8 @@ class HeadTrajectory:
                 layer_name = self.layer_names[layer] if self.layer_names else ""
                 for head in range(num_heads):
                     weight, score = weights[row][layer][head], scores[row][layer][head]
+                    if math.isnan(weight):
+                        continue
                     writer.writerow([epoch, step, layer, layer_name, head, f"{weight:.9g}", f"{score:.9g}"])
         atomic_write_text(path, buffer.getvalue())
 

@@ -7,6 +7,7 @@ matrix and every map between token spaces are stated by the caller (the tests), 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -110,7 +111,7 @@ def reference_explain(
     target: Tensor | None = None,
     inputs: Inputs | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Token maps ``[B, h, w]`` and head weights ``[B, L, H_max]`` (GMAR; zero for absent heads), the slow way.
+    """Token maps ``[B, h, w]`` and head weights ``[B, L, H_max]`` (GMAR; NaN for absent heads), the slow way.
 
     ``num_prefix`` and ``grid`` describe the first token space; ``readout`` lists the read-out tokens of the last
     space (``None``: the mean of its tokens after ``num_prefix``). ``structure`` defaults to one global layer per
@@ -150,7 +151,7 @@ def reference_explain(
             for s, w in zip(scores, weights, strict=True)
         ]
         width = max(w.shape[1] for w in weights)
-        weights_out = torch.stack([nn.functional.pad(w, (0, width - w.shape[1])) for w in weights], dim=1)
+        weights_out = torch.stack([nn.functional.pad(w, (0, width - w.shape[1]), value=math.nan) for w in weights], 1)
         fused_layers = [(w[:, :, None, None] * a).sum(1) for w, a in zip(weights, head_attention, strict=True)]
     elif method == "grad_rollout":
         fused_layers = [

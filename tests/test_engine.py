@@ -336,10 +336,10 @@ def test_swin_is_explained_on_its_first_stage_grid() -> None:
     )
     result = explain(model, torch.randn(2, 3, 32, 32))
     assert result.token_maps.shape == (2, 8, 8)
-    # Stage 2 has 4 heads, stage 1 only 2: its absent heads get zero weight.
+    # Stage 2 has 4 heads, stage 1 only 2: its absent heads are NaN.
     assert result.head_weights.shape == (2, 3, 4)
-    torch.testing.assert_close(result.head_weights.sum(-1), torch.ones(2, 3))
-    assert float(result.head_weights[:, :2, 2:].abs().max()) == 0.0
+    torch.testing.assert_close(result.head_weights.nansum(-1), torch.ones(2, 3))
+    assert result.head_weights[:, :2, 2:].isnan().all() and not result.head_weights[:, :2, :2].isnan().any()
 
 
 def test_differential_attention_is_refused() -> None:

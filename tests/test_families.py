@@ -112,7 +112,7 @@ def test_swin_matches_full_matrix_reference(family: str, method: str) -> None:
     )
     torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
     if expected_weights is not None:
-        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
+        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL, equal_nan=True)
 
 
 @pytest.mark.parametrize("options", [{"head_norm": "global"}, {"start_layer": 2, "residual": 0.3}])
@@ -125,7 +125,7 @@ def test_swin_options_match_reference(options: dict) -> None:
         model, images, "gmar_l2", num_prefix=0, readout=None, grid=(10, 10), structure=structure, **options
     )
     torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
-    torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
+    torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL, equal_nan=True)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -143,7 +143,7 @@ def test_parallel_branches_are_one_layer_per_block(method: str) -> None:
     torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
     if expected_weights is not None:
         assert result.head_weights.shape == (3, TINY["depth"], 2 * TINY["num_heads"])
-        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
+        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL, equal_nan=True)
 
 
 def pool_matrix(grid: tuple[int, int], kernel: int, stride: int, padding: int = 0, adaptive: int | None = None):
@@ -231,7 +231,7 @@ def test_pyramids_match_full_matrix_reference(family: str, method: str) -> None:
     )
     torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
     if expected_weights is not None:
-        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
+        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL, equal_nan=True)
 
 
 def class_attention_to_global(num_tokens: int):
@@ -265,7 +265,7 @@ def test_cait_matches_full_matrix_reference(pool: str, method: str) -> None:
     )
     torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
     if expected_weights is not None:
-        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
+        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL, equal_nan=True)
 
 
 @pytest.mark.parametrize("name", ["pit_ti_224", "pit_ti_distilled_224"])
@@ -294,7 +294,7 @@ def test_pit_matches_full_matrix_reference(name: str, method: str) -> None:
     )
     torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
     if expected_weights is not None:
-        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
+        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL, equal_nan=True)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -315,4 +315,4 @@ def test_sam_windowed_and_global_blocks_match_full_matrix_reference(method: str)
     )
     torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
     if expected_weights is not None:
-        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
+        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL, equal_nan=True)

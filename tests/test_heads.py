@@ -304,7 +304,7 @@ def test_rank_heads_reads_a_head_trajectory_by_epoch() -> None:
     [
         ([[0.1, 0.2]], TypeError, "`importance` must be an \\[L, H\\] tensor/array"),
         (torch.ones(2, 2, 2), ValueError, r"`importance` must have shape \[L, H\]"),
-        (torch.tensor([[0.1, float("nan")]]), ValueError, "`importance` contains NaN"),
+        (torch.full((1, 2), float("nan")), ValueError, "`importance` is all NaN; NaN marks a missing head"),
     ],
 )
 def test_rank_heads_rejects_bad_importance(importance: object, error: type[Exception], message: str) -> None:

@@ -15,6 +15,15 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from gmar_lightning import explain
+from gmar_lightning.heads import (
+    attention_head_grid,
+    head_ablation_curve,
+    head_mask,
+    michel_importance,
+    random_order,
+    rank_heads,
+)
 from gmar_lightning.heads.pruning import (
     head_counts,
     head_ids,
@@ -25,6 +34,7 @@ from gmar_lightning.heads.pruning import (
     weight_magnitude_importance,
 )
 from tests.models import FAMILIES, TINY, make_images, sharpen
+from tests.reference import capture_full
 
 DIM, DEPTH, HEADS = TINY["embed_dim"], TINY["depth"], TINY["num_heads"]
 HEAD_DIM = DIM // HEADS
@@ -284,3 +294,83 @@ def test_weight_magnitude_importance_matches_a_direct_computation() -> None:
     prune_heads(model, {2: [0]})
     after = weight_magnitude_importance(model)
     assert after[2, 0].isnan() and torch.allclose(after[2, 3], expected.detach())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models whose layers have different head counts: explain, head tools
+# ---------------------------------------------------------------------------------------------------------------
+
+# 2, 4 and 3 heads remain; no layer is empty, so the masked reference has the same GMAR weights.
+KEEP_SOME = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0]])
+
+
+@pytest.mark.parametrize("variant", ["vit", "beit", "eva"])
+@pytest.mark.parametrize(("method", "head_norm"), [("gmar_l1", "layer"), ("gmar_l2", "global")])
+def test_gmar_of_a_pruned_model_equals_gmar_of_the_masked_model(variant: str, method: str, head_norm: str) -> None:
+    # A zeroed head gets no gradient, so its GMAR weight is 0 and the other heads' weights and the maps are those of
+    # the pruned model, where the head is NaN (missing) instead.
+    model, images = make(variant), images_for(variant)
+    masked = zeroed_proj_columns(model, KEEP_SOME)
+    prune_heads(model, KEEP_SOME)
+    pruned, reference = (explain(m, images, method=method, head_norm=head_norm) for m in (model, masked))
+    assert torch.allclose(pruned.token_maps, reference.token_maps, atol=1e-5)
+    missing = KEEP_SOME == 0
+    assert pruned.head_weights[:, missing].isnan().all() and pruned.head_scores[:, missing].isnan().all()
+    assert torch.allclose(pruned.head_weights[:, ~missing], reference.head_weights[:, ~missing], atol=1e-6)
+    assert (reference.head_weights[:, missing] == 0).all()
+
+
+@pytest.mark.parametrize("method", ["gmar_l1", "rollout", "grad_rollout", "attention"])
+def test_a_layer_without_heads_passes_tokens_through_the_rollout(method: str) -> None:
+    model, images = make("vit"), images_for("vit")
+    prune_heads(model, KEEP)  # layer 1 keeps no head
+    result = explain(model, images, method=method)
+    attentions, grads, _, _ = capture_full(model, images)
+    assert attentions[1].shape[1] == 0
+    # Reference: a headless layer's attention branch is zero, so its rollout step is the identity.
+    eye = torch.eye(attentions[0].shape[-1]).expand_as(attentions[0][:, 0])
+    rollout = eye
+    for attention, grad in zip(attentions, grads, strict=True):
+        if method == "gmar_l1" and attention.shape[1]:
+            scores = grad.abs().sum(dim=(2, 3))
+            fused = ((scores / scores.sum(1, keepdim=True))[:, :, None, None] * attention).sum(1)
+        elif attention.shape[1]:
+            product = (grad * attention).clamp(min=0) if method == "grad_rollout" else attention
+            fused = product.mean(1)
+        else:
+            fused = torch.zeros_like(eye)
+        if method == "grad_rollout":
+            rollout = rollout + fused @ rollout
+        else:
+            mixed = 0.5 * eye + 0.5 * fused
+            rollout = (mixed / mixed.sum(-1, keepdim=True)) @ rollout
+    expected = (attentions[-1].mean(1) if method == "attention" else rollout)[:, 0, 1:].reshape(-1, 4, 4)
+    assert torch.allclose(result.token_maps, expected, atol=1e-5)
+    if method == "gmar_l1":
+        assert result.head_weights[:, 1].isnan().all()
+        assert torch.allclose(result.head_weights.nansum(-1)[:, [0, 2]], torch.ones(3, 2))
+
+
+def test_head_tools_work_on_a_pruned_model_by_original_head_index() -> None:
+    model, images = make("vit"), images_for("vit")
+    labels = torch.tensor([0, 3, 1])
+    masked = zeroed_proj_columns(model, KEEP_SOME)
+    prune_heads(model, KEEP_SOME)
+    assert attention_head_grid(model) == (DEPTH, HEADS)
+    raw = michel_importance(model, [(images, labels)], normalize_per_layer=False, progress=False)
+    reference = michel_importance(masked, [(images, labels)], normalize_per_layer=False, progress=False)
+    missing = KEEP_SOME == 0
+    assert raw[missing].isnan().all() and torch.allclose(raw[~missing], reference[~missing], rtol=1e-4, atol=1e-7)
+    order = rank_heads(raw)
+    assert len(order) == int((~missing).sum()) and not missing[order[:, 0], order[:, 1]].any()
+    # Masking heads of the pruned model by their original index equals masking them in the masked model.
+    drop = torch.ones(DEPTH, HEADS)
+    drop[1, 3] = drop[2, 0] = 0
+    drop[missing] = float("nan")  # cells of missing heads are ignored
+    with head_mask(model, drop), torch.no_grad():
+        expected = zeroed_proj_columns(masked, drop.nan_to_num(1.0))(images)
+        assert torch.allclose(model(images), expected, atol=1e-5)
+    curve = head_ablation_curve(model, [(images, labels)], order, (0.0, 0.5, 1.0), progress=False)
+    assert curve.num_masked == [0, 4, 9]
+    with pytest.raises(ValueError, match=r"`order` must be 9 integer \(layer, head\) pairs"):
+        head_ablation_curve(model, [(images, labels)], random_order(DEPTH, HEADS), (0.0, 1.0), progress=False)

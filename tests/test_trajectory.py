@@ -228,3 +228,50 @@ def test_summaries_follow_the_statistics_row_by_row() -> None:
         assert torch.equal(summaries["entropy"][row], stats["entropy"])
         assert torch.equal(summaries["top_share"][row], stats["top_share"])
     assert torch.equal(summaries["stability"][2], rank_stability(trajectory.weights[1], trajectory.weights[2]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layers that lost heads: NaN marks a missing head
+# ---------------------------------------------------------------------------------------------------------------
+
+NAN = math.nan
+
+
+def test_specialisation_counts_only_the_heads_a_layer_has() -> None:
+    with_missing = torch.tensor([[0.6, NAN, 0.2, 0.2], [NAN, 1.0, NAN, NAN], [NAN, NAN, NAN, NAN]])
+    stats = specialisation(with_missing)
+    three_heads = specialisation(torch.tensor([[0.6, 0.2, 0.2]]))
+    p = torch.tensor([0.6, 0.2, 0.2], dtype=torch.float64)
+    assert stats["entropy"][0] == pytest.approx(float(-(p * p.log()).sum() / math.log(3)), abs=1e-6)
+    assert stats["entropy"][0] == three_heads["entropy"][0] and stats["top_share"][0] == three_heads["top_share"][0]
+    assert stats["entropy"][1] == 0.0 and stats["top_share"][1] == 1.0  # one head carries everything
+    assert math.isnan(stats["entropy"][2]) and math.isnan(stats["top_share"][2])  # no head at all
+
+
+def test_rank_stability_compares_the_heads_both_rows_have() -> None:
+    previous = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]])
+    current = torch.tensor([[0.9, NAN, 0.3, 0.1], [NAN, 0.5, NAN, 0.5], [NAN, NAN, NAN, NAN]])
+    rho = rank_stability(previous, current)
+    # Layer 0 over heads 0, 2, 3: ranks (1, 2, 3) before and (3, 2, 1) after.
+    assert rho[0] == pytest.approx(-1.0)
+    assert rho[1] == 0.0  # heads 1 and 3: ordered before, tied after
+    assert math.isnan(rho[2])
+
+
+def test_a_trajectory_records_rows_before_and_after_a_pruning(tmp_path: Path) -> None:
+    trajectory = HeadTrajectory(layer_names=LAYER_NAMES[:2])
+    trajectory.append(0, 10, torch.tensor([[0.1, 0.2, 0.7], [0.5, 0.25, 0.25]]), torch.ones(2, 3))
+    pruned = torch.tensor([[NAN, 0.3, 0.7], [1.0, NAN, NAN]])
+    trajectory.append(1, 20, pruned, pruned)
+    summaries = trajectory.summaries()
+    assert summaries["stability"][1].tolist() == [1.0, 1.0]
+    trajectory.save_csv(tmp_path / "t.csv")
+    with open(tmp_path / "t.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 + 3 and not any(row["weight"] == "nan" for row in rows)
+    trajectory.save_npz(tmp_path / "t.npz")
+    loaded = HeadTrajectory.load_npz(tmp_path / "t.npz")
+    assert torch.equal(loaded.weights.isnan(), trajectory.weights.isnan())
+    assert torch.equal(loaded.weights.nan_to_num(-1), trajectory.weights.nan_to_num(-1))
+    with pytest.raises(ValueError, match="`weights` must contain only finite values"):
+        trajectory.append(2, 30, torch.tensor([[math.inf, 0.3, 0.7], [1.0, NAN, NAN]]), torch.ones(2, 3))

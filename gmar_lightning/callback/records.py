@@ -182,10 +182,15 @@ def evaluation_record(
     if head_method is not None:
         weights = explanations[head_method].head_weights.cpu()
         for layer in range(weights.shape[1]):
-            record.histograms[f"gmar/head_weights/layer_{layer:02d}"] = weights[:, layer].flatten()
+            # NaN marks heads a pruned layer no longer has: they get no histogram, and a layer without heads none.
+            values = weights[:, layer].flatten()
+            if not values.isnan().all():
+                record.histograms[f"gmar/head_weights/layer_{layer:02d}"] = values[~values.isnan()]
             if per_head_histograms:
                 for head in range(weights.shape[2]):
-                    record.histograms[f"gmar/head_weights/layer_{layer:02d}/head_{head:02d}"] = weights[:, layer, head]
+                    if not weights[:, layer, head].isnan().any():
+                        tag = f"gmar/head_weights/layer_{layer:02d}/head_{head:02d}"
+                        record.histograms[tag] = weights[:, layer, head]
         record.figures["gmar/head_importance"] = head_heatmap_figure(weights, trajectory.layer_names or None)
         for name, values in trajectory.summaries().items():
             for layer, value in enumerate(values[-1].tolist()):

@@ -162,10 +162,11 @@ def head_ablation_curve(
     _check_max_batches(max_batches)
     values = _check_fractions(fractions)
     eager = unwrap_model(model)
-    layers, num_heads = _maskable_layers(eager)
-    order = _check_order(order, len(layers), num_heads)
+    layout = _maskable_layers(eager)
+    num_layers, present = len(layout.layers), layout.present
+    order = _check_order(order, num_layers, layout.width, present)
     counts = [round(fraction * len(order)) for fraction in values]
-    masks = [mask_from_order(order, count, len(layers), num_heads) for count in counts]
+    masks = [mask_from_order(order, count, num_layers, layout.width, present) for count in counts]
     device = _model_device(eager, device)
     correct = torch.zeros(len(values), dtype=torch.float64)
     loss_sums = torch.zeros(len(values), dtype=torch.float64)

@@ -55,7 +55,8 @@ def michel_importance(
         progress: Show a tqdm progress bar.
 
     Returns:
-        ``[L, H]`` float32 non-negative importance on the CPU.
+        ``[L, H]`` float32 non-negative importance on the CPU; NaN for heads a pruned layer no longer has
+        (see :func:`~gmar_lightning.heads.masking.attention_head_grid`).
 
     Examples:
         >>> import timm
@@ -68,7 +69,7 @@ def michel_importance(
     """
     _check_max_batches(max_batches)
     eager = unwrap_model(model)
-    layers, num_heads = _maskable_layers(eager)
+    layout = _maskable_layers(eager)
     device = _model_device(eager, device)
     num_samples = 0
     # Eval mode without checkpointing: timm checkpoints blocks in eval mode too when `grad_checkpointing` is set, and
@@ -81,21 +82,28 @@ def michel_importance(
         torch.enable_grad(),
     ):
         # Created here, not above, so it is a normal tensor even when the caller is in inference mode.
-        total = torch.zeros(len(layers), num_heads, dtype=torch.float64, device=device)
+        totals = [torch.zeros(len(slots), dtype=torch.float64, device=device) for slots in layout.slots]
         for images, labels in _batches(dataloader, max_batches, device, progress, "head importance"):
             # Batches made under inference mode are inference tensors, which autograd cannot save; clone them.
             images = images.clone()
-            gates = torch.ones(images.shape[0], len(layers), num_heads, device=device, requires_grad=True)
-            with _gated_heads(layers, gates.unbind(dim=1)):
+            # One gate per layer, [B, H_l]: layers may have different head counts; a layer without heads has none.
+            batch = images.shape[0]
+            gates = [torch.ones(batch, len(slots), device=device, requires_grad=True) for slots in layout.slots]
+            with _gated_heads(layout.layers, [gate if gate.shape[1] else None for gate in gates]):
                 losses = _per_example_loss(loss_fn, _logits(eager, images), labels.clone())
-            (gate_grad,) = torch.autograd.grad(losses.sum(), gates)
-            total += gate_grad.detach().abs().sum(dim=0, dtype=torch.float64)
+            gated = [index for index, gate in enumerate(gates) if gate.shape[1]]
+            grads = torch.autograd.grad(losses.sum(), [gates[index] for index in gated])
+            for index, grad in zip(gated, grads, strict=True):
+                totals[index] += grad.detach().abs().sum(dim=0, dtype=torch.float64)
             num_samples += images.shape[0]
     if num_samples == 0:
         raise ValueError("`dataloader` yielded no batches; head importance needs at least one sample.")
-    importance = (total / num_samples).float().cpu()
-    if normalize_per_layer:
-        importance = importance / importance.norm(dim=-1, keepdim=True).clamp_min(1e-20)
+    importance = torch.full((len(layout.layers), layout.width), float("nan"))
+    for index, (total, slots) in enumerate(zip(totals, layout.slots, strict=True)):
+        row = (total / num_samples).float().cpu()
+        if normalize_per_layer:
+            row = row / row.norm().clamp_min(1e-20)
+        importance[index, slots] = row
     return importance
 
 
@@ -135,7 +143,8 @@ def rank_heads(
 ) -> Tensor:
     """Turn head importance into a pruning order of ``(layer, head)`` pairs.
 
-    Ties keep layer-major order (layer 0's heads first, then by head index) in both directions.
+    Ties keep layer-major order (layer 0's heads first, then by head index) in both directions. NaN entries are
+    heads a pruned layer no longer has: they are left out of the order.
 
     Args:
         importance: One of: an ``[L, H]`` tensor or array; an :class:`~gmar_lightning.explanation.Explanation` of a
@@ -145,7 +154,8 @@ def rank_heads(
         epoch: For trajectories only: the epoch index to rank (default the last), or ``"mean"`` over epochs.
 
     Returns:
-        ``[L * H, 2]`` int64 tensor; row ``i`` is the ``(layer, head)`` of the ``i``-th head in the order.
+        ``[K, 2]`` int64 tensor over the ``K`` non-NaN heads (``L * H`` for an unpruned model); row ``i`` is the
+        ``(layer, head)`` of the ``i``-th head in the order.
 
     Examples:
         >>> rank_heads(torch.tensor([[0.5, 0.1], [0.1, 0.9]])).tolist()
@@ -154,9 +164,11 @@ def rank_heads(
     grid = _importance_grid(importance, epoch)
     if grid.dim() != 2 or grid.numel() == 0:
         raise ValueError(f"`importance` must have shape [L, H] with L, H >= 1, got {list(grid.shape)}.")
-    if torch.isnan(grid).any():
-        raise ValueError("`importance` contains NaN; ranking needs comparable scores for every head.")
-    flat_order = torch.sort(grid.flatten(), descending=not least_important_first, stable=True).indices
+    present = (~torch.isnan(grid.flatten())).nonzero().flatten()
+    if not len(present):
+        raise ValueError("`importance` is all NaN; NaN marks a missing head, and ranking needs at least one head.")
+    ranked = torch.sort(grid.flatten()[present], descending=not least_important_first, stable=True).indices
+    flat_order = present[ranked]
     num_heads = grid.shape[1]
     return torch.stack((flat_order // num_heads, flat_order % num_heads), dim=1)
 

@@ -29,21 +29,44 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gmar_lightning.capture import AttentionLayer, find_attention_layers
+from gmar_lightning.capture import AttentionLayer, find_attention_layers, head_slots, slot_count
 
 __all__ = ["attention_head_grid", "head_mask", "mask_from_order"]
 
 
-def _maskable_layers(model: nn.Module) -> tuple[list[AttentionLayer], int]:
-    """The attention layers with the head count they share; errors if a layer has no ``proj``/``num_heads``."""
+@dataclass(frozen=True)
+class _HeadLayout:
+    """The attention layers and where their heads sit in the ``[L, H]`` head grid.
+
+    ``slots[l]`` holds the original index of each head layer ``l`` has now (``0 .. H_l - 1`` unless
+    :func:`~gmar_lightning.heads.pruning.prune_heads` removed some); ``width`` is the grid's ``H``, the largest
+    original head count.
+    """
+
+    layers: list[AttentionLayer]
+    slots: list[Tensor]
+    width: int
+
+    @property
+    def present(self) -> Tensor:
+        """``[L, H]`` bool: which grid cells are heads the model has."""
+        present = torch.zeros(len(self.layers), self.width, dtype=torch.bool)
+        for index, layer_slots in enumerate(self.slots):
+            present[index, layer_slots] = True
+        return present
+
+
+def _maskable_layers(model: nn.Module) -> _HeadLayout:
+    """The attention layers and their head slots; errors if a layer has no ``proj``/``num_heads``."""
     layers = find_attention_layers(model)
-    head_counts = set()
+    slots, widths = [], []
     for layer in layers:
         num_heads = getattr(layer.module, "num_heads", None)
         if not isinstance(num_heads, int) or not isinstance(getattr(layer.module, "proj", None), nn.Module):
@@ -51,17 +74,16 @@ def _maskable_layers(model: nn.Module) -> tuple[list[AttentionLayer], int]:
                 f"`model` attention layer `{layer.name}` ({type(layer.module).__name__}) needs an integer `num_heads` "
                 "and a `proj` output projection for head masking; only timm-style attention is supported."
             )
-        head_counts.add(num_heads)
-    if len(head_counts) != 1:
-        raise ValueError(
-            f"`model` must have the same number of heads in every attention layer for an [L, H] head mask, "
-            f"got head counts {sorted(head_counts)}."
-        )
-    return layers, head_counts.pop()
+        slots.append(head_slots(layer.module, num_heads))
+        widths.append(slot_count(layer.module, num_heads))
+    return _HeadLayout(layers, slots, max(widths))
 
 
 def attention_head_grid(model: nn.Module) -> tuple[int, int]:
     """The shape ``(L, H)`` of head masks and importance for ``model``: attention layers by heads per layer.
+
+    For a model whose layers lost heads (:func:`~gmar_lightning.heads.pruning.prune_heads`), ``H`` is the largest
+    original head count and each head keeps its original column.
 
     Examples:
         >>> import timm
@@ -69,8 +91,8 @@ def attention_head_grid(model: nn.Module) -> tuple[int, int]:
         ...     img_size=16, patch_size=8, embed_dim=24, depth=3, num_heads=6))
         (3, 6)
     """
-    layers, num_heads = _maskable_layers(model)
-    return len(layers), num_heads
+    layout = _maskable_layers(model)
+    return len(layout.layers), layout.width
 
 
 def _gate_hook(layer_name: str, gate: Tensor) -> Callable[[nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
@@ -136,9 +158,11 @@ def head_mask(model: nn.Module, mask: Tensor | np.ndarray) -> Iterator[None]:
         model: A timm Vision Transformer (or ``torch.compile`` of one).
         mask: ``[L, H]`` over the model's attention layers in :func:`~gmar_lightning.capture.find_attention_layers`
             order: 0/1, bool, or float weights. A mask that requires grad is always applied, so gradients reach it.
+            For a model whose layers lost heads, column ``h`` is original head ``h`` (:func:`attention_head_grid`)
+            and the cells of missing heads are ignored (they may be NaN).
 
     Raises:
-        ValueError: If ``mask`` is not ``[L, H]`` or has non-finite entries, or the layers' head counts differ.
+        ValueError: If ``mask`` is not ``[L, H]`` or has non-finite entries at the model's heads.
 
     Examples:
         >>> import timm
@@ -153,29 +177,43 @@ def head_mask(model: nn.Module, mask: Tensor | np.ndarray) -> Iterator[None]:
         >>> unchanged, changed
         (True, True)
     """
-    layers, num_heads = _maskable_layers(model)
+    layout = _maskable_layers(model)
     mask = _as_float_tensor("mask", mask)
-    if tuple(mask.shape) != (len(layers), num_heads):
+    if tuple(mask.shape) != (len(layout.layers), layout.width):
         raise ValueError(
-            f"`mask` must have shape [L, H] = [{len(layers)}, {num_heads}] (attention layers x heads), "
+            f"`mask` must have shape [L, H] = [{len(layout.layers)}, {layout.width}] (attention layers x heads), "
             f"got {list(mask.shape)}."
         )
-    if not torch.isfinite(mask).all():
+    rows = [row[layer_slots.to(row.device)] for row, layer_slots in zip(mask, layout.slots, strict=True)]
+    if not all(bool(torch.isfinite(row).all()) for row in rows):
         raise ValueError("`mask` must contain only finite values; use 0 to drop a head and 1 to keep it.")
-    keep_all = (mask == 1).all(dim=-1).tolist()
-    gates = [None if keep and not mask.requires_grad else row for row, keep in zip(mask, keep_all, strict=True)]
-    with _gated_heads(layers, gates):
+    gates = [None if not len(row) or (bool((row == 1).all()) and not mask.requires_grad) else row for row in rows]
+    with _gated_heads(layout.layers, gates):
         yield
 
 
-def mask_from_order(order: Tensor | Sequence[Sequence[int]], count: int, num_layers: int, num_heads: int) -> Tensor:
+def mask_from_order(
+    order: Tensor | Sequence[Sequence[int]],
+    count: int,
+    num_layers: int,
+    num_heads: int,
+    present: Tensor | None = None,
+) -> Tensor:
     """The ``[L, H]`` 0/1 mask that drops the first ``count`` heads of a pruning ``order``.
+
+    Args:
+        order: ``(layer, head)`` pairs covering every head once, e.g. from :func:`rank_heads`.
+        count: How many heads of ``order`` to drop.
+        num_layers: ``L``.
+        num_heads: ``H``.
+        present: ``[L, H]`` bool, the heads the model has when its layers lost some (``order`` then covers exactly
+            those); ``None``: every cell is a head.
 
     Examples:
         >>> mask_from_order([(1, 0), (0, 1), (0, 0), (1, 1)], 2, num_layers=2, num_heads=2).tolist()
         [[1.0, 0.0], [0.0, 1.0]]
     """
-    order = _check_order(order, num_layers, num_heads)
+    order = _check_order(order, num_layers, num_heads, present)
     if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= len(order):
         raise ValueError(f"`count` must be an integer in [0, {len(order)}], got {count!r}.")
     mask = torch.ones(num_layers, num_heads)
@@ -184,10 +222,13 @@ def mask_from_order(order: Tensor | Sequence[Sequence[int]], count: int, num_lay
     return mask
 
 
-def _check_order(order: Tensor | Sequence[Sequence[int]], num_layers: int, num_heads: int) -> Tensor:
-    """``order`` as an int64 ``[L * H, 2]`` tensor covering every head exactly once."""
+def _check_order(
+    order: Tensor | Sequence[Sequence[int]], num_layers: int, num_heads: int, present: Tensor | None = None
+) -> Tensor:
+    """``order`` as an int64 ``[K, 2]`` tensor covering every head (every ``present`` cell) exactly once."""
     order = torch.as_tensor(order)
-    expected = num_layers * num_heads
+    present = torch.ones(num_layers, num_heads, dtype=torch.bool) if present is None else present.bool().cpu()
+    expected = int(present.sum())
     if order.shape != (expected, 2) or order.is_floating_point():
         raise ValueError(
             f"`order` must be {expected} integer (layer, head) pairs, shape [{expected}, 2], got "
@@ -195,9 +236,13 @@ def _check_order(order: Tensor | Sequence[Sequence[int]], num_layers: int, num_h
         )
     order = order.long()
     in_range = (order[:, 0] >= 0) & (order[:, 0] < num_layers) & (order[:, 1] >= 0) & (order[:, 1] < num_heads)
-    if not in_range.all() or torch.unique(order[:, 0] * num_heads + order[:, 1]).numel() != expected:
+    if (
+        not in_range.all()
+        or torch.unique(order[:, 0] * num_heads + order[:, 1]).numel() != expected
+        or not present[order[:, 0], order[:, 1]].all()
+    ):
         raise ValueError(
-            f"`order` must list every (layer, head) of the {num_layers}x{num_heads} grid exactly once; "
-            "build it with `rank_heads` or `random_order`."
+            f"`order` must list every (layer, head) of the {num_layers}x{num_heads} grid exactly once (only the "
+            "heads the model has, if it lost some); build it with `rank_heads` or `random_order`."
         )
     return order
