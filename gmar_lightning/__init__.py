@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "GMARCallback": "gmar_lightning.callback.gmar",
     "AttentionAdapter": "gmar_lightning.capture",
+    "attention_adapter": "gmar_lightning.capture",
     "register_attention_adapter": "gmar_lightning.capture",
     "unregister_attention_adapter": "gmar_lightning.capture",
     "explain": "gmar_lightning.engine",
@@ -33,6 +34,7 @@ __all__ = [
     "GMARCallback",
     "TokenLayout",
     "__version__",
+    "attention_adapter",
     "explain",
     "register_attention_adapter",
     "unregister_attention_adapter",
@@ -40,7 +42,12 @@ __all__ = [
 
 if TYPE_CHECKING:
     from gmar_lightning.callback.gmar import GMARCallback
-    from gmar_lightning.capture import AttentionAdapter, register_attention_adapter, unregister_attention_adapter
+    from gmar_lightning.capture import (
+        AttentionAdapter,
+        attention_adapter,
+        register_attention_adapter,
+        unregister_attention_adapter,
+    )
     from gmar_lightning.engine import explain
     from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
     from gmar_lightning.options import ExplainOptions

@@ -19,11 +19,14 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "ADAPTERS",
     "KEPT_HEADS",
     "TIMM_ADAPTER",
+    "AdapterRegistry",
     "AttentionAdapter",
     "AttentionLayer",
     "AttentionNotFoundError",
+    "attention_adapter",
     "attention_modules",
     "find_attention_layers",
     "find_vision_transformer",
@@ -57,10 +60,9 @@ class AttentionAdapter:
         ...         super().__init__()
         ...         self.dropout = nn.Dropout(0.0)
         >>> adapter = AttentionAdapter("mine", lambda m: isinstance(m, MyAttention), lambda m: m.dropout)
-        >>> register_attention_adapter(adapter)
-        >>> [layer.name for layer in find_attention_layers(nn.Sequential(MyAttention()))]
+        >>> with attention_adapter(adapter):
+        ...     [layer.name for layer in find_attention_layers(nn.Sequential(MyAttention()))]
         ['0']
-        >>> unregister_attention_adapter(adapter)
     """
 
     name: str
@@ -80,20 +82,70 @@ TIMM_ADAPTER = AttentionAdapter(
     disable_flags=("fused_attn",),
 )
 
-ADAPTERS: list[AttentionAdapter] = [TIMM_ADAPTER]
-"""Adapters tried in order; the first that matches a module wins."""
+
+class AdapterRegistry:
+    """The adapters the capture tries, in order: registered ones (latest first), then the built-in ones.
+
+    Changed only through :meth:`register`, :meth:`unregister` and the :meth:`registered` context manager; the
+    built-in adapters cannot be removed.
+
+    Args:
+        builtins: Adapters always tried last, in this order.
+    """
+
+    def __init__(self, builtins: tuple[AttentionAdapter, ...]) -> None:
+        self._builtins = builtins
+        self._registered: list[AttentionAdapter] = []
+
+    def __iter__(self) -> Iterator[AttentionAdapter]:
+        return iter((*self._registered, *self._builtins))
+
+    def match(self, module: nn.Module) -> AttentionAdapter | None:
+        """The first adapter that recognises ``module``, or ``None``."""
+        return next((adapter for adapter in self if adapter.matches(module)), None)
+
+    def register(self, adapter: AttentionAdapter) -> None:
+        """Try ``adapter`` before every adapter registered earlier and before the built-in ones."""
+        if not isinstance(adapter, AttentionAdapter):
+            raise TypeError(f"`adapter` must be an AttentionAdapter, got {type(adapter).__name__}.")
+        if adapter in self._registered:
+            self._registered.remove(adapter)
+        self._registered.insert(0, adapter)
+
+    def unregister(self, adapter: AttentionAdapter) -> None:
+        """Forget an adapter added with :meth:`register`."""
+        if adapter not in self._registered:
+            name = getattr(adapter, "name", type(adapter).__name__)
+            raise ValueError(f"`adapter` {name!r} is not registered; register it before unregistering it.")
+        self._registered.remove(adapter)
+
+    @contextlib.contextmanager
+    def registered(self, adapter: AttentionAdapter) -> Iterator[AttentionAdapter]:
+        """Register ``adapter`` for the ``with`` block only; it is unregistered on exit, also after an error."""
+        self.register(adapter)
+        try:
+            yield adapter
+        finally:
+            self.unregister(adapter)
+
+
+ADAPTERS = AdapterRegistry((TIMM_ADAPTER,))
+"""The capture's adapter registry; the first adapter that matches a module wins."""
 
 
 def register_attention_adapter(adapter: AttentionAdapter) -> None:
     """Teach the capture a new kind of attention module; it is tried before the built-in timm adapter."""
-    if not isinstance(adapter, AttentionAdapter):
-        raise TypeError(f"`adapter` must be an AttentionAdapter, got {type(adapter).__name__}.")
-    ADAPTERS.insert(0, adapter)
+    ADAPTERS.register(adapter)
 
 
 def unregister_attention_adapter(adapter: AttentionAdapter) -> None:
     """Forget an adapter added with :func:`register_attention_adapter`."""
-    ADAPTERS.remove(adapter)
+    ADAPTERS.unregister(adapter)
+
+
+def attention_adapter(adapter: AttentionAdapter) -> contextlib.AbstractContextManager[AttentionAdapter]:
+    """Use ``adapter`` inside a ``with`` block only (see :func:`register_attention_adapter`)."""
+    return ADAPTERS.registered(adapter)
 
 
 @dataclass(frozen=True)
@@ -155,7 +207,7 @@ def attention_modules(module: nn.Module, prefix: str = "") -> list[AttentionLaye
     """
     layers = []
     for name, child in module.named_modules(prefix=prefix):
-        adapter = next((a for a in ADAPTERS if a.matches(child)), None)
+        adapter = ADAPTERS.match(child)
         if adapter is not None:
             layers.append(AttentionLayer(name, child, adapter))
     return layers

@@ -8,7 +8,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from gmar_lightning import METHODS, AttentionAdapter, explain, register_attention_adapter, unregister_attention_adapter
-from gmar_lightning.capture import AttentionNotFoundError
+from gmar_lightning.capture import AttentionNotFoundError, attention_adapter
 from tests.models import FAMILIES, LAYOUTS, TINY, make_images, make_model, patch_grid_of, sharpen
 from tests.reference import reference_explain
 
@@ -269,6 +269,12 @@ def test_adapter_plugs_in_other_attention_modules() -> None:
         unregister_attention_adapter(adapter)
     torch.testing.assert_close(result.token_maps, expected.token_maps, rtol=1e-5, atol=1e-6)
     assert all(block.attn.fast for block in model.blocks)
+    with pytest.raises(AttentionNotFoundError):  # unregistered again
+        explain(model, images)
+    with attention_adapter(adapter):
+        torch.testing.assert_close(explain(model, images).token_maps, expected.token_maps, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"`adapter` 'custom' is not registered"):
+        unregister_attention_adapter(adapter)
 
 
 @pytest.mark.parametrize(
