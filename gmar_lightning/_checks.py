@@ -79,7 +79,8 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
 
 
 def parse_methods(values: list[str] | str) -> list[str]:
-    """Methods from repeated and/or comma-separated values, each one of :data:`gmar_lightning.METHODS`.
+    """Methods from repeated and/or comma-separated values, each one of
+    [`gmar_lightning.METHODS`][gmar_lightning.explanation.METHODS].
 
     Examples:
         >>> parse_methods(["gmar_l1,rollout", "gmar_l2"])

@@ -62,7 +62,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
-    """Write ``text`` to ``path`` atomically; see :func:`atomic_write_bytes`.
+    """Write ``text`` to ``path`` atomically; see `atomic_write_bytes`.
 
     Examples:
         >>> import pathlib, tempfile

@@ -22,8 +22,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import io
 import json
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -41,7 +42,14 @@ from gmar_lightning.demos.job import LOGGERS, DemoConfig, run_demo
 from gmar_lightning.demos.model import checkpoint_model_settings, create_vit
 from gmar_lightning.engine import explain
 from gmar_lightning.explanation import METHODS
-from gmar_lightning.render import denormalize, overlay
+from gmar_lightning.render import (
+    DEFAULT_ALPHA,
+    DEFAULT_CMAP,
+    check_overlay_style,
+    explanation_figure,
+    figure_to_png_bytes,
+    methods_figure,
+)
 from gmar_lightning.report import build_report
 
 __all__ = ["add_demo_arguments", "add_model_arguments", "config_from_args", "main", "positive_int"]
@@ -94,21 +102,92 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
 
 @dataclass
 class Preprocessing:
-    """How images become model inputs: square side, normalisation and resampling filter."""
+    """How an image becomes the model's input, as timm's eval transform does it.
+
+    The shorter side is resized to ``floor(img_size / crop_pct)`` pixels with ``interpolation``, the centred
+    ``img_size x img_size`` square is cropped, and the pixels are normalised with ``mean`` and ``std``.
+    """
 
     img_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    interpolation: Image.Resampling
+    interpolation: str
+    crop_pct: float
+
+    @property
+    def resize_to(self) -> int:
+        """The side the shorter image side is resized to before the centre crop."""
+        return math.floor(self.img_size / self.crop_pct)
+
+    def describe(self) -> str:
+        """One line saying how the model input was made."""
+        return (
+            f"shorter side resized to {self.resize_to} px ({self.interpolation}), centre {self.img_size}x"
+            f"{self.img_size} crop, normalised with mean {_numbers(self.mean)} and std {_numbers(self.std)}"
+        )
+
+    def transform(self) -> Callable[[Image.Image], Tensor]:
+        """timm's eval transform for these settings: PIL image -> normalised ``[3, S, S]`` tensor."""
+        return timm.data.create_transform(
+            input_size=(3, self.img_size, self.img_size),
+            interpolation=self.interpolation,
+            mean=self.mean,
+            std=self.std,
+            crop_pct=self.crop_pct,
+            crop_mode="center",
+        )
+
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """``(left, top, right, bottom)`` in the original image's pixels of the square the model sees.
+
+        Follows torchvision's ``Resize`` (shorter side to `resize_to`, longer side truncated) and
+        ``CenterCrop`` (offsets rounded), which timm's eval transform uses.
+
+        Examples:
+            >>> Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0).crop_box(100, 50)
+            (25.0, 0.0, 75.0, 50.0)
+        """
+        short, long = sorted((width, height))
+        resized_long = int(self.resize_to * long / short)
+        resized_width, resized_height = (
+            (self.resize_to, resized_long) if width <= height else (resized_long, self.resize_to)
+        )
+        left = round((resized_width - self.img_size) / 2.0)
+        top = round((resized_height - self.img_size) / 2.0)
+        x_scale, y_scale = width / resized_width, height / resized_height
+        return (
+            left * x_scale,
+            top * y_scale,
+            (left + self.img_size) * x_scale,
+            (top + self.img_size) * y_scale,
+        )
 
 
-def model_preprocessing(model: nn.Module) -> Preprocessing:
-    """Size from the built model (timm's data config keeps the pretrained size), stats from its timm data config."""
+def _numbers(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{value:.3g}" for value in values) + ")"
+
+
+def model_preprocessing(
+    model: nn.Module,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_pct: float | None = None,
+) -> Preprocessing:
+    """The model's input recipe from its timm data config; ``mean``, ``std`` and ``crop_pct`` override it.
+
+    The input side comes from the built model (timm's data config keeps the pretrained size when the model was built
+    for another ``img_size``).
+    """
     config = timm.data.resolve_model_data_config(model)
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     side = int(img_size[0]) if img_size is not None else int(config["input_size"][-1])
-    interpolation = Image.Resampling.BILINEAR if config["interpolation"] == "bilinear" else Image.Resampling.BICUBIC
-    return Preprocessing(side, tuple(config["mean"]), tuple(config["std"]), interpolation)
+    return Preprocessing(
+        img_size=side,
+        mean=tuple(mean if mean is not None else config["mean"]),
+        std=tuple(std if std is not None else config["std"]),
+        interpolation=str(config["interpolation"]),
+        crop_pct=float(crop_pct if crop_pct is not None else config.get("crop_pct") or 1.0),
+    )
 
 
 def check_readable(paths: list[Path]) -> None:
@@ -127,25 +206,70 @@ def check_readable(paths: list[Path]) -> None:
             ) from None
 
 
-def load_image(path: Path, preprocessing: Preprocessing) -> Tensor:
-    """Read an image with PIL, convert to RGB, resize to the model's square input and normalise: ``[3, S, S]``.
+def read_rgb(path: Path) -> Image.Image:
+    """The image at ``path`` as an RGB PIL image.
 
     Raises:
         CommandError: If PIL cannot read the file.
     """
     try:
         with Image.open(path) as image:
-            rgb = image.convert("RGB")
+            return image.convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
         raise CommandError(
             f"cannot read image {str(path)!r} ({_one_line(error)}); pass PNG, JPEG or similar."
         ) from None
-    side = preprocessing.img_size
-    resized = rgb.resize((side, side), preprocessing.interpolation)
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(preprocessing.mean).view(3, 1, 1)
-    std = torch.tensor(preprocessing.std).view(3, 1, 1)
-    return (pixels - mean) / std
+
+
+def load_image(path: Path, preprocessing: Preprocessing) -> Tensor:
+    """Read an image and make the model's input from it (see [`Preprocessing`][gmar_lightning.cli.Preprocessing]).
+
+    Raises:
+        CommandError: If PIL cannot read the file.
+    """
+    return preprocessing.transform()(read_rgb(path))
+
+
+def read_class_names(path: str | None, num_classes: int) -> list[str] | None:
+    """Class names from a text file, one per line in class-index order (blank lines skipped).
+
+    Raises:
+        CommandError: If the file is missing or names fewer classes than the model has.
+    """
+    if path is None:
+        return None
+    try:
+        names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as error:
+        raise CommandError(f"--class-names {path!r} cannot be read ({_one_line(error)}); pass a text file.") from None
+    if len(names) < num_classes:
+        raise CommandError(
+            f"--class-names {path!r} names {len(names)} classes but the model has {num_classes}; "
+            "write one name per line for every class."
+        )
+    return names[:num_classes]
+
+
+def map_to_original(saliency: Tensor, box: tuple[float, float, float, float], width: int, height: int) -> Tensor:
+    """A ``[S, S]`` map of the model's input placed back on the original ``[height, width]`` image.
+
+    The map is resized bilinearly onto ``box`` (the crop the model saw, in original pixels); pixels the model did
+    not see are ``NaN``.
+
+    Examples:
+        >>> placed = map_to_original(torch.ones(4, 4), (2.0, 0.0, 6.0, 4.0), width=8, height=4)
+        >>> placed[0].tolist()
+        [nan, nan, 1.0, 1.0, 1.0, 1.0, nan, nan]
+    """
+    left, top, right, bottom = (round(value) for value in box)
+    left, top = max(left, 0), max(top, 0)
+    right, bottom = min(right, width), min(bottom, height)
+    resized = torch.nn.functional.interpolate(
+        saliency[None, None].float(), size=(bottom - top, right - left), mode="bilinear", align_corners=False
+    )[0, 0]
+    placed = torch.full((height, width), float("nan"))
+    placed[top:bottom, left:right] = resized.clamp(0.0, 1.0)
+    return placed
 
 
 def _build_model(args: argparse.Namespace) -> nn.Module:
@@ -193,40 +317,88 @@ def _unique_stems(paths: list[Path]) -> list[str]:
     return stems
 
 
-def _png_bytes(image: Tensor) -> bytes:
-    """``[3, H, W]`` in ``[0, 1]`` as PNG bytes."""
-    pixels = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+@dataclass
+class ExplainStyle:
+    """How ``explain`` draws its outputs."""
+
+    cmap: str
+    alpha: float
+    class_names: list[str] | None
+    side_by_side: bool
+
+
+def _caption(
+    method: str, prediction: int, probability: float, class_names: list[str] | None, target: int | None
+) -> str:
+    name = class_names[prediction] if class_names is not None else f"class {prediction}"
+    explained = ""
+    if target is not None and target != prediction:
+        explained = f", explaining {class_names[target] if class_names is not None else f'class {target}'}"
+    return f"{method}: {name} ({probability:.0%}){explained}"
 
 
 def _explain_files(
-    model: nn.Module, paths: list[Path], methods: list[str], batch_size: int, target: int | None, output: Path
+    model: nn.Module,
+    paths: list[Path],
+    methods: list[str],
+    batch_size: int,
+    target: int | None,
+    output: Path,
+    preprocessing: Preprocessing,
+    style: ExplainStyle,
 ) -> dict[str, np.ndarray]:
-    """Explain ``paths`` batch by batch, write one overlay PNG per image and method, return the arrays for maps.npz."""
-    preprocessing = model_preprocessing(model)
+    """Explain ``paths`` batch by batch and write one captioned overlay PNG per image and method at the image's own
+    resolution (plus a side-by-side of the methods when asked); return the arrays for maps.npz."""
     stems = _unique_stems(paths)
     maps: dict[str, list[Tensor]] = {method: [] for method in methods}
     head_weights: dict[str, list[Tensor]] = {}
     predictions: list[Tensor] = []
+    probabilities: list[Tensor] = []
+    boxes: list[tuple[float, float, float, float]] = []
+    sizes: list[tuple[int, int]] = []
+    transform = preprocessing.transform()
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(paths), batch_size), desc="explaining", unit="batch"):
         batch_paths = paths[start : start + batch_size]
-        images = torch.stack([load_image(path, preprocessing) for path in batch_paths]).to(device)
-        shown = denormalize(images, preprocessing.mean, preprocessing.std)
-        for method in methods:
-            explanation = explain(model, images, method=method, target=target).cpu()
+        originals = [read_rgb(path) for path in batch_paths]
+        images = torch.stack([transform(image) for image in originals]).to(device)
+        explanations = {method: explain(model, images, method=method, target=target).cpu() for method in methods}
+        first = next(iter(explanations.values()))
+        batch_predictions = first.predictions
+        batch_probabilities = first.logits.softmax(dim=-1).gather(1, batch_predictions[:, None])[:, 0]
+        predictions.append(batch_predictions)
+        probabilities.append(batch_probabilities)
+        for offset, original in enumerate(originals):
+            width, height = original.size
+            box = preprocessing.crop_box(width, height)
+            boxes.append(box)
+            sizes.append((width, height))
+            pixels = torch.from_numpy(np.asarray(original, dtype=np.float32) / 255.0).permute(2, 0, 1)
+            prediction, probability = int(batch_predictions[offset]), float(batch_probabilities[offset])
+            placed = {}
+            for method, explanation in explanations.items():
+                placed[method] = map_to_original(explanation.maps[offset], box, width, height)
+                caption = _caption(method, prediction, probability, style.class_names, target)
+                figure = explanation_figure(pixels, placed[method], caption, style.cmap, style.alpha, box=box)
+                atomic_write_bytes(output / f"{stems[start + offset]}_{method}.png", figure_to_png_bytes(figure))
+            if style.side_by_side:
+                name = style.class_names[prediction] if style.class_names is not None else f"class {prediction}"
+                title = f"{batch_paths[offset].name}: {name} ({probability:.0%})"
+                figure = methods_figure(pixels, placed, title, style.cmap, style.alpha)
+                atomic_write_bytes(output / f"{stems[start + offset]}_methods.png", figure_to_png_bytes(figure))
+        for method, explanation in explanations.items():
             maps[method].append(explanation.maps)
             if explanation.head_weights is not None:
                 head_weights.setdefault(method, []).append(explanation.head_weights)
-            for offset, tile in enumerate(overlay(shown.cpu(), explanation.maps)):
-                atomic_write_bytes(output / f"{stems[start + offset]}_{method}.png", _png_bytes(tile))
-        predictions.append(explanation.predictions)
     arrays = {f"maps_{method}": torch.cat(values).numpy() for method, values in maps.items()}
     arrays.update({f"head_weights_{method}": torch.cat(values).numpy() for method, values in head_weights.items()})
     arrays["predictions"] = torch.cat(predictions).numpy()
+    arrays["probabilities"] = torch.cat(probabilities).numpy()
+    arrays["crop_boxes"] = np.asarray(boxes, dtype=np.float32)
+    arrays["image_sizes"] = np.asarray(sizes, dtype=np.int64)
     arrays["files"] = np.asarray([str(path) for path in paths], dtype=np.str_)
+    if style.class_names is not None:
+        arrays["class_names"] = np.asarray(style.class_names, dtype=np.str_)
     return arrays
 
 
@@ -234,15 +406,22 @@ def _run_explain(args: argparse.Namespace) -> int:
     paths = collect_images(args.inputs)
     check_readable(paths)
     methods = parse_methods(args.method or ["gmar_l1"])
+    check_overlay_style(args.cmap, args.alpha)
     model = _build_model(args).to(args.device)
     if args.target is not None and not 0 <= args.target < model.num_classes:
         raise CommandError(f"--target {args.target} is out of range for a model with {model.num_classes} classes.")
+    style = ExplainStyle(
+        args.cmap, args.alpha, read_class_names(args.class_names, model.num_classes), args.side_by_side
+    )
+    preprocessing = model_preprocessing(model, args.mean, args.std, args.crop_pct)
+    print(f"Model input: {preprocessing.describe()}")
     output = Path(args.output)
-    arrays = _explain_files(model, paths, methods, args.batch_size, args.target, output)
+    arrays = _explain_files(model, paths, methods, args.batch_size, args.target, output, preprocessing, style)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     atomic_write_bytes(output / "maps.npz", buffer.getvalue())
-    print(f"Wrote {len(paths) * len(methods)} overlays and maps.npz to {output}")
+    extra = " and side-by-sides" if style.side_by_side else ""
+    print(f"Wrote {len(paths) * len(methods)} overlays{extra} at the images' own resolution and maps.npz to {output}")
     return 0
 
 
@@ -313,7 +492,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of :class:`DemoConfig` to ``parser`` (shared by the example script and the CLI)."""
+    """Add the options of [`DemoConfig`][gmar_lightning.demos.job.DemoConfig] to ``parser`` (shared by the example
+    script and the CLI)."""
     defaults = DemoConfig()
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default=None, help="ImageFolder root with train/ and val/ (default: shapes)")
@@ -352,6 +532,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     logging.add_argument("--num-probe", type=positive_int, default=defaults.num_probe, help="images explained")
     logging.add_argument("--every-n-epochs", type=positive_int, default=defaults.every_n_epochs)
+    logging.add_argument("--cmap", default=defaults.cmap, help=f"overlay colour map (default {defaults.cmap})")
+    logging.add_argument("--alpha", type=float, default=defaults.alpha, help="overlay opacity in [0, 1]")
 
 
 def _target_accuracy(text: str) -> float | None:
@@ -365,7 +547,8 @@ def _target_accuracy(text: str) -> float | None:
 
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
-    """Turn parsed :func:`add_demo_arguments` options into a :class:`DemoConfig`."""
+    """Turn parsed [`add_demo_arguments`][gmar_lightning.cli.add_demo_arguments] options into a
+    [`DemoConfig`][gmar_lightning.demos.job.DemoConfig]."""
     fields = {name: getattr(args, name) for name in DemoConfig.__dataclass_fields__ if hasattr(args, name)}
     fields["methods"] = parse_methods(args.methods or ["gmar_l1"])
     return DemoConfig(**fields)
@@ -379,6 +562,16 @@ def _device(text: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("cuda was asked for but no CUDA GPU is available; use --device cpu")
     return device
+
+
+def _unit_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -397,6 +590,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", action="append", default=None, help="method(s), repeatable or comma-separated (default gmar_l1)"
     )
     explain_parser.add_argument("--target", type=int, default=None, help="class to explain (default: predicted)")
+    explain_parser.add_argument(
+        "--class-names", metavar="FILE", default=None, help="text file with one class name per line, for captions"
+    )
+    explain_parser.add_argument(
+        "--mean", type=float, nargs=3, default=None, metavar="M", help="input normalisation mean (default: timm's)"
+    )
+    explain_parser.add_argument(
+        "--std", type=float, nargs=3, default=None, metavar="S", help="input normalisation std (default: timm's)"
+    )
+    explain_parser.add_argument(
+        "--crop-pct",
+        type=_unit_fraction,
+        default=None,
+        help="fraction of the resized image the centre crop keeps (default: timm's, usually 0.9)",
+    )
+    explain_parser.add_argument("--cmap", default=DEFAULT_CMAP, help=f"matplotlib colour map (default {DEFAULT_CMAP})")
+    explain_parser.add_argument(
+        "--alpha", type=_unit_fraction, default=DEFAULT_ALPHA, help=f"map opacity in (0, 1] (default {DEFAULT_ALPHA})"
+    )
+    explain_parser.add_argument(
+        "--side-by-side", action="store_true", help="also write <image>_methods.png with every method next to the image"
+    )
     explain_parser.add_argument("--output", default="gmar_explanations", help="output folder")
     explain_parser.add_argument("--batch-size", type=positive_int, default=16, help="images per pass")
     explain_parser.add_argument(

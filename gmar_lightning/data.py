@@ -1,4 +1,5 @@
-"""Moved to :mod:`gmar_lightning.demos.data`; this alias keeps ``gmar_lightning.data`` imports working."""
+"""Moved to [`gmar_lightning.demos.data`][gmar_lightning.demos.data]; this alias keeps ``gmar_lightning.data`` imports
+working."""
 
 from gmar_lightning.demos.data import SHAPES, ShapesDataModule, ShapesDataset, denormalize, make_loader
 

@@ -1,5 +1,6 @@
-"""Moved to :mod:`gmar_lightning.demos` (the job, its model and data) and :mod:`gmar_lightning.cli` (the argparse
-helpers); this alias keeps ``gmar_lightning.demo`` imports working."""
+"""Moved to [`gmar_lightning.demos`][gmar_lightning.demos] (the job, its model and data) and
+[`gmar_lightning.cli`][gmar_lightning.cli] (the argparse helpers); this alias keeps ``gmar_lightning.demo`` imports
+working."""
 
 from gmar_lightning._checks import parse_methods
 from gmar_lightning.cli import add_demo_arguments, add_model_arguments, config_from_args, positive_int

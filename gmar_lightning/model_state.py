@@ -1,8 +1,9 @@
 """Temporary model states, each restored on exit (also after an error): eval mode, frozen parameters, no gradient
 checkpointing, unfused attention.
 
-The engine combines them all (:func:`eval_mode_without_fast_paths`); the head tools and the perturbation metrics take
-only the ones they need.
+The engine combines them all
+([`eval_mode_without_fast_paths`][gmar_lightning.model_state.eval_mode_without_fast_paths]); the head tools and the
+perturbation metrics take only the ones they need.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def unfused_attention(layers: list[AttentionLayer]) -> contextlib.AbstractContex
 
 @contextlib.contextmanager
 def eval_mode_without_fast_paths(model: nn.Module, layers: list[AttentionLayer]) -> Iterator[None]:
-    """:func:`eval_mode` with unfused attention, no gradient checkpointing and frozen parameters; all restored."""
+    """[`eval_mode`][gmar_lightning.model_state.eval_mode] with unfused attention, no gradient checkpointing and frozen
+    parameters; all restored."""
     # Parameters stop requiring grad for the call: autograd then saves no layer inputs for weight gradients, which
     # the explanation never needs, cutting the backward graph's memory roughly in half. The input image carries the
     # graph instead.

@@ -1,6 +1,6 @@
 """Turn explanations and head-importance trajectories into image tensors and matplotlib figures.
 
-Figures are built as :class:`matplotlib.figure.Figure` objects drawn by the Agg canvas, never through
+Figures are built as `matplotlib.figure.Figure` objects drawn by the Agg canvas, never through
 ``pyplot``: no global figure registry, no GUI backend, safe in dataloader workers and headless jobs. Such a
 figure is freed by garbage collection once the last reference goes; there is no ``plt.close`` to forget.
 """
@@ -16,17 +16,30 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 from torchvision.utils import make_grid
 
 from gmar_lightning.trajectory import HeadTrajectory
 
 __all__ = [
+    "DEFAULT_ALPHA",
+    "DEFAULT_CMAP",
+    "SUMMARY_BOUNDS",
+    "check_overlay_style",
     "denormalize",
+    "evenly_spaced",
+    "evolution_figure",
+    "explanation_figure",
     "figure_to_array",
     "figure_to_png_bytes",
     "head_heatmap_figure",
+    "line_colours",
+    "methods_figure",
     "overlay",
     "overlay_grid_figure",
     "overlay_grid_image",
@@ -34,10 +47,19 @@ __all__ = [
     "trajectory_figure",
 ]
 
+DEFAULT_CMAP = "inferno"
+"""Colour map of saliency overlays: perceptually uniform, so equal steps in saliency look like equal steps in colour,
+and dark where the map is low, so the salient parts stand out (jet's bright cyan band invents edges)."""
+
+DEFAULT_ALPHA = 0.5
+"""Opacity of the colour-mapped saliency over the image."""
+
 _DPI = 100
-_PANEL_COLUMNS = 4
-_CAPTION_FONT_SIZE = 6
-_TILE_INCHES = 1.6
+# Text is at least 10 pt at the logged size (about 14 px at 100 dpi); titles one point larger.
+_FONT_SIZE = 10
+_TITLE_FONT_SIZE = 11
+_TILE_INCHES = 1.8
+_COLORBAR_INCHES = (0.15, 0.75)  # bar width and the room for its tick labels and label
 
 
 def _check_images(images: Tensor, name: str = "images") -> None:
@@ -96,26 +118,45 @@ def denormalize(
     return ((images - low) / span).clamp(0.0, 1.0)
 
 
+def check_overlay_style(cmap: str, alpha: float) -> None:
+    """Raise a one-line ``ValueError`` unless ``cmap`` names a matplotlib colour map and ``alpha`` is in ``[0, 1]``.
+
+    Examples:
+        >>> check_overlay_style("viridis", 0.4)
+        >>> check_overlay_style("viridis", 2)
+        Traceback (most recent call last):
+        ...
+        ValueError: `alpha` must be a number in [0, 1], got 2.
+    """
+    _colormap(cmap)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}.")
+
+
+def _colormap(cmap: str) -> matplotlib.colors.Colormap:
+    try:
+        return matplotlib.colormaps[cmap]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"`cmap` must be a matplotlib colormap name such as 'inferno', 'viridis' or 'jet', got {cmap!r}."
+        ) from None
+
+
 def _colormap_table(cmap: str, device: torch.device) -> Tensor:
     """The colormap's 256 RGB entries as a ``[256, 3]`` tensor, so colouring a batch is one gather."""
-    try:
-        colormap = matplotlib.colormaps[cmap]
-    except KeyError:
-        raise ValueError(
-            f"`cmap` must be a matplotlib colormap name such as 'jet' or 'viridis', got {cmap!r}."
-        ) from None
+    colormap = _colormap(cmap)
     table = colormap(np.linspace(0.0, 1.0, min(colormap.N, 256)))[:, :3]
     return torch.as_tensor(table, dtype=torch.float32, device=device)
 
 
-def overlay(images: Tensor, maps: Tensor, cmap: str = "jet", alpha: float = 0.5) -> Tensor:
+def overlay(images: Tensor, maps: Tensor, cmap: str = DEFAULT_CMAP, alpha: float = DEFAULT_ALPHA) -> Tensor:
     """Blend colour-mapped saliency maps over images: ``(1 - alpha) * image + alpha * cmap(map)``.
 
     Args:
         images: ``[B, 3, H, W]`` (or single-channel ``[B, 1, H, W]``) images in ``[0, 1]``, e.g. from
-            :func:`denormalize`.
+            [`denormalize`][gmar_lightning.render.denormalize].
         maps: ``[B, H, W]`` saliency maps in ``[0, 1]`` (``Explanation.maps``); values outside are clamped.
-        cmap: A matplotlib colormap name.
+        cmap: A matplotlib colour map name.
         alpha: Opacity of the map, in ``[0, 1]``.
 
     Returns:
@@ -135,8 +176,7 @@ def overlay(images: Tensor, maps: Tensor, cmap: str = "jet", alpha: float = 0.5)
             f"`maps` must have shape {[images.shape[0], *images.shape[2:]]} (one map per image, at image size), "
             f"got {shape}."
         )
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}.")
+    check_overlay_style(cmap, alpha)
     table = _colormap_table(cmap, images.device)
     levels = maps.detach().to(images.device, torch.float32).nan_to_num(0.0).clamp(0.0, 1.0)
     indices = (levels * (table.shape[0] - 1)).round().long()
@@ -156,7 +196,12 @@ def _grid_columns(count: int) -> int:
 
 
 def overlay_grid_image(
-    images: Tensor, maps: Tensor, max_images: int = 16, cmap: str = "jet", alpha: float = 0.5, padding: int = 2
+    images: Tensor,
+    maps: Tensor,
+    max_images: int = 16,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = DEFAULT_ALPHA,
+    padding: int = 2,
 ) -> Tensor:
     """Overlays of the first ``max_images`` images tiled into one near-square image, for ``add_image``.
 
@@ -164,7 +209,7 @@ def overlay_grid_image(
         images: ``[B, 3, H, W]`` images in ``[0, 1]``.
         maps: ``[B, H, W]`` saliency maps in ``[0, 1]``.
         max_images: How many images to show at most.
-        cmap: A matplotlib colormap name.
+        cmap: A matplotlib colour map name.
         alpha: Opacity of the map.
         padding: Pixels between tiles.
 
@@ -189,19 +234,104 @@ def _check_names(name: str, names: Sequence[str] | None, count: int) -> list[str
     return [str(value) for value in names[:count]]
 
 
+def _add_colorbar(figure: Figure, cmap: str, bottom: float, height: float, label: str = "saliency") -> None:
+    """A vertical colour bar for maps in ``[0, 1]`` at the figure's right edge; ``bottom``/``height`` in inches."""
+    width, figure_height = figure.get_size_inches()
+    bar_width, label_room = _COLORBAR_INCHES
+    axes = figure.add_axes(
+        (1 - (bar_width + label_room) / width, bottom / figure_height, bar_width / width, height / figure_height)
+    )
+    mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=_colormap(cmap))
+    colorbar = figure.colorbar(mappable, cax=axes, ticks=(0.0, 0.5, 1.0))
+    colorbar.set_label(label, fontsize=_FONT_SIZE)
+    axes.tick_params(labelsize=_FONT_SIZE)
+
+
+def _draw_tiles(
+    figure: Figure,
+    tiles: Tensor,
+    columns: int,
+    captions: Sequence[Sequence[str]] | None,
+    colours: Sequence[str] | None,
+    right: float,
+    header: Sequence[str] = (),
+    row_labels: Sequence[str] = (),
+    left: float = 0.0,
+    top: float = 0.0,
+) -> None:
+    """Tiles ``[N, 3, h, w]`` row-major in one axes, with up to two caption lines above each tile.
+
+    One image in one axes is much faster than one axes per tile. ``header`` are column titles above the first row,
+    ``row_labels`` text left of each row; ``left``/``right``/``top`` reserve that many inches at the figure's edges.
+    """
+    count, (height, width) = tiles.shape[0], tiles.shape[2:]
+    rows = math.ceil(count / columns)
+    figure_width, figure_height = figure.get_size_inches()
+    inches_per_pixel = (figure_width - left - right) / (columns * width + (columns + 1) * _tile_padding(width))
+    padding = _tile_padding(width)
+    lines = max((len(caption) for caption in captions), default=0) if captions else 0
+    caption_band = math.ceil(lines * 1.35 * _FONT_SIZE / 72 / inches_per_pixel) if lines else 0
+    header_band = math.ceil(1.6 * _TITLE_FONT_SIZE / 72 / inches_per_pixel) if header else 0
+    cell_height, cell_width = height + caption_band + padding, width + padding
+    canvas = torch.ones(3, header_band + rows * cell_height + padding, columns * cell_width + padding)
+    axes = figure.add_axes((left / figure_width, 0.0, 1 - (left + right) / figure_width, 1 - top / figure_height))
+    axes.set_axis_off()
+    for index in range(count):
+        top = header_band + (index // columns) * cell_height + padding + caption_band
+        left_pixel = (index % columns) * cell_width + padding
+        canvas[:, top : top + height, left_pixel : left_pixel + width] = tiles[index]
+        for line, text in enumerate(captions[index] if captions else ()):
+            axes.text(
+                left_pixel + width / 2,
+                top - caption_band + (line + 0.5) * caption_band / lines,
+                text,
+                ha="center",
+                va="center",
+                fontsize=_FONT_SIZE,
+                color=colours[index] if colours else "black",
+            )
+    for column, text in enumerate(header):
+        axes.text(column * cell_width + padding + width / 2, header_band / 2, text, ha="center", va="center",
+                  fontsize=_FONT_SIZE, fontweight="bold")  # fmt: skip
+    for row, text in enumerate(row_labels):
+        axes.text(-padding, header_band + row * cell_height + padding + caption_band + height / 2, text,
+                  ha="right", va="center", fontsize=_FONT_SIZE)  # fmt: skip
+    axes.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest", aspect="auto")
+
+
+def _tile_padding(width: int) -> int:
+    return max(1, round(0.05 * width / _TILE_INCHES))
+
+
+def _canvas_inches(
+    count: int, columns: int, tile: Tensor, lines: int, header: bool = False, tile_inches: float = _TILE_INCHES
+) -> tuple[float, float]:
+    """Width and height in inches of tiles drawn by `_draw_tiles`, ``tile_inches`` wide each."""
+    height, width = tile.shape[-2:]
+    rows = math.ceil(count / columns)
+    inches_per_pixel = tile_inches / width
+    padding = _tile_padding(width)
+    caption = math.ceil(lines * 1.35 * _FONT_SIZE / 72 / inches_per_pixel) if lines else 0
+    header_band = math.ceil(1.6 * _TITLE_FONT_SIZE / 72 / inches_per_pixel) if header else 0
+    pixels_wide = columns * (width + padding) + padding
+    pixels_high = header_band + rows * (height + caption + padding) + padding
+    return pixels_wide * inches_per_pixel, pixels_high * inches_per_pixel
+
+
 def overlay_grid_figure(
     images: Tensor,
     maps: Tensor,
     labels: Sequence[str] | None = None,
     predictions: Sequence[str] | None = None,
     max_images: int = 16,
-    cmap: str = "jet",
-    alpha: float = 0.5,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = DEFAULT_ALPHA,
+    probabilities: Sequence[float] | None = None,
 ) -> Figure:
-    """A captioned grid of overlays: each tile titled ``"true: <label> / pred: <prediction>"``.
+    """A captioned grid of overlays with a colour bar: each tile titled ``"true: <label>"`` / ``"pred: <prediction>"``.
 
-    The grid is drawn as one image in a single axes (much faster than one axes per tile); a caption is green
-    when the prediction matches the label and red otherwise.
+    A caption is green when the prediction matches the label and red otherwise; with ``probabilities`` the predicted
+    class's probability follows its name. Captions are 10 pt at the logged size.
 
     Args:
         images: ``[B, 3, H, W]`` images in ``[0, 1]``.
@@ -209,54 +339,261 @@ def overlay_grid_figure(
         labels: True class names, one per image (at least the shown ones); ``None`` leaves them out.
         predictions: Predicted class names, likewise.
         max_images: How many images to show at most.
-        cmap: A matplotlib colormap name.
+        cmap: A matplotlib colour map name.
         alpha: Opacity of the map.
+        probabilities: The predicted class's probability per image, likewise.
 
     Returns:
-        A figure with one axes.
+        A figure with two axes: the tiles and the colour bar.
 
     Examples:
         >>> figure = overlay_grid_figure(torch.rand(2, 3, 8, 8), torch.rand(2, 8, 8), ["cat", "dog"], ["cat", "cat"])
         >>> len(figure.axes), [text.get_text() for text in figure.axes[0].texts]
-        (1, ['true: cat / pred: cat', 'true: dog / pred: cat'])
+        (2, ['true: cat', 'pred: cat', 'true: dog', 'pred: cat'])
     """
     _check_images(images)
     images, maps = _select(images, maps, max_images)
     count = images.shape[0]
     labels = _check_names("labels", labels, count)
     predictions = _check_names("predictions", predictions, count)
+    if probabilities is not None and (isinstance(probabilities, str) or len(probabilities) < count):
+        raise ValueError(f"`probabilities` must hold one number per shown image ({count}), got {probabilities!r}.")
     tiles = overlay(images, maps, cmap=cmap, alpha=alpha).cpu()
-    height, width = tiles.shape[2:]
+    captions: list[list[str]] | None = None
+    colours: list[str] | None = None
+    if labels is not None or predictions is not None:
+        captions, colours = [], []
+        for index in range(count):
+            lines = []
+            if labels is not None:
+                lines.append(f"true: {labels[index]}")
+            if predictions is not None:
+                probability = f" {float(probabilities[index]):.0%}" if probabilities is not None else ""
+                lines.append(f"pred: {predictions[index]}{probability}")
+            captions.append(lines)
+            right = labels is not None and predictions is not None and labels[index] == predictions[index]
+            colours.append("black" if labels is None or predictions is None else ("green" if right else "red"))
     columns = _grid_columns(count)
-    rows = math.ceil(count / columns)
-    inches_per_pixel = _TILE_INCHES / width
-    padding = max(1, round(0.05 / inches_per_pixel))
-    has_captions = labels is not None or predictions is not None
-    # Room above each tile for one caption line, measured in image pixels because the grid is scaled to fit.
-    caption_band = math.ceil(2.2 * _CAPTION_FONT_SIZE / 72 / inches_per_pixel) if has_captions else 0
-    cell_height, cell_width = height + caption_band + padding, width + padding
-    canvas = torch.ones(3, rows * cell_height + padding, columns * cell_width + padding)
-    figure = Figure(figsize=(canvas.shape[2] * inches_per_pixel, canvas.shape[1] * inches_per_pixel), dpi=_DPI)
-    axes = figure.add_axes((0.0, 0.0, 1.0, 1.0))
+    lines = len(captions[0]) if captions else 0
+    width, height = _canvas_inches(count, columns, tiles[0], lines)
+    colorbar_width = sum(_COLORBAR_INCHES) + 0.1
+    figure = Figure(figsize=(width + colorbar_width, height), dpi=_DPI)
+    _draw_tiles(figure, tiles, columns, captions, colours, right=colorbar_width)
+    _add_colorbar(figure, cmap, bottom=0.15 * height, height=0.7 * height)
+    return figure
+
+
+def evenly_spaced(count: int, most: int) -> list[int]:
+    """At most ``most`` indices into ``range(count)``, evenly spread, always with the first and the last.
+
+    Examples:
+        >>> evenly_spaced(16, 6)
+        [0, 3, 6, 9, 12, 15]
+        >>> evenly_spaced(3, 6), evenly_spaced(5, 2), evenly_spaced(1, 6)
+        ([0, 1, 2], [0, 4], [0])
+    """
+    if isinstance(most, bool) or not isinstance(most, int) or most < 1:
+        raise ValueError(f"`most` must be a positive integer, got {most!r}.")
+    if count <= most:
+        return list(range(count))
+    if most == 1:
+        return [count - 1]
+    return sorted({round(index * (count - 1) / (most - 1)) for index in range(most)})
+
+
+def evolution_figure(
+    images: Tensor,
+    maps: Tensor,
+    epochs: Sequence[int],
+    max_columns: int = 5,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = DEFAULT_ALPHA,
+    title: str | None = None,
+) -> Figure:
+    """How the maps of a few probe images evolved: images in rows, evaluations in columns.
+
+    With more evaluations than ``max_columns`` an evenly spaced subset is shown (see
+    [`evenly_spaced`][gmar_lightning.render.evenly_spaced]); the first and the latest are always in it.
+
+    Args:
+        images: ``[R, 3, H, W]`` images in ``[0, 1]``, one per row.
+        maps: ``[E, R, h, w]`` maps in ``[0, 1]`` of the ``E`` evaluations so far; resized to the image size.
+        epochs: The epoch of each evaluation, for the column titles.
+        max_columns: Most evaluations shown.
+        cmap: A matplotlib colour map name.
+        alpha: Opacity of the map.
+        title: Figure title; none by default.
+
+    Returns:
+        A figure with two axes: the tiles and the colour bar.
+
+    Examples:
+        >>> figure = evolution_figure(torch.rand(2, 3, 8, 8), torch.rand(10, 2, 4, 4), list(range(10)), max_columns=3)
+        >>> [text.get_text() for text in figure.axes[0].texts]
+        ['epoch 0', 'epoch 4', 'epoch 9', 'image 1', 'image 2']
+    """
+    _check_images(images)
+    if not isinstance(maps, Tensor) or maps.ndim != 4 or maps.shape[1] != images.shape[0] or maps.shape[0] == 0:
+        shape = list(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise ValueError(f"`maps` must have shape [E, {images.shape[0]}, h, w] with E >= 1, got {shape}.")
+    if len(epochs) != maps.shape[0]:
+        raise ValueError(f"`epochs` must hold one epoch per evaluation ({maps.shape[0]}), got {len(epochs)}.")
+    shown = evenly_spaced(maps.shape[0], max_columns)
+    rows, columns = images.shape[0], len(shown)
+    resized = torch.nn.functional.interpolate(
+        maps[shown].float().flatten(0, 1).unsqueeze(1), size=images.shape[2:], mode="bilinear", align_corners=False
+    ).view(columns, rows, *images.shape[2:])
+    # Row-major tiles: row r holds image r at each shown evaluation.
+    tiles = torch.stack(
+        [overlay(images[row : row + 1], resized[column, row : row + 1], cmap, alpha)[0] for row in range(rows)
+         for column in range(columns)]
+    )  # fmt: skip
+    width, height = _canvas_inches(rows * columns, columns, tiles[0], lines=0, header=True, tile_inches=1.2)
+    row_label_width = 0.75
+    colorbar_width = sum(_COLORBAR_INCHES) + 0.1
+    title_height = 0.35 if title else 0.0
+    figure = Figure(figsize=(row_label_width + width + colorbar_width, height + title_height), dpi=_DPI)
+    if title:
+        figure.suptitle(title, fontsize=_TITLE_FONT_SIZE, y=1 - 0.05 / (height + title_height))
+    _draw_tiles(
+        figure,
+        tiles,
+        columns,
+        captions=None,
+        colours=None,
+        right=colorbar_width,
+        header=[f"epoch {epochs[index]}" for index in shown],
+        row_labels=[f"image {row + 1}" for row in range(rows)],
+        left=row_label_width,
+        top=title_height,
+    )
+    _add_colorbar(figure, cmap, bottom=0.15 * height, height=0.7 * height)
+    return figure
+
+
+def _full_resolution_overlay(image: Tensor, saliency: Tensor, cmap: str, alpha: float) -> np.ndarray:
+    """``[H, W, 3]`` overlay where ``saliency`` is defined; outside it (NaN) the image is washed out towards gray."""
+    covered = ~torch.isnan(saliency)
+    blended = overlay(image[None], saliency.nan_to_num(0.0)[None], cmap=cmap, alpha=alpha)[0]
+    washed = 0.4 * image.expand(3, -1, -1) + 0.6 * 0.5
+    return torch.where(covered, blended, washed).permute(1, 2, 0).numpy()
+
+
+def _check_saliency(image: Tensor, saliency: Tensor) -> None:
+    if not isinstance(image, Tensor) or image.ndim != 3 or image.shape[0] not in (1, 3):
+        shape = list(image.shape) if isinstance(image, Tensor) else type(image).__name__
+        raise ValueError(f"`image` must be a [3, H, W] tensor in [0, 1], got {shape}.")
+    if not isinstance(saliency, Tensor) or tuple(saliency.shape) != tuple(image.shape[1:]):
+        shape = list(saliency.shape) if isinstance(saliency, Tensor) else type(saliency).__name__
+        raise ValueError(f"`saliency` must have the image's shape {list(image.shape[1:])}, got {shape}.")
+
+
+def explanation_figure(
+    image: Tensor,
+    saliency: Tensor,
+    caption: str,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = DEFAULT_ALPHA,
+    box: tuple[float, float, float, float] | None = None,
+) -> Figure:
+    """One image at its own resolution with its map overlaid, a caption above and a colour bar on the right.
+
+    The image area of the figure is exactly ``W x H`` pixels at the figure's dpi; text grows with the image (at
+    least 10 pt) so it stays readable on large photographs.
+
+    Args:
+        image: ``[3, H, W]`` image in ``[0, 1]``.
+        saliency: ``[H, W]`` map in ``[0, 1]``; ``NaN`` where the model did not see the image (outside its crop),
+            which is shown washed out.
+        caption: Text above the image, e.g. the method and the predicted class with its probability.
+        cmap: A matplotlib colour map name.
+        alpha: Opacity of the map.
+        box: ``(left, top, right, bottom)`` in pixels of the region the model saw, outlined when given.
+
+    Returns:
+        A figure with two axes: the image and the colour bar.
+
+    Examples:
+        >>> figure = explanation_figure(torch.rand(3, 30, 40), torch.rand(30, 40), "gmar_l1: cat (91%)")
+        >>> image_axes = figure.axes[0]
+        >>> [round(size) for size in image_axes.get_window_extent().size], image_axes.get_title()
+        ([40, 30], 'gmar_l1: cat (91%)')
+    """
+    _check_saliency(image, saliency)
+    height, width = image.shape[1:]
+    scale = max(1.0, width / 450)
+    font = _FONT_SIZE * scale
+    caption_height = 2.0 * font / 72
+    bar_width, label_room = (value * scale for value in _COLORBAR_INCHES)
+    right = bar_width + label_room + 0.15 * scale
+    image_width, image_height = width / _DPI, height / _DPI
+    figure = Figure(figsize=(image_width + right, image_height + caption_height), dpi=_DPI)
+    total_width, total_height = figure.get_size_inches()
+    axes = figure.add_axes((0.0, 0.0, image_width / total_width, image_height / total_height))
     axes.set_axis_off()
-    for index in range(count):
-        top = (index // columns) * cell_height + padding + caption_band
-        left = (index % columns) * cell_width + padding
-        canvas[:, top : top + height, left : left + width] = tiles[index]
-        if has_captions:
-            label = labels[index] if labels is not None else "?"
-            prediction = predictions[index] if predictions is not None else "?"
-            colour = "black" if labels is None or predictions is None else ("green" if label == prediction else "red")
-            axes.text(
-                left + width / 2,
-                top - caption_band / 2,
-                f"true: {label} / pred: {prediction}",
-                ha="center",
-                va="center",
-                fontsize=_CAPTION_FONT_SIZE,
-                color=colour,
-            )
-    axes.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest", aspect="auto")
+    axes.imshow(_full_resolution_overlay(image.float().cpu(), saliency.float().cpu(), cmap, alpha),
+                interpolation="nearest", aspect="auto")  # fmt: skip
+    axes.set_title(caption, fontsize=font, pad=0.4 * font)
+    if box is not None:
+        left, top, right_edge, bottom = box
+        axes.add_patch(
+            Rectangle((left - 0.5, top - 0.5), right_edge - left, bottom - top, fill=False, edgecolor="white",
+                      linestyle="--", linewidth=scale)
+        )  # fmt: skip
+    bar = figure.add_axes(
+        (1 - (bar_width + label_room) / total_width, 0.15 * image_height / total_height, bar_width / total_width,
+         0.7 * image_height / total_height)
+    )  # fmt: skip
+    colorbar = figure.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap=_colormap(cmap)), cax=bar, ticks=(0, 1))
+    colorbar.set_label("saliency", fontsize=font)
+    bar.tick_params(labelsize=font)
+    return figure
+
+
+def methods_figure(
+    image: Tensor,
+    saliency: dict[str, Tensor],
+    title: str,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = DEFAULT_ALPHA,
+    panel_pixels: int = 400,
+) -> Figure:
+    """The image and each method's map side by side, each panel at most ``panel_pixels`` wide or high.
+
+    Args:
+        image: ``[3, H, W]`` image in ``[0, 1]``.
+        saliency: Method -> ``[H, W]`` map in ``[0, 1]`` (``NaN`` outside what the model saw).
+        title: Figure title, e.g. the image name and the predicted class.
+        cmap: A matplotlib colour map name.
+        alpha: Opacity of the maps.
+        panel_pixels: Longest side of each panel.
+
+    Returns:
+        A figure with one axes per panel (image first) and a colour bar.
+
+    Examples:
+        >>> maps = {"gmar_l1": torch.rand(30, 40), "rollout": torch.rand(30, 40)}
+        >>> figure = methods_figure(torch.rand(3, 30, 40), maps, "photo.jpg: cat (91%)")
+        >>> [axes.get_title() for axes in figure.axes]
+        ['image', 'gmar_l1', 'rollout', '']
+    """
+    for values in saliency.values():
+        _check_saliency(image, values)
+    if not saliency:
+        raise ValueError("`saliency` must hold at least one method's map.")
+    height, width = image.shape[1:]
+    shrink = panel_pixels / max(height, width)
+    panel = (width * shrink / _DPI, height * shrink / _DPI)
+    figure, grid = _panel_grid(1, len(saliency) + 1, panel, margins=(0.1, 1.1, 0.1, 0.75), gaps=(0.1, 0.0))
+    figure.suptitle(title, fontsize=_TITLE_FONT_SIZE)
+    panels = [("image", image.float().permute(1, 2, 0).expand(-1, -1, 3).numpy())]
+    panels += [(method, _full_resolution_overlay(image.float(), values.float(), cmap, alpha))
+               for method, values in saliency.items()]  # fmt: skip
+    for axes, (name, pixels) in zip(grid[0], panels, strict=True):
+        axes.imshow(pixels, interpolation="antialiased", aspect="auto")
+        axes.set_title(name, fontsize=_FONT_SIZE)
+        axes.set_axis_off()
+    _add_colorbar(figure, cmap, bottom=0.1 + 0.15 * panel[1], height=0.7 * panel[1])
     return figure
 
 
@@ -268,10 +605,25 @@ def _layer_labels(layer_names: Sequence[str] | None, count: int) -> list[str]:
     return [str(name) for name in layer_names]
 
 
+def line_colours(count: int) -> list[tuple[float, float, float, float]]:
+    """``count`` colours that can be told apart: tab10 up to 10 lines, tab20 up to 20, then a sampled rainbow.
+
+    Examples:
+        >>> len(line_colours(3)), line_colours(12)[0] == line_colours(12)[1]
+        (3, False)
+    """
+    if count <= 10:
+        return [matplotlib.colormaps["tab10"](index) for index in range(count)]
+    if count <= 20:
+        # tab20 pairs a dark and a light shade; dark ones first keeps the first ten as distinct as tab10.
+        return [matplotlib.colormaps["tab20"]((2 * index) % 20 + (2 * index) // 20) for index in range(count)]
+    return [matplotlib.colormaps["turbo"](value) for value in np.linspace(0.05, 0.95, count)]
+
+
 # Fixed layouts in inches: matplotlib's constrained layout measures every tick label on each draw and alone
 # costs more than the whole rendering budget of an evaluation.
-_TEXT_INCHES_PER_CHAR = 0.065
-_LEGEND_HANDLE_INCHES = 0.7
+_TEXT_INCHES_PER_CHAR = 0.085
+_LEGEND_HANDLE_INCHES = 0.8
 
 
 def _panel_grid(
@@ -279,7 +631,7 @@ def _panel_grid(
     columns: int,
     panel: tuple[float, float],
     margins: tuple[float, float, float, float],
-    gaps: tuple[float, float] = (0.35, 0.45),
+    gaps: tuple[float, float] = (0.35, 0.55),
     **subplot_options: bool,
 ) -> tuple[Figure, np.ndarray]:
     """A figure of ``rows x columns`` panels of ``panel`` inches, with margins ``(left, right, bottom, top)``."""
@@ -313,7 +665,7 @@ def _legend_width(labels: Sequence[str]) -> float:
 def head_heatmap_figure(
     weights: Tensor, layer_names: Sequence[str] | None = None, title: str = "GMAR head importance"
 ) -> Figure:
-    """A layers x heads heatmap of head importance with a colorbar.
+    """A layers x heads heatmap of head importance with a colour bar.
 
     Args:
         weights: ``[L, H]`` head weights (e.g. the batch mean of ``Explanation.head_weights``) or ``[B, L, H]``,
@@ -322,7 +674,7 @@ def head_heatmap_figure(
         title: Figure title.
 
     Returns:
-        A figure with two axes: the heatmap and its colorbar.
+        A figure with two axes: the heatmap and its colour bar.
 
     Examples:
         >>> len(head_heatmap_figure(torch.rand(3, 4), ["blocks.0.attn", "blocks.1.attn", "blocks.2.attn"]).axes)
@@ -337,29 +689,32 @@ def head_heatmap_figure(
     num_layers, num_heads = values.shape
     labels = _layer_labels(layer_names, num_layers)
     left = 0.3 + _TEXT_INCHES_PER_CHAR * max(len(label) for label in labels)
-    panel = (max(1.6, 0.4 * num_heads), max(1.0, 0.3 * num_layers))
-    figure, grid = _panel_grid(1, 1, panel, margins=(left, 1.1, 0.5, 0.35))
+    panel = (max(2.0, 0.4 * num_heads), max(1.4, 0.3 * num_layers))
+    figure, grid = _panel_grid(1, 1, panel, margins=(left, 1.3, 0.6, 0.4))
     axes = grid[0, 0]
     colormap = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
     image = axes.imshow(values.numpy(), cmap=colormap, aspect="auto", interpolation="nearest")
     axes.set_xticks(range(num_heads), [str(head) for head in range(num_heads)])
     axes.set_yticks(range(num_layers), labels)
-    axes.tick_params(labelsize=8)
-    axes.set_xlabel("head", fontsize=9)
-    axes.set_title(title, fontsize=10)
+    axes.tick_params(labelsize=_FONT_SIZE)
+    axes.set_xlabel("head", fontsize=_FONT_SIZE)
+    axes.set_title(title, fontsize=_TITLE_FONT_SIZE)
     width, height = figure.get_size_inches()
-    colorbar_axes = figure.add_axes((1 - 0.95 / width, 0.5 / height, 0.15 / width, panel[1] / height))
-    figure.colorbar(image, cax=colorbar_axes).set_label("weight", fontsize=9)
-    colorbar_axes.tick_params(labelsize=8)
+    colorbar_axes = figure.add_axes((1 - 1.1 / width, 0.6 / height, 0.15 / width, panel[1] / height))
+    figure.colorbar(image, cax=colorbar_axes).set_label("weight", fontsize=_FONT_SIZE)
+    colorbar_axes.tick_params(labelsize=_FONT_SIZE)
     return figure
 
 
 def _empty_note(axes: Axes, text: str) -> None:
-    axes.text(0.5, 0.5, text, ha="center", va="center", transform=axes.transAxes, color="gray", fontsize=8)
+    axes.text(0.5, 0.5, text, ha="center", va="center", transform=axes.transAxes, color="gray", fontsize=_FONT_SIZE)
 
 
 def trajectory_figure(trajectory: HeadTrajectory, title: str = "GMAR head importance over training") -> Figure:
-    """One panel per layer, one line per head: head weight (y) against epoch (x).
+    """A grid of panels, one per layer, one line per head: head weight (y) against epoch (x).
+
+    The grid is near-square (2 x 2 for 4 layers, 4 x 3 for 12), so the figure keeps a shape that stays readable
+    when TensorBoard scales it to a card.
 
     Args:
         trajectory: The recorded trajectory; an empty one gives empty panels (or a single note when even the
@@ -379,36 +734,48 @@ def trajectory_figure(trajectory: HeadTrajectory, title: str = "GMAR head import
         raise TypeError(f"`trajectory` must be a HeadTrajectory, got {type(trajectory).__name__}.")
     num_layers, num_heads = trajectory.num_layers, trajectory.num_heads
     panels = max(num_layers, 1)
-    columns = min(panels, _PANEL_COLUMNS)
+    columns = _grid_columns(panels)
     rows = math.ceil(panels / columns)
     head_labels = [f"head {head}" for head in range(num_heads)]
     right = _legend_width(head_labels) if len(trajectory) else 0.2
-    figure, grid = _panel_grid(rows, columns, (2.3, 1.6), margins=(0.6, right, 0.45, 0.55), sharex=True, sharey=True)
+    figure, grid = _panel_grid(rows, columns, (2.4, 1.7), margins=(0.8, right, 0.6, 0.6), sharex=True, sharey=True)
     grid = grid.flatten()
     for unused in grid[panels:]:
         figure.delaxes(unused)
-    figure.suptitle(title, fontsize=10)
+    figure.suptitle(title, fontsize=_TITLE_FONT_SIZE)
     if num_layers == 0:
         grid[0].set_axis_off()
         _empty_note(grid[0], "no head importance recorded yet")
         return figure
     labels = _layer_labels(trajectory.layer_names, num_layers)
     weights = trajectory.weights.numpy()
+    colours = line_colours(num_heads)
     for layer, axes in enumerate(grid[:panels]):
         for head, head_label in enumerate(head_labels):
-            axes.plot(trajectory.epochs, weights[:, layer, head], marker="o", markersize=2.5, label=head_label)
-        axes.set_title(labels[layer], fontsize=8)
-        axes.tick_params(labelsize=7, labelbottom=True)
+            axes.plot(
+                trajectory.epochs, weights[:, layer, head], marker="o", markersize=3, color=colours[head],
+                label=head_label,
+            )  # fmt: skip
+        axes.set_title(labels[layer], fontsize=_FONT_SIZE)
+        axes.tick_params(labelsize=_FONT_SIZE, labelbottom=True)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         if not len(trajectory):
             _empty_note(axes, "no epochs yet")
-    for axes in grid[(rows - 1) * columns : panels]:
-        axes.set_xlabel("epoch", fontsize=8)
+    for axes in grid[max(panels - columns, 0) : panels]:
+        axes.set_xlabel("epoch", fontsize=_FONT_SIZE)
     for axes in grid[:panels:columns]:
-        axes.set_ylabel("weight", fontsize=8)
+        axes.set_ylabel("weight", fontsize=_FONT_SIZE)
     if len(trajectory):
-        figure.legend(*grid[0].get_legend_handles_labels(), loc="upper right", fontsize=7, frameon=False)
+        figure.legend(*grid[0].get_legend_handles_labels(), loc="upper right", fontsize=_FONT_SIZE, frameon=False)
     return figure
 
+
+SUMMARY_BOUNDS: dict[str, tuple[float, float]] = {
+    "entropy": (0.0, 1.0),
+    "top_share": (0.0, 1.0),
+    "stability": (-1.0, 1.0),
+}
+"""The natural range of each specialisation statistic, which fixes the y-axis of its plot."""
 
 _SUMMARY_PANELS: tuple[tuple[str, str], ...] = (
     ("entropy", "normalised head entropy"),
@@ -420,15 +787,16 @@ _SUMMARY_PANELS: tuple[tuple[str, str], ...] = (
 def specialisation_figure(trajectory: HeadTrajectory, title: str = "GMAR head specialisation") -> Figure:
     """Three panels over epochs, one line per layer: head entropy, top-head share and rank stability.
 
-    See :func:`gmar_lightning.trajectory.specialisation` and :func:`~gmar_lightning.trajectory.rank_stability`
-    for the definitions.
+    Each y-axis spans the statistic's natural range (entropy and share ``[0, 1]``, rank correlation ``[-1, 1]``), so
+    noise does not look like change. See [`specialisation`][gmar_lightning.trajectory.specialisation] and
+    [`rank_stability`][gmar_lightning.trajectory.rank_stability] for the definitions.
 
     Args:
         trajectory: The recorded trajectory (may be empty).
         title: Figure title.
 
     Returns:
-        A figure with three axes.
+        A figure with three axes, stacked.
 
     Examples:
         >>> trajectory = HeadTrajectory()
@@ -442,27 +810,28 @@ def specialisation_figure(trajectory: HeadTrajectory, title: str = "GMAR head sp
     # Layer names without any recorded row give no lines: the statistics need head weights.
     recorded_layers = trajectory.weights.shape[1]
     labels = _layer_labels(trajectory.layer_names, recorded_layers) if recorded_layers else []
-    colours = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, max(len(labels), 1)))
+    colours = line_colours(len(labels))
     right = _legend_width(labels) if labels else 0.2
     figure, grid = _panel_grid(
-        1, len(_SUMMARY_PANELS), (2.8, 2.0), margins=(0.45, right, 0.45, 0.55), gaps=(0.5, 0.45), sharex=True
+        len(_SUMMARY_PANELS), 1, (3.6, 1.5), margins=(0.7, right, 0.6, 0.6), gaps=(0.5, 0.5), sharex=True
     )
-    panels = grid[0]
-    figure.suptitle(title, fontsize=10)
+    panels = grid[:, 0]
+    figure.suptitle(title, fontsize=_TITLE_FONT_SIZE)
     for axes, (key, name) in zip(panels, _SUMMARY_PANELS, strict=True):
         values = summaries[key].numpy()
         for layer, label in enumerate(labels):
-            axes.plot(
-                trajectory.epochs, values[:, layer], marker="o", markersize=2.5, color=colours[layer], label=label
-            )
-        axes.set_title(name, fontsize=9)
-        axes.set_xlabel("epoch", fontsize=8)
-        axes.set_ylim(-1.05 if key == "stability" else -0.05, 1.05)
-        axes.tick_params(labelsize=7)
+            axes.plot(trajectory.epochs, values[:, layer], marker="o", markersize=3, color=colours[layer], label=label)
+        axes.set_title(name, fontsize=_FONT_SIZE)
+        low, high = SUMMARY_BOUNDS[key]
+        margin = 0.05 * (high - low)
+        axes.set_ylim(low - margin, high + margin)
+        axes.tick_params(labelsize=_FONT_SIZE, labelbottom=True)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         if not len(trajectory):
             _empty_note(axes, "no epochs yet")
+    panels[-1].set_xlabel("epoch", fontsize=_FONT_SIZE)
     if labels:
-        figure.legend(*panels[0].get_legend_handles_labels(), loc="upper right", fontsize=7, frameon=False)
+        figure.legend(*panels[0].get_legend_handles_labels(), loc="upper right", fontsize=_FONT_SIZE, frameon=False)
     return figure
 
 

@@ -1,10 +1,12 @@
 """A run report: head-importance plots and one self-contained HTML page from a run's ``head_importance.npz``.
 
-:func:`build_report` reads the trajectory the callback wrote at the end of fit, renders the layers x heads heatmap of
-the last epoch, the per-head trajectories and the specialisation summaries as PNG files, and writes ``report.html``
-with every image embedded as a base64 data URI, so the page can be mailed or archived as one file. Saliency overlays
-found in the run directory are shown too: the latest ``gmar/overlay/<method>`` image of each TensorBoard event file
-and the PNG files a :class:`~gmar_lightning.sinks.FileSink` wrote (``gmar/step_*/gmar_overlay_*.png``).
+[`build_report`][gmar_lightning.report.build_report] reads the trajectory the callback wrote at the end of fit, renders
+the layers x heads heatmap of the last epoch, the per-head trajectories and the specialisation summaries as PNG files,
+and writes ``report.html`` with every image embedded as a base64 data URI, so the page can be mailed or archived as one
+file. The page also shows the run's settings (the logger's ``hparams.yaml``), its validation accuracy (TensorBoard's
+``val_acc`` or the CSV logger's ``metrics.csv``) and the saliency overlays of the first evaluation next to those of the
+latest: the ``gmar/overlay/<method>`` images of the TensorBoard event files, or the PNG files a
+[`FileSink`][gmar_lightning.callback.sinks.FileSink] wrote (``gmar/step_*/gmar_overlay_*.png``).
 
 Examples:
     >>> import tempfile, torch
@@ -21,23 +23,23 @@ Examples:
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gmar_lightning._io import atomic_write_bytes, atomic_write_text
 from gmar_lightning.render import figure_to_png_bytes, head_heatmap_figure, specialisation_figure, trajectory_figure
 from gmar_lightning.trajectory import TRAJECTORY_NPZ, HeadTrajectory
 
-__all__ = ["Report", "build_report", "find_trajectory"]
+__all__ = ["OverlayPair", "Report", "build_report", "find_trajectory"]
 
 OVERLAY_TAG_PREFIX = "gmar/overlay/"
 _REPORT_DIR = "report"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# At most this many overlay images from FileSink PNG files: the latest evaluations, so the page stays small.
-_MAX_FILE_OVERLAYS = 8
 
 # Marks the page once every image has decoded, so a headless browser (and a test) can tell the plots rendered.
 _LOADED_SCRIPT = """<script>
@@ -56,23 +58,24 @@ figure { margin: 1rem 0; } figcaption { color: #555; font-size: 0.9rem; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; }
 table { border-collapse: collapse; font-size: 0.9rem; } td, th { border: 1px solid #ddd; padding: 0.25rem 0.6rem; }
 th { background: #f5f5f5; } td.number { text-align: right; font-variant-numeric: tabular-nums; }
+.pair { display: flex; gap: 1rem; flex-wrap: wrap; } .pair figure { flex: 1 1 400px; margin: 0.5rem 0; }
 </style>"""
 
 
 @dataclass
 class Report:
-    """What :func:`build_report` wrote.
+    """What [`build_report`][gmar_lightning.report.build_report] wrote.
 
     Attributes:
         html_path: The self-contained HTML page.
         plots: The PNG plots, in page order.
-        overlays: ``(caption, png bytes)`` of the saliency overlays shown on the page.
+        overlays: Each method's overlays at the first and the latest evaluation, shown side by side.
         trajectory_path: The ``head_importance.npz`` the report was built from.
     """
 
     html_path: Path
     plots: list[Path]
-    overlays: list[tuple[str, bytes]] = field(default_factory=list)
+    overlays: list[OverlayPair] = field(default_factory=list)
     trajectory_path: Path | None = None
 
 
@@ -117,35 +120,88 @@ def _load_trajectory(path: Path) -> HeadTrajectory:
     return trajectory
 
 
-def _tensorboard_overlays(run_dir: Path) -> list[tuple[str, bytes]]:
-    """The latest image of every ``gmar/overlay/<method>`` tag in the TensorBoard event files under ``run_dir``."""
+@dataclass
+class OverlayPair:
+    """One method's overlays at the first and at the latest evaluation (the same image when there was one)."""
+
+    name: str
+    first: tuple[int, bytes]
+    latest: tuple[int, bytes]
+
+
+def _tensorboard_events(run_dir: Path) -> list[Any]:
+    """An accumulator of every image and scalar (no sampling) for each event directory under ``run_dir``."""
     event_dirs = sorted({path.parent for path in run_dir.rglob("events.out.tfevents.*")})
     if not event_dirs:
         return []
-    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
 
-    overlays = []
+    accumulators = []
     for event_dir in event_dirs:
-        # Only images are loaded, and all of them (0 = no sampling), so the last step is really the last.
-        accumulator = EventAccumulator(str(event_dir), size_guidance={IMAGES: 0})
+        # 0 = keep everything, so the first and the last step are really the first and the last.
+        accumulator = EventAccumulator(str(event_dir), size_guidance={IMAGES: 0, SCALARS: 0})
         accumulator.Reload()
-        for tag in accumulator.Tags()[IMAGES]:
+        accumulators.append(accumulator)
+    return accumulators
+
+
+def _tensorboard_overlays(events: list[Any]) -> list[OverlayPair]:
+    """The first and the latest image of every ``gmar/overlay/<method>`` tag."""
+    pairs = []
+    for accumulator in events:
+        for tag in accumulator.Tags()["images"]:
             if tag.startswith(OVERLAY_TAG_PREFIX):
-                latest = accumulator.Images(tag)[-1]
-                overlays.append((f"{tag} at step {latest.step}", latest.encoded_image_string))
-    return overlays
+                images = accumulator.Images(tag)
+                first, latest = images[0], images[-1]
+                pairs.append(
+                    OverlayPair(
+                        tag, (first.step, first.encoded_image_string), (latest.step, latest.encoded_image_string)
+                    )
+                )
+    return pairs
 
 
-def _file_overlays(run_dir: Path, output_dir: Path) -> list[tuple[str, bytes]]:
-    """Overlay PNG files (a FileSink's ``step_*/gmar_overlay_*.png``) under ``run_dir``, latest first."""
-    paths = [
-        path
-        for path in run_dir.rglob("*overlay*.png")
-        if not path.resolve().is_relative_to(output_dir.resolve()) and path.read_bytes()[:8] == _PNG_SIGNATURE
-    ]
-    # Step folders are zero-padded, so the path order is the step order.
-    latest = sorted(paths, key=lambda path: str(path.relative_to(run_dir)), reverse=True)[:_MAX_FILE_OVERLAYS]
-    return [(str(path.relative_to(run_dir)), path.read_bytes()) for path in latest]
+def _file_overlays(run_dir: Path, output_dir: Path) -> list[OverlayPair]:
+    """Overlay PNG files (a FileSink's ``step_XXXXXX/gmar_overlay_<method>.png``): the first and the latest step."""
+    by_name: dict[str, list[tuple[int, Path]]] = {}
+    for path in run_dir.rglob("step_*/*overlay*.png"):
+        if path.resolve().is_relative_to(output_dir.resolve()) or path.read_bytes()[:8] != _PNG_SIGNATURE:
+            continue
+        step = path.parent.name.removeprefix("step_")
+        if step.isdigit():
+            by_name.setdefault(str(path.relative_to(run_dir).parent.parent / path.name), []).append((int(step), path))
+    pairs = []
+    for name, found in sorted(by_name.items()):
+        found.sort()
+        (first_step, first), (latest_step, latest) = found[0], found[-1]
+        pairs.append(OverlayPair(name, (first_step, first.read_bytes()), (latest_step, latest.read_bytes())))
+    return pairs
+
+
+def _accuracy(run_dir: Path, events: list[Any]) -> tuple[float, float] | None:
+    """``(latest, best)`` validation accuracy from TensorBoard scalars or a CSV logger's ``metrics.csv``."""
+    values: list[float] = []
+    for accumulator in events:
+        if "val_acc" in accumulator.Tags()["scalars"]:
+            values = [event.value for event in accumulator.Scalars("val_acc")]
+    for metrics in sorted(run_dir.rglob("metrics.csv")):
+        with metrics.open(newline="", encoding="utf-8") as handle:
+            values = values or [float(row["val_acc"]) for row in csv.DictReader(handle) if row.get("val_acc")]
+    return (values[-1], max(values)) if values else None
+
+
+def _settings(run_dir: Path) -> dict[str, Any]:
+    """The run's hyperparameters from the logger's ``hparams.yaml`` (empty when there is none)."""
+    found = sorted(run_dir.rglob("hparams.yaml"))
+    if not found:
+        return {}
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(found[0].read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
 
 
 def _data_uri(png: bytes) -> str:
@@ -190,13 +246,48 @@ def _pruned_note(trajectory: HeadTrajectory) -> str:
     return "" if all(count == trajectory.num_heads for count in counts) else f" (heads per layer now: {counts})"
 
 
-def _page(title: str, trajectory: HeadTrajectory, source: Path, plots: list[tuple[str, bytes]], overlays: str) -> str:
+def _settings_table(settings: dict[str, Any]) -> str:
+    if not settings:
+        return "<p>No <code>hparams.yaml</code> in the run directory.</p>"
+    rows = "".join(
+        f"<tr><td>{html.escape(str(key))}</td><td><code>{html.escape(str(value))}</code></td></tr>"
+        for key, value in settings.items()
+    )
+    return f"<table><tr><th>setting</th><th>value</th></tr>{rows}</table>"
+
+
+def _comparison_html(pairs: list[OverlayPair]) -> str:
+    if not pairs:
+        return ""
+    blocks = []
+    for pair in pairs:
+        (first_step, first), (latest_step, latest) = pair.first, pair.latest
+        blocks.append(
+            f'<h3>{html.escape(pair.name)}</h3><div class="pair">'
+            + _figure_html(f"first evaluation (step {first_step})", first)
+            + _figure_html(f"latest evaluation (step {latest_step})", latest)
+            + "</div>"
+        )
+    return "<h2>Saliency: first against latest evaluation</h2>\n" + "\n".join(blocks)
+
+
+def _page(
+    title: str,
+    trajectory: HeadTrajectory,
+    source: Path,
+    plots: list[tuple[str, bytes]],
+    overlays: str,
+    settings: dict[str, Any],
+    accuracy: tuple[float, float] | None,
+) -> str:
     epochs = trajectory.epochs
     facts = (
         f"{len(epochs)} evaluated epoch{'s' if len(epochs) != 1 else ''} ({epochs[0]} to {epochs[-1]}), "
         f"{trajectory.num_layers} attention layers x {trajectory.num_heads} heads{_pruned_note(trajectory)}, from "
         f"<code>{html.escape(str(source))}</code>."
     )
+    if accuracy is not None:
+        facts += f" Validation accuracy: <strong>{accuracy[0]:.3f}</strong> at the end (best {accuracy[1]:.3f})."
     figures = "\n".join(_figure_html(caption, png) for caption, png in plots)
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -209,11 +300,13 @@ def _page(title: str, trajectory: HeadTrajectory, source: Path, plots: list[tupl
 <body>
 <h1>{html.escape(title)}</h1>
 <p>{facts}</p>
+{overlays}
 <h2>Layers at the last epoch ({epochs[-1]})</h2>
 {_layer_table(trajectory)}
 <h2>Head importance</h2>
 {figures}
-{overlays}
+<h2>Run settings</h2>
+{_settings_table(settings)}
 {_LOADED_SCRIPT}
 </body>
 </html>
@@ -231,7 +324,7 @@ def build_report(
         title: Page title; defaults to "GMAR report: <run directory name>".
 
     Returns:
-        The written :class:`Report`.
+        The written [`Report`][gmar_lightning.report.Report].
 
     Raises:
         FileNotFoundError: If no trajectory file is found.
@@ -260,13 +353,17 @@ def build_report(
         atomic_write_bytes(output / name, png)
         plots.append(output / name)
         plot_pngs.append((caption, png))
-    overlays = _tensorboard_overlays(run_dir) + _file_overlays(run_dir, output)
-    overlay_html = ""
-    if overlays:
-        overlay_html = "<h2>Saliency overlays (latest evaluation)</h2>\n" + "\n".join(
-            _figure_html(caption, png) for caption, png in overlays
-        )
-    page = _page(title or f"GMAR report: {run_dir.name}", trajectory, trajectory_path, plot_pngs, overlay_html)
+    events = _tensorboard_events(run_dir)
+    overlays = _tensorboard_overlays(events) + _file_overlays(run_dir, output)
+    page = _page(
+        title or f"GMAR report: {run_dir.name}",
+        trajectory,
+        trajectory_path,
+        plot_pngs,
+        _comparison_html(overlays),
+        _settings(run_dir),
+        _accuracy(run_dir, events),
+    )
     html_path = output / "report.html"
     atomic_write_text(html_path, page)
     return Report(html_path=html_path, plots=plots, overlays=overlays, trajectory_path=trajectory_path)

@@ -1,4 +1,5 @@
-"""Moved to :mod:`gmar_lightning.callback.sinks`; this alias keeps ``gmar_lightning.sinks`` imports working."""
+"""Moved to [`gmar_lightning.callback.sinks`][gmar_lightning.callback.sinks]; this alias keeps ``gmar_lightning.sinks``
+imports working."""
 
 from gmar_lightning.callback.records import EvaluationRecord
 from gmar_lightning.callback.sinks import (

@@ -3,7 +3,8 @@
 timm puts prefix tokens first: the class token, then a distillation token (DeiT) or register tokens, then the patch
 tokens in row-major order. The classifier reads the class token (``global_pool="token"``), the mean of class and
 distillation token (distilled DeiT), or the mean of the patch tokens (``global_pool="avg"``, the default of BEiT and
-EVA). A :class:`TokenLayout` states this explicitly; :func:`infer_token_layout` reads it off timm's attributes.
+EVA). A [`TokenLayout`][gmar_lightning.tokens.TokenLayout] states this explicitly;
+[`infer_token_layout`][gmar_lightning.tokens.infer_token_layout] reads it off timm's attributes.
 """
 
 from __future__ import annotations

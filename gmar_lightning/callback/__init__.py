@@ -1,9 +1,11 @@
 """Everything that runs inside a Lightning fit: the callbacks, what one evaluation logs, and where it goes.
 
-- :mod:`~gmar_lightning.callback.gmar`: :class:`GMARCallback`, one callback class per file.
-- :mod:`~gmar_lightning.callback.records`: :class:`~gmar_lightning.callback.records.EvaluationRecord`, the plain data
+- [`gmar`][gmar_lightning.callback.gmar]: [`GMARCallback`][gmar_lightning.callback.gmar.GMARCallback], one callback
+  class per file.
+- [`records`][gmar_lightning.callback.records]: [`EvaluationRecord`][gmar_lightning.callback.records.EvaluationRecord],
+  the plain data
   one evaluation logs, and how it is assembled from explanations.
-- :mod:`~gmar_lightning.callback.sinks`: the logger back-ends (TensorBoard, W&B, files).
+- [`sinks`][gmar_lightning.callback.sinks]: the logger back-ends (TensorBoard, W&B, files).
 """
 
 from gmar_lightning.callback.gmar import GMARCallback

@@ -1,9 +1,10 @@
 """GMARCallback: explain a fixed probe batch at the end of validation and log maps and head importance.
 
 The callback owns the schedule, the probe batch and the head-importance trajectory. The explanation is
-:func:`gmar_lightning.explain`, what gets logged is :func:`gmar_lightning.records.evaluation_record`, and where it goes
-is :mod:`gmar_lightning.sinks`. It never changes the training it observes: the engine restores the model's flags and
-the RNG state, probe samples are copied, and nothing here touches gradients, the optimizer or the data order.
+[`gmar_lightning.explain`][gmar_lightning.engine.explain], what gets logged is
+[`gmar_lightning.records.evaluation_record`][gmar_lightning.callback.records.evaluation_record], and where it goes is
+`gmar_lightning.sinks`. It never changes the training it observes: the engine restores the model's flags and the RNG
+state, probe samples are copied, and nothing here touches gradients, the optimizer or the data order.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from torch.utils.data import default_collate
 from typing_extensions import override
 
 from gmar_lightning import families
-from gmar_lightning.callback.records import METRICS, Probe, evaluation_record, probe_metric_scores
+from gmar_lightning.callback.records import METRICS, MapHistory, Probe, evaluation_record, probe_metric_scores
 from gmar_lightning.callback.sinks import Sink, sinks_for_loggers
 from gmar_lightning.capture import find_vision_transformer, unwrap_model
 from gmar_lightning.engine import explain
 from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
 from gmar_lightning.options import ExplainOptions
+from gmar_lightning.render import DEFAULT_ALPHA, DEFAULT_CMAP, check_overlay_style
 from gmar_lightning.trajectory import HeadTrajectory
 
 __all__ = ["GMARCallback"]
@@ -91,25 +93,33 @@ class GMARCallback(Callback):
     global rank 0 explains a fixed probe batch with each of ``methods`` on the unwrapped model and logs, under
     ``gmar/`` at ``trainer.global_step``:
 
-    * ``gmar/overlay/<method>``: a grid of probe images with the map overlaid, captioned with true and predicted class;
-    * ``gmar/head_weights/layer_XX``: per layer, the histogram of per-head importance across probe images;
+    * ``gmar/overlay/<method>``: a grid of probe images with the map overlaid and a colour bar, captioned with true
+      and predicted class and its probability;
+    * ``gmar/evolution/<method>``: the first 4 probe images (rows) at up to 5 evaluations (columns, evenly spaced,
+      always the first and the latest), so every evaluation's effect is visible in the latest image;
+    * ``gmar/head_weights/layer_XX`` and ``gmar/head_weights/layer_XX/head_YY``: per layer and per head, the histogram
+      of head weights across probe images;
+    * ``gmar/head_mean/layer_XX/head_YY``: each head's probe-mean weight, drawn as one chart per layer with one line
+      per head (TensorBoard's Custom Scalars tab, W&B line series);
     * ``gmar/entropy/layer_XX``, ``gmar/top_head_share/layer_XX``, ``gmar/rank_stability/layer_XX``: specialisation
       scalars (normalised entropy of head weights, share of the top head, Spearman rank correlation of the head order
-      with the previous evaluation);
-    * ``gmar/head_importance`` (layers x heads heatmap) and ``gmar/trajectory`` (head weights over epochs) figures;
-    * ``gmar/metrics/<method>/<metric>`` for each of ``metrics`` the probe makes defined.
+      with the previous evaluation), also as one chart each with one line per layer;
+    * ``gmar/head_importance`` (layers x heads heatmap), ``gmar/trajectory`` (head weights over epochs, one panel per
+      layer) and ``gmar/specialisation`` (the three statistics on their natural y-ranges) figures;
+    * ``gmar/metrics/<method>/<metric>`` for each of ``metrics`` the probe makes defined;
+    * on W&B also ``gmar/probe/<method>`` (one captioned image per probe image) and ``gmar/head_weights_table``.
 
     TensorBoard and W&B loggers are served natively; with neither, PNG/CSV/NPZ files go to ``save_dir`` (default
-    ``<trainer.log_dir>/gmar``). The trajectory (:attr:`trajectory`) is the probe-mean head weights and raw scores of
-    the first GMAR method in ``methods``; it is saved in checkpoints and written as ``head_importance.csv`` and
-    ``head_importance.npz`` into the log directory when fit or validate ends.
+    ``<trainer.log_dir>/gmar``). The trajectory ([`trajectory`][gmar_lightning.trajectory]) is the probe-mean head
+    weights and raw scores of the first GMAR method in ``methods``; it is saved in checkpoints and written as
+    ``head_importance.csv`` and ``head_importance.npz`` into the log directory when fit or validate ends.
 
     Args:
         num_probe: How many samples of the first validation dataloader form the probe batch, taken at the first real
             validation and kept for the whole run (also across a resume).
         probe: A fixed probe instead: images ``[B, C, H, W]``, an ``(images, labels)`` pair, or indices into the
             first validation dataset.
-        methods: Explanation methods, any of :data:`gmar_lightning.METHODS`.
+        methods: Explanation methods, any of [`gmar_lightning.METHODS`][gmar_lightning.explanation.METHODS].
         target: Explain the predicted class (``"pred"``) or the label (``"label"``, needs labels in the probe).
         every_n_epochs: Explain every n-th validation epoch.
         model_getter: Returns the ViT to explain from the LightningModule; default: the outermost submodule with a
@@ -119,6 +129,8 @@ class GMARCallback(Callback):
         max_images: Most probe images in each overlay grid.
         class_names: Names for class indices in captions.
         per_head_histograms: Also log one histogram per head (``gmar/head_weights/layer_XX/head_YY``).
+        cmap: Matplotlib colour map of the overlays; the default, ``"inferno"``, is perceptually uniform.
+        alpha: Opacity of the colour-mapped saliency over the image, in ``[0, 1]``.
         metrics: Probe-batch scores to log per method: any of ``pointing_game``, ``energy_pointing_game`` (need
             masks), ``deletion_auc``, ``insertion_auc``.
         save_dir: Directory for PNG/CSV/NPZ output; given, it is written in addition to TensorBoard or W&B.
@@ -151,7 +163,9 @@ class GMARCallback(Callback):
         std: Sequence[float] | None = None,
         max_images: int = 16,
         class_names: Sequence[str] | None = None,
-        per_head_histograms: bool = False,
+        per_head_histograms: bool = True,
+        cmap: str = DEFAULT_CMAP,
+        alpha: float = DEFAULT_ALPHA,
         metrics: Sequence[str] = (),
         save_dir: str | None = None,
         on_error: Literal["warn", "raise"] = "warn",
@@ -175,6 +189,7 @@ class GMARCallback(Callback):
             raise ValueError(f"`on_error` must be 'warn' or 'raise', got {on_error!r}.")
         if (mean is None) != (std is None):
             raise ValueError("`mean` and `std` must be given together (or neither, for min-max display).")
+        check_overlay_style(cmap, alpha)
         if model_getter is not None and not callable(model_getter):
             raise TypeError(f"`model_getter` must be callable, got {type(model_getter).__name__}.")
         given = explain_options if isinstance(explain_options, Mapping) else {}
@@ -192,6 +207,7 @@ class GMARCallback(Callback):
         self.max_images = max_images
         self.class_names = list(class_names) if class_names is not None else None
         self.per_head_histograms = per_head_histograms
+        self.cmap, self.alpha = cmap, alpha
         self.metrics = tuple(metrics)
         self.save_dir = save_dir
         self.on_error = on_error
@@ -199,6 +215,7 @@ class GMARCallback(Callback):
         self.head_method: str | None = next((method for method in methods if method in GMAR_METHODS), None)
 
         self.trajectory = HeadTrajectory()
+        self.map_history = MapHistory()
         self.probe: Probe | None = None
         self._probe_input = self._fixed_probe(probe)
         # Fixed at construction: the key must not change when a resumed run's probe comes from the checkpoint.
@@ -337,6 +354,9 @@ class GMARCallback(Callback):
             head = explanations[self.head_method]
             self.trajectory.layer_names = self.trajectory.layer_names or head.layer_names
             self.trajectory.append(trainer.current_epoch, trainer.global_step, head.head_weights, head.head_scores)
+        self.map_history.append(
+            trainer.current_epoch, {method: explanation.maps for method, explanation in explanations.items()}
+        )
         scores = {
             method: probe_metric_scores(model, probe, explanation, self.metrics)
             for method, explanation in explanations.items()
@@ -348,12 +368,15 @@ class GMARCallback(Callback):
             explanations=explanations,
             trajectory=self.trajectory,
             head_method=self.head_method,
+            map_history=self.map_history,
             mean=self.mean,
             std=self.std,
             max_images=self.max_images,
             class_names=self.class_names,
             per_head_histograms=self.per_head_histograms,
             metric_scores=scores,
+            cmap=self.cmap,
+            alpha=self.alpha,
         )
         for sink in self._sinks_for(trainer):
             sink.log_evaluation(record)
@@ -382,6 +405,7 @@ class GMARCallback(Callback):
         return {
             "probe": None if self.probe is None else self.probe.state_dict(),
             "trajectory": self.trajectory.state_dict(),
+            "map_history": self.map_history.state_dict(),
         }
 
     @override
@@ -390,3 +414,5 @@ class GMARCallback(Callback):
             self.probe = Probe(**state_dict["probe"])
             self._probe_input = None
         self.trajectory = HeadTrajectory.from_state_dict(state_dict["trajectory"])
+        if "map_history" in state_dict:  # checkpoints from before the evolution figure have none
+            self.map_history = MapHistory.from_state_dict(state_dict["map_history"])

@@ -1,8 +1,10 @@
-"""Turn one evaluation's explanations into an :class:`EvaluationRecord` of plain data.
+"""Turn one evaluation's explanations into an [`EvaluationRecord`][gmar_lightning.callback.records.EvaluationRecord] of
+plain data.
 
-The callback decides *when* to explain and keeps the state; this module decides *what* is logged: overlay grids,
-per-layer head-weight histograms, specialisation scalars, figures and probe-batch metric scores. Tags live under
-``gmar/``; layers are numbered ``layer_00, layer_01, ...`` in forward order.
+The callback decides *when* to explain and keeps the state; this module decides *what* is logged: overlay grids, the
+evolution of a few probe images' maps, per-layer and per-head head-weight histograms, per-head and specialisation
+scalars with the charts that group them, figures, a head-weight table and probe-batch metric scores. Tags live under
+``gmar/``; layers are numbered ``layer_00, layer_01, ...`` and heads ``head_00, head_01, ...`` in forward order.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from matplotlib.figure import Figure
@@ -19,20 +22,42 @@ from gmar_lightning import metrics
 from gmar_lightning._checks import check_non_negative_int
 from gmar_lightning.explanation import Explanation
 from gmar_lightning.render import (
+    DEFAULT_ALPHA,
+    DEFAULT_CMAP,
     denormalize,
+    evolution_figure,
     figure_to_array,
     head_heatmap_figure,
+    overlay,
     overlay_grid_figure,
+    specialisation_figure,
     trajectory_figure,
 )
 from gmar_lightning.trajectory import HeadTrajectory
 
-__all__ = ["METRICS", "EvaluationRecord", "Probe", "evaluation_record", "probe_metric_scores"]
+__all__ = [
+    "EVOLUTION_ROWS",
+    "METRICS",
+    "EvaluationRecord",
+    "MapHistory",
+    "Probe",
+    "evaluation_record",
+    "probe_metric_scores",
+]
 
 METRICS: tuple[str, ...] = ("pointing_game", "energy_pointing_game", "deletion_auc", "insertion_auc")
 """Metric names the callback accepts in ``metrics=``; the first two need ground-truth masks in the probe."""
 
 _SUMMARY_TAGS = {"entropy": "entropy", "top_share": "top_head_share", "stability": "rank_stability"}
+
+_TABLE_COLUMNS = ("step", "epoch", "layer", "layer_name", "head", "weight")
+
+EVOLUTION_ROWS = 4
+"""How many probe images (the first ones) the evolution figure follows over the evaluations."""
+
+# The evolution figure shows maps at tile size, and maps are smooth upsamplings of the patch grid: 64 px per side keep
+# every detail while a long run's history stays small in memory and in checkpoints.
+_HISTORY_SIDE = 64
 
 
 @dataclass(eq=False)
@@ -47,6 +72,11 @@ class EvaluationRecord:
         histograms: Tag -> 1-D values, e.g. one layer's head weights.
         scalars: Tag -> number, e.g. one layer's head entropy.
         captions: Tag -> caption for the image or figure of the same tag.
+        galleries: Tag -> ``(image, caption)`` pairs, one per probe image, for back-ends that show captioned image
+            lists (W&B); TensorBoard and files get the grid in ``images`` instead.
+        tables: Tag -> ``(columns, rows)`` of a small table (W&B table, TensorBoard text, CSV file).
+        line_charts: Chart tag -> the scalar tags drawn as the lines of one chart (TensorBoard custom-scalars
+            layout, W&B line series); every tag is also in ``scalars``.
 
     Examples:
         >>> import torch
@@ -62,6 +92,9 @@ class EvaluationRecord:
     histograms: dict[str, Tensor] = field(default_factory=dict)
     scalars: dict[str, float] = field(default_factory=dict)
     captions: dict[str, str] = field(default_factory=dict)
+    galleries: dict[str, list[tuple[Tensor, str]]] = field(default_factory=dict)
+    tables: dict[str, tuple[list[str], list[list[Any]]]] = field(default_factory=dict)
+    line_charts: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_non_negative_int("step", self.step)
@@ -99,6 +132,44 @@ class Probe:
         return {"images": self.images, "labels": self.labels, "masks": self.masks}
 
 
+@dataclass
+class MapHistory:
+    """The maps of the first [`EVOLUTION_ROWS`][gmar_lightning.callback.records.EVOLUTION_ROWS] probe images at every
+    evaluation, per method, for the evolution figure; stored as ``uint8`` at most 64 px per side.
+
+    Attributes:
+        epochs: The epoch of each evaluation.
+        maps: Method -> ``[E, R, h, w]`` uint8 maps (``255`` is saliency 1).
+
+    Examples:
+        >>> history = MapHistory()
+        >>> history.append(0, {"gmar_l1": torch.rand(8, 224, 224)})
+        >>> history.epochs, tuple(history.maps["gmar_l1"].shape), history.maps["gmar_l1"].dtype
+        ([0], (1, 4, 64, 64), torch.uint8)
+    """
+
+    epochs: list[int] = field(default_factory=list)
+    maps: dict[str, Tensor] = field(default_factory=dict)
+
+    def append(self, epoch: int, maps: dict[str, Tensor]) -> None:
+        """Add one evaluation: method -> ``[B, H, W]`` maps in ``[0, 1]`` of the whole probe."""
+        for method, values in maps.items():
+            rows = values[:EVOLUTION_ROWS].detach().float().cpu().unsqueeze(1)
+            side = (min(rows.shape[-2], _HISTORY_SIDE), min(rows.shape[-1], _HISTORY_SIDE))
+            small = torch.nn.functional.adaptive_avg_pool2d(rows, side).squeeze(1)
+            quantised = (small.nan_to_num(0.0).clamp(0.0, 1.0) * 255).round().to(torch.uint8).unsqueeze(0)
+            previous = self.maps.get(method)
+            self.maps[method] = quantised if previous is None else torch.cat([previous, quantised])
+        self.epochs.append(int(epoch))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": list(self.epochs), "maps": dict(self.maps)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> MapHistory:
+        return cls(epochs=list(state["epochs"]), maps=dict(state["maps"]))
+
+
 def _class_name(index: int, class_names: Sequence[str] | None) -> str:
     return class_names[index] if class_names is not None and 0 <= index < len(class_names) else str(index)
 
@@ -131,12 +202,15 @@ def evaluation_record(
     explanations: dict[str, Explanation],
     trajectory: HeadTrajectory,
     head_method: str | None,
+    map_history: MapHistory | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     max_images: int = 16,
     class_names: Sequence[str] | None = None,
-    per_head_histograms: bool = False,
+    per_head_histograms: bool = True,
     metric_scores: dict[str, dict[str, float]] | None = None,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = DEFAULT_ALPHA,
 ) -> EvaluationRecord:
     """Assemble everything one evaluation logs.
 
@@ -147,54 +221,111 @@ def evaluation_record(
         explanations: Method name -> its explanation of the probe.
         trajectory: The head-importance trajectory, already updated with this evaluation.
         head_method: The GMAR method whose head weights feed histograms and the heatmap (``None``: no head data).
+        map_history: The maps of earlier evaluations and this one, for the evolution figures (``None``: none).
         mean: Per-channel normalisation mean for display (``None``: per-image min-max).
         std: Per-channel normalisation std for display.
         max_images: Most probe images shown per grid.
         class_names: Names for class indices in captions.
         per_head_histograms: Also log one histogram per head.
         metric_scores: Method -> metric name -> score on the probe.
+        cmap: Colour map of the overlays.
+        alpha: Opacity of the overlays.
 
     Returns:
-        The record, with images ``gmar/overlay/<method>``, histograms ``gmar/head_weights/layer_XX``, scalars
-        ``gmar/{entropy,top_head_share,rank_stability}/layer_XX`` and ``gmar/metrics/<method>/<metric>``, and figures
-        ``gmar/head_importance`` and ``gmar/trajectory``.
+        The record. Images: ``gmar/overlay/<method>`` (captioned grid with a colour bar) and
+        ``gmar/evolution/<method>``; galleries ``gmar/probe/<method>`` (one captioned overlay per probe image).
+        With head data: histograms ``gmar/head_weights/layer_XX`` and ``gmar/head_weights/layer_XX/head_YY``; scalars
+        ``gmar/head_mean/layer_XX/head_YY`` (probe mean) grouped into one line chart per layer,
+        ``gmar/{entropy,top_head_share,rank_stability}/layer_XX`` grouped into one chart per statistic; figures
+        ``gmar/head_importance``, ``gmar/trajectory`` and ``gmar/specialisation``; table ``gmar/head_weights_table``.
+        Scalars ``gmar/metrics/<method>/<metric>`` for the metric scores.
     """
     display = denormalize(probe.images[:max_images], mean, std)
     record = EvaluationRecord(step=step, epoch=epoch)
+    truths = probe.labels.tolist() if probe.labels is not None else None
     for method, explanation in explanations.items():
         shown = min(max_images, explanation.batch_size)
         predictions = explanation.predictions[:shown].tolist()
-        truths = probe.labels[:shown].tolist() if probe.labels is not None else ["?"] * shown
+        probabilities = explanation.logits[:shown].float().softmax(dim=-1).amax(dim=-1).tolist()
+        labels = [_class_name(int(truth), class_names) for truth in truths[:shown]] if truths is not None else None
+        predicted = [_class_name(int(prediction), class_names) for prediction in predictions]
+        maps = explanation.maps[:shown].cpu()
         figure = overlay_grid_figure(
-            display,
-            explanation.maps[:shown].cpu(),
-            labels=[_class_name(int(t), class_names) if t != "?" else "?" for t in truths],
-            predictions=[_class_name(int(p), class_names) for p in predictions],
-            max_images=max_images,
+            display, maps, labels, predicted, max_images=max_images, cmap=cmap, alpha=alpha, probabilities=probabilities
         )
         tag = f"gmar/overlay/{method}"
         record.images[tag] = torch.from_numpy(figure_to_array(figure)).permute(2, 0, 1).float() / 255.0
-        hits = sum(int(t) == p for t, p in zip(truths, predictions, strict=True) if t != "?")
-        record.captions[tag] = f"{method} at epoch {epoch}, step {step}: {hits}/{shown} probe images predicted right"
+        hits = sum(truth == prediction for truth, prediction in zip(truths or [], predictions, strict=False))
+        right = f"{hits}/{shown} probe images predicted right" if truths is not None else f"{shown} probe images"
+        record.captions[tag] = f"{method} at epoch {epoch}, step {step}: {right}"
+        record.galleries[f"gmar/probe/{method}"] = [
+            (tile, f"{'true: ' + labels[index] + ', ' if labels else ''}pred: {predicted[index]} "
+                   f"({probabilities[index]:.0%})")
+            for index, tile in enumerate(overlay(display, maps, cmap=cmap, alpha=alpha))
+        ]  # fmt: skip
+        if map_history is not None and method in map_history.maps:
+            rows = map_history.maps[method].shape[1]
+            record.images[f"gmar/evolution/{method}"] = _figure_image(
+                evolution_figure(
+                    display[:rows],
+                    map_history.maps[method].float() / 255.0,
+                    map_history.epochs,
+                    cmap=cmap,
+                    alpha=alpha,
+                    title=f"{method} maps over training",
+                )
+            )
+            record.captions[f"gmar/evolution/{method}"] = (
+                f"{method} maps of the first {rows} probe images at {len(map_history.epochs)} evaluations "
+                "(at most 5 shown, evenly spaced, always the first and the latest)"
+            )
         for metric, score in (metric_scores or {}).get(method, {}).items():
             record.scalars[f"gmar/metrics/{method}/{metric}"] = score
 
     if head_method is not None:
-        weights = explanations[head_method].head_weights.cpu()
-        for layer in range(weights.shape[1]):
-            # NaN marks heads a pruned layer no longer has: they get no histogram, and a layer without heads none.
-            values = weights[:, layer].flatten()
-            if not values.isnan().all():
-                record.histograms[f"gmar/head_weights/layer_{layer:02d}"] = values[~values.isnan()]
-            if per_head_histograms:
-                for head in range(weights.shape[2]):
-                    if not weights[:, layer, head].isnan().any():
-                        tag = f"gmar/head_weights/layer_{layer:02d}/head_{head:02d}"
-                        record.histograms[tag] = weights[:, layer, head]
-        record.figures["gmar/head_importance"] = head_heatmap_figure(weights, trajectory.layer_names or None)
-        for name, values in trajectory.summaries().items():
-            for layer, value in enumerate(values[-1].tolist()):
-                if not math.isnan(value):
-                    record.scalars[f"gmar/{_SUMMARY_TAGS[name]}/layer_{layer:02d}"] = value
-        record.figures["gmar/trajectory"] = trajectory_figure(trajectory)
+        _add_head_data(record, explanations[head_method], trajectory, per_head_histograms)
     return record
+
+
+def _figure_image(figure: Figure) -> Tensor:
+    return torch.from_numpy(figure_to_array(figure)).permute(2, 0, 1).float() / 255.0
+
+
+def _add_head_data(
+    record: EvaluationRecord, explanation: Explanation, trajectory: HeadTrajectory, per_head_histograms: bool
+) -> None:
+    weights = explanation.head_weights.cpu()
+    num_layers, num_heads = weights.shape[1:]
+    layer_names = trajectory.layer_names or [f"layer {layer}" for layer in range(num_layers)]
+    means = weights.mean(dim=0)
+    rows = []
+    for layer in range(num_layers):
+        layer_tag = f"layer_{layer:02d}"
+        # NaN marks heads a pruned layer no longer has: they get no histogram, scalar or row, a layer without heads
+        # no histogram and no chart.
+        values = weights[:, layer].flatten()
+        if not values.isnan().all():
+            record.histograms[f"gmar/head_weights/{layer_tag}"] = values[~values.isnan()]
+        head_tags = []
+        for head in range(num_heads):
+            if weights[:, layer, head].isnan().any():
+                continue
+            if per_head_histograms:
+                record.histograms[f"gmar/head_weights/{layer_tag}/head_{head:02d}"] = weights[:, layer, head]
+            head_tags.append(f"gmar/head_mean/{layer_tag}/head_{head:02d}")
+            record.scalars[head_tags[-1]] = float(means[layer, head])
+            rows.append([record.step, record.epoch, layer, layer_names[layer], head, float(means[layer, head])])
+        if head_tags:
+            record.line_charts[f"gmar/head_mean/{layer_tag}"] = head_tags
+    record.tables["gmar/head_weights_table"] = (list(_TABLE_COLUMNS), rows)
+    for name, values in trajectory.summaries().items():
+        chart = []
+        for layer, value in enumerate(values[-1].tolist()):
+            if not math.isnan(value):
+                chart.append(f"gmar/{_SUMMARY_TAGS[name]}/layer_{layer:02d}")
+                record.scalars[chart[-1]] = value
+        if chart:
+            record.line_charts[f"gmar/{_SUMMARY_TAGS[name]}"] = chart
+    record.figures["gmar/head_importance"] = head_heatmap_figure(weights, trajectory.layer_names or None)
+    record.figures["gmar/trajectory"] = trajectory_figure(trajectory)
+    record.figures["gmar/specialisation"] = specialisation_figure(trajectory)

@@ -1,12 +1,13 @@
 """Where an evaluation's images, figures, histograms and scalars go: TensorBoard, Weights & Biases or plain files.
 
 This is the only module that knows about logger back-ends. The callback assembles one
-:class:`~gmar_lightning.callback.records.EvaluationRecord`
-of plain data per evaluation and hands it to every :class:`Sink`; at the end of fit it hands each sink the
-:class:`~gmar_lightning.trajectory.HeadTrajectory`, which every sink writes as ``head_importance.csv`` and
+[`EvaluationRecord`][gmar_lightning.callback.records.EvaluationRecord] of plain data per evaluation and hands it to
+every [`Sink`][gmar_lightning.callback.sinks.Sink]; at the end of fit it hands each sink the
+[`HeadTrajectory`][gmar_lightning.trajectory.HeadTrajectory], which every sink writes as ``head_importance.csv`` and
 ``head_importance.npz`` into its log directory so that head-pruning tools find it wherever the run logged.
 
-``wandb`` is imported lazily inside :class:`WandbSink`, so nothing here needs it installed.
+``wandb`` is imported lazily inside [`WandbSink`][gmar_lightning.callback.sinks.WandbSink], so nothing here needs it
+installed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "Sink",
     "TensorBoardSink",
     "WandbSink",
+    "custom_scalars_layout",
     "sinks_for_loggers",
     "write_trajectory",
 ]
@@ -85,30 +87,61 @@ def _histogram_values(values: Tensor) -> np.ndarray:
     return values.detach().float().cpu().flatten().numpy()
 
 
+def custom_scalars_layout(line_charts: dict[str, list[str]]) -> dict[str, dict[str, list[Any]]]:
+    """The TensorBoard custom-scalars layout of line charts: category (the chart tag's parent) -> chart -> lines.
+
+    Examples:
+        >>> custom_scalars_layout({"gmar/head_mean/layer_00": ["gmar/head_mean/layer_00/head_00"]})
+        {'gmar/head_mean': {'layer_00': ['Multiline', ['^gmar/head_mean/layer_00/head_00$']]}}
+    """
+    layout: dict[str, dict[str, list[Any]]] = {}
+    for chart, tags in sorted(line_charts.items()):
+        category, _, title = chart.rpartition("/")
+        # Multiline entries are regular expressions; anchored, so layer_01 does not also match layer_010.
+        layout.setdefault(category or chart, {})[title] = ["Multiline", [f"^{re.escape(tag)}$" for tag in tags]]
+    return layout
+
+
+def _markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(f"{value:.4f}" if isinstance(value, float) else str(value) for value in row) + " |"
+              for row in rows]  # fmt: skip
+    return "\n".join(lines)
+
+
 class TensorBoardSink:
     """Log to a TensorBoard ``SummaryWriter`` (``TensorBoardLogger.experiment``), everything at ``global_step=step``.
 
     Figures go through ``add_figure`` (rendered to images), captions through ``add_text`` under the same tag
-    (the Text tab, which shows it as ``<tag>/text_summary``); empty histograms are skipped (TensorBoard rejects
-    them).
+    (the Text tab, which shows it as ``<tag>/text_summary``), tables as Markdown text; empty histograms are skipped
+    (TensorBoard rejects them). Line charts become a custom-scalars layout (the Custom Scalars tab): one category
+    per chart tag's parent (``gmar/head_mean`` holds one chart per layer, one line per head), written again only
+    when the set of charts changes.
 
     Args:
         experiment: The ``SummaryWriter``.
-        trajectory_dir: Where :meth:`finalize` writes the trajectory files; defaults to the writer's log dir.
+        trajectory_dir: Where `finalize` writes the trajectory files; defaults to the writer's log dir.
     """
 
     def __init__(self, experiment: Any, trajectory_dir: str | os.PathLike[str] | None = None) -> None:
         self.experiment = experiment
         self.trajectory_dir = Path(trajectory_dir if trajectory_dir is not None else experiment.get_logdir())
+        self._layout: dict[str, dict[str, list[Any]]] | None = None
 
     def log_evaluation(self, record: EvaluationRecord) -> None:
         writer, step = self.experiment, record.step
+        layout = custom_scalars_layout(record.line_charts)
+        if layout and layout != self._layout:
+            writer.add_custom_scalars(layout)
+            self._layout = layout
         for tag, image in record.images.items():
             writer.add_image(tag, image.detach().float().cpu().clamp(0.0, 1.0), global_step=step, dataformats="CHW")
         for tag, figure in record.figures.items():
             writer.add_figure(tag, figure, global_step=step, close=True)
         for tag, caption in record.captions.items():
             writer.add_text(tag, caption, global_step=step)
+        for tag, (columns, rows) in record.tables.items():
+            writer.add_text(tag, _markdown_table(columns, rows), global_step=step)
         for tag, values in record.histograms.items():
             if values.numel():
                 writer.add_histogram(tag, _histogram_values(values), global_step=step)
@@ -126,17 +159,20 @@ class WandbSink:
     Like Lightning's ``WandbLogger.log_metrics``, the step travels as the ``trainer/global_step`` key (which
     ``WandbLogger`` declares as the step metric of every key) instead of ``run.log(step=...)``, whose step must
     increase strictly and would clash with Lightning's own logging. Images and figures become ``wandb.Image``
-    (figures rasterised with Agg, not converted to plotly), histograms ``wandb.Histogram``.
+    (figures rasterised with Agg, not converted to plotly), galleries a list of captioned ``wandb.Image`` (one per
+    probe image), histograms ``wandb.Histogram``, tables ``wandb.Table`` and line charts
+    ``wandb.plot.line_series`` over every evaluation so far (the sink keeps their history).
 
     Args:
         run: The ``wandb`` run.
-        trajectory_dir: Where :meth:`finalize` writes the trajectory files; defaults to ``run.dir`` (the run's
+        trajectory_dir: Where `finalize` writes the trajectory files; defaults to ``run.dir`` (the run's
             files, uploaded with it). Files written elsewhere are uploaded with ``run.save(policy="now")``.
     """
 
     def __init__(self, run: Any, trajectory_dir: str | os.PathLike[str] | None = None) -> None:
         self.run = run
         self.trajectory_dir = Path(trajectory_dir if trajectory_dir is not None else run.dir)
+        self._series: dict[str, tuple[list[int], list[float]]] = {}
 
     def log_evaluation(self, record: EvaluationRecord) -> None:
         import wandb
@@ -144,6 +180,22 @@ class WandbSink:
         payload: dict[str, Any] = {_WANDB_STEP_KEY: record.step}
         for tag, image in record.images.items():
             payload[tag] = wandb.Image(_image_array(image), caption=record.captions.get(tag))
+        for tag, gallery in record.galleries.items():
+            payload[tag] = [wandb.Image(_image_array(image), caption=caption) for image, caption in gallery]
+        for tag, (columns, rows) in record.tables.items():
+            payload[tag] = wandb.Table(columns=list(columns), data=[list(row) for row in rows])
+        for chart, tags in record.line_charts.items():
+            for tag in tags:
+                steps, values = self._series.setdefault(tag, ([], []))
+                steps.append(record.step)
+                values.append(float(record.scalars[tag]))
+            payload[f"{chart}/chart"] = wandb.plot.line_series(
+                xs=[self._series[tag][0] for tag in tags],
+                ys=[self._series[tag][1] for tag in tags],
+                keys=[tag.rpartition("/")[2] for tag in tags],
+                title=chart,
+                xname="step",
+            )
         for tag, figure in record.figures.items():
             payload[tag] = wandb.Image(figure_to_array(figure), caption=record.captions.get(tag))
         for tag, values in record.histograms.items():
@@ -172,6 +224,7 @@ class FileSink:
         step_000123/<tag with "/" -> "_">.png   images and figures
         step_000123/histograms.npz              one array per histogram tag (keys are the tags)
         step_000123/captions.json               tag -> caption, when there are captions
+        step_000123/<table tag>.csv             each table
         scalars.csv                             step,epoch,tag,value; one row per scalar, appended
         head_importance.csv / .npz              the trajectory, at finalize (into ``trajectory_dir``)
 
@@ -179,7 +232,7 @@ class FileSink:
 
     Args:
         save_dir: Root directory; created as needed.
-        trajectory_dir: Where :meth:`finalize` writes the trajectory files; defaults to ``save_dir``.
+        trajectory_dir: Where `finalize` writes the trajectory files; defaults to ``save_dir``.
 
     Examples:
         >>> import tempfile, torch
@@ -215,6 +268,12 @@ class FileSink:
             atomic_write_bytes(step_dir / "histograms.npz", buffer.getvalue())
         if record.captions:
             atomic_write_text(step_dir / "captions.json", json.dumps(record.captions, indent=2, sort_keys=True))
+        for tag, (columns, rows) in record.tables.items():
+            buffer = io.StringIO()
+            table = csv.writer(buffer, lineterminator="\n")
+            table.writerow(columns)
+            table.writerows(rows)
+            atomic_write_text(step_dir / f"{_file_name(tag)}.csv", buffer.getvalue())
         if record.scalars:
             self._append_scalars(record)
 
@@ -240,13 +299,17 @@ def sinks_for_loggers(
 ) -> list[Sink]:
     """Pick a sink for each of the trainer's loggers.
 
-    * ``TensorBoardLogger`` -> :class:`TensorBoardSink`, trajectory files in ``logger.log_dir``.
-    * ``WandbLogger`` -> :class:`WandbSink`, trajectory files in ``logger.save_dir`` (the run's files dir when
+    * ``TensorBoardLogger`` -> [`TensorBoardSink`][gmar_lightning.callback.sinks.TensorBoardSink], trajectory files in
+      ``logger.log_dir``.
+    * ``WandbLogger`` -> [`WandbSink`][gmar_lightning.callback.sinks.WandbSink], trajectory files in ``logger.save_dir``
+      (the run's files dir when
       that is ``None``), also uploaded to the run.
-    * Without either (CSV, MLflow or no logger): one :class:`FileSink` at ``save_dir`` (default
+    * Without either (CSV, MLflow or no logger): one [`FileSink`][gmar_lightning.callback.sinks.FileSink] at
+      ``save_dir`` (default
       ``<log_dir>/gmar``) with the trajectory files in ``log_dir`` (``save_dir`` when ``log_dir`` is not
       given), and a one-time notice saying where the files go.
-    * An explicit ``save_dir`` always adds a :class:`FileSink` there, also next to TensorBoard or W&B.
+    * An explicit ``save_dir`` always adds a [`FileSink`][gmar_lightning.callback.sinks.FileSink] there, also next to
+      TensorBoard or W&B.
 
     On global ranks other than 0 the list is empty, so the sinks never write twice.
 

@@ -1,9 +1,15 @@
-"""The demo: fine-tune a timm ViT with :class:`~gmar_lightning.GMARCallback` on synthetic shapes or an image folder.
+"""The demo: fine-tune a timm ViT with [`GMARCallback`][gmar_lightning.callback.gmar.GMARCallback] on synthetic shapes
+or an image folder.
 
-- :mod:`~gmar_lightning.demos.job`: :func:`run_demo` and :class:`DemoConfig`, behind ``gmar-lightning demo``.
-- :mod:`~gmar_lightning.demos.model`: :class:`ViTClassifier`, :func:`create_vit`, :func:`load_weights`.
-- :mod:`~gmar_lightning.demos.data`: the synthetic :class:`ShapesDataset` with object masks and its data module.
-- :mod:`~gmar_lightning.demos.image_folder`: :class:`ImageFolderDataModule` for ``train/`` and ``val/`` folders.
+- [`job`][gmar_lightning.demos.job]: [`run_demo`][gmar_lightning.demos.job.run_demo] and
+  [`DemoConfig`][gmar_lightning.demos.job.DemoConfig], behind ``gmar-lightning demo``.
+- [`model`][gmar_lightning.demos.model]: [`ViTClassifier`][gmar_lightning.demos.model.ViTClassifier],
+  [`create_vit`][gmar_lightning.demos.model.create_vit], [`load_weights`][gmar_lightning.demos.model.load_weights].
+- [`data`][gmar_lightning.demos.data]: the synthetic [`ShapesDataset`][gmar_lightning.demos.data.ShapesDataset] with
+  object masks and its data module.
+- [`image_folder`][gmar_lightning.demos.image_folder]:
+  [`ImageFolderDataModule`][gmar_lightning.demos.image_folder.ImageFolderDataModule] for ``train/`` and ``val/``
+  folders.
 """
 
 from gmar_lightning.demos.data import ShapesDataModule, ShapesDataset

@@ -1,9 +1,9 @@
 """A synthetic "shapes on clutter" dataset with ground-truth object masks, for demos and for scoring explanations.
 
-Each image holds one object whose shape is its class (circle, square, triangle, ...), at a random position, size,
-tilt and colour, on a textured, noisy background with small distractor blobs and thin lines that belong to no
-class. The object mask is returned with every item, so pointing-game style metrics
-(:mod:`gmar_lightning.metrics`) can check whether an explanation looks at the object.
+Each image holds one object whose shape is its class (circle, square, triangle, ...), at a random position, size, tilt
+and colour, on a textured, noisy background with small distractor blobs and thin lines that belong to no class. The
+object mask is returned with every item, so pointing-game style metrics
+([`gmar_lightning.metrics`][gmar_lightning.metrics]) can check whether an explanation looks at the object.
 
 Items are rendered on the fly with vectorised tensor ops and are reproducible: item ``i`` depends only on
 ``(seed, i)``. Real data needs none of this: any image dataset yielding ``(image, label)`` pairs, such as
@@ -89,7 +89,8 @@ def _item_generator(seed: int, index: int) -> torch.Generator:
 
 
 def denormalize(images: Tensor) -> Tensor:
-    """Map normalised :class:`ShapesDataset` images (``[3, H, W]`` or ``[B, 3, H, W]``) back to ``[0, 1]`` for display.
+    """Map normalised [`ShapesDataset`][gmar_lightning.demos.data.ShapesDataset] images (``[3, H, W]`` or
+    ``[B, 3, H, W]``) back to ``[0, 1]`` for display.
 
     Examples:
         >>> denormalize(torch.zeros(1, 3, 2, 2)).unique()
@@ -103,16 +104,16 @@ def denormalize(images: Tensor) -> Tensor:
 class ShapesDataset(Dataset[tuple[Tensor, int, Tensor]]):
     """One shape per image, class = shape, with the object's pixel mask.
 
-    Item ``i`` is ``(image, label, mask)``: ``image`` is ``[3, H, W]`` float32 normalised as
-    ``(x - mean) / std`` from ``x`` in ``[0, 1]`` (so values lie in ``[-1.5, 3.5]``; :func:`denormalize` undoes it),
-    ``label`` is ``i % num_classes`` (classes are exactly balanced) and ``mask`` is ``[H, W]`` bool, True exactly
-    on the object's pixels. The object spans 30-60% of the image side; distractors are small soft blobs and
-    thin lines, drawn beneath the object.
+    Item ``i`` is ``(image, label, mask)``: ``image`` is ``[3, H, W]`` float32 normalised as ``(x - mean) / std`` from
+    ``x`` in ``[0, 1]`` (so values lie in ``[-1.5, 3.5]``; [`denormalize`][gmar_lightning.demos.data.denormalize] undoes
+    it), ``label`` is ``i % num_classes`` (classes are exactly balanced) and ``mask`` is ``[H, W]`` bool, True exactly
+    on the object's pixels. The object spans 30-60% of the image side; distractors are small soft blobs and thin lines,
+    drawn beneath the object.
 
     Args:
         n: Number of items.
         image_size: Side ``H = W`` of the square images, at least 16.
-        num_classes: How many of :data:`SHAPES` to use, from 2 to ``len(SHAPES)``.
+        num_classes: How many of [`SHAPES`][gmar_lightning.demos.data.SHAPES] to use, from 2 to ``len(SHAPES)``.
         seed: Seed in ``[0, 2**32)``; item ``i`` depends only on ``(seed, start_index + i)``.
         start_index: Offset of the first item's index, to carve disjoint splits out of one seed.
 
@@ -224,7 +225,8 @@ def _check_int(name: str, value: object, minimum: int) -> None:
 
 
 class ShapesDataModule(L.LightningDataModule):
-    """Train and validation :class:`ShapesDataset` splits; batches are ``(images, labels, masks)``.
+    """Train and validation [`ShapesDataset`][gmar_lightning.demos.data.ShapesDataset] splits; batches are
+    ``(images, labels, masks)``.
 
     Both splits share ``seed`` and use disjoint item indices (train ``[0, num_train)``, validation after it),
     so no validation image is a training image.
@@ -233,7 +235,7 @@ class ShapesDataModule(L.LightningDataModule):
         num_train: Number of training images.
         num_val: Number of validation images.
         image_size: Side of the square images.
-        num_classes: Number of shape classes (see :data:`SHAPES`).
+        num_classes: Number of shape classes (see [`SHAPES`][gmar_lightning.demos.data.SHAPES]).
         batch_size: Images per batch.
         num_workers: DataLoader worker processes.
         seed: Seed of both splits.

@@ -1,10 +1,11 @@
-"""The main job: fine-tune a timm ViT with :class:`~gmar_lightning.GMARCallback` and log GMAR maps and head importance.
+"""The main job: fine-tune a timm ViT with [`GMARCallback`][gmar_lightning.callback.gmar.GMARCallback] and log GMAR maps
+and head importance.
 
-``examples/finetune_vit.py`` and ``gmar-lightning demo`` both run :func:`run_demo`. By default it trains a small ViT
-(4 layers, 96 wide, 4 heads, patch 8, 64 px) from scratch on the synthetic
-:class:`~gmar_lightning.demos.data.ShapesDataset`, which reaches about 0.93 validation accuracy in about three minutes
-on 2 CPU cores; ``--data-dir`` switches to an ``ImageFolder`` with ``train/`` and ``val/`` subfolders and ``--model``
-to any timm model.
+``examples/finetune_vit.py`` and ``gmar-lightning demo`` both run [`run_demo`][gmar_lightning.demos.job.run_demo]. By
+default it trains a small ViT (4 layers, 96 wide, 4 heads, patch 8, 64 px) from scratch on the synthetic
+[`ShapesDataset`][gmar_lightning.demos.data.ShapesDataset], which reaches about 0.93 validation accuracy in about three
+minutes on 2 CPU cores; ``--data-dir`` switches to an ``ImageFolder`` with ``train/`` and ``val/`` subfolders and
+``--model`` to any timm model.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ from gmar_lightning.callback import GMARCallback
 from gmar_lightning.demos.data import HorizontalFlipWithMask, ShapesDataModule, ShapesDataset
 from gmar_lightning.demos.image_folder import ImageFolderDataModule
 from gmar_lightning.demos.model import ViTClassifier
+from gmar_lightning.render import DEFAULT_ALPHA, DEFAULT_CMAP
 from gmar_lightning.trajectory import TRAJECTORY_NPZ
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_KWARGS", "LOGGERS", "DemoConfig", "run_demo"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_MODEL_KWARGS", "LOGGERS", "TENSORBOARD_SAMPLES", "DemoConfig", "run_demo"]
 
 DEFAULT_MODEL = "vit_tiny_patch16_224"
-"""The timm architecture behind the default model; :data:`DEFAULT_MODEL_KWARGS` shrinks it."""
+"""The timm architecture behind the default model;
+[`DEFAULT_MODEL_KWARGS`][gmar_lightning.demos.job.DEFAULT_MODEL_KWARGS] shrinks it."""
 
 DEFAULT_MODEL_KWARGS: dict[str, Any] = {"patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 4}
 """Constructor overrides of the default model: 4 layers, 96 wide, 4 heads, patch 8."""
@@ -41,15 +44,21 @@ DEFAULT_IMG_SIZE = 64
 LOGGERS = ("tensorboard", "wandb", "csv")
 RUN_NAME = "gmar_demo"
 
+TENSORBOARD_SAMPLES = "--samples_per_plugin images=0"
+"""TensorBoard keeps only 10 images per tag, sampled at random, unless told to keep all (0): with it, the slider shows
+every evaluation, the first one included."""
+
 
 @dataclass
 class DemoConfig:
-    """Settings of :func:`run_demo`; the command-line options map one to one onto these fields.
+    """Settings of [`run_demo`][gmar_lightning.demos.job.run_demo]; the command-line options map one to one onto these
+    fields.
 
     Attributes:
         data_dir: An ``ImageFolder`` root with ``train/`` and ``val/`` subfolders; ``None`` trains on shapes.
-        model: A timm model name; ``None`` is the small default ViT (:data:`DEFAULT_MODEL` with
-            :data:`DEFAULT_MODEL_KWARGS`).
+        model: A timm model name; ``None`` is the small default ViT
+            ([`DEFAULT_MODEL`][gmar_lightning.demos.job.DEFAULT_MODEL] with
+            [`DEFAULT_MODEL_KWARGS`][gmar_lightning.demos.job.DEFAULT_MODEL_KWARGS]).
         model_kwargs: timm constructor overrides, merged over the defaults for the default model.
         img_size: Input side; ``None`` is 64 for the default model and the model's own size otherwise.
         checkpoint: A local weights file to start from (a head for another class count is re-initialised).
@@ -70,6 +79,8 @@ class DemoConfig:
         methods: Explanation methods logged by the callback.
         num_probe: Validation images the callback explains at each evaluation.
         every_n_epochs: Explain every n-th epoch.
+        cmap: Matplotlib colour map of the overlays.
+        alpha: Opacity of the overlays.
         target_acc: Stop once validation accuracy reaches this (the run says so); ``None`` trains every epoch.
         seed: Seed of the data, the model initialisation and the training order.
         progress_bar: Show Lightning's progress bar.
@@ -97,6 +108,8 @@ class DemoConfig:
     methods: list[str] = field(default_factory=lambda: ["gmar_l1"])
     num_probe: int = 16
     every_n_epochs: int = 1
+    cmap: str = DEFAULT_CMAP
+    alpha: float = DEFAULT_ALPHA
     target_acc: float | None = 0.9
     seed: int = 0
     progress_bar: bool = True
@@ -202,7 +215,8 @@ def _devices(value: str) -> str | int | list[int]:
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
-    """Fine-tune a ViT with :class:`~gmar_lightning.GMARCallback` and return where everything went.
+    """Fine-tune a ViT with [`GMARCallback`][gmar_lightning.callback.gmar.GMARCallback] and return where everything
+    went.
 
     Args:
         config: The run's settings.
@@ -210,8 +224,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     Returns:
         ``{"val_acc", "val_loss", "log_dir", "trajectory_path", "checkpoint_path", "wall_time_s",
         "tensorboard_command", "view_command", "config"}``; paths are strings. ``view_command`` is how to look at
-        the logs (``tensorboard --logdir ...``, ``wandb sync ...`` or ``gmar-lightning report ...``);
-        ``tensorboard_command`` is the same for TensorBoard and ``None`` for other loggers.
+        the logs (``tensorboard --logdir ... --samples_per_plugin images=0``, ``wandb sync ...`` or
+        ``gmar-lightning report ...``); ``tensorboard_command`` is the same for TensorBoard and ``None`` for other
+        loggers.
 
     Raises:
         ValueError: For an unknown model name, bad options or data folders.
@@ -248,6 +263,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         mean=display["mean"],
         std=display["std"],
         class_names=display["class_names"],
+        cmap=config.cmap,
+        alpha=config.alpha,
     )
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
     callbacks: list[L.Callback] = [gmar, checkpoint]
@@ -276,7 +293,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     metrics = trainer.callback_metrics
     epochs_run = trainer.current_epoch
     trajectory_path = run_dir / TRAJECTORY_NPZ
-    view_command = f"tensorboard --logdir {run_dir}"
+    view_command = f"tensorboard --logdir {run_dir} {TENSORBOARD_SAMPLES}"
     if isinstance(logger, WandbLogger):
         offline_run = Path(logger.experiment.dir).parent
         view_command = (
@@ -314,4 +331,6 @@ def _print_summary(result: dict[str, Any]) -> None:
     print(f"Heads:      {result['trajectory_path']}")
     print(f"Checkpoint: {result['checkpoint_path']}")
     print(f"View them:  {result['view_command']}")
+    if result["tensorboard_command"] is not None:
+        print("            (images=0 keeps every evaluation's images; by default TensorBoard shows 10 at random)")
     print(f"Report:     gmar-lightning report {result['log_dir']}")

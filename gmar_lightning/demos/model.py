@@ -1,9 +1,9 @@
 """A small, reusable LightningModule around a timm Vision Transformer, and loading of local weights files.
 
-:class:`ViTClassifier` is what the examples, the ``gmar-lightning demo`` command and the LightningCLI config train:
-a timm model created by name (with any constructor overrides such as ``img_size`` or ``depth``), cross-entropy,
-accuracy logged as ``val_acc`` and AdamW with a linear-warmup cosine schedule. :class:`~gmar_lightning.GMARCallback`
-finds the ViT as its ``model`` attribute.
+[`ViTClassifier`][gmar_lightning.demos.model.ViTClassifier] is what the examples, the ``gmar-lightning demo`` command
+and the LightningCLI config train: a timm model created by name (with any constructor overrides such as ``img_size`` or
+``depth``), cross-entropy, accuracy logged as ``val_acc`` and AdamW with a linear-warmup cosine schedule.
+[`GMARCallback`][gmar_lightning.callback.gmar.GMARCallback] finds the ViT as its ``model`` attribute.
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ def create_vit(
         num_classes: Size of the classification head.
         img_size: Input side the model is built for; ``None`` keeps the model's default.
         pretrained: Download timm hub weights (needs internet access).
-        checkpoint_path: A local weights file loaded after creation (see :func:`load_weights`).
+        checkpoint_path: A local weights file loaded after creation (see
+            [`load_weights`][gmar_lightning.demos.model.load_weights]).
         model_kwargs: More constructor overrides, e.g. ``{"patch_size": 8, "depth": 4}``.
-        strict: Passed to :func:`load_weights`: ``False`` re-initialises tensors whose shape differs (a new head).
+        strict: Passed to [`load_weights`][gmar_lightning.demos.model.load_weights]: ``False`` re-initialises tensors
+            whose shape differs (a new head).
 
     Returns:
         The model, in training mode.
@@ -83,8 +85,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = 
 
     Accepts a plain ``state_dict`` (``.pth``/``.pt``/``.bin``/``.safetensors``), a dict holding it under
     ``"state_dict"`` or ``"model"`` (timm training checkpoints) and a Lightning checkpoint of
-    :class:`ViTClassifier` (keys prefixed ``model.``). The file is read with ``weights_only=True``, so it cannot run
-    code. Position embeddings saved at another image size are resampled by timm's filter for the model's family.
+    [`ViTClassifier`][gmar_lightning.demos.model.ViTClassifier] (keys prefixed ``model.``). The file is read with
+    ``weights_only=True``, so it cannot run code. Position embeddings saved at another image size are resampled by
+    timm's filter for the model's family.
 
     Args:
         model: The model to fill.
@@ -129,7 +132,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = 
 
 
 def checkpoint_model_settings(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The model settings stored in a Lightning checkpoint of :class:`ViTClassifier`, or ``None`` for other files.
+    """The model settings stored in a Lightning checkpoint of
+    [`ViTClassifier`][gmar_lightning.demos.model.ViTClassifier], or ``None`` for other files.
 
     Returns:
         ``{"model_name", "num_classes", "img_size", "model_kwargs"}``, enough to rebuild the model for the weights.

@@ -1,11 +1,20 @@
 """Act on attention-head importance: mask heads, measure Michel et al. importance, rank heads, trace ablation curves.
 
-- :mod:`~gmar_lightning.heads.masking`: :func:`head_mask`, :func:`mask_from_order`, :func:`attention_head_grid`.
-- :mod:`~gmar_lightning.heads.importance`: :func:`michel_importance`, :func:`rank_heads`, :func:`random_order`.
-- :mod:`~gmar_lightning.heads.ablation`: :class:`AblationCurve`, :func:`head_ablation_curve`,
-  :func:`plot_ablation_curves`.
-- :mod:`~gmar_lightning.heads.pruning`: :func:`prune_heads` (remove heads for real), :func:`restore_pruning`,
-  :func:`slice_optimizer_state`, :func:`weight_magnitude_importance`, :func:`head_counts`.
+- [`masking`][gmar_lightning.heads.masking]: [`head_mask`][gmar_lightning.heads.masking.head_mask],
+  [`mask_from_order`][gmar_lightning.heads.masking.mask_from_order],
+  [`attention_head_grid`][gmar_lightning.heads.masking.attention_head_grid].
+- [`importance`][gmar_lightning.heads.importance]:
+  [`michel_importance`][gmar_lightning.heads.importance.michel_importance],
+  [`rank_heads`][gmar_lightning.heads.importance.rank_heads],
+  [`random_order`][gmar_lightning.heads.importance.random_order].
+- [`ablation`][gmar_lightning.heads.ablation]: [`AblationCurve`][gmar_lightning.heads.ablation.AblationCurve],
+  [`head_ablation_curve`][gmar_lightning.heads.ablation.head_ablation_curve],
+  [`plot_ablation_curves`][gmar_lightning.heads.ablation.plot_ablation_curves].
+- [`pruning`][gmar_lightning.heads.pruning]: [`prune_heads`][gmar_lightning.heads.pruning.prune_heads] (remove heads for
+  real), [`restore_pruning`][gmar_lightning.heads.pruning.restore_pruning],
+  [`slice_optimizer_state`][gmar_lightning.heads.pruning.slice_optimizer_state],
+  [`weight_magnitude_importance`][gmar_lightning.heads.pruning.weight_magnitude_importance],
+  [`head_counts`][gmar_lightning.heads.pruning.head_counts].
 """
 
 from gmar_lightning.heads._batches import LossFn, per_example_cross_entropy

@@ -32,7 +32,8 @@ __all__ = ["DEFAULT_FRACTIONS", "AblationCurve", "head_ablation_curve", "plot_ab
 
 
 DEFAULT_FRACTIONS: tuple[float, ...] = tuple(i / 10 for i in range(11))
-"""Fractions of heads masked by :func:`head_ablation_curve` unless told otherwise: 0, 0.1, ..., 1."""
+"""Fractions of heads masked by [`head_ablation_curve`][gmar_lightning.heads.ablation.head_ablation_curve] unless told
+otherwise: 0, 0.1, ..., 1."""
 
 
 @dataclass
@@ -66,7 +67,7 @@ class AblationCurve:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AblationCurve:
-        """Rebuild a curve from :meth:`to_dict` output."""
+        """Rebuild a curve from `to_dict` output."""
         return cls(
             fractions=[float(v) for v in data["fractions"]],
             num_masked=[int(v) for v in data["num_masked"]],
@@ -81,7 +82,7 @@ class AblationCurve:
 
     @classmethod
     def load_json(cls, path: str | os.PathLike[str]) -> AblationCurve:
-        """Read a curve written by :meth:`save_json`."""
+        """Read a curve written by `save_json`."""
         with open(path, encoding="utf-8") as handle:
             return cls.from_dict(json.load(handle))
 
@@ -97,7 +98,7 @@ class AblationCurve:
 
     @classmethod
     def load_csv(cls, path: str | os.PathLike[str]) -> AblationCurve:
-        """Read a curve written by :meth:`save_csv`."""
+        """Read a curve written by `save_csv`."""
         with open(path, encoding="utf-8", newline="") as handle:
             rows = list(csv.DictReader(handle))
         if not rows:
@@ -141,9 +142,10 @@ def head_ablation_curve(
     Args:
         model: A timm Vision Transformer returning logits ``[B, C]``; it must already be on ``device``.
         dataloader: Yields ``(images, labels)`` or ``(images, labels, masks)``; labels are class indices.
-        order: ``[L * H, 2]`` ``(layer, head)`` pruning order, e.g. from :func:`rank_heads` or :func:`random_order`.
+        order: ``[L * H, 2]`` ``(layer, head)`` pruning order, e.g. from `rank_heads` or `random_order`.
         fractions: Distinct increasing fractions of heads to mask, in ``[0, 1]``.
-        order_name: Label stored in the curve (legend of :func:`plot_ablation_curves`).
+        order_name: Label stored in the curve (legend of
+            [`plot_ablation_curves`][gmar_lightning.heads.ablation.plot_ablation_curves]).
         loss_fn: ``loss_fn(logits, labels) -> [B]`` per-example losses.
         max_batches: Stop after this many batches (``None``: the whole dataloader).
         device: Where batches are moved; defaults to the device of the model's parameters.
@@ -195,7 +197,7 @@ def plot_ablation_curves(
 ) -> Figure:
     """Plot accuracy against the fraction of heads masked, one line per pruning order; save a PNG if ``path``.
 
-    Uses :class:`matplotlib.figure.Figure` directly, so no pyplot state or GUI backend is involved.
+    Uses `matplotlib.figure.Figure` directly, so no pyplot state or GUI backend is involved.
 
     Examples:
         >>> figure = plot_ablation_curves([AblationCurve([0.0, 1.0], [0, 4], [0.9, 0.1], [0.2, 2.0], "gmar")])

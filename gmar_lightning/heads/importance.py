@@ -147,8 +147,8 @@ def rank_heads(
     heads a pruned layer no longer has: they are left out of the order.
 
     Args:
-        importance: One of: an ``[L, H]`` tensor or array; an :class:`~gmar_lightning.explanation.Explanation` of a
-            GMAR method (its ``head_weights`` averaged over the batch); or a trajectory-like object with a
+        importance: One of: an ``[L, H]`` tensor or array; an [`Explanation`][gmar_lightning.explanation.Explanation] of
+            a GMAR method (its ``head_weights`` averaged over the batch); or a trajectory-like object with a
             ``.weights`` attribute ``[E, L, H]`` (one row per epoch).
         least_important_first: Order from least to most important (the pruning order); ``False`` reverses it.
         epoch: For trajectories only: the epoch index to rank (default the last), or ``"mean"`` over epochs.

@@ -1,16 +1,18 @@
 """Remove attention heads from timm ViTs for real: smaller weights, fewer FLOPs, the outputs of masking them.
 
-:func:`prune_heads` slices every tensor whose size depends on a layer's head count: the ``qkv`` (or ``q_proj``,
-``k_proj``, ``v_proj``) output rows with their biases (BEiT/EVA's separate ``q_bias``/``k_bias``/``v_bias`` too), a
-``gate``'s rows, ``proj``'s input columns and BEiT's relative-position-bias table; it updates ``num_heads`` (and
-``attn_dim``) and keeps ``head_dim``. ``q_norm``/``k_norm`` act on each head's ``head_dim`` channels with weights
-shared by all heads and EVA's rotary embedding acts on ``head_dim`` too, so neither changes. Fused attention stays on.
-Layers may end with different head counts, and a layer may lose every head: its attention branch then outputs only
-``proj``'s bias, exactly what :func:`~gmar_lightning.heads.head_mask` gives when it zeroes all of the layer's heads.
+[`prune_heads`][gmar_lightning.heads.pruning.prune_heads] slices every tensor whose size depends on a layer's head
+count: the ``qkv`` (or ``q_proj``, ``k_proj``, ``v_proj``) output rows with their biases (BEiT/EVA's separate
+``q_bias``/``k_bias``/``v_bias`` too), a ``gate``'s rows, ``proj``'s input columns and BEiT's relative-position-bias
+table; it updates ``num_heads`` (and ``attn_dim``) and keeps ``head_dim``. ``q_norm``/``k_norm`` act on each head's
+``head_dim`` channels with weights shared by all heads and EVA's rotary embedding acts on ``head_dim`` too, so neither
+changes. Fused attention stays on. Layers may end with different head counts, and a layer may lose every head: its
+attention branch then outputs only ``proj``'s bias, exactly what [`head_mask`][gmar_lightning.heads.masking.head_mask]
+gives when it zeroes all of the layer's heads.
 
 Heads keep the index they had in the unpruned model (their *slot*). A pruned attention module carries a persistent
-boolean buffer ``kept_heads`` ``[H_original]``, so the pruning spec travels inside every ``state_dict`` (a plain
-file, a Lightning checkpoint) and :func:`restore_pruning` prunes a freshly built model to match before loading.
+boolean buffer ``kept_heads`` ``[H_original]``, so the pruning spec travels inside every ``state_dict`` (a plain file, a
+Lightning checkpoint) and [`restore_pruning`][gmar_lightning.heads.pruning.restore_pruning] prunes a freshly built model
+to match before loading.
 
 Refused: attention that normalises the concatenated heads before ``proj`` (``scale_norm``, EVA with
 ``scale_attn_inner=True``): the remaining heads would be normalised with other statistics, so no pruned model equals
@@ -68,7 +70,8 @@ HeadsToPrune = Mapping[int | str, Iterable[int]] | Tensor | np.ndarray
 
 @dataclass(frozen=True)
 class ParameterSlice:
-    """How :func:`prune_heads` cut one parameter: ``new = old.index_select(dim, index)``.
+    """How [`prune_heads`][gmar_lightning.heads.pruning.prune_heads] cut one parameter:
+    ``new = old.index_select(dim, index)``.
 
     Attributes:
         old: The parameter before pruning (no longer in the model; optimizers may still hold it).
@@ -86,7 +89,7 @@ class ParameterSlice:
 class PrunedBeitAttention(BeitAttention):
     """BEiT attention whose head count may differ from ``dim // head_dim`` (timm reshapes to the input width).
 
-    Identical to :class:`timm.models.beit.Attention` except that the heads are concatenated to ``num_heads * head_dim``
+    Identical to `timm.models.beit.Attention` except that the heads are concatenated to ``num_heads * head_dim``
     channels and a relative-position bias shared by all layers is restricted to the layer's remaining heads.
     """
 
@@ -127,7 +130,7 @@ class PrunedBeitAttention(BeitAttention):
 class PrunedEvaAttention(EvaAttention):
     """EVA attention whose head count may differ from ``dim // head_dim`` (timm reshapes to the input width).
 
-    Identical to :class:`timm.models.eva.EvaAttention` except that the heads are concatenated to
+    Identical to `timm.models.eva.EvaAttention` except that the heads are concatenated to
     ``num_heads * head_dim`` channels. The rotary embedding acts within each head, so it needs no change.
     """
 
@@ -360,19 +363,19 @@ def _prune_layer(module: nn.Module, remove: set[int]) -> list[ParameterSlice]:
 def prune_heads(model: nn.Module, heads: HeadsToPrune) -> list[ParameterSlice]:
     """Physically remove attention heads, layer by layer; the model is changed in place.
 
-    The pruned model computes what the unpruned one computes under :func:`~gmar_lightning.heads.head_mask` with the
-    same heads zeroed (up to float rounding). Everything is checked before anything changes, so a bad request leaves
-    the model as it was. Parameters that change are replaced by new ``nn.Parameter`` objects; the returned slices let
-    :func:`slice_optimizer_state` carry an optimizer's state over.
+    The pruned model computes what the unpruned one computes under [`head_mask`][gmar_lightning.heads.masking.head_mask]
+    with the same heads zeroed (up to float rounding). Everything is checked before anything changes, so a bad request
+    leaves the model as it was. Parameters that change are replaced by new ``nn.Parameter`` objects; the returned slices
+    let [`slice_optimizer_state`][gmar_lightning.heads.pruning.slice_optimizer_state] carry an optimizer's state over.
 
     Args:
         model: A timm ViT (vit, deit, beit, eva families) or ``torch.compile`` of one, possibly pruned before.
         heads: What to remove, by *original* head index (a head keeps its index when others go): a mapping
-            ``{layer index or name: [head, ...]}``, or an ``[L, H_original]`` keep-mask (1 keep, 0 remove, NaN
-            allowed for heads already removed) in :func:`~gmar_lightning.capture.find_attention_layers` order.
+            ``{layer index or name: [head, ...]}``, or an ``[L, H_original]`` keep-mask (1 keep, 0 remove, NaN allowed
+            for heads already removed) in [`find_attention_layers`][gmar_lightning.capture.find_attention_layers] order.
 
     Returns:
-        One :class:`ParameterSlice` per replaced parameter.
+        One [`ParameterSlice`][gmar_lightning.heads.pruning.ParameterSlice] per replaced parameter.
 
     Raises:
         ValueError: If ``heads`` names a layer or head the model does not have, or a layer normalises the

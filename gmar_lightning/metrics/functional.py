@@ -42,7 +42,7 @@ def _pointing_game_update(maps: Tensor, masks: Tensor, tolerance: int) -> tuple[
 def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
     """Fraction of images whose map peaks on (within ``tolerance`` pixels of) the object.
 
-    The functional form of :class:`~gmar_lightning.metrics.PointingGame`.
+    The functional form of [`PointingGame`][gmar_lightning.metrics.pointing.PointingGame].
 
     Args:
         maps: ``[B, H', W']`` saliency, higher = more important.
@@ -70,7 +70,7 @@ def _energy_pointing_game_update(maps: Tensor, masks: Tensor) -> tuple[Tensor, T
 def energy_pointing_game(maps: Tensor, masks: Tensor) -> Tensor:
     """Mean share of min-max normalised saliency that falls on the object.
 
-    The functional form of :class:`~gmar_lightning.metrics.EnergyPointingGame`.
+    The functional form of [`EnergyPointingGame`][gmar_lightning.metrics.pointing.EnergyPointingGame].
 
     Args:
         maps: ``[B, H', W']`` saliency, higher = more important.
@@ -140,7 +140,8 @@ def insertion_curve(
     """Target probability as the most salient pixels of a blurred image are restored, step by step.
 
     Starts from the image blurred by a Gaussian (replicate-padded) and reveals ``ceil(H * W / steps)`` more original
-    pixels per step, in decreasing saliency order. Arguments as in :func:`deletion_curve`, plus:
+    pixels per step, in decreasing saliency order. Arguments as in
+    [`deletion_curve`][gmar_lightning.metrics.functional.deletion_curve], plus:
 
     Args:
         model: Classifier mapping ``[N, C, H, W]`` to logits ``[N, K]``.

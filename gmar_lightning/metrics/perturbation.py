@@ -1,8 +1,10 @@
 """Faithfulness metrics: are the pixels a map ranks first the ones the model needs?
 
-:class:`DeletionAUC` and :class:`InsertionAUC` (Petsiuk et al. 2018, RISE) perturb images in saliency order and
-integrate the target probability; :func:`~gmar_lightning.metrics.functional.deletion_curve` and
-:func:`~gmar_lightning.metrics.functional.insertion_curve` return the underlying curves.
+[`DeletionAUC`][gmar_lightning.metrics.perturbation.DeletionAUC] and
+[`InsertionAUC`][gmar_lightning.metrics.perturbation.InsertionAUC] (Petsiuk et al. 2018, RISE) perturb images in
+saliency order and integrate the target probability;
+[`deletion_curve`][gmar_lightning.metrics.functional.deletion_curve] and
+[`insertion_curve`][gmar_lightning.metrics.functional.insertion_curve] return the underlying curves.
 """
 
 from __future__ import annotations
@@ -67,14 +69,15 @@ class DeletionAUC(_PerturbationAUC):
     With ``p_k`` the target's softmax probability after replacing the top ``min(k * ceil(HW / steps), HW)``
     pixels by ``baseline`` and ``x_k`` that count over ``HW``, the score of one image is the trapezoid rule
     ``AUC = sum_k (x_{k+1} - x_k) (p_k + p_{k+1}) / 2`` over ``k = 0..steps``; the metric is the mean over images.
-    Lower is better: a faithful map deletes the evidence first. See :func:`deletion_curve` for the arguments.
+    Lower is better: a faithful map deletes the evidence first. See
+    [`deletion_curve`][gmar_lightning.metrics.functional.deletion_curve] for the arguments.
 
     Args:
         model: Classifier mapping ``[N, C, H, W]`` to logits.
         steps: Number of perturbation steps.
         baseline: Value of deleted pixels in the model's input space (number or tensor broadcastable to the images).
         batch_size: Perturbed images per forward pass.
-        kwargs: Passed to :class:`torchmetrics.Metric`.
+        kwargs: Passed to `torchmetrics.Metric`.
 
     Examples:
         >>> class LeftHalf(nn.Module):  # only the left half of the image is evidence for class 0
@@ -107,9 +110,9 @@ class DeletionAUC(_PerturbationAUC):
 class InsertionAUC(_PerturbationAUC):
     """Area under the insertion curve: how fast the target probability rises as salient pixels are revealed.
 
-    Like :class:`DeletionAUC`, but ``p_k`` is measured on the Gaussian-blurred image with its top
-    ``min(k * ceil(HW / steps), HW)`` pixels restored to the original. Higher is better. See
-    :func:`insertion_curve` for the arguments.
+    Like [`DeletionAUC`][gmar_lightning.metrics.perturbation.DeletionAUC], but ``p_k`` is measured on the
+    Gaussian-blurred image with its top ``min(k * ceil(HW / steps), HW)`` pixels restored to the original. Higher is
+    better. See [`insertion_curve`][gmar_lightning.metrics.functional.insertion_curve] for the arguments.
 
     Args:
         model: Classifier mapping ``[N, C, H, W]`` to logits.
@@ -117,7 +120,7 @@ class InsertionAUC(_PerturbationAUC):
         blur_kernel_size: Odd side of the Gaussian kernel that makes the starting image.
         blur_sigma: Standard deviation of that Gaussian, in pixels.
         batch_size: Perturbed images per forward pass.
-        kwargs: Passed to :class:`torchmetrics.Metric`.
+        kwargs: Passed to `torchmetrics.Metric`.
 
     Examples:
         >>> class LeftHalf(nn.Module):  # only the left half of the image is evidence for class 0

@@ -1,8 +1,10 @@
 """Localisation metrics: does a saliency map point at the object, given ground-truth masks?
 
-:class:`PointingGame` and :class:`EnergyPointingGame` (Zhang et al. 2016; Wang et al. 2020, Score-CAM), for masks such
-as those of :class:`gmar_lightning.demos.data.ShapesDataset`. Maps whose spatial size differs from the masks are
-bilinearly resized to it first.
+[`PointingGame`][gmar_lightning.metrics.pointing.PointingGame] and
+[`EnergyPointingGame`][gmar_lightning.metrics.pointing.EnergyPointingGame] (Zhang et al. 2016; Wang et al. 2020,
+Score-CAM), for masks such as those of
+[`gmar_lightning.demos.data.ShapesDataset`][gmar_lightning.demos.data.ShapesDataset]. Maps whose spatial size differs
+from the masks are bilinearly resized to it first.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class PointingGame(Metric):
 
     Args:
         tolerance: Dilation radius of the masks in pixels, ``>= 0``.
-        kwargs: Passed to :class:`torchmetrics.Metric`.
+        kwargs: Passed to `torchmetrics.Metric`.
 
     Examples:
         >>> maps = torch.zeros(2, 4, 4)
@@ -74,7 +76,7 @@ class EnergyPointingGame(Metric):
     skipped; the metric is the mean over the others (NaN before any).
 
     Args:
-        kwargs: Passed to :class:`torchmetrics.Metric`.
+        kwargs: Passed to `torchmetrics.Metric`.
 
     Examples:
         >>> maps = torch.tensor([[[0.0, 1.0], [3.0, 5.0]]])  # normalised: 0, 0.2, 0.6, 1.0
