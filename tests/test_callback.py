@@ -46,10 +46,16 @@ def test_tensorboard_holds_every_tag_for_each_evaluated_epoch_and_none_from_sani
     expected_steps = [steps_per_epoch * epoch for epoch in (1, 2, 3)]
 
     tags = events.Tags()
-    for tag in ("gmar/overlay/gmar_l1", "gmar/overlay/rollout", "gmar/head_importance", "gmar/trajectory"):
+    for tag in (
+        "gmar/overlay/gmar_l1", "gmar/overlay/rollout", "gmar/evolution/gmar_l1", "gmar/evolution/rollout",
+        "gmar/head_importance", "gmar/trajectory", "gmar/specialisation",
+    ):  # fmt: skip
         assert [event.step for event in events.Images(tag)] == expected_steps, tag
     for layer in ("00", "01"):
         assert [event.step for event in events.Histograms(f"gmar/head_weights/layer_{layer}")] == expected_steps
+        for head in ("00", "03"):  # per-head histograms and probe-mean scalars are on by default
+            assert len(events.Histograms(f"gmar/head_weights/layer_{layer}/head_{head}")) == 3
+            assert len(events.Scalars(f"gmar/head_mean/layer_{layer}/head_{head}")) == 3
         assert [event.step for event in events.Scalars(f"gmar/entropy/layer_{layer}")] == expected_steps
         assert [event.step for event in events.Scalars(f"gmar/top_head_share/layer_{layer}")] == expected_steps
         # Rank stability needs a previous evaluation.
@@ -62,6 +68,8 @@ def test_tensorboard_holds_every_tag_for_each_evaluated_epoch_and_none_from_sani
     assert overlay.width > 100 and overlay.height > 100
 
     assert callback.trajectory.epochs == [0, 1, 2]
+    assert callback.map_history.epochs == [0, 1, 2]
+    assert tuple(callback.map_history.maps["rollout"].shape) == (3, 4, 32, 32)
     assert callback.trajectory.steps == expected_steps
     assert callback.trajectory.weights.shape == (3, 2, 4)
     torch.testing.assert_close(callback.trajectory.weights.sum(-1), torch.ones(3, 2))
@@ -263,6 +271,7 @@ def test_checkpoint_state_is_plain_data(tmp_path: Path) -> None:
     state = checkpoint["callbacks"][callback.state_key]
     assert state["probe"]["images"].shape == (4, 3, 32, 32)
     assert state["trajectory"]["epochs"] == [0]
+    assert state["map_history"]["epochs"] == [0] and state["map_history"]["maps"]["gmar_l1"].dtype == torch.uint8
     assert np.isfinite(np.asarray(state["trajectory"]["weights"])).all()
     assert os.path.exists(tmp_path / "ckpt" / "last.ckpt")
 

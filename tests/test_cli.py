@@ -18,7 +18,7 @@ from PIL import Image
 from gmar_lightning import explain
 from gmar_lightning.callback.records import EvaluationRecord
 from gmar_lightning.callback.sinks import FileSink
-from gmar_lightning.cli import load_image, main, model_preprocessing
+from gmar_lightning.cli import load_image, main, map_to_original, model_preprocessing
 from gmar_lightning.demos.data import ShapesDataModule
 from gmar_lightning.demos.model import ViTClassifier, create_vit, load_weights
 from gmar_lightning.trajectory import HeadTrajectory
@@ -61,19 +61,25 @@ def test_explain_writes_overlays_and_maps_of_the_loaded_weights(
     argv = ["explain", str(images[0]), str(images[1]), *TINY_OPTIONS, "--checkpoint", str(weights), "--device", "cpu"]
     assert main([*argv, "--method", "gmar_l1,rollout", "--method", "attention", "--output", str(output)]) == 0
 
-    for stem in ("colour", "gray"):
+    for stem, (width, height) in (("colour", (50, 40)), ("gray", (20, 20))):
         for method in ("gmar_l1", "rollout", "attention"):
             with Image.open(output / f"{stem}_{method}.png") as overlay_image:
-                assert overlay_image.size == (32, 32) and overlay_image.mode == "RGB"
+                # The image at its own size, plus a caption band above and a colour bar on the right.
+                assert overlay_image.width > width and overlay_image.height > height and overlay_image.mode == "RGBA"
     with np.load(output / "maps.npz") as arrays:
         assert sorted(arrays.files) == [
+            "crop_boxes",
             "files",
             "head_weights_gmar_l1",
+            "image_sizes",
             "maps_attention",
             "maps_gmar_l1",
             "maps_rollout",
             "predictions",
+            "probabilities",
         ]
+        assert arrays["image_sizes"].tolist() == [[50, 40], [20, 20]]
+        assert arrays["probabilities"].min() > 0 and arrays["probabilities"].max() <= 1
         assert arrays["files"].tolist() == [str(images[0]), str(images[1])]
         maps = arrays["maps_gmar_l1"]
         assert maps.shape == (2, 32, 32) and maps.min() >= 0.0 and maps.max() <= 1.0
@@ -85,6 +91,48 @@ def test_explain_writes_overlays_and_maps_of_the_loaded_weights(
         expected = explain(model, inputs, method="gmar_l1")
         np.testing.assert_allclose(maps, expected.maps.numpy(), atol=1e-5)
         np.testing.assert_array_equal(arrays["predictions"], expected.predictions.numpy())
+
+
+def test_model_input_is_timm_resize_and_centre_crop_and_maps_go_back_to_the_original_pixels(tmp_path: Path) -> None:
+    # A 100 x 50 horizontal ramp: column x has brightness x. With crop_pct 1 and a 32 px input, the shorter side
+    # becomes 32 px (the image 64 x 32), and the centre crop keeps resized columns 16..48, original columns 25..75.
+    ramp = np.tile(np.arange(100, dtype=np.uint8)[None, :, None], (50, 1, 3))
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    preprocessing = model_preprocessing(tiny_vit(), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), crop_pct=1.0)
+    assert preprocessing.crop_box(100, 50) == (25.0, 0.0, 75.0, 50.0)
+    model_input = load_image(tmp_path / "ramp.png", preprocessing)
+    assert model_input.shape == (3, 32, 32)
+    row = model_input[0, 16] * 255
+    assert row[0].item() == pytest.approx(25.5, abs=1.5) and row[-1].item() == pytest.approx(73.5, abs=1.5)
+    placed = map_to_original(torch.ones(32, 32), preprocessing.crop_box(100, 50), width=100, height=50)
+    assert placed.shape == (50, 100)
+    assert torch.isnan(placed[:, :25]).all() and torch.isnan(placed[:, 75:]).all()
+    torch.testing.assert_close(placed[:, 25:75], torch.ones(50, 50))
+
+
+def test_explain_captions_with_class_names_and_writes_side_by_sides(
+    weights: Path, images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = tmp_path / "classes.txt"
+    names.write_text("cat\ndog\nbird\n")
+    output = tmp_path / "out"
+    argv = ["explain", str(images[2]), *TINY_OPTIONS, "--checkpoint", str(weights), "--class-names", str(names)]
+    assert main([*argv, "--method", "gmar_l1,rollout", "--side-by-side", "--cmap", "viridis", "--alpha", "0.7",
+                 "--output", str(output)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "Model input: shorter side resized to 35 px (bicubic), centre 32x32 crop, normalised with mean" in printed
+    assert sorted(path.name for path in output.glob("*.png")) == [
+        "photo_gmar_l1.png", "photo_methods.png", "photo_rollout.png"
+    ]  # fmt: skip
+    with np.load(output / "maps.npz") as arrays:
+        assert arrays["class_names"].tolist() == ["cat", "dog", "bird"]
+        # The image is 48 x 64: resized to 35 x 46, the 32 px crop starts at column round(3 / 2) = 2 and row 7.
+        box = arrays["crop_boxes"][0]
+        np.testing.assert_allclose(box, [2 * 48 / 35, 7 * 64 / 46, 34 * 48 / 35, 39 * 64 / 46], rtol=1e-4)
+    short_names = tmp_path / "short.txt"
+    short_names.write_text("cat\n")
+    assert main([*argv[:-1], str(short_names), "--output", str(tmp_path / "x")]) == 2
+    assert "names 1 classes but the model has 3" in capsys.readouterr().err
 
 
 def test_explain_takes_folders_and_batches_them(weights: Path, images: list[Path], tmp_path: Path) -> None:
@@ -155,10 +203,12 @@ def _run_dir_with_trajectory(root: Path, epochs: int = 3) -> Path:
 
 def test_report_writes_plots_and_a_self_contained_page(tmp_path: Path) -> None:
     run_dir = _run_dir_with_trajectory(tmp_path)
-    # What a FileSink writes for a CSV-logged run: an overlay PNG per evaluation.
-    FileSink(run_dir / "gmar").log_evaluation(
-        EvaluationRecord(30, 2, images={"gmar/overlay/gmar_l1": torch.rand(3, 16, 16)})
-    )
+    # What a CSV-logged run holds: the logger's hparams.yaml and metrics.csv, and a FileSink's overlay PNGs.
+    (run_dir / "hparams.yaml").write_text("model_name: vit_tiny_patch16_224\nlr: 0.001\n")
+    (run_dir / "metrics.csv").write_text("epoch,step,train_loss,val_acc\n0,9,1.2,\n0,9,,0.5\n1,19,,0.875\n2,29,,0.75\n")
+    sink = FileSink(run_dir / "gmar")
+    for step in (10, 20, 30):
+        sink.log_evaluation(EvaluationRecord(step, 2, images={"gmar/overlay/gmar_l1": torch.rand(3, 16, 16)}))
     assert main(["report", str(run_dir)]) == 0
 
     report_dir = run_dir / "report"
@@ -166,8 +216,11 @@ def test_report_writes_plots_and_a_self_contained_page(tmp_path: Path) -> None:
         with Image.open(report_dir / name) as plot:
             assert plot.format == "PNG" and min(plot.size) > 100
     page = (report_dir / "report.html").read_text(encoding="utf-8")
-    assert page.count('src="data:image/png;base64,') == 4
-    assert "gmar/step_000030/gmar_overlay_gmar_l1.png" in page
+    assert page.count('src="data:image/png;base64,') == 5  # 3 plots, the first and the latest overlays
+    assert "gmar/gmar_overlay_gmar_l1.png" in page
+    assert "first evaluation (step 10)" in page and "latest evaluation (step 30)" in page
+    assert "<strong>0.750</strong> at the end (best 0.875)" in page
+    assert "<td>model_name</td><td><code>vit_tiny_patch16_224</code></td>" in page
     assert "blocks.1.attn" in page and "epoch 2" in page.lower()
     # Self-contained: no image or script is fetched from anywhere.
     assert 'src="http' not in page and 'href="http' not in page and 'src="file' not in page

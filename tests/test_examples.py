@@ -43,7 +43,7 @@ def test_main_job_logs_to_tensorboard_and_writes_head_importance(job: dict[str, 
     run_dir = Path(job["log_dir"])
     assert 0.0 <= job["val_acc"] <= 1.0 and job["wall_time_s"] > 0
     assert list(run_dir.glob("events.out.tfevents.*"))
-    assert job["tensorboard_command"] == f"tensorboard --logdir {run_dir}"
+    assert job["tensorboard_command"] == f"tensorboard --logdir {run_dir} --samples_per_plugin images=0"
     assert Path(job["checkpoint_path"]).is_file()
     assert job["trajectory_path"] == str(run_dir / "head_importance.npz")
     trajectory = HeadTrajectory.load_npz(job["trajectory_path"])
@@ -65,7 +65,7 @@ def test_main_job_logs_to_tensorboard_and_writes_head_importance(job: dict[str, 
 def test_main_job_prints_where_the_logs_are(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     result = load_example("finetune_vit").main([*TINY_JOB, "--epochs", "1", "--log-dir", str(tmp_path)])
     printed = capsys.readouterr().out
-    assert f"tensorboard --logdir {result['log_dir']}" in printed
+    assert f"tensorboard --logdir {result['log_dir']} --samples_per_plugin images=0" in printed
     assert str(tmp_path) in result["log_dir"]
 
 
@@ -119,7 +119,7 @@ def test_demo_command_with_csv_logger_feeds_the_report(tmp_path: Path) -> None:
 
     assert cli_main(["report", str(tmp_path)]) == 0
     page = (run_dir / "report" / "report.html").read_text(encoding="utf-8")
-    assert str(overlays[-1].relative_to(run_dir)) in page
+    assert f"latest evaluation (step {int(overlays[-1].parent.name.removeprefix('step_'))})" in page
 
 
 def test_main_job_trains_on_an_image_folder(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import io
 import time
 
 import matplotlib
+import matplotlib.text
 import pytest
 import torch
 from matplotlib.figure import Figure
@@ -13,6 +14,8 @@ from PIL import Image
 
 from gmar_lightning.render import (
     denormalize,
+    evenly_spaced,
+    evolution_figure,
     figure_to_array,
     figure_to_png_bytes,
     head_heatmap_figure,
@@ -111,16 +114,18 @@ def test_overlay_grid_image_tiles_at_most_max_images() -> None:
 def test_overlay_grid_figure_captions_each_shown_image() -> None:
     labels = ["cat", "dog", "cat", "bird", "dog"]
     predictions = ["cat", "cat", "cat", "bird", "dog"]
-    figure = overlay_grid_figure(torch.rand(5, 3, 32, 32), torch.rand(5, 32, 32), labels, predictions, max_images=4)
-    assert len(figure.axes) == 1
-    captions = [text.get_text() for text in figure.axes[0].texts]
-    assert captions == [
-        "true: cat / pred: cat",
-        "true: dog / pred: cat",
-        "true: cat / pred: cat",
-        "true: bird / pred: bird",
-    ]
-    assert [text.get_color() for text in figure.axes[0].texts] == ["green", "red", "green", "green"]
+    figure = overlay_grid_figure(
+        torch.rand(5, 3, 32, 32), torch.rand(5, 32, 32), labels, predictions, max_images=4,
+        probabilities=[0.9, 0.51, 0.999, 0.25, 0.5],
+    )  # fmt: skip
+    tiles, colorbar = figure.axes
+    assert colorbar.get_ylabel() == "saliency"
+    assert [text.get_text() for text in tiles.texts] == [
+        "true: cat", "pred: cat 90%", "true: dog", "pred: cat 51%",
+        "true: cat", "pred: cat 100%", "true: bird", "pred: bird 25%",
+    ]  # fmt: skip
+    assert [text.get_color() for text in tiles.texts][::2] == ["green", "red", "green", "green"]
+    assert min(text.get_fontsize() for text in figure.findobj(matplotlib.text.Text) if text.get_text()) >= 10
 
 
 def test_overlay_grid_figure_rejects_too_few_labels() -> None:
@@ -145,7 +150,11 @@ def test_head_heatmap_figure_rejects_mismatched_layer_names() -> None:
 def test_trajectory_figure_has_one_panel_per_layer_and_one_line_per_head() -> None:
     figure = trajectory_figure(make_trajectory(epochs=3, layers=5, heads=6))
     assert len(figure.axes) == 5
+    # A near-square grid of layers (3 columns x 2 rows for 5), not one long row.
+    assert sorted({round(axes.get_position().x0, 3) for axes in figure.axes}).__len__() == 3
+    assert len({round(axes.get_position().y0, 3) for axes in figure.axes}) == 2
     assert all(len(axes.get_lines()) == 6 for axes in figure.axes)
+    assert len({line.get_color() for line in figure.axes[0].get_lines()}) == 6
     assert list(figure.axes[0].get_lines()[0].get_xdata()) == [0, 1, 2]
     assert [axes.get_title() for axes in figure.axes] == [f"blocks.{i}.attn" for i in range(5)]
 
@@ -161,6 +170,7 @@ def test_specialisation_figure_has_three_panels_with_one_line_per_layer() -> Non
     assert len(figure.axes) == 3
     assert all(len(axes.get_lines()) == 3 for axes in figure.axes)
     assert [line.get_label() for line in figure.axes[0].get_lines()] == ["layer 0", "layer 1", "layer 2"]
+    assert [axes.get_ylim() for axes in figure.axes] == [(-0.05, 1.05), (-0.05, 1.05), (-1.1, 1.1)]
     assert len(specialisation_figure(HeadTrajectory(layer_names=["a"])).axes) == 3
 
 
@@ -198,3 +208,33 @@ def test_rendering_one_evaluation_is_fast() -> None:
     render_evaluation()
     # About 0.2 s on one idle core; the bound leaves room for slow CI machines.
     assert time.process_time() - start < 1.0
+
+
+def test_specialisation_figure_tells_twelve_layers_apart() -> None:
+    figure = specialisation_figure(make_trajectory(layers=12, heads=3))
+    assert len({tuple(line.get_color()) for line in figure.axes[0].get_lines()}) == 12
+
+
+@pytest.mark.parametrize(
+    ("count", "most", "expected"), [(16, 5, [0, 4, 8, 11, 15]), (4, 5, [0, 1, 2, 3]), (9, 2, [0, 8])]
+)
+def test_evenly_spaced_always_keeps_the_first_and_the_last(count: int, most: int, expected: list[int]) -> None:
+    assert evenly_spaced(count, most) == expected
+
+
+def test_evolution_figure_puts_images_in_rows_and_sampled_evaluations_in_columns() -> None:
+    images = torch.rand(3, 3, 16, 16)
+    maps = torch.zeros(16, 3, 8, 8)
+    maps[-1] = 1.0  # only the latest evaluation is salient everywhere
+    figure = evolution_figure(images, maps, epochs=list(range(0, 32, 2)), cmap="gray", alpha=1.0)
+    tiles, colorbar = figure.axes
+    texts = [text.get_text() for text in tiles.texts]
+    assert texts == ["epoch 0", "epoch 8", "epoch 16", "epoch 22", "epoch 30", "image 1", "image 2", "image 3"]
+    canvas = tiles.get_images()[0].get_array()
+    # The last column is white (map 1 in gray at full opacity), the first black (map 0).
+    columns = canvas.shape[1]
+    row = canvas[canvas.shape[0] // 2]
+    assert row[int(columns * 0.93)].min() == pytest.approx(1.0) and row[int(columns * 0.08)].max() == pytest.approx(0.0)
+    assert colorbar.get_ylabel() == "saliency"
+    with pytest.raises(ValueError, match=r"`epochs` must hold one epoch per evaluation \(16\)"):
+        evolution_figure(images, maps, epochs=[0])

@@ -71,7 +71,7 @@ def report_page(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_every_plot_renders_in_chromium(report_page: Path, tmp_path: Path) -> None:
     browser = _browser()
     dom = _rendered_dom(browser, report_page, tmp_path / "profile")
-    assert _image_counts(dom) == (4, 4)
+    assert _image_counts(dom) == (5, 5)  # 3 plots, the first and the latest overlay
     assert "GMAR report" in dom and "blocks.2.attn" in dom
 
 
@@ -82,4 +82,4 @@ def test_a_broken_image_is_detected(report_page: Path, tmp_path: Path) -> None:
     corrupted = page.replace('src="data:image/png;base64,', 'src="data:image/png;base64,AAAA', 1)
     broken_page = tmp_path / "broken.html"
     broken_page.write_text(corrupted, encoding="utf-8")
-    assert _image_counts(_rendered_dom(browser, broken_page, tmp_path / "profile")) == (3, 4)
+    assert _image_counts(_rendered_dom(browser, broken_page, tmp_path / "profile")) == (4, 5)

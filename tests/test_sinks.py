@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 from gmar_lightning.callback.records import EvaluationRecord
@@ -34,7 +35,11 @@ OVERLAY_TAG = "gmar/overlay/gmar_l1"
 FIGURE_TAG = "gmar/head_importance"
 HISTOGRAM_TAG = "gmar/head_weights/layer_00"
 SCALAR_TAG = "gmar/entropy/layer_00"
-CAPTION = "true: cat / pred: dog"
+CAPTION = "true: cat, pred: dog (61%)"
+GALLERY_TAG = "gmar/probe/gmar_l1"
+TABLE_TAG = "gmar/head_weights_table"
+CHART_TAG = "gmar/head_mean/layer_00"
+HEAD_TAGS = ("gmar/head_mean/layer_00/head_00", "gmar/head_mean/layer_00/head_01")
 
 
 def make_trajectory() -> HeadTrajectory:
@@ -54,8 +59,11 @@ def make_record(step: int = 12, epoch: int = 1, scalar: float = 0.75) -> Evaluat
             "gmar/trajectory": trajectory_figure(make_trajectory()),
         },
         histograms={HISTOGRAM_TAG: torch.tensor([0.1, 0.2, 0.3, 0.4])},
-        scalars={SCALAR_TAG: scalar},
+        scalars={SCALAR_TAG: scalar, HEAD_TAGS[0]: 0.25 + scalar / 10, HEAD_TAGS[1]: 0.75 - scalar / 10},
         captions={OVERLAY_TAG: CAPTION},
+        galleries={GALLERY_TAG: [(torch.rand(3, 8, 8), CAPTION), (torch.rand(3, 8, 8), "true: dog, pred: dog (97%)")]},
+        tables={TABLE_TAG: (["layer", "head", "weight"], [[0, 0, 0.25], [0, 1, 0.75]])},
+        line_charts={CHART_TAG: list(HEAD_TAGS)},
     )
 
 
@@ -106,6 +114,17 @@ def test_tensorboard_sink_writes_every_kind_at_the_step(tmp_path: Path) -> None:
         (12, [CAPTION.encode()]),
         (40, [CAPTION.encode()]),
     ]
+    # One custom-scalars chart for the layer, one line per head, written once although logged twice.
+    (layout_event,) = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(layout_event.tensor_proto.string_val[0])
+    (category,) = layout.category
+    assert category.title == "gmar/head_mean"
+    assert [(chart.title, list(chart.multiline.tag)) for chart in category.chart] == [
+        ("layer_00", [f"^{HEAD_TAGS[0]}$", f"^{HEAD_TAGS[1]}$"])
+    ]
+    assert [scalar.value for scalar in events.Scalars(HEAD_TAGS[1])] == pytest.approx([0.675, 0.7])
+    (table, _) = events.Tensors(f"{TABLE_TAG}/text_summary")
+    assert table.tensor_proto.string_val[0].decode().splitlines()[2] == "| 0 | 0 | 0.2500 |"
     assert_trajectory_files(tmp_path)
 
 
@@ -119,10 +138,12 @@ def test_file_sink_writes_valid_files_atomically(tmp_path: Path) -> None:
     assert sorted(path.name for path in step_dir.iterdir()) == [
         "captions.json",
         "gmar_head_importance.png",
+        "gmar_head_weights_table.csv",
         "gmar_overlay_gmar_l1.png",
         "gmar_trajectory.png",
         "histograms.npz",
     ]
+    assert (step_dir / "gmar_head_weights_table.csv").read_text() == "layer,head,weight\n0,0,0.25\n0,1,0.75\n"
     with Image.open(step_dir / "gmar_overlay_gmar_l1.png") as overlay:
         assert overlay.format == "PNG" and overlay.size == (30, 20) and overlay.mode == "RGB"
     with Image.open(step_dir / "gmar_head_importance.png") as figure:
@@ -134,7 +155,11 @@ def test_file_sink_writes_valid_files_atomically(tmp_path: Path) -> None:
         assert list(csv.reader(handle)) == [
             ["step", "epoch", "tag", "value"],
             ["12", "1", SCALAR_TAG, "0.75"],
+            ["12", "1", HEAD_TAGS[0], "0.325"],
+            ["12", "1", HEAD_TAGS[1], "0.675"],
             ["123", "2", SCALAR_TAG, "0.5"],
+            ["123", "2", HEAD_TAGS[0], "0.3"],
+            ["123", "2", HEAD_TAGS[1], "0.7"],
         ]
     assert_trajectory_files(tmp_path / "gmar")
     leftovers = [path for path in tmp_path.rglob("*") if path.name.endswith(".tmp")]
@@ -207,30 +232,50 @@ def test_sinks_for_loggers_rejects_a_single_logger(tmp_path: Path) -> None:
         sinks_for_loggers(CSVLogger(tmp_path))  # type: ignore[arg-type]
 
 
-def test_wandb_sink_logs_one_offline_step_and_uploads_the_trajectory(tmp_path: Path, offline_wandb: ModuleType) -> None:
+def test_wandb_sink_logs_one_call_per_evaluation_with_native_media(
+    tmp_path: Path, offline_wandb: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from lightning.pytorch.loggers import WandbLogger
 
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="gmar-test")
     (sink,) = sinks_for_loggers([logger], log_dir=logger.save_dir)
     assert isinstance(sink, WandbSink)
     run = logger.experiment
+    calls: list[dict] = []
+    real_log = run.log
+    monkeypatch.setattr(
+        run, "log", lambda payload, *args, **kwargs: (calls.append(payload), real_log(payload, *args, **kwargs))
+    )
     sink.log_evaluation(make_record(step=12))
+    sink.log_evaluation(make_record(step=40, scalar=0.5))
     sink.finalize(make_trajectory())
     files_dir = Path(run.dir)
     offline_wandb.finish()
     offline_wandb.teardown()  # waits until the offline transaction log is flushed
 
+    # Everything of one evaluation in one call, at the trainer's step.
+    assert [payload["trainer/global_step"] for payload in calls] == [12, 40]
+    assert {GALLERY_TAG, TABLE_TAG, f"{CHART_TAG}/chart", OVERLAY_TAG, HISTOGRAM_TAG} <= set(calls[0])
+    assert [image._caption for image in calls[0][GALLERY_TAG]] == [CAPTION, "true: dog, pred: dog (97%)"]
+    assert calls[0][TABLE_TAG].data == [[0, 0, 0.25], [0, 1, 0.75]]
+    # The line series holds every evaluation so far, one line per head.
+    series = calls[1][f"{CHART_TAG}/chart"].table
+    assert sorted(series.data) == sorted([[12, "head_00", 0.325], [40, "head_00", 0.3], [12, "head_01", 0.675],
+                                          [40, "head_01", 0.7]])  # fmt: skip
     assert_trajectory_files(tmp_path)  # logger.save_dir, like trainer.log_dir for W&B
     assert {"head_importance.csv", "head_importance.npz"} <= {path.name for path in files_dir.iterdir()}
     images = sorted(path.relative_to(files_dir / "media" / "images").as_posix() for path in files_dir.rglob("*.png"))
-    assert [name.rsplit("_", 2)[0] for name in images] == [
+    assert sorted({name.rsplit("_", 2)[0] for name in images}) == [
         "gmar/head_importance",
         "gmar/overlay/gmar_l1",
+        "gmar/probe/gmar_l1",
         "gmar/trajectory",
     ]
+    assert len([name for name in images if name.startswith(GALLERY_TAG)]) == 4  # 2 images x 2 evaluations
     # wandb 0.31 keeps offline history only in the binary transaction log (no wandb-summary.json is written);
     # its protobuf records carry keys and JSON values as plain bytes.
     (transaction_log,) = files_dir.parent.glob("run-*.wandb")
     history = transaction_log.read_bytes()
-    for expected in (OVERLAY_TAG, FIGURE_TAG, HISTOGRAM_TAG, SCALAR_TAG, "trainer/global_step", CAPTION, '"histogram"'):
-        assert expected.encode() in history
+    for expected in (OVERLAY_TAG, FIGURE_TAG, HISTOGRAM_TAG, SCALAR_TAG, "trainer/global_step", CAPTION, '"histogram"',
+                     TABLE_TAG, f"{CHART_TAG}/chart", HEAD_TAGS[0]):  # fmt: skip
+        assert expected.encode() in history, expected

@@ -1,0 +1,58 @@
+"""Every Python block in README.md and docs/ runs as written, unless it is marked as not run with a reason.
+
+A block is skipped only when the line before its fence is ``<!-- docs-test: skip (reason) -->``. The blocks of one
+page run in order in one namespace, in a temporary working directory, so a page may build on its earlier blocks.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+PAGES = sorted([REPOSITORY / "README.md", *(REPOSITORY / "docs").rglob("*.md")])
+FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```", re.M | re.S)
+SKIP = re.compile(r"<!-- docs-test: skip \((?P<reason>[^)]+)\) -->")
+
+
+def python_blocks(page: Path) -> list[tuple[int, str, str | None]]:
+    """``(line, code, skip reason or None)`` of each Python block of a Markdown page."""
+    text = page.read_text(encoding="utf-8")
+    blocks = []
+    for match in FENCE.finditer(text):
+        before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        skip = SKIP.search(before)
+        line = text.count("\n", 0, match.start()) + 1
+        blocks.append((line, match.group(1), skip.group("reason") if skip else None))
+    return blocks
+
+
+PAGES_WITH_CODE = [page for page in PAGES if python_blocks(page)]
+
+
+def test_the_collector_finds_the_blocks() -> None:
+    readme = python_blocks(REPOSITORY / "README.md")
+    assert len(readme) >= 2 and all(code.strip() for _, code, _ in readme)
+    assert len(PAGES_WITH_CODE) >= 4
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda page: str(page.relative_to(REPOSITORY)))
+def test_python_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a block that needs downloads must be marked, not fetch them
+    matplotlib.use("Agg")
+    namespace: dict[str, object] = {"__name__": "__docs__"}
+    ran = 0
+    for line, code, reason in python_blocks(page):
+        if reason is not None:
+            continue
+        try:
+            exec(compile(code, f"{page.relative_to(REPOSITORY)}:{line}", "exec"), namespace)
+        except Exception as error:
+            pytest.fail(f"the block at {page.name}:{line} fails: {type(error).__name__}: {error}")
+        ran += 1
+    assert ran or all(reason for _, _, reason in python_blocks(page))
