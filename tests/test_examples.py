@@ -43,7 +43,7 @@ def test_main_job_logs_to_tensorboard_and_writes_head_importance(job: dict[str, 
     run_dir = Path(job["log_dir"])
     assert 0.0 <= job["val_acc"] <= 1.0 and job["wall_time_s"] > 0
     assert list(run_dir.glob("events.out.tfevents.*"))
-    assert job["tensorboard_command"] == f"tensorboard --logdir {run_dir} --samples_per_plugin images=0"
+    assert job["tensorboard_command"] == f"tensorboard --logdir {run_dir} --samples_per_plugin images=1000"
     assert Path(job["checkpoint_path"]).is_file()
     assert job["trajectory_path"] == str(run_dir / "head_importance.npz")
     trajectory = HeadTrajectory.load_npz(job["trajectory_path"])
@@ -65,7 +65,7 @@ def test_main_job_logs_to_tensorboard_and_writes_head_importance(job: dict[str, 
 def test_main_job_prints_where_the_logs_are(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     result = load_example("finetune_vit").main([*TINY_JOB, "--epochs", "1", "--log-dir", str(tmp_path)])
     printed = capsys.readouterr().out
-    assert f"tensorboard --logdir {result['log_dir']} --samples_per_plugin images=0" in printed
+    assert f"tensorboard --logdir {result['log_dir']} --samples_per_plugin images=1000" in printed
     assert str(tmp_path) in result["log_dir"]
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,33 +12,18 @@ from gmar_lightning.callback.records import EvaluationRecord
 from gmar_lightning.callback.sinks import FileSink
 from gmar_lightning.report import build_report
 from gmar_lightning.trajectory import HeadTrajectory
-
-BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-BROWSER_TIMEOUT_S = 120
+from tests.browser import find_browser, rendered_dom
 
 
 def _browser() -> str:
-    for name in BROWSERS:
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.skip(f"no Chromium binary found (looked for {', '.join(BROWSERS)}); apt-get install chromium")
+    browser = find_browser()
+    if browser is None:
+        pytest.skip("no Chromium binary found; apt-get install chromium")
+    return browser
 
 
 def _rendered_dom(browser: str, page: Path, profile: Path) -> str:
-    """The DOM after the page's load event, as headless Chromium serialises it."""
-    flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom",
-    ]  # fmt: skip
-    completed = subprocess.run(
-        [browser, *flags, page.resolve().as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=BROWSER_TIMEOUT_S,
-    )
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    return completed.stdout
+    return rendered_dom(browser, page.resolve().as_uri(), profile)
 
 
 def _image_counts(dom: str) -> tuple[int, int]:

@@ -1,15 +1,16 @@
-"""A real TensorBoard server shows what GMARCallback logged: image, histogram and scalar tags, and the image itself."""
+"""A real TensorBoard server shows what GMARCallback logged, and headless Chromium shows it at the default card size.
+
+The server runs with the flags the demo prints (`--samples_per_plugin images=1000`), so every evaluation's images are
+served; the browser test opens the Time Series and Images views, saves screenshots and checks in the rendered page that
+the evolution figure and the per-head charts are there.
+"""
 
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
+import re
 import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,26 +18,19 @@ from typing import Any
 import lightning as L
 import pytest
 from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
 
 from gmar_lightning import GMARCallback
 from gmar_lightning.demos.data import ShapesDataModule
+from gmar_lightning.demos.job import TENSORBOARD_SAMPLES
 from gmar_lightning.demos.model import ViTClassifier
+from tests.browser import find_browser, get, rendered_dom, screenshot, tensorboard
 
-SERVER_TIMEOUT_S = 90.0
 IMAGE_TAG = "gmar/overlay/gmar_l1"
+EVOLUTION_TAG = "gmar/evolution/gmar_l1"
 HISTOGRAM_TAG = "gmar/head_weights/layer_00"
 SCALAR_TAG = "gmar/entropy/layer_00"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read()
+EPOCHS = 3
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +44,7 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4},
     )
     trainer = L.Trainer(
-        max_epochs=2,
+        max_epochs=EPOCHS,
         logger=TensorBoardLogger(str(root), name="run"),
         callbacks=[GMARCallback(num_probe=8, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))],
         enable_progress_bar=False,
@@ -64,61 +58,80 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(log_dir: Path) -> Iterator[str]:
-    """``tensorboard --logdir`` on a free local port; yields its base URL and always stops it."""
-    port = _free_port()
-    command = [
-        sys.executable, "-m", "tensorboard.main", "--logdir", str(log_dir), "--host", "127.0.0.1",
-        "--port", str(port), "--load_fast", "false", "--reload_interval", "1",
-    ]  # fmt: skip
-    # Output goes to a file, not a pipe: an unread pipe could fill up and stall the server.
-    server_log = log_dir / "tensorboard_server.log"
-    with server_log.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
+    with tensorboard(log_dir, *TENSORBOARD_SAMPLES.split()) as base_url:
+        yield base_url
 
 
-def _poll_tags(base_url: str, plugin: str, tag: str) -> dict[str, Any]:
-    """The plugin's ``/tags`` index once it lists ``tag`` for some run; fails after :data:`SERVER_TIMEOUT_S`."""
-    deadline = time.monotonic() + SERVER_TIMEOUT_S
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            index = json.loads(_get(f"{base_url}/data/plugin/{plugin}/tags"))
-        except (urllib.error.URLError, ConnectionError, json.JSONDecodeError) as error:
-            last = error  # not up yet, or still loading the event files
-        else:
-            if any(tag in tags for tags in index.values()):
-                return index
-            last = index
-        time.sleep(0.5)
-    pytest.fail(f"TensorBoard never listed {tag!r} under {plugin} within {SERVER_TIMEOUT_S} s; last answer: {last}")
+def _tags(base_url: str, plugin: str) -> dict[str, Any]:
+    return json.loads(get(f"{base_url}/data/plugin/{plugin}/tags"))
 
 
 def test_tensorboard_serves_the_gmar_tags(server: str) -> None:
-    images = _poll_tags(server, "images", IMAGE_TAG)
-    histograms = _poll_tags(server, "histograms", HISTOGRAM_TAG)
-    scalars = _poll_tags(server, "scalars", SCALAR_TAG)
-
+    images, histograms, scalars = (_tags(server, plugin) for plugin in ("images", "histograms", "scalars"))
     (run,) = [name for name, tags in images.items() if IMAGE_TAG in tags]
-    assert {"gmar/head_importance", "gmar/trajectory"} <= set(images[run])
-    assert "gmar/head_weights/layer_01" in histograms[run]
-    assert {"gmar/top_head_share/layer_01", "gmar/rank_stability/layer_00", "val_acc"} <= set(scalars[run])
+    assert {EVOLUTION_TAG, "gmar/head_importance", "gmar/trajectory", "gmar/specialisation"} <= set(images[run])
+    assert {HISTOGRAM_TAG, "gmar/head_weights/layer_01", "gmar/head_weights/layer_01/head_03"} <= set(histograms[run])
+    assert {"gmar/top_head_share/layer_01", "gmar/rank_stability/layer_00", "gmar/head_mean/layer_01/head_02"} <= set(
+        scalars[run]
+    )
+    assert "val_acc" in scalars[run]
 
-    query = urllib.parse.urlencode({"run": run, "tag": IMAGE_TAG})
-    entries = json.loads(_get(f"{server}/data/plugin/images/images?{query}"))
-    assert len(entries) == 2  # one overlay grid per epoch
-    image = _get(f"{server}/data/plugin/images/individualImage?{entries[-1]['query']}")
-    assert image[:8] == b"\x89PNG\r\n\x1a\n"
+    for tag in (IMAGE_TAG, EVOLUTION_TAG):
+        entries = json.loads(
+            get(f"{server}/data/plugin/images/images?{urllib.parse.urlencode({'run': run, 'tag': tag})}")
+        )
+        assert [entry["step"] for entry in entries] == sorted(entry["step"] for entry in entries)
+        assert len(entries) == EPOCHS  # every evaluation is served
+        image = get(f"{server}/data/plugin/images/individualImage?{entries[-1]['query']}")
+        assert image[:8] == b"\x89PNG\r\n\x1a\n"
 
     series = json.loads(
-        _get(f"{server}/data/plugin/scalars/scalars?{urllib.parse.urlencode({'run': run, 'tag': SCALAR_TAG})}")
+        get(f"{server}/data/plugin/scalars/scalars?{urllib.parse.urlencode({'run': run, 'tag': SCALAR_TAG})}")
     )
-    assert len(series) == 2 and all(0.0 <= value <= 1.0 for _, _, value in series)
+    assert len(series) == EPOCHS and all(0.0 <= value <= 1.0 for _, _, value in series)
+
+    # The per-layer charts: one chart per layer, one line per head.
+    layout = json.loads(get(f"{server}/data/plugin/custom_scalars/layout"))
+    heads = {category["title"]: category["chart"] for category in layout["category"]}["gmar/head_mean"]
+    assert [chart["title"] for chart in heads] == ["layer_00", "layer_01"]
+    assert heads[1]["multiline"]["tag"] == [f"^gmar/head_mean/layer_01/head_0{head}$" for head in range(4)]
+
+
+def _assert_drawn(path: Path) -> None:
+    with Image.open(path) as shot:
+        assert shot.size == (1400, 1000)
+        colours = shot.convert("RGB").getcolors(maxcolors=1 << 16)
+        assert colours is None or len(colours) > 50  # more than a blank page with a header
+
+
+@pytest.mark.integration
+def test_time_series_and_images_views_in_chromium(server: str, tmp_path: Path) -> None:
+    browser = find_browser()
+    if browser is None:
+        pytest.skip("no Chromium found; apt-get install chromium")
+    profiles = iter(tmp_path / f"profile_{index}" for index in range(20))  # a fresh one per page: TensorBoard keeps
+    # the last tag filter in the browser's storage
+
+    def time_series(tag_filter: str) -> str:
+        return f"{server}/?darkMode=false&tagFilter={urllib.parse.quote(tag_filter)}#timeseries"
+
+    def assert_cards(tag_filter: str, expected: set[str]) -> str:
+        # Time Series renders only the cards in view, so each group of cards gets its own filtered page. Headless
+        # Chromium sometimes serialises the page while the cards are being laid out: up to 3 tries.
+        for _ in range(3):
+            dom = rendered_dom(browser, time_series(tag_filter), next(profiles))
+            if expected <= set(re.findall(r"gmar/[a-z_]+(?:/[a-z0-9_]+)*", dom)):
+                return dom
+        pytest.fail(f"TensorBoard's Time Series never showed {sorted(expected)} for the filter {tag_filter!r}")
+
+    dom = assert_cards("gmar/evolution", {EVOLUTION_TAG})
+    assert re.search(r"<img[^>]+src=\"data/plugin/timeseries/imageData", dom)  # the card shows its image
+    assert_cards(HISTOGRAM_TAG, {HISTOGRAM_TAG, *(f"{HISTOGRAM_TAG}/head_0{head}" for head in range(4))})
+    assert_cards("gmar/head_mean/layer_00", {f"gmar/head_mean/layer_00/head_0{head}" for head in range(4)})
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    _assert_drawn(
+        screenshot(browser, time_series("gmar/(evolution|overlay)"), shots / "time_series.png", next(profiles))
+    )
+    images_view = f"{server}/?darkMode=false#images&tagFilter={urllib.parse.quote('gmar/(evolution|overlay)')}"
+    _assert_drawn(screenshot(browser, images_view, shots / "images.png", next(profiles)))

@@ -44,9 +44,10 @@ DEFAULT_IMG_SIZE = 64
 LOGGERS = ("tensorboard", "wandb", "csv")
 RUN_NAME = "gmar_demo"
 
-TENSORBOARD_SAMPLES = "--samples_per_plugin images=0"
-"""TensorBoard keeps only 10 images per tag, sampled at random, unless told to keep all (0): with it, the slider shows
-every evaluation, the first one included."""
+TENSORBOARD_SAMPLES = "--samples_per_plugin images=1000"
+"""TensorBoard keeps only 10 images per tag, sampled at random, unless told to keep more: with this, the slider shows
+every evaluation (up to 1000), the first one included. (``images=0``, once "keep all", makes TensorBoard 2.21 show no
+image at all.)"""
 
 
 @dataclass
@@ -224,7 +225,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     Returns:
         ``{"val_acc", "val_loss", "log_dir", "trajectory_path", "checkpoint_path", "wall_time_s",
         "tensorboard_command", "view_command", "config"}``; paths are strings. ``view_command`` is how to look at
-        the logs (``tensorboard --logdir ... --samples_per_plugin images=0``, ``wandb sync ...`` or
+        the logs (``tensorboard --logdir ... --samples_per_plugin images=1000``, ``wandb sync ...`` or
         ``gmar-lightning report ...``); ``tensorboard_command`` is the same for TensorBoard and ``None`` for other
         loggers.
 
@@ -332,5 +333,5 @@ def _print_summary(result: dict[str, Any]) -> None:
     print(f"Checkpoint: {result['checkpoint_path']}")
     print(f"View them:  {result['view_command']}")
     if result["tensorboard_command"] is not None:
-        print("            (images=0 keeps every evaluation's images; by default TensorBoard shows 10 at random)")
+        print("            (images=1000 keeps every evaluation's images; by default TensorBoard keeps 10 at random)")
     print(f"Report:     gmar-lightning report {result['log_dir']}")
