@@ -1,9 +1,9 @@
 """Regenerate the documentation figures from a real run of the main job.
 
 Runs the demo (the default small ViT on the shapes data, with ``gmar_l1`` and ``rollout``), then saves into
-``docs/images/``: the overlay grids, head-importance heatmap and trajectory exactly as the callback logged them to
-TensorBoard, the report's specialisation plot, the head-pruning ablation curves, and screenshots of the TensorBoard
-web UI taken with headless Chromium (skipped with a notice when no Chromium is installed)::
+``docs/images/``: the overlay grids, evolution figure, head-importance heatmap, trajectory and specialisation figures
+exactly as the callback logged them to TensorBoard, the head-pruning ablation curves, and screenshots of the TensorBoard
+web UI at its default card size taken with headless Chromium (skipped with a notice when no Chromium is installed)::
 
     python docs/scripts/make_figures.py              # the full main job, a few CPU minutes
     python docs/scripts/make_figures.py --epochs 3   # quicker, less trained figures
@@ -20,38 +20,38 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import importlib.util
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
-from gmar_lightning.demos.job import DemoConfig, run_demo
-from gmar_lightning.report import build_report
-
 REPOSITORY = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPOSITORY))  # the shared browser helpers live with the tests
+
+from gmar_lightning.demos.job import TENSORBOARD_SAMPLES, DemoConfig, run_demo  # noqa: E402
+from tests.browser import find_browser, screenshot, tensorboard  # noqa: E402
+
 LOGGED_IMAGES = {
     "gmar/overlay/gmar_l1": "overlay_gmar_l1.png",
     "gmar/overlay/rollout": "overlay_rollout.png",
+    "gmar/evolution/gmar_l1": "evolution_gmar_l1.png",
     "gmar/head_importance": "head_importance.png",
     "gmar/trajectory": "trajectory.png",
+    "gmar/specialisation": "specialisation.png",
 }
-# TensorBoard dashboards to photograph: file name -> URL fragment (dashboard and tag filter).
+# TensorBoard views to photograph: file name -> URL query and fragment (view and tag filter).
 SCREENSHOTS = {
-    "tensorboard_images.png": "images&tagFilter=gmar%2Foverlay",
-    "tensorboard_scalars.png": "scalars&tagFilter=gmar%2Fentropy",
-    "tensorboard_histograms.png": "histograms&tagFilter=gmar%2Fhead_weights",
+    "tensorboard_time_series.png": f"tagFilter={urllib.parse.quote('gmar/(evolution|overlay)')}#timeseries",
+    "tensorboard_images.png": f"#images&tagFilter={urllib.parse.quote('gmar/(evolution|overlay)')}",
+    "tensorboard_custom_scalars.png": "#custom_scalars",
+    "tensorboard_histograms.png": f"#histograms&tagFilter={urllib.parse.quote('gmar/head_weights/layer_00')}",
 }
-BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
 def save_logged_images(run_dir: Path, output: Path) -> list[Path]:
-    """The latest image of each tag in :data:`LOGGED_IMAGES`, as the callback logged it."""
+    """The latest image of each tag in `LOGGED_IMAGES`, as the callback logged it."""
     events = EventAccumulator(str(run_dir), size_guidance={IMAGES: 0})
     events.Reload()
     written = []
@@ -71,51 +71,18 @@ def save_ablation_plot(run_dir: Path, output: Path, work: Path) -> Path:
     return Path(shutil.copy(result["plot_path"], output / "ablation.png"))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_for(url: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if b"gmar/" in response.read():
-                    return
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"TensorBoard did not serve the gmar tags at {url} within {timeout_s} s.")
-
-
 def save_screenshots(log_dir: Path, output: Path, work: Path) -> list[Path]:
-    """Screenshots of TensorBoard's image, scalar and histogram dashboards, taken with headless Chromium."""
-    browser = next((path for name in BROWSERS if (path := shutil.which(name))), None)
+    """Screenshots of TensorBoard's views at a 1400 x 1000 window, served with the flags the demo prints."""
+    browser = find_browser()
     if browser is None:
         print("No Chromium found: skipping the TensorBoard screenshots (apt-get install chromium).")
         return []
-    port = _free_port()
-    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(log_dir), "--host", "127.0.0.1"]
-    with (work / "tensorboard.log").open("w") as log:
-        server = subprocess.Popen([*command, "--port", str(port), "--load_fast", "false"], stdout=log, stderr=log)
     written = []
-    try:
-        _wait_for(f"http://127.0.0.1:{port}/data/plugin/images/tags")
-        for name, fragment in SCREENSHOTS.items():
-            flags = [
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={work / 'chrome'}",
-                "--hide-scrollbars", "--window-size=1400,1000", "--virtual-time-budget=15000",
-                f"--screenshot={output / name}",
-            ]  # fmt: skip
-            url = f"http://127.0.0.1:{port}/?darkMode=false#{fragment}"
-            subprocess.run([browser, *flags, url], check=True, capture_output=True, timeout=120)
-            written.append(output / name)
-    finally:
-        server.terminate()
-        server.wait(timeout=15)
+    with tensorboard(log_dir, *TENSORBOARD_SAMPLES.split()) as base_url:
+        for index, (name, view) in enumerate(SCREENSHOTS.items()):
+            url = f"{base_url}/?darkMode=false{'&' if not view.startswith('#') else ''}{view}"
+            # A fresh profile per view: TensorBoard keeps the last tag filter in the browser's storage.
+            written.append(screenshot(browser, url, output / name, work / f"chrome_{index}"))
     return written
 
 
@@ -134,8 +101,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
         result = run_demo(config)
         run_dir = Path(result["log_dir"])
         written = save_logged_images(run_dir, output)
-        report = build_report(run_dir, output_dir=work / "report")
-        written.append(Path(shutil.copy(report.plots[-1], output / "specialisation.png")))
         written.append(save_ablation_plot(run_dir, output, work))
         written.extend(save_screenshots(run_dir.parent, output, work))
     print(f"val_acc {result['val_acc']:.3f}; wrote {', '.join(path.name for path in written)} to {output}")
