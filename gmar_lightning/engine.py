@@ -302,7 +302,7 @@ def explain(
         chunk_size: Explain at most this many images per pass, to bound memory; results are identical.
         token_layout: Override the inferred prefix tokens and read-out (see :class:`~gmar_lightning.TokenLayout`).
 
-    The keyword options are the fields of :class:`~gmar_lightning.options.ExplainOptions`, which checks them.
+    The keyword options are the fields of [`ExplainOptions`][gmar_lightning.options.ExplainOptions], which checks them.
 
     Returns:
         An :class:`~gmar_lightning.Explanation` with token maps, upsampled maps in ``[0, 1]``, targets, logits and,

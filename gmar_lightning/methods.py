@@ -136,7 +136,7 @@ def discard_lowest(fused: Tensor, ratio: float, protected: Tensor) -> Tensor:
 def rollout_step(mixing: AttentionMixing, row: Tensor, fused: Tensor, residual: float) -> Tensor:
     """``row^T Ahat`` for one layer, ``Ahat = (r I + (1 - r) M) / rowsum`` with ``M`` the layer's global mixing.
 
-    ``M`` places the fused ``[B, W, n_q, n_k]`` attention of each window at its tokens (:class:`AttentionMixing`);
+    ``M`` places the fused ``[B, W, n_q, n_k]`` attention of each window at its tokens (`AttentionMixing`);
     tokens that are no query keep an identity row. Because ``v^T Ahat = r u + (1 - r) u^T M`` with
     ``u_i = v_i / (r + (1 - r) sum_j M_ij)``, a layer costs one batched vector-matrix product per window and no
     ``N x N`` temporary.

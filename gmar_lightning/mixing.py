@@ -1,12 +1,12 @@
 """How a model mixes its tokens, in the form the rollout needs, and the row-vector propagation through it.
 
-A :class:`TokenPlan` lists, in forward order, the model's attention layers and the fixed maps between its token
+A `TokenPlan` lists, in forward order, the model's attention layers and the fixed maps between its token
 spaces (patch merging, token pooling, a class token joining the sequence). Each attention layer is described by an
-:class:`AttentionMixing`: where the query and key slots of its captured ``[B * W, H, n_q, n_k]`` attention sit in the
+`AttentionMixing`: where the query and key slots of its captured ``[B * W, H, n_q, n_k]`` attention sit in the
 layer's token space (``W`` windows per image). The global ``N x N`` mixing matrix of a layer is never built: the
 rollout applies the block structure of the windows to the read-out row vector directly. The formulas are in
 ``docs/method.md`` (Hierarchical and windowed models); the model families that build plans are in
-:mod:`gmar_lightning.families`. Nothing here knows about modules or hooks.
+`gmar_lightning.families`. Nothing here knows about modules or hooks.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ class AttentionMixing:
 
 @dataclass(frozen=True)
 class AttentionStep:
-    """One rollout layer of a :class:`TokenPlan`: the index of its attention among the plan's layers, and its mixing."""
+    """One rollout layer of a `TokenPlan`: the index of its attention among the plan's layers, and its mixing."""
 
     layer: int
     mixing: AttentionMixing

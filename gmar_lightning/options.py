@@ -19,7 +19,8 @@ HEAD_NORMS: tuple[str, ...] = ("layer", "global")
 
 @dataclass(frozen=True)
 class ExplainOptions:
-    """How :func:`gmar_lightning.explain` computes maps; every field is checked at construction.
+    """How [`gmar_lightning.explain`][gmar_lightning.engine.explain] computes maps; every field is checked at
+    construction.
 
     Args:
         residual: Weight of the identity added to each layer's fused attention before renormalising rows
@@ -77,5 +78,5 @@ class ExplainOptions:
         return cls(**options)
 
     def as_kwargs(self) -> dict[str, Any]:
-        """The options as keyword arguments of :func:`gmar_lightning.explain`."""
+        """The options as keyword arguments of [`gmar_lightning.explain`][gmar_lightning.engine.explain]."""
         return {field.name: getattr(self, field.name) for field in fields(self)}

@@ -136,9 +136,9 @@ class GMARCallback(Callback):
         save_dir: Directory for PNG/CSV/NPZ output; given, it is written in addition to TensorBoard or W&B.
         on_error: ``"warn"``: report an error in explaining or logging once, with its traceback, and disable the
             callback so training goes on; ``"raise"``: re-raise it. The model is restored either way.
-        explain_options: Options for :func:`gmar_lightning.explain`: an
-            :class:`~gmar_lightning.options.ExplainOptions` or a dict of its fields (``residual``, ``head_norm``,
-            ``discard_ratio``, ``start_layer``, ``chunk_size``, ``token_layout``), checked here.
+        explain_options: Options for [`gmar_lightning.explain`][gmar_lightning.engine.explain]: an
+            [`ExplainOptions`][gmar_lightning.options.ExplainOptions] or a dict of its fields (``residual``,
+            ``head_norm``, ``discard_ratio``, ``start_layer``, ``chunk_size``, ``token_layout``), checked here.
 
     Raises:
         ValueError: If an argument is invalid (checked here) or the model cannot be explained (checked in ``setup``).

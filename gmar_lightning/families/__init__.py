@@ -1,9 +1,9 @@
 """Model families: for each kind of model, its attention layers in forward order and how they mix tokens.
 
 A family is a small module of plain functions, ``matches(model)`` and ``probe(model, image_size, token_layout)``,
-registered in :data:`FAMILIES`. Its probe returns a :class:`Probe`: the attention modules to capture, grouped into
-rollout layers, and the :class:`~gmar_lightning.mixing.TokenPlan` that maps each layer onto its token space.
-Models whose attention has no token rollout are refused by :mod:`gmar_lightning.families.refused` with a one-line
+registered in `FAMILIES`. Its probe returns a `Probe`: the attention modules to capture, grouped into
+rollout layers, and the `TokenPlan` that maps each layer onto its token space.
+Models whose attention has no token rollout are refused by `gmar_lightning.families.refused` with a one-line
 reason. ``docs/method.md`` defines every mapping; ``docs/supported_models.md`` lists what works.
 """
 

@@ -1,7 +1,7 @@
 """Token geometry shared by the families: windows with a cyclic shift, 2x2 merging, pooling cells.
 
 Tokens of an ``h x w`` grid are numbered row-major, ``i * w + j``. Every function returns index tensors for
-:mod:`gmar_lightning.mixing`; ``-1`` marks a padding slot that holds no token.
+`gmar_lightning.mixing`; ``-1`` marks a padding slot that holds no token.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def conv_map(grid: tuple[int, int], conv: nn.Conv2d, num_prefix_tokens: int = 0)
 
 
 def cells_map(cells: list[list[int]], num_inputs: int) -> TokenMap:
-    """A :class:`TokenMap` whose new token ``i`` averages the old tokens in ``cells[i]`` uniformly."""
+    """A `TokenMap` whose new token ``i`` averages the old tokens in ``cells[i]`` uniformly."""
     longest = max(len(cell) for cell in cells)
     sources = torch.full((len(cells), longest), -1, dtype=torch.long)
     weights = torch.zeros(len(cells), longest)
