@@ -6,7 +6,7 @@ submodule that receives the post-softmax, pre-dropout probabilities ``A [B, H, N
 capture therefore turns ``fused_attn`` off on each instance for the duration of one call, hooks ``attn_drop``'s
 input, and restores everything in ``finally``.
 
-Other attention implementations plug in through an :class:`AttentionAdapter`.
+Other attention implementations plug in through an [`AttentionAdapter`][gmar_lightning.capture.AttentionAdapter].
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ TIMM_ADAPTER = AttentionAdapter(
 class AdapterRegistry:
     """The adapters the capture tries, in order: registered ones (latest first), then the built-in ones.
 
-    Changed only through :meth:`register`, :meth:`unregister` and the :meth:`registered` context manager; the
+    Changed only through `register`, `unregister` and the `registered` context manager; the
     built-in adapters cannot be removed.
 
     Args:
@@ -113,7 +113,7 @@ class AdapterRegistry:
         self._registered.insert(0, adapter)
 
     def unregister(self, adapter: AttentionAdapter) -> None:
-        """Forget an adapter added with :meth:`register`."""
+        """Forget an adapter added with `register`."""
         if adapter not in self._registered:
             name = getattr(adapter, "name", type(adapter).__name__)
             raise ValueError(f"`adapter` {name!r} is not registered; register it before unregistering it.")
@@ -139,12 +139,14 @@ def register_attention_adapter(adapter: AttentionAdapter) -> None:
 
 
 def unregister_attention_adapter(adapter: AttentionAdapter) -> None:
-    """Forget an adapter added with :func:`register_attention_adapter`."""
+    """Forget an adapter added with
+    [`register_attention_adapter`][gmar_lightning.capture.register_attention_adapter]."""
     ADAPTERS.unregister(adapter)
 
 
 def attention_adapter(adapter: AttentionAdapter) -> contextlib.AbstractContextManager[AttentionAdapter]:
-    """Use ``adapter`` inside a ``with`` block only (see :func:`register_attention_adapter`)."""
+    """Use ``adapter`` inside a ``with`` block only (see
+    [`register_attention_adapter`][gmar_lightning.capture.register_attention_adapter])."""
     return ADAPTERS.registered(adapter)
 
 
@@ -167,8 +169,9 @@ class AttentionLayer:
 
 
 KEPT_HEADS = "kept_heads"
-"""Name of the persistent ``[H_original]`` bool buffer that an attention module which lost heads carries (True: the
-head is still there); :func:`gmar_lightning.heads.pruning.prune_heads` writes it, so it travels in every state dict."""
+"""Name of the persistent ``[H_original]`` bool buffer that an attention module which lost heads carries (True: the head
+is still there); [`gmar_lightning.heads.pruning.prune_heads`][gmar_lightning.heads.pruning.prune_heads] writes it, so it
+travels in every state dict."""
 
 
 def head_slots(module: nn.Module, num_heads: int) -> Tensor:

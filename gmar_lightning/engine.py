@@ -248,7 +248,7 @@ def _head_grid(probe: Probe, per_layer: list[Tensor]) -> Tensor:
     """``[B, L, H]`` from per-layer ``[B, H_l]``, each head in the column of its original index, NaN where none.
 
     ``H`` is the largest head count a layer has or had. A layer keeps its heads' original indices after
-    :func:`~gmar_lightning.heads.pruning.prune_heads` (its ``kept_heads`` buffer); other layers with fewer heads
+    [`prune_heads`][gmar_lightning.heads.pruning.prune_heads] (its ``kept_heads`` buffer); other layers with fewer heads
     (e.g. the early stages of Swin or PVT) fill their first columns.
     """
     slots, widths = [], []
@@ -287,7 +287,7 @@ def explain(
     fused attention switched off for the call only. Everything the call changes is restored, also on error.
 
     Args:
-        model: A timm ViT (or any model whose attention an :class:`~gmar_lightning.capture.AttentionAdapter`
+        model: A timm ViT (or any model whose attention an [`AttentionAdapter`][gmar_lightning.capture.AttentionAdapter]
             reaches). ``torch.compile``d models are explained through their eager module.
         images: ``[B, C, H, W]`` float batch, normalised as the model expects.
         method: One of ``"gmar_l1"``, ``"gmar_l2"``, ``"rollout"``, ``"grad_rollout"``, ``"attention"``.
@@ -300,15 +300,16 @@ def explain(
             read-out tokens' diagonal entries (GMAR and rollout).
         start_layer: First layer (0-based) included in the rollout (all methods but ``attention``).
         chunk_size: Explain at most this many images per pass, to bound memory; results are identical.
-        token_layout: Override the inferred prefix tokens and read-out (see :class:`~gmar_lightning.TokenLayout`).
+        token_layout: Override the inferred prefix tokens and read-out (see
+            [`TokenLayout`][gmar_lightning.tokens.TokenLayout]).
 
     The keyword options are the fields of [`ExplainOptions`][gmar_lightning.options.ExplainOptions], which checks them.
 
     Returns:
-        An :class:`~gmar_lightning.Explanation` with token maps, upsampled maps in ``[0, 1]``, targets, logits and,
-        for GMAR, head weights and scores ``[B, L, H]``: ``H`` is the largest head count of any layer, and heads a
-        layer does not have (removed by :func:`~gmar_lightning.heads.pruning.prune_heads`, or fewer in an early
-        Swin or PVT stage) are NaN.
+        An [`Explanation`][gmar_lightning.explanation.Explanation] with token maps, upsampled maps in ``[0, 1]``,
+        targets, logits and, for GMAR, head weights and scores ``[B, L, H]``: ``H`` is the largest head count of any
+        layer, and heads a layer does not have (removed by [`prune_heads`][gmar_lightning.heads.pruning.prune_heads], or
+        fewer in an early Swin or PVT stage) are NaN.
 
     Examples:
         >>> import timm
@@ -345,7 +346,7 @@ def _explain_batch(
     target: Target,
     options: ExplainOptions,
 ) -> Explanation:
-    """Explain ``images`` in chunks and roll out; runs inside :func:`_isolated`."""
+    """Explain ``images`` in chunks and roll out; runs inside `_isolated`."""
     parameter = next(model.parameters(), None)
     # Feed the parameters' dtype: autocast is off, so a bf16-true model gets bf16 inputs; reductions are float32.
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32

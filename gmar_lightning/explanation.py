@@ -11,7 +11,8 @@ from gmar_lightning.methods import METHOD_TABLE
 from gmar_lightning.options import ExplainOptions
 
 METHODS: tuple[str, ...] = tuple(METHOD_TABLE)
-"""Every method :func:`gmar_lightning.explain` accepts: the names of :data:`~gmar_lightning.methods.METHOD_TABLE`."""
+"""Every method [`gmar_lightning.explain`][gmar_lightning.engine.explain] accepts: the names of
+[`METHOD_TABLE`][gmar_lightning.methods.METHOD_TABLE]."""
 
 GMAR_METHODS: tuple[str, ...] = tuple(name for name, method in METHOD_TABLE.items() if method.weighs_heads)
 """The methods that weight heads by gradient norms and so produce head weights and scores."""
@@ -19,22 +20,23 @@ GMAR_METHODS: tuple[str, ...] = tuple(name for name, method in METHOD_TABLE.item
 
 @dataclass
 class Explanation:
-    """Saliency maps and head importance for one batch, as returned by :func:`gmar_lightning.explain`.
+    """Saliency maps and head importance for one batch, as returned by
+    [`gmar_lightning.explain`][gmar_lightning.engine.explain].
 
-    All tensors are float32 (targets int64) on the device the model ran on; call :meth:`cpu` to move them.
+    All tensors are float32 (targets int64) on the device the model ran on; call `cpu` to move them.
 
     Attributes:
-        method: The method that produced the maps, one of :data:`METHODS`.
+        method: The method that produced the maps, one of [`METHODS`][gmar_lightning.explanation.METHODS].
         token_maps: ``[B, h, w]`` raw relevance of the patch tokens: the read-out row(s) of the rolled-out matrix
             restricted to patch columns, reshaped to the patch grid and not rescaled.
         maps: ``[B, H_img, W_img]`` token maps bilinearly upsampled to the input size and min-max normalised per
             image to ``[0, 1]`` (an image whose map is constant gets all zeros).
         targets: ``[B]`` the class explained for each image.
         logits: ``[B, C]`` the model's logits for the batch (computed in float32, eval mode).
-        head_weights: ``[B, L, H]`` normalised head weights ``w_{l,h}`` (GMAR methods; ``None`` otherwise).
-            Column ``h`` is each layer's original head ``h``; in a model whose layers lost heads
-            (:func:`~gmar_lightning.heads.pruning.prune_heads`) the missing heads are NaN, so a layer's weights sum
-            to 1 over the finite entries and ``(~head_weights[0].isnan()).sum(-1)`` is its head count.
+        head_weights: ``[B, L, H]`` normalised head weights ``w_{l,h}`` (GMAR methods; ``None`` otherwise). Column ``h``
+            is each layer's original head ``h``; in a model whose layers lost heads
+            ([`prune_heads`][gmar_lightning.heads.pruning.prune_heads]) the missing heads are NaN, so a layer's weights
+            sum to 1 over the finite entries and ``(~head_weights[0].isnan()).sum(-1)`` is its head count.
         head_scores: ``[B, L, H]`` raw head scores ``s_{l,h}``, the L1 or L2 norm of each head's gradient
             (GMAR methods; ``None`` otherwise), NaN for missing heads likewise.
         layer_names: Qualified module names of the attention layers, in forward order (``L`` entries).

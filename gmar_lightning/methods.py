@@ -1,10 +1,10 @@
 """Pure tensor functions of the explanation methods: head scores and weights, head fusion, rollout.
 
-Nothing here knows about models or hooks. Shapes use ``B`` images, ``L`` layers, ``H`` heads and ``N`` tokens.
-Layers with different head counts (after :func:`~gmar_lightning.heads.pruning.prune_heads`) share one ``[..., L, H]``
-grid whose missing heads are NaN; the score and weight functions below ignore NaN entries and keep them NaN.
-Rollouts propagate only the read-out row vector through the layers (``[B, N] @ [B, N, N]`` per layer), never a chain
-of full ``N x N`` products: ``v^T (A_L ... A_1) = (...((v^T A_L) A_{L-1}) ...) A_1``.
+Nothing here knows about models or hooks. Shapes use ``B`` images, ``L`` layers, ``H`` heads and ``N`` tokens. Layers
+with different head counts (after [`prune_heads`][gmar_lightning.heads.pruning.prune_heads]) share one ``[..., L, H]``
+grid whose missing heads are NaN; the score and weight functions below ignore NaN entries and keep them NaN. Rollouts
+propagate only the read-out row vector through the layers (``[B, N] @ [B, N, N]`` per layer), never a chain of full
+``N x N`` products: ``v^T (A_L ... A_1) = (...((v^T A_L) A_{L-1}) ...) A_1``.
 """
 
 from __future__ import annotations
@@ -253,15 +253,19 @@ class Method:
     """One row of the method table: what the engine keeps of each layer and how it propagates the layers.
 
     Args:
-        name: The ``method=`` name of :func:`gmar_lightning.explain`.
+        name: The ``method=`` name of [`gmar_lightning.explain`][gmar_lightning.engine.explain].
         reduce: What the hooks keep of each layer: ``"head_mean"`` (the attention averaged over heads, no gradient),
-            ``"gradient_relevance"`` (:func:`positive_relevance`, head mean of ``relu(grad * A)``) or
-            ``"gradient_head_weights"`` (heads scored by the ``gradient_norm`` of their gradient, then fused with
-            :func:`layer_head_weights`; the method yields head weights).
-        propagate: How the read-out row crosses the layers: ``"rollout"`` (:func:`propagate_rollout`, with residual,
-            discard and head-norm options), ``"gradient_rollout"`` (:func:`propagate_gradient_rollout`) or
-            ``"last_layer"`` (:func:`propagate_last_attention`: only the last layer is reduced).
-        gradient_norm: For ``"gradient_head_weights"``: the norm of :func:`head_scores`.
+            ``"gradient_relevance"`` ([`positive_relevance`][gmar_lightning.methods.positive_relevance], head mean of
+            ``relu(grad * A)``) or ``"gradient_head_weights"`` (heads scored by the ``gradient_norm`` of their gradient,
+            then fused with [`layer_head_weights`][gmar_lightning.methods.layer_head_weights]; the method yields head
+            weights).
+        propagate: How the read-out row crosses the layers: ``"rollout"``
+            ([`propagate_rollout`][gmar_lightning.methods.propagate_rollout], with residual, discard and head-norm
+            options), ``"gradient_rollout"``
+            ([`propagate_gradient_rollout`][gmar_lightning.methods.propagate_gradient_rollout]) or ``"last_layer"``
+            ([`propagate_last_attention`][gmar_lightning.methods.propagate_last_attention]: only the last layer is
+            reduced).
+        gradient_norm: For ``"gradient_head_weights"``: the norm of [`head_scores`][gmar_lightning.methods.head_scores].
 
     Examples:
         >>> METHOD_TABLE["gmar_l2"].needs_gradients, METHOD_TABLE["rollout"].weighs_heads
@@ -303,5 +307,5 @@ METHOD_TABLE: dict[str, Method] = {
         Method("attention", reduce="head_mean", propagate="last_layer"),
     )
 }
-"""Every method :func:`gmar_lightning.explain` accepts, by name; adding a method that reuses a reduction and a
-propagation is one entry here."""
+"""Every method [`gmar_lightning.explain`][gmar_lightning.engine.explain] accepts, by name; adding a method that reuses
+a reduction and a propagation is one entry here."""

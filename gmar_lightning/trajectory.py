@@ -1,11 +1,12 @@
 """How attention-head importance evolves over training: a per-epoch record and specialisation statistics.
 
-A :class:`HeadTrajectory` stores one ``[L, H]`` row of GMAR head weights (and the raw gradient-norm scores they
-were normalised from) per evaluated epoch. Column ``h`` is each layer's original head ``h``: once
-:func:`~gmar_lightning.heads.pruning.prune_heads` removes heads, their entries are NaN from then on, so rows before
-and after a pruning stay comparable and a layer's head count is its number of finite entries.
-:func:`specialisation` and :func:`rank_stability` summarise a row as "how concentrated is each layer on few heads"
-and "did the head ranking change since the last epoch"; both are plain torch functions so they work on any
+A [`HeadTrajectory`][gmar_lightning.trajectory.HeadTrajectory] stores one ``[L, H]`` row of GMAR head weights (and the
+raw gradient-norm scores they were normalised from) per evaluated epoch. Column ``h`` is each layer's original head
+``h``: once [`prune_heads`][gmar_lightning.heads.pruning.prune_heads] removes heads, their entries are NaN from then on,
+so rows before and after a pruning stay comparable and a layer's head count is its number of finite entries.
+[`specialisation`][gmar_lightning.trajectory.specialisation] and
+[`rank_stability`][gmar_lightning.trajectory.rank_stability] summarise a row as "how concentrated is each layer on few
+heads" and "did the head ranking change since the last epoch"; both are plain torch functions so they work on any
 ``[L, H]`` tensor, not only on a trajectory.
 """
 
@@ -28,13 +29,16 @@ from gmar_lightning._io import atomic_write_bytes, atomic_write_text
 __all__ = ["CSV_COLUMNS", "TRAJECTORY_CSV", "TRAJECTORY_NPZ", "HeadTrajectory", "rank_stability", "specialisation"]
 
 TRAJECTORY_CSV = "head_importance.csv"
-"""File name of the long-format trajectory table (see :meth:`HeadTrajectory.save_csv`)."""
+"""File name of the long-format trajectory table (see
+[`HeadTrajectory.save_csv`][gmar_lightning.trajectory.HeadTrajectory.save_csv])."""
 
 TRAJECTORY_NPZ = "head_importance.npz"
-"""File name of the trajectory arrays (see :meth:`HeadTrajectory.save_npz`)."""
+"""File name of the trajectory arrays (see
+[`HeadTrajectory.save_npz`][gmar_lightning.trajectory.HeadTrajectory.save_npz])."""
 
 CSV_COLUMNS: tuple[str, ...] = ("epoch", "step", "layer", "layer_name", "head", "weight", "score")
-"""Header of :meth:`HeadTrajectory.save_csv`: one row per (epoch, layer, head)."""
+"""Header of [`HeadTrajectory.save_csv`][gmar_lightning.trajectory.HeadTrajectory.save_csv]: one row per (epoch, layer,
+head)."""
 
 _STATE_KEYS: tuple[str, ...] = ("epochs", "steps", "weights", "scores", "layer_names")
 
@@ -272,8 +276,9 @@ class HeadTrajectory:
         """Per-epoch specialisation statistics.
 
         Returns:
-            ``{"entropy", "top_share", "stability"}``, each ``Tensor [E, L]`` float32: the :func:`specialisation`
-            statistics of every row and the :func:`rank_stability` of each row against the previous one (NaN for
+            ``{"entropy", "top_share", "stability"}``, each ``Tensor [E, L]`` float32: the
+            [`specialisation`][gmar_lightning.trajectory.specialisation] statistics of every row and the
+            [`rank_stability`][gmar_lightning.trajectory.rank_stability] of each row against the previous one (NaN for
             the first row, which has nothing to compare with).
 
         Examples:
@@ -306,7 +311,7 @@ class HeadTrajectory:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> HeadTrajectory:
-        """Rebuild a trajectory from :meth:`state_dict` output."""
+        """Rebuild a trajectory from `state_dict` output."""
         if not isinstance(state, dict):
             raise TypeError(f"`state` must be a dict from HeadTrajectory.state_dict(), got {type(state).__name__}.")
         missing = [key for key in _STATE_KEYS if key not in state]
@@ -317,14 +322,14 @@ class HeadTrajectory:
         return cls(**{key: state[key] for key in _STATE_KEYS})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Replace this trajectory's contents with :meth:`state_dict` output, in place."""
+        """Replace this trajectory's contents with `state_dict` output, in place."""
         loaded = self.from_state_dict(state)
         self.epochs, self.steps, self.layer_names = loaded.epochs, loaded.steps, loaded.layer_names
         self.weights, self.scores = loaded.weights, loaded.scores
 
     def save_npz(self, path: str | Path) -> None:
         """Write the trajectory atomically as ``.npz`` (arrays ``epochs``, ``steps``, ``weights``, ``scores``,
-        ``layer_names``), readable without pickle; :meth:`load_npz` reads it back."""
+        ``layer_names``), readable without pickle; `load_npz` reads it back."""
         buffer = io.BytesIO()
         np.savez(
             buffer,
@@ -338,7 +343,7 @@ class HeadTrajectory:
 
     @classmethod
     def load_npz(cls, path: str | Path) -> HeadTrajectory:
-        """Read a file written by :meth:`save_npz`."""
+        """Read a file written by `save_npz`."""
         with np.load(path, allow_pickle=False) as arrays:
             missing = [key for key in _STATE_KEYS if key not in arrays.files]
             if missing:
@@ -352,7 +357,8 @@ class HeadTrajectory:
             )
 
     def save_csv(self, path: str | Path) -> None:
-        """Write the trajectory atomically as long-format CSV with the columns :data:`CSV_COLUMNS`.
+        """Write the trajectory atomically as long-format CSV with the columns
+        [`CSV_COLUMNS`][gmar_lightning.trajectory.CSV_COLUMNS].
 
         ``layer`` is the 0-based layer index, ``layer_name`` its module name (empty when unknown), ``head`` the
         original head index; heads a pruned layer no longer has (NaN) get no row. Floats carry nine significant

@@ -55,8 +55,8 @@ def michel_importance(
         progress: Show a tqdm progress bar.
 
     Returns:
-        ``[L, H]`` float32 non-negative importance on the CPU; NaN for heads a pruned layer no longer has
-        (see :func:`~gmar_lightning.heads.masking.attention_head_grid`).
+        ``[L, H]`` float32 non-negative importance on the CPU; NaN for heads a pruned layer no longer has (see
+        [`attention_head_grid`][gmar_lightning.heads.masking.attention_head_grid]).
 
     Examples:
         >>> import timm

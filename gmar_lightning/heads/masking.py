@@ -46,7 +46,7 @@ class _HeadLayout:
     """The attention layers and where their heads sit in the ``[L, H]`` head grid.
 
     ``slots[l]`` holds the original index of each head layer ``l`` has now (``0 .. H_l - 1`` unless
-    :func:`~gmar_lightning.heads.pruning.prune_heads` removed some); ``width`` is the grid's ``H``, the largest
+    [`prune_heads`][gmar_lightning.heads.pruning.prune_heads] removed some); ``width`` is the grid's ``H``, the largest
     original head count.
     """
 
@@ -82,8 +82,8 @@ def _maskable_layers(model: nn.Module) -> _HeadLayout:
 def attention_head_grid(model: nn.Module) -> tuple[int, int]:
     """The shape ``(L, H)`` of head masks and importance for ``model``: attention layers by heads per layer.
 
-    For a model whose layers lost heads (:func:`~gmar_lightning.heads.pruning.prune_heads`), ``H`` is the largest
-    original head count and each head keeps its original column.
+    For a model whose layers lost heads ([`prune_heads`][gmar_lightning.heads.pruning.prune_heads]), ``H`` is the
+    largest original head count and each head keeps its original column.
 
     Examples:
         >>> import timm
@@ -156,10 +156,12 @@ def head_mask(model: nn.Module, mask: Tensor | np.ndarray) -> Iterator[None]:
 
     Args:
         model: A timm Vision Transformer (or ``torch.compile`` of one).
-        mask: ``[L, H]`` over the model's attention layers in :func:`~gmar_lightning.capture.find_attention_layers`
-            order: 0/1, bool, or float weights. A mask that requires grad is always applied, so gradients reach it.
-            For a model whose layers lost heads, column ``h`` is original head ``h`` (:func:`attention_head_grid`)
-            and the cells of missing heads are ignored (they may be NaN).
+        mask: ``[L, H]`` over the model's attention layers in
+            [`find_attention_layers`][gmar_lightning.capture.find_attention_layers] order: 0/1, bool, or float weights.
+            A mask that requires grad is always applied, so gradients reach it. For a model whose layers lost heads,
+            column ``h`` is original head ``h``
+            ([`attention_head_grid`][gmar_lightning.heads.masking.attention_head_grid]) and the cells of missing heads
+            are ignored (they may be NaN).
 
     Raises:
         ValueError: If ``mask`` is not ``[L, H]`` or has non-finite entries at the model's heads.
@@ -202,7 +204,7 @@ def mask_from_order(
     """The ``[L, H]`` 0/1 mask that drops the first ``count`` heads of a pruning ``order``.
 
     Args:
-        order: ``(layer, head)`` pairs covering every head once, e.g. from :func:`rank_heads`.
+        order: ``(layer, head)`` pairs covering every head once, e.g. from `rank_heads`.
         count: How many heads of ``order`` to drop.
         num_layers: ``L``.
         num_heads: ``H``.
