@@ -107,7 +107,10 @@ def _check_images(model: nn.Module, images: object) -> Tensor:
     if images.shape[0] == 0:
         raise ValueError("`images` is an empty batch; pass at least one image.")
     patch_embed = getattr(model, "patch_embed", None)
-    proj = getattr(patch_embed, "proj", None)
+    # A hybrid's patch embedding projects CNN features; the images enter the CNN's first convolution.
+    stem = getattr(patch_embed, "backbone", None)
+    first = next((m for m in stem.modules() if isinstance(m, nn.Conv2d)), None) if stem is not None else None
+    proj = first if stem is not None else getattr(patch_embed, "proj", None)
     expected_channels = getattr(proj, "in_channels", None)
     if expected_channels is not None and images.shape[1] != expected_channels:
         raise ValueError(

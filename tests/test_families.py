@@ -316,3 +316,19 @@ def test_sam_windowed_and_global_blocks_match_full_matrix_reference(method: str)
     torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
     if expected_weights is not None:
         torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL, equal_nan=True)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_hybrid_cnn_stem_maps_the_transformer_grid_at_input_size(method: str) -> None:
+    """ResNet stem + ViT: the token grid is the CNN's 4x4 feature map (stride 32 at 128 px); maps come back at 128."""
+    torch.manual_seed(0)
+    model = sharpen(timm.create_model("vit_tiny_r_s16_p8_224", img_size=128, depth=2, num_classes=5)).eval()
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    result = explain(model, images, method=method)
+    expected_maps, expected_weights = reference_explain(model, images, method, num_prefix=1, readout=[0], grid=(4, 4))
+    torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
+    assert result.maps.shape == (2, 128, 128)
+    if expected_weights is not None:
+        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
+    with pytest.raises(ValueError, match="`images` have 1 channels but the model takes 3"):
+        explain(model, images[:, :1])
