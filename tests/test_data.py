@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import RandomSampler, SequentialSampler
 
-from gmar_lightning.demos.data import SHAPES, ShapesDataModule, ShapesDataset, denormalize
+from gmar_lightning.demos.data import SHAPES, ShapesDataModule, ShapesDataset, TwoShapesDataset, denormalize
 
 
 def test_item_shapes_dtypes_labels_and_value_range() -> None:
@@ -135,3 +135,36 @@ def test_cached_datamodule_serves_the_same_items() -> None:
 def test_datamodule_rejects_bad_arguments(kwargs: dict[str, int], argument: str) -> None:
     with pytest.raises(ValueError, match=argument):
         ShapesDataModule(**kwargs)
+
+
+def test_two_shapes_items_hold_two_different_disjoint_objects_with_exact_masks() -> None:
+    dataset = TwoShapesDataset(18, image_size=64, num_classes=4, seed=2)
+    pairs = set()
+    for index in range(len(dataset)):
+        image, labels, masks = dataset[index]
+        assert image.shape == (3, 64, 64) and labels.dtype == torch.int64 and masks.shape == (2, 64, 64)
+        assert labels[0] != labels[1]
+        pairs.add(tuple(labels.tolist()))
+        assert not (masks[0] & masks[1]).any()
+        for mask in masks:
+            assert 0.005 < mask.float().mean().item() < 0.15
+            grown = F.max_pool2d(mask[None, None].float(), 5, stride=1, padding=2)[0, 0] > 0
+            band = grown & ~mask & ~masks.any(dim=0)
+            contrast = (image[:, mask].mean(dim=1) - image[:, band].mean(dim=1)).abs().max()
+            assert contrast > 0.6, f"item {index}: contrast {contrast:.2f}"
+    # Every unordered pair of the 4 classes, each equally often.
+    assert pairs == {(a, b) for a in range(4) for b in range(a + 1, 4)}
+
+
+def test_two_shapes_items_are_deterministic_and_draw_their_own_layout() -> None:
+    first, again = TwoShapesDataset(6, seed=4), TwoShapesDataset(6, seed=4)
+    for index in range(6):
+        assert torch.equal(first[index][0], again[index][0]) and torch.equal(first[index][2], again[index][2])
+    assert not torch.equal(first[0][0], TwoShapesDataset(6, seed=5)[0][0])
+    # Which class sits in which half varies: the first label's object is not always left or top.
+    centres = [
+        dataset_masks.float().nonzero().float().mean(dim=0) for dataset_masks in (first[i][2][0] for i in range(6))
+    ]
+    assert len({(bool(c[0] < 32), bool(c[1] < 32)) for c in centres}) > 1
+    with pytest.raises(IndexError, match="`index`"):
+        first[6]

@@ -9,12 +9,23 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from gmar_lightning.metrics import (
+    ROAD,
     DeletionAUC,
     EnergyPointingGame,
     InsertionAUC,
     PointingGame,
+    SaliencySegmentation,
+    TokenPerturbationAUC,
+    average_precision,
     deletion_curve,
+    energy_shares,
     insertion_curve,
+    noisy_linear_imputation,
+    patch_masks,
+    pointing_hits,
+    road_curve,
+    saliency_segmentation,
+    token_perturbation_curve,
 )
 
 
@@ -257,3 +268,291 @@ def test_bad_inputs_raise_one_line_errors_naming_the_argument(call: object, argu
 def test_non_module_model_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="`model`"):
         DeletionAUC(lambda x: x)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- shared ties, patch-level pointing
+
+
+def test_pointing_hits_share_tied_maxima() -> None:
+    masks = torch.zeros(3, 4, 4, dtype=torch.bool)
+    masks[:, :2, :] = True  # the top half: area share 0.5
+    flat = torch.zeros(3, 4, 4)
+    flat[1, 0, 0] = flat[1, 3, 3] = 1.0  # two maxima, one on the object
+    flat[2, 0, :3] = 1.0  # three maxima, all on the object
+    hits = pointing_hits(flat, masks)
+    assert hits.tolist() == [0.5, 0.5, 1.0]
+    # The old first-in-row-major rule would have scored the constant map 1.0 (pixel (0, 0) is on the object).
+    assert PointingGame()(flat[:1], masks[:1]).item() == 0.5
+
+
+def test_pointing_hits_is_nan_for_empty_masks_and_tolerance_dilates() -> None:
+    masks = torch.zeros(2, 5, 5, dtype=torch.bool)
+    masks[0, 0, 0] = True
+    maps = torch.zeros(2, 5, 5)
+    maps[:, 2, 2] = 1.0
+    hits = pointing_hits(maps, masks, tolerance=2)
+    assert hits[0].item() == 1.0 and math.isnan(hits[1].item())
+    assert pointing_hits(maps, masks, tolerance=1)[0].item() == 0.0
+
+
+def test_a_constant_map_scores_the_area_share_and_patch_level_pointing_ignores_upsampling() -> None:
+    generator = torch.Generator().manual_seed(3)
+    masks = torch.rand(6, 16, 16, generator=generator) < 0.3
+    area_share = masks.flatten(1).float().mean(dim=1)
+    torch.testing.assert_close(pointing_hits(torch.zeros(6, 16, 16), masks), area_share)
+
+    token_maps = torch.rand(6, 4, 4, generator=generator)
+    patches = patch_masks(masks, (4, 4))
+    # Reference: the peak token's 4x4 block of the mask, checked with plain loops.
+    for image in range(6):
+        row, col = divmod(int(token_maps[image].argmax()), 4)
+        expected = bool(masks[image, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4].any())
+        assert pointing_hits(token_maps[image : image + 1], patches[image : image + 1]).item() == float(expected)
+
+
+def test_patch_masks_rejects_a_grid_that_does_not_divide_the_masks() -> None:
+    with pytest.raises(ValueError, match="`grid_size`") as error:
+        patch_masks(torch.zeros(1, 6, 6, dtype=torch.bool), (4, 4))
+    assert "\n" not in str(error.value)
+
+
+def test_energy_shares_per_image_match_the_metric() -> None:
+    masks = square_masks(4, 8, top=1, left=2, side=3)
+    maps = torch.rand(4, 8, 8, generator=torch.Generator().manual_seed(1))
+    shares = energy_shares(maps, masks)
+    assert shares.mean().item() == pytest.approx(EnergyPointingGame()(maps, masks).item(), abs=1e-6)
+
+
+# ---------------------------------------------------------------- Chefer et al.'s segmentation test
+
+
+def test_average_precision_hand_computed_with_ties() -> None:
+    # Scores 3, 2, 2, 1 with labels 1, 0, 1, 0: thresholds 3 (P 1, R 1/2), 2 (P 2/3, R 1), 1 (R unchanged).
+    maps = torch.tensor([[[3.0, 2.0], [2.0, 1.0]]])
+    masks = torch.tensor([[[True, False], [True, False]]])
+    assert average_precision(maps, masks).item() == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert math.isnan(average_precision(maps, torch.zeros_like(masks)).item())
+
+
+def test_average_precision_agrees_with_scikit_learn() -> None:
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    generator = torch.Generator().manual_seed(0)
+    # Quantised scores, so that many pixels tie.
+    maps = (torch.rand(5, 12, 12, generator=generator) * 6).floor()
+    masks = torch.rand(5, 12, 12, generator=generator) < 0.25
+    ours = average_precision(maps, masks)
+    for image in range(5):
+        reference = sklearn_metrics.average_precision_score(
+            masks[image].flatten().numpy(), maps[image].flatten().numpy()
+        )
+        assert ours[image].item() == pytest.approx(reference, abs=1e-6)
+
+
+def test_segmentation_test_agrees_with_scikit_learn_on_pooled_pixels() -> None:
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    generator = torch.Generator().manual_seed(1)
+    maps = torch.rand(4, 2, 2, generator=generator)  # token maps, resized to the masks like the other metrics
+    masks = torch.rand(4, 8, 8, generator=generator) < 0.3
+    resized = torch.nn.functional.interpolate(maps[:, None], size=(8, 8), mode="bilinear", align_corners=False)[:, 0]
+    predicted = (resized > resized.mean(dim=(1, 2), keepdim=True)).flatten().numpy()
+    truth = masks.flatten().numpy()
+    metric = SaliencySegmentation()
+    metric.update(maps[:2], masks[:2])
+    metric.update(maps[2:], masks[2:])
+    scores = metric.compute()
+    assert scores["pixel_accuracy"].item() == pytest.approx(sklearn_metrics.accuracy_score(truth, predicted))
+    iou = sklearn_metrics.jaccard_score(truth, predicted, average=None)
+    assert scores["miou"].item() == pytest.approx(iou.mean())
+    ap = [
+        sklearn_metrics.average_precision_score(masks[i].flatten().numpy(), resized[i].flatten().numpy())
+        for i in range(4)
+    ]
+    assert scores["map"].item() == pytest.approx(sum(ap) / 4, abs=1e-6)
+    functional = saliency_segmentation(maps, masks)
+    for name in scores:
+        assert functional[name].item() == pytest.approx(scores[name].item(), abs=1e-6)
+
+
+# ---------------------------------------------------------------- Chefer et al.'s token perturbation
+
+
+class QuadrantEvidence(nn.Module):
+    """Class 0 while the mean of the top-left quadrant stays above 0.6, else class 1."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        evidence = x[..., :4, :4].mean(dim=(1, 2, 3))
+        return torch.stack([evidence - 0.6, torch.zeros_like(evidence)], dim=1)
+
+
+def test_token_perturbation_hand_computed() -> None:
+    images = torch.ones(1, 1, 8, 8)
+    token_maps = torch.zeros(1, 4, 4)
+    token_maps[0, :2, :2] = torch.tensor([[4.0, 3.0], [2.0, 1.0]])  # the top-left quadrant's 4 patches rank first
+    fractions = (1 / 16, 2 / 16, 3 / 16)
+    _, positive = token_perturbation_curve(QuadrantEvidence(), images, token_maps, torch.tensor([0]), fractions)
+    # 1 patch of 4 gone: mean 0.75 > 0.6; 2 gone: 0.5; 3 gone: 0.25.
+    assert positive.tolist() == [[1.0, 0.0, 0.0]]
+    _, negative = token_perturbation_curve(
+        QuadrantEvidence(), images, token_maps, torch.tensor([0]), fractions, negative=True
+    )
+    assert negative.tolist() == [[1.0, 1.0, 1.0]]
+    metric = TokenPerturbationAUC(QuadrantEvidence(), fractions=fractions)
+    metric.update(images, token_maps, torch.tensor([0]))
+    assert metric.compute().item() == pytest.approx(0.25)  # (1 + 0) / 2 * (1/16) / (2/16)
+
+
+def _reference_token_perturbation(model, images, token_maps, targets, fractions, negative):  # type: ignore[no-untyped-def]
+    """Chefer et al.'s procedure, one image and one fraction at a time, written out with loops."""
+    grid_h, grid_w = token_maps.shape[-2:]
+    patch_h, patch_w = images.shape[-2] // grid_h, images.shape[-1] // grid_w
+    rows = []
+    for image, relevance, target in zip(images, token_maps, targets, strict=True):
+        flat = relevance.flatten().tolist()
+        order = sorted(range(len(flat)), key=lambda i: (flat[i] if negative else -flat[i], i))
+        row = []
+        for fraction in fractions:
+            perturbed = image.clone()
+            for token in order[: int(fraction * len(flat) + 1e-9)]:
+                r, c = divmod(token, grid_w)
+                perturbed[:, r * patch_h : (r + 1) * patch_h, c * patch_w : (c + 1) * patch_w] = 0.0
+            with torch.no_grad():
+                row.append(float(model(perturbed[None]).argmax(dim=1).item() == target))
+        rows.append(row)
+    return torch.tensor(rows)
+
+
+def tiny_vit(img_size: int, seed: int) -> nn.Module:
+    """A random one-block ViT with 4-pixel patches and 3 classes, in eval mode."""
+    torch.manual_seed(seed)
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=img_size, patch_size=4, embed_dim=16, depth=1, num_heads=2, num_classes=3
+    ).eval()
+
+
+@pytest.mark.parametrize("negative", [False, True])
+def test_token_perturbation_agrees_with_a_loop_reference_on_a_vit(negative: bool) -> None:
+    model = tiny_vit(16, seed=0)
+    images = torch.randn(4, 3, 16, 16)
+    token_maps = torch.rand(4, 4, 4)
+    targets = model(images).argmax(dim=1)
+    fractions = (0.1, 0.3, 0.5, 0.9)
+    _, ours = token_perturbation_curve(model, images, token_maps, targets, fractions, negative, batch_size=5)
+    expected = _reference_token_perturbation(model, images, token_maps, targets, fractions, negative)
+    torch.testing.assert_close(ours, expected)
+
+
+# ---------------------------------------------------------------- ROAD
+
+
+def _reference_imputation(image: Tensor, keep: Tensor) -> Tensor:
+    """ROAD's noiseless linear imputation from its definition, with scipy's sparse direct solver."""
+    sparse = pytest.importorskip("scipy.sparse")
+    linalg = pytest.importorskip("scipy.sparse.linalg")
+    import numpy as np
+
+    height, width = keep.shape
+    neighbours = [(-1, -1, 1 / 12), (-1, 0, 1 / 6), (-1, 1, 1 / 12), (0, -1, 1 / 6), (0, 1, 1 / 6)]
+    neighbours += [(1, -1, 1 / 12), (1, 0, 1 / 6), (1, 1, 1 / 12)]
+    unknown = [(r, c) for r in range(height) for c in range(width) if not keep[r, c]]
+    index = {pixel: i for i, pixel in enumerate(unknown)}
+    system = sparse.lil_matrix((len(unknown), len(unknown)))
+    values = image.double().numpy()
+    rhs = np.zeros((len(unknown), values.shape[0]))
+    for i, (r, c) in enumerate(unknown):
+        for dr, dc, weight in neighbours:
+            rr, cc = r + dr, c + dc
+            if 0 <= rr < height and 0 <= cc < width:
+                system[i, i] += weight
+                if keep[rr, cc]:
+                    rhs[i] += weight * values[:, rr, cc]
+                else:
+                    system[i, index[(rr, cc)]] -= weight
+    solution = linalg.spsolve(system.tocsc(), rhs)
+    result = values.copy()
+    for i, (r, c) in enumerate(unknown):
+        result[:, r, c] = solution[i]
+    return torch.from_numpy(result).float()
+
+
+def test_noisy_linear_imputation_agrees_with_a_sparse_direct_solve() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 2, 12, 12, generator=generator)
+    keep = torch.rand(3, 12, 12, generator=generator) < 0.4
+    keep[2, 3:10, 2:11] = False  # one large hole
+    ours = noisy_linear_imputation(images, keep, noise_std=0.0, tolerance=1e-7)
+    for image in range(3):
+        torch.testing.assert_close(ours[image], _reference_imputation(images[image], keep[image]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours[keep[:, None].expand_as(ours)], images[keep[:, None].expand_as(images)])
+
+
+def test_imputation_noise_touches_only_removed_pixels_and_has_the_given_spread() -> None:
+    images = torch.zeros(1, 3, 32, 32)
+    keep = torch.ones(1, 32, 32, dtype=torch.bool)
+    keep[0, 8:24, 8:24] = False
+    noisy = noisy_linear_imputation(images, keep, noise_std=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(noisy[0, :, keep[0]], images[0, :, keep[0]])
+    assert noisy[0, :, ~keep[0]].std().item() == pytest.approx(0.5, rel=0.1)
+
+
+def test_road_curve_agrees_with_a_loop_reference() -> None:
+    model = tiny_vit(12, seed=1)
+    images = torch.randn(3, 3, 12, 12)
+    maps = torch.rand(3, 12, 12)
+    targets = model(images).argmax(dim=1)
+    fractions = (0.2, 0.6)
+    for most_relevant_first in (True, False):
+        _, ours = road_curve(model, images, maps, targets, fractions, most_relevant_first, noise_std=0.0)
+        for image in range(3):
+            order = maps[image].flatten().argsort(descending=most_relevant_first, stable=True)
+            for column, fraction in enumerate(fractions):
+                keep = torch.ones(144, dtype=torch.bool)
+                keep[order[: int(fraction * 144)]] = False
+                imputed = _reference_imputation(images[image], keep.view(12, 12))
+                with torch.no_grad():
+                    expected = float(model(imputed[None]).argmax().item() == targets[image].item())
+                assert ours[image, column].item() == expected
+
+
+def test_road_metric_is_reproducible_and_split_updates_agree() -> None:
+    model, images, maps, targets = region_setup(batch=4)
+    # Only the evidence quadrant is bright, so imputing it from its neighbours removes the evidence.
+    images[..., 4:] = 0.0
+    images[..., 4:, :] = 0.0
+    whole = ROAD(model, fractions=(0.2, 0.5, 0.8), seed=3)
+    whole.update(images, maps, targets)
+    again = ROAD(model, fractions=(0.2, 0.5, 0.8), seed=3)
+    again.update(images, maps, targets)
+    assert whole.compute().item() == again.compute().item()
+    # The evidence quadrant ranked first: removing it first (MoRF) hurts more than removing it last (LeRF).
+    lerf = ROAD(model, most_relevant_first=False, fractions=(0.2, 0.5, 0.8), seed=3)
+    lerf.update(images, maps, targets)
+    assert whole.compute().item() < lerf.compute().item()
+    split = ROAD(model, fractions=(0.2, 0.5, 0.8), seed=3, batch_size=5)
+    split.update(images[:2], maps[:2], targets[:2])
+    split.update(images[2:], maps[2:], targets[2:])
+    assert split.total.item() == 4 and 0.0 <= split.compute().item() <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("call", "argument"),
+    [
+        (lambda: TokenPerturbationAUC(nn.Identity(), fractions=(0.5, 0.2)), "`fractions`"),
+        (lambda: ROAD(nn.Identity(), fractions=()), "`fractions`"),
+        (lambda: ROAD(nn.Identity(), fractions=(1.5,)), "`fractions`"),
+        (lambda: noisy_linear_imputation(torch.rand(1, 3, 4, 4), torch.ones(1, 4, 4)), "`keep`"),
+        (
+            lambda: noisy_linear_imputation(torch.rand(1, 3, 4, 4), torch.ones(1, 4, 4, dtype=torch.bool), -1.0),
+            "`noise_std`",
+        ),
+        (
+            lambda: token_perturbation_curve(
+                nn.Identity(), torch.rand(1, 3, 6, 6), torch.rand(1, 4, 4), torch.zeros(1).long()
+            ),
+            "`token_maps`",
+        ),
+    ],
+)
+def test_new_protocols_reject_bad_arguments_in_one_line(call: object, argument: str) -> None:
+    with pytest.raises(ValueError, match=argument) as error:
+        call()  # type: ignore[operator]
+    assert "\n" not in str(error.value)

@@ -14,20 +14,49 @@
   [`energy_pointing_game`][gmar_lightning.metrics.functional.energy_pointing_game]) return the underlying curves for
   plotting.
 
+* [`SaliencySegmentation`][gmar_lightning.metrics.pointing.SaliencySegmentation] is Chefer et al.'s (2021) segmentation
+  test (pixel accuracy, mIoU, mAP); [`TokenPerturbationAUC`][gmar_lightning.metrics.perturbation.TokenPerturbationAUC]
+  their positive/negative perturbation test on patch tokens; [`ROAD`][gmar_lightning.metrics.perturbation.ROAD] the
+  remove-and-debias test of Rong et al. (2022) with noisy linear imputation.
+
 Maps whose spatial size differs from the masks or images are bilinearly resized to it first.
 """
 
-from gmar_lightning.metrics.functional import deletion_curve, energy_pointing_game, insertion_curve, pointing_game
-from gmar_lightning.metrics.perturbation import DeletionAUC, InsertionAUC
-from gmar_lightning.metrics.pointing import EnergyPointingGame, PointingGame
+from gmar_lightning.metrics.functional import (
+    average_precision,
+    deletion_curve,
+    energy_pointing_game,
+    energy_shares,
+    insertion_curve,
+    noisy_linear_imputation,
+    patch_masks,
+    pointing_game,
+    pointing_hits,
+    road_curve,
+    saliency_segmentation,
+    token_perturbation_curve,
+)
+from gmar_lightning.metrics.perturbation import ROAD, DeletionAUC, InsertionAUC, TokenPerturbationAUC
+from gmar_lightning.metrics.pointing import EnergyPointingGame, PointingGame, SaliencySegmentation
 
 __all__ = [
+    "ROAD",
     "DeletionAUC",
     "EnergyPointingGame",
     "InsertionAUC",
     "PointingGame",
+    "SaliencySegmentation",
+    "TokenPerturbationAUC",
+    "average_precision",
     "deletion_curve",
     "energy_pointing_game",
+    "energy_shares",
     "insertion_curve",
+    "noisy_linear_imputation",
+    "patch_masks",
     "pointing_game",
+    "pointing_hits",
+    "road_curve",
+    "saliency_segmentation",
+    "token_perturbation_curve",
 ]
