@@ -56,3 +56,15 @@ def test_python_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
             pytest.fail(f"the block at {page.name}:{line} fails: {type(error).__name__}: {error}")
         ran += 1
     assert ran or all(reason for _, _, reason in python_blocks(page))
+
+
+def test_docstrings_use_mkdocstrings_cross_references() -> None:
+    """The API pages render Markdown: a Sphinx role such as :func:`x` would show up as literal text."""
+    role = re.compile(r":(?:func|class|meth|data|attr|mod|exc|obj):`")
+    offenders = [
+        f"{path.relative_to(REPOSITORY)}:{number}"
+        for path in sorted((REPOSITORY / "gmar_lightning").rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if role.search(line)
+    ]
+    assert not offenders, f"write [`name`][gmar_lightning.module.name] instead of Sphinx roles in {offenders}"
