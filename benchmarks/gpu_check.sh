@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: record the device, driver and library versions, run bench_engine.py and
-# bench_anchors.py on CUDA, run the engine tests on CUDA, then the rest of the
-# test suite,, and print one summary table with the
-# CUDA targets (batched >= 10x the per-image anchors at B=32; explain <= 0.75 of a training step; peak memory <= 1.0
-# of a training step). It finishes within 7 minutes on an H100/H200.
+# bench_anchors.py on CUDA, run the engine tests on CUDA, then the rest of the test suite, and print one summary table
+# with the CUDA targets (batched >= 10x the per-image anchors at B=32; explain <= 0.75 of a training step; peak memory
+# <= 1.0 of a training step). It finishes within 7 minutes on an H100/H200.
 #
 #   bash benchmarks/gpu_check.sh             # on a GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --dry-run   # anywhere: CPU, tiny model, engine tests only (also chosen without CUDA)
 #
-# PYTHON picks the interpreter (default python3), GPU_CHECK_BUDGET_S the whole script's time (default 400 s); the package is imported from the checkout (PYTHONPATH), nothing is
-# installed. Logs and JSON go to $OUT when set, else to a fresh temporary folder.
+# PYTHON picks the interpreter (default python3) and GPU_CHECK_BUDGET_S the whole script's time (default 400 s). The
+# package is imported from the checkout (PYTHONPATH); nothing is installed. Logs and JSON go to $OUT when set, else to a
+# fresh temporary folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,7 +51,7 @@ step() { # name, seconds allowed, command...: run with a time limit, log, and re
 
 step versions 60 bash -c "
     command -v nvidia-smi >/dev/null && nvidia-smi && nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
-    uname -a; nproc; git rev-parse HEAD 2>/dev/null || true
+    uname -a; nproc
     \"$PYTHON\" - <<'EOF'
 import platform, torch, timm, lightning
 print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda,
@@ -70,7 +70,8 @@ step tests_engine 150 env GMAR_TEST_DEVICE="$DEVICE" "$PYTHON" -m pytest -q -p n
 if [ "$dry_run" = 0 ]; then # the rest of the suite (its tensors stay on the CPU) gets the time that is left
     rest_limit=$((BUDGET_S - (SECONDS - START)))
     [ "$rest_limit" -lt 30 ] && rest_limit=30
-    step tests_rest "$rest_limit" env GMAR_TEST_DEVICE="$DEVICE" "$PYTHON" -m pytest -q -p no:randomly \
+    # -v names each test as it starts, so a test that kills the interpreter is named in the log.
+    step tests_rest "$rest_limit" env GMAR_TEST_DEVICE="$DEVICE" "$PYTHON" -m pytest -v -p no:randomly \
         -p no:cacheprovider --ignore=tests/test_engine.py
 fi
 

@@ -154,11 +154,16 @@ def rollout_step(mixing: AttentionMixing, row: Tensor, fused: Tensor, residual: 
     return residual * scaled + (1.0 - residual) * mixed
 
 
-def propagate(plan: TokenPlan, update: Callable[[int, AttentionMixing, Tensor], Tensor], batch: int) -> Tensor:
-    """The read-out row pulled back through the whole plan: ``[B, N_first]``.
+def propagate(
+    plan: TokenPlan,
+    update: Callable[[int, AttentionMixing, Tensor], Tensor],
+    batch: int,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """The read-out row pulled back through the whole plan: ``[B, N_first]`` on ``device``.
 
     ``update(layer, mixing, row)`` applies one attention layer to the row (return ``row`` to skip it); fixed maps
-    between token spaces are always applied.
+    between token spaces are always applied. The plan's tensors may live on the CPU; the row lives where the layers do.
 
     Examples:
         >>> from gmar_lightning.mixing import AttentionStep
@@ -167,7 +172,7 @@ def propagate(plan: TokenPlan, update: Callable[[int, AttentionMixing, Tensor], 
         >>> propagate(plan, lambda _i, mixing, row: rollout_step(mixing, row, layer, 0.5), batch=1).tolist()
         [[0.5, 0.5]]
     """
-    row = plan.readout.float().expand(batch, -1)
+    row = plan.readout.to(device).float().expand(batch, -1)
     for step in reversed(plan.steps):
         row = step.pull_back(row) if isinstance(step, TokenMap) else update(step.layer, step.mixing, row)
     return row
@@ -192,7 +197,7 @@ def propagate_rollout(plan: TokenPlan, layers: list[Tensor], residual: float, st
     def update(index: int, mixing: AttentionMixing, row: Tensor) -> Tensor:
         return rollout_step(mixing, row, layers[index], residual) if index >= start_layer else row
 
-    return propagate(plan, update, layers[0].shape[0])
+    return propagate(plan, update, layers[0].shape[0], layers[0].device)
 
 
 def propagate_gradient_rollout(plan: TokenPlan, relevances: list[Tensor], start_layer: int = 0) -> Tensor:
@@ -211,7 +216,7 @@ def propagate_gradient_rollout(plan: TokenPlan, relevances: list[Tensor], start_
     def update(index: int, mixing: AttentionMixing, row: Tensor) -> Tensor:
         return row + mixing.mix(row, relevances[index]) if index >= start_layer else row
 
-    return propagate(plan, update, relevances[0].shape[0])
+    return propagate(plan, update, relevances[0].shape[0], relevances[0].device)
 
 
 def propagate_last_attention(plan: TokenPlan, last: Tensor) -> Tensor:
@@ -226,7 +231,7 @@ def propagate_last_attention(plan: TokenPlan, last: Tensor) -> Tensor:
             mixed = mixed + row * (~mixing.queried()).to(row.device, row.dtype)
         return mixed
 
-    return propagate(plan, update, last.shape[0])
+    return propagate(plan, update, last.shape[0], last.device)
 
 
 def positive_relevance(attention: Tensor, grad: Tensor) -> Tensor:
