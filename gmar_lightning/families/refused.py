@@ -24,20 +24,81 @@ MODULE_REASONS: dict[str, str] = {
     ),
 }
 
+_NOT_MAPPED = "gmar-lightning does not map it yet"
+
 MODEL_REASONS: dict[str, str] = {
+    # Attention that is not a distribution over tokens: rollout is not defined.
     "Xcit": "its cross-covariance attention (XCA) mixes feature channels, not tokens, so there is no token rollout",
+    "EdgeNeXt": "its cross-covariance attention mixes feature channels, not tokens, so there is no token rollout",
+    "DaVit": "it alternates window attention with channel attention, which mixes feature channels, not tokens",
     "VOLO": (
         "its outlook attention aggregates each local window with weights predicted from one token (no query-key "
         "attention over tokens), so there is no token rollout"
     ),
+    "CoaT": (
+        "its factorised attention softmaxes the keys over tokens and aggregates key-value products, so it has no "
+        "token-to-token attention matrix to roll out"
+    ),
+    "EfficientVit": "its ReLU linear attention has no token-to-token attention matrix to roll out",
+    "SwiftFormer": "its additive attention has no token-to-token attention matrix to roll out",
+    "EfficientViM": "its hidden-state mixer is a state-space layer, not attention, so there is no token rollout",
+    "EfficientVitMsra": (
+        "its cascaded group attention feeds each head the previous head's output, so the heads are not parallel "
+        "distributions over the same tokens"
+    ),
+    # Two token spaces at once.
     "CrossVit": (
         "its cross-attention exchanges class tokens between two branches with different patch grids, which share no "
         "token space to roll out over"
     ),
-    "EdgeNeXt": "its cross-covariance attention mixes feature channels, not tokens, so there is no token rollout",
-    "DaVit": "it alternates window attention with channel attention, which mixes feature channels, not tokens",
-    "Tnt": "its inner attention mixes pixels inside each patch and its outer attention mixes patches, two token spaces",
+    "TNT": "its inner attention mixes pixels inside each patch and its outer attention mixes patches, two token spaces",
+    # Token maps without a linear relevance map.
+    "Nest": "it aggregates its blocks with convolution and max pooling between levels, which has no linear token map",
+    # Attention that changes the token set inside the attention, or runs inside a CNN.
+    "Levit": f"its attention-downsampling blocks replace the grid by a subsampled query grid; {_NOT_MAPPED}",
+    "LevitDistilled": (
+        f"its attention-downsampling blocks replace the grid by a subsampled query grid with no skip; {_NOT_MAPPED}"
+    ),
+    "MultiScaleVit": f"its pooling attention pools queries, keys and values inside every attention; {_NOT_MAPPED}",
+    "Hiera": f"its mask-unit attention pools queries inside the attention between stages; {_NOT_MAPPED}",
+    "HieraDet": f"its multi-scale attention pools queries inside the attention between stages; {_NOT_MAPPED}",
+    "ConVit": (
+        "its gated positional self-attention blends content and positional attention and the class token joins after "
+        f"those layers; {_NOT_MAPPED}"
+    ),
+    "GlobalContextVit": f"its window attention reads global queries made by a CNN branch, not by tokens; {_NOT_MAPPED}",
+    "MaxxVit": f"it interleaves MBConv blocks with window and dilated-grid attention on feature maps; {_NOT_MAPPED}",
+    "MetaFormer": f"its early stages mix tokens by convolution or pooling, attention only later; {_NOT_MAPPED}",
+    "EfficientFormer": f"its attention runs only in the last stage, after pooling token mixers; {_NOT_MAPPED}",
+    "EfficientFormerV2": f"it mixes convolution with feature-map and strided-query attention; {_NOT_MAPPED}",
+    "FastVit": f"its convolutional RepMixer token mixers precede attention in the last stage; {_NOT_MAPPED}",
+    "NextViT": f"it interleaves convolution blocks with spatial-reduction attention on feature maps; {_NOT_MAPPED}",
+    "TinyVit": f"its window attention blocks carry a local convolution and follow a convolution stage; {_NOT_MAPPED}",
+    "Visformer": f"its attention runs on convolutional feature maps after convolution stages; {_NOT_MAPPED}",
+    "SHViT": f"its single-head attention runs on a channel subset of convolutional feature maps; {_NOT_MAPPED}",
+    "CPUBone": f"its convolutional attention runs inside a hybrid CNN on feature maps; {_NOT_MAPPED}",
+    "LowFormer": f"its convolutional attention runs inside a hybrid CNN on downsampled feature maps; {_NOT_MAPPED}",
+    "IFormer": f"its single-head modulation attention runs inside a hybrid CNN on feature maps; {_NOT_MAPPED}",
+    "CSATv2": f"its attention runs on DCT-compressed feature maps of a hybrid CNN; {_NOT_MAPPED}",
+    "MobileNetV5": f"its multi-query attention runs on CNN feature maps with downsampled keys; {_NOT_MAPPED}",
+    "NaFlexVit": f"it takes variable-resolution patch sequences with padding masks (NaFlex); {_NOT_MAPPED}",
+    "Qwen3VitClassifier": f"it is a vision-language encoder that merges patches for its language model; {_NOT_MAPPED}",
+    "Gemma4VitClassifier": f"it is a vision-language encoder with a pooling head of its own; {_NOT_MAPPED}",
+    "DeepseekVitClassifier": f"it is a vision-language encoder with an aligner head of its own; {_NOT_MAPPED}",
 }
+"""Model classes whose attention has no token rollout (or is not mapped), with the reason."""
+
+MODULE_REASONS.update(
+    {
+        # Self-attention inside a CNN (timm's ByobNet hosts these, and plain CNNs): no patch-token sequence.
+        "BottleneckAttn": "its bottleneck self-attention runs on CNN feature maps inside a ResNet; " + _NOT_MAPPED,
+        "HaloAttn": "its halo self-attention runs on CNN feature maps inside a ResNet; " + _NOT_MAPPED,
+        "LambdaLayer": "its lambda layers summarise context into linear maps, with no token-to-token attention matrix",
+        "MobileVitBlock": "its transformer attends across unfolded patches of CNN feature maps; " + _NOT_MAPPED,
+        "MobileVitV2Block": "its separable linear self-attention has no token-to-token attention matrix to roll out",
+        "MobileAttention": "its multi-query attention runs on CNN feature maps (MobileNetV4 hybrid); " + _NOT_MAPPED,
+    }
+)
 
 
 def refusal(model: nn.Module) -> str | None:

@@ -1,0 +1,284 @@
+"""Which models gmar-lightning explains: one small representative per attention-based family, run for real.
+
+Every timm model module is classified here, either as a :class:`Case` (a tiny random-init representative, explained
+with ``gmar_l1``) or in :data:`NO_TOKEN_ATTENTION`; a module of the installed timm that is neither fails the run, so
+the table cannot drift from timm. Each case ends as
+
+* ``works``: the explanation ran, its maps are finite, its head weights sum to 1 per layer, and the model went
+  through a family whose token plan the tests check against a full-matrix reference;
+* ``refused``: a one-line :class:`~gmar_lightning.families.UnsupportedModelError` naming the model class and why;
+* anything else (another exception, a refusal that does not name the class, a verdict other than the expected one,
+  a model explained by a family the tests do not cover) is a failure: the script prints it and exits with status 1.
+
+It writes the "Supported models" docs page (``docs/supported_models.md``); ``--check`` fails instead if the page on
+disk differs (CI). Hugging Face classes are registered in :data:`CASES` by the same mechanism (family
+``"transformers"``).
+
+Run: ``python benchmarks/supported_models.py`` (about 30 s on a 2-core CPU); ``--check`` in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from gmar_lightning import explain
+from gmar_lightning.families import UnsupportedModelError, find_family
+
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "supported_models.md"
+
+VERIFIED_FAMILIES = {"vit", "swin", "pvt", "cait", "pit", "sam"}
+"""Family probes whose token plans tests/test_families.py and tests/test_engine.py check against the reference."""
+
+SINGLE_SEQUENCE_CLASSES = {"VisionTransformer", "VisionTransformerDistilled", "Beit", "Eva", "VisionTransformerRelPos"}
+"""timm classes the generic single-sequence ``vit`` probe is verified on; any other class it takes is a failure."""
+
+FAMILY_NOTES = {
+    "vit": "global self-attention over prefix tokens and the patch grid",
+    "swin": "shifted windows (roll + padding) mapped to the grid; patch merging to 2x2 children",
+    "pvt": "spatial-reduction keys mapped to their cells; windows (Twins); convolutional patch embeddings",
+    "cait": "talking-head softmaxes as heads; class token joins; class-attention layers",
+    "pit": "class token(s) + grid per stage; pooling convolutions map to their kernels",
+    "sam": "windowed blocks (padded) interleaved with global blocks",
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One representative: its family (timm module, or ``transformers``), a label, a builder and the input size.
+
+    ``expect`` is the verdict the code should reach; a refused case is built on the meta device (no weights are
+    needed to refuse), which keeps the run short.
+    """
+
+    family: str
+    label: str
+    build: Callable[[], nn.Module]
+    image_size: int = 32
+    expect: str = "works"
+
+
+TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+TINY_SWIN = {"img_size": 32, "embed_dim": 16, "depths": (2, 1), "num_heads": (1, 2), "window_size": 4}
+TINY_PYRAMID = {"embed_dims": (8, 16, 16, 32), "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 4)}
+
+
+def timm_case(family: str, name: str, size: int = 32, expect: str = "works", **kwargs: object) -> Case:
+    """A timm model by name, with ``kwargs`` that make it tiny (works) or its default size on meta (refused)."""
+    label = f"`{name}`" + (" (tiny)" if kwargs else "")
+
+    def build() -> nn.Module:
+        if expect == "refused":
+            with torch.device("meta"):
+                return timm.create_model(name, **kwargs)
+        torch.manual_seed(0)
+        return timm.create_model(name, num_classes=3, **kwargs)
+
+    return Case(family, label, build, size, expect)
+
+
+CASES: list[Case] = [
+    timm_case("vision_transformer", "vit_tiny_patch16_224", **TINY_VIT),
+    timm_case("vision_transformer", "vit_small_patch16_18x2_224", **TINY_VIT),  # parallel attention branches
+    timm_case("vision_transformer", "vit_medium_patch16_reg1_gap_256", **TINY_VIT),  # registers, average pooling
+    timm_case("vision_transformer", "vit_base_patch16_siglip_224", expect="refused"),  # global_pool='map'
+    timm_case("vision_transformer", "vit_dlittle_patch16_reg1_gap_256", expect="refused"),  # differential attention
+    timm_case("vision_transformer_hybrid", "vit_tiny_r_s16_p8_224", size=64, img_size=64, depth=2),
+    timm_case("vision_transformer_relpos", "vit_relpos_small_patch16_224", **TINY_VIT),
+    timm_case("vision_transformer_sam", "samvit_base_patch16", **TINY_VIT, global_pool="avg", neck_chans=16),
+    timm_case("deit", "deit_tiny_distilled_patch16_224", **TINY_VIT),
+    timm_case("beit", "beit_base_patch16_224", **TINY_VIT),
+    timm_case("eva", "eva02_tiny_patch14_224", size=28, img_size=28, depth=2),
+    timm_case("vitamin", "vitamin_small_224", size=64, img_size=64, depth=2),
+    timm_case("swin_transformer", "swin_tiny_patch4_window7_224", **TINY_SWIN),
+    timm_case("swin_transformer_v2", "swinv2_tiny_window8_256", **TINY_SWIN),
+    timm_case("swin_transformer_v2_cr", "swinv2_cr_tiny_ns_224", **TINY_SWIN),
+    timm_case("pvt_v2", "pvt_v2_b0", size=64, **TINY_PYRAMID),
+    timm_case("twins", "twins_svt_small", size=64, **(TINY_PYRAMID | {"wss": (2, 2, 2, 2)})),
+    timm_case("cait", "cait_xxs24_224", **TINY_VIT),
+    timm_case("pit", "pit_ti_224", size=64, img_size=64, base_dims=[8, 8, 8], heads=[1, 2, 4], depth=[1, 1, 1]),
+    timm_case("xcit", "xcit_nano_12_p8_224", expect="refused"),
+    timm_case("volo", "volo_d1_224", expect="refused"),
+    timm_case("crossvit", "crossvit_tiny_240", expect="refused"),
+    timm_case("edgenext", "edgenext_xx_small", expect="refused"),
+    timm_case("davit", "davit_tiny", expect="refused"),
+    timm_case("tnt", "tnt_s_legacy_patch16_224", expect="refused"),
+    timm_case("coat", "coat_lite_tiny", expect="refused"),
+    timm_case("convit", "convit_tiny", expect="refused"),
+    timm_case("levit", "levit_128s", expect="refused"),
+    timm_case("mvitv2", "mvitv2_tiny", expect="refused"),
+    timm_case("hiera", "hiera_tiny_224", expect="refused"),
+    timm_case("hieradet_sam2", "sam2_hiera_tiny", expect="refused"),
+    timm_case("nest", "nest_tiny", expect="refused"),
+    timm_case("gcvit", "gcvit_xxtiny", expect="refused"),
+    timm_case("maxxvit", "maxvit_nano_rw_256", expect="refused"),
+    timm_case("metaformer", "caformer_s18", expect="refused"),
+    timm_case("efficientformer", "efficientformer_l1", expect="refused"),
+    timm_case("efficientformer_v2", "efficientformerv2_s0", expect="refused"),
+    timm_case("efficientvit_mit", "efficientvit_b0", expect="refused"),
+    timm_case("efficientvit_msra", "efficientvit_m0", expect="refused"),
+    timm_case("efficientvim", "efficientvim_m1", expect="refused"),
+    timm_case("fastvit", "fastvit_t8", expect="refused"),
+    timm_case("nextvit", "nextvit_small", expect="refused"),
+    timm_case("tiny_vit", "tiny_vit_5m_224", expect="refused"),
+    timm_case("visformer", "visformer_tiny", expect="refused"),
+    timm_case("shvit", "shvit_s1", expect="refused"),
+    timm_case("swiftformer", "swiftformer_xs", expect="refused"),
+    timm_case("cpubone", "cpubone_nano", expect="refused"),
+    timm_case("lowformer", "lowformer_b0", expect="refused"),
+    timm_case("iformer", "iformer_t", expect="refused"),
+    timm_case("csatv2", "csatv2", expect="refused"),
+    timm_case("mobilevit", "mobilevit_xxs", expect="refused"),
+    timm_case("byoanet", "botnet26t_256", expect="refused"),
+    timm_case("mobilenetv3", "mobilenetv4_hybrid_medium", expect="refused"),
+    timm_case("mobilenetv5", "mobilenetv5_300m", expect="refused"),
+    timm_case("naflexvit", "naflexvit_base_patch16_gap", expect="refused"),
+    timm_case("qwen3_vit", "qwen3_vit_88m", expect="refused"),
+    timm_case("gemma4_vit", "gemma4_vit_167m", expect="refused"),
+    timm_case("deepseek_vit", "deepseek_vit_412m", expect="refused"),
+]
+"""Every representative, timm first. The Hugging Face side appends its classes here (family ``transformers``)."""
+
+NO_TOKEN_ATTENTION: dict[str, str] = {
+    "convolutional network": (
+        "byobnet convmixer convnext cspnet cspnext densenet dla dpn efficientnet fasternet focalnet ghostnet "
+        "hardcorenas hgnet hrnet inception_next inception_resnet_v2 inception_v3 inception_v4 lcnetv2 mambaout "
+        "nasnet nfnet pnasnet rdnet regnet repghost repvit res2net resnest resnet resnetv2 rexnet selecsls senet "
+        "sknet starnet tresnet vgg vovnet xception xception_aligned"
+    ),
+    "MLP or recurrent token mixing": "mlp_mixer sequencer",
+}
+"""timm modules without attention over tokens (channel or branch attention such as SE, split or selective kernel
+attention is not token attention), grouped by why; they have nothing to roll out."""
+
+
+@dataclass
+class Outcome:
+    case: Case
+    model_class: str
+    verdict: str  # works, refused or FAILED
+    detail: str
+
+
+def _check_explanation(model: nn.Module, result: object) -> str:
+    """Why a successful explanation is not trustworthy, or '' when it is."""
+    family = find_family(model).name
+    if family not in VERIFIED_FAMILIES:
+        return f"explained by family {family!r}, whose token plan no test checks"
+    if family == "vit" and type(model).__name__ not in SINGLE_SEQUENCE_CLASSES:
+        return f"{type(model).__name__} went through the generic single-sequence probe, which no test checks for it"
+    if not bool(torch.isfinite(result.token_maps).all()):
+        return "token maps are not finite"
+    weights = result.head_weights
+    sums = torch.nansum(weights, dim=-1)
+    if not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
+        return "head weights do not sum to 1 per layer"
+    return ""
+
+
+def run_case(case: Case) -> Outcome:
+    try:
+        model = case.build()
+    except Exception as error:  # a representative that timm cannot build is a bug in this table
+        return Outcome(case, "?", "FAILED", f"cannot build: {type(error).__name__}: {error}")
+    model_class = type(model).__name__
+    images = torch.randn(2, 3, case.image_size, case.image_size, generator=torch.Generator().manual_seed(0))
+    try:
+        result = explain(model, images, method="gmar_l1")
+    except UnsupportedModelError as error:
+        message = str(error)
+        if "\n" in message or model_class not in message:
+            return Outcome(case, model_class, "FAILED", f"unclear refusal: {message}")
+        verdict = "refused" if case.expect == "refused" else "FAILED"
+        return Outcome(case, model_class, verdict, message.split(": ", 1)[-1].rstrip("."))
+    except Exception as error:
+        return Outcome(case, model_class, "FAILED", f"{type(error).__name__}: {error}")
+    problem = _check_explanation(model, result)
+    if problem:
+        return Outcome(case, model_class, "FAILED", problem)
+    if case.expect != "works":
+        return Outcome(case, model_class, "FAILED", "explained, but the table expects a refusal")
+    family = find_family(model).name
+    grid = "x".join(map(str, result.grid_size))
+    return Outcome(
+        case, model_class, "works", f"{FAMILY_NOTES[family]} ({len(result.layer_names)} layers, {grid} grid)"
+    )
+
+
+def unclassified_timm_modules() -> list[str]:
+    classified = {case.family for case in CASES} | {m for group in NO_TOKEN_ATTENTION.values() for m in group.split()}
+    return sorted(set(timm.list_modules()) - classified)
+
+
+def render_page(outcomes: list[Outcome]) -> str:
+    lines = [
+        "# Supported models",
+        "",
+        "Generated by `python benchmarks/supported_models.py` from one small random-init representative per timm "
+        "model module; CI runs it with `--check` and fails when this page, the installed timm and the code disagree. "
+        "**works** means `explain` ran and the family's token plan ([the method](method.md#hierarchical-windowed-"
+        "and-multi-branch-models)) is checked against a full-matrix reference in the tests; **refused** is the "
+        "one-line error the model gets. Models outside this table that reuse one of these classes behave as its row "
+        "says; any other model with attention gets a one-line refusal naming its class.",
+        "",
+        "| family | representative | class | verdict | how, or why not |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for outcome in outcomes:
+        detail = outcome.detail.replace("|", "\\|")
+        lines.append(
+            f"| {outcome.case.family} | {outcome.case.label} | `{outcome.model_class}` | {outcome.verdict} | {detail} |"
+        )
+    lines += ["", "timm modules without attention over tokens, which have nothing to roll out:", ""]
+    lines += [f"- {why}: {', '.join(modules.split())}." for why, modules in NO_TOKEN_ATTENTION.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if docs/supported_models.md would change")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    missing = unclassified_timm_modules()
+    if missing:
+        print(
+            f"timm modules not classified in {Path(__file__).name}: {', '.join(missing)}; add a Case or a "
+            "NO_TOKEN_ATTENTION entry for each."
+        )
+        return 1
+    start = time.perf_counter()
+    outcomes = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for case in tqdm(CASES, desc="families", unit="model"):
+            outcomes.append(run_case(case))
+    failed = [outcome for outcome in outcomes if outcome.verdict == "FAILED"]
+    for outcome in outcomes:
+        print(f"{outcome.verdict:8s} {outcome.case.family:26s} {outcome.model_class:28s} {outcome.detail}")
+    works = sum(outcome.verdict == "works" for outcome in outcomes)
+    print(
+        f"{works} work, {len(outcomes) - works - len(failed)} refused, {len(failed)} failed "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
+    page = render_page(outcomes)
+    if args.check:
+        if not PAGE.exists() or PAGE.read_text() != page:
+            print(f"{PAGE} is out of date: run `python benchmarks/supported_models.py` and commit it.")
+            return 1
+    else:
+        PAGE.write_text(page)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
