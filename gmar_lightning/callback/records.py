@@ -163,10 +163,12 @@ class MapHistory:
         self.epochs.append(int(epoch))
 
     def state_dict(self) -> dict[str, Any]:
+        """Plain data for the callback's checkpoint state."""
         return {"epochs": list(self.epochs), "maps": dict(self.maps)}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> MapHistory:
+        """Rebuild a history from `state_dict` output."""
         return cls(epochs=list(state["epochs"]), maps=dict(state["maps"]))
 
 
@@ -254,7 +256,7 @@ def evaluation_record(
             display, maps, labels, predicted, max_images=max_images, cmap=cmap, alpha=alpha, probabilities=probabilities
         )
         tag = f"gmar/overlay/{method}"
-        record.images[tag] = torch.from_numpy(figure_to_array(figure)).permute(2, 0, 1).float() / 255.0
+        record.images[tag] = _figure_image(figure)
         hits = sum(truth == prediction for truth, prediction in zip(truths or [], predictions, strict=False))
         right = f"{hits}/{shown} probe images predicted right" if truths is not None else f"{shown} probe images"
         record.captions[tag] = f"{method} at epoch {epoch}, step {step}: {right}"
@@ -288,6 +290,7 @@ def evaluation_record(
 
 
 def _figure_image(figure: Figure) -> Tensor:
+    """A figure rasterised as a ``[3, H, W]`` float image in ``[0, 1]``, so every back-end logs the same pixels."""
     return torch.from_numpy(figure_to_array(figure)).permute(2, 0, 1).float() / 255.0
 
 
