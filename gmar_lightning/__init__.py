@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "GMARCallback": "gmar_lightning.callback.gmar",
+    "HeadPruning": "gmar_lightning.callback.head_pruning",
     "AttentionAdapter": "gmar_lightning.capture",
     "attention_adapter": "gmar_lightning.capture",
     "register_attention_adapter": "gmar_lightning.capture",
@@ -32,6 +33,7 @@ __all__ = [
     "ExplainOptions",
     "Explanation",
     "GMARCallback",
+    "HeadPruning",
     "TokenLayout",
     "__version__",
     "attention_adapter",
@@ -42,6 +44,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from gmar_lightning.callback.gmar import GMARCallback
+    from gmar_lightning.callback.head_pruning import HeadPruning
     from gmar_lightning.capture import (
         AttentionAdapter,
         attention_adapter,

@@ -22,6 +22,8 @@ from timm.models import load_state_dict
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from gmar_lightning.heads.pruning import restore_pruning, restore_pruning_on_load
+
 __all__ = ["ViTClassifier", "checkpoint_model_settings", "create_vit", "load_weights"]
 
 _MODEL_SETTINGS = ("model_name", "num_classes", "img_size", "model_kwargs")
@@ -88,6 +90,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = 
     [`ViTClassifier`][gmar_lightning.demos.model.ViTClassifier] (keys prefixed ``model.``). The file is read with
     ``weights_only=True``, so it cannot run code. Position embeddings saved at another image size are resampled by
     timm's filter for the model's family.
+    Weights of a model whose heads were removed ([`prune_heads`][gmar_lightning.heads.pruning.prune_heads]) carry
+    their pruning spec, and the model is pruned the same way before loading.
 
     Args:
         model: The model to fill.
@@ -112,6 +116,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = 
     prefix = "model."
     if state_dict and all(key.startswith(prefix) for key in state_dict):
         state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
+    # Weights of a model whose heads were removed carry the spec (kept_heads buffers): prune the fresh model alike.
+    restore_pruning(model, state_dict)
     filter_fn = _checkpoint_filter(model)
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
@@ -201,6 +207,8 @@ class ViTClassifier(L.LightningModule):
             raise ValueError(f"`label_smoothing` must lie in [0, 1), got {label_smoothing!r}.")
         self.save_hyperparameters()
         self.model = create_vit(model_name, num_classes, img_size, pretrained, checkpoint_path, model_kwargs)
+        # Checkpoints of a model pruned by HeadPruning load into a fresh module (resume, load_from_checkpoint).
+        restore_pruning_on_load(self)
         self.train_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
 

@@ -31,6 +31,8 @@ Examples:
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -53,14 +55,19 @@ from gmar_lightning.capture import (
     slot_count,
     unwrap_model,
 )
+from gmar_lightning.model_state import eval_mode
 
 __all__ = [
     "ParameterSlice",
     "head_counts",
     "head_ids",
+    "measure_throughput",
+    "present_heads",
     "prune_heads",
     "pruning_spec",
     "restore_pruning",
+    "restore_pruning_on_load",
+    "select_heads",
     "slice_optimizer_state",
     "weight_magnitude_importance",
 ]
@@ -498,3 +505,87 @@ def slice_optimizer_state(optimizer: torch.optim.Optimizer, changes: Sequence[Pa
                     )
                 sliced[key] = value
             optimizer.state[change.new] = sliced
+
+
+def restore_pruning_on_load(module: nn.Module) -> None:
+    """Make ``module.load_state_dict`` prune the module's ViT like the state dict's first (idempotent).
+
+    Registers a load-state-dict pre-hook calling [`restore_pruning`][gmar_lightning.heads.pruning.restore_pruning],
+    so a fresh module loads a pruned checkpoint: ``Trainer.fit(ckpt_path=...)``,
+    ``LightningModule.load_from_checkpoint`` or a plain ``load_state_dict``.
+    """
+    if getattr(module, "_gmar_restores_pruning", False):
+        return
+
+    def hook(owner: nn.Module, state_dict: Mapping[str, Any], *_: Any) -> None:
+        restore_pruning(owner, state_dict)
+
+    module.register_load_state_dict_pre_hook(hook)
+    module._gmar_restores_pruning = True
+
+
+def present_heads(model: nn.Module) -> Tensor:
+    """``[L, H]`` bool over the head grid (original indices): which heads the model still has."""
+    layers = _layers(model)
+    present = torch.zeros(len(layers), max(_original_count(layer.module) for layer in layers), dtype=torch.bool)
+    for index, layer in enumerate(layers):
+        present[index, _kept_indices(layer.module)] = True
+    return present
+
+
+def select_heads(importance: Tensor, present: Tensor, count: int, min_heads_per_layer: int = 0) -> dict[int, list[int]]:
+    """The ``count`` least important present heads, keeping at least ``min_heads_per_layer`` heads in every layer.
+
+    Ties go layer-major (earlier layer, then lower head index first). Fewer than ``count`` heads come back when the
+    per-layer minimum leaves no more to take.
+
+    Args:
+        importance: ``[L, H]`` scores by original head index; entries of missing heads are ignored.
+        present: ``[L, H]`` bool, the heads the model has
+            ([`present_heads`][gmar_lightning.heads.pruning.present_heads]).
+        count: How many heads to select.
+        min_heads_per_layer: Heads each layer keeps at least.
+
+    Returns:
+        ``{layer: [head, ...]}`` for [`prune_heads`][gmar_lightning.heads.pruning.prune_heads].
+
+    Examples:
+        >>> importance = torch.tensor([[0.1, 0.2, 0.9], [0.3, 0.05, 0.4]])
+        >>> select_heads(importance, torch.ones(2, 3, dtype=torch.bool), 3, min_heads_per_layer=2)
+        {0: [0], 1: [1]}
+    """
+    if importance.shape != present.shape:
+        raise ValueError(
+            f"`importance` must have the model's head-grid shape {list(present.shape)}, got {list(importance.shape)}."
+        )
+    scores = importance.detach().float().cpu().masked_fill(~present.cpu(), float("inf")).flatten()
+    if bool(scores[present.cpu().flatten()].isnan().any()):
+        raise ValueError("`importance` is NaN for a head the model has; every present head needs a score.")
+    remaining = present.sum(dim=1).tolist()
+    num_heads = present.shape[1]
+    chosen: dict[int, list[int]] = {}
+    for flat in torch.sort(scores, stable=True).indices.tolist()[: int(present.sum())]:
+        if sum(len(heads) for heads in chosen.values()) == count:
+            break
+        layer, head = divmod(flat, num_heads)
+        if remaining[layer] > min_heads_per_layer:
+            remaining[layer] -= 1
+            chosen.setdefault(layer, []).append(head)
+    return {layer: sorted(heads) for layer, heads in sorted(chosen.items())}
+
+
+def measure_throughput(model: nn.Module, images: Tensor, repeats: int = 3) -> float:
+    """Images per second of ``model(images)`` in eval mode without gradients: the median of ``repeats`` timed runs
+    after one warm-up. The model's training flags are restored."""
+    with eval_mode(model), torch.inference_mode():
+        model(images)
+        seconds = []
+        for _ in range(repeats):
+            if images.device.type == "cuda":
+                torch.cuda.synchronize(images.device)
+            start = time.perf_counter()
+            model(images)
+            if images.device.type == "cuda":
+                torch.cuda.synchronize(images.device)
+            seconds.append(time.perf_counter() - start)
+    return images.shape[0] / statistics.median(seconds)
