@@ -58,6 +58,7 @@ from gmar_lightning.heads import (
 )
 from gmar_lightning.methods import normalize_maps
 from gmar_lightning.metrics import DeletionAUC, EnergyPointingGame, InsertionAUC, PointingGame
+from gmar_lightning.trajectory import spearman
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED_LOG = REPO_ROOT / "benchmarks" / "eval_report_output.txt"
@@ -186,31 +187,6 @@ def format_interval(values: Sequence[float]) -> str:
     """``"mean ± half-width"`` of :func:`mean_interval`, three decimals (``n/a`` for a single value)."""
     mean, half_width = mean_interval(values)
     return f"{mean:.3f} ± {'n/a' if math.isnan(half_width) else f'{half_width:.3f}'}"
-
-
-def _average_ranks(values: Tensor) -> Tensor:
-    """Ranks along the last dimension (0-based), tied values sharing the mean of their ranks."""
-    values = values.contiguous()
-    ordered = values.sort(dim=-1).values
-    first = torch.searchsorted(ordered, values, right=False)
-    past_last = torch.searchsorted(ordered, values, right=True)
-    return (first + past_last - 1).double() / 2
-
-
-def spearman(first: Tensor, second: Tensor) -> Tensor:
-    """Per-row Spearman rank correlation of two ``[B, N]`` tensors; NaN where either row is constant.
-
-    Example:
-        >>> spearman(torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]]), torch.tensor([[1.0, 5.0, 2.0], [1.0, 2.0, 3.0]]))
-        tensor([0.5000,    nan], dtype=torch.float64)
-    """
-    first_ranks = _average_ranks(first)
-    second_ranks = _average_ranks(second)
-    first_ranks = first_ranks - first_ranks.mean(dim=-1, keepdim=True)
-    second_ranks = second_ranks - second_ranks.mean(dim=-1, keepdim=True)
-    norms = first_ranks.norm(dim=-1) * second_ranks.norm(dim=-1)
-    covariance = (first_ranks * second_ranks).sum(dim=-1)
-    return torch.where(norms > 0, covariance / norms.clamp_min(1e-300), math.nan)
 
 
 # ----------------------------------------------------------------------------------------------------------------

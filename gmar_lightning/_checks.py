@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from torch import Tensor
+
 __all__ = [
     "check_choice",
     "check_int_in_range",
+    "check_logits",
     "check_non_negative_int",
     "check_number_in_range",
     "check_positive_int",
@@ -50,10 +53,18 @@ def check_positive_int(name: str, value: object, *, allow_none: bool = False) ->
     return value
 
 
-def check_int_in_range(name: str, value: object, low: int, high: int) -> int:
-    """Return ``value`` if it is an integer in ``[low, high]``, else raise a ValueError naming ``name``."""
-    if not _is_int(value) or not low <= value <= high:
-        raise ValueError(f"`{name}` must be an integer in [{low}, {high}], got {value!r}.")
+def check_int_in_range(name: str, value: object, low: int, high: int | None = None) -> int:
+    """Return ``value`` if it is an integer in ``[low, high]`` (``>= low`` without ``high``), else a ValueError.
+
+    Examples:
+        >>> check_int_in_range("image_size", 8, 16)
+        Traceback (most recent call last):
+        ...
+        ValueError: `image_size` must be an integer >= 16, got 8.
+    """
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"`{name}` must be an integer {bounds}, got {value!r}.")
     return value
 
 
@@ -76,6 +87,18 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
     """Raise a ValueError naming ``name`` and the valid choices unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+
+
+def check_logits(model: object, logits: object, batch: int) -> Tensor:
+    """Return ``logits`` if they are ``[batch, C]``, else a ValueError naming the model and the fix (every module that
+    runs a classifier checks its output with this)."""
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
+        shape = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(
+            f"`model` ({type(model).__name__}) must return logits [B, C] in eval mode, got {shape}; "
+            "wrap it so that forward returns classification logits."
+        )
+    return logits
 
 
 def parse_methods(values: list[str] | str) -> list[str]:

@@ -10,11 +10,14 @@ Examples:
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_write_bytes", "atomic_write_csv", "atomic_write_text", "csv_text"]
 
 
 def _read_umask() -> int:
@@ -72,3 +75,20 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
         '{"x": 1}'
     """
     atomic_write_bytes(path, text.encode(encoding))
+
+
+def csv_text(rows: Iterable[Sequence[object]]) -> str:
+    """CSV text of ``rows`` with ``\\n`` line ends (the one CSV dialect every file of the package uses).
+
+    Examples:
+        >>> csv_text([("tag", "value"), ("gmar/a,b", 0.5)])
+        'tag,value\\n"gmar/a,b",0.5\\n'
+    """
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def atomic_write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Write a header and rows as CSV to ``path`` atomically; see :func:`atomic_write_bytes`."""
+    atomic_write_text(path, csv_text([header, *rows]))

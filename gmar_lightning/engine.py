@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gmar_lightning import families, methods
-from gmar_lightning._checks import check_choice, check_int_in_range
+from gmar_lightning._checks import check_choice, check_int_in_range, check_logits
 from gmar_lightning.capture import head_slots, hook_attention, slot_count, unwrap_model
 from gmar_lightning.explanation import Explanation
 from gmar_lightning.families import Probe, UnsupportedModelError
@@ -145,12 +145,7 @@ def _resolve_targets(target: Target, logits: Tensor) -> Tensor:
 
 
 def _check_logits(model: nn.Module, logits: object, batch: int) -> Tensor:
-    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
-        shape = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise ValueError(
-            f"`model` ({type(model).__name__}) must return logits [B, C] in eval mode, got {shape}; "
-            "wrap it so that forward returns classification logits."
-        )
+    logits = check_logits(model, logits, batch)
     if not bool(torch.isfinite(logits).all()):
         raise FloatingPointError(
             f"`model` ({type(model).__name__}) produced NaN/inf logits; check `images` and the weights for NaN/inf."

@@ -12,9 +12,9 @@ heads" and "did the head ranking change since the last epoch"; both are plain to
 
 from __future__ import annotations
 
-import csv
 import io
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,17 @@ import torch
 from torch import Tensor
 
 from gmar_lightning._checks import check_non_negative_int
-from gmar_lightning._io import atomic_write_bytes, atomic_write_text
+from gmar_lightning._io import atomic_write_bytes, atomic_write_csv
 
-__all__ = ["CSV_COLUMNS", "TRAJECTORY_CSV", "TRAJECTORY_NPZ", "HeadTrajectory", "rank_stability", "specialisation"]
+__all__ = [
+    "CSV_COLUMNS",
+    "TRAJECTORY_CSV",
+    "TRAJECTORY_NPZ",
+    "HeadTrajectory",
+    "rank_stability",
+    "spearman",
+    "specialisation",
+]
 
 TRAJECTORY_CSV = "head_importance.csv"
 """File name of the long-format trajectory table (see
@@ -110,6 +118,38 @@ def _average_ranks(values: Tensor, present: Tensor) -> Tensor:
     return below.to(torch.float64) + (equal.to(torch.float64) + 1.0) / 2.0
 
 
+def spearman(first: Tensor, second: Tensor, present: Tensor | None = None) -> Tensor:
+    """Per-row Spearman rank correlation of two ``[R, N]`` tensors, over the entries ``present`` in both (default all).
+
+    Entries are ranked within each row, ties sharing the mean of the ranks they span, and the Pearson correlation of
+    the rank vectors is returned: ``rho = sum(dr_1 * dr_2) / sqrt(sum(dr_1^2) * sum(dr_2^2))`` with
+    ``dr = rank - mean(rank)``. A row that is constant (on the present entries) has no ordering: NaN.
+
+    Returns:
+        ``[R]`` float64 correlations in ``[-1, 1]``, NaN where either row is constant or nothing is present.
+
+    Examples:
+        >>> spearman(torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]]), torch.tensor([[1.0, 5.0, 2.0], [1.0, 2.0, 3.0]]))
+        tensor([0.5000,    nan], dtype=torch.float64)
+    """
+    present = torch.ones_like(first, dtype=torch.bool) if present is None else present
+    counts = present.sum(dim=-1, keepdim=True).clamp_min(1)
+
+    def centred_ranks(values: Tensor) -> Tensor:
+        ranks = _average_ranks(values, present).masked_fill(~present, 0.0)
+        return (ranks - ranks.sum(dim=-1, keepdim=True) / counts).masked_fill(~present, 0.0)
+
+    centred_first, centred_second = centred_ranks(first), centred_ranks(second)
+    denominator = (centred_first.square().sum(dim=-1) * centred_second.square().sum(dim=-1)).sqrt()
+    rho = (centred_first * centred_second).sum(dim=-1) / denominator.clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.where(denominator > 0, rho.clamp(-1.0, 1.0), math.nan)
+
+
+def _is_constant(values: Tensor, present: Tensor) -> Tensor:
+    """Whether each row's present entries are all equal."""
+    return values.masked_fill(~present, -math.inf).amax(dim=-1) == values.masked_fill(~present, math.inf).amin(dim=-1)
+
+
 def rank_stability(previous: Tensor, current: Tensor) -> Tensor:
     """Spearman rank correlation of the head ordering of each layer between two evaluations.
 
@@ -141,20 +181,11 @@ def rank_stability(previous: Tensor, current: Tensor) -> Tensor:
             f"{list(current.shape)}."
         )
     present = ~previous.isnan() & ~current.isnan()
-    counts = present.sum(dim=1, keepdim=True).clamp_min(1)
-
-    def centred_ranks(values: Tensor) -> Tensor:
-        ranks = _average_ranks(values, present).masked_fill(~present, 0.0)
-        return (ranks - ranks.sum(dim=1, keepdim=True) / counts).masked_fill(~present, 0.0)
-
-    centred_previous, centred_current = centred_ranks(previous), centred_ranks(current)
-    spread_previous = centred_previous.square().sum(dim=1)
-    spread_current = centred_current.square().sum(dim=1)
-    denominator = (spread_previous * spread_current).sqrt()
-    rho = (centred_previous * centred_current).sum(dim=1) / denominator.clamp_min(torch.finfo(torch.float64).tiny)
-    both_constant = (spread_previous == 0) & (spread_current == 0)
-    rho = torch.where(both_constant, torch.ones_like(rho), torch.where(denominator > 0, rho, torch.zeros_like(rho)))
-    return rho.clamp(-1.0, 1.0).masked_fill(~present.any(dim=1), math.nan).float()
+    rho = spearman(previous, current, present)
+    # A constant row has no ordering: two constant rows count as unchanged, one constant row as uncorrelated.
+    constant_previous, constant_current = _is_constant(previous, present), _is_constant(current, present)
+    rho = torch.where(constant_previous & constant_current, 1.0, torch.where(rho.isnan(), 0.0, rho))
+    return rho.masked_fill(~present.any(dim=1), math.nan).float()
 
 
 @dataclass(eq=False)
@@ -364,20 +395,19 @@ class HeadTrajectory:
         original head index; heads a pruned layer no longer has (NaN) get no row. Floats carry nine significant
         digits, enough to read the float32 values back exactly.
         """
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(CSV_COLUMNS)
         num_layers, num_heads = self.weights.shape[1:]
         weights, scores = self.weights.tolist(), self.scores.tolist()
-        for row, (epoch, step) in enumerate(zip(self.epochs, self.steps, strict=True)):
-            for layer in range(num_layers):
-                layer_name = self.layer_names[layer] if self.layer_names else ""
-                for head in range(num_heads):
-                    weight, score = weights[row][layer][head], scores[row][layer][head]
-                    if math.isnan(weight):
-                        continue
-                    writer.writerow([epoch, step, layer, layer_name, head, f"{weight:.9g}", f"{score:.9g}"])
-        atomic_write_text(path, buffer.getvalue())
+
+        def rows() -> Iterator[list[object]]:
+            for row, (epoch, step) in enumerate(zip(self.epochs, self.steps, strict=True)):
+                for layer in range(num_layers):
+                    layer_name = self.layer_names[layer] if self.layer_names else ""
+                    for head in range(num_heads):
+                        weight, score = weights[row][layer][head], scores[row][layer][head]
+                        if not math.isnan(weight):
+                            yield [epoch, step, layer, layer_name, head, f"{weight:.9g}", f"{score:.9g}"]
+
+        atomic_write_csv(path, CSV_COLUMNS, rows())
 
 
 def _batch_mean(name: str, values: Tensor) -> Tensor:

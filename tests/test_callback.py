@@ -202,8 +202,8 @@ def test_num_probe_larger_than_validation_set_warns_and_uses_what_there_is(tmp_p
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"num_probe": 0}, r"`num_probe` must be an integer >= 1"),
-        ({"every_n_epochs": 0}, r"`every_n_epochs` must be an integer >= 1"),
+        ({"num_probe": 0}, r"`num_probe` must be a positive integer"),
+        ({"every_n_epochs": 0}, r"`every_n_epochs` must be a positive integer"),
         ({"methods": ("gmar_l1", "gradcam")}, r"`methods` .*gradcam"),
         ({"metrics": ("accuracy",)}, r"`metrics`"),
         ({"target": "true"}, r"`target` must be 'pred' or 'label'"),

@@ -26,6 +26,7 @@ from torch.utils.data import default_collate
 from typing_extensions import override
 
 from gmar_lightning import families
+from gmar_lightning._checks import check_positive_int
 from gmar_lightning.callback.records import METRICS, MapHistory, Probe, evaluation_record, probe_metric_scores
 from gmar_lightning.callback.sinks import Sink, sinks_for_loggers
 from gmar_lightning.capture import find_vision_transformer, unwrap_model
@@ -171,11 +172,9 @@ class GMARCallback(Callback):
         on_error: Literal["warn", "raise"] = "warn",
         explain_options: ExplainOptions | dict[str, Any] | None = None,
     ) -> None:
-        for name, value, minimum in (("num_probe", num_probe, 1), ("every_n_epochs", every_n_epochs, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
-            raise ValueError(f"`max_images` must be an integer >= 1, got {max_images!r}.")
+        check_positive_int("num_probe", num_probe)
+        check_positive_int("every_n_epochs", every_n_epochs)
+        check_positive_int("max_images", max_images)
         methods = (methods,) if isinstance(methods, str) else tuple(methods)
         unknown = [method for method in methods if method not in METHODS]
         if not methods or unknown:

@@ -12,7 +12,6 @@ installed.
 
 from __future__ import annotations
 
-import csv
 import glob
 import io
 import json
@@ -25,12 +24,11 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from PIL import Image
 from torch import Tensor
 
-from gmar_lightning._io import atomic_write_bytes, atomic_write_text
+from gmar_lightning._io import atomic_write_bytes, atomic_write_csv, atomic_write_text, csv_text
 from gmar_lightning.callback.records import EvaluationRecord
-from gmar_lightning.render import figure_to_array, figure_to_png_bytes
+from gmar_lightning.render import figure_to_array, figure_to_png_bytes, image_to_array, image_to_png_bytes
 from gmar_lightning.trajectory import TRAJECTORY_CSV, TRAJECTORY_NPZ, HeadTrajectory
 
 __all__ = [
@@ -75,12 +73,6 @@ def write_trajectory(trajectory: HeadTrajectory, directory: str | os.PathLike[st
     trajectory.save_csv(csv_path)
     trajectory.save_npz(npz_path)
     return [csv_path, npz_path]
-
-
-def _image_array(image: Tensor) -> np.ndarray:
-    """``[C, H, W]`` float in ``[0, 1]`` -> ``[H, W, 3]`` uint8, the layout every back-end accepts."""
-    pixels = image.detach().float().cpu().clamp(0.0, 1.0).expand(3, -1, -1)
-    return (pixels * 255.0).round().byte().permute(1, 2, 0).numpy()
 
 
 def _histogram_values(values: Tensor) -> np.ndarray:
@@ -179,9 +171,9 @@ class WandbSink:
 
         payload: dict[str, Any] = {_WANDB_STEP_KEY: record.step}
         for tag, image in record.images.items():
-            payload[tag] = wandb.Image(_image_array(image), caption=record.captions.get(tag))
+            payload[tag] = wandb.Image(image_to_array(image), caption=record.captions.get(tag))
         for tag, gallery in record.galleries.items():
-            payload[tag] = [wandb.Image(_image_array(image), caption=caption) for image, caption in gallery]
+            payload[tag] = [wandb.Image(image_to_array(image), caption=caption) for image, caption in gallery]
         for tag, (columns, rows) in record.tables.items():
             payload[tag] = wandb.Table(columns=list(columns), data=[list(row) for row in rows])
         for chart, tags in record.line_charts.items():
@@ -256,9 +248,7 @@ class FileSink:
     def log_evaluation(self, record: EvaluationRecord) -> None:
         step_dir = self.step_dir(record.step)
         for tag, image in record.images.items():
-            buffer = io.BytesIO()
-            Image.fromarray(_image_array(image)).save(buffer, format="PNG", compress_level=1)
-            atomic_write_bytes(step_dir / f"{_file_name(tag)}.png", buffer.getvalue())
+            atomic_write_bytes(step_dir / f"{_file_name(tag)}.png", image_to_png_bytes(image))
         for tag, figure in record.figures.items():
             atomic_write_bytes(step_dir / f"{_file_name(tag)}.png", figure_to_png_bytes(figure))
         histograms = {tag: _histogram_values(values) for tag, values in record.histograms.items()}
@@ -269,24 +259,16 @@ class FileSink:
         if record.captions:
             atomic_write_text(step_dir / "captions.json", json.dumps(record.captions, indent=2, sort_keys=True))
         for tag, (columns, rows) in record.tables.items():
-            buffer = io.StringIO()
-            table = csv.writer(buffer, lineterminator="\n")
-            table.writerow(columns)
-            table.writerows(rows)
-            atomic_write_text(step_dir / f"{_file_name(tag)}.csv", buffer.getvalue())
+            atomic_write_csv(step_dir / f"{_file_name(tag)}.csv", columns, rows)
         if record.scalars:
             self._append_scalars(record)
 
     def _append_scalars(self, record: EvaluationRecord) -> None:
         # Rewriting the whole (small) file keeps the append atomic: readers see the old or the new table.
         path = self.save_dir / "scalars.csv"
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        if not path.exists():
-            writer.writerow(["step", "epoch", "tag", "value"])
-        writer.writerows([record.step, record.epoch, tag, repr(float(value))] for tag, value in record.scalars.items())
-        previous = path.read_text(encoding="utf-8") if path.exists() else ""
-        atomic_write_text(path, previous + buffer.getvalue())
+        rows = [[record.step, record.epoch, tag, repr(float(value))] for tag, value in record.scalars.items()]
+        previous = path.read_text(encoding="utf-8") if path.exists() else csv_text([["step", "epoch", "tag", "value"]])
+        atomic_write_text(path, previous + csv_text(rows))
 
     def finalize(self, trajectory: HeadTrajectory) -> None:
         write_trajectory(trajectory, self.trajectory_dir)

@@ -22,6 +22,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from gmar_lightning import render
+from gmar_lightning._checks import check_int_in_range
+
 T = TypeVar("T")
 
 __all__ = [
@@ -97,9 +100,9 @@ def denormalize(images: Tensor) -> Tensor:
         >>> denormalize(torch.zeros(1, 3, 2, 2)).unique()
         tensor([0.3000])
     """
-    mean = torch.tensor(MEAN, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    std = torch.tensor(STD, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    return (images * std + mean).clamp(0.0, 1.0)
+    batch = images if images.dim() == 4 else images.unsqueeze(0)
+    shown = render.denormalize(batch, MEAN, STD)
+    return shown if images.dim() == 4 else shown.squeeze(0)
 
 
 class ShapesDataset(Dataset[tuple[Tensor, int, Tensor]]):
@@ -133,13 +136,11 @@ class ShapesDataset(Dataset[tuple[Tensor, int, Tensor]]):
     """Per-channel standard deviation used to normalise the images."""
 
     def __init__(self, n: int, image_size: int = 64, num_classes: int = 4, seed: int = 0, start_index: int = 0) -> None:
-        _check_int("n", n, minimum=1)
-        _check_int("image_size", image_size, minimum=16)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 2 <= num_classes <= len(SHAPES):
-            raise ValueError(f"`num_classes` must be an integer from 2 to {len(SHAPES)}, got {num_classes!r}.")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-            raise ValueError(f"`seed` must be an integer in [0, 2**32), got {seed!r}.")
-        _check_int("start_index", start_index, minimum=0)
+        check_int_in_range("n", n, 1)
+        check_int_in_range("image_size", image_size, 16)
+        check_int_in_range("num_classes", num_classes, 2, len(SHAPES))
+        check_int_in_range("seed", seed, 0, 2**32 - 1)
+        check_int_in_range("start_index", start_index, 0)
         self.n = n
         self.image_size = image_size
         self.num_classes = num_classes
@@ -291,11 +292,6 @@ def _composite(image: Tensor, alpha: Tensor, colours: Tensor) -> Tensor:
     return image
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-
-
 class ShapesDataModule(L.LightningDataModule):
     """Train and validation [`ShapesDataset`][gmar_lightning.demos.data.ShapesDataset] splits; batches are
     ``(images, labels, masks)``.
@@ -333,8 +329,8 @@ class ShapesDataModule(L.LightningDataModule):
         cache: bool = False,
     ) -> None:
         super().__init__()
-        _check_int("batch_size", batch_size, minimum=1)
-        _check_int("num_workers", num_workers, minimum=0)
+        check_int_in_range("batch_size", batch_size, 1)
+        check_int_in_range("num_workers", num_workers, 0)
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.num_workers = num_workers

@@ -22,6 +22,7 @@ from timm.models import load_state_dict
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from gmar_lightning._checks import check_positive_int
 from gmar_lightning.heads.pruning import restore_pruning, restore_pruning_on_load
 
 __all__ = ["ViTClassifier", "checkpoint_model_settings", "create_vit", "load_weights"]
@@ -61,8 +62,7 @@ def create_vit(
     """
     if not isinstance(model_name, str) or not timm.is_model(model_name):
         raise ValueError(f"`model_name` {model_name!r} is not a timm model; list names with timm.list_models('vit*').")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"`num_classes` must be a positive integer, got {num_classes!r}.")
+    check_positive_int("num_classes", num_classes)
     if model_kwargs is not None and not isinstance(model_kwargs, dict):
         raise TypeError(f"`model_kwargs` must be a dict of constructor overrides, got {type(model_kwargs).__name__}.")
     overrides = dict(model_kwargs or {})

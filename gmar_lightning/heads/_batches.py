@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from gmar_lightning._checks import check_logits, check_positive_int
+
 __all__ = ["LossFn", "per_example_cross_entropy"]
 
 
@@ -28,10 +30,7 @@ def per_example_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def _check_max_batches(max_batches: int | None) -> None:
-    if max_batches is not None and (
-        not isinstance(max_batches, int) or isinstance(max_batches, bool) or max_batches < 1
-    ):
-        raise ValueError(f"`max_batches` must be a positive integer or None, got {max_batches!r}.")
+    check_positive_int("max_batches", max_batches, allow_none=True)
 
 
 def _model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -73,13 +72,7 @@ def _batches(
 
 
 def _logits(model: nn.Module, images: Tensor) -> Tensor:
-    logits = model(images)
-    if not isinstance(logits, Tensor) or logits.dim() != 2:
-        raise TypeError(
-            f"`model` must return logits of shape [B, C], got {type(logits).__name__}"
-            f"{list(logits.shape) if isinstance(logits, Tensor) else ''}."
-        )
-    return logits
+    return check_logits(model, model(images), images.shape[0])
 
 
 def _per_example_loss(loss_fn: LossFn, logits: Tensor, labels: Tensor) -> Tensor:

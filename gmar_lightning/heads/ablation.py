@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -14,7 +13,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from gmar_lightning._io import atomic_write_bytes, atomic_write_text
+from gmar_lightning._io import atomic_write_bytes, atomic_write_csv, atomic_write_text
 from gmar_lightning.capture import unwrap_model
 from gmar_lightning.heads._batches import (
     LossFn,
@@ -27,6 +26,7 @@ from gmar_lightning.heads._batches import (
 )
 from gmar_lightning.heads.masking import _check_order, _maskable_layers, head_mask, mask_from_order
 from gmar_lightning.model_state import eval_mode, frozen_parameters, no_grad_checkpointing
+from gmar_lightning.render import figure_to_png_bytes
 
 __all__ = ["DEFAULT_FRACTIONS", "AblationCurve", "head_ablation_curve", "plot_ablation_curves"]
 
@@ -88,13 +88,9 @@ class AblationCurve:
 
     def save_csv(self, path: str | os.PathLike[str]) -> None:
         """Write one row per fraction (``order_name, fraction, num_masked, accuracy, loss``), atomically."""
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(self._CSV_COLUMNS)
-        for row in zip(self.fractions, self.num_masked, self.accuracy, self.loss, strict=True):
-            # repr-exact floats so a CSV round-trip returns the same numbers.
-            writer.writerow((self.order_name, *(repr(value) for value in row)))
-        atomic_write_text(path, buffer.getvalue())
+        rows = zip(self.fractions, self.num_masked, self.accuracy, self.loss, strict=True)
+        # repr-exact floats so a CSV round-trip returns the same numbers.
+        atomic_write_csv(path, self._CSV_COLUMNS, [(self.order_name, *(repr(value) for value in row)) for row in rows])
 
     @classmethod
     def load_csv(cls, path: str | os.PathLike[str]) -> AblationCurve:
@@ -218,7 +214,5 @@ def plot_ablation_curves(
     axes.grid(alpha=0.3)
     axes.legend()
     if path is not None:
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=120)
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write_bytes(path, figure_to_png_bytes(figure, dpi=120))
     return figure

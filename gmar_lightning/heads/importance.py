@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gmar_lightning._checks import check_positive_int
 from gmar_lightning.capture import unwrap_model
 from gmar_lightning.explanation import Explanation
 from gmar_lightning.heads._batches import (
@@ -182,8 +183,7 @@ def random_order(num_layers: int, num_heads: int, seed: int = 0) -> Tensor:
         (torch.Size([6, 2]), True)
     """
     for name, value in (("num_layers", num_layers), ("num_heads", num_heads)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        check_positive_int(name, value)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"`seed` must be an integer, got {type(seed).__name__}.")
     flat_order = torch.randperm(num_layers * num_heads, generator=torch.Generator().manual_seed(seed))

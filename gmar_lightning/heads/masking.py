@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gmar_lightning._checks import check_int_in_range
 from gmar_lightning.capture import AttentionLayer, find_attention_layers, head_slots, slot_count
 
 __all__ = ["attention_head_grid", "head_mask", "mask_from_order"]
@@ -216,8 +217,7 @@ def mask_from_order(
         [[1.0, 0.0], [0.0, 1.0]]
     """
     order = _check_order(order, num_layers, num_heads, present)
-    if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= len(order):
-        raise ValueError(f"`count` must be an integer in [0, {len(order)}], got {count!r}.")
+    check_int_in_range("count", count, 0, len(order))
     mask = torch.ones(num_layers, num_heads)
     dropped = order[:count]
     mask[dropped[:, 0], dropped[:, 1]] = 0.0

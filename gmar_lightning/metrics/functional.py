@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gmar_lightning._checks import check_logits, check_non_negative_int, check_positive_int
 from gmar_lightning.model_state import eval_mode
 
 __all__ = [
@@ -39,8 +40,7 @@ __all__ = [
 
 
 def _check_tolerance(tolerance: object) -> None:
-    if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
-        raise ValueError(f"`tolerance` must be a non-negative integer number of pixels, got {tolerance!r}.")
+    check_non_negative_int("tolerance", tolerance)
 
 
 def pointing_hits(maps: Tensor, masks: Tensor, tolerance: int = 0) -> Tensor:
@@ -588,9 +588,9 @@ def _perturbation_curve(
         for chunk in torch.arange(num_images * (steps + 1), device=device).split(batch_size):
             images_in_chunk = image_index[chunk]
             take_end = (rank[images_in_chunk] < switched[step_index[chunk], None]).view(-1, 1, height, width)
-            logits = model(torch.where(take_end, end[images_in_chunk], start[images_in_chunk]))
-            if not isinstance(logits, Tensor) or logits.ndim != 2:
-                raise ValueError(f"`model` must return logits of shape [N, num_classes], got {_describe(logits)}.")
+            logits = check_logits(
+                model, model(torch.where(take_end, end[images_in_chunk], start[images_in_chunk])), len(chunk)
+            )
             if targets.max() >= logits.shape[1]:
                 raise ValueError(
                     f"`targets` must be class indices below the model's {logits.shape[1]} outputs, "
@@ -662,8 +662,8 @@ def _check_perturbation_args(
         raise ValueError(f"`targets` must be an integer tensor of shape [{images.shape[0]}], got {_describe(targets)}.")
     if targets.numel() and targets.min() < 0:
         raise ValueError(f"`targets` must be non-negative class indices, got {targets.min().item()}.")
-    _check_positive_int("steps", steps)
-    _check_positive_int("batch_size", batch_size)
+    check_positive_int("steps", steps)
+    check_positive_int("batch_size", batch_size)
 
 
 def _check_blur(kernel_size: int, sigma: float) -> None:
@@ -671,11 +671,6 @@ def _check_blur(kernel_size: int, sigma: float) -> None:
         raise ValueError(f"`blur_kernel_size` must be a positive odd integer, got {kernel_size!r}.")
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
         raise ValueError(f"`blur_sigma` must be a positive number, got {sigma!r}.")
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
 def _describe(value: object) -> str:

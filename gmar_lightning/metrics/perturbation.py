@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from gmar_lightning._checks import check_positive_int
 from gmar_lightning.metrics.functional import (
     DEFAULT_PERTURBATION_FRACTIONS,
     _check_blur,
     _check_fractions,
-    _check_positive_int,
     deletion_curve,
     insertion_curve,
     road_curve,
@@ -51,7 +51,7 @@ class _PerturbationAUC(Metric):
         super().__init__(**kwargs)
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-        _check_positive_int("batch_size", batch_size)
+        check_positive_int("batch_size", batch_size)
         # Bypass nn.Module.__setattr__ so the model is not registered as a submodule.
         object.__setattr__(self, "model", model)
         self.batch_size = batch_size
@@ -113,7 +113,7 @@ class DeletionAUC(_PerturbationAUC):
         self, model: nn.Module, steps: int = 50, baseline: float | Tensor = 0.0, batch_size: int = 128, **kwargs: Any
     ) -> None:
         super().__init__(model, batch_size, **kwargs)
-        _check_positive_int("steps", steps)
+        check_positive_int("steps", steps)
         self.steps = steps
         if not isinstance(baseline, (int, float, Tensor)) or isinstance(baseline, bool):
             raise TypeError(f"`baseline` must be a number or a tensor, got {type(baseline).__name__}.")
@@ -165,7 +165,7 @@ class InsertionAUC(_PerturbationAUC):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, batch_size, **kwargs)
-        _check_positive_int("steps", steps)
+        check_positive_int("steps", steps)
         self.steps = steps
         _check_blur(blur_kernel_size, blur_sigma)
         self.blur_kernel_size = blur_kernel_size
