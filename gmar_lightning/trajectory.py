@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,11 +245,26 @@ class HeadTrajectory:
             raise ValueError(f"`epochs` must be strictly increasing, got {self.epochs}.")
         self._check_layer_names(self.weights.shape[1])
 
-    def _check_layer_names(self, num_layers: int) -> None:
-        if self.layer_names and num_layers and len(self.layer_names) != num_layers:
+    def name_layers(self, names: Sequence[str]) -> None:
+        """Name the ``L`` attention layers, once; names given again must be the same.
+
+        Raises:
+            ValueError: If the count does not match the recorded layers, or the trajectory already has other names.
+        """
+        names = [str(name) for name in names]
+        if self.layer_names and names != self.layer_names:
             raise ValueError(
-                f"`layer_names` must name each of the {num_layers} layers, got {len(self.layer_names)} names."
+                f"`names` {names} differ from the trajectory's layer names {self.layer_names}; start a new "
+                "HeadTrajectory for a different model."
             )
+        if len(self):
+            self._check_layer_names(self.weights.shape[1], names)
+        self.layer_names = names
+
+    def _check_layer_names(self, num_layers: int, names: Sequence[str] | None = None) -> None:
+        names = self.layer_names if names is None else names
+        if names and num_layers and len(names) != num_layers:
+            raise ValueError(f"`layer_names` must name each of the {num_layers} layers, got {len(names)} names.")
 
     def __len__(self) -> int:
         return len(self.epochs)

@@ -275,3 +275,16 @@ def test_a_trajectory_records_rows_before_and_after_a_pruning(tmp_path: Path) ->
     assert torch.equal(loaded.weights.nan_to_num(-1), trajectory.weights.nan_to_num(-1))
     with pytest.raises(ValueError, match="`weights` must contain only finite values"):
         trajectory.append(2, 30, torch.tensor([[math.inf, 0.3, 0.7], [1.0, NAN, NAN]]), torch.ones(2, 3))
+
+
+def test_name_layers_checks_the_count_and_keeps_names_fixed() -> None:
+    trajectory = HeadTrajectory()
+    trajectory.append(0, 10, torch.rand(2, 3), torch.rand(2, 3))
+    with pytest.raises(ValueError, match=r"`layer_names` must name each of the 2 layers, got 3 names"):
+        trajectory.name_layers(["a", "b", "c"])
+    assert trajectory.layer_names == []
+    trajectory.name_layers(["blocks.0.attn", "blocks.1.attn"])
+    trajectory.name_layers(["blocks.0.attn", "blocks.1.attn"])  # the same names again are fine
+    with pytest.raises(ValueError, match=r"differ from the trajectory's layer names"):
+        trajectory.name_layers(["x", "y"])
+    assert trajectory.layer_names == ["blocks.0.attn", "blocks.1.attn"]

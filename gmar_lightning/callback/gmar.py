@@ -216,10 +216,12 @@ class GMARCallback(Callback):
         self.trajectory = HeadTrajectory()
         self.map_history = MapHistory()
         self.probe: Probe | None = None
-        self._probe_input = self._fixed_probe(probe)
+        # The probe as given: fixed tensors (a Probe), indices into the validation dataset, or None (the first
+        # validation batches).
+        self._probe_input: Probe | list[int] | None = self._fixed_probe(probe)
         # Fixed at construction: the key must not change when a resumed run's probe comes from the checkpoint.
-        probe_images = self._probe_input[0] if isinstance(self._probe_input, tuple) else self._probe_input
-        described = list(probe_images.shape) if isinstance(probe_images, Tensor) else probe_images
+        fixed = isinstance(self._probe_input, Probe)
+        described = list(self._probe_input.images.shape) if fixed else self._probe_input
         self._state_key = self._generate_state_key(methods=methods, num_probe=num_probe, probe=described)
         self._pending: list[tuple[Tensor, Tensor | None, Tensor | None]] = []
         self._sinks: list[Sink] | None = None
@@ -227,16 +229,16 @@ class GMARCallback(Callback):
         self._disabled = False
 
     @staticmethod
-    def _fixed_probe(probe: ProbeInput | None) -> ProbeInput | None:
+    def _fixed_probe(probe: ProbeInput | None) -> Probe | list[int] | None:
         if probe is None:
             return None
         if isinstance(probe, Tensor):
-            return probe.detach().cpu().clone()
+            return Probe(probe.detach().cpu().clone())
         if isinstance(probe, tuple) and len(probe) == 2 and all(isinstance(part, Tensor) for part in probe):
             images, labels = probe
             if labels.shape != (images.shape[0],):
                 raise ValueError(f"`probe` labels must have shape [{images.shape[0]}], got {list(labels.shape)}.")
-            return images.detach().cpu().clone(), labels.detach().cpu().long().clone()
+            return Probe(images.detach().cpu().clone(), labels.detach().cpu().long().clone())
         if isinstance(probe, Sequence) and probe and all(isinstance(i, int) and i >= 0 for i in probe):
             return list(probe)
         raise TypeError(
@@ -264,13 +266,12 @@ class GMARCallback(Callback):
         self._log_dir = trainer.log_dir
         model = self._model(pl_module)
         families.check_supported(model)
-        if isinstance(self._probe_input, Tensor | tuple):
-            images = self._probe_input if isinstance(self._probe_input, Tensor) else self._probe_input[0]
+        if isinstance(self._probe_input, Probe):
             try:  # a forward-only explanation of one image checks that the model takes the probe images
-                explain(model, images[:1], method="attention", **self.explain_options.as_kwargs())
+                explain(model, self._probe_input.images[:1], method="attention", **self.explain_options.as_kwargs())
             except (TypeError, ValueError) as error:
                 raise ValueError(f"`probe` cannot be explained by the model: {error}") from error
-            if self.target == "label" and isinstance(self._probe_input, Tensor):
+            if self.target == "label" and self._probe_input.labels is None:
                 raise ValueError("`target='label'` needs labels: pass `probe=(images, labels)`.")
 
     @override
@@ -297,10 +298,8 @@ class GMARCallback(Callback):
         )
 
     def _take_probe(self, trainer: pl.Trainer) -> Probe | None:
-        if isinstance(self._probe_input, Tensor):
-            return Probe(self._probe_input)
-        if isinstance(self._probe_input, tuple):
-            return Probe(*self._probe_input)
+        if isinstance(self._probe_input, Probe):
+            return self._probe_input
         if isinstance(self._probe_input, list):
             loaders = trainer.val_dataloaders
             loader = loaders[0] if isinstance(loaders, Sequence) else loaders
@@ -351,7 +350,7 @@ class GMARCallback(Callback):
         }
         if self.head_method is not None:
             head = explanations[self.head_method]
-            self.trajectory.layer_names = self.trajectory.layer_names or head.layer_names
+            self.trajectory.name_layers(head.layer_names)
             self.trajectory.append(trainer.current_epoch, trainer.global_step, head.head_weights, head.head_scores)
         self.map_history.append(
             trainer.current_epoch, {method: explanation.maps for method, explanation in explanations.items()}

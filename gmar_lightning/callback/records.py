@@ -45,8 +45,9 @@ __all__ = [
     "probe_metric_scores",
 ]
 
-METRICS: tuple[str, ...] = ("pointing_game", "energy_pointing_game", "deletion_auc", "insertion_auc")
-"""Metric names the callback accepts in ``metrics=``; the first two need ground-truth masks in the probe."""
+METRICS: tuple[str, ...] = tuple(metrics.METRICS)
+"""Metric names the callback accepts in ``metrics=`` (the names of :data:`gmar_lightning.metrics.METRICS`); those
+scored against masks are skipped when the probe has none."""
 
 _SUMMARY_TAGS = {"entropy": "entropy", "top_share": "top_head_share", "stability": "rank_stability"}
 
@@ -181,19 +182,11 @@ def probe_metric_scores(
 ) -> dict[str, float]:
     """Score one method's maps on the probe with the named metrics; metrics undefined without masks are skipped."""
     images = probe.images.to(explanation.maps.device)
-    scores: dict[str, float] = {}
-    for name in names:
-        if name in ("pointing_game", "energy_pointing_game"):
-            if probe.masks is None:
-                continue
-            metric = metrics.PointingGame() if name == "pointing_game" else metrics.EnergyPointingGame()
-            metric.update(explanation.maps.cpu(), probe.masks.bool())
-        else:
-            metric_class = metrics.DeletionAUC if name == "deletion_auc" else metrics.InsertionAUC
-            metric = metric_class(model)
-            metric.update(images, explanation.maps, explanation.targets)
-        scores[name] = float(metric.compute())
-    return scores
+    return {
+        name: metrics.METRICS[name].score(model, images, explanation.maps, explanation.targets, probe.masks)
+        for name in names
+        if probe.masks is not None or metrics.METRICS[name].inputs != "masks"
+    }
 
 
 def evaluation_record(

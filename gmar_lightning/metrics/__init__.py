@@ -38,13 +38,16 @@ from gmar_lightning.metrics.functional import (
 )
 from gmar_lightning.metrics.perturbation import ROAD, DeletionAUC, InsertionAUC, TokenPerturbationAUC
 from gmar_lightning.metrics.pointing import EnergyPointingGame, PointingGame, SaliencySegmentation
+from gmar_lightning.metrics.registry import METRICS, RegisteredMetric
 
 __all__ = [
+    "METRICS",
     "ROAD",
     "DeletionAUC",
     "EnergyPointingGame",
     "InsertionAUC",
     "PointingGame",
+    "RegisteredMetric",
     "SaliencySegmentation",
     "TokenPerturbationAUC",
     "average_precision",
