@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from gmar_lightning.cli import main as cli_main
+from gmar_lightning.demos.model import checkpoint_model_settings, create_vit, load_weights
 from gmar_lightning.trajectory import HeadTrajectory
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -108,6 +109,18 @@ def test_head_pruning_ranks_and_ablates_the_run(job: dict[str, Any], tmp_path: P
     assert len({curve["accuracy"][0] for curve in curves}) == 1
     assert len({curve["accuracy"][-1] for curve in curves}) == 1
     assert all(curve["num_masked"] == [0, 1, 2, 3, 4, 5, 6, 7, 8] for curve in curves)
+    # Then half the heads are removed for real, fine-tuned, measured and saved with their pruning spec.
+    pruned = result["pruned"]
+    assert pruned["heads_removed"] == 4 and sum(pruned["heads_per_layer"]) == 4
+    assert pruned["parameters_after"] < pruned["parameters_before"] and pruned["speedup"] > 0
+    assert all(0.0 <= pruned[key] <= 1.0 for key in ("accuracy_before", "accuracy_pruned", "accuracy_recovered"))
+    assert json.loads((output / "pruned_model.json").read_text(encoding="utf-8")) == pruned
+    settings = checkpoint_model_settings(Path(job["checkpoint_path"]))
+    fresh = create_vit(
+        settings["model_name"], settings["num_classes"], settings["img_size"], model_kwargs=settings["model_kwargs"]
+    )
+    assert load_weights(fresh, pruned["path"], strict=True) == []
+    assert [block.attn.num_heads for block in fresh.blocks] == pruned["heads_per_layer"]
 
 
 def test_demo_command_with_csv_logger_feeds_the_report(tmp_path: Path) -> None:

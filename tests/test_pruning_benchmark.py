@@ -1,0 +1,52 @@
+"""Smoke test of ``benchmarks/pruning.py --quick``: every order, stage and fraction is measured and printed."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "pruning.py"
+
+
+def _load_script() -> ModuleType:
+    # benchmarks/ is not a package, so the script is loaded from its path (it imports its sibling eval_report).
+    spec = importlib.util.spec_from_file_location("pruning_benchmark", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_prints_accuracy_for_every_order_and_the_speed_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    benchmark = _load_script()
+    result = benchmark.main(["--quick", "--output-dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == "command: python benchmarks/pruning.py --quick --output-dir " + str(tmp_path)
+    for stage in ("as pruned", "after a 1-epoch recovery fine-tune"):
+        assert f"heads removed least important first, {stage}" in printed
+    header = next(line for line in printed.splitlines() if line.startswith("fraction removed"))
+    assert header.split()[2:] == list(benchmark.ORDERS)
+    assert "best order at 50% removed, recovered:" in printed
+    assert printed.count("0.500 ( 8 heads)") == 2
+    results, speed = result["results"], result["speed"]
+    assert len(results) == 2 and all(len(r.accuracy["recovered"]["GMAR"]) == 2 for r in results)
+    # The speed table: fewer heads, fewer parameters and FLOPs, exactly as the per-head cost predicts.
+    assert speed.heads == [8, 4]
+    assert speed.parameters == speed.predicted_parameters
+    assert speed.flops == pytest.approx(speed.predicted_flops, rel=1e-9)
+    assert speed.flops == sorted(speed.flops, reverse=True)
+    assert all(len(times) == 2 for times in speed.seconds + speed.cpu_seconds)
+    assert (tmp_path / "pruning_benchmark.png").stat().st_size > 0
+    assert (tmp_path / "pruning_output.txt").read_text(encoding="utf-8") == printed
+
+
+def test_publish_needs_the_full_configuration() -> None:
+    with pytest.raises(SystemExit, match="--publish needs the full configuration"):
+        _load_script().main(["--quick", "--publish"])
