@@ -404,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speed-img-size", type=int, default=224, help="input side of the timed model")
     parser.add_argument("--speed-batch", type=int, default=32, help="images per timed batch")
     parser.add_argument("--speed-repeats", type=int, default=7, help="timed batches per fraction (interleaved)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: every CPU)")
     parser.add_argument("--speed-only", action="store_true", help="only the timing part (e.g. on a quiet machine)")
     parser.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds (CI)")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/pruning_benchmark"), help="log and plot")
@@ -423,7 +424,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
             setattr(args, name, value)
     if args.seeds < 1:
         raise SystemExit("--seeds must be at least 1.")
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     started = time.perf_counter()
     console = Console()
     console.print(f"command: {shlex.join(['python', 'benchmarks/pruning.py', *arguments])}")
