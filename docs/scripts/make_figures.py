@@ -45,6 +45,7 @@ LOGGED_IMAGES = {
 SCREENSHOTS = {
     "tensorboard_time_series.png": f"tagFilter={urllib.parse.quote('gmar/(evolution|overlay)')}#timeseries",
     "tensorboard_images.png": f"#images&tagFilter={urllib.parse.quote('gmar/(evolution|overlay)')}",
+    "tensorboard_figures.png": f"#images&tagFilter={urllib.parse.quote('gmar/(trajectory|specialisation|head_imp)')}",
     "tensorboard_custom_scalars.png": "#custom_scalars",
     "tensorboard_histograms.png": f"#histograms&tagFilter={urllib.parse.quote('gmar/head_weights/layer_00')}",
 }
