@@ -90,5 +90,5 @@ def csv_text(rows: Iterable[Sequence[object]]) -> str:
 
 
 def atomic_write_csv(path: str | os.PathLike[str], header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
-    """Write a header and rows as CSV to ``path`` atomically; see :func:`atomic_write_bytes`."""
+    """Write a header and rows as CSV to ``path`` atomically; see `atomic_write_bytes`."""
     atomic_write_text(path, csv_text([header, *rows]))

@@ -46,8 +46,8 @@ __all__ = [
 ]
 
 METRICS: tuple[str, ...] = tuple(metrics.METRICS)
-"""Metric names the callback accepts in ``metrics=`` (the names of :data:`gmar_lightning.metrics.METRICS`); those
-scored against masks are skipped when the probe has none."""
+"""Metric names the callback accepts in ``metrics=`` (the names of ``gmar_lightning.metrics.METRICS``); those scored
+against masks are skipped when the probe has none."""
 
 _SUMMARY_TAGS = {"entropy": "entropy", "top_share": "top_head_share", "stability": "rank_stability"}
 

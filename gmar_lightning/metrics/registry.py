@@ -26,7 +26,7 @@ class RegisteredMetric:
     """A metric class and what it scores maps against.
 
     Args:
-        metric: The :class:`torchmetrics.Metric` class.
+        metric: The `torchmetrics.Metric` class.
         inputs: ``"masks"``: built without arguments, ``update(maps, masks)`` against ground-truth object masks;
             ``"model"``: built from the model, ``update(images, maps, targets)`` by perturbing the images.
     """
