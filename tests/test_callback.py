@@ -22,6 +22,9 @@ from gmar_lightning.capture import AttentionNotFoundError
 from gmar_lightning.trajectory import HeadTrajectory
 from tests.lightning_helpers import TinyViTModule, tiny_data, trainer_kwargs
 
+# Real Lightning fits (the argument checks among them are quick).
+pytestmark = pytest.mark.integration
+
 
 def fit(tmp_path: Path, callbacks: list, seed: int = 0, logger=None, datamodule=None, **overrides) -> pl.Trainer:
     pl.seed_everything(seed, verbose=False)

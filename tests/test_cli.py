@@ -163,6 +163,7 @@ def test_explain_takes_folders_and_batches_them(weights: Path, images: list[Path
         assert arrays["maps_gmar_l1"].shape == (3, 32, 32)
 
 
+@pytest.mark.integration
 def test_explain_reads_model_settings_from_a_lightning_checkpoint(images: list[Path], tmp_path: Path) -> None:
     module = ViTClassifier(MODEL, num_classes=4, img_size=32, model_kwargs=MODEL_KWARGS)
     trainer = L.Trainer(
@@ -326,6 +327,7 @@ def test_bad_target_accuracy_is_one_line(value: str, capsys: pytest.CaptureFixtu
     assert len(lines) == 1 and "--target-acc" in lines[0] and "must be an accuracy in [0, 1]" in lines[0]
 
 
+@pytest.mark.integration
 def test_console_script_reports_errors_without_traceback(tmp_path: Path) -> None:
     executable = shutil.which("gmar-lightning", path=os.path.dirname(sys.executable))
     command = [executable] if executable else [sys.executable, "-m", "gmar_lightning.cli"]

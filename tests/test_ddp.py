@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+# Two real DDP processes.
+pytestmark = pytest.mark.integration
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 

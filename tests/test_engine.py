@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
-from torch import nn
+from torch import Tensor, nn
 
 from gmar_lightning import METHODS, AttentionAdapter, explain, register_attention_adapter, unregister_attention_adapter
 from gmar_lightning.capture import AttentionNotFoundError, attention_adapter
@@ -153,9 +153,22 @@ def assert_same_state(before: dict, after: dict) -> None:
         assert torch.equal(old, new)
 
 
+class DrawsRandomNumbers(nn.Module):
+    """Draws from the global RNG in every forward pass, in eval mode too (unlike dropout), adding nothing."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + 0.0 * torch.rand_like(x)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_leaves_model_and_rng_untouched(method: str, device: torch.device) -> None:
     model = make_model("vit").to(device)
+    model.norm_pre = DrawsRandomNumbers()  # so a forward pass that the engine did not isolate moves the RNG
+    device_rng = torch.cuda.get_rng_state if device.type == "cuda" else torch.get_rng_state
+    drawn_from = device_rng()
+    with torch.no_grad():
+        model(make_images("vit").to(device))
+    assert not torch.equal(drawn_from, device_rng())  # the model does draw random numbers
     model.train()
     model.blocks[0].eval()  # a partially frozen model must come back exactly so
     model.set_grad_checkpointing(True)

@@ -17,6 +17,9 @@ from gmar_lightning.cli import main as cli_main
 from gmar_lightning.demos.model import checkpoint_model_settings, create_vit, load_weights
 from gmar_lightning.trajectory import HeadTrajectory
 
+# The examples run real fits.
+pytestmark = pytest.mark.integration
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY_JOB = [
     "--max-train-images", "48", "--max-val-images", "32", "--epochs", "2", "--batch-size", "16",

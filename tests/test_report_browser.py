@@ -14,6 +14,9 @@ from gmar_lightning.report import build_report
 from gmar_lightning.trajectory import HeadTrajectory
 from tests.browser import find_browser, rendered_dom
 
+# A headless browser renders the report.
+pytestmark = pytest.mark.integration
+
 
 def _browser() -> str:
     browser = find_browser()
