@@ -21,6 +21,7 @@ from tests.reference import Layer, reference_explain
 ATOL = 1e-5
 
 SWIN = {"embed_dim": 16, "depths": (2, 2), "num_heads": (2, 4), "window_size": 4, "num_classes": 5}
+SWIN_FIT = {"embed_dim": 16, "depths": (2, 1), "num_heads": (1, 2), "window_size": 4}
 SWIN_MODELS = {
     # 40 px / 4 = a 10x10 grid: windows of 4 need padding, and the second block of each stage shifts by 2.
     "swin": ("swin_tiny_patch4_window7_224", 40),
@@ -332,3 +333,54 @@ def test_hybrid_cnn_stem_maps_the_transformer_grid_at_input_size(method: str) ->
         torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
     with pytest.raises(ValueError, match="`images` have 1 channels but the model takes 3"):
         explain(model, images[:, :1])
+
+
+@pytest.mark.integration
+def test_callback_on_a_swin_fit_logs_to_tensorboard(tmp_path) -> None:
+    """A real fit of a tiny Swin with the callback: overlays, per-layer head histograms and the trajectory read back."""
+    import lightning.pytorch as pl
+    import torch.nn.functional as F
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gmar_lightning import GMARCallback
+    from tests.lightning_helpers import tiny_data, trainer_kwargs
+
+    class TinySwinModule(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            # Stage 1: one head, shifted windows of 4 on an 8x8 grid; stage 2: two heads on the merged 4x4 grid.
+            self.swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, num_classes=4, **SWIN_FIT)
+
+        def forward(self, images: Tensor) -> Tensor:
+            return self.swin(images)
+
+        def training_step(self, batch: tuple, batch_idx: int) -> Tensor:
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def validation_step(self, batch: tuple, batch_idx: int) -> None:
+            self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    pl.seed_everything(0, verbose=False)
+    callback = GMARCallback(num_probe=8, methods=("gmar_l1", "rollout"), metrics=("pointing_game",))
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = pl.Trainer(callbacks=[callback], logger=logger, **trainer_kwargs(tmp_path, max_epochs=2))
+    trainer.fit(TinySwinModule(), datamodule=tiny_data())
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "histograms": 0, "scalars": 0})
+    events.Reload()
+    steps = [trainer.num_training_batches * epoch for epoch in (1, 2)]
+    for tag in ("gmar/overlay/gmar_l1", "gmar/overlay/rollout", "gmar/head_importance", "gmar/trajectory"):
+        assert [event.step for event in events.Images(tag)] == steps, tag
+    for layer in ("00", "01", "02"):
+        assert [event.step for event in events.Histograms(f"gmar/head_weights/layer_{layer}")] == steps
+    assert len(events.Scalars("gmar/metrics/gmar_l1/pointing_game")) == 2
+    weights = callback.trajectory.weights  # [epochs, layers, H_max]; stage 1 has one head, NaN beyond it
+    assert weights.shape == (2, 3, 2)
+    assert bool(weights[:, :2, 1].isnan().all()) and not bool(weights[:, 2].isnan().any())
+    torch.testing.assert_close(torch.nansum(weights, dim=-1), torch.ones(2, 3))
+    history = callback.map_history.maps["gmar_l1"]  # one map per evaluated epoch and kept probe image, input size
+    assert history.shape[0] == 2 and tuple(history.shape[-2:]) == (32, 32) and bool(torch.isfinite(history).all())
