@@ -46,14 +46,12 @@ def window_slots(grid: tuple[int, int], window: tuple[int, int], shift: tuple[in
 def windows_to_global(slots: Tensor, num_tokens: int):
     def to_global(captured: Tensor) -> Tensor:
         num_windows = slots.shape[0]
-        per_window = captured.unflatten(0, (-1, num_windows))  # [B, W, H, n, n]
-        batch, _, heads, _, _ = per_window.shape
+        per_window = captured.unflatten(0, (-1, num_windows)).transpose(1, 2)  # [B, H, W, n, n]
+        batch, heads = per_window.shape[:2]
+        window, query_slot, key_slot = ((slots[:, :, None] >= 0) & (slots[:, None, :] >= 0)).nonzero(as_tuple=True)
         full = captured.new_zeros(batch, heads, num_tokens, num_tokens)
-        for w in range(num_windows):
-            for q, query in enumerate(slots[w].tolist()):
-                for k, key in enumerate(slots[w].tolist()):
-                    if query >= 0 and key >= 0:
-                        full[:, :, query, key] += per_window[:, w, :, q, k]
+        # Each (query token, key token) pair lies in at most one window; padding slots reach no token.
+        full[:, :, slots[window, query_slot], slots[window, key_slot]] = per_window[..., window, query_slot, key_slot]
         return full
 
     return to_global
