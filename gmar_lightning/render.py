@@ -716,7 +716,7 @@ def _empty_note(axes: Axes, text: str) -> None:
 
 
 def trajectory_figure(trajectory: HeadTrajectory, title: str = "GMAR head importance over training") -> Figure:
-    """A grid of panels, one per layer, one line per head: head weight (y) against epoch (x).
+    """A grid of panels, one per layer, one line per head: head weight (y) against global step (x).
 
     The grid is near-square (2 x 2 for 4 layers, 4 x 3 for 12), so the figure keeps a shape that stays readable
     when TensorBoard scales it to a card.
@@ -758,16 +758,16 @@ def trajectory_figure(trajectory: HeadTrajectory, title: str = "GMAR head import
     for layer, axes in enumerate(grid[:panels]):
         for head, head_label in enumerate(head_labels):
             axes.plot(
-                trajectory.epochs, weights[:, layer, head], marker="o", markersize=3, color=colours[head],
+                trajectory.steps, weights[:, layer, head], marker="o", markersize=3, color=colours[head],
                 label=head_label,
             )  # fmt: skip
         axes.set_title(labels[layer], fontsize=_FONT_SIZE)
         axes.tick_params(labelsize=_FONT_SIZE, labelbottom=True)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         if not len(trajectory):
-            _empty_note(axes, "no epochs yet")
+            _empty_note(axes, "no evaluations yet")
     for axes in grid[max(panels - columns, 0) : panels]:
-        axes.set_xlabel("epoch", fontsize=_FONT_SIZE)
+        axes.set_xlabel("global step", fontsize=_FONT_SIZE)
     for axes in grid[:panels:columns]:
         axes.set_ylabel("weight", fontsize=_FONT_SIZE)
     if len(trajectory):
@@ -790,7 +790,7 @@ _SUMMARY_PANELS: tuple[tuple[str, str], ...] = (
 
 
 def specialisation_figure(trajectory: HeadTrajectory, title: str = "GMAR head specialisation") -> Figure:
-    """Three panels over epochs, one line per layer: head entropy, top-head share and rank stability.
+    """Three panels over global steps, one line per layer: head entropy, top-head share and rank stability.
 
     Each y-axis spans the statistic's natural range (entropy and share ``[0, 1]``, rank correlation ``[-1, 1]``), so
     noise does not look like change. See [`specialisation`][gmar_lightning.trajectory.specialisation] and
@@ -825,7 +825,7 @@ def specialisation_figure(trajectory: HeadTrajectory, title: str = "GMAR head sp
     for axes, (key, name) in zip(panels, _SUMMARY_PANELS, strict=True):
         values = summaries[key].numpy()
         for layer, label in enumerate(labels):
-            axes.plot(trajectory.epochs, values[:, layer], marker="o", markersize=3, color=colours[layer], label=label)
+            axes.plot(trajectory.steps, values[:, layer], marker="o", markersize=3, color=colours[layer], label=label)
         axes.set_title(name, fontsize=_FONT_SIZE)
         low, high = SUMMARY_BOUNDS[key]
         margin = 0.05 * (high - low)
@@ -833,8 +833,8 @@ def specialisation_figure(trajectory: HeadTrajectory, title: str = "GMAR head sp
         axes.tick_params(labelsize=_FONT_SIZE, labelbottom=True)
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         if not len(trajectory):
-            _empty_note(axes, "no epochs yet")
-    panels[-1].set_xlabel("epoch", fontsize=_FONT_SIZE)
+            _empty_note(axes, "no evaluations yet")
+    panels[-1].set_xlabel("global step", fontsize=_FONT_SIZE)
     if labels:
         figure.legend(*panels[0].get_legend_handles_labels(), loc="upper right", fontsize=_FONT_SIZE, frameon=False)
     return figure

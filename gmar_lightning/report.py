@@ -280,9 +280,10 @@ def _page(
     settings: dict[str, Any],
     accuracy: tuple[float, float] | None,
 ) -> str:
-    epochs = trajectory.epochs
+    epochs, steps = trajectory.epochs, trajectory.steps
     facts = (
-        f"{len(epochs)} evaluated epoch{'s' if len(epochs) != 1 else ''} ({epochs[0]} to {epochs[-1]}), "
+        f"{len(steps)} evaluation{'s' if len(steps) != 1 else ''} (epochs {epochs[0]} to {epochs[-1]}, steps "
+        f"{steps[0]} to {steps[-1]}), "
         f"{trajectory.num_layers} attention layers x {trajectory.num_heads} heads{_pruned_note(trajectory)}, from "
         f"<code>{html.escape(str(source))}</code>."
     )
@@ -301,7 +302,7 @@ def _page(
 <h1>{html.escape(title)}</h1>
 <p>{facts}</p>
 {overlays}
-<h2>Layers at the last epoch ({epochs[-1]})</h2>
+<h2>Layers at the last evaluation (epoch {epochs[-1]}, step {steps[-1]})</h2>
 {_layer_table(trajectory)}
 <h2>Head importance</h2>
 {figures}

@@ -4,9 +4,13 @@ imports working."""
 from gmar_lightning.callback.records import EvaluationRecord
 from gmar_lightning.callback.sinks import (
     FileSink,
+    LoggerSink,
+    MLFlowSink,
     Sink,
     TensorBoardSink,
     WandbSink,
+    logger_run_dir,
+    new_version_dir,
     sinks_for_loggers,
     write_trajectory,
 )
@@ -17,9 +21,13 @@ __all__ = [
     "TRAJECTORY_NPZ",
     "EvaluationRecord",
     "FileSink",
+    "LoggerSink",
+    "MLFlowSink",
     "Sink",
     "TensorBoardSink",
     "WandbSink",
+    "logger_run_dir",
+    "new_version_dir",
     "sinks_for_loggers",
     "write_trajectory",
 ]

@@ -1,12 +1,13 @@
-"""How attention-head importance evolves over training: a per-epoch record and specialisation statistics.
+"""How attention-head importance evolves over training: one record per evaluation and specialisation statistics.
 
 A [`HeadTrajectory`][gmar_lightning.trajectory.HeadTrajectory] stores one ``[L, H]`` row of GMAR head weights (and the
-raw gradient-norm scores they were normalised from) per evaluated epoch. Column ``h`` is each layer's original head
-``h``: once [`prune_heads`][gmar_lightning.heads.pruning.prune_heads] removes heads, their entries are NaN from then on,
-so rows before and after a pruning stay comparable and a layer's head count is its number of finite entries.
-[`specialisation`][gmar_lightning.trajectory.specialisation] and
+raw gradient-norm scores they were normalised from) per evaluation, keyed by global step. Column ``h`` is each layer's
+original head ``h``: once [`prune_heads`][gmar_lightning.heads.pruning.prune_heads] removes heads, their entries are NaN
+from then on, so rows before and after a pruning stay comparable and a layer's head count is its number of finite
+entries. [`specialisation`][gmar_lightning.trajectory.specialisation] and
 [`rank_stability`][gmar_lightning.trajectory.rank_stability] summarise a row as "how concentrated is each layer on few
-heads" and "did the head ranking change since the last epoch"; both are plain torch functions so they work on any
+heads" and "did the head ranking change since the previous evaluation"; both are plain torch functions so they work on
+any
 ``[L, H]`` tensor, not only on a trajectory.
 """
 
@@ -30,23 +31,27 @@ __all__ = [
     "CSV_COLUMNS",
     "TRAJECTORY_CSV",
     "TRAJECTORY_NPZ",
+    "TRAJECTORY_STEM",
     "HeadTrajectory",
     "rank_stability",
     "spearman",
     "specialisation",
 ]
 
-TRAJECTORY_CSV = "head_importance.csv"
+TRAJECTORY_STEM = "head_importance"
+"""Stem of a fit's trajectory files; a ``trainer.validate()`` run writes ``head_importance_validate.*``."""
+
+TRAJECTORY_CSV = f"{TRAJECTORY_STEM}.csv"
 """File name of the long-format trajectory table (see
 [`HeadTrajectory.save_csv`][gmar_lightning.trajectory.HeadTrajectory.save_csv])."""
 
-TRAJECTORY_NPZ = "head_importance.npz"
+TRAJECTORY_NPZ = f"{TRAJECTORY_STEM}.npz"
 """File name of the trajectory arrays (see
 [`HeadTrajectory.save_npz`][gmar_lightning.trajectory.HeadTrajectory.save_npz])."""
 
 CSV_COLUMNS: tuple[str, ...] = ("epoch", "step", "layer", "layer_name", "head", "weight", "score")
-"""Header of [`HeadTrajectory.save_csv`][gmar_lightning.trajectory.HeadTrajectory.save_csv]: one row per (epoch, layer,
-head)."""
+"""Header of [`HeadTrajectory.save_csv`][gmar_lightning.trajectory.HeadTrajectory.save_csv]: one row per (evaluation,
+layer, head)."""
 
 _STATE_KEYS: tuple[str, ...] = ("epochs", "steps", "weights", "scores", "layer_names")
 
@@ -190,14 +195,15 @@ def rank_stability(previous: Tensor, current: Tensor) -> Tensor:
 
 @dataclass(eq=False)
 class HeadTrajectory:
-    """Per-epoch GMAR head weights and scores of every attention layer.
+    """GMAR head weights and scores of every attention layer, one row per evaluation.
 
-    Rows are kept sorted by epoch and each epoch appears once: appending an epoch that is already recorded
-    replaces its row, so a run resumed from a checkpoint does not duplicate epochs.
+    Rows are keyed by global step, kept sorted, and each step appears once: appending a step that is already
+    recorded replaces its row, so a run resumed from a checkpoint does not duplicate evaluations. Several
+    evaluations per epoch (``val_check_interval < 1``) are separate rows with the same epoch.
 
     Attributes:
-        epochs: ``E`` epoch numbers, ascending.
-        steps: ``E`` global steps at which each row was recorded.
+        epochs: ``E`` epoch numbers, one per row (non-decreasing; repeated when an epoch has several evaluations).
+        steps: ``E`` global steps at which each row was recorded, strictly increasing.
         weights: ``[E, L, H]`` normalised head weights (``[0, 0, 0]`` before anything is known).
         scores: ``[E, L, H]`` raw head scores (gradient norms).
         layer_names: ``L`` attention-layer names, or empty when unknown.
@@ -207,8 +213,9 @@ class HeadTrajectory:
         >>> trajectory.append(0, 10, torch.tensor([[0.5, 0.5], [0.9, 0.1]]), torch.tensor([[1.0, 1.0], [9.0, 1.0]]))
         >>> trajectory.append(1, 20, torch.tensor([[0.4, 0.6], [1.0, 0.0]]), torch.tensor([[2.0, 3.0], [4.0, 0.0]]))
         >>> trajectory.append(1, 25, torch.tensor([[0.3, 0.7], [1.0, 0.0]]), torch.tensor([[3.0, 7.0], [4.0, 0.0]]))
+        >>> trajectory.append(1, 25, torch.tensor([[0.2, 0.8], [1.0, 0.0]]), torch.tensor([[2.0, 8.0], [4.0, 0.0]]))
         >>> len(trajectory), trajectory.epochs, trajectory.steps, tuple(trajectory.weights.shape)
-        (2, [0, 1], [10, 25], (2, 2, 2))
+        (3, [0, 1, 1], [10, 20, 25], (3, 2, 2))
         >>> HeadTrajectory.from_state_dict(trajectory.state_dict()).weights.equal(trajectory.weights)
         True
     """
@@ -241,8 +248,10 @@ class HeadTrajectory:
                 f"`epochs` and `steps` must each have one entry per row of `weights` ({num_epochs}), got "
                 f"{len(self.epochs)} and {len(self.steps)}."
             )
-        if len(set(self.epochs)) != num_epochs or self.epochs != sorted(self.epochs):
-            raise ValueError(f"`epochs` must be strictly increasing, got {self.epochs}.")
+        if len(set(self.steps)) != num_epochs or self.steps != sorted(self.steps):
+            raise ValueError(f"`steps` must be strictly increasing, got {self.steps}.")
+        if self.epochs != sorted(self.epochs):
+            raise ValueError(f"`epochs` must be non-decreasing, got {self.epochs}.")
         self._check_layer_names(self.weights.shape[1])
 
     def name_layers(self, names: Sequence[str]) -> None:
@@ -280,11 +289,11 @@ class HeadTrajectory:
         return int(self.weights.shape[2])
 
     def append(self, epoch: int, step: int, weights: Tensor, scores: Tensor) -> None:
-        """Record the head weights and scores of one epoch, replacing the row if the epoch is already present.
+        """Record the head weights and scores of one evaluation, replacing the row if its step is already present.
 
         Args:
-            epoch: The epoch the row belongs to.
-            step: The global step it was computed at.
+            epoch: The epoch the evaluation belongs to.
+            step: The global step it was computed at; the row's key.
             weights: ``[L, H]`` head weights, or ``[B, L, H]`` per-image weights, which are averaged over the batch.
             scores: ``[L, H]`` or ``[B, L, H]`` raw head scores, averaged likewise.
         """
@@ -306,26 +315,33 @@ class HeadTrajectory:
         if not len(self):
             self.weights = weights.new_zeros((0, *weights.shape))
             self.scores = scores.new_zeros((0, *scores.shape))
-        if epoch in self.epochs:
-            row = self.epochs.index(epoch)
-            self.steps[row] = step
+        if step in self.steps:
+            row = self.steps.index(step)
+            self.epochs[row] = epoch
             self.weights[row] = weights
             self.scores[row] = scores
             return
-        row = sum(recorded < epoch for recorded in self.epochs)
+        row = sum(recorded < step for recorded in self.steps)
+        previous_epoch = self.epochs[row - 1] if row else 0
+        next_epoch = self.epochs[row] if row < len(self) else epoch
+        if not previous_epoch <= epoch <= next_epoch:
+            raise ValueError(
+                f"`epoch` {epoch} at step {step} contradicts the recorded rows (epochs {self.epochs} at steps "
+                f"{self.steps}); start a new HeadTrajectory for a different run."
+            )
         self.epochs.insert(row, epoch)
         self.steps.insert(row, step)
         self.weights = torch.cat([self.weights[:row], weights[None], self.weights[row:]])
         self.scores = torch.cat([self.scores[:row], scores[None], self.scores[row:]])
 
     def summaries(self) -> dict[str, Tensor]:
-        """Per-epoch specialisation statistics.
+        """Specialisation statistics of every evaluation.
 
         Returns:
             ``{"entropy", "top_share", "stability"}``, each ``Tensor [E, L]`` float32: the
             [`specialisation`][gmar_lightning.trajectory.specialisation] statistics of every row and the
-            [`rank_stability`][gmar_lightning.trajectory.rank_stability] of each row against the previous one (NaN for
-            the first row, which has nothing to compare with).
+            [`rank_stability`][gmar_lightning.trajectory.rank_stability] of each row against the previous evaluation
+            (NaN for the first row, which has nothing to compare with).
 
         Examples:
             >>> trajectory = HeadTrajectory()

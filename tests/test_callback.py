@@ -46,7 +46,9 @@ def test_tensorboard_holds_every_tag_for_each_evaluated_epoch_and_none_from_sani
     trainer = fit(tmp_path, [callback], logger=logger, max_epochs=3)
     events = read_events(logger.log_dir)
     steps_per_epoch = trainer.num_training_batches
-    expected_steps = [steps_per_epoch * epoch for epoch in (1, 2, 3)]
+    global_steps = [steps_per_epoch * epoch for epoch in (1, 2, 3)]
+    # Lightning logs fit-time validation metrics before it counts the step that ended the epoch: one less.
+    expected_steps = [step - 1 for step in global_steps]
 
     tags = events.Tags()
     for tag in (
@@ -73,7 +75,7 @@ def test_tensorboard_holds_every_tag_for_each_evaluated_epoch_and_none_from_sani
     assert callback.trajectory.epochs == [0, 1, 2]
     assert callback.map_history.epochs == [0, 1, 2]
     assert tuple(callback.map_history.maps["rollout"].shape) == (3, 4, 32, 32)
-    assert callback.trajectory.steps == expected_steps
+    assert callback.trajectory.steps == global_steps
     assert callback.trajectory.weights.shape == (3, 2, 4)
     torch.testing.assert_close(callback.trajectory.weights.sum(-1), torch.ones(3, 2))
     saved = HeadTrajectory.load_npz(Path(logger.log_dir) / "head_importance.npz")
@@ -98,7 +100,9 @@ def final_state_and_metrics(tmp_path: Path, callbacks: list) -> tuple[dict, list
     state = {name: tensor.clone() for name, tensor in trainer.lightning_module.state_dict().items()}
     optimizer_state = trainer.optimizers[0].state_dict()["state"]
     with open(Path(logger.log_dir) / "metrics.csv") as handle:
+        # The callback's own rows carry only gmar/ values; everything Lightning logged must be the same.
         rows = [{k: v for k, v in row.items() if not k.startswith("gmar")} for row in csv.DictReader(handle)]
+    rows = [row for row in rows if any(value for key, value in row.items() if key not in ("epoch", "step"))]
     return {"weights": state, "optimizer": optimizer_state}, rows
 
 
@@ -162,8 +166,8 @@ def test_trainer_validate_runs_under_inference_mode(tmp_path: Path) -> None:
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     trainer = pl.Trainer(callbacks=[callback], logger=logger, **trainer_kwargs(tmp_path))
     trainer.validate(TinyViTModule(), datamodule=tiny_data())
-    assert len(callback.trajectory) == 1
-    assert "gmar/overlay/gmar_l2" in read_events(logger.log_dir).Tags()["images"]
+    assert len(callback.validation_trajectory) == 1 and len(callback.trajectory) == 0
+    assert "gmar_validate/overlay/gmar_l2" in read_events(logger.log_dir).Tags()["images"]
 
 
 def test_bf16_mixed_precision_and_gradient_accumulation(tmp_path: Path) -> None:
@@ -178,10 +182,10 @@ def test_no_logger_writes_files_with_a_notice(tmp_path: Path, caplog: pytest.Log
     callback = GMARCallback(num_probe=4, save_dir=str(tmp_path / "out"))
     with caplog.at_level("INFO"):
         fit(tmp_path, [callback], logger=False, max_epochs=1)
-    assert "writing PNG/CSV/NPZ" in caplog.text
-    pngs = glob.glob(str(tmp_path / "out" / "**" / "*.png"), recursive=True)
+    assert f"writing PNG/CSV/NPZ to {tmp_path / 'out' / 'version_0'}" in caplog.text
+    pngs = glob.glob(str(tmp_path / "out" / "version_0" / "**" / "*.png"), recursive=True)
     assert any("overlay" in png for png in pngs)
-    assert (tmp_path / "out" / "scalars.csv").exists()
+    assert (tmp_path / "out" / "version_0" / "scalars.csv").exists()
 
 
 def test_probe_given_as_tensor_pair_and_as_indices(tmp_path: Path) -> None:
@@ -223,13 +227,18 @@ def test_bad_arguments_fail_in_init(kwargs: dict, pattern: str) -> None:
 
 
 def test_setup_rejects_model_without_attention(tmp_path: Path) -> None:
-    callback = GMARCallback(model_getter=lambda module: torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    getter = lambda module: torch.nn.Sequential(torch.nn.Linear(2, 2))  # noqa: E731
     with pytest.raises(AttentionNotFoundError, match=r"`model` \(Sequential\)"):
-        fit(tmp_path, [callback], max_epochs=1)
+        fit(tmp_path, [GMARCallback(model_getter=getter, on_error="raise")], max_epochs=1)
+    # With the default on_error="warn" the same problem is one warning and the fit goes on.
+    callback = GMARCallback(model_getter=getter)
+    with pytest.warns(UserWarning, match=r"disabled itself after an error in `setup` \(AttentionNotFoundError"):
+        trainer = fit(tmp_path, [callback], max_epochs=1)
+    assert trainer.current_epoch == 1 and len(callback.trajectory) == 0
 
 
 def test_setup_rejects_probe_the_model_cannot_take(tmp_path: Path) -> None:
-    callback = GMARCallback(probe=torch.randn(2, 1, 32, 32))
+    callback = GMARCallback(probe=torch.randn(2, 1, 32, 32), on_error="raise")
     with pytest.raises(ValueError, match=r"`probe` cannot be explained.*1 channels"):
         fit(tmp_path, [callback], max_epochs=1)
 
@@ -264,7 +273,7 @@ def test_model_getter_points_at_the_vit_and_compiled_submodule_works(tmp_path: P
     callback = GMARCallback(num_probe=4, model_getter=lambda m: m.vit)
     trainer = pl.Trainer(callbacks=[callback], logger=False, **trainer_kwargs(tmp_path, max_epochs=1))
     trainer.validate(module, datamodule=tiny_data())
-    assert len(callback.trajectory) == 1
+    assert len(callback.validation_trajectory) == 1
 
 
 def test_checkpoint_state_is_plain_data(tmp_path: Path) -> None:
@@ -299,4 +308,6 @@ def test_wandb_offline_and_tensorboard_together(tmp_path: Path, offline_wandb: M
         assert key.encode() in history, key
     assert len(read_events(tensorboard_logger.log_dir).Images("gmar/overlay/gmar_l1")) == 2
     assert (Path(tensorboard_logger.log_dir) / "head_importance.npz").exists()
-    assert (tmp_path / "wandb_logs" / "head_importance.npz").exists()
+    # W&B's copy lives in the run's own files folder as a real file (uploaded with the run), not in the shared save_dir.
+    assert (files_dir / "head_importance.npz").is_file() and not (files_dir / "head_importance.npz").is_symlink()
+    assert not (tmp_path / "wandb_logs" / "head_importance.npz").exists()

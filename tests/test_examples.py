@@ -160,15 +160,25 @@ def test_main_job_trains_on_an_image_folder(tmp_path: Path) -> None:
     assert checkpoint["state_dict"]["model.head.weight"].shape == (2, 32)
 
 
-def test_demo_with_wandb_logger_runs_offline_and_writes_head_importance(tmp_path: Path) -> None:
+def test_two_demo_runs_with_wandb_and_one_log_dir_keep_their_own_files(tmp_path: Path) -> None:
     pytest.importorskip("wandb")
-    result = load_example("finetune_vit").main(
-        [*TINY_JOB, "--epochs", "1", "--logger", "wandb", "--log-dir", str(tmp_path)]
-    )
-    assert result["trajectory_path"] == str(tmp_path / "head_importance.npz")
-    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 1 and result["view_command"] == f"wandb sync {offline_runs[0]}"
-    assert result["tensorboard_command"] is None
+    results = [
+        load_example("finetune_vit").main([*TINY_JOB, "--epochs", "1", "--logger", "wandb", "--log-dir", str(tmp_path)])
+        for _ in range(2)
+    ]
+    offline_runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2
+    first_npz = Path(results[0]["trajectory_path"]).read_bytes()
+    for result in results:
+        run_dir = Path(result["log_dir"])
+        assert run_dir in offline_runs and result["view_command"] == f"wandb sync {run_dir}"
+        assert result["trajectory_path"] == str(run_dir / "files" / "head_importance.npz")
+        assert result["checkpoint_path"] == str(run_dir / "checkpoints" / "last.ckpt")
+        assert Path(result["checkpoint_path"]).is_file() and not Path(result["trajectory_path"]).is_symlink()
+        assert result["tensorboard_command"] is None
+    assert results[0]["log_dir"] != results[1]["log_dir"]
+    assert Path(results[0]["trajectory_path"]).read_bytes() == first_npz
+    assert not list(tmp_path.glob("head_importance*"))
 
 
 def test_lightning_cli_config_trains_with_the_callback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

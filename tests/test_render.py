@@ -154,7 +154,8 @@ def test_trajectory_figure_has_one_panel_per_layer_and_one_line_per_head() -> No
     assert len({round(axes.get_position().y0, 3) for axes in figure.axes}) == 2
     assert all(len(axes.get_lines()) == 6 for axes in figure.axes)
     assert len({line.get_color() for line in figure.axes[0].get_lines()}) == 6
-    assert list(figure.axes[0].get_lines()[0].get_xdata()) == [0, 1, 2]
+    trajectory = make_trajectory(epochs=3, layers=5, heads=6)
+    assert list(figure.axes[0].get_lines()[0].get_xdata()) == trajectory.steps  # x is the global step
     assert [axes.get_title() for axes in figure.axes] == [f"blocks.{i}.attn" for i in range(5)]
 
 

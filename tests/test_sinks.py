@@ -23,6 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 from gmar_lightning.callback.records import EvaluationRecord
 from gmar_lightning.callback.sinks import (
     FileSink,
+    LoggerSink,
     Sink,
     TensorBoardSink,
     WandbSink,
@@ -88,7 +89,7 @@ def test_tensorboard_sink_writes_every_kind_at_the_step(tmp_path: Path) -> None:
     assert isinstance(sink, Sink)
     sink.log_evaluation(make_record(step=12))
     sink.log_evaluation(make_record(step=40, scalar=0.5))
-    sink.finalize(make_trajectory())
+    sink.save_trajectory(make_trajectory())
     writer.close()
 
     events = event_accumulator.EventAccumulator(
@@ -132,7 +133,7 @@ def test_file_sink_writes_valid_files_atomically(tmp_path: Path) -> None:
     sink = FileSink(tmp_path / "gmar")
     sink.log_evaluation(make_record(step=12, scalar=0.75))
     sink.log_evaluation(make_record(step=123, epoch=2, scalar=0.5))
-    sink.finalize(make_trajectory())
+    sink.save_trajectory(make_trajectory())
 
     step_dir = tmp_path / "gmar" / "step_000123"
     assert sorted(path.name for path in step_dir.iterdir()) == [
@@ -186,39 +187,47 @@ def rank_zero_notices() -> Iterator[list[str]]:
 
 def test_sinks_for_a_tensorboard_logger(tmp_path: Path, rank_zero_notices: list[str]) -> None:
     logger = TensorBoardLogger(tmp_path, name="run")
-    (sink,) = sinks_for_loggers([logger], log_dir=logger.log_dir)
+    (sink,) = sinks_for_loggers([logger], default_root_dir=tmp_path)
     assert isinstance(sink, TensorBoardSink) and sink.experiment is logger.experiment
-    sink.finalize(make_trajectory())
+    sink.save_trajectory(make_trajectory())
     assert_trajectory_files(Path(logger.log_dir))
     assert rank_zero_notices == []
 
 
-def test_sinks_for_a_csv_logger_fall_back_to_files_with_a_notice(tmp_path: Path, rank_zero_notices: list[str]) -> None:
+def test_sinks_for_a_csv_logger_log_scalars_through_it_and_files_in_its_run(
+    tmp_path: Path, rank_zero_notices: list[str]
+) -> None:
     logger = CSVLogger(tmp_path)
-    (sink,) = sinks_for_loggers([logger], log_dir=logger.log_dir)
-    assert isinstance(sink, FileSink)
-    assert sink.save_dir == Path(logger.log_dir) / "gmar"
-    sink.finalize(make_trajectory())
-    assert_trajectory_files(Path(logger.log_dir))  # next to metrics.csv, where head-pruning tools look
-    assert rank_zero_notices == [
-        f"GMARCallback: no TensorBoard or W&B logger; writing PNG/CSV/NPZ to {Path(logger.log_dir) / 'gmar'}"
-    ]
+    (sink,) = sinks_for_loggers([logger], default_root_dir=tmp_path)
+    assert isinstance(sink, LoggerSink)
+    sink.log_evaluation(make_record(step=12, scalar=0.25))
+    sink.save_trajectory(make_trajectory())
+    logger.save()
+    run_dir = Path(logger.log_dir)
+    assert_trajectory_files(run_dir)  # next to metrics.csv, where head-pruning tools look
+    assert (run_dir / "gmar" / "step_000012" / "gmar_overlay_gmar_l1.png").is_file()
+    with (run_dir / "metrics.csv").open(newline="") as handle:
+        assert [(row["step"], row[SCALAR_TAG]) for row in csv.DictReader(handle)] == [("12", "0.25")]
+    assert not (run_dir / "gmar" / "scalars.csv").exists()  # the logger has them
+    assert rank_zero_notices == []
 
 
-def test_sinks_without_any_logger(tmp_path: Path) -> None:
-    (sink,) = sinks_for_loggers([], log_dir=tmp_path)
-    assert isinstance(sink, FileSink) and sink.save_dir == tmp_path / "gmar"
+def test_sinks_without_any_logger_get_a_new_version_folder_per_run(
+    tmp_path: Path, rank_zero_notices: list[str]
+) -> None:
+    first, second = (sinks_for_loggers([], default_root_dir=tmp_path)[0] for _ in range(2))
+    assert isinstance(first, FileSink) and isinstance(second, FileSink)
+    assert (first.save_dir, second.save_dir) == (tmp_path / "gmar" / "version_0", tmp_path / "gmar" / "version_1")
+    assert rank_zero_notices[0] == f"GMARCallback: no logger; writing PNG/CSV/NPZ to {first.save_dir}"
     (explicit,) = sinks_for_loggers([], save_dir=tmp_path / "mine")
-    assert explicit.save_dir == tmp_path / "mine"
-    with pytest.raises(ValueError, match="`save_dir` or `log_dir` is required"):
-        sinks_for_loggers([])
+    assert explicit.save_dir == tmp_path / "mine" / "version_0"
 
 
 def test_sinks_serve_several_loggers_and_an_explicit_save_dir(tmp_path: Path) -> None:
     loggers = [CSVLogger(tmp_path), TensorBoardLogger(tmp_path / "tb")]
-    sinks = sinks_for_loggers(loggers, save_dir=tmp_path / "files", log_dir=tmp_path)
-    assert [type(sink) for sink in sinks] == [TensorBoardSink, FileSink]
-    assert sinks[1].save_dir == tmp_path / "files"
+    sinks = sinks_for_loggers(loggers, save_dir=tmp_path / "files", default_root_dir=tmp_path)
+    assert [type(sink) for sink in sinks] == [LoggerSink, TensorBoardSink, FileSink]
+    assert sinks[2].save_dir == tmp_path / "files" / "version_0"
 
 
 def test_sinks_are_empty_on_other_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -238,7 +247,7 @@ def test_wandb_sink_logs_one_call_per_evaluation_with_native_media(
     from lightning.pytorch.loggers import WandbLogger
 
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="gmar-test")
-    (sink,) = sinks_for_loggers([logger], log_dir=logger.save_dir)
+    (sink,) = sinks_for_loggers([logger], default_root_dir=tmp_path)
     assert isinstance(sink, WandbSink)
     run = logger.experiment
     calls: list[dict] = []
@@ -248,7 +257,7 @@ def test_wandb_sink_logs_one_call_per_evaluation_with_native_media(
     )
     sink.log_evaluation(make_record(step=12))
     sink.log_evaluation(make_record(step=40, scalar=0.5))
-    sink.finalize(make_trajectory())
+    sink.save_trajectory(make_trajectory())
     files_dir = Path(run.dir)
     offline_wandb.finish()
     offline_wandb.teardown()  # waits until the offline transaction log is flushed
@@ -262,8 +271,9 @@ def test_wandb_sink_logs_one_call_per_evaluation_with_native_media(
     series = calls[1][f"{CHART_TAG}/chart"].table
     assert sorted(series.data) == sorted([[12, "head_00", 0.325], [40, "head_00", 0.3], [12, "head_01", 0.675],
                                           [40, "head_01", 0.7]])  # fmt: skip
-    assert_trajectory_files(tmp_path)  # logger.save_dir, like trainer.log_dir for W&B
-    assert {"head_importance.csv", "head_importance.npz"} <= {path.name for path in files_dir.iterdir()}
+    assert_trajectory_files(files_dir)  # the run's own folder, uploaded with it
+    assert not any(path.is_symlink() for path in files_dir.iterdir())
+    assert not (tmp_path / "head_importance.npz").exists()  # never the save_dir that every run shares
     images = sorted(path.relative_to(files_dir / "media" / "images").as_posix() for path in files_dir.rglob("*.png"))
     assert sorted({name.rsplit("_", 2)[0] for name in images}) == [
         "gmar/head_importance",

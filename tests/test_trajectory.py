@@ -25,18 +25,21 @@ def filled_trajectory(epochs: int = 3, layers: int = 3, heads: int = 4) -> HeadT
     return trajectory
 
 
-def test_append_keeps_one_sorted_row_per_epoch() -> None:
+def test_append_keeps_one_sorted_row_per_step() -> None:
     trajectory = HeadTrajectory(layer_names=LAYER_NAMES[:2])
-    first, second, third = torch.full((2, 3), 0.1), torch.full((2, 3), 0.2), torch.full((2, 3), 0.3)
+    first, second, third, fourth = (torch.full((2, 3), value) for value in (0.1, 0.2, 0.3, 0.4))
     trajectory.append(2, 30, second, second * 10)
     trajectory.append(0, 10, first, first * 10)
-    trajectory.append(2, 35, third, third * 10)  # a resumed run re-evaluating epoch 2 replaces the row
+    trajectory.append(2, 35, third, third * 10)  # a second evaluation in epoch 2 (val_check_interval < 1)
+    trajectory.append(2, 30, fourth, fourth * 10)  # a resumed run re-evaluating step 30 replaces its row
 
-    assert len(trajectory) == 2
-    assert trajectory.epochs == [0, 2]
-    assert trajectory.steps == [10, 35]
-    assert torch.equal(trajectory.weights, torch.stack([first, third]))
-    assert torch.equal(trajectory.scores, torch.stack([first, third]) * 10)
+    assert len(trajectory) == 3
+    assert trajectory.epochs == [0, 2, 2]
+    assert trajectory.steps == [10, 30, 35]
+    assert torch.equal(trajectory.weights, torch.stack([first, fourth, third]))
+    assert torch.equal(trajectory.scores, torch.stack([first, fourth, third]) * 10)
+    with pytest.raises(ValueError, match=r"`epoch` 1 at step 40 contradicts the recorded rows"):
+        trajectory.append(1, 40, first, first)
 
 
 def test_append_averages_per_image_weights_over_the_batch() -> None:

@@ -5,6 +5,10 @@ The callback owns the schedule, the probe batch and the head-importance trajecto
 [`gmar_lightning.records.evaluation_record`][gmar_lightning.callback.records.evaluation_record], and where it goes is
 `gmar_lightning.sinks`. It never changes the training it observes: the engine restores the model's flags and the RNG
 state, probe samples are copied, and nothing here touches gradients, the optimizer or the data order.
+
+State belongs to one run: a callback object attached to a new ``Trainer`` starts afresh (a new probe, an empty
+trajectory) unless the run resumes from a checkpoint, which restores both. ``trainer.validate()`` runs are recorded
+apart from the fit (tags ``gmar_validate/...``, files ``head_importance_validate.*``) and never change its history.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import random
 import traceback
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import fields, replace
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -20,25 +26,36 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 from typing_extensions import override
 
 from gmar_lightning import families
 from gmar_lightning._checks import check_positive_int
-from gmar_lightning.callback.records import METRICS, MapHistory, Probe, evaluation_record, probe_metric_scores
+from gmar_lightning.callback.records import (
+    METRICS,
+    EvaluationRecord,
+    MapHistory,
+    Probe,
+    evaluation_record,
+    probe_metric_scores,
+)
 from gmar_lightning.callback.sinks import Sink, sinks_for_loggers
-from gmar_lightning.capture import find_vision_transformer, unwrap_model
+from gmar_lightning.capture import AttentionNotFoundError, find_attention_layers, find_vision_transformer, unwrap_model
 from gmar_lightning.engine import explain
 from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
 from gmar_lightning.options import ExplainOptions
 from gmar_lightning.render import DEFAULT_ALPHA, DEFAULT_CMAP, check_overlay_style
-from gmar_lightning.trajectory import HeadTrajectory
+from gmar_lightning.trajectory import TRAJECTORY_STEM, HeadTrajectory
 
 __all__ = ["GMARCallback"]
 
 ProbeInput = Tensor | tuple[Tensor, Tensor] | list[int]
+BatchParts = tuple[Tensor, Tensor | None, Tensor | None]
+
+_VALIDATE_PREFIX = "gmar_validate/"
+_VALIDATE_STEM = f"{TRAJECTORY_STEM}_validate"
 
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 _IMAGE_KEYS = ("images", "image", "pixel_values", "x", "input")
@@ -59,7 +76,7 @@ def _preserved_rng() -> Iterator[None]:
             np.random.set_state(numpy_state)
 
 
-def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def _split_batch(batch: Any) -> BatchParts:
     """Images, labels and masks from a ``Tensor``, an ``(images, labels[, masks])`` sequence or a dict."""
     if isinstance(batch, Tensor):
         return batch, None, None
@@ -74,25 +91,85 @@ def _split_batch(batch: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:
     else:
         images = labels = masks = None
     if not isinstance(images, Tensor):
+        keys = f" with keys {sorted(map(str, batch))}" if isinstance(batch, Mapping) else ""
         raise TypeError(
-            f"GMARCallback cannot find images in a validation batch of type {type(batch).__name__}; pass `probe=` "
-            "with the images to explain."
+            f"GMARCallback cannot find images in a validation batch of type {type(batch).__name__}{keys}; pass "
+            "`unpack_batch=lambda batch: (images, labels, masks)` or `probe=` with the images to explain."
         )
     labels = labels if isinstance(labels, Tensor) and labels.dim() == 1 and not labels.is_floating_point() else None
     masks = masks if isinstance(masks, Tensor) and masks.dim() == 3 else None
     return images, labels, masks
 
 
+def _indexable(dataset: Any) -> bool:
+    """Whether samples can be read by index (a map-style dataset), rather than only by iterating."""
+    return dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
+
+
 def _cat(parts: list[Tensor | None]) -> Tensor | None:
     return None if any(part is None for part in parts) else torch.cat(parts)  # type: ignore[arg-type]
+
+
+def _own_copy(part: Tensor | None, limit: int | None = None) -> Tensor | None:
+    """A CPU copy that is a normal tensor even when made under ``trainer.validate()``'s inference mode, so that a
+    probe taken in a baseline validate can still be explained (with gradients) during a later fit."""
+    if part is None:
+        return None
+    with torch.inference_mode(False):
+        return part[:limit].detach().cpu().clone()
+
+
+def _first_loader(loaders: Any) -> Any:
+    """The first validation dataloader of a single loader, a list or a dict of them."""
+    if isinstance(loaders, Mapping):
+        return next(iter(loaders.values()), None)
+    if isinstance(loaders, Sequence):
+        return loaders[0] if loaders else None
+    return loaders
+
+
+def _logging_step(trainer: pl.Trainer) -> int:
+    """The step Lightning logs validation metrics at, so GMAR values line up with ``val_loss`` in every chart.
+
+    During fit-time validation that is one less than ``trainer.global_step``: Lightning counts the optimizer step
+    after validation has run. There is no public accessor; the loggers read this same counter.
+    """
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def _vision_transformers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost submodules of ``module`` that are ViTs (``patch_embed`` plus attention), with their names."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, candidate in module.named_modules():
+        if not hasattr(candidate, "patch_embed") or any(name.startswith(f"{outer}.") for outer, _ in found):
+            continue
+        with contextlib.suppress(AttentionNotFoundError):
+            find_attention_layers(candidate)
+            found.append((name, candidate))
+    return found
+
+
+def _retagged(record: EvaluationRecord, prefix: str) -> EvaluationRecord:
+    """The record with every leading ``gmar/`` of its tags (also those a line chart draws) replaced by ``prefix``."""
+
+    def tag(name: str) -> str:
+        return prefix + name.removeprefix("gmar/")
+
+    renamed = {
+        item.name: {tag(key): value for key, value in getattr(record, item.name).items()}
+        for item in fields(record)
+        if isinstance(getattr(record, item.name), dict)
+    }
+    renamed["line_charts"] = {tag(chart): [tag(name) for name in tags] for chart, tags in record.line_charts.items()}
+    return replace(record, **renamed)
 
 
 class GMARCallback(Callback):
     r"""Log GMAR explanations and attention-head importance of a ViT at the end of validation.
 
-    At every ``every_n_epochs``-th validation (never during the sanity check, and also under ``trainer.validate()``),
-    global rank 0 explains a fixed probe batch with each of ``methods`` on the unwrapped model and logs, under
-    ``gmar/`` at ``trainer.global_step``:
+    At every ``every_n_epochs``-th epoch's validations during ``fit`` (every one of them with
+    ``val_check_interval < 1``; never during the sanity check), global rank 0 explains a fixed probe batch with each
+    of ``methods`` on the unwrapped model and logs, under ``gmar/`` at the step of Lightning's own validation metrics:
 
     * ``gmar/overlay/<method>``: a grid of probe images with the map overlaid and a colour bar, captioned with true
       and predicted class and its probability;
@@ -105,26 +182,32 @@ class GMARCallback(Callback):
     * ``gmar/entropy/layer_XX``, ``gmar/top_head_share/layer_XX``, ``gmar/rank_stability/layer_XX``: specialisation
       scalars (normalised entropy of head weights, share of the top head, Spearman rank correlation of the head order
       with the previous evaluation), also as one chart each with one line per layer;
-    * ``gmar/head_importance`` (layers x heads heatmap), ``gmar/trajectory`` (head weights over epochs, one panel per
+    * ``gmar/head_importance`` (layers x heads heatmap), ``gmar/trajectory`` (head weights over steps, one panel per
       layer) and ``gmar/specialisation`` (the three statistics on their natural y-ranges) figures;
     * ``gmar/metrics/<method>/<metric>`` for each of ``metrics`` the probe makes defined;
     * on W&B also ``gmar/probe/<method>`` (one captioned image per probe image) and ``gmar/head_weights_table``.
 
-    TensorBoard and W&B loggers are served natively; with neither, PNG/CSV/NPZ files go to ``save_dir`` (default
-    ``<trainer.log_dir>/gmar``). The trajectory ([`trajectory`][gmar_lightning.trajectory]) is the probe-mean head
-    weights and raw scores of the first GMAR method in ``methods``; it is saved in checkpoints and written as
-    ``head_importance.csv`` and ``head_importance.npz`` into the log directory when fit or validate ends.
+    ``trainer.validate()`` explains the probe too, once per call, and logs the same values under ``gmar_validate/``
+    with its own trajectory (``validation_trajectory``), so it never adds to or rewrites the fit's history.
+
+    Every logger gets the values in its own run: TensorBoard and W&B natively, MLflow as metrics and artifacts, any
+    other logger as metrics through ``logger.log_metrics`` plus files in its run folder; with no logger, files go to a
+    new ``<default_root_dir>/gmar/version_N``. The trajectory ([`trajectory`][gmar_lightning.trajectory], one row per
+    evaluation keyed by global step) is the probe-mean head weights and raw scores of the first GMAR method in
+    ``methods``; it is saved in checkpoints and rewritten as ``head_importance.csv`` and ``head_importance.npz`` after
+    every evaluation, so an interrupted run keeps every finished evaluation.
 
     Args:
-        num_probe: How many samples of the first validation dataloader form the probe batch, taken at the first real
-            validation and kept for the whole run (also across a resume).
+        num_probe: How many samples form the probe batch: the first ``num_probe`` samples of the first validation
+            dataset (read from the dataset, so the same for 1 and N devices), taken at the first real validation and
+            kept for the whole run (also across a resume).
         probe: A fixed probe instead: images ``[B, C, H, W]``, an ``(images, labels)`` pair, or indices into the
             first validation dataset.
         methods: Explanation methods, any of [`gmar_lightning.METHODS`][gmar_lightning.explanation.METHODS].
         target: Explain the predicted class (``"pred"``) or the label (``"label"``, needs labels in the probe).
-        every_n_epochs: Explain every n-th validation epoch.
+        every_n_epochs: Explain in every n-th epoch.
         model_getter: Returns the ViT to explain from the LightningModule; default: the outermost submodule with a
-            ``patch_embed`` and attention layers.
+            ``patch_embed`` and attention layers (with a warning naming them when there are several).
         mean: Per-channel normalisation mean, to show probe images in their true colours (default: min-max).
         std: Per-channel normalisation std.
         max_images: Most probe images in each overlay grid.
@@ -134,21 +217,27 @@ class GMARCallback(Callback):
         alpha: Opacity of the colour-mapped saliency over the image, in ``[0, 1]``.
         metrics: Probe-batch scores to log per method: any of ``pointing_game``, ``energy_pointing_game`` (need
             masks), ``deletion_auc``, ``insertion_auc``.
-        save_dir: Directory for PNG/CSV/NPZ output; given, it is written in addition to TensorBoard or W&B.
-        on_error: ``"warn"``: report an error in explaining or logging once, with its traceback, and disable the
-            callback so training goes on; ``"raise"``: re-raise it. The model is restored either way.
+        save_dir: Root for extra PNG/CSV/NPZ output; each run writes into a new ``<save_dir>/version_N``, in addition
+            to its loggers.
+        on_error: ``"warn"``: report an error in any hook once, with its traceback, and switch the callback off (or
+            only the failing logger's sink) so training goes on; ``"raise"``: re-raise it. The model is restored
+            either way.
         explain_options: Options for [`gmar_lightning.explain`][gmar_lightning.engine.explain]: an
             [`ExplainOptions`][gmar_lightning.options.ExplainOptions] or a dict of its fields (``residual``,
             ``head_norm``, ``discard_ratio``, ``start_layer``, ``chunk_size``, ``token_layout``), checked here.
+        unpack_batch: Turns one validation batch (or the collated probe samples) into ``images`` or
+            ``(images, labels[, masks])``, for batches the default cannot read (a tensor, an
+            ``(images, labels[, masks])`` sequence, or a dict with keys such as ``images``/``labels``/``masks``).
 
     Raises:
-        ValueError: If an argument is invalid (checked here) or the model cannot be explained (checked in ``setup``).
+        ValueError: If an argument is invalid (checked here) or the model cannot be explained (checked in ``setup``,
+            raised only with ``on_error="raise"``).
 
     Example::
 
         >>> from lightning.pytorch import Trainer
         >>> from gmar_lightning import GMARCallback
-        >>> gmar = GMARCallback(num_probe=16, methods=("gmar_l1", "rollout"))
+        >>> gmar = GMARCallback(num_probe=16, methods=("gmar_l1", "rollout"), unpack_batch=lambda b: (b["img"], b["y"]))
         >>> trainer = Trainer(callbacks=[gmar], logger=False, enable_progress_bar=False)
     """
 
@@ -171,6 +260,7 @@ class GMARCallback(Callback):
         save_dir: str | None = None,
         on_error: Literal["warn", "raise"] = "warn",
         explain_options: ExplainOptions | dict[str, Any] | None = None,
+        unpack_batch: Callable[[Any], Any] | None = None,
     ) -> None:
         check_positive_int("num_probe", num_probe)
         check_positive_int("every_n_epochs", every_n_epochs)
@@ -189,8 +279,9 @@ class GMARCallback(Callback):
         if (mean is None) != (std is None):
             raise ValueError("`mean` and `std` must be given together (or neither, for min-max display).")
         check_overlay_style(cmap, alpha)
-        if model_getter is not None and not callable(model_getter):
-            raise TypeError(f"`model_getter` must be callable, got {type(model_getter).__name__}.")
+        for name, function in (("model_getter", model_getter), ("unpack_batch", unpack_batch)):
+            if function is not None and not callable(function):
+                raise TypeError(f"`{name}` must be callable, got {type(function).__name__}.")
         given = explain_options if isinstance(explain_options, Mapping) else {}
         reserved = sorted({"model", "images", "method", "target"} & given.keys())
         if reserved:
@@ -211,22 +302,33 @@ class GMARCallback(Callback):
         self.save_dir = save_dir
         self.on_error = on_error
         self.explain_options = options
+        self.unpack_batch = unpack_batch
         self.head_method: str | None = next((method for method in methods if method in GMAR_METHODS), None)
 
-        self.trajectory = HeadTrajectory()
-        self.map_history = MapHistory()
-        self.probe: Probe | None = None
         # The probe as given: fixed tensors (a Probe), indices into the validation dataset, or None (the first
-        # validation batches).
+        # `num_probe` samples of the first validation dataset).
         self._probe_input: Probe | list[int] | None = self._fixed_probe(probe)
-        # Fixed at construction: the key must not change when a resumed run's probe comes from the checkpoint.
+        # Fixed at construction and independent of `methods`: the probe and the history belong to the run, so a run
+        # resumed with other methods (or other display options) still finds them in the checkpoint.
         fixed = isinstance(self._probe_input, Probe)
         described = list(self._probe_input.images.shape) if fixed else self._probe_input
-        self._state_key = self._generate_state_key(methods=methods, num_probe=num_probe, probe=described)
-        self._pending: list[tuple[Tensor, Tensor | None, Tensor | None]] = []
+        self._state_key = self._generate_state_key(num_probe=num_probe, probe=described)
+        self._trainer: weakref.ReferenceType[pl.Trainer] | None = None
+        self.trajectory = HeadTrajectory()
+        self.map_history = MapHistory()
+        self._start_run()
+
+    def _start_run(self) -> None:
+        """Forget everything a previous Trainer left: probe, sinks, warnings, the disabled flag."""
+        self.probe: Probe | None = None
+        self._pending: list[BatchParts] = []
         self._sinks: list[Sink] | None = None
-        self._log_dir: str | None = None
         self._disabled = False
+        self._checkpoint_step: int | None = None
+        self._restoring_fit = True
+        self._warned_several_vits = False
+        self.validation_trajectory = HeadTrajectory()
+        self._validation_map_history = MapHistory()
 
     @staticmethod
     def _fixed_probe(probe: ProbeInput | None) -> Probe | list[int] | None:
@@ -250,20 +352,80 @@ class GMARCallback(Callback):
     def state_key(self) -> str:
         return self._state_key
 
-    def _model(self, pl_module: pl.LightningModule) -> nn.Module:
-        model = self.model_getter(pl_module) if self.model_getter is not None else find_vision_transformer(pl_module)
-        return unwrap_model(model)
+    # ------------------------------------------------------------------------------------------------------------
+    # error handling
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _guarded(self, hook: str, action: Callable[[], None]) -> None:
+        """Run one hook's work; with ``on_error="warn"`` an error switches the callback off with one warning."""
+        if self._disabled:
+            return
+        try:
+            action()
+        except Exception as error:
+            if self.on_error == "raise":
+                raise
+            self._disabled = True
+            rank_zero_warn(
+                f"GMARCallback disabled itself after an error in `{hook}` ({type(error).__name__}: {error}); "
+                f"training goes on. Pass on_error='raise' to stop instead.\n{traceback.format_exc()}"
+            )
+
+    def _each_sink(self, trainer: pl.Trainer, action: Callable[[Sink], None]) -> None:
+        """Apply ``action`` to every sink independently: one failing sink never stops the others.
+
+        With ``on_error="warn"`` a failing sink is reported once and dropped; with ``"raise"`` every sink still gets
+        its turn and the first error is raised afterwards.
+        """
+        if self._sinks is None:
+            self._sinks = sinks_for_loggers(
+                trainer.loggers, save_dir=self.save_dir, default_root_dir=trainer.default_root_dir
+            )
+        errors: list[Exception] = []
+        for sink in list(self._sinks):
+            try:
+                action(sink)
+            except Exception as error:
+                if self.on_error == "raise":
+                    errors.append(error)
+                    continue
+                self._sinks.remove(sink)
+                rank_zero_warn(
+                    f"GMARCallback stopped logging to {type(sink).__name__} after an error ({type(error).__name__}: "
+                    f"{error}); the other loggers go on.\n{traceback.format_exc()}"
+                )
+        if errors:
+            raise errors[0]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # setup: one run per Trainer
+    # ------------------------------------------------------------------------------------------------------------
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._trainer is None or self._trainer() is not trainer:
+            # A new Trainer is a new run: nothing of the previous one may leak into it. A resumed fit gets its
+            # probe and history back from the checkpoint (load_state_dict runs after setup).
+            self._trainer = weakref.ref(trainer)
+            self._start_run()
+            if stage == "fit":
+                self.trajectory = HeadTrajectory()
+                self.map_history = MapHistory()
+        self._guarded("setup", lambda: self._setup(trainer, pl_module, stage))
+
+    def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.fast_dev_run:
+            rank_zero_info("GMARCallback: skipped because `fast_dev_run` is on (it runs no real validation).")
+            self._disabled = True
+            return
+        if stage not in ("fit", "validate"):
+            return
         strategy = type(trainer.strategy).__name__
         if strategy in _UNSUPPORTED_STRATEGIES:
             raise ValueError(
                 f"GMARCallback does not support {strategy}: sharded parameters cannot be explained on rank 0 alone; "
                 "use strategy='ddp' (or remove the callback)."
             )
-        # trainer.log_dir broadcasts from rank 0, so read it here, where every rank takes part, never on rank 0 alone.
-        self._log_dir = trainer.log_dir
         model = self._model(pl_module)
         families.check_supported(model)
         if isinstance(self._probe_input, Probe):
@@ -273,6 +435,32 @@ class GMARCallback(Callback):
                 raise ValueError(f"`probe` cannot be explained by the model: {error}") from error
             if self.target == "label" and self._probe_input.labels is None:
                 raise ValueError("`target='label'` needs labels: pass `probe=(images, labels)`.")
+        if stage == "fit" and trainer.limit_val_batches == 0:
+            rank_zero_warn("GMARCallback: `limit_val_batches=0` turns validation off, so nothing will be explained.")
+
+    def _model(self, pl_module: pl.LightningModule) -> nn.Module:
+        if self.model_getter is not None:
+            return unwrap_model(self.model_getter(pl_module))
+        found = _vision_transformers(unwrap_model(pl_module))
+        if not found:
+            find_vision_transformer(pl_module)  # raises the error that says how to point at the model
+        if len(found) > 1 and not self._warned_several_vits:
+            self._warned_several_vits = True
+            names = ", ".join(f"`{name}`" for name, _ in found)
+            rank_zero_warn(
+                f"GMARCallback found several ViTs ({names}) and explains the first, `{found[0][0]}`; pass "
+                f"`model_getter=lambda module: module.{found[-1][0]}` to choose another."
+            )
+        return unwrap_model(found[0][1])
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the probe
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _unpack(self, batch: Any) -> BatchParts:
+        if self.unpack_batch is None:
+            return _split_batch(batch)
+        return _split_batch(self.unpack_batch(batch))
 
     @override
     def on_validation_batch_end(
@@ -288,58 +476,66 @@ class GMARCallback(Callback):
             return
         if trainer.sanity_checking or dataloader_idx != 0 or not trainer.is_global_zero:
             return
-        taken = sum(len(part[0]) for part in self._pending)
-        if taken >= self.num_probe:
-            return
-        images, labels, masks = _split_batch(batch)
-        wanted = self.num_probe - taken
-        self._pending.append(
-            tuple(None if part is None else part[:wanted].detach().cpu().clone() for part in (images, labels, masks))
-        )
+        if _indexable(getattr(_first_loader(trainer.val_dataloaders), "dataset", None)):
+            return  # the probe is read from the dataset itself, the same on every device count
+        self._guarded("on_validation_batch_end", lambda: self._keep_from_batch(batch))
 
-    def _take_probe(self, trainer: pl.Trainer) -> Probe | None:
+    def _keep_from_batch(self, batch: Any) -> None:
+        """For iterable datasets, which cannot be indexed: keep the first samples that rank 0 sees."""
+        wanted = self.num_probe - sum(len(part[0]) for part in self._pending)
+        if wanted > 0:
+            self._pending.append(tuple(_own_copy(part, wanted) for part in self._unpack(batch)))  # type: ignore[arg-type]
+
+    def _take_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Probe | None:
         if isinstance(self._probe_input, Probe):
             return self._probe_input
-        if isinstance(self._probe_input, list):
-            loaders = trainer.val_dataloaders
-            loader = loaders[0] if isinstance(loaders, Sequence) else loaders
-            with _preserved_rng():
-                samples = [loader.dataset[index] for index in self._probe_input]
-            return Probe(*_split_batch(default_collate(samples)))
-        if not self._pending:
+        loader = _first_loader(trainer.val_dataloaders)
+        dataset = getattr(loader, "dataset", None)
+        if isinstance(self._probe_input, list) or _indexable(dataset):
+            if not _indexable(dataset):
+                raise TypeError("`probe=[indices]` needs a validation dataset that supports len() and indexing.")
+            indices = self._probe_input or list(range(min(self.num_probe, len(dataset))))
+            if not indices:
+                return None
+            collate = getattr(loader, "collate_fn", None) or default_collate
+            with _preserved_rng(), torch.inference_mode(False):
+                batch = collate([dataset[index] for index in indices])
+                # The hooks Lightning runs on every batch before the model sees it (normalisation on the device...).
+                batch = pl_module.on_before_batch_transfer(batch, 0)
+                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+                batch = pl_module.on_after_batch_transfer(batch, 0)
+                probe = Probe(*(_own_copy(part) for part in self._unpack(batch)))  # type: ignore[arg-type]
+        elif self._pending:
+            probe = Probe(*(_cat([pending[part] for pending in self._pending]) for part in range(3)))
+            self._pending = []
+        else:
             return None
-        probe = Probe(*(_cat([pending[part] for pending in self._pending]) for part in range(3)))
-        self._pending = []
-        if len(probe) < self.num_probe:
+        if self._probe_input is None and len(probe) < self.num_probe:
             rank_zero_warn(
                 f"GMARCallback: `num_probe={self.num_probe}` but the first validation dataloader gave only "
                 f"{len(probe)} samples; explaining those."
             )
         return probe
 
+    # ------------------------------------------------------------------------------------------------------------
+    # evaluation
+    # ------------------------------------------------------------------------------------------------------------
+
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self._disabled or not trainer.is_global_zero:
             return
-        validating_only = trainer.state.fn == TrainerFn.VALIDATING
-        if not validating_only and (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+        validating = trainer.state.fn == TrainerFn.VALIDATING
+        if not validating and (trainer.current_epoch + 1) % self.every_n_epochs != 0:
             return
-        try:
-            if self.probe is None:
-                self.probe = self._take_probe(trainer)
-                if self.probe is None:
-                    return
-            self._evaluate(trainer, pl_module, self.probe)
-        except Exception as error:
-            if self.on_error == "raise":
-                raise
-            self._disabled = True
-            rank_zero_warn(
-                f"GMARCallback disabled itself after an error ({type(error).__name__}: {error}); training goes on. "
-                f"Pass on_error='raise' to stop instead.\n{traceback.format_exc()}"
-            )
+        self._guarded("on_validation_epoch_end", lambda: self._evaluate(trainer, pl_module, validating))
 
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, probe: Probe) -> None:
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, validating: bool) -> None:
+        if self.probe is None:
+            self.probe = self._take_probe(trainer, pl_module)
+            if self.probe is None:
+                return
+        probe = self.probe
         model = self._model(pl_module)
         if self.target == "label" and probe.labels is None:
             raise ValueError("`target='label'` but the probe has no labels; use target='pred' or pass labels.")
@@ -348,11 +544,15 @@ class GMARCallback(Callback):
             method: explain(model, probe.images, method=method, target=targets, **self.explain_options.as_kwargs())
             for method in self.methods
         }
+        # A validate run is keyed by the step of the weights it explains: the checkpoint's, when it loaded one.
+        model_step = self._checkpoint_step if validating and self._checkpoint_step is not None else trainer.global_step
+        trajectory = self.validation_trajectory if validating else self.trajectory
         if self.head_method is not None:
             head = explanations[self.head_method]
-            self.trajectory.name_layers(head.layer_names)
-            self.trajectory.append(trainer.current_epoch, trainer.global_step, head.head_weights, head.head_scores)
-        self.map_history.append(
+            trajectory.name_layers(head.layer_names)
+            trajectory.append(trainer.current_epoch, model_step, head.head_weights, head.head_scores)
+        map_history = self._validation_map_history if validating else self.map_history
+        map_history.append(
             trainer.current_epoch, {method: explanation.maps for method, explanation in explanations.items()}
         )
         scores = {
@@ -360,13 +560,13 @@ class GMARCallback(Callback):
             for method, explanation in explanations.items()
         }
         record = evaluation_record(
-            step=trainer.global_step,
+            step=_logging_step(trainer),
             epoch=trainer.current_epoch,
             probe=probe,
             explanations=explanations,
-            trajectory=self.trajectory,
+            trajectory=trajectory,
             head_method=self.head_method,
-            map_history=self.map_history,
+            map_history=map_history,
             mean=self.mean,
             std=self.std,
             max_images=self.max_images,
@@ -376,27 +576,28 @@ class GMARCallback(Callback):
             cmap=self.cmap,
             alpha=self.alpha,
         )
-        for sink in self._sinks_for(trainer):
-            sink.log_evaluation(record)
+        if validating:
+            record = _retagged(record, _VALIDATE_PREFIX)
+        self._each_sink(trainer, lambda sink: sink.log_evaluation(record))
+        self._save_trajectory(trainer, validating)
 
-    def _sinks_for(self, trainer: pl.Trainer) -> list[Sink]:
-        if self._sinks is None:
-            self._sinks = sinks_for_loggers(trainer.loggers, save_dir=self.save_dir, log_dir=self._log_dir)
-        return self._sinks
+    def _save_trajectory(self, trainer: pl.Trainer, validating: bool) -> None:
+        trajectory = self.validation_trajectory if validating else self.trajectory
+        if len(trajectory):
+            stem = _VALIDATE_STEM if validating else TRAJECTORY_STEM
+            self._each_sink(trainer, lambda sink: sink.save_trajectory(trajectory, stem))
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not trainer.is_global_zero or not len(self.trajectory) or (self._disabled and self._sinks is None):
-            return
-        try:
-            for sink in self._sinks_for(trainer):
-                sink.finalize(self.trajectory)
-        except Exception:
-            if self.on_error == "raise":
-                raise
-            rank_zero_warn(f"GMARCallback could not write the head-importance files:\n{traceback.format_exc()}")
-        finally:
-            self._sinks = None
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # The files are rewritten after every evaluation; rewriting them here repairs a pair that an interrupt
+        # (Ctrl-C) cut off in the middle of that write.
+        if trainer.is_global_zero and self._sinks is not None:
+            validating = trainer.state.fn == TrainerFn.VALIDATING
+            self._guarded("on_exception", lambda: self._save_trajectory(trainer, validating))
+
+    # ------------------------------------------------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------------------------------------------------
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -407,10 +608,19 @@ class GMARCallback(Callback):
         }
 
     @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._checkpoint_step = int(checkpoint.get("global_step", trainer.global_step))
+        self._restoring_fit = trainer.state.fn == TrainerFn.FITTING
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("probe") is not None:
             self.probe = Probe(**state_dict["probe"])
-            self._probe_input = None
-        self.trajectory = HeadTrajectory.from_state_dict(state_dict["trajectory"])
-        if "map_history" in state_dict:  # checkpoints from before the evolution figure have none
-            self.map_history = MapHistory.from_state_dict(state_dict["map_history"])
+        # Only a resumed fit continues the checkpoint's history; validating a checkpoint must not replace the
+        # history of the fit this callback recorded.
+        if self._restoring_fit:
+            self.trajectory = HeadTrajectory.from_state_dict(state_dict["trajectory"])
+            if "map_history" in state_dict:  # checkpoints from before the evolution figure have none
+                self.map_history = MapHistory.from_state_dict(state_dict["map_history"])

@@ -1,13 +1,14 @@
-"""Where an evaluation's images, figures, histograms and scalars go: TensorBoard, Weights & Biases or plain files.
+"""Where an evaluation's images, figures, histograms and scalars go: TensorBoard, W&B, MLflow, any logger, or files.
 
 This is the only module that knows about logger back-ends. The callback assembles one
 [`EvaluationRecord`][gmar_lightning.callback.records.EvaluationRecord] of plain data per evaluation and hands it to
-every [`Sink`][gmar_lightning.callback.sinks.Sink]; at the end of fit it hands each sink the
+every [`Sink`][gmar_lightning.callback.sinks.Sink]; after each evaluation it hands each sink the
 [`HeadTrajectory`][gmar_lightning.trajectory.HeadTrajectory], which every sink writes as ``head_importance.csv`` and
-``head_importance.npz`` into its log directory so that head-pruning tools find it wherever the run logged.
+``head_importance.npz`` into its run's own folder (or uploads to its run), so that head-pruning tools find it wherever
+the run logged and an interrupted run keeps every finished evaluation.
 
-``wandb`` is imported lazily inside [`WandbSink`][gmar_lightning.callback.sinks.WandbSink], so nothing here needs it
-installed.
+Every sink writes into a folder that belongs to one run (a logger version, a W&B run, a new ``version_N``), never into
+a folder that several runs share. ``wandb`` and ``mlflow`` are imported lazily, so nothing here needs them installed.
 """
 
 from __future__ import annotations
@@ -17,26 +18,31 @@ import io
 import json
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
 
 from gmar_lightning._io import atomic_write_bytes, atomic_write_csv, atomic_write_text, csv_text
 from gmar_lightning.callback.records import EvaluationRecord
 from gmar_lightning.render import figure_to_array, figure_to_png_bytes, image_to_array, image_to_png_bytes
-from gmar_lightning.trajectory import TRAJECTORY_CSV, TRAJECTORY_NPZ, HeadTrajectory
+from gmar_lightning.trajectory import TRAJECTORY_STEM, HeadTrajectory
 
 __all__ = [
     "FileSink",
+    "LoggerSink",
+    "MLFlowSink",
     "Sink",
     "TensorBoardSink",
     "WandbSink",
     "custom_scalars_layout",
+    "logger_run_dir",
+    "new_version_dir",
     "sinks_for_loggers",
     "write_trajectory",
 ]
@@ -52,12 +58,20 @@ class Sink(Protocol):
     def log_evaluation(self, record: EvaluationRecord) -> None:
         """Log everything in one evaluation's record at ``record.step``."""
 
-    def finalize(self, trajectory: HeadTrajectory) -> None:
-        """Write the head-importance trajectory files at the end of fit."""
+    def save_trajectory(self, trajectory: HeadTrajectory, stem: str = TRAJECTORY_STEM) -> None:
+        """Write (or upload) the head-importance trajectory as ``<stem>.csv`` and ``<stem>.npz``."""
 
 
-def write_trajectory(trajectory: HeadTrajectory, directory: str | os.PathLike[str]) -> list[Path]:
-    """Write ``head_importance.csv`` and ``head_importance.npz`` atomically into ``directory``.
+def write_trajectory(
+    trajectory: HeadTrajectory, directory: str | os.PathLike[str], stem: str = TRAJECTORY_STEM
+) -> list[Path]:
+    """Write ``<stem>.csv`` and ``<stem>.npz`` into ``directory`` so that the two never disagree.
+
+    The CSV is removed first, then the NPZ and then the CSV are written, each atomically. A process killed at any
+    moment therefore leaves the old pair, the NPZ alone (old or new) or the new pair, never a CSV and an NPZ from
+    different evaluations; a missing CSV is rewritten by the next call (or with
+    ``HeadTrajectory.load_npz(npz).save_csv(csv)``). Hidden temporary files that a killed writer left behind are
+    removed first: each run writes into its own folder, so no other writer can own them.
 
     Returns:
         The two written paths, CSV first.
@@ -69,9 +83,16 @@ def write_trajectory(trajectory: HeadTrajectory, directory: str | os.PathLike[st
     """
     if not isinstance(trajectory, HeadTrajectory):
         raise TypeError(f"`trajectory` must be a HeadTrajectory, got {type(trajectory).__name__}.")
-    csv_path, npz_path = Path(directory) / TRAJECTORY_CSV, Path(directory) / TRAJECTORY_NPZ
-    trajectory.save_csv(csv_path)
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    csv_path, npz_path = folder / f"{stem}.csv", folder / f"{stem}.npz"
+    for path in (csv_path, npz_path):
+        # atomic_write_bytes names its temporary files ".<name>.<random>".
+        for leftover in folder.glob(f".{glob.escape(path.name)}.*"):
+            leftover.unlink(missing_ok=True)
+    csv_path.unlink(missing_ok=True)
     trajectory.save_npz(npz_path)
+    trajectory.save_csv(csv_path)
     return [csv_path, npz_path]
 
 
@@ -106,13 +127,15 @@ class TensorBoardSink:
 
     Figures go through ``add_figure`` (rendered to images), captions through ``add_text`` under the same tag
     (the Text tab, which shows it as ``<tag>/text_summary``), tables as Markdown text; empty histograms are skipped
-    (TensorBoard rejects them). Line charts become a custom-scalars layout (the Custom Scalars tab): one category
-    per chart tag's parent (``gmar/head_mean`` holds one chart per layer, one line per head), written again only
-    when the set of charts changes.
+    (TensorBoard rejects them). Scalars go through ``add_scalar`` exactly as ``TensorBoardLogger.log_metrics`` writes
+    them. Line charts become a custom-scalars layout (the Custom Scalars tab): one category per chart tag's parent
+    (``gmar/head_mean`` holds one chart per layer, one line per head), written again only when the set of charts
+    changes.
 
     Args:
         experiment: The ``SummaryWriter``.
-        trajectory_dir: Where `finalize` writes the trajectory files; defaults to the writer's log dir.
+        trajectory_dir: Where ``save_trajectory`` writes the trajectory files; defaults to the writer's log dir
+            (``TensorBoardLogger.log_dir``, one folder per run).
     """
 
     def __init__(self, experiment: Any, trajectory_dir: str | os.PathLike[str] | None = None) -> None:
@@ -141,8 +164,8 @@ class TensorBoardSink:
             writer.add_scalar(tag, float(value), global_step=step)
         writer.flush()
 
-    def finalize(self, trajectory: HeadTrajectory) -> None:
-        write_trajectory(trajectory, self.trajectory_dir)
+    def save_trajectory(self, trajectory: HeadTrajectory, stem: str = TRAJECTORY_STEM) -> None:
+        write_trajectory(trajectory, self.trajectory_dir, stem)
 
 
 class WandbSink:
@@ -157,8 +180,9 @@ class WandbSink:
 
     Args:
         run: The ``wandb`` run.
-        trajectory_dir: Where `finalize` writes the trajectory files; defaults to ``run.dir`` (the run's
-            files, uploaded with it). Files written elsewhere are uploaded with ``run.save(policy="now")``.
+        trajectory_dir: Where ``save_trajectory`` writes the trajectory files; defaults to ``run.dir``, the run's
+            own files folder, which W&B uploads when the run ends. Files are written there as real files (never
+            links), so two runs can never share or overwrite them.
     """
 
     def __init__(self, run: Any, trajectory_dir: str | os.PathLike[str] | None = None) -> None:
@@ -196,12 +220,8 @@ class WandbSink:
         payload.update({tag: float(value) for tag, value in record.scalars.items()})
         self.run.log(payload)
 
-    def finalize(self, trajectory: HeadTrajectory) -> None:
-        directory = self.trajectory_dir.resolve()
-        written = write_trajectory(trajectory, directory)
-        if not directory.is_relative_to(Path(self.run.dir).resolve()):
-            for path in written:
-                self.run.save(glob.escape(str(path)), base_path=str(directory), policy="now")
+    def save_trajectory(self, trajectory: HeadTrajectory, stem: str = TRAJECTORY_STEM) -> None:
+        write_trajectory(trajectory, self.trajectory_dir, stem)
 
 
 def _file_name(tag: str) -> str:
@@ -218,13 +238,15 @@ class FileSink:
         step_000123/captions.json               tag -> caption, when there are captions
         step_000123/<table tag>.csv             each table
         scalars.csv                             step,epoch,tag,value; one row per scalar, appended
-        head_importance.csv / .npz              the trajectory, at finalize (into ``trajectory_dir``)
+        head_importance.csv / .npz              the trajectory (into ``trajectory_dir``)
 
-    Every file is written atomically, so a crash never leaves a truncated PNG or CSV behind.
+    Every file is written atomically, so a crash never leaves a truncated PNG or CSV behind. ``save_dir`` should
+    belong to one run (see [`new_version_dir`][gmar_lightning.callback.sinks.new_version_dir]): ``scalars.csv`` is appended to.
 
     Args:
         save_dir: Root directory; created as needed.
-        trajectory_dir: Where `finalize` writes the trajectory files; defaults to ``save_dir``.
+        trajectory_dir: Where ``save_trajectory`` writes the trajectory files; defaults to ``save_dir``.
+        write_scalars: Append scalars to ``scalars.csv``; ``False`` when a logger already takes them.
 
     Examples:
         >>> import tempfile, torch
@@ -235,11 +257,17 @@ class FileSink:
         ['gmar_overlay.png', 'scalars.csv', 'step_000007']
     """
 
-    def __init__(self, save_dir: str | os.PathLike[str], trajectory_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        save_dir: str | os.PathLike[str],
+        trajectory_dir: str | os.PathLike[str] | None = None,
+        write_scalars: bool = True,
+    ) -> None:
         if not isinstance(save_dir, str | os.PathLike):
             raise TypeError(f"`save_dir` must be a path, got {type(save_dir).__name__}.")
         self.save_dir = Path(save_dir)
         self.trajectory_dir = Path(trajectory_dir) if trajectory_dir is not None else self.save_dir
+        self.write_scalars = write_scalars
 
     def step_dir(self, step: int) -> Path:
         """The directory holding the files of the evaluation at ``step``."""
@@ -260,7 +288,7 @@ class FileSink:
             atomic_write_text(step_dir / "captions.json", json.dumps(record.captions, indent=2, sort_keys=True))
         for tag, (columns, rows) in record.tables.items():
             atomic_write_csv(step_dir / f"{_file_name(tag)}.csv", columns, rows)
-        if record.scalars:
+        if record.scalars and self.write_scalars:
             self._append_scalars(record)
 
     def _append_scalars(self, record: EvaluationRecord) -> None:
@@ -270,35 +298,137 @@ class FileSink:
         previous = path.read_text(encoding="utf-8") if path.exists() else csv_text([["step", "epoch", "tag", "value"]])
         atomic_write_text(path, previous + csv_text(rows))
 
-    def finalize(self, trajectory: HeadTrajectory) -> None:
-        write_trajectory(trajectory, self.trajectory_dir)
+    def save_trajectory(self, trajectory: HeadTrajectory, stem: str = TRAJECTORY_STEM) -> None:
+        write_trajectory(trajectory, self.trajectory_dir, stem)
+
+
+class LoggerSink:
+    """Any other Lightning logger (CSV, Comet, Neptune, your own): scalars through ``logger.log_metrics``, the rest
+    as files in the logger's run folder.
+
+    Scalars land wherever the logger puts its metrics (``metrics.csv`` for ``CSVLogger``), at ``record.step``;
+    images, figures, histograms and the trajectory go to ``<run_dir>/gmar/step_XXXXXX/`` and ``<run_dir>``.
+
+    Args:
+        logger: The Lightning logger.
+        run_dir: The logger's own run folder (see [`logger_run_dir`][gmar_lightning.callback.sinks.logger_run_dir]).
+    """
+
+    def __init__(self, logger: Logger, run_dir: str | os.PathLike[str]) -> None:
+        self.logger = logger
+        self.files = FileSink(Path(run_dir) / "gmar", trajectory_dir=run_dir, write_scalars=False)
+
+    def log_evaluation(self, record: EvaluationRecord) -> None:
+        if record.scalars:
+            self.logger.log_metrics({tag: float(value) for tag, value in record.scalars.items()}, step=record.step)
+        self.files.log_evaluation(record)
+
+    def save_trajectory(self, trajectory: HeadTrajectory, stem: str = TRAJECTORY_STEM) -> None:
+        self.files.save_trajectory(trajectory, stem)
+
+
+class MLFlowSink:
+    """An MLflow run (``MLFlowLogger``): scalars through ``logger.log_metrics``, files as the run's artifacts.
+
+    Nothing is written into the tracking store's folders directly (MLflow reads every folder there as an
+    experiment): images, figures and histograms are staged in a temporary folder and uploaded with
+    ``log_artifacts`` under ``gmar/step_XXXXXX/``; the trajectory files go to the artifact root.
+
+    Args:
+        logger: The ``MLFlowLogger``.
+    """
+
+    def __init__(self, logger: MLFlowLogger) -> None:
+        self.logger = logger
+
+    def log_evaluation(self, record: EvaluationRecord) -> None:
+        if record.scalars:
+            self.logger.log_metrics({tag: float(value) for tag, value in record.scalars.items()}, step=record.step)
+        with tempfile.TemporaryDirectory(prefix="gmar_mlflow_") as staging:
+            files = FileSink(staging, write_scalars=False)
+            files.log_evaluation(record)
+            step_dir = files.step_dir(record.step)
+            if step_dir.is_dir():
+                self.logger.experiment.log_artifacts(self.logger.run_id, str(step_dir), f"gmar/{step_dir.name}")
+
+    def save_trajectory(self, trajectory: HeadTrajectory, stem: str = TRAJECTORY_STEM) -> None:
+        with tempfile.TemporaryDirectory(prefix="gmar_mlflow_") as staging:
+            for path in write_trajectory(trajectory, staging, stem):
+                self.logger.experiment.log_artifact(self.logger.run_id, str(path))
+
+
+def logger_run_dir(logger: Logger, default_root_dir: str | os.PathLike[str]) -> Path:
+    """The folder that belongs to ``logger``'s current run.
+
+    ``logger.log_dir`` where the logger has one (TensorBoard, CSV), the W&B run's files folder, and otherwise
+    ``<save_dir or default_root_dir>/<name>/<version>``, the folder Lightning's ``ModelCheckpoint`` uses.
+
+    Examples:
+        >>> import tempfile
+        >>> from lightning.pytorch.loggers import CSVLogger
+        >>> root = tempfile.mkdtemp()
+        >>> logger_run_dir(CSVLogger(root, name="run"), root).relative_to(root).as_posix()
+        'run/version_0'
+    """
+    if isinstance(logger, WandbLogger):
+        return Path(logger.experiment.dir)
+    log_dir = getattr(logger, "log_dir", None)
+    if isinstance(log_dir, str | os.PathLike):
+        return Path(log_dir)
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or default_root_dir) / str(logger.name) / version
+
+
+def new_version_dir(root: str | os.PathLike[str]) -> Path:
+    """Create and return the next free ``<root>/version_N``, claimed atomically so concurrent runs never share it.
+
+    Examples:
+        >>> import tempfile
+        >>> root = tempfile.mkdtemp()
+        >>> [new_version_dir(root).name for _ in range(2)]
+        ['version_0', 'version_1']
+    """
+    folder = Path(root)
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = [int(path.name[8:]) for path in folder.glob("version_*") if path.name[8:].isdigit()]
+    version = max(taken, default=-1) + 1
+    while True:
+        candidate = folder / f"version_{version}"
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            version += 1
+            continue
+        return candidate
 
 
 def sinks_for_loggers(
     loggers: Sequence[Any],
     save_dir: str | os.PathLike[str] | None = None,
-    log_dir: str | os.PathLike[str] | None = None,
+    default_root_dir: str | os.PathLike[str] | None = None,
 ) -> list[Sink]:
-    """Pick a sink for each of the trainer's loggers.
+    """Pick a sink for each of the trainer's loggers, each writing into its own run's folder.
 
     * ``TensorBoardLogger`` -> [`TensorBoardSink`][gmar_lightning.callback.sinks.TensorBoardSink], trajectory files in
       ``logger.log_dir``.
-    * ``WandbLogger`` -> [`WandbSink`][gmar_lightning.callback.sinks.WandbSink], trajectory files in ``logger.save_dir``
-      (the run's files dir when
-      that is ``None``), also uploaded to the run.
-    * Without either (CSV, MLflow or no logger): one [`FileSink`][gmar_lightning.callback.sinks.FileSink] at
-      ``save_dir`` (default
-      ``<log_dir>/gmar``) with the trajectory files in ``log_dir`` (``save_dir`` when ``log_dir`` is not
-      given), and a one-time notice saying where the files go.
-    * An explicit ``save_dir`` always adds a [`FileSink`][gmar_lightning.callback.sinks.FileSink] there, also next to
-      TensorBoard or W&B.
+    * ``WandbLogger`` -> [`WandbSink`][gmar_lightning.callback.sinks.WandbSink], trajectory files in the run's files
+      folder (uploaded with the run).
+    * ``MLFlowLogger`` -> [`MLFlowSink`][gmar_lightning.callback.sinks.MLFlowSink]: scalars as metrics, files as the
+      run's artifacts.
+    * Any other logger -> [`LoggerSink`][gmar_lightning.callback.sinks.LoggerSink]: scalars through
+      ``logger.log_metrics``, files in the logger's run folder
+      ([`logger_run_dir`][gmar_lightning.callback.sinks.logger_run_dir]).
+    * No logger at all: a [`FileSink`][gmar_lightning.callback.sinks.FileSink] in a new
+      ``<default_root_dir>/gmar/version_N``, with a one-time notice saying where the files go.
+    * An explicit ``save_dir`` always adds a [`FileSink`][gmar_lightning.callback.sinks.FileSink] in a new
+      ``<save_dir>/version_N``.
 
     On global ranks other than 0 the list is empty, so the sinks never write twice.
 
     Args:
         loggers: ``trainer.loggers``.
-        save_dir: Directory for plain PNG/CSV/NPZ output; ``None`` for the default above.
-        log_dir: The run's log directory, normally ``trainer.log_dir``.
+        save_dir: Root for extra plain PNG/CSV/NPZ output; ``None`` for none (but see "no logger" above).
+        default_root_dir: ``trainer.default_root_dir``: the root of run folders that no logger names.
 
     Returns:
         The sinks, in logger order, the file sink last.
@@ -315,22 +445,22 @@ def sinks_for_loggers(
         )
     if rank_zero_only.rank != 0:
         return []
+    root = Path(default_root_dir) if default_root_dir is not None else Path.cwd()
     sinks: list[Sink] = []
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             sinks.append(TensorBoardSink(logger.experiment, trajectory_dir=logger.log_dir))
         elif isinstance(logger, WandbLogger):
-            sinks.append(WandbSink(logger.experiment, trajectory_dir=logger.save_dir))
+            sinks.append(WandbSink(logger.experiment))
+        elif isinstance(logger, MLFlowLogger):
+            sinks.append(MLFlowSink(logger))
+        else:
+            sinks.append(LoggerSink(logger, logger_run_dir(logger, root)))
     if save_dir is None and not sinks:
-        if log_dir is None:
-            raise ValueError(
-                "`save_dir` or `log_dir` is required when there is no TensorBoard or W&B logger; pass "
-                "`log_dir=trainer.log_dir` or a `save_dir` for the PNG/CSV/NPZ files."
-            )
-        save_dir = Path(log_dir) / "gmar"
+        save_dir = root / "gmar"
     if save_dir is not None:
-        file_sink = FileSink(save_dir, trajectory_dir=log_dir if log_dir is not None and not sinks else None)
+        file_sink = FileSink(new_version_dir(save_dir))
         if not sinks:
-            rank_zero_info(f"GMARCallback: no TensorBoard or W&B logger; writing PNG/CSV/NPZ to {file_sink.save_dir}")
+            rank_zero_info(f"GMARCallback: no logger; writing PNG/CSV/NPZ to {file_sink.save_dir}")
         sinks.append(file_sink)
     return sinks

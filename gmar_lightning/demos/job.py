@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import netrc
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,8 +21,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from typing_extensions import override
 
 from gmar_lightning._checks import parse_methods
 from gmar_lightning.callback import GMARCallback
@@ -142,7 +144,8 @@ def _wandb_is_configured() -> bool:
 
 
 def _make_logger(config: DemoConfig) -> tuple[Logger, Path]:
-    """The Lightning logger and the directory the run's trajectory files and checkpoint go into."""
+    """The Lightning logger and the run's own directory, which holds its checkpoints (and, but for W&B, its
+    trajectory files); two runs never share it."""
     if config.logger == "tensorboard":
         logger: Logger = TensorBoardLogger(config.log_dir, name=RUN_NAME)
         return logger, Path(logger.log_dir)
@@ -156,7 +159,9 @@ def _make_logger(config: DemoConfig) -> tuple[Logger, Path]:
         os.environ["WANDB_MODE"] = "offline"
     Path(config.log_dir).mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(project="gmar-lightning", name=RUN_NAME, save_dir=config.log_dir)
-    return logger, Path(config.log_dir)
+    # The run's folder (wandb/<offline-)run-...>), not the save_dir every run shares; its files/ subfolder holds the
+    # trajectory files W&B uploads.
+    return logger, Path(logger.experiment.dir).parent
 
 
 def _make_data(config: DemoConfig, model: torch.nn.Module, num_classes: int) -> tuple[L.LightningDataModule, dict]:
@@ -206,6 +211,18 @@ def _num_classes(config: DemoConfig) -> int:
     if len(classes) < 2:
         raise ValueError(f"`--data-dir` {config.data_dir!r} needs at least 2 class folders under train/.")
     return len(classes)
+
+
+class _LastOnException(OnExceptionCheckpoint):
+    """Save ``last.ckpt`` when the fit stops on an exception (Ctrl-C, SIGTERM, a crash), and leave it in place.
+
+    ``OnExceptionCheckpoint`` deletes its file at the end of a normal fit, which here would be the ``last.ckpt``
+    that ``ModelCheckpoint`` just wrote.
+    """
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        pass
 
 
 def _devices(value: str) -> str | int | list[int]:
@@ -267,8 +284,11 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         cmap=config.cmap,
         alpha=config.alpha,
     )
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)
-    callbacks: list[L.Callback] = [gmar, checkpoint]
+    checkpoint_dir = run_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0)
+    # Ctrl-C, SIGTERM or a crash saves the state reached as last.ckpt, so `--checkpoint` can resume from there.
+    on_interrupt = _LastOnException(dirpath=checkpoint_dir, filename="last")
+    callbacks: list[L.Callback] = [gmar, checkpoint, on_interrupt]
     if config.target_acc is not None:
         # Patience longer than the run: only the threshold stops it.
         callbacks.append(
@@ -288,18 +308,23 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         enable_progress_bar=config.progress_bar,
         **trainer_options,
     )
+    trajectory_dir = Path(logger.experiment.dir) if isinstance(logger, WandbLogger) else run_dir
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    except SystemExit as stop:
+        # Lightning ends a fit on Ctrl-C with exit status 1 and on SIGTERM with SIGTERMException, a SystemExit of 0;
+        # an interrupted run must not look like a finished one.
+        if trainer.is_global_zero:
+            print(f"\nInterrupted. Kept: {checkpoint_dir / 'last.ckpt'} and {trajectory_dir / TRAJECTORY_NPZ}")
+        raise SystemExit(stop.code or 128 + signal.SIGTERM) from None
     wall_time = time.perf_counter() - started
     metrics = trainer.callback_metrics
     epochs_run = trainer.current_epoch
-    trajectory_path = run_dir / TRAJECTORY_NPZ
+    trajectory_path = trajectory_dir / TRAJECTORY_NPZ
     view_command = f"tensorboard --logdir {run_dir} {TENSORBOARD_SAMPLES}"
     if isinstance(logger, WandbLogger):
-        offline_run = Path(logger.experiment.dir).parent
-        view_command = (
-            f"wandb sync {offline_run}" if os.environ.get("WANDB_MODE") == "offline" else logger.experiment.url
-        )
+        view_command = f"wandb sync {run_dir}" if os.environ.get("WANDB_MODE") == "offline" else logger.experiment.url
     elif isinstance(logger, CSVLogger):
         view_command = f"gmar-lightning report {run_dir}"
     result: dict[str, Any] = {
@@ -307,7 +332,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "val_loss": float(metrics["val_loss"]) if "val_loss" in metrics else None,
         "log_dir": str(run_dir),
         "trajectory_path": str(trajectory_path) if trajectory_path.is_file() else None,
-        "checkpoint_path": str(run_dir / "checkpoints" / "last.ckpt"),
+        "checkpoint_path": str(checkpoint_dir / "last.ckpt"),
         "wall_time_s": wall_time,
         "epochs": epochs_run,
         "stopped_early": epochs_run < config.epochs,
@@ -315,6 +340,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "view_command": view_command,
         "config": asdict(config),
     }
+    if isinstance(logger, WandbLogger):
+        logger.experiment.finish()  # the demo owns its run: a second demo in this process gets a new one
     if trainer.is_global_zero:
         if result["stopped_early"] and config.target_acc is not None:
             print(
