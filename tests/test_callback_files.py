@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 from gmar_lightning import GMARCallback
-from gmar_lightning.sinks import write_trajectory
+from gmar_lightning.callback.sinks import write_trajectory
 from gmar_lightning.trajectory import HeadTrajectory
 from tests.lightning_helpers import TinyViTModule, tiny_data, trainer_kwargs
 
