@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,3 +51,21 @@ def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[M
     # `finish` can return before the wandb-core service has flushed the offline transaction log; tearing the service
     # down waits for it (the next `wandb.init` starts a fresh one).
     wandb.teardown()
+
+
+@pytest.fixture
+def rank_zero_notices() -> Iterator[list[str]]:
+    """Messages Lightning's ``rank_zero_info`` emits (its logger does not propagate to the root logger)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(level=logging.INFO)
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)

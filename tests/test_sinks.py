@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -165,24 +163,6 @@ def test_file_sink_writes_valid_files_atomically(tmp_path: Path) -> None:
     assert_trajectory_files(tmp_path / "gmar")
     leftovers = [path for path in tmp_path.rglob("*") if path.name.endswith(".tmp")]
     assert leftovers == []
-
-
-@pytest.fixture
-def rank_zero_notices() -> Iterator[list[str]]:
-    """Messages Lightning's ``rank_zero_info`` emits (its logger does not propagate to the root logger)."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    handler = Collect(level=logging.INFO)
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    logger.addHandler(handler)
-    try:
-        yield messages
-    finally:
-        logger.removeHandler(handler)
 
 
 def test_sinks_for_a_tensorboard_logger(tmp_path: Path, rank_zero_notices: list[str]) -> None:
