@@ -241,7 +241,8 @@ class FileSink:
         head_importance.csv / .npz              the trajectory (into ``trajectory_dir``)
 
     Every file is written atomically, so a crash never leaves a truncated PNG or CSV behind. ``save_dir`` should
-    belong to one run (see [`new_version_dir`][gmar_lightning.callback.sinks.new_version_dir]): ``scalars.csv`` is appended to.
+    belong to one run (see [`new_version_dir`][gmar_lightning.callback.sinks.new_version_dir]): ``scalars.csv`` is
+    appended to.
 
     Args:
         save_dir: Root directory; created as needed.
