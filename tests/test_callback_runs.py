@@ -173,7 +173,10 @@ def test_resume_with_other_methods_keeps_the_probe_and_the_history(tmp_path: Pat
 
     second = GMARCallback(num_probe=4, methods=("gmar_l1", "rollout", "attention"), mean=(0.3,) * 3, std=(0.2,) * 3)
     trainer = make_trainer(tmp_path, [second], max_epochs=3)
-    trainer.fit(TinyViTModule(), datamodule=tiny_data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyViTModule(), datamodule=tiny_data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert gmar_warnings(caught) == []
     assert torch.equal(second.probe.images, first.probe.images)
     assert second.trajectory.steps == [3, 6, 9]
     assert torch.equal(second.trajectory.weights[:2], first.trajectory.weights)

@@ -259,19 +259,20 @@ def evaluation_record(
             for index, tile in enumerate(overlay(display, maps, cmap=cmap, alpha=alpha))
         ]  # fmt: skip
         if map_history is not None and method in map_history.maps:
-            rows = map_history.maps[method].shape[1]
+            evaluations, rows = map_history.maps[method].shape[:2]
             record.images[f"gmar/evolution/{method}"] = _figure_image(
                 evolution_figure(
                     display[:rows],
                     map_history.maps[method].float() / 255.0,
-                    map_history.epochs,
+                    # A method added when a run resumed has maps of the latest evaluations only.
+                    map_history.epochs[-evaluations:],
                     cmap=cmap,
                     alpha=alpha,
                     title=f"{method} maps over training",
                 )
             )
             record.captions[f"gmar/evolution/{method}"] = (
-                f"{method} maps of the first {rows} probe images at {len(map_history.epochs)} evaluations "
+                f"{method} maps of the first {rows} probe images at {evaluations} evaluations "
                 "(at most 5 shown, evenly spaced, always the first and the latest)"
             )
         for metric, score in (metric_scores or {}).get(method, {}).items():
