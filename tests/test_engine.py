@@ -365,3 +365,13 @@ def test_differential_attention_is_refused() -> None:
     model = VisionTransformer(attn_layer="diff", **TINY)
     with pytest.raises(ValueError, match=r"VisionTransformer.*differential attention.*not a distribution"):
         explain(model, make_images("vit"))
+
+
+def test_attention_that_does_not_fit_the_token_plan_is_refused_not_mapped() -> None:
+    """A stated layout without the class token leaves 16 tokens in the plan, but the model attends over 17."""
+    from gmar_lightning import TokenLayout
+    from gmar_lightning.families import UnsupportedModelError
+
+    model = make_model("vit")
+    with pytest.raises(UnsupportedModelError, match=r"blocks.0.attn produced \[3, 4, 17, 17\].*\[3, heads, 16, 16\]"):
+        explain(model, make_images("vit"), token_layout=TokenLayout(num_prefix_tokens=0, readout_tokens=None))
