@@ -16,12 +16,9 @@ import torch
 from PIL import Image
 
 from gmar_lightning import explain
-from gmar_lightning.callback.records import EvaluationRecord
-from gmar_lightning.callback.sinks import FileSink
 from gmar_lightning.cli import load_image, main, map_to_original, model_preprocessing
 from gmar_lightning.demos.data import ShapesDataModule
-from gmar_lightning.demos.model import ViTClassifier, create_vit, load_weights
-from gmar_lightning.trajectory import HeadTrajectory
+from gmar_lightning.demos.model import ViTClassifier, create_vit
 
 MODEL = "vit_tiny_patch16_224"
 MODEL_KWARGS = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4}
@@ -179,60 +176,6 @@ def test_explain_reads_model_settings_from_a_lightning_checkpoint(images: list[P
         assert arrays["head_weights_gmar_l1"].shape == (1, 2, 4)
         expected = module.model(load_image(images[0], model_preprocessing(module.model))[None]).argmax(-1)
         assert arrays["predictions"].tolist() == expected.tolist()
-
-
-def test_load_weights_keeps_a_fresh_head_only_when_not_strict(weights: Path) -> None:
-    saved = torch.load(weights, weights_only=True)
-    model = create_vit(MODEL, 5, img_size=32, model_kwargs=MODEL_KWARGS)
-    assert load_weights(model, weights, strict=False) == ["head.bias", "head.weight"]
-    assert torch.equal(model.state_dict()["blocks.1.attn.qkv.weight"], saved["blocks.1.attn.qkv.weight"])
-    assert model.head.weight.shape == (5, 32)
-    with pytest.raises(ValueError, match="does not fit this model"):
-        load_weights(create_vit(MODEL, 5, img_size=32, model_kwargs=MODEL_KWARGS), weights, strict=True)
-
-
-def _run_dir_with_trajectory(root: Path, epochs: int = 3) -> Path:
-    run_dir = root / "run"
-    trajectory = HeadTrajectory(layer_names=["blocks.0.attn", "blocks.1.attn"])
-    generator = torch.Generator().manual_seed(0)
-    for epoch in range(epochs):
-        weights = torch.rand(2, 4, generator=generator).softmax(dim=-1)
-        trajectory.append(epoch, 10 * (epoch + 1), weights, weights * 3)
-    trajectory.save_npz(run_dir / "head_importance.npz")
-    return run_dir
-
-
-def test_report_writes_plots_and_a_self_contained_page(tmp_path: Path) -> None:
-    run_dir = _run_dir_with_trajectory(tmp_path)
-    # What a CSV-logged run holds: the logger's hparams.yaml and metrics.csv, and a FileSink's overlay PNGs.
-    (run_dir / "hparams.yaml").write_text("model_name: vit_tiny_patch16_224\nlr: 0.001\n")
-    (run_dir / "metrics.csv").write_text("epoch,step,train_loss,val_acc\n0,9,1.2,\n0,9,,0.5\n1,19,,0.875\n2,29,,0.75\n")
-    sink = FileSink(run_dir / "gmar")
-    for step in (10, 20, 30):
-        sink.log_evaluation(EvaluationRecord(step, 2, images={"gmar/overlay/gmar_l1": torch.rand(3, 16, 16)}))
-    assert main(["report", str(run_dir)]) == 0
-
-    report_dir = run_dir / "report"
-    for name in ("head_importance.png", "trajectory.png", "specialisation.png"):
-        with Image.open(report_dir / name) as plot:
-            assert plot.format == "PNG" and min(plot.size) > 100
-    page = (report_dir / "report.html").read_text(encoding="utf-8")
-    assert page.count('src="data:image/png;base64,') == 5  # 3 plots, the first and the latest overlays
-    assert "gmar/gmar_overlay_gmar_l1.png" in page
-    assert "first evaluation (step 10)" in page and "latest evaluation (step 30)" in page
-    assert "<strong>0.750</strong> at the end (best 0.875)" in page
-    assert "<td>model_name</td><td><code>vit_tiny_patch16_224</code></td>" in page
-    assert "blocks.1.attn" in page and "epoch 2" in page.lower()
-    # Self-contained: no image or script is fetched from anywhere.
-    assert 'src="http' not in page and 'href="http' not in page and 'src="file' not in page
-
-
-def test_report_accepts_the_npz_file_and_an_output_folder(tmp_path: Path) -> None:
-    run_dir = _run_dir_with_trajectory(tmp_path, epochs=1)
-    output = tmp_path / "elsewhere"
-    assert main(["report", str(run_dir / "head_importance.npz"), "--output", str(output), "--title", "My run"]) == 0
-    assert "<title>My run</title>" in (output / "report.html").read_text(encoding="utf-8")
-    assert not (run_dir / "report").exists()
 
 
 def _error_cases(tmp_path: Path, weights: Path, images: list[Path]) -> dict[str, tuple[list[str], str]]:

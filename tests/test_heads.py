@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import stat
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ from timm.models.eva import Eva
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from gmar_lightning._io import atomic_write_bytes, atomic_write_text
 from gmar_lightning.capture import find_attention_layers
 from gmar_lightning.explanation import Explanation
 from gmar_lightning.heads import (
@@ -390,17 +388,3 @@ def test_ablation_curve_round_trips_through_json_and_csv_and_plots(tmp_path: Pat
     assert sorted(os.listdir(tmp_path)) == ["ablation.png", "curves", "gmar.csv"]  # no temp files left behind
     with pytest.raises(TypeError, match="`curves` must be a non-empty list of AblationCurve"):
         plot_ablation_curves([])
-
-
-def test_atomic_writes_replace_files_with_normal_permissions_and_clean_up_on_error(tmp_path: Path) -> None:
-    target = tmp_path / "nested" / "file.txt"
-    atomic_write_text(target, "first")
-    atomic_write_bytes(target, b"second")
-    assert target.read_bytes() == b"second"
-    umask = os.umask(0)
-    os.umask(umask)
-    assert stat.S_IMODE(os.stat(target).st_mode) == 0o666 & ~umask  # not the 0o600 of temporary files
-    with pytest.raises(TypeError):
-        atomic_write_bytes(target, "not bytes")  # type: ignore[arg-type]
-    assert target.read_bytes() == b"second"
-    assert os.listdir(target.parent) == ["file.txt"]

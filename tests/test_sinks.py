@@ -72,15 +72,6 @@ def assert_trajectory_files(directory: Path) -> None:
     assert (directory / "head_importance.csv").read_text().startswith("epoch,step,layer,layer_name,head,weight,score\n")
 
 
-def test_evaluation_record_rejects_malformed_data() -> None:
-    with pytest.raises(ValueError, match="`step` must be a non-negative integer"):
-        EvaluationRecord(step=-1, epoch=0)
-    with pytest.raises(ValueError, match=r"`images\['x'\]` must be a \[3, H, W\] or \[1, H, W\] tensor"):
-        EvaluationRecord(step=0, epoch=0, images={"x": torch.rand(1, 3, 8, 8)})
-    with pytest.raises(TypeError, match=r"`figures\['x'\]` must be a matplotlib Figure"):
-        EvaluationRecord(step=0, epoch=0, figures={"x": torch.rand(3, 8, 8)})  # type: ignore[dict-item]
-
-
 def test_tensorboard_sink_writes_every_kind_at_the_step(tmp_path: Path) -> None:
     writer = SummaryWriter(log_dir=str(tmp_path))
     sink = TensorBoardSink(writer)

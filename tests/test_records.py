@@ -1,0 +1,44 @@
+"""What one evaluation logs: the EvaluationRecord's checks and the probe metric scores looked up by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gmar_lightning.callback.records import METRICS, EvaluationRecord, Probe, probe_metric_scores
+from gmar_lightning.explanation import Explanation
+
+
+def test_evaluation_record_rejects_malformed_data() -> None:
+    with pytest.raises(ValueError, match="`step` must be a non-negative integer"):
+        EvaluationRecord(step=-1, epoch=0)
+    with pytest.raises(ValueError, match=r"`images\['x'\]` must be a \[3, H, W\] or \[1, H, W\] tensor"):
+        EvaluationRecord(step=0, epoch=0, images={"x": torch.rand(1, 3, 8, 8)})
+    with pytest.raises(TypeError, match=r"`figures\['x'\]` must be a matplotlib Figure"):
+        EvaluationRecord(step=0, epoch=0, figures={"x": torch.rand(3, 8, 8)})  # type: ignore[dict-item]
+
+
+def _explanation(maps: torch.Tensor) -> Explanation:
+    batch = maps.shape[0]
+    return Explanation("rollout", maps[:, ::4, ::4], maps, torch.zeros(batch, dtype=torch.long), torch.zeros(batch, 2))
+
+
+def test_probe_metric_scores_skip_mask_metrics_without_masks() -> None:
+    # A model that prefers class 0 exactly when the left half is bright: deletion of a left-first map hurts it.
+    class LeftHalf(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            logit = 4 * x[..., :4].mean(dim=(1, 2, 3)) - 2
+            return torch.stack([logit, torch.zeros_like(logit)], dim=1)
+
+    images = torch.ones(2, 1, 8, 8)
+    maps = torch.zeros(2, 8, 8)
+    maps[:, :, :4] = 1.0
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    masks[:, :, :4] = True
+    names = list(METRICS)
+    without_masks = probe_metric_scores(LeftHalf(), Probe(images), _explanation(maps), names)
+    assert sorted(without_masks) == ["deletion_auc", "insertion_auc"]
+    with_masks = probe_metric_scores(LeftHalf(), Probe(images, masks=masks), _explanation(maps), names)
+    assert sorted(with_masks) == sorted(names)
+    assert with_masks["pointing_game"] == 1.0 and with_masks["energy_pointing_game"] == pytest.approx(1.0)
