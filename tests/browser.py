@@ -30,6 +30,8 @@ def _flags(profile: Path, window: tuple[int, int]) -> list[str]:
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run", f"--user-data-dir={profile}", "--hide-scrollbars",
         f"--window-size={window[0]},{window[1]}", "--virtual-time-budget=20000",
+        # Draws every frame, so IntersectionObserver callbacks (Time Series renders cards in view) run in time.
+        "--run-all-compositor-stages-before-draw",
     ]  # fmt: skip
 
 
