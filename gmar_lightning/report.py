@@ -4,9 +4,10 @@
 the layers x heads heatmap of the last epoch, the per-head trajectories and the specialisation summaries as PNG files,
 and writes ``report.html`` with every image embedded as a base64 data URI, so the page can be mailed or archived as one
 file. The page also shows the run's settings (the logger's ``hparams.yaml``), its validation accuracy (TensorBoard's
-``val_acc`` or the CSV logger's ``metrics.csv``) and the saliency overlays of the first evaluation next to those of the
-latest: the ``gmar/overlay/<method>`` images of the TensorBoard event files, or the PNG files a
-[`FileSink`][gmar_lightning.callback.sinks.FileSink] wrote (``gmar/step_*/gmar_overlay_*.png``).
+``val_acc`` or the CSV logger's ``metrics.csv``), the saliency overlays of the first evaluation next to those of the
+latest, and the latest evolution figure: the ``gmar/overlay/<method>`` and ``gmar/evolution/<method>`` images of the
+TensorBoard event files, or the PNG files a [`FileSink`][gmar_lightning.callback.sinks.FileSink] wrote
+(``gmar/step_*/gmar_overlay_*.png``, ``gmar_evolution_*.png``).
 
 Examples:
     >>> import tempfile, torch
@@ -145,12 +146,12 @@ def _tensorboard_events(run_dir: Path) -> list[Any]:
     return accumulators
 
 
-def _tensorboard_overlays(events: list[Any]) -> list[OverlayPair]:
-    """The first and the latest image of every ``gmar/overlay/<method>`` tag."""
+def _tensorboard_overlays(events: list[Any], prefix: str = OVERLAY_TAG_PREFIX) -> list[OverlayPair]:
+    """The first and the latest image of every ``<prefix><method>`` tag (``gmar/overlay/<method>`` by default)."""
     pairs = []
     for accumulator in events:
         for tag in accumulator.Tags()["images"]:
-            if tag.startswith(OVERLAY_TAG_PREFIX):
+            if tag.startswith(prefix):
                 images = accumulator.Images(tag)
                 first, latest = images[0], images[-1]
                 pairs.append(
@@ -161,10 +162,10 @@ def _tensorboard_overlays(events: list[Any]) -> list[OverlayPair]:
     return pairs
 
 
-def _file_overlays(run_dir: Path, output_dir: Path) -> list[OverlayPair]:
-    """Overlay PNG files (a FileSink's ``step_XXXXXX/gmar_overlay_<method>.png``): the first and the latest step."""
+def _file_overlays(run_dir: Path, output_dir: Path, kind: str = "overlay") -> list[OverlayPair]:
+    """A FileSink's ``step_XXXXXX/gmar_<kind>_<method>.png`` files: the first and the latest step of each."""
     by_name: dict[str, list[tuple[int, Path]]] = {}
-    for path in run_dir.rglob("step_*/*overlay*.png"):
+    for path in run_dir.rglob(f"step_*/gmar_{kind}_*.png"):
         if path.resolve().is_relative_to(output_dir.resolve()) or path.read_bytes()[:8] != _PNG_SIGNATURE:
             continue
         step = path.parent.name.removeprefix("step_")
@@ -271,6 +272,13 @@ def _comparison_html(pairs: list[OverlayPair]) -> str:
     return "<h2>Saliency: first against latest evaluation</h2>\n" + "\n".join(blocks)
 
 
+def _evolution_html(pairs: list[OverlayPair]) -> str:
+    if not pairs:
+        return ""
+    figures = "\n".join(_figure_html(f"{pair.name} at step {pair.latest[0]}", pair.latest[1]) for pair in pairs)
+    return "<h2>Maps over the run (the latest evolution figure)</h2>\n" + figures
+
+
 def _page(
     title: str,
     trajectory: HeadTrajectory,
@@ -356,12 +364,13 @@ def build_report(
         plot_pngs.append((caption, png))
     events = _tensorboard_events(run_dir)
     overlays = _tensorboard_overlays(events) + _file_overlays(run_dir, output)
+    evolution = _tensorboard_overlays(events, "gmar/evolution/") + _file_overlays(run_dir, output, "evolution")
     page = _page(
         title or f"GMAR report: {run_dir.name}",
         trajectory,
         trajectory_path,
         plot_pngs,
-        _comparison_html(overlays),
+        _comparison_html(overlays) + _evolution_html(evolution),
         _settings(run_dir),
         _accuracy(run_dir, events),
     )

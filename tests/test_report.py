@@ -31,7 +31,8 @@ def test_report_writes_plots_and_a_self_contained_page(tmp_path: Path) -> None:
     (run_dir / "metrics.csv").write_text("epoch,step,train_loss,val_acc\n0,9,1.2,\n0,9,,0.5\n1,19,,0.875\n2,29,,0.75\n")
     sink = FileSink(run_dir / "gmar")
     for step in (10, 20, 30):
-        sink.log_evaluation(EvaluationRecord(step, 2, images={"gmar/overlay/gmar_l1": torch.rand(3, 16, 16)}))
+        images = {"gmar/overlay/gmar_l1": torch.rand(3, 16, 16), "gmar/evolution/gmar_l1": torch.rand(3, 8, 16)}
+        sink.log_evaluation(EvaluationRecord(step, 2, images=images))
     assert main(["report", str(run_dir)]) == 0
 
     report_dir = run_dir / "report"
@@ -39,7 +40,9 @@ def test_report_writes_plots_and_a_self_contained_page(tmp_path: Path) -> None:
         with Image.open(report_dir / name) as plot:
             assert plot.format == "PNG" and min(plot.size) > 100
     page = (report_dir / "report.html").read_text(encoding="utf-8")
-    assert page.count('src="data:image/png;base64,') == 5  # 3 plots, the first and the latest overlays
+    # 3 plots, the first and the latest overlays, the latest evolution figure
+    assert page.count('src="data:image/png;base64,') == 6
+    assert "gmar/gmar_evolution_gmar_l1.png at step 30" in page
     assert "gmar/gmar_overlay_gmar_l1.png" in page
     assert "first evaluation (step 10)" in page and "latest evaluation (step 30)" in page
     assert "<strong>0.750</strong> at the end (best 0.875)" in page
