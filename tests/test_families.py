@@ -382,3 +382,16 @@ def test_callback_on_a_swin_fit_logs_to_tensorboard(tmp_path) -> None:
     torch.testing.assert_close(torch.nansum(weights, dim=-1), torch.ones(2, 3))
     history = callback.map_history.maps["gmar_l1"]  # one map per evaluated epoch and kept probe image, input size
     assert history.shape[0] == 2 and tuple(history.shape[-2:]) == (32, 32) and bool(torch.isfinite(history).all())
+
+
+def test_swin_refuses_a_pooling_without_read_out_and_a_token_layout() -> None:
+    from gmar_lightning import TokenLayout
+    from gmar_lightning.families import UnsupportedModelError
+
+    images = torch.randn(1, 3, 32, 32)
+    max_pooled = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, global_pool="max", **SWIN_FIT)
+    with pytest.raises(UnsupportedModelError, match=r"\(SwinTransformer\) pools with global_pool='max'.*'avg'"):
+        explain(max_pooled, images)
+    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, **SWIN_FIT)
+    with pytest.raises(ValueError, match=r"`token_layout` applies to single-sequence ViTs; SwinTransformer"):
+        explain(model, images, token_layout=TokenLayout())

@@ -19,7 +19,16 @@ from gmar_lightning.capture import AttentionLayer, find_attention_layers
 from gmar_lightning.mixing import TokenPlan
 from gmar_lightning.tokens import TokenLayout
 
-__all__ = ["FAMILIES", "Family", "Probe", "UnsupportedModelError", "check_supported", "find_family", "probe"]
+__all__ = [
+    "FAMILIES",
+    "Family",
+    "Probe",
+    "UnsupportedModelError",
+    "check_supported",
+    "find_family",
+    "probe",
+    "require_pooling",
+]
 
 
 class UnsupportedModelError(ValueError):
@@ -61,6 +70,8 @@ class Family:
     probe: ProbeFunction
     check: Callable[[nn.Module], None] = lambda _model: None
     """Raises the family's refusals that do not depend on the image size (e.g. an unsupported pooling)."""
+    takes_token_layout: bool = False
+    """Whether ``explain(token_layout=...)`` applies: only single-sequence ViTs have a layout to state."""
 
 
 def _registry() -> list[Family]:
@@ -72,12 +83,8 @@ def _registry() -> list[Family]:
         Family("cait", cait.matches, cait.probe, cait.check),
         Family("swin", swin.matches, swin.probe, swin.check),
         Family("pvt", pvt.matches, pvt.probe, pvt.check),
-        Family("vit", vit.matches, vit.probe, vit.check),
+        Family("vit", vit.matches, vit.probe, vit.check, takes_token_layout=True),
     ]
-
-
-FAMILIES: list[Family] = _registry()
-"""Families tried in order; the first that matches a model wins (specific families before the generic ViT)."""
 
 
 def find_family(model: nn.Module) -> Family:
@@ -109,4 +116,24 @@ def check_supported(model: nn.Module) -> None:
 
 def probe(model: nn.Module, image_size: tuple[int, int], token_layout: TokenLayout | None = None) -> Probe:
     """Describe ``model``'s attention layers and token mixing for images of ``image_size`` (height, width)."""
-    return find_family(model).probe(model, image_size, token_layout)
+    family = find_family(model)
+    if token_layout is not None and not family.takes_token_layout:
+        raise ValueError(
+            f"`token_layout` applies to single-sequence ViTs; {type(model).__name__} fixes its own prefix tokens and "
+            "read-out (docs/method.md). Leave `token_layout` unset."
+        )
+    return family.probe(model, image_size, token_layout)
+
+
+def require_pooling(model: nn.Module, pool: object, allowed: tuple[str, ...]) -> None:
+    """Refuse a classifier pooling without a linear read-out, naming the poolings that have one."""
+    if pool not in allowed:
+        raise UnsupportedModelError(
+            f"`model` ({type(model).__name__}) pools with global_pool={pool!r}, which has no linear read-out for "
+            f"rollout; create it with global_pool={' or '.join(map(repr, allowed))}."
+        )
+
+
+# Last: the family modules import the helpers above.
+FAMILIES: list[Family] = _registry()
+"""Families tried in order; the first that matches a model wins (specific families before the generic ViT)."""

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from gmar_lightning.capture import TIMM_ADAPTER, AttentionAdapter, AttentionLayer
-from gmar_lightning.families import Probe, UnsupportedModelError
+from gmar_lightning.families import Probe, require_pooling
 from gmar_lightning.families.grids import global_mixing
 from gmar_lightning.mixing import AttentionMixing, AttentionStep, TokenMap, TokenPlan
 from gmar_lightning.tokens import TokenLayout, patch_grid
@@ -39,11 +39,7 @@ def matches(model: nn.Module) -> bool:
 
 def check(model: nn.Module) -> None:
     """The classifier reads the class token or the mean of the patch tokens."""
-    if model.global_pool not in ("token", "avg"):
-        raise UnsupportedModelError(
-            f"`model` ({type(model).__name__}) pools with global_pool={model.global_pool!r}, which has no linear "
-            "read-out for rollout; create it with global_pool='token' or 'avg'."
-        )
+    require_pooling(model, model.global_pool, ("token", "avg"))
 
 
 def _capture(name: str, attention: nn.Module) -> AttentionLayer:
@@ -53,11 +49,6 @@ def _capture(name: str, attention: nn.Module) -> AttentionLayer:
 
 
 def probe(model: nn.Module, image_size: tuple[int, int], token_layout: TokenLayout | None) -> Probe:
-    if token_layout is not None:
-        raise ValueError(
-            f"`token_layout` applies to single-sequence ViTs; {type(model).__name__} adds its class token after the "
-            "self-attention layers and reads it (or the patch mean) itself. Leave `token_layout` unset."
-        )
     check(model)
     grid = patch_grid(model, image_size)
     num_patches = grid[0] * grid[1]

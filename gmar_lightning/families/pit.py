@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gmar_lightning.capture import TIMM_ADAPTER, AttentionLayer
-from gmar_lightning.families import Probe, UnsupportedModelError
+from gmar_lightning.families import Probe, require_pooling
 from gmar_lightning.families.grids import conv_map, conv_output, global_mixing
 from gmar_lightning.mixing import AttentionStep, TokenMap, TokenPlan
 from gmar_lightning.tokens import TokenLayout
@@ -24,19 +24,10 @@ def matches(model: nn.Module) -> bool:
 
 def check(model: nn.Module) -> None:
     """The classifier reads the class token (and, distilled, the mean of class and distillation heads)."""
-    if model.global_pool != "token":
-        raise UnsupportedModelError(
-            f"`model` ({type(model).__name__}) pools with global_pool={model.global_pool!r}, which has no linear "
-            "read-out for rollout; create it with global_pool='token'."
-        )
+    require_pooling(model, model.global_pool, ("token",))
 
 
 def probe(model: nn.Module, image_size: tuple[int, int], token_layout: TokenLayout | None) -> Probe:
-    if token_layout is not None:
-        raise ValueError(
-            f"`token_layout` applies to single-sequence ViTs; {type(model).__name__} reads its class token(s) in "
-            "every stage itself. Leave `token_layout` unset."
-        )
     check(model)
     num_prefix = int(model.cls_token.shape[1])  # 2 when distilled
     grid = first_grid = conv_output(image_size, model.patch_embed.conv)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gmar_lightning.capture import TIMM_ADAPTER, AttentionLayer
-from gmar_lightning.families import Probe, UnsupportedModelError
+from gmar_lightning.families import Probe, require_pooling
 from gmar_lightning.families.grids import (
     adaptive_cells,
     cells_map,
@@ -41,11 +41,7 @@ def matches(model: nn.Module) -> bool:
 
 def check(model: nn.Module) -> None:
     """Only average pooling over the last stage has a linear read-out."""
-    if getattr(model, "global_pool", None) != "avg":
-        raise UnsupportedModelError(
-            f"`model` ({type(model).__name__}) pools with global_pool={model.global_pool!r}, which has no linear "
-            "read-out for rollout; create it with global_pool='avg'."
-        )
+    require_pooling(model, getattr(model, "global_pool", None), ("avg",))
 
 
 def reduction_mixing(grid: tuple[int, int], attention: nn.Module) -> AttentionMixing:
@@ -82,11 +78,6 @@ def _stages(model: nn.Module) -> list[tuple[nn.Conv2d, list[tuple[str, nn.Module
 
 
 def probe(model: nn.Module, image_size: tuple[int, int], token_layout: TokenLayout | None) -> Probe:
-    if token_layout is not None:
-        raise ValueError(
-            f"`token_layout` applies to single-sequence ViTs; {type(model).__name__} has no prefix tokens and reads "
-            "the mean of its last stage's tokens. Leave `token_layout` unset."
-        )
     check(model)
     steps: list[AttentionStep | TokenMap] = []
     layers, names = [], []

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from gmar_lightning.capture import TIMM_ADAPTER, AttentionLayer
-from gmar_lightning.families import Probe, UnsupportedModelError
+from gmar_lightning.families import Probe, require_pooling
 from gmar_lightning.families.grids import global_mixing, window_mixing
 from gmar_lightning.mixing import AttentionStep, TokenPlan
 from gmar_lightning.tokens import TokenLayout, patch_grid
@@ -27,12 +27,7 @@ def matches(model: nn.Module) -> bool:
 
 def check(model: nn.Module) -> None:
     """Only average pooling over the grid has a linear read-out."""
-    pool = getattr(getattr(model.head, "global_pool", None), "pool_type", None)
-    if pool != "avg":
-        raise UnsupportedModelError(
-            f"`model` ({type(model).__name__}) pools with global_pool={pool!r}, which has no linear read-out for "
-            "rollout; create it with global_pool='avg' and num_classes > 0."
-        )
+    require_pooling(model, getattr(getattr(model.head, "global_pool", None), "pool_type", None), ("avg",))
 
 
 def _split_heads(probabilities: Tensor, heads: int) -> Tensor:
@@ -40,11 +35,6 @@ def _split_heads(probabilities: Tensor, heads: int) -> Tensor:
 
 
 def probe(model: nn.Module, image_size: tuple[int, int], token_layout: TokenLayout | None) -> Probe:
-    if token_layout is not None:
-        raise ValueError(
-            f"`token_layout` applies to single-sequence ViTs with prefix tokens; {type(model).__name__} has none and "
-            "reads the mean of its grid. Leave `token_layout` unset."
-        )
     check(model)
     grid = patch_grid(model, image_size)
     num_tokens = grid[0] * grid[1]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from gmar_lightning.capture import TIMM_ADAPTER, AttentionLayer
-from gmar_lightning.families import Probe, UnsupportedModelError
+from gmar_lightning.families import Probe, require_pooling
 from gmar_lightning.families.grids import merge_map, window_mixing
 from gmar_lightning.mixing import AttentionStep, TokenMap, TokenPlan
 from gmar_lightning.tokens import TokenLayout, patch_grid
@@ -32,20 +32,10 @@ def matches(model: nn.Module) -> bool:
 
 def check(model: nn.Module) -> None:
     """Only average pooling over the last stage has a linear read-out."""
-    pool = getattr(getattr(model.head, "global_pool", None), "pool_type", None)
-    if pool != "avg":
-        raise UnsupportedModelError(
-            f"`model` ({type(model).__name__}) pools with global_pool={pool!r}, which has no linear read-out for "
-            "rollout; create it with global_pool='avg'."
-        )
+    require_pooling(model, getattr(getattr(model.head, "global_pool", None), "pool_type", None), ("avg",))
 
 
 def probe(model: nn.Module, image_size: tuple[int, int], token_layout: TokenLayout | None) -> Probe:
-    if token_layout is not None:
-        raise ValueError(
-            f"`token_layout` applies to single-sequence ViTs; {type(model).__name__} has no prefix tokens and reads "
-            "the mean of its last stage's tokens. Leave `token_layout` unset."
-        )
     check(model)
     stages = model.layers if hasattr(model, "layers") else model.stages
     stage_name = "layers" if hasattr(model, "layers") else "stages"
