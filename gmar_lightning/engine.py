@@ -326,7 +326,7 @@ def explain(
     model = unwrap_model(model)
     family = families.find_family(model)  # a model without a token rollout is refused before its inputs are checked
     images = _check_images(model, images)
-    probe = family.probe(model, tuple(images.shape[-2:]), token_layout)
+    probe = families.probe(model, tuple(images.shape[-2:]), token_layout, family)
     check_int_in_range("start_layer", start_layer, 0, len(probe.layers) - 1)
     if isinstance(target, Tensor) and target.dim() == 0:
         target = int(target)

@@ -114,9 +114,14 @@ def check_supported(model: nn.Module) -> None:
     find_family(model).check(model)
 
 
-def probe(model: nn.Module, image_size: tuple[int, int], token_layout: TokenLayout | None = None) -> Probe:
-    """Describe ``model``'s attention layers and token mixing for images of ``image_size`` (height, width)."""
-    family = find_family(model)
+def probe(
+    model: nn.Module, image_size: tuple[int, int], token_layout: TokenLayout | None = None, family: Family | None = None
+) -> Probe:
+    """Describe ``model``'s attention layers and token mixing for images of ``image_size`` (height, width).
+
+    ``family`` skips the look-up when the caller has already found it with :func:`find_family`.
+    """
+    family = family if family is not None else find_family(model)
     if token_layout is not None and not family.takes_token_layout:
         raise ValueError(
             f"`token_layout` applies to single-sequence ViTs; {type(model).__name__} fixes its own prefix tokens and "
