@@ -119,7 +119,8 @@ def probe(
 ) -> Probe:
     """Describe ``model``'s attention layers and token mixing for images of ``image_size`` (height, width).
 
-    ``family`` skips the look-up when the caller has already found it with :func:`find_family`.
+    ``family`` skips the look-up when the caller has already found it with
+    [`find_family`][gmar_lightning.families.find_family].
     """
     family = family if family is not None else find_family(model)
     if token_layout is not None and not family.takes_token_layout:
