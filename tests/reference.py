@@ -159,6 +159,23 @@ def reference_explain(
         ]
     else:
         fused_layers = [a.mean(1) for a in head_attention]
+    if discard_ratio > 0 and method != "grad_rollout":
+        # Windowed layers discard among the entries they compute (every window's), never a slot's own diagonal; the
+        # windows must hold no padding here (every slot is a token, and every token is read out through the maps).
+        for index, layer in enumerate(layers):
+            if layer.to_global is None:
+                continue
+            windows = attentions[index].unflatten(0, (batch, -1))  # [B, W, H, n, n]
+            heads = windows.shape[2]
+            layer_weights = weights[index] if weights_out is not None else torch.full((batch, heads), 1.0 / heads)
+            fused = (layer_weights.to(windows.device)[:, None, :, None, None] * windows).sum(2)  # [B, W, n, n]
+            slots = fused.shape[-1]
+            for b in range(batch):
+                flat = fused[b].flatten()
+                lowest = flat.argsort()[: int(flat.numel() * discard_ratio)].tolist()
+                flat[[i for i in lowest if (i // slots) % slots != i % slots]] = 0
+                fused[b] = flat.view_as(fused[b])
+            fused_layers[index] = layer.to_global(fused.flatten(0, 1)[:, None])[:, 0]
 
     first_tokens = num_prefix + grid[0] * grid[1]
     relevance = torch.eye(first_tokens, device=images.device).expand(batch, first_tokens, first_tokens)
@@ -178,7 +195,7 @@ def reference_explain(
                 relevance = relevance + fused @ relevance
         elif used:
             fused = fused.clone()
-            if discard_ratio > 0:
+            if discard_ratio > 0 and step.to_global is None:
                 for b in range(batch):
                     flat = fused[b].flatten()
                     lowest = flat.argsort()[: int(flat.numel() * discard_ratio)]

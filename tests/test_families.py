@@ -384,6 +384,21 @@ def test_callback_on_a_swin_fit_logs_to_tensorboard(tmp_path) -> None:
     assert history.shape[0] == 2 and tuple(history.shape[-2:]) == (32, 32) and bool(torch.isfinite(history).all())
 
 
+@pytest.mark.parametrize("method", ["gmar_l1", "rollout"])
+def test_swin_discard_ratio_ranks_the_entries_each_window_computes(method: str) -> None:
+    """32 px: an 8x8 grid in whole windows of 4 (no padding), shifted in the second block."""
+    torch.manual_seed(0)
+    model = sharpen(timm.create_model("swin_tiny_patch4_window7_224", img_size=32, num_classes=5, **SWIN_FIT)).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    structure, _ = swin_structure(model, (8, 8))
+    result = explain(model, images, method=method, discard_ratio=0.4)
+    expected_maps, _ = reference_explain(
+        model, images, method, num_prefix=0, readout=None, grid=(8, 8), structure=structure, discard_ratio=0.4
+    )
+    torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
+    assert not torch.allclose(result.token_maps, explain(model, images, method=method).token_maps)
+
+
 def test_swin_refuses_a_pooling_without_read_out_and_a_token_layout() -> None:
     from gmar_lightning import TokenLayout
     from gmar_lightning.families import UnsupportedModelError
