@@ -456,25 +456,24 @@ def _json_dict(text: str) -> dict[str, Any]:
     return value
 
 
+def _positive(text: str, convert: Callable[[str], float], kind: str) -> float:
+    """``text`` converted, if it is a number above zero, else a one-line argparse error naming ``kind``."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive {kind}, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive {kind}, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: a positive integer, with a one-line error otherwise."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+    return int(_positive(text, int, "integer"))
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
+    return _positive(text, float, "number")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
