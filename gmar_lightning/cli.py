@@ -200,10 +200,17 @@ def check_readable(paths: list[Path]) -> None:
         try:
             with Image.open(path):
                 pass
-        except (UnidentifiedImageError, OSError) as error:
-            raise CommandError(
-                f"cannot read image {str(path)!r} ({_one_line(error)}); pass PNG, JPEG or alike."
-            ) from None
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
+            raise _unreadable_image(path, error) from None
+
+
+def _unreadable_image(path: Path, error: Exception) -> CommandError:
+    if isinstance(error, Image.DecompressionBombError):
+        # PIL refuses images whose pixel count could exhaust memory (a "decompression bomb").
+        return CommandError(
+            f"image {str(path)!r} is too large to read safely ({_one_line(error)}); downscale it first."
+        )
+    return CommandError(f"cannot read image {str(path)!r} ({_one_line(error)}); pass PNG, JPEG or similar.")
 
 
 def read_rgb(path: Path) -> Image.Image:
@@ -215,10 +222,8 @@ def read_rgb(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise CommandError(
-            f"cannot read image {str(path)!r} ({_one_line(error)}); pass PNG, JPEG or similar."
-        ) from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
+        raise _unreadable_image(path, error) from None
 
 
 def load_image(path: Path, preprocessing: Preprocessing) -> Tensor:
@@ -283,18 +288,40 @@ def _build_model(args: argparse.Namespace) -> nn.Module:
     model_name = args.model or stored["model_name"]
     if not timm.is_model(model_name):
         raise CommandError(f"unknown timm model {model_name!r}; see timm.list_models('vit*') for valid names.")
+    if args.checkpoint is None and not args.pretrained and not args.random_weights:
+        # Per-image stretching of the maps makes a random network's noise look like an explanation.
+        raise CommandError(
+            f"--model {model_name} has no weights: pass --checkpoint FILE or --pretrained, or --random-weights to "
+            "explain a randomly initialised network on purpose."
+        )
     num_classes = args.num_classes or stored.get("num_classes") or 1000
     img_size = args.img_size or stored.get("img_size")
     model_kwargs = {**(stored.get("model_kwargs") or {}), **args.model_kwargs}
-    model = create_vit(
-        model_name,
-        num_classes,
-        img_size=img_size,
-        pretrained=args.pretrained,
-        checkpoint_path=args.checkpoint,
-        model_kwargs=model_kwargs,
-        strict=True,
-    )
+    try:
+        model = create_vit(
+            model_name,
+            num_classes,
+            img_size=img_size,
+            pretrained=args.pretrained,
+            checkpoint_path=args.checkpoint,
+            model_kwargs=model_kwargs,
+            strict=not args.partial_checkpoint,
+        )
+    except AssertionError as error:  # timm checks its constructor arguments with assert
+        raise CommandError(
+            f"--model {model_name} cannot be built with --model-kwargs {model_kwargs} ({_one_line(error)})."
+        ) from None
+    patch_size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    input_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if (
+        patch_size is not None
+        and input_size is not None
+        and any(side < patch for side, patch in zip(input_size, patch_size, strict=True))
+    ):
+        raise CommandError(
+            f"--img-size {input_size[0]} is smaller than the model's {patch_size[0]}-pixel patches; pass --img-size "
+            f"{patch_size[0]} or more."
+        )
     return model.eval()
 
 
@@ -560,6 +587,8 @@ def _device(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(f"must be a torch device such as cpu or cuda:0, got {text!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError("cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if device.type == "meta":
+        raise argparse.ArgumentTypeError("meta tensors hold no data, so nothing can be explained; use cpu or cuda")
     return device
 
 
@@ -585,6 +614,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(explain_parser)
     explain_parser.add_argument("--num-classes", type=positive_int, default=None, help="classifier classes")
     explain_parser.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")
+    explain_parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="explain a randomly initialised --model (no --checkpoint or --pretrained): for testing only",
+    )
+    explain_parser.add_argument(
+        "--partial-checkpoint",
+        action="store_true",
+        help="load only the --checkpoint tensors that fit the model and keep the others freshly initialised "
+        "(default: every tensor must match)",
+    )
     explain_parser.add_argument(
         "--method", action="append", default=None, help="method(s), repeatable or comma-separated (default gmar_l1)"
     )

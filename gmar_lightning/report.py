@@ -80,6 +80,13 @@ class Report:
     trajectory_path: Path | None = None
 
 
+def _run_files(run_dir: Path, pattern: str) -> list[Path]:
+    """Files matching ``pattern`` in or below ``run_dir``, following no link out of it: a report embeds what the run
+    wrote, never a file a symlink in the run folder points to elsewhere."""
+    root = run_dir.resolve()
+    return sorted(path for path in run_dir.rglob(pattern) if path.is_file() and path.resolve().is_relative_to(root))
+
+
 def find_trajectory(source: str | os.PathLike[str]) -> Path:
     """The ``head_importance.npz`` for ``source``: the file itself, or the one in (or uniquely below) a run directory.
 
@@ -98,9 +105,9 @@ def find_trajectory(source: str | os.PathLike[str]) -> Path:
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"`run` {str(path)!r} does not exist; pass a run directory or a {TRAJECTORY_NPZ}.")
-    if (path / TRAJECTORY_NPZ).is_file():
+    found = _run_files(path, TRAJECTORY_NPZ)
+    if path / TRAJECTORY_NPZ in found:
         return path / TRAJECTORY_NPZ
-    found = sorted(path.rglob(TRAJECTORY_NPZ))
     if not found:
         raise FileNotFoundError(
             f"`run` {str(path)!r} holds no {TRAJECTORY_NPZ}; pass a run directory of a fit with GMARCallback."
@@ -117,7 +124,7 @@ def _load_trajectory(path: Path) -> HeadTrajectory:
     except (OSError, ValueError) as error:
         raise ValueError(f"`run` {str(path)!r} is not a readable {TRAJECTORY_NPZ}: {error}") from None
     if not len(trajectory):
-        raise ValueError(f"`run` {str(path)!r} records no epoch yet; let the fit run at least one validation.")
+        raise ValueError(f"`run` {str(path)!r} records no evaluation yet; let the fit run at least one validation.")
     return trajectory
 
 
@@ -132,7 +139,7 @@ class OverlayPair:
 
 def _tensorboard_events(run_dir: Path) -> list[Any]:
     """An accumulator of every image and scalar (no sampling) for each event directory under ``run_dir``."""
-    event_dirs = sorted({path.parent for path in run_dir.rglob("events.out.tfevents.*")})
+    event_dirs = sorted({path.parent for path in _run_files(run_dir, "events.out.tfevents.*")})
     if not event_dirs:
         return []
     from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
@@ -165,7 +172,7 @@ def _tensorboard_overlays(events: list[Any], prefix: str = OVERLAY_TAG_PREFIX) -
 def _file_overlays(run_dir: Path, output_dir: Path, kind: str = "overlay") -> list[OverlayPair]:
     """A FileSink's ``step_XXXXXX/gmar_<kind>_<method>.png`` files: the first and the latest step of each."""
     by_name: dict[str, list[tuple[int, Path]]] = {}
-    for path in run_dir.rglob(f"step_*/gmar_{kind}_*.png"):
+    for path in _run_files(run_dir, f"step_*/gmar_{kind}_*.png"):
         if path.resolve().is_relative_to(output_dir.resolve()) or path.read_bytes()[:8] != _PNG_SIGNATURE:
             continue
         step = path.parent.name.removeprefix("step_")
@@ -185,7 +192,7 @@ def _accuracy(run_dir: Path, events: list[Any]) -> tuple[float, float] | None:
     for accumulator in events:
         if "val_acc" in accumulator.Tags()["scalars"]:
             values = [event.value for event in accumulator.Scalars("val_acc")]
-    for metrics in sorted(run_dir.rglob("metrics.csv")):
+    for metrics in _run_files(run_dir, "metrics.csv"):
         with metrics.open(newline="", encoding="utf-8") as handle:
             values = values or [float(row["val_acc"]) for row in csv.DictReader(handle) if row.get("val_acc")]
     return (values[-1], max(values)) if values else None
@@ -193,7 +200,7 @@ def _accuracy(run_dir: Path, events: list[Any]) -> tuple[float, float] | None:
 
 def _settings(run_dir: Path) -> dict[str, Any]:
     """The run's hyperparameters from the logger's ``hparams.yaml`` (empty when there is none)."""
-    found = sorted(run_dir.rglob("hparams.yaml"))
+    found = _run_files(run_dir, "hparams.yaml")
     if not found:
         return {}
     import yaml

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import io
 import math
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -405,18 +407,28 @@ class HeadTrajectory:
 
     @classmethod
     def load_npz(cls, path: str | Path) -> HeadTrajectory:
-        """Read a file written by `save_npz`."""
-        with np.load(path, allow_pickle=False) as arrays:
-            missing = [key for key in _STATE_KEYS if key not in arrays.files]
-            if missing:
-                raise ValueError(f"`path` {path} lacks the arrays {missing}; pass a file written by save_npz().")
-            return cls(
-                epochs=arrays["epochs"].tolist(),
-                steps=arrays["steps"].tolist(),
-                weights=torch.from_numpy(arrays["weights"].astype(np.float32)),
-                scores=torch.from_numpy(arrays["scores"].astype(np.float32)),
-                layer_names=arrays["layer_names"].tolist(),
-            )
+        """Read a file written by `save_npz`.
+
+        Raises:
+            ValueError: If the file is empty, truncated or not such a file, in one line.
+        """
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                missing = [key for key in _STATE_KEYS if key not in arrays.files]
+                if missing:
+                    raise ValueError(f"`path` {path} lacks the arrays {missing}; pass a file written by save_npz().")
+                return cls(
+                    epochs=arrays["epochs"].tolist(),
+                    steps=arrays["steps"].tolist(),
+                    weights=torch.from_numpy(arrays["weights"].astype(np.float32)),
+                    scores=torch.from_numpy(arrays["scores"].astype(np.float32)),
+                    layer_names=arrays["layer_names"].tolist(),
+                )
+        except (EOFError, zipfile.BadZipFile, zlib.error) as error:
+            raise ValueError(
+                f"`path` {path} is empty or truncated ({type(error).__name__}: {error}); pass a complete file written "
+                "by save_npz()."
+            ) from None
 
     def save_csv(self, path: str | Path) -> None:
         """Write the trajectory atomically as long-format CSV with the columns

@@ -267,7 +267,7 @@ def keep_writing(folder: str, start: int) -> None:
         scores = torch.rand(12, 12, generator=generator)
         trajectory.append(0, step, scores / scores.sum(dim=1, keepdim=True), scores)
         write_trajectory(trajectory, folder)
-        time.sleep(0.01)
+        time.sleep(0.05)
 
 
 def test_sigkill_never_leaves_an_inconsistent_pair_and_leftovers_are_cleaned(tmp_path: Path) -> None:
@@ -277,7 +277,7 @@ def test_sigkill_never_leaves_an_inconsistent_pair_and_leftovers_are_cleaned(tmp
     for kill in range(40):
         writer = context.Process(target=keep_writing, args=(str(tmp_path), 1000 * kill), daemon=True)
         writer.start()
-        time.sleep(0.05 + shuffle.random() * 0.1)
+        time.sleep(0.05 + shuffle.random() * 0.3)
         os.kill(writer.pid, signal.SIGKILL)
         writer.join()
         npz, csv_path = tmp_path / "head_importance.npz", tmp_path / "head_importance.csv"
@@ -287,7 +287,7 @@ def test_sigkill_never_leaves_an_inconsistent_pair_and_leftovers_are_cleaned(tmp
         if csv_path.exists():
             kills_with_a_csv += 1
             assert csv_steps(csv_path) == steps, f"kill {kill}: the CSV and the NPZ hold different evaluations"
-    assert kills_with_a_csv >= 10  # the kills landed both between writes and inside them
+    assert kills_with_a_csv >= 8  # the kills landed between writes too, not only inside them
     write_trajectory(HeadTrajectory(), tmp_path)  # the next write cleans what killed writers left
     assert sorted(path.name for path in tmp_path.iterdir()) == ["head_importance.csv", "head_importance.npz"]
     assert np.load(tmp_path / "head_importance.npz")["steps"].tolist() == []

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +21,7 @@ from gmar_lightning import explain
 from gmar_lightning.cli import load_image, main, map_to_original, model_preprocessing
 from gmar_lightning.demos.data import ShapesDataModule
 from gmar_lightning.demos.model import ViTClassifier, create_vit
+from gmar_lightning.trajectory import HeadTrajectory
 
 MODEL = "vit_tiny_patch16_224"
 MODEL_KWARGS = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4}
@@ -178,6 +181,19 @@ def test_explain_reads_model_settings_from_a_lightning_checkpoint(images: list[P
         assert arrays["predictions"].tolist() == expected.tolist()
 
 
+def test_checkpoints_load_strictly_unless_partial_loading_is_asked_for(
+    images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    deeper = tmp_path / "deeper.pth"
+    torch.manual_seed(0)
+    torch.save(create_vit(MODEL, 3, img_size=32, model_kwargs={**MODEL_KWARGS, "depth": 3}).state_dict(), deeper)
+    argv = ["explain", str(images[0]), *TINY_OPTIONS, "--checkpoint", str(deeper), "--device", "cpu"]
+    assert main([*argv, "--output", str(tmp_path / "strict")]) == 2
+    assert "--partial-checkpoint" in capsys.readouterr().err
+    assert main([*argv, "--partial-checkpoint", "--output", str(tmp_path / "partial")]) == 0
+    assert (tmp_path / "partial" / "maps.npz").is_file()
+
+
 def _error_cases(tmp_path: Path, weights: Path, images: list[Path]) -> dict[str, tuple[list[str], str]]:
     unreadable = tmp_path / "broken.png"
     unreadable.write_text("not an image")
@@ -188,6 +204,20 @@ def _error_cases(tmp_path: Path, weights: Path, images: list[Path]) -> dict[str,
     empty_run.mkdir()
     wrong_classes = [*TINY_OPTIONS[:-1], "7"]
     image = str(images[0])
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(20_000, 10_000))
+    empty_npz = tmp_path / "empty.npz"
+    empty_npz.write_bytes(b"")
+    truncated_npz = tmp_path / "truncated.npz"
+    HeadTrajectory().save_npz(truncated_npz)
+    truncated_npz.write_bytes(truncated_npz.read_bytes()[:100])
+    text = tmp_path / "notes.txt"
+    text.write_text("not weights")
+    array = tmp_path / "array.npy"
+    np.save(array, np.arange(4))
+    deeper = tmp_path / "deeper.pth"
+    torch.manual_seed(0)
+    torch.save(create_vit(MODEL, 3, img_size=32, model_kwargs={**MODEL_KWARGS, "depth": 3}).state_dict(), deeper)
     explain_base = ["explain", image, *TINY_OPTIONS, "--checkpoint", str(weights)]
     return {
         "missing image": (["explain", str(tmp_path / "nope.png"), *TINY_OPTIONS], "does not exist"),
@@ -203,11 +233,47 @@ def _error_cases(tmp_path: Path, weights: Path, images: list[Path]) -> dict[str,
         ),
         "unknown method": ([*explain_base, "--method", "gmar_l3"], "--method"),
         "no model": (["explain", image], "--model is required"),
-        "bad model kwargs": (["explain", image, *TINY_OPTIONS, "--model-kwargs", '{"depth": "two"}'], "model_kwargs"),
+        "bad model kwargs": (
+            ["explain", image, *TINY_OPTIONS, "--model-kwargs", '{"depth": "two"}', "--random-weights"],
+            "model_kwargs",
+        ),
+        "decompression bomb": (["explain", str(bomb), *TINY_OPTIONS, "--random-weights"], "too large to read safely"),
+        "empty trajectory file": (["report", str(empty_npz)], "is empty or truncated (EOFError"),
+        "truncated trajectory file": (["report", str(truncated_npz)], "is empty or truncated (BadZipFile"),
+        "heads not dividing the width": (
+            ["explain", image, "--model", MODEL, "--model-kwargs", '{"num_heads": 5}', "--random-weights"],
+            "cannot be built with --model-kwargs {'num_heads': 5} (dim should be divisible by num_heads)",
+        ),
+        "image smaller than a patch": (
+            ["explain", image, "--model", MODEL, "--img-size", "4", "--random-weights"],
+            "--img-size 4 is smaller than the model's 16-pixel patches; pass --img-size 16 or more.",
+        ),
+        "text file as checkpoint": ([*explain_tiny(image), "--checkpoint", str(text)], "is not a weights file"),
+        "numpy file as checkpoint": ([*explain_tiny(image), "--checkpoint", str(array)], "is not a weights file"),
+        "checkpoint of a deeper model": (
+            [*explain_tiny(image), "--checkpoint", str(deeper)],
+            "has tensors the model lacks, such as ['blocks.2.",
+        ),
+        "no weights": (["explain", image, *TINY_OPTIONS], "has no weights: pass --checkpoint FILE or --pretrained"),
         "empty run": (["report", str(empty_run)], "holds no head_importance.npz"),
         "corrupt trajectory": (["report", str(corrupt_run)], "not a readable"),
         "missing run": (["report", str(tmp_path / "no_run")], "does not exist"),
     }
+
+
+def explain_tiny(image: str) -> list[str]:
+    """`explain` of one image with the tiny model options."""
+    return ["explain", image, *TINY_OPTIONS]
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width x height`` pixels but holds almost no data: a decompression bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 ERROR_CASES = [
@@ -222,6 +288,15 @@ ERROR_CASES = [
     "empty run",
     "corrupt trajectory",
     "missing run",
+    "decompression bomb",
+    "empty trajectory file",
+    "truncated trajectory file",
+    "heads not dividing the width",
+    "image smaller than a patch",
+    "text file as checkpoint",
+    "numpy file as checkpoint",
+    "checkpoint of a deeper model",
+    "no weights",
 ]
 
 
@@ -249,7 +324,11 @@ def test_usage_errors_are_one_line_too(capsys: pytest.CaptureFixture[str]) -> No
 
 @pytest.mark.parametrize(
     ("option", "expected"),
-    [(["--device", "nonsense"], "must be a torch device"), (["--batch-size", "0"], "must be a positive integer")],
+    [
+        (["--device", "nonsense"], "must be a torch device"),
+        (["--device", "meta"], "meta tensors hold no data, so nothing can be explained; use cpu or cuda"),
+        (["--batch-size", "0"], "must be a positive integer"),
+    ],
 )
 def test_bad_option_values_are_one_line(
     option: list[str], expected: str, images: list[Path], capsys: pytest.CaptureFixture[str]

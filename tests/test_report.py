@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -58,3 +60,22 @@ def test_report_accepts_the_npz_file_and_an_output_folder(tmp_path: Path) -> Non
     assert main(["report", str(run_dir / "head_importance.npz"), "--output", str(output), "--title", "My run"]) == 0
     assert "<title>My run</title>" in (output / "report.html").read_text(encoding="utf-8")
     assert not (run_dir / "report").exists()
+
+
+def test_report_follows_no_link_out_of_the_run_folder(tmp_path: Path) -> None:
+    run_dir = _run_dir_with_trajectory(tmp_path)
+    FileSink(run_dir / "gmar").log_evaluation(
+        EvaluationRecord(10, 0, images={"gmar/overlay/gmar_l1": torch.rand(3, 16, 16)})
+    )
+    secret = tmp_path / "private" / "holiday.png"
+    secret.parent.mkdir()
+    Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8)).save(secret)
+    (run_dir / "gmar" / "step_000020").mkdir()
+    (run_dir / "gmar" / "step_000020" / "gmar_overlay_gmar_l1.png").symlink_to(secret)
+    (run_dir / "hparams.yaml").symlink_to(tmp_path / "private" / "secrets.yaml")
+    (tmp_path / "private" / "secrets.yaml").write_text("api_key: hunter2\n")
+    assert main(["report", str(run_dir)]) == 0
+    page = (run_dir / "report" / "report.html").read_text(encoding="utf-8")
+    assert base64.b64encode(secret.read_bytes()).decode() not in page
+    assert "latest evaluation (step 10)" in page and "step 20" not in page
+    assert "hunter2" not in page

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -28,6 +28,10 @@ from gmar_lightning.heads.pruning import restore_pruning, restore_pruning_on_loa
 __all__ = ["ViTClassifier", "checkpoint_model_settings", "create_vit", "load_weights"]
 
 _MODEL_SETTINGS = ("model_name", "num_classes", "img_size", "model_kwargs")
+_WEIGHTS_FILE = (
+    "a weights file PyTorch can read safely: a state_dict saved with torch.save (.pth, .pt, .bin), a .safetensors "
+    "file or a Lightning .ckpt"
+)
 
 
 def create_vit(
@@ -111,8 +115,11 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = 
         raise FileNotFoundError(f"`checkpoint` {path!r} does not exist; pass a weights file (.pth, .ckpt, ...).")
     try:
         state_dict = load_state_dict(path, use_ema=False, weights_only=True)
-    except Exception as error:
-        raise ValueError(f"`checkpoint` {path!r} is not a readable weights file: {error}") from None
+    except Exception:
+        # The loaders' own messages (pickle opcodes, "retry with weights_only=False") mislead: say what is expected.
+        raise ValueError(f"`checkpoint` {path!r} is not {_WEIGHTS_FILE}.") from None
+    if not isinstance(state_dict, Mapping) or not all(isinstance(value, Tensor) for value in state_dict.values()):
+        raise ValueError(f"`checkpoint` {path!r} holds a {type(state_dict).__name__}, not {_WEIGHTS_FILE}.")
     prefix = "model."
     if state_dict and all(key.startswith(prefix) for key in state_dict):
         state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
@@ -124,11 +131,17 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = 
     expected = model.state_dict()
     mismatched = [key for key, value in state_dict.items() if key in expected and value.shape != expected[key].shape]
     missing = [key for key in expected if key not in state_dict]
-    if strict and (mismatched or missing):
-        problem = f"shapes differ for {mismatched[:3]}" if mismatched else f"lacks {missing[:3]}"
+    unexpected = [key for key in state_dict if key not in expected]
+    if strict and (mismatched or missing or unexpected):
+        if mismatched:
+            problem = f"shapes differ for {mismatched[:3]}"
+        elif missing:
+            problem = f"lacks {missing[:3]}"
+        else:
+            problem = f"has tensors the model lacks, such as {unexpected[:3]}"
         raise ValueError(
             f"`checkpoint` {path!r} does not fit this model ({problem}); check --model, --num-classes, --img-size "
-            "and the model kwargs."
+            "and the model kwargs, or pass --partial-checkpoint to load only the tensors that fit."
         )
     loadable = {key: value for key, value in state_dict.items() if key in expected and key not in mismatched}
     if not loadable:
@@ -149,8 +162,8 @@ def checkpoint_model_settings(path: str | os.PathLike[str]) -> dict[str, Any] | 
         return None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"`checkpoint` {path!r} is not a readable Lightning checkpoint: {error}") from None
+    except Exception:
+        raise ValueError(f"`checkpoint` {path!r} is not {_WEIGHTS_FILE}.") from None
     settings = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
     if not all(key in settings for key in _MODEL_SETTINGS):
         return None
