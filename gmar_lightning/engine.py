@@ -20,6 +20,7 @@ from gmar_lightning.capture import head_slots, hook_attention, slot_count, unwra
 from gmar_lightning.explanation import Explanation
 from gmar_lightning.families import Probe, UnsupportedModelError
 from gmar_lightning.methods import METHOD_TABLE, Method
+from gmar_lightning.mixing import AttentionMixing, TokenPlan
 from gmar_lightning.model_state import eval_mode_without_fast_paths
 from gmar_lightning.options import ExplainOptions
 from gmar_lightning.tokens import TokenLayout
@@ -51,6 +52,8 @@ class _LayerReductions:
     scores: list[Tensor | None]
     pending: dict[int, dict[int, Tensor]] = field(default_factory=dict)  # layer -> branch -> attention
     gradients: dict[int, dict[int, Tensor]] = field(default_factory=dict)  # layer -> branch -> reduced gradient
+    stream: methods.RowStream | None = None  # when set, each layer's matrix goes to the rollout instead of `matrices`
+    streamed: set[int] = field(default_factory=set)
 
     @property
     def branches(self) -> list[int]:
@@ -81,12 +84,19 @@ class _LayerReductions:
         attentions = [self.layouts[layer][index](self.pending[layer].pop(index)) for index in range(len(done))]
         del self.pending[layer]
         if not self.method.weighs_heads:
-            self.matrices[layer] = sum(done[index] for index in range(len(attentions)))
+            self._keep(layer, sum(done[index] for index in range(len(attentions))))
             return
         scores = torch.cat([done[index] for index in range(len(attentions))], dim=1)
         weights = methods.layer_head_weights(scores).split([a.shape[1] for a in attentions], dim=1)
         self.scores[layer] = scores
-        self.matrices[layer] = sum(methods.fuse_heads(a, w) for a, w in zip(attentions, weights, strict=True))
+        self._keep(layer, sum(methods.fuse_heads(a, w) for a, w in zip(attentions, weights, strict=True)))
+
+    def _keep(self, layer: int, matrix: Tensor) -> None:
+        if self.stream is None:
+            self.matrices[layer] = matrix
+            return
+        self.stream.feed(layer, matrix.detach().unflatten(0, (self.batch, -1)))
+        self.streamed.add(layer)
 
     def fill_unreached(self) -> None:
         """Layers the target does not depend on get zero gradients (uniform GMAR weights, zero relevance)."""
@@ -189,6 +199,50 @@ class _Chunk:
     targets: Tensor  # [B] the explained classes
     matrices: list[Tensor | None]  # per layer [B, W, n_q, n_k]; None where the method keeps no matrix
     scores: list[Tensor] | None  # per layer [B, H_l] head scores, for methods that weigh heads
+    rows: Tensor | None  # [B, N] the read-out rows, when the rollout streamed through the backward pass
+
+
+def _layer_update(
+    method: Method, plan: TokenPlan, options: ExplainOptions, shares: Tensor | None = None
+) -> Callable[[int, AttentionMixing, Tensor, Tensor], Tensor]:
+    """One layer's step of the read-out row for a rollout method, with the options that act layer by layer.
+
+    ``shares`` ``[B, L]`` scales each layer's fused attention for the global head norm.
+    """
+    if method.propagate == "gradient_rollout":
+
+        def relevance_step(layer: int, mixing: AttentionMixing, row: Tensor, relevance: Tensor) -> Tensor:
+            return methods.gradient_rollout_step(mixing, row, relevance) if layer >= options.start_layer else row
+
+        return relevance_step
+    protected = {}
+    if options.discard_ratio > 0:
+        protected = dict(zip((step.layer for step in plan.attention_steps), plan.protected_tokens(), strict=True))
+
+    def rollout_step(layer: int, mixing: AttentionMixing, row: Tensor, fused: Tensor) -> Tensor:
+        if layer < options.start_layer:
+            return row
+        if shares is not None:
+            fused = fused * shares[:, layer, None, None, None]
+        padding = mixing.key_padding()
+        if padding is not None:  # attention to padding slots reaches no token
+            fused = fused.masked_fill(padding.to(fused.device), 0.0)
+        if options.discard_ratio > 0:
+            fused = methods.discard_lowest(fused, options.discard_ratio, mixing.diagonal(protected[layer]))
+        return methods.rollout_step(mixing, row, fused, options.residual)
+
+    return rollout_step
+
+
+def _streams(method: Method, options: ExplainOptions) -> bool:
+    """Whether the rollout can run inside the backward pass: every layer's step is known once its gradient is.
+
+    The global head norm needs every layer's scores before the first step; the head-mean methods see their layers in
+    forward order, the opposite of the row's.
+    """
+    if not method.needs_gradients or method.propagate == "last_layer":
+        return False
+    return method.propagate == "gradient_rollout" or options.head_norm == "layer"
 
 
 def _explain_chunk(
@@ -197,12 +251,16 @@ def _explain_chunk(
     images: Tensor,
     method: Method,
     target: Target,
+    options: ExplainOptions,
 ) -> _Chunk:
     """Run one chunk of images through the model (and, for gradient methods, the backward pass)."""
     batch = images.shape[0]
     layouts = [[module.layout or _as_windows for module in layer] for layer in probe.layers]
     branches = [len(layer) for layer in probe.layers]
     reductions = _LayerReductions(method, batch, layouts, [None] * len(branches), [None] * len(branches))
+    if _streams(method, options):
+        update = _layer_update(method, probe.plan, options)
+        reductions.stream = methods.RowStream(probe.plan, update, batch, images.device)
     owners = [(layer, branch) for layer, count in enumerate(branches) for branch in range(count)]
 
     def on_attention(index: int, attention: Tensor) -> None:
@@ -226,20 +284,25 @@ def _explain_chunk(
         # tensor hooks see each layer's gradient on the way down, and no parameter's .grad is touched.
         torch.autograd.grad(objective, first_layer, allow_unused=True)
         reductions.fill_unreached()
-    missing = [name for name, matrix in zip(probe.layer_names, reductions.matrices, strict=True) if matrix is None]
+    missing = [
+        name
+        for index, (name, matrix) in enumerate(zip(probe.layer_names, reductions.matrices, strict=True))
+        if matrix is None and index not in reductions.streamed
+    ]
     if not method.last_layer_only and missing:
         raise RuntimeError(f"No attention probabilities were captured from {', '.join(missing)}.")
     matrices = [
         matrix.detach().unflatten(0, (batch, -1)) if matrix is not None else None for matrix in reductions.matrices
     ]
     scores = list(reductions.scores) if method.weighs_heads else None
+    rows = reductions.stream.result() if reductions.stream is not None else None
     if needs_grad:
-        summary = scores if scores is not None else matrices
+        summary = scores if scores is not None else [rows] if rows is not None else matrices
         if not all(bool(torch.isfinite(part).all()) for part in summary):
             raise FloatingPointError(
                 "`model` produced NaN/inf attention gradients for `target`; check `images` and the weights for NaN/inf."
             )
-    return _Chunk(logits.detach().float(), targets, matrices, scores)
+    return _Chunk(logits.detach().float(), targets, matrices, scores, rows)
 
 
 def _head_grid(probe: Probe, per_layer: list[Tensor]) -> Tensor:
@@ -356,41 +419,33 @@ def _explain_batch(
         for start in range(0, batch, step):
             chunk_target = target[start : start + step] if isinstance(target, Tensor | Sequence) else target
             chunk_images = images[start : start + step].to(dtype=dtype)
-            chunks.append(_explain_chunk(model, probe, chunk_images, method, chunk_target))
+            chunks.append(_explain_chunk(model, probe, chunk_images, method, chunk_target, options))
 
     logits = torch.cat([chunk.logits for chunk in chunks])
     targets = torch.cat([chunk.targets for chunk in chunks])
-    matrices = [
-        torch.cat([chunk.matrices[i] for chunk in chunks]) if chunks[0].matrices[i] is not None else None
-        for i in range(len(probe.layers))
-    ]
     plan = probe.plan
-    weights = scores = None
-    if method.propagate == "last_layer":
-        rows = methods.propagate_last_attention(plan, matrices[-1])
-    elif method.propagate == "gradient_rollout":
-        rows = methods.propagate_gradient_rollout(plan, matrices, options.start_layer)
+    weights = scores = shares = None
+    if method.weighs_heads:
+        per_layer = [torch.cat([chunk.scores[i] for chunk in chunks]) for i in range(len(probe.layers))]
+        layer_weights = [methods.layer_head_weights(part) for part in per_layer]
+        if options.head_norm == "global":
+            shares = methods.layer_shares(torch.stack([part.sum(dim=1) for part in per_layer], dim=1)[..., None])
+            layer_weights = [w * shares[:, i, None] for i, w in enumerate(layer_weights)]
+        scores, weights = _head_grid(probe, per_layer), _head_grid(probe, layer_weights)
+    if chunks[0].rows is not None:  # rolled out inside the backward pass
+        rows = torch.cat([chunk.rows for chunk in chunks])
     else:
-        mixings = [step.mixing for step in plan.attention_steps]
-        if method.weighs_heads:
-            per_layer = [torch.cat([chunk.scores[i] for chunk in chunks]) for i in range(len(probe.layers))]
-            layer_weights = [methods.layer_head_weights(part) for part in per_layer]
-            if options.head_norm == "global":
-                shares = methods.layer_shares(torch.stack([part.sum(dim=1) for part in per_layer], dim=1)[..., None])
-                layer_weights = [w * shares[:, i, None] for i, w in enumerate(layer_weights)]
-                matrices = [m * shares[:, i, None, None, None] for i, m in enumerate(matrices)]
-            scores, weights = _head_grid(probe, per_layer), _head_grid(probe, layer_weights)
-        for index, mixing in enumerate(mixings):
-            padding = mixing.key_padding()
-            if padding is not None:  # attention to padding slots reaches no token
-                matrices[index] = matrices[index].masked_fill(padding.to(matrices[index].device), 0.0)
-        if options.discard_ratio > 0:
-            protected = plan.protected_tokens()
-            matrices = [
-                methods.discard_lowest(m, options.discard_ratio, mixing.diagonal(tokens))
-                for m, mixing, tokens in zip(matrices, mixings, protected, strict=True)
-            ]
-        rows = methods.propagate_rollout(plan, matrices, options.residual, options.start_layer)
+        matrices = [
+            torch.cat([chunk.matrices[i] for chunk in chunks]) if chunks[0].matrices[i] is not None else None
+            for i in range(len(probe.layers))
+        ]
+        if method.propagate == "last_layer":
+            rows = methods.propagate_last_attention(plan, matrices[-1])
+        else:
+            update = _layer_update(method, plan, options, shares)
+            rows = methods.propagate(
+                plan, lambda layer, mixing, row: update(layer, mixing, row, matrices[layer]), batch, images.device
+            )
 
     token_maps = rows[:, plan.num_prefix_tokens :].reshape(batch, *plan.grid)
     maps = F.interpolate(token_maps.unsqueeze(1), size=images.shape[-2:], mode="bilinear", align_corners=False)

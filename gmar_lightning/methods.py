@@ -154,6 +154,69 @@ def rollout_step(mixing: AttentionMixing, row: Tensor, fused: Tensor, residual: 
     return residual * scaled + (1.0 - residual) * mixed
 
 
+class RowStream:
+    """The read-out row pulled back through a plan one layer at a time, as each layer's matrix becomes available.
+
+    ``update(layer, mixing, row, matrix)`` applies one attention layer; fixed maps between token spaces are applied as
+    the row reaches them. The row needs the layers last-first, the order in which a backward pass produces their
+    gradients: fed from the backward hooks, each layer's matrix is used and dropped at once, so no per-layer list of
+    ``[B, W, n_q, n_k]`` matrices is kept. Layers fed out of order wait until the row reaches them.
+
+    Args:
+        plan: The model's token plan.
+        update: Applies one layer to the row (return ``row`` to skip it).
+        batch: Images.
+        device: Where the row lives (the plan's tensors may stay on the CPU).
+
+    Examples:
+        >>> from gmar_lightning.mixing import AttentionStep
+        >>> plan = TokenPlan((AttentionStep(0, AttentionMixing(2)),), torch.tensor([1.0, 0.0]), 0, (1, 2))
+        >>> stream = RowStream(plan, lambda _i, mixing, row, layer: rollout_step(mixing, row, layer, 0.5), batch=1)
+        >>> stream.feed(0, torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]]))
+        >>> stream.result().tolist()
+        [[0.5, 0.5]]
+    """
+
+    def __init__(
+        self,
+        plan: TokenPlan,
+        update: Callable[[int, AttentionMixing, Tensor, Tensor], Tensor],
+        batch: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self._steps = list(reversed(plan.steps))
+        self._update = update
+        self._waiting: dict[int, Tensor] = {}
+        self._next = 0
+        self.row = plan.readout.to(device).float().expand(batch, -1)
+        self._advance()
+
+    def feed(self, layer: int, matrix: Tensor) -> None:
+        """Hand over ``layer``'s matrix; the row advances as far as the layers received so far allow."""
+        self._waiting[layer] = matrix
+        self._advance()
+
+    def result(self) -> Tensor:
+        """The row over the first token space, ``[B, N_first]``, once every layer was fed."""
+        if self._next < len(self._steps):
+            raise RuntimeError(f"The rollout still waits for attention layer(s) {sorted(self._missing())}.")
+        return self.row
+
+    def _missing(self) -> set[int]:
+        return {step.layer for step in self._steps[self._next :] if not isinstance(step, TokenMap)}
+
+    def _advance(self) -> None:
+        while self._next < len(self._steps):
+            step = self._steps[self._next]
+            if isinstance(step, TokenMap):
+                self.row = step.pull_back(self.row)
+            elif step.layer in self._waiting:
+                self.row = self._update(step.layer, step.mixing, self.row, self._waiting.pop(step.layer))
+            else:
+                return
+            self._next += 1
+
+
 def propagate(
     plan: TokenPlan,
     update: Callable[[int, AttentionMixing, Tensor], Tensor],
@@ -200,6 +263,17 @@ def propagate_rollout(plan: TokenPlan, layers: list[Tensor], residual: float, st
     return propagate(plan, update, layers[0].shape[0], layers[0].device)
 
 
+def gradient_rollout_step(mixing: AttentionMixing, row: Tensor, relevance: Tensor) -> Tensor:
+    """``row^T (I + Abar)`` for one layer of Chefer et al.'s generic rule; ``relevance`` is ``[B, W, n_q, n_k]``.
+
+    Examples:
+        >>> relevance = torch.tensor([[[[0.0, 1.0], [0.0, 0.0]]]])
+        >>> gradient_rollout_step(AttentionMixing(2), torch.tensor([[1.0, 0.0]]), relevance).tolist()
+        [[1.0, 1.0]]
+    """
+    return row + mixing.mix(row, relevance)
+
+
 def propagate_gradient_rollout(plan: TokenPlan, relevances: list[Tensor], start_layer: int = 0) -> Tensor:
     """Read-out row of Chefer et al.'s (2021) generic rule ``R <- R + Abar_l R`` from ``R = I``: ``[B, N]``.
 
@@ -214,7 +288,7 @@ def propagate_gradient_rollout(plan: TokenPlan, relevances: list[Tensor], start_
     """
 
     def update(index: int, mixing: AttentionMixing, row: Tensor) -> Tensor:
-        return row + mixing.mix(row, relevances[index]) if index >= start_layer else row
+        return gradient_rollout_step(mixing, row, relevances[index]) if index >= start_layer else row
 
     return propagate(plan, update, relevances[0].shape[0], relevances[0].device)
 

@@ -31,3 +31,16 @@ def test_rows_live_where_the_layers_live(propagation: str) -> None:
     else:
         row = methods.propagate_last_attention(plan, layers[-1])
     assert row.device.type == "meta" and row.shape == (2, 5)
+
+
+def test_row_stream_waits_for_layers_fed_out_of_order() -> None:
+    plan = windowed_plan()
+    layers = [torch.rand(2, 2, 2, 2), torch.rand(2, 1, 3, 3)]
+    expected = methods.propagate_rollout(plan, layers, residual=0.5)
+
+    stream = methods.RowStream(plan, lambda _i, mixing, row, fused: methods.rollout_step(mixing, row, fused, 0.5), 2)
+    stream.feed(0, layers[0])  # the row needs layer 1 first: layer 0 waits
+    with pytest.raises(RuntimeError, match=r"waits for attention layer\(s\) \[0, 1\]"):
+        stream.result()
+    stream.feed(1, layers[1])
+    torch.testing.assert_close(stream.result(), expected, rtol=0, atol=0)
