@@ -310,7 +310,8 @@ def propagate_last_attention(plan: TokenPlan, last: Tensor) -> Tensor:
 
 def positive_relevance(attention: Tensor, grad: Tensor) -> Tensor:
     """Chefer et al.'s per-layer relevance ``mean_h((G * A)^+)``: ``[B, H, N, N]`` pair -> ``[B, N, N]``."""
-    return head_mean((grad.float() * attention.float()).clamp_min(0))
+    # The product is a fresh tensor: clamping it in place saves a second [B, H, N, N] temporary.
+    return head_mean((grad.float() * attention.float()).clamp_min_(0))
 
 
 def normalize_maps(maps: Tensor) -> Tensor:
