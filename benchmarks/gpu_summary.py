@@ -31,6 +31,9 @@ def main() -> None:
     if engine:
         for ratio in engine["ratios"]:
             value, target, relation = ratio["value"], ratio["target"], ratio["relation"]
+            if target is None:
+                rows.append((f"bench_engine: {ratio['label']}", "info", f"{value:.2f}", None))
+                continue
             met = value <= target if relation == "<=" else value >= target
             rows.append((f"bench_engine: {ratio['label']}", f"{relation} {target}", f"{value:.2f}", met))
 
