@@ -77,9 +77,11 @@ def check_number_in_range(name: str, value: object, low: float, high: float, *, 
         ...
         ValueError: `discard_ratio` must lie in [0.0, 1.0), got 1.0.
     """
-    is_number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not is_number or not (low <= value <= high if include_high else low <= value < high):
-        raise ValueError(f"`{name}` must lie in [{low}, {high}{']' if include_high else ')'}, got {value!r}.")
+    bounds = f"[{low}, {high}{']' if include_high else ')'}"
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a number in {bounds}, got {type(value).__name__} {value!r}.")
+    if not (low <= value <= high if include_high else low <= value < high):
+        raise ValueError(f"`{name}` must lie in {bounds}, got {value!r}.")
     return float(value)
 
 

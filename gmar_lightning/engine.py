@@ -114,6 +114,8 @@ def _check_images(model: nn.Module, images: object) -> Tensor:
         raise ValueError(f"`images` must have shape [B, C, H, W], got {list(images.shape)}{hint}.")
     if not images.is_floating_point():
         raise TypeError(f"`images` must be a float tensor, got {images.dtype}; convert and normalise it first.")
+    if images.is_meta:
+        raise ValueError("`images` are meta tensors, which hold no data; pass images on the CPU or a GPU.")
     if images.shape[0] == 0:
         raise ValueError("`images` is an empty batch; pass at least one image.")
     patch_embed = getattr(model, "patch_embed", None)
@@ -135,6 +137,33 @@ def _check_images(model: nn.Module, images: object) -> Tensor:
             "create the model with dynamic_img_size=True."
         )
     return images
+
+
+def _check_target(target: Target, batch: int) -> Target:
+    """Check the whole ``target`` against the whole batch once, before chunks slice it: an int (or 0-dim integer
+    tensor) for every image, or one integer class per image."""
+    if target is None or (isinstance(target, int) and not isinstance(target, bool)):
+        return target
+    if isinstance(target, bool | str) or not isinstance(target, Sequence | Tensor):
+        raise TypeError(
+            f"`target` must be None, an int or an integer tensor [B], got {type(target).__name__} {target!r}."
+        )
+    try:
+        targets = torch.as_tensor(target)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"`target` must hold integer class indices, got {target!r}.") from None
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        # int(tensor(1.7)) or int(tensor(True)) would silently explain class 1.
+        raise TypeError(f"`target` must hold integer class indices, got dtype {targets.dtype}.")
+    if targets.is_meta:
+        raise ValueError("`target` is a meta tensor, which holds no data; pass class indices on the CPU or a GPU.")
+    if targets.dim() == 0:
+        return int(targets)
+    if targets.shape != (batch,):
+        raise ValueError(
+            f"`target` must be an int or have shape [{batch}] (one class per image), got {list(targets.shape)}."
+        )
+    return targets
 
 
 def _resolve_targets(target: Target, logits: Tensor) -> Tensor:
@@ -391,8 +420,7 @@ def explain(
     images = _check_images(model, images)
     probe = families.probe(model, tuple(images.shape[-2:]), token_layout, family)
     check_int_in_range("start_layer", start_layer, 0, len(probe.layers) - 1)
-    if isinstance(target, Tensor) and target.dim() == 0:
-        target = int(target)
+    target = _check_target(target, images.shape[0])
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else images.device
     spec = METHOD_TABLE[method]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from gmar_lightning._checks import check_non_negative_int
+
 __all__ = ["TokenLayout", "infer_token_layout", "patch_grid"]
 
 
@@ -37,6 +39,19 @@ class TokenLayout:
     num_prefix_tokens: int = 1
     readout_tokens: tuple[int, ...] | None = (0,)
     pool_includes_prefix: bool = False
+
+    def __post_init__(self) -> None:
+        check_non_negative_int("num_prefix_tokens", self.num_prefix_tokens)
+        if self.readout_tokens is not None:
+            # A negative index would silently read a patch token from the end of the sequence.
+            if isinstance(self.readout_tokens, str | int) or not self.readout_tokens:
+                raise ValueError(
+                    f"`readout_tokens` must be a non-empty tuple of token indices or None, got {self.readout_tokens!r}."
+                )
+            for index in self.readout_tokens:
+                check_non_negative_int("readout_tokens", index)
+        if not isinstance(self.pool_includes_prefix, bool):
+            raise TypeError(f"`pool_includes_prefix` must be a bool, got {self.pool_includes_prefix!r}.")
 
     def readout_indices(self, num_tokens: int) -> Tensor:
         """Indices of the tokens the classifier pools."""

@@ -40,6 +40,7 @@ def main(out_dir: str) -> None:
         "world_size": trainer.world_size,
         "trajectory_epochs": callback.trajectory.epochs,
         "has_probe": callback.probe is not None,
+        "probe_images": None if callback.probe is None else callback.probe.images.double().flatten().tolist(),
         "weights_sum": float(weights.double().sum()),
         "weights_abs_sum": float(weights.double().abs().sum()),
         "log_dir": trainer.logger.log_dir if trainer.is_global_zero else None,

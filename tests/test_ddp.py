@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.lightning_helpers import tiny_data
 
 # Two real DDP processes.
 pytestmark = pytest.mark.integration
@@ -42,6 +45,9 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     # Only rank 0 explains and keeps a trajectory; the other rank never took a probe.
     assert rank0["trajectory_epochs"] == [0, 1] and rank0["has_probe"]
     assert rank1["trajectory_epochs"] == [] and not rank1["has_probe"]
+    # The probe is the first samples of the validation set, as on one device, not rank 0's shard (0, 2, 4, ...).
+    first_samples = torch.stack([tiny_data(num_train=64, num_val=32, batch_size=8).val_dataset[i][0] for i in range(4)])
+    assert torch.tensor(rank0["probe_images"]).equal(first_samples.double().flatten())
     # Both ranks end with the same weights: no desynchronisation.
     assert rank0["weights_sum"] == rank1["weights_sum"]
     assert rank0["weights_abs_sum"] == rank1["weights_abs_sum"]
