@@ -33,12 +33,13 @@ from torch import nn
 from tqdm import tqdm
 
 from gmar_lightning import explain
-from gmar_lightning.families import UnsupportedModelError, find_family
+from gmar_lightning.families import UnsupportedModelError, find_family, find_vision_transformer
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "supported_models.md"
 
-VERIFIED_FAMILIES = {"vit", "swin", "pvt", "cait", "pit", "sam"}
-"""Family probes whose token plans tests/test_families.py and tests/test_engine.py check against the reference."""
+VERIFIED_FAMILIES = {"vit", "swin", "pvt", "cait", "pit", "sam", "transformers"}
+"""Family probes whose token plans tests/test_families.py, tests/test_engine.py and tests/test_hf.py check against the
+reference."""
 
 SINGLE_SEQUENCE_CLASSES = {"VisionTransformer", "VisionTransformerDistilled", "Beit", "Eva", "VisionTransformerRelPos"}
 """timm classes the generic single-sequence ``vit`` probe is verified on; any other class it takes is a failure."""
@@ -50,6 +51,7 @@ FAMILY_NOTES = {
     "cait": "talking-head softmaxes as heads; class token joins; class-attention layers",
     "pit": "class token(s) + grid per stage; pooling convolutions map to their kernels",
     "sam": "windowed blocks (padded) interleaved with global blocks",
+    "transformers": "eager attention for the call; token layout and grid from the class and config",
 }
 
 
@@ -147,7 +149,60 @@ CASES: list[Case] = [
     timm_case("gemma4_vit", "gemma4_vit_167m", expect="refused"),
     timm_case("deepseek_vit", "deepseek_vit_412m", expect="refused"),
 ]
-"""Every representative, timm first. The Hugging Face side appends its classes here (family ``transformers``)."""
+"""Every representative, timm first, then the Hugging Face classes (family ``transformers``)."""
+
+TINY_HF = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "num_labels": 3,
+}
+
+
+def transformers_case(model_class: str, config_class: str, expect: str = "works", **config: object) -> Case:
+    """A transformers class built from a tiny config (no download)."""
+
+    def build() -> nn.Module:
+        import transformers
+
+        torch.manual_seed(0)
+        return getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
+
+    return Case("transformers", f"`{model_class}` (tiny)", build, 32, expect)
+
+
+CASES += [
+    transformers_case("ViTForImageClassification", "ViTConfig", **TINY_HF),
+    transformers_case("DeiTForImageClassification", "DeiTConfig", **TINY_HF),
+    transformers_case("DeiTForImageClassificationWithTeacher", "DeiTConfig", **TINY_HF),
+    transformers_case("BeitForImageClassification", "BeitConfig", **TINY_HF, use_relative_position_bias=True),
+    transformers_case("Dinov2ForImageClassification", "Dinov2Config", **TINY_HF),
+    transformers_case(
+        "Dinov2WithRegistersForImageClassification", "Dinov2WithRegistersConfig", **TINY_HF, num_register_tokens=2
+    ),
+    transformers_case(
+        "TimmWrapperForImageClassification",
+        "TimmWrapperConfig",
+        architecture="vit_tiny_patch16_224",
+        num_labels=3,
+        model_args=TINY_VIT,
+    ),
+    transformers_case(
+        "SwinForImageClassification",
+        "SwinConfig",
+        expect="refused",
+        image_size=32,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[2, 2],
+        window_size=4,
+        num_labels=3,
+    ),
+]
 
 NO_TOKEN_ATTENTION: dict[str, str] = {
     "convolutional network": (
@@ -172,11 +227,12 @@ class Outcome:
 
 def _check_explanation(model: nn.Module, result: object) -> str:
     """Why a successful explanation is not trustworthy, or '' when it is."""
-    family = find_family(model).name
+    vit = find_vision_transformer(model)
+    family = find_family(vit).name
     if family not in VERIFIED_FAMILIES:
         return f"explained by family {family!r}, whose token plan no test checks"
-    if family == "vit" and type(model).__name__ not in SINGLE_SEQUENCE_CLASSES:
-        return f"{type(model).__name__} went through the generic single-sequence probe, which no test checks for it"
+    if family == "vit" and type(vit).__name__ not in SINGLE_SEQUENCE_CLASSES:
+        return f"{type(vit).__name__} went through the generic single-sequence probe, which no test checks for it"
     if not bool(torch.isfinite(result.token_maps).all()):
         return "token maps are not finite"
     weights = result.head_weights
@@ -208,7 +264,7 @@ def run_case(case: Case) -> Outcome:
         return Outcome(case, model_class, "FAILED", problem)
     if case.expect != "works":
         return Outcome(case, model_class, "FAILED", "explained, but the table expects a refusal")
-    family = find_family(model).name
+    family = find_family(find_vision_transformer(model)).name
     grid = "x".join(map(str, result.grid_size))
     return Outcome(
         case, model_class, "works", f"{FAMILY_NOTES[family]} ({len(result.layer_names)} layers, {grid} grid)"
@@ -225,7 +281,8 @@ def render_page(outcomes: list[Outcome]) -> str:
         "# Supported models",
         "",
         "Generated by `python benchmarks/supported_models.py` from one small random-init representative per timm "
-        "model module; CI runs it with `--check` and fails when this page, the installed timm and the code disagree. "
+        "model module and per Hugging Face transformers class; CI runs it with `--check` and fails when this page, "
+        "the installed timm and the code disagree. "
         "**works** means `explain` ran and the family's token plan ([the method](method.md#hierarchical-windowed-"
         "and-multi-branch-models)) is checked against a full-matrix reference in the tests; **refused** is the "
         "one-line error the model gets. Models outside this table that reuse one of these classes behave as its row "

@@ -91,14 +91,16 @@ def check_choice(name: str, value: object, choices: Sequence[object]) -> None:
         raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}.")
 
 
-def check_logits(model: object, logits: object, batch: int) -> Tensor:
-    """Return ``logits`` if they are ``[batch, C]``, else a ValueError naming the model and the fix (every module that
-    runs a classifier checks its output with this)."""
+def check_logits(model: object, output: object, batch: int) -> Tensor:
+    """The ``[batch, C]`` logits of a classifier's output (a tensor, or the ``.logits`` of a transformers output),
+    else a ValueError naming the model and the fix (every module that runs a classifier checks its output with this).
+    """
+    logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
     if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
-        shape = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        shape = list(logits.shape) if isinstance(logits, Tensor) else f"{type(output).__name__} without `.logits`"
         raise ValueError(
-            f"`model` ({type(model).__name__}) must return logits [B, C] in eval mode, got {shape}; "
-            "wrap it so that forward returns classification logits."
+            f"`model` ({type(model).__name__}) must return logits [B, C] (or an output with `.logits`) in eval mode, "
+            f"got {shape}; pass the module whose forward returns classification logits."
         )
     return logits
 

@@ -29,7 +29,6 @@ __all__ = [
     "attention_adapter",
     "attention_modules",
     "find_attention_layers",
-    "find_vision_transformer",
     "head_slots",
     "hook_attention",
     "register_attention_adapter",
@@ -50,9 +49,11 @@ class AttentionAdapter:
         name: A label for messages.
         matches: Whether a module is an attention module of this kind.
         probs_module: Given a matching module, the submodule whose first positional input is the post-softmax
-            attention ``[B, H, N, N]`` on the unfused path (timm: ``attn_drop``).
+            attention ``[B, H, N, N]`` on the unfused path (timm: ``attn_drop``). ``None`` with ``output_index``.
         disable_flags: Boolean attributes set to ``False`` for the call to force the unfused path
             (timm: ``fused_attn``). Their values are restored afterwards.
+        output_index: Instead of a submodule's input, the attention is element ``output_index`` of the matching
+            module's own output tuple (transformers attention modules return ``(output, weights)``).
 
     Examples:
         >>> class MyAttention(nn.Module):  # computes softmax, then calls self.dropout(attn)
@@ -67,8 +68,9 @@ class AttentionAdapter:
 
     name: str
     matches: Callable[[nn.Module], bool]
-    probs_module: Callable[[nn.Module], nn.Module]
+    probs_module: Callable[[nn.Module], nn.Module] | None
     disable_flags: tuple[str, ...] = ()
+    output_index: int | None = None
 
 
 def _is_timm_attention(module: nn.Module) -> bool:
@@ -231,25 +233,6 @@ def find_attention_layers(model: nn.Module) -> list[AttentionLayer]:
     return layers
 
 
-def find_vision_transformer(module: nn.Module) -> nn.Module:
-    """The outermost submodule that is a ViT: it has a ``patch_embed`` and recognisable attention layers.
-
-    Used to find the timm model inside a bigger wrapper (a LightningModule, a torch.compile'd attribute).
-
-    Raises:
-        AttentionNotFoundError: If no submodule qualifies; the message says how to point at the model instead.
-    """
-    for candidate in module.modules():
-        if isinstance(candidate, nn.Module) and hasattr(candidate, "patch_embed"):
-            with contextlib.suppress(AttentionNotFoundError):
-                find_attention_layers(candidate)
-                return candidate
-    raise AttentionNotFoundError(
-        f"`model` ({type(module).__name__}) contains no ViT with `patch_embed` and recognisable attention modules; "
-        "pass `model_getter` to point at the ViT, or register an AttentionAdapter."
-    )
-
-
 OnAttention = Callable[[int, Tensor], None]
 
 
@@ -267,9 +250,20 @@ def hook_attention(layers: list[AttentionLayer], on_attention: OnAttention) -> I
 
         return hook
 
+    def make_output_hook(index: int, position: int) -> Callable[[nn.Module, tuple, object], None]:
+        def hook(_module: nn.Module, _inputs: tuple, output: object) -> None:
+            if isinstance(output[position], Tensor):  # None if the module ignored the switch to eager attention
+                on_attention(index, output[position])
+
+        return hook
+
     try:
         for index, layer in enumerate(layers):
-            handles.append(layer.probs_module.register_forward_pre_hook(make_hook(index)))
+            position = layer.adapter.output_index
+            if position is None:
+                handles.append(layer.probs_module.register_forward_pre_hook(make_hook(index)))
+            else:
+                handles.append(layer.module.register_forward_hook(make_output_hook(index, position)))
         yield
     finally:
         for handle in handles:

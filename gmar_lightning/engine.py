@@ -18,7 +18,7 @@ from gmar_lightning import families, methods
 from gmar_lightning._checks import check_choice, check_int_in_range, check_logits
 from gmar_lightning.capture import head_slots, hook_attention, slot_count, unwrap_model
 from gmar_lightning.explanation import Explanation
-from gmar_lightning.families import Probe, UnsupportedModelError
+from gmar_lightning.families import Probe, UnsupportedModelError, find_vision_transformer, hf
 from gmar_lightning.methods import METHOD_TABLE, Method
 from gmar_lightning.mixing import AttentionMixing, TokenPlan
 from gmar_lightning.model_state import eval_mode_without_fast_paths
@@ -124,6 +124,8 @@ def _check_images(model: nn.Module, images: object) -> Tensor:
     first = next((m for m in stem.modules() if isinstance(m, nn.Conv2d)), None) if stem is not None else None
     proj = first if stem is not None else getattr(patch_embed, "proj", None)
     expected_channels = getattr(proj, "in_channels", None)
+    if hf.is_transformers_vit(model):
+        expected_channels = hf.num_channels_of(model)
     if expected_channels is not None and images.shape[1] != expected_channels:
         raise ValueError(
             f"`images` have {images.shape[1]} channels but the model takes {expected_channels}; "
@@ -183,8 +185,32 @@ def _resolve_targets(target: Target, logits: Tensor) -> Tensor:
     return targets
 
 
-def _check_logits(model: nn.Module, logits: object, batch: int) -> Tensor:
-    logits = check_logits(model, logits, batch)
+def _headless_reason(vit: nn.Module) -> str | None:
+    """Why a ViT outputs features rather than class logits, or ``None`` if it has a classifier."""
+    if hf.is_transformers_vit(vit):
+        return "a transformers backbone without a classifier (num_labels=0)" if hf.is_headless(vit) else None
+    return "a ViT without a classifier (num_classes=0)" if getattr(vit, "num_classes", None) == 0 else None
+
+
+def _output_tensors(output: object) -> list[Tensor]:
+    """The tensors of a module's output: the tensor itself, or a transformers output's fields."""
+    if isinstance(output, Tensor):
+        return [output]
+    fields = output.to_tuple() if hasattr(output, "to_tuple") else ()
+    return [field for field in fields if isinstance(field, Tensor)]
+
+
+def _check_logits(model: nn.Module, output: object, batch: int, headless_outputs: list[Tensor]) -> Tensor:
+    """The ``[B, C]`` logits of the whole model's output (a tensor, or a transformers output's ``.logits``).
+
+    ``headless_outputs`` are the outputs of a ViT without a classifier: logits that are one of them are features.
+    """
+    logits = check_logits(model, output, batch)
+    if any(logits is features for features in headless_outputs):
+        raise ValueError(
+            f"`model` ({type(model).__name__}) returns the pooled features of its ViT, not class logits: the ViT has "
+            "no classifier (num_classes=0 / num_labels=0); add a classifier head after it."
+        )
     if not bool(torch.isfinite(logits).all()):
         raise FloatingPointError(
             f"`model` ({type(model).__name__}) produced NaN/inf logits; check `images` and the weights for NaN/inf."
@@ -276,6 +302,7 @@ def _streams(method: Method, options: ExplainOptions) -> bool:
 
 def _explain_chunk(
     model: nn.Module,
+    vit: nn.Module,
     probe: Probe,
     images: Tensor,
     method: Method,
@@ -301,13 +328,21 @@ def _explain_chunk(
     # Inference tensors cannot enter autograd: clone inside inference_mode(False). requires_grad makes the attention
     # part of the graph even when every parameter is frozen.
     inputs = images.clone().requires_grad_(needs_grad)
-    with hook_attention(probe.modules, on_attention):
-        logits = _check_logits(model, model(inputs), batch)
+    headless_outputs: list[Tensor] = []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(hook_attention(probe.modules, on_attention))
+        if vit is not model and _headless_reason(vit) is not None:
+            handle = vit.register_forward_hook(lambda _m, _i, output: headless_outputs.extend(_output_tensors(output)))
+            stack.callback(handle.remove)
+        logits = _check_logits(model, model(inputs), batch, headless_outputs)
     targets = _resolve_targets(target, logits)
     if needs_grad:
         first_layer = list(reductions.pending.get(0, {}).values())
         if len(first_layer) != branches[0]:
-            raise RuntimeError(f"No attention probabilities were captured from {probe.layer_names[0]}: is it called?")
+            raise RuntimeError(
+                f"No attention probabilities were captured from {probe.layer_names[0]}: `model`'s forward does not "
+                "run it; pass the ViT it classifies with as `vit=`."
+            )
         objective = logits.gather(1, targets[:, None]).sum()
         # Differentiate with respect to the first layer's attention only: every later layer depends on it, so the
         # tensor hooks see each layer's gradient on the way down, and no parameter's .grad is touched.
@@ -319,7 +354,10 @@ def _explain_chunk(
         if matrix is None and index not in reductions.streamed
     ]
     if not method.last_layer_only and missing:
-        raise RuntimeError(f"No attention probabilities were captured from {', '.join(missing)}.")
+        raise RuntimeError(
+            f"No attention probabilities were captured from {', '.join(missing)}: `model`'s forward does not run "
+            "them; pass the ViT it classifies with as `vit=`."
+        )
     matrices = [
         matrix.detach().unflatten(0, (batch, -1)) if matrix is not None else None for matrix in reductions.matrices
     ]
@@ -364,6 +402,7 @@ def explain(
     start_layer: int = 0,
     chunk_size: int | None = None,
     token_layout: TokenLayout | None = None,
+    vit: nn.Module | None = None,
 ) -> Explanation:
     """Explain a ViT's predictions for a batch with GMAR or one of the baselines.
 
@@ -376,9 +415,17 @@ def explain(
     The whole batch takes one forward and (gradient methods) one backward pass, in eval mode and float32, with
     fused attention switched off for the call only. Everything the call changes is restored, also on error.
 
+    ``model`` is the whole classifier: the logits are always its output, so a ViT backbone with a separate head, a ViT
+    nested as ``self.backbone`` or a LightningModule are explained as they classify. The ViT inside it (found
+    automatically, or ``vit``) supplies the attention layers, the token layout and the patch grid.
+
     Args:
-        model: A timm ViT (or any model whose attention an [`AttentionAdapter`][gmar_lightning.capture.AttentionAdapter]
-            reaches). ``torch.compile``d models are explained through their eager module.
+        model: A module whose forward maps ``images`` to logits ``[B, C]`` (a tensor, or an output with ``.logits``
+            as transformers classifiers return) and holds a ViT: a timm model of a supported family, a supported
+            Hugging Face transformers ViT (see [`families.hf`][gmar_lightning.families.hf]), or any model whose
+            attention an [`AttentionAdapter`][gmar_lightning.capture.AttentionAdapter] reaches. ``torch.compile``d
+            models are explained through their eager module. A ViT without a classifier (``num_classes=0``,
+            ``num_labels=0``, a bare transformers backbone) is refused: its outputs are features, not classes.
         images: ``[B, C, H, W]`` float batch, normalised as the model expects.
         method: One of ``"gmar_l1"``, ``"gmar_l2"``, ``"rollout"``, ``"grad_rollout"``, ``"attention"``.
         target: Class to explain: ``None`` for the predicted class, an ``int`` for all images, or a ``[B]`` tensor.
@@ -392,8 +439,11 @@ def explain(
         chunk_size: Explain at most this many images per pass, to bound memory; results are identical.
         token_layout: Override the inferred prefix tokens and read-out (see
             [`TokenLayout`][gmar_lightning.tokens.TokenLayout]).
+        vit: The ViT inside ``model`` whose attention is explained. Default: the outermost ViT found in ``model``
+            (with a warning that names them all if there are several, as in teacher-student set-ups).
 
-    The keyword options are the fields of [`ExplainOptions`][gmar_lightning.options.ExplainOptions], which checks them.
+    The keyword options but ``vit`` are the fields of [`ExplainOptions`][gmar_lightning.options.ExplainOptions],
+    which checks them.
 
     Returns:
         An [`Explanation`][gmar_lightning.explanation.Explanation] with token maps, upsampled maps in ``[0, 1]``,
@@ -416,20 +466,29 @@ def explain(
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
     model = unwrap_model(model)
-    family = families.find_family(model)  # a model without a token rollout is refused before its inputs are checked
-    images = _check_images(model, images)
-    probe = families.probe(model, tuple(images.shape[-2:]), token_layout, family)
+    if vit is not None and not isinstance(vit, nn.Module):
+        raise TypeError(f"`vit` must be the torch.nn.Module of a ViT inside `model`, got {type(vit).__name__}.")
+    vit = find_vision_transformer(model) if vit is None else unwrap_model(vit)
+    family = families.find_family(vit)  # a model without a token rollout is refused before its inputs are checked
+    if vit is model and _headless_reason(vit) is not None:
+        raise ValueError(
+            f"`model` ({type(model).__name__}) is {_headless_reason(vit)}: it outputs pooled features, not class "
+            "logits; explain the module that adds your classifier head, or create the model with classes."
+        )
+    images = _check_images(vit, images)
+    probe = families.probe(vit, tuple(images.shape[-2:]), token_layout, family)
     check_int_in_range("start_layer", start_layer, 0, len(probe.layers) - 1)
     target = _check_target(target, images.shape[0])
-    parameter = next(model.parameters(), None)
+    parameter = next(vit.parameters(), None)
     device = parameter.device if parameter is not None else images.device
     spec = METHOD_TABLE[method]
     with _isolated(device, spec.needs_gradients):
-        return _explain_batch(model, probe, images.to(device), spec, target, options)
+        return _explain_batch(model, vit, probe, images.to(device), spec, target, options)
 
 
 def _explain_batch(
     model: nn.Module,
+    vit: nn.Module,
     probe: Probe,
     images: Tensor,
     method: Method,
@@ -437,7 +496,7 @@ def _explain_batch(
     options: ExplainOptions,
 ) -> Explanation:
     """Explain ``images`` in chunks and roll out; runs inside `_isolated`."""
-    parameter = next(model.parameters(), None)
+    parameter = next(vit.parameters(), None)
     # Feed the parameters' dtype: autocast is off, so a bf16-true model gets bf16 inputs; reductions are float32.
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
     batch = images.shape[0]
@@ -447,7 +506,7 @@ def _explain_batch(
         for start in range(0, batch, step):
             chunk_target = target[start : start + step] if isinstance(target, Tensor | Sequence) else target
             chunk_images = images[start : start + step].to(dtype=dtype)
-            chunks.append(_explain_chunk(model, probe, chunk_images, method, chunk_target, options))
+            chunks.append(_explain_chunk(model, vit, probe, chunk_images, method, chunk_target, options))
 
     logits = torch.cat([chunk.logits for chunk in chunks])
     targets = torch.cat([chunk.targets for chunk in chunks])

@@ -28,17 +28,23 @@ class TokenLayout:
         readout_tokens: Indices of the tokens whose rows are averaged for the read-out, or ``None`` for the mean
             of the patch tokens (average pooling).
         pool_includes_prefix: With average pooling, whether the prefix tokens are part of the mean.
+        with_patch_mean: The classifier reads the ``readout_tokens`` and, beside them, the mean of the patch tokens
+            (Dinov2's head reads ``[class token, mean of patch tokens]``); the read-out averages the tokens' rows and
+            the mean patch row as equal parts.
 
     Examples:
         >>> TokenLayout(num_prefix_tokens=1).readout_vector(num_tokens=5, batch_size=1).tolist()
         [[1.0, 0.0, 0.0, 0.0, 0.0]]
         >>> TokenLayout(num_prefix_tokens=1, readout_tokens=None).readout_vector(5, 1).tolist()
         [[0.0, 0.25, 0.25, 0.25, 0.25]]
+        >>> TokenLayout(num_prefix_tokens=1, with_patch_mean=True).readout_vector(5, 1).tolist()
+        [[0.5, 0.125, 0.125, 0.125, 0.125]]
     """
 
     num_prefix_tokens: int = 1
     readout_tokens: tuple[int, ...] | None = (0,)
     pool_includes_prefix: bool = False
+    with_patch_mean: bool = False
 
     def __post_init__(self) -> None:
         check_non_negative_int("num_prefix_tokens", self.num_prefix_tokens)
@@ -52,20 +58,33 @@ class TokenLayout:
                 check_non_negative_int("readout_tokens", index)
         if not isinstance(self.pool_includes_prefix, bool):
             raise TypeError(f"`pool_includes_prefix` must be a bool, got {self.pool_includes_prefix!r}.")
+        if not isinstance(self.with_patch_mean, bool):
+            raise TypeError(f"`with_patch_mean` must be a bool, got {self.with_patch_mean!r}.")
 
-    def readout_indices(self, num_tokens: int) -> Tensor:
-        """Indices of the tokens the classifier pools."""
-        if self.readout_tokens is not None:
-            return torch.tensor(self.readout_tokens, dtype=torch.long)
+    def _pooled_patch_indices(self, num_tokens: int) -> Tensor:
         first = 0 if self.pool_includes_prefix else self.num_prefix_tokens
         return torch.arange(first, num_tokens)
 
+    def readout_indices(self, num_tokens: int) -> Tensor:
+        """Indices of the tokens the classifier pools."""
+        if self.readout_tokens is None:
+            return self._pooled_patch_indices(num_tokens)
+        tokens = torch.tensor(self.readout_tokens, dtype=torch.long)
+        if self.with_patch_mean:
+            return torch.cat([tokens, self._pooled_patch_indices(num_tokens)]).unique()
+        return tokens
+
     def readout_vector(self, num_tokens: int, batch_size: int, device: torch.device | str = "cpu") -> Tensor:
-        """``[B, N]`` the mean of the one-hot rows of the pooled tokens."""
+        """``[B, N]`` the mean of the one-hot rows of the pooled tokens (and of the mean patch row, if read too)."""
         vector = torch.zeros(num_tokens, device=device)
-        indices = self.readout_indices(num_tokens).to(device)
-        vector[indices] = 1.0 / len(indices)
-        return vector.expand(batch_size, num_tokens)
+        if self.readout_tokens is None:
+            vector[self._pooled_patch_indices(num_tokens).to(device)] = 1.0
+        else:
+            vector[torch.tensor(self.readout_tokens, device=device)] = 1.0
+            if self.with_patch_mean:
+                patches = self._pooled_patch_indices(num_tokens).to(device)
+                vector[patches] += 1.0 / len(patches)
+        return (vector / vector.sum()).expand(batch_size, num_tokens)
 
 
 def infer_token_layout(model: nn.Module) -> TokenLayout:

@@ -78,8 +78,10 @@ def capture_full(
     return [a.detach() for a in attentions], grads, logits.detach(), targets
 
 
-def readout_rows(matrix: Tensor, readout: list[int]) -> Tensor:
-    """Mean of the read-out tokens' rows of ``[B, N, M]``."""
+def readout_rows(matrix: Tensor, readout: list[int] | Tensor) -> Tensor:
+    """Mean of the read-out tokens' rows of ``[B, N, M]``, or the sum of its rows weighted by an ``[N]`` tensor."""
+    if isinstance(readout, Tensor):
+        return torch.einsum("n,bnm->bm", readout.to(matrix.device), matrix)
     return matrix[:, readout, :].mean(dim=1)
 
 
@@ -100,25 +102,37 @@ def reference_explain(
     images: Tensor,
     method: str,
     *,
+    target: Tensor | None = None,
+    inputs: Inputs | None = None,
+    **options,
+) -> tuple[Tensor, Tensor | None]:
+    """Token maps ``[B, h, w]`` and head weights of a timm model: :func:`capture_full`, then
+    :func:`reference_from_attention` with ``options``."""
+    attentions, grads, _, _ = capture_full(model, images, target, inputs)
+    return reference_from_attention(attentions, grads, method, **options)
+
+
+def reference_from_attention(
+    attentions: list[Tensor],
+    grads: list[Tensor],
+    method: str,
+    *,
     num_prefix: int,
-    readout: list[int] | None,
+    readout: list[int] | Tensor | None,
     grid: tuple[int, int],
     structure: Structure | None = None,
     residual: float = 0.5,
     head_norm: str = "layer",
     discard_ratio: float = 0.0,
     start_layer: int = 0,
-    target: Tensor | None = None,
-    inputs: Inputs | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Token maps ``[B, h, w]`` and head weights ``[B, L, H_max]`` (GMAR; NaN for absent heads), the slow way.
+    """Token maps ``[B, h, w]`` and head weights ``[B, L, H_max]`` (GMAR; NaN for absent heads), the slow way, from
+    every captured attention ``[B', H, n_q, n_k]`` and its gradient.
 
     ``num_prefix`` and ``grid`` describe the first token space; ``readout`` lists the read-out tokens of the last
-    space (``None``: the mean of its tokens after ``num_prefix``). ``structure`` defaults to one global layer per
-    captured attention.
+    space (``None``: the mean of its tokens after ``num_prefix``), or weighs its rows with an ``[N]`` tensor.
+    ``structure`` defaults to one global layer per captured attention.
     """
-    attentions, grads, _, _ = capture_full(model, images, target, inputs)
-    batch = images.shape[0]
     structure = [Layer() for _ in attentions] if structure is None else structure
     layers = [step for step in structure if isinstance(step, Layer)]
     assert sum(layer.branches for layer in layers) == len(attentions), (len(layers), len(attentions))
@@ -133,6 +147,7 @@ def reference_explain(
         return tensor if layer.to_global is None else layer.to_global(tensor)
 
     head_attention = [placed(layer, a) for layer, a in zip(layers, attentions, strict=True)]
+    batch, device = head_attention[0].shape[0], head_attention[0].device
     weights_out = None
     if method in ("gmar_l1", "gmar_l2"):
         per_image = [g.unflatten(0, (batch, -1)) for g in grads]  # [B, W, H, n_q, n_k]: every window of an image
@@ -178,7 +193,7 @@ def reference_explain(
             fused_layers[index] = layer.to_global(fused.flatten(0, 1)[:, None])[:, 0]
 
     first_tokens = num_prefix + grid[0] * grid[1]
-    relevance = torch.eye(first_tokens, device=images.device).expand(batch, first_tokens, first_tokens)
+    relevance = torch.eye(first_tokens, device=device).expand(batch, first_tokens, first_tokens)
     index = 0
     for step in structure:
         if not isinstance(step, Layer):
@@ -186,7 +201,7 @@ def reference_explain(
             continue
         fused, used = fused_layers[index], index >= start_layer
         num_tokens = fused.shape[-1]
-        eye = torch.eye(num_tokens, device=images.device).expand(batch, num_tokens, num_tokens)
+        eye = torch.eye(num_tokens, device=device).expand(batch, num_tokens, num_tokens)
         if method == "attention":
             if index == len(layers) - 1:
                 relevance = _identity_rows(fused, step.queried) @ relevance
@@ -200,6 +215,7 @@ def reference_explain(
                     flat = fused[b].flatten()
                     lowest = flat.argsort()[: int(flat.numel() * discard_ratio)]
                     keep = readout if readout is not None else range(num_prefix, num_tokens)
+                    keep = keep.nonzero().flatten().tolist() if isinstance(keep, Tensor) else keep
                     lowest = [
                         i
                         for i in lowest.tolist()

@@ -42,7 +42,7 @@ from gmar_lightning.callback.records import (
     probe_metric_scores,
 )
 from gmar_lightning.callback.sinks import Sink, sinks_for_loggers
-from gmar_lightning.capture import AttentionNotFoundError, find_attention_layers, find_vision_transformer, unwrap_model
+from gmar_lightning.capture import unwrap_model
 from gmar_lightning.engine import explain
 from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
 from gmar_lightning.options import ExplainOptions
@@ -135,18 +135,6 @@ def _logging_step(trainer: pl.Trainer) -> int:
     after validation has run. There is no public accessor; the loggers read this same counter.
     """
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
-
-
-def _vision_transformers(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The outermost submodules of ``module`` that are ViTs (``patch_embed`` plus attention), with their names."""
-    found: list[tuple[str, nn.Module]] = []
-    for name, candidate in module.named_modules():
-        if not hasattr(candidate, "patch_embed") or any(name.startswith(f"{outer}.") for outer, _ in found):
-            continue
-        with contextlib.suppress(AttentionNotFoundError):
-            find_attention_layers(candidate)
-            found.append((name, candidate))
-    return found
 
 
 def _retagged(record: EvaluationRecord, prefix: str) -> EvaluationRecord:
@@ -441,9 +429,9 @@ class GMARCallback(Callback):
     def _model(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.model_getter is not None:
             return unwrap_model(self.model_getter(pl_module))
-        found = _vision_transformers(unwrap_model(pl_module))
-        if not found:
-            find_vision_transformer(pl_module)  # raises the error that says how to point at the model
+        found = families.vision_transformers(pl_module)
+        if not found:  # the module itself (or a refusal): the check in setup says why it cannot be explained
+            return families.find_vision_transformer(pl_module)
         if len(found) > 1 and not self._warned_several_vits:
             self._warned_several_vits = True
             names = ", ".join(f"`{name}`" for name, _ in found)

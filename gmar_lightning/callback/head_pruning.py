@@ -21,7 +21,8 @@ from typing_extensions import override
 
 from gmar_lightning._io import atomic_write_text
 from gmar_lightning.callback.gmar import GMARCallback, _preserved_rng
-from gmar_lightning.capture import find_attention_layers, find_vision_transformer, unwrap_model
+from gmar_lightning.capture import find_attention_layers, unwrap_model
+from gmar_lightning.families import find_vision_transformer
 from gmar_lightning.heads.importance import michel_importance
 from gmar_lightning.heads.pruning import (
     head_counts,

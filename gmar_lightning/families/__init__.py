@@ -10,12 +10,13 @@ reason. ``docs/method.md`` defines every mapping; ``docs/supported_models.md`` l
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from gmar_lightning.capture import AttentionLayer, find_attention_layers
+from gmar_lightning.capture import AttentionLayer, find_attention_layers, unwrap_model
 from gmar_lightning.mixing import TokenPlan
 from gmar_lightning.tokens import TokenLayout
 
@@ -26,8 +27,10 @@ __all__ = [
     "UnsupportedModelError",
     "check_supported",
     "find_family",
+    "find_vision_transformer",
     "probe",
     "require_pooling",
+    "vision_transformers",
 ]
 
 
@@ -75,7 +78,7 @@ class Family:
 
 
 def _registry() -> list[Family]:
-    from gmar_lightning.families import cait, pit, pvt, sam, swin, vit
+    from gmar_lightning.families import cait, hf, pit, pvt, sam, swin, vit
 
     return [
         Family("sam", sam.matches, sam.probe, sam.check),
@@ -84,6 +87,7 @@ def _registry() -> list[Family]:
         Family("swin", swin.matches, swin.probe, swin.check),
         Family("pvt", pvt.matches, pvt.probe, pvt.check),
         Family("vit", vit.matches, vit.probe, vit.check, takes_token_layout=True),
+        Family("transformers", hf.matches, hf.probe, takes_token_layout=True),
     ]
 
 
@@ -138,6 +142,58 @@ def require_pooling(model: nn.Module, pool: object, allowed: tuple[str, ...]) ->
             f"`model` ({type(model).__name__}) pools with global_pool={pool!r}, which has no linear read-out for "
             f"rollout; create it with global_pool={' or '.join(map(repr, allowed))}."
         )
+
+
+def _is_vision_transformer(module: nn.Module) -> bool:
+    """A model a family explains (a timm ViT, a Swin, a supported transformers ViT) or refuses by its class (XCiT)."""
+    from gmar_lightning.families.refused import MODEL_REASONS
+
+    return type(module).__name__ in MODEL_REASONS or any(family.matches(module) for family in FAMILIES)
+
+
+def vision_transformers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, model)`` of every outermost ViT inside ``module`` (``module`` itself first), in registration order.
+
+    A ViT is a model a family explains (or refuses by its class); ViTs inside a ViT (a transformers classifier's
+    backbone) are not listed separately.
+    """
+    module = unwrap_model(module)
+    found: list[tuple[str, nn.Module]] = []
+    for name, candidate in module.named_modules():
+        if any(outer == "" or name == outer or name.startswith(f"{outer}.") for outer, _ in found):
+            continue
+        if _is_vision_transformer(candidate):
+            found.append((name, unwrap_model(candidate)))
+    return found
+
+
+def find_vision_transformer(module: nn.Module) -> nn.Module:
+    """The outermost ViT inside ``module`` (a LightningModule, a backbone with a separate head, a model nested as
+    ``self.backbone``, a ``torch.compile``'d attribute), or ``module`` itself when it holds none that a family
+    recognises (the families then say why it cannot be explained).
+
+    If the module holds several (a teacher and a student), the first is returned with a warning that names them all
+    and says how to choose.
+
+    Raises:
+        UnsupportedModelError: If ``module`` is or holds a transformers model that is not a supported ViT.
+    """
+    from gmar_lightning.families import hf
+
+    found = vision_transformers(module)
+    if not found:
+        reason = hf.unsupported_reason(module)
+        if reason is not None:
+            raise UnsupportedModelError(f"`model` ({type(module).__name__}) cannot be explained: {reason}.")
+        return unwrap_model(module)
+    if len(found) > 1:
+        names = ", ".join(f"`{name}` ({type(vit).__name__})" for name, vit in found)
+        warnings.warn(
+            f"`model` ({type(module).__name__}) holds {len(found)} ViTs: {names}; explaining `{found[0][0]}`. "
+            f"To choose, pass `vit=` to explain (e.g. vit=model.get_submodule({found[-1][0]!r})).",
+            stacklevel=3,
+        )
+    return found[0][1]
 
 
 # Last: the family modules import the helpers above.

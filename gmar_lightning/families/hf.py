@@ -1,0 +1,264 @@
+"""Hugging Face transformers ViTs: their attention layers, eager attention for one call, token layout and patch grid.
+
+A model family (see [`families`][gmar_lightning.families]): one global self-attention per layer over the prefix
+tokens and the patch grid, like the timm ViT family, with the layout read from the transformers class and config.
+
+``transformers`` is optional (``pip install "gmar-lightning[hf]"``) and nothing here imports it: a model can only be a
+transformers model if the user already imported transformers, so the checks look the package up in ``sys.modules``.
+
+Supported: ``ViTForImageClassification``, ``DeiTForImageClassification``, ``DeiTForImageClassificationWithTeacher``,
+``BeitForImageClassification``, ``Dinov2ForImageClassification`` and ``Dinov2WithRegistersForImageClassification``
+(and their bare ``*Model`` backbones inside a module that adds its own head), on transformers 4.x and 5.x.
+``TimmWrapperForImageClassification`` holds a timm model, which the timm capture explains.
+
+How the attention probabilities are reached: each transformers attention module returns ``(output, weights)``, where
+``weights`` is the tensor that multiplies the values (after dropout, an identity in eval mode), but only on the eager
+path (SDPA and flash attention return ``None``). The capture therefore switches every config of the model to
+``attn_implementation="eager"`` for the call and restores it afterwards, and reads element 1 of each attention
+module's output with a forward hook. Modeling code that predates ``_can_record_outputs`` (transformers 4.x BEiT)
+returns the weights only under ``output_attentions``, so for those models ``config.output_attentions`` is switched on
+too. (Newer code would install permanent output-capturing hooks if asked, so it is not.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from torch import nn
+
+from gmar_lightning.capture import AttentionAdapter, AttentionLayer
+from gmar_lightning.families import Probe
+from gmar_lightning.families.grids import global_mixing
+from gmar_lightning.mixing import AttentionStep, TokenPlan
+from gmar_lightning.tokens import TokenLayout
+
+__all__ = [
+    "SUPPORTED_CLASSES",
+    "attention_modules",
+    "eager_attention",
+    "is_headless",
+    "is_transformers_model",
+    "is_transformers_vit",
+    "matches",
+    "num_channels_of",
+    "patch_grid_of",
+    "probe",
+    "token_layout_of",
+    "unsupported_reason",
+]
+
+SUPPORTED_CLASSES = (
+    "ViTForImageClassification",
+    "DeiTForImageClassification",
+    "DeiTForImageClassificationWithTeacher",
+    "BeitForImageClassification",
+    "Dinov2ForImageClassification",
+    "Dinov2WithRegistersForImageClassification",
+    "TimmWrapperForImageClassification",
+)
+"""The transformers image classifiers ``explain`` and ``GMARCallback`` support."""
+
+# model_type -> the class of its bare backbone, which classifiers hold and users nest under their own heads.
+_MODEL_TYPES = {
+    "vit": "ViTModel",
+    "deit": "DeiTModel",
+    "beit": "BeitModel",
+    "dinov2": "Dinov2Model",
+    "dinov2_with_registers": "Dinov2WithRegistersModel",
+}
+
+
+def is_transformers_model(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers ``PreTrainedModel`` (``False`` whenever transformers is not imported)."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(module, transformers.PreTrainedModel)
+
+
+def is_transformers_vit(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers ViT whose attention and token layout this module knows."""
+    return is_transformers_model(module) and getattr(module.config, "model_type", None) in _MODEL_TYPES
+
+
+def is_headless(model: nn.Module) -> bool:
+    """Whether a transformers ViT outputs features rather than class logits (a bare backbone, or ``num_labels=0``)."""
+    name = type(model).__name__
+    return not name.endswith(("ForImageClassification", "ForImageClassificationWithTeacher")) or (
+        model.config.num_labels == 0
+    )
+
+
+def _recorded_attention_classes(model: nn.Module) -> tuple[tuple[type, int], ...]:
+    """``(class, output index)`` of the modules whose output holds the attention weights, from ``_can_record_outputs``.
+
+    Plain classes in that table record element 1 for attentions; an ``OutputRecorder`` names its own index.
+    """
+    specs = (getattr(model, "_can_record_outputs", None) or {}).get("attentions")
+    if specs is None:
+        return ()
+    specs = specs if isinstance(specs, list | tuple) else [specs]
+    return tuple(
+        (spec, 1) if isinstance(spec, type) else (spec.target_class, spec.index)
+        for spec in specs
+        if isinstance(spec, type) or isinstance(getattr(spec, "target_class", None), type)
+    )
+
+
+def _records_outputs(vit: nn.Module) -> bool:
+    return any(_recorded_attention_classes(module) for module in vit.modules() if is_transformers_model(module))
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
+    """``(name, module, output index)`` of every attention module of a transformers ViT, in forward order.
+
+    The index is where the attention weights sit in the module's output tuple. Modeling code with
+    ``_can_record_outputs`` names the module class there; older code (4.x BEiT) uses ``*SelfAttention`` modules that
+    return ``(context, weights)`` under ``output_attentions``.
+    """
+    recorded = dict(
+        pair
+        for module in model.modules()
+        if is_transformers_model(module)
+        for pair in _recorded_attention_classes(module)
+    )
+    modules = []
+    for name, module in model.named_modules():
+        if recorded:
+            index = next((i for cls, i in recorded.items() if isinstance(module, cls)), None)
+        else:
+            index = 1 if type(module).__name__.endswith("SelfAttention") else None
+        if index is not None:
+            modules.append((name, module, index))
+    return modules
+
+
+def _vit_configs(model: nn.Module) -> list[tuple[object, bool]]:
+    """Every distinct config of the transformers ViTs inside ``model``, outermost first, and whether that ViT's
+    attention returns its weights only under ``output_attentions``."""
+    configs: dict[int, tuple[object, bool]] = {}
+    for vit in model.modules():
+        if is_transformers_vit(vit):
+            ask_for_weights = not _records_outputs(vit)
+            for module in vit.modules():
+                config = getattr(module, "config", None)
+                if config is not None and hasattr(config, "output_attentions"):
+                    configs.setdefault(id(config), (config, ask_for_weights))
+    return list(configs.values())
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """Compute the attention of every transformers ViT inside ``model`` eagerly (materialising the weights) for the
+    duration of the block, then restore the configs. Does nothing to a model without one.
+
+    Sets ``config._attn_implementation = "eager"`` on every config of those ViTs (the attention modules read it at
+    call time) and, for modeling code that returns weights only when asked, ``config.output_attentions = True``.
+    """
+    configs = _vit_configs(model)
+    saved = [(config, getattr(config, "_attn_implementation", None), config.output_attentions) for config, _ in configs]
+    try:
+        for config, ask_for_weights in configs:
+            if hasattr(config, "_attn_implementation"):  # transformers < 4.36 has no other implementation
+                config._attn_implementation = "eager"
+            if ask_for_weights:
+                config.output_attentions = True
+        yield
+    finally:
+        _restore(saved)
+
+
+def _restore(saved: list) -> None:
+    # output_attentions first: transformers refuses output_attentions=True with a non-eager implementation. Outermost
+    # configs first: setting a config's implementation also sets its sub-configs', which then get their own back.
+    for config, _, output_attentions in saved:
+        config.output_attentions = output_attentions
+    for config, implementation, _ in saved:
+        if implementation is not None:
+            config._attn_implementation = implementation
+
+
+def _num_prefix_tokens(config: object) -> int:
+    if config.model_type == "deit":
+        return 2  # class and distillation token
+    return 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+
+
+def token_layout_of(model: nn.Module) -> TokenLayout:
+    """The prefix tokens and read-out of a transformers ViT, from its class and config.
+
+    - ViT, DeiT: the class token (``DeiTForImageClassificationWithTeacher``: the mean of the class and distillation
+      tokens, as the model averages both heads).
+    - BEiT: the mean of the patch tokens with ``use_mean_pooling`` (the default), otherwise the class token.
+    - Dinov2 (with or without registers): the head reads ``[class token, mean of the patch tokens]``; the read-out
+      averages the class token's row and the mean patch row, each half of the classifier input weighing the same.
+    - A bare ``*Model`` backbone nested under a custom head is read out as its ``pooler_output`` (class token; BEiT:
+      the patch mean with ``use_mean_pooling``); pass ``token_layout=`` if your head pools otherwise.
+    """
+    config = model.config
+    prefix = _num_prefix_tokens(config)
+    name = type(model).__name__
+    if name.endswith("WithTeacher"):
+        return TokenLayout(num_prefix_tokens=prefix, readout_tokens=(0, 1))
+    if config.model_type == "beit" and getattr(config, "use_mean_pooling", True):
+        return TokenLayout(num_prefix_tokens=prefix, readout_tokens=None)
+    if config.model_type.startswith("dinov2") and name.endswith("ForImageClassification"):
+        return TokenLayout(num_prefix_tokens=prefix, readout_tokens=(0,), with_patch_mean=True)
+    return TokenLayout(num_prefix_tokens=prefix, readout_tokens=(0,))
+
+
+def patch_grid_of(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]:
+    """The patch grid ``(h, w)`` a transformers ViT produces for an image of ``image_size``."""
+    patch = model.config.patch_size
+    patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
+    return image_size[0] // patch_h, image_size[1] // patch_w
+
+
+def num_channels_of(model: nn.Module) -> int | None:
+    """The number of image channels the model takes, from its config."""
+    return getattr(model.config, "num_channels", None)
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why a model holding a transformers model that is not a supported ViT cannot be explained, or ``None``."""
+    for module in model.modules():
+        if is_transformers_model(module) and not is_transformers_vit(module):
+            if type(module).__name__.startswith("TimmWrapper"):
+                continue  # holds a timm model, explained by the timm families
+            held = "it is" if module is model else f"it holds {type(module).__name__},"
+            return (
+                f"{held} a transformers model outside the supported plain ViTs ({', '.join(SUPPORTED_CLASSES)}); "
+                "for a Swin or another hierarchical model, use its timm counterpart"
+            )
+    return None
+
+
+def matches(model: nn.Module) -> bool:
+    return is_transformers_vit(model)
+
+
+def _adapter(module_class: type, output_index: int) -> AttentionAdapter:
+    return AttentionAdapter(
+        name="transformers",
+        matches=lambda module: isinstance(module, module_class),
+        probs_module=None,
+        output_index=output_index,
+    )
+
+
+def probe(model: nn.Module, image_size: tuple[int, int], token_layout: TokenLayout | None) -> Probe:
+    layout = token_layout if token_layout is not None else token_layout_of(model)
+    grid = patch_grid_of(model, image_size)
+    num_tokens = layout.num_prefix_tokens + grid[0] * grid[1]
+    layers = [
+        [AttentionLayer(name, module, _adapter(type(module), index))]
+        for name, module, index in attention_modules(model)
+    ]
+    steps = tuple(AttentionStep(index, global_mixing(num_tokens)) for index in range(len(layers)))
+    readout = layout.readout_vector(num_tokens, 1)[0]
+    return Probe(
+        layers,
+        [layer[0].name for layer in layers],
+        TokenPlan(steps, readout, layout.num_prefix_tokens, grid),
+        context=lambda: eager_attention(model),
+    )
