@@ -9,7 +9,7 @@ transformers model if the user already imported transformers, so the checks look
 Supported: ``ViTForImageClassification``, ``DeiTForImageClassification``, ``DeiTForImageClassificationWithTeacher``,
 ``BeitForImageClassification``, ``Dinov2ForImageClassification`` and ``Dinov2WithRegistersForImageClassification``
 (and their bare ``*Model`` backbones inside a module that adds its own head), on transformers 4.x and 5.x.
-``TimmWrapperForImageClassification`` holds a timm model, which the timm capture explains.
+``TimmWrapperForImageClassification`` holds a timm model, which the timm families explain.
 
 How the attention probabilities are reached: each transformers attention module returns ``(output, weights)``, where
 ``weights`` is the tensor that multiplies the values (after dropout, an identity in eval mode), but only on the eager
@@ -60,14 +60,8 @@ SUPPORTED_CLASSES = (
 )
 """The transformers image classifiers ``explain`` and ``GMARCallback`` support."""
 
-# model_type -> the class of its bare backbone, which classifiers hold and users nest under their own heads.
-_MODEL_TYPES = {
-    "vit": "ViTModel",
-    "deit": "DeiTModel",
-    "beit": "BeitModel",
-    "dinov2": "Dinov2Model",
-    "dinov2_with_registers": "Dinov2WithRegistersModel",
-}
+# The config model types of those classes and of their bare backbones (ViTModel, ...), which users nest under heads.
+_MODEL_TYPES = frozenset({"vit", "deit", "beit", "dinov2", "dinov2_with_registers"})
 
 
 def is_transformers_model(module: nn.Module) -> bool:
@@ -156,11 +150,10 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
     call time) and, for modeling code that returns weights only when asked, ``config.output_attentions = True``.
     """
     configs = _vit_configs(model)
-    saved = [(config, getattr(config, "_attn_implementation", None), config.output_attentions) for config, _ in configs]
+    saved = [(config, config._attn_implementation, config.output_attentions) for config, _ in configs]
     try:
         for config, ask_for_weights in configs:
-            if hasattr(config, "_attn_implementation"):  # transformers < 4.36 has no other implementation
-                config._attn_implementation = "eager"
+            config._attn_implementation = "eager"
             if ask_for_weights:
                 config.output_attentions = True
         yield
@@ -174,8 +167,7 @@ def _restore(saved: list) -> None:
     for config, _, output_attentions in saved:
         config.output_attentions = output_attentions
     for config, implementation, _ in saved:
-        if implementation is not None:
-            config._attn_implementation = implementation
+        config._attn_implementation = implementation
 
 
 def _num_prefix_tokens(config: object) -> int:
