@@ -185,13 +185,6 @@ def _resolve_targets(target: Target, logits: Tensor) -> Tensor:
     return targets
 
 
-def _headless_reason(vit: nn.Module) -> str | None:
-    """Why a ViT outputs features rather than class logits, or ``None`` if it has a classifier."""
-    if hf.is_transformers_vit(vit):
-        return "a transformers backbone without a classifier (num_labels=0)" if hf.is_headless(vit) else None
-    return "a ViT without a classifier (num_classes=0)" if getattr(vit, "num_classes", None) == 0 else None
-
-
 def _output_tensors(output: object) -> list[Tensor]:
     """The tensors of a module's output: the tensor itself, or a transformers output's fields."""
     if isinstance(output, Tensor):
@@ -331,7 +324,7 @@ def _explain_chunk(
     headless_outputs: list[Tensor] = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(hook_attention(probe.modules, on_attention))
-        if vit is not model and _headless_reason(vit) is not None:
+        if vit is not model and families.headless_reason(vit) is not None:
             handle = vit.register_forward_hook(lambda _m, _i, output: headless_outputs.extend(_output_tensors(output)))
             stack.callback(handle.remove)
         logits = _check_logits(model, model(inputs), batch, headless_outputs)
@@ -470,9 +463,10 @@ def explain(
         raise TypeError(f"`vit` must be the torch.nn.Module of a ViT inside `model`, got {type(vit).__name__}.")
     vit = find_vision_transformer(model) if vit is None else unwrap_model(vit)
     family = families.find_family(vit)  # a model without a token rollout is refused before its inputs are checked
-    if vit is model and _headless_reason(vit) is not None:
+    headless = families.headless_reason(vit)
+    if vit is model and headless is not None:
         raise ValueError(
-            f"`model` ({type(model).__name__}) is {_headless_reason(vit)}: it outputs pooled features, not class "
+            f"`model` ({type(model).__name__}) is {headless}: it outputs pooled features, not class "
             "logits; explain the module that adds your classifier head, or create the model with classes."
         )
     images = _check_images(vit, images)

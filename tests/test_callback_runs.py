@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from gmar_lightning import GMARCallback
+from gmar_lightning import GMARCallback, explain
 from gmar_lightning.trajectory import HeadTrajectory
 from tests.lightning_helpers import TinyViTModule, tiny_data, trainer_kwargs
 
@@ -326,3 +326,35 @@ def test_several_vits_warn_naming_them_and_model_getter_chooses(tmp_path: Path) 
         make_trainer(tmp_path, [chosen], max_epochs=1).fit(TeacherStudent(), datamodule=tiny_data())
     assert gmar_warnings(caught) == []
     assert chosen.trajectory.weights.shape[1:] == (3, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# item 15: a ViT backbone with a separate head
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class BackboneWithHead(TinyViTModule):
+    """A headless ViT (``num_classes=0``, 32 features) under a separate 4-class head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=0)
+        self.head = torch.nn.Linear(32, 4)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.vit(images))
+
+
+def test_backbone_with_a_separate_head_is_explained_through_the_modules_forward(tmp_path: Path) -> None:
+    callback = GMARCallback(num_probe=4, on_error="raise", metrics=("deletion_auc",))
+    module = BackboneWithHead()
+    make_trainer(tmp_path, [callback], max_epochs=1).fit(module, datamodule=tiny_data())
+    assert callback.trajectory.weights.shape == (1, 2, 4)  # the backbone's 2 layers of 4 heads
+    # The head weights are those of the LightningModule's own classes (its forward adds the head), not of feature
+    # indices of the backbone's 32-wide output.
+    expected = explain(module, callback.probe.images, vit=module.vit).head_weights.mean(0)
+    torch.testing.assert_close(callback.trajectory.weights[-1], expected, rtol=1e-4, atol=1e-5)
+
+    getter = GMARCallback(num_probe=4, on_error="raise", model_getter=lambda m: torch.nn.Sequential(m.vit, m.head))
+    make_trainer(tmp_path, [getter], max_epochs=1).fit(BackboneWithHead(), datamodule=tiny_data())
+    assert getter.trajectory.weights.shape == (1, 2, 4)

@@ -194,8 +194,11 @@ class GMARCallback(Callback):
         methods: Explanation methods, any of [`gmar_lightning.METHODS`][gmar_lightning.explanation.METHODS].
         target: Explain the predicted class (``"pred"``) or the label (``"label"``, needs labels in the probe).
         every_n_epochs: Explain in every n-th epoch.
-        model_getter: Returns the ViT to explain from the LightningModule; default: the outermost submodule with a
-            ``patch_embed`` and attention layers (with a warning naming them when there are several).
+        model_getter: Returns the module to explain from the LightningModule: the ViT, or any module holding it whose
+            forward returns logits ``[B, C]`` (a backbone with its head). Default: the outermost ViT inside the
+            LightningModule (with a warning naming them when there are several); a ViT without its own classifier
+            (``num_classes=0``, a backbone under a separate head) is explained through the LightningModule's
+            ``forward``, which must then return logits.
         mean: Per-channel normalisation mean, to show probe images in their true colours (default: min-max).
         std: Per-channel normalisation std.
         max_images: Most probe images in each overlay grid.
@@ -271,7 +274,7 @@ class GMARCallback(Callback):
             if function is not None and not callable(function):
                 raise TypeError(f"`{name}` must be callable, got {type(function).__name__}.")
         given = explain_options if isinstance(explain_options, Mapping) else {}
-        reserved = sorted({"model", "images", "method", "target"} & given.keys())
+        reserved = sorted({"model", "images", "method", "target", "vit"} & given.keys())
         if reserved:
             raise ValueError(f"`explain_options` must not contain {reserved}; use the callback's arguments.")
         options = ExplainOptions.from_mapping(explain_options)
@@ -414,11 +417,17 @@ class GMARCallback(Callback):
                 f"GMARCallback does not support {strategy}: sharded parameters cannot be explained on rank 0 alone; "
                 "use strategy='ddp' (or remove the callback)."
             )
-        model = self._model(pl_module)
-        families.check_supported(model)
+        classifier, vit = self._explained_modules(pl_module)
+        families.check_supported(vit)
         if isinstance(self._probe_input, Probe):
             try:  # a forward-only explanation of one image checks that the model takes the probe images
-                explain(model, self._probe_input.images[:1], method="attention", **self.explain_options.as_kwargs())
+                explain(
+                    classifier,
+                    self._probe_input.images[:1],
+                    method="attention",
+                    vit=vit,
+                    **self.explain_options.as_kwargs(),
+                )
             except (TypeError, ValueError) as error:
                 raise ValueError(f"`probe` cannot be explained by the model: {error}") from error
             if self.target == "label" and self._probe_input.labels is None:
@@ -426,9 +435,16 @@ class GMARCallback(Callback):
         if stage == "fit" and trainer.limit_val_batches == 0:
             rank_zero_warn("GMARCallback: `limit_val_batches=0` turns validation off, so nothing will be explained.")
 
-    def _model(self, pl_module: pl.LightningModule) -> nn.Module:
+    def _explained_modules(self, pl_module: pl.LightningModule) -> tuple[nn.Module, nn.Module]:
+        """``(classifier, vit)``: the module whose forward gives the logits and the ViT in it whose attention counts."""
         if self.model_getter is not None:
-            return unwrap_model(self.model_getter(pl_module))
+            classifier = unwrap_model(self.model_getter(pl_module))
+            return classifier, families.find_vision_transformer(classifier)
+        vit = self._default_vit(pl_module)
+        # A backbone without its own classifier outputs features: the LightningModule's forward adds the head.
+        return (pl_module if families.headless_reason(vit) is not None else vit), vit
+
+    def _default_vit(self, pl_module: pl.LightningModule) -> nn.Module:
         found = families.vision_transformers(pl_module)
         if not found:  # the module itself (or a refusal): the check in setup says why it cannot be explained
             return families.find_vision_transformer(pl_module)
@@ -524,12 +540,14 @@ class GMARCallback(Callback):
             if self.probe is None:
                 return
         probe = self.probe
-        model = self._model(pl_module)
+        classifier, vit = self._explained_modules(pl_module)
         if self.target == "label" and probe.labels is None:
             raise ValueError("`target='label'` but the probe has no labels; use target='pred' or pass labels.")
         targets = probe.labels if self.target == "label" else None
         explanations: dict[str, Explanation] = {
-            method: explain(model, probe.images, method=method, target=targets, **self.explain_options.as_kwargs())
+            method: explain(
+                classifier, probe.images, method=method, target=targets, vit=vit, **self.explain_options.as_kwargs()
+            )
             for method in self.methods
         }
         # A validate run is keyed by the step of the weights it explains: the checkpoint's, when it loaded one.
@@ -544,7 +562,7 @@ class GMARCallback(Callback):
             trainer.current_epoch, {method: explanation.maps for method, explanation in explanations.items()}
         )
         scores = {
-            method: probe_metric_scores(model, probe, explanation, self.metrics)
+            method: probe_metric_scores(classifier, probe, explanation, self.metrics)
             for method, explanation in explanations.items()
         }
         record = evaluation_record(

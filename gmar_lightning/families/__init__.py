@@ -28,6 +28,7 @@ __all__ = [
     "check_supported",
     "find_family",
     "find_vision_transformer",
+    "headless_reason",
     "probe",
     "require_pooling",
     "vision_transformers",
@@ -165,6 +166,15 @@ def vision_transformers(module: nn.Module) -> list[tuple[str, nn.Module]]:
         if _is_vision_transformer(candidate):
             found.append((name, unwrap_model(candidate)))
     return found
+
+
+def headless_reason(vit: nn.Module) -> str | None:
+    """Why a ViT outputs pooled features rather than class logits (no classifier head), or ``None`` if it has one."""
+    from gmar_lightning.families import hf
+
+    if hf.is_transformers_vit(vit):
+        return "a transformers backbone without a classifier (num_labels=0)" if hf.is_headless(vit) else None
+    return "a ViT without a classifier (num_classes=0)" if getattr(vit, "num_classes", None) == 0 else None
 
 
 def find_vision_transformer(module: nn.Module) -> nn.Module:
