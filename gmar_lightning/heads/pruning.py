@@ -93,6 +93,22 @@ class ParameterSlice:
     index: Tensor
 
 
+def _fused_qkv(attention: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``q, k, v [B, H, N, head_dim]`` of a fused ``qkv`` projection with optional separate q/k/v biases (BEiT, EVA),
+    split into the module's ``num_heads`` heads of ``head_dim`` (not ``dim // num_heads``, which pruning changes)."""
+    if attention.q_bias is None:
+        qkv = attention.qkv(x)
+    else:
+        qkv_bias = torch.cat((attention.q_bias, attention.k_bias, attention.v_bias))
+        if attention.qkv_bias_separate:
+            qkv = attention.qkv(x) + qkv_bias
+        else:
+            qkv = F.linear(x, weight=attention.qkv.weight, bias=qkv_bias)
+    batch, num_tokens, _ = x.shape
+    qkv = qkv.reshape(batch, num_tokens, 3, attention.num_heads, attention.head_dim).permute(2, 0, 3, 1, 4)
+    return qkv.unbind(0)
+
+
 class PrunedBeitAttention(BeitAttention):
     """BEiT attention whose head count may differ from ``dim // head_dim`` (timm reshapes to the input width).
 
@@ -104,16 +120,7 @@ class PrunedBeitAttention(BeitAttention):
 
     def forward(self, x: Tensor, shared_rel_pos_bias: Tensor | None = None) -> Tensor:
         batch, num_tokens, _ = x.shape
-        if self.q_bias is None:
-            qkv = self.qkv(x)
-        else:
-            qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-            if self.qkv_bias_separate:
-                qkv = self.qkv(x) + qkv_bias
-            else:
-                qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
-        qkv = qkv.reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = _fused_qkv(self, x)
         if shared_rel_pos_bias is not None:
             # The shared table is [H_original, N, N]: keep this layer's heads.
             shared_rel_pos_bias = shared_rel_pos_bias.index_select(-3, _kept_indices(self).to(x.device))
@@ -147,16 +154,7 @@ class PrunedEvaAttention(EvaAttention):
         batch, num_tokens, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         if self.qkv is not None:
-            if self.q_bias is None:
-                qkv = self.qkv(x)
-            else:
-                qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-                if self.qkv_bias_separate:
-                    qkv = self.qkv(x) + qkv_bias
-                else:
-                    qkv = F.linear(x, weight=self.qkv.weight, bias=qkv_bias)
-            qkv = qkv.reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
+            q, k, v = _fused_qkv(self, x)
         else:
             shape = (batch, num_tokens, self.num_heads, self.head_dim)
             q = self.q_proj(x).reshape(shape).transpose(1, 2)
