@@ -49,6 +49,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from peak_memory import peak_bytes
 from torch import Tensor, nn
 
 from gmar_lightning import explain
@@ -202,27 +203,6 @@ def check_anchors(ops: dict[str, Callable[[], object]]) -> None:
         deviation = float(((actual - expected).abs() / expected.abs().clamp_min(1e-6)).max())
         verdict = "same" if deviation <= 2e-3 else "MISMATCH"
         print(f"  CHECK {anchor} rows vs {ours} token maps: max relative difference {deviation:.1e} ({verdict})")
-
-
-def peak_bytes(op: Callable[[], object], device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        op()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - baseline
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark to the current RSS
-    baseline = resident_kib("VmHWM")
-    op()
-    return (resident_kib("VmHWM") - baseline) * 1024
-
-
-def resident_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}; peak memory on CPU needs Linux.")
 
 
 def run_case(model: nn.Module, batch: int, size: int, args: argparse.Namespace) -> dict:

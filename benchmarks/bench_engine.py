@@ -36,6 +36,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from peak_memory import peak_bytes
 
 from gmar_lightning import explain
 
@@ -92,25 +93,7 @@ def peak_memory_of(args: argparse.Namespace, name: str) -> int:
     """Run one operation in this process (called in a fresh subprocess) and return its peak extra bytes."""
     model, images, labels = build(args.model, args.batch, args.image_size, args.device)
     op = operations(model, images, labels)[name]
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        op()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - baseline
-    # Reset the kernel's peak-RSS mark (VmHWM) to the current RSS, run the operation, read the new peak.
-    Path("/proc/self/clear_refs").write_text("5")
-    baseline = resident_kib("VmHWM")
-    op()
-    return (resident_kib("VmHWM") - baseline) * 1024
-
-
-def resident_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}; peak memory on CPU needs Linux.")
+    return peak_bytes(op, torch.device(args.device))
 
 
 def measure_memory(args: argparse.Namespace, name: str) -> int:
