@@ -469,6 +469,11 @@ def explain(
             f"`model` ({type(model).__name__}) is {headless}: it outputs pooled features, not class "
             "logits; explain the module that adds your classifier head, or create the model with classes."
         )
+    if any(parameter.is_meta for parameter in model.parameters()):
+        raise ValueError(
+            f"`model` ({type(model).__name__}) has parameters on the meta device, which hold no weights; materialise "
+            "and load them first (model.to_empty(device='cpu'), then load_state_dict)."
+        )
     images = _check_images(vit, images)
     probe = families.probe(vit, tuple(images.shape[-2:]), token_layout, family)
     check_int_in_range("start_layer", start_layer, 0, len(probe.layers) - 1)

@@ -73,3 +73,11 @@ def test_meta_images_are_refused(vit: torch.nn.Module) -> None:
 def test_invalid_token_layouts_are_refused_when_built(layout: dict, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
         TokenLayout(**layout)
+
+
+def test_a_model_on_the_meta_device_is_refused() -> None:
+    with torch.device("meta"):
+        vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=3)
+    with pytest.raises(ValueError, match=r"^`model` \(VisionTransformer\) has parameters on the meta device") as error:
+        explain(vit, IMAGES)
+    assert "\n" not in str(error.value)
