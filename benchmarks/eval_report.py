@@ -968,13 +968,17 @@ def publish(console: Console, plots: dict[str, Path]) -> None:
     for name, target in PUBLISHED_PLOTS.items():
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(plots[name], target)
-    page = PUBLISHED_PAGE.read_text(encoding="utf-8")
-    before, found_start, rest = page.partition(RESULTS_START)
-    _, found_end, after = rest.partition(RESULTS_END)
+    fill_results_block(PUBLISHED_PAGE, RESULTS_START, RESULTS_END, console.text())
+
+
+def fill_results_block(page_path: Path, start: str, end: str, text: str) -> None:
+    """Replace what stands between the ``start`` and ``end`` markers of a docs page with ``text`` as a text block."""
+    page = page_path.read_text(encoding="utf-8")
+    before, found_start, rest = page.partition(start)
+    _, found_end, after = rest.partition(end)
     if not (found_start and found_end):
-        raise ValueError(f"{PUBLISHED_PAGE} has no {RESULTS_START} ... {RESULTS_END} block to fill.")
-    block = f"{RESULTS_START}\n```text\n{console.text()}```\n{RESULTS_END}"
-    PUBLISHED_PAGE.write_text(before + block + after, encoding="utf-8")
+        raise ValueError(f"{page_path} has no {start} ... {end} block to fill.")
+    page_path.write_text(f"{before}{start}\n```text\n{text}```\n{end}{after}", encoding="utf-8")
 
 
 def build_parser() -> argparse.ArgumentParser:

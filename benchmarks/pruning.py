@@ -54,6 +54,7 @@ from eval_report import (  # the sibling script's training loop and statistics
     Split,
     accuracy,
     build_model,
+    fill_results_block,
     format_interval,
     load_split,
     machine_description,
@@ -342,12 +343,7 @@ def publish(console: Console, plot_path: Path) -> None:
     """Copy the log and plot to their committed places and put the log into the results block of the guide."""
     PUBLISHED_LOG.write_text(console.text(), encoding="utf-8")
     shutil.copyfile(plot_path, PUBLISHED_PLOT)
-    page = PUBLISHED_PAGE.read_text(encoding="utf-8")
-    before, found_start, rest = page.partition(RESULTS_START)
-    _, found_end, after = rest.partition(RESULTS_END)
-    if not (found_start and found_end):
-        raise ValueError(f"{PUBLISHED_PAGE} has no {RESULTS_START} ... {RESULTS_END} block to fill.")
-    PUBLISHED_PAGE.write_text(f"{before}{RESULTS_START}\n```text\n{console.text()}```\n{RESULTS_END}{after}")
+    fill_results_block(PUBLISHED_PAGE, RESULTS_START, RESULTS_END, console.text())
 
 
 def report_accuracy(results: Sequence[SeedResult], args: argparse.Namespace, console: Console) -> None:
