@@ -12,6 +12,7 @@ import math
 import pytest
 import timm
 import torch
+from packaging.version import Version
 from torch import Tensor, nn
 
 from gmar_lightning import METHODS, explain
@@ -45,13 +46,16 @@ def window_slots(grid: tuple[int, int], window: tuple[int, int], shift: tuple[in
 
 def windows_to_global(slots: Tensor, num_tokens: int):
     def to_global(captured: Tensor) -> Tensor:
-        num_windows = slots.shape[0]
+        slots_here = slots.to(captured.device)
+        num_windows = slots_here.shape[0]
         per_window = captured.unflatten(0, (-1, num_windows)).transpose(1, 2)  # [B, H, W, n, n]
         batch, heads = per_window.shape[:2]
-        window, query_slot, key_slot = ((slots[:, :, None] >= 0) & (slots[:, None, :] >= 0)).nonzero(as_tuple=True)
+        present = slots_here >= 0
+        window, query_slot, key_slot = (present[:, :, None] & present[:, None, :]).nonzero(as_tuple=True)
         full = captured.new_zeros(batch, heads, num_tokens, num_tokens)
         # Each (query token, key token) pair lies in at most one window; padding slots reach no token.
-        full[:, :, slots[window, query_slot], slots[window, key_slot]] = per_window[..., window, query_slot, key_slot]
+        queries, keys = slots_here[window, query_slot], slots_here[window, key_slot]
+        full[:, :, queries, keys] = per_window[..., window, query_slot, key_slot]
         return full
 
     return to_global
@@ -83,9 +87,16 @@ def swin_structure(model: nn.Module, grid: tuple[int, int]) -> tuple[list, tuple
     return structure, grid
 
 
+# timm < 1.0.31 builds Swin V2's static shifted-window mask only for grids the windows divide (a 10x10 grid in windows
+# of 4 fails inside timm's constructor); its dynamic mask, built from the padded input on each forward, pads on every
+# version. So older timm tests the same padded, shifted windows through the dynamic mask.
+SWIN_V2_STATIC_MASK_PADS = Version(timm.__version__) >= Version("1.0.31")
+
+
 def make_swin(name: str, size: int) -> nn.Module:
     torch.manual_seed(0)
-    model = sharpen(timm.create_model(name, img_size=size, **SWIN)).eval()
+    mask = {} if SWIN_V2_STATIC_MASK_PADS or not name.startswith("swinv2_tiny") else {"strict_img_size": False}
+    model = sharpen(timm.create_model(name, img_size=size, **SWIN, **mask)).eval()
     with torch.no_grad():  # Swin V2 zero-initialises its post-norms, which would cut every attention branch off
         for module in model.modules():
             if isinstance(module, nn.LayerNorm):
@@ -95,10 +106,10 @@ def make_swin(name: str, size: int) -> nn.Module:
 
 @pytest.mark.parametrize("family", list(SWIN_MODELS))
 @pytest.mark.parametrize("method", METHODS)
-def test_swin_matches_full_matrix_reference(family: str, method: str) -> None:
+def test_swin_matches_full_matrix_reference(family: str, method: str, device: torch.device) -> None:
     name, size = SWIN_MODELS[family]
-    model = make_swin(name, size)
-    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    model = make_swin(name, size).to(device)
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
     grid = (size // 4, size // 4)
     structure, _ = swin_structure(model, grid)
     shifts = [
@@ -115,9 +126,9 @@ def test_swin_matches_full_matrix_reference(family: str, method: str) -> None:
 
 
 @pytest.mark.parametrize("options", [{"head_norm": "global"}, {"start_layer": 2, "residual": 0.3}])
-def test_swin_options_match_reference(options: dict) -> None:
-    model = make_swin("swin_tiny_patch4_window7_224", 40)
-    images = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+def test_swin_options_match_reference(options: dict, device: torch.device) -> None:
+    model = make_swin("swin_tiny_patch4_window7_224", 40).to(device)
+    images = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(1)).to(device)
     structure, _ = swin_structure(model, (10, 10))
     result = explain(model, images, method="gmar_l2", **options)
     expected_maps, expected_weights = reference_explain(
@@ -128,11 +139,11 @@ def test_swin_options_match_reference(options: dict) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_parallel_branches_are_one_layer_per_block(method: str) -> None:
+def test_parallel_branches_are_one_layer_per_block(method: str, device: torch.device) -> None:
     """``x + attn_1(x) + attn_2(x)``: one rollout layer per block, whose heads are both branches' heads."""
     torch.manual_seed(0)
-    model = sharpen(timm.create_model("vit_small_patch16_18x2_224", **TINY)).eval()
-    images = make_images("vit")
+    model = sharpen(timm.create_model("vit_small_patch16_18x2_224", **TINY)).eval().to(device)
+    images = make_images("vit").to(device)
     result = explain(model, images, method=method)
     assert result.layer_names == ["blocks.0", "blocks.1", "blocks.2"]
     structure = [Layer(branches=2) for _ in range(TINY["depth"])]
@@ -160,7 +171,7 @@ def pooled_keys_to_global(pool: Tensor):
     """Spatial-reduction attention: every token queries pooled keys; a key's attention goes to its cell's tokens."""
 
     def to_global(captured: Tensor) -> Tensor:
-        return captured @ pool
+        return captured @ pool.to(captured.device)
 
     return to_global
 
@@ -218,11 +229,11 @@ PYRAMIDS = {
 
 @pytest.mark.parametrize("family", list(PYRAMIDS))
 @pytest.mark.parametrize("method", METHODS)
-def test_pyramids_match_full_matrix_reference(family: str, method: str) -> None:
+def test_pyramids_match_full_matrix_reference(family: str, method: str, device: torch.device) -> None:
     name, config = PYRAMIDS[family]
     torch.manual_seed(0)
-    model = sharpen(timm.create_model(name, num_classes=5, **config)).eval()
-    images = torch.randn(2, 3, 72, 72, generator=torch.Generator().manual_seed(1))
+    model = sharpen(timm.create_model(name, num_classes=5, **config)).eval().to(device)
+    images = torch.randn(2, 3, 72, 72, generator=torch.Generator().manual_seed(1)).to(device)
     structure, grid = pyramid_structure(model, 72)
     result = explain(model, images, method=method)
     expected_maps, expected_weights = reference_explain(
@@ -246,10 +257,10 @@ def class_attention_to_global(num_tokens: int):
 
 @pytest.mark.parametrize("pool", ["token", "avg"])
 @pytest.mark.parametrize("method", METHODS)
-def test_cait_matches_full_matrix_reference(pool: str, method: str) -> None:
+def test_cait_matches_full_matrix_reference(pool: str, method: str, device: torch.device) -> None:
     torch.manual_seed(0)
-    model = sharpen(timm.create_model("cait_xxs24_224", global_pool=pool, **TINY)).eval()
-    images = make_images("vit")
+    model = sharpen(timm.create_model("cait_xxs24_224", global_pool=pool, **TINY)).eval().to(device)
+    images = make_images("vit").to(device)
     patches = 16
     # Talking heads: the heads are the softmax distributions, which enter proj_w heads-last.
     inputs = [(block.attn.proj_w, lambda a: a.permute(0, 3, 1, 2)) for block in model.blocks]
@@ -269,11 +280,11 @@ def test_cait_matches_full_matrix_reference(pool: str, method: str) -> None:
 
 @pytest.mark.parametrize("name", ["pit_ti_224", "pit_ti_distilled_224"])
 @pytest.mark.parametrize("method", METHODS)
-def test_pit_matches_full_matrix_reference(name: str, method: str) -> None:
+def test_pit_matches_full_matrix_reference(name: str, method: str, device: torch.device) -> None:
     torch.manual_seed(0)
     config = {"img_size": 64, "base_dims": [8, 8, 8], "heads": [1, 2, 4], "depth": [2, 1, 1], "num_classes": 5}
-    model = sharpen(timm.create_model(name, **config)).eval()
-    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    model = sharpen(timm.create_model(name, **config)).eval().to(device)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(device)
     prefix = 2 if "distilled" in name else 1
     grid = first = first_conv(model.patch_embed.conv, 64)
     structure: list = []
@@ -297,12 +308,12 @@ def test_pit_matches_full_matrix_reference(name: str, method: str) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_sam_windowed_and_global_blocks_match_full_matrix_reference(method: str) -> None:
+def test_sam_windowed_and_global_blocks_match_full_matrix_reference(method: str, device: torch.device) -> None:
     torch.manual_seed(0)
     config = {"img_size": 40, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "window_size": 2}
     config |= {"global_attn_indexes": (1, 3), "num_classes": 5, "global_pool": "avg", "neck_chans": 16}
-    model = sharpen(timm.create_model("samvit_base_patch16", use_rel_pos=True, **config)).eval()
-    images = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    model = sharpen(timm.create_model("samvit_base_patch16", use_rel_pos=True, **config)).eval().to(device)
+    images = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(1)).to(device)
     grid = (5, 5)  # windows of 2 need padding
     slots = window_slots(grid, (2, 2), (0, 0))
     structure = [Layer(windows_to_global(slots, 25)) if block.window_size else Layer() for block in model.blocks]
@@ -318,11 +329,11 @@ def test_sam_windowed_and_global_blocks_match_full_matrix_reference(method: str)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_hybrid_cnn_stem_maps_the_transformer_grid_at_input_size(method: str) -> None:
+def test_hybrid_cnn_stem_maps_the_transformer_grid_at_input_size(method: str, device: torch.device) -> None:
     """ResNet stem + ViT: the token grid is the CNN's 4x4 feature map (stride 32 at 128 px); maps come back at 128."""
     torch.manual_seed(0)
-    model = sharpen(timm.create_model("vit_tiny_r_s16_p8_224", img_size=128, depth=2, num_classes=5)).eval()
-    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    model = sharpen(timm.create_model("vit_tiny_r_s16_p8_224", img_size=128, depth=2, num_classes=5)).eval().to(device)
+    images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1)).to(device)
     result = explain(model, images, method=method)
     expected_maps, expected_weights = reference_explain(model, images, method, num_prefix=1, readout=[0], grid=(4, 4))
     torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
@@ -387,11 +398,12 @@ def test_callback_on_a_swin_fit_logs_to_tensorboard(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("method", ["gmar_l1", "rollout"])
-def test_swin_discard_ratio_ranks_the_entries_each_window_computes(method: str) -> None:
+def test_swin_discard_ratio_ranks_the_entries_each_window_computes(method: str, device: torch.device) -> None:
     """32 px: an 8x8 grid in whole windows of 4 (no padding), shifted in the second block."""
     torch.manual_seed(0)
     model = sharpen(timm.create_model("swin_tiny_patch4_window7_224", img_size=32, num_classes=5, **SWIN_FIT)).eval()
-    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model = model.to(device)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
     structure, _ = swin_structure(model, (8, 8))
     result = explain(model, images, method=method, discard_ratio=0.4)
     expected_maps, _ = reference_explain(
@@ -406,7 +418,9 @@ def test_swin_refuses_a_pooling_without_read_out_and_a_token_layout() -> None:
     from gmar_lightning.families import UnsupportedModelError
 
     images = torch.randn(1, 3, 32, 32)
-    max_pooled = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, global_pool="max", **SWIN_FIT)
+    max_pooled = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, **SWIN_FIT)
+    # Not global_pool="max" at creation: timm < 1.0.31 asserts 'avg' there but lets reset_classifier set any pooling.
+    max_pooled.reset_classifier(max_pooled.num_classes, global_pool="max")
     with pytest.raises(UnsupportedModelError, match=r"\(SwinTransformer\) pools with global_pool='max'.*'avg'"):
         explain(max_pooled, images)
     model = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, **SWIN_FIT)

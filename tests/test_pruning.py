@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +58,11 @@ VARIANTS: dict[str, Callable[[], nn.Module]] = {
     "eva_qk_norm": lambda: Eva(use_rot_pos_emb=True, qk_norm=True, **TINY),
 }
 
+# Older timm has no such model to prune.
+NEEDS_EVA_QK_NORM = pytest.mark.skipif(
+    "qk_norm" not in inspect.signature(Eva).parameters, reason="Eva's qk_norm needs timm >= 1.0.30"
+)
+
 # Ragged on purpose: 2, 0 and 3 heads remain; layer 1 loses every head.
 KEEP = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0]])
 
@@ -90,7 +96,10 @@ def images_for(variant: str) -> Tensor:
     return make_images(variant if variant in FAMILIES else "vit")
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize(
+    "variant",
+    [pytest.param(name, marks=NEEDS_EVA_QK_NORM) if name == "eva_qk_norm" else name for name in sorted(VARIANTS)],
+)
 def test_pruned_model_equals_masked_model_with_fused_and_unfused_attention(variant: str) -> None:
     model, images = make(variant), images_for(variant)
     masked = zeroed_proj_columns(model, KEEP)
