@@ -201,6 +201,8 @@ class SeedResult:
     """Ranking -> Spearman ρ with the leave-one-head-out loss increase."""
     seconds: dict[str, float] = field(default_factory=dict)
     """Phase -> wall-clock seconds."""
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    """Phase -> CPU seconds of the process, over all its threads."""
 
 
 class Console:
@@ -579,6 +581,8 @@ def randomisation_scores(
     fresh = build_model(args, REINIT_WEIGHTS_SEED_OFFSET + seed).eval()
     groups = parameter_groups(model)
     results: dict[str, dict[str, dict[str, float]]] = {"cascading": {}, "independent": {}}
+    # Both tests start by re-initialising the same group (the logits): that model is explained once and shared.
+    similarities: dict[tuple[str, ...], dict[str, dict[str, float]]] = {}
     for kind in results:
         for method in CASCADE_METHODS:
             results[kind][method] = {}
@@ -586,17 +590,51 @@ def randomisation_scores(
             chosen = [prefix for _, prefixes in groups[: step + 1] for prefix in prefixes]
             if kind == "independent":
                 chosen = groups[step][1]
-            randomised = reinitialised_copy(model, fresh, chosen)
-            for method in CASCADE_METHODS:
-                maps = method_maps(randomised, split.images, split.labels, method)
-                for measure, values in map_similarity(reference[method], maps).items():
-                    results[kind][method][f"{measure} {name}"] = nanmean(values)
+            if tuple(chosen) not in similarities:
+                randomised = reinitialised_copy(model, fresh, chosen)
+                similarities[tuple(chosen)] = {
+                    method: {
+                        measure: nanmean(values)
+                        for measure, values in map_similarity(
+                            reference[method], method_maps(randomised, split.images, split.labels, method)
+                        ).items()
+                    }
+                    for method in CASCADE_METHODS
+                }
+            for method, measures in similarities[tuple(chosen)].items():
+                for measure, value in measures.items():
+                    results[kind][method][f"{measure} {name}"] = value
     return results
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Heads
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def ablation_curves(
+    model: nn.Module, batches: list[tuple[Tensor, Tensor]], orders: dict[str, Tensor], seed: int
+) -> dict[str, AblationCurve]:
+    """:func:`~gmar_lightning.heads.head_ablation_curve` of every order at :data:`ABLATION_FRACTIONS`.
+
+    Every order masks no head at fraction 0 and every head at fraction 1, so those two points are the same model for
+    all orders: they are measured once and shared (the same masks on the same batches, so the same numbers).
+    """
+    first, *inner, last = ABLATION_FRACTIONS
+    if (first, last) != (0.0, 1.0):
+        raise ValueError(f"ABLATION_FRACTIONS must run from 0 to 1 to share their ends, got {ABLATION_FRACTIONS}.")
+    ends = head_ablation_curve(model, batches, next(iter(orders.values())), (first, last), progress=False)
+    curves = {}
+    for name, order in tqdm(orders.items(), desc=f"seed {seed}: head ablation", leave=False):
+        middle = head_ablation_curve(model, batches, order, inner, order_name=name, progress=False)
+        curves[name] = AblationCurve(
+            fractions=[ends.fractions[0], *middle.fractions, ends.fractions[1]],
+            num_masked=[ends.num_masked[0], *middle.num_masked, ends.num_masked[1]],
+            accuracy=[ends.accuracy[0], *middle.accuracy, ends.accuracy[1]],
+            loss=[ends.loss[0], *middle.loss, ends.loss[1]],
+            order_name=name,
+        )
+    return curves
 
 
 def leave_one_head_out(model: nn.Module, split: Split, batch_size: int) -> Tensor:
@@ -644,11 +682,7 @@ def head_analysis(
         orders[f"random {index}"] = random_order(
             num_layers, num_heads, seed=RANDOM_ORDERS_SEED_OFFSET + 100 * seed + index
         )
-    batches = ablation_split.batches(args.eval_batch)
-    curves = {
-        name: head_ablation_curve(model, batches, order, ABLATION_FRACTIONS, order_name=name, progress=False)
-        for name, order in tqdm(orders.items(), desc=f"seed {seed}: head ablation", leave=False)
-    }
+    curves = ablation_curves(model, ablation_split.batches(args.eval_batch), orders, seed)
     truth = leave_one_head_out(model, ablation_split, args.eval_batch).flatten()
     correlations = {
         "GMAR-L1": float(spearman(gmar.flatten()[None], truth[None])[0]),
@@ -672,10 +706,22 @@ def random_curve_names(result: SeedResult) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def clock() -> tuple[float, float]:
+    """Wall-clock and process CPU time now, to pass to :func:`elapsed`."""
+    return time.perf_counter(), time.process_time()
+
+
+def elapsed(start: tuple[float, float]) -> tuple[float, float]:
+    """Wall-clock and CPU seconds since ``start`` (CPU over all threads: up to twice the wall time on 2 cores)."""
+    wall, cpu = clock()
+    return wall - start[0], cpu - start[1]
+
+
 def run_seed(args: argparse.Namespace, seed: int, console: Console) -> SeedResult:
     """Train one model and measure everything for it; ``seed`` fixes the data, the weights and every random draw."""
     seconds: dict[str, float] = {}
-    start = time.perf_counter()
+    cpu_seconds: dict[str, float] = {}
+    start = clock()
     # Disjoint item ranges of one dataset seed: train, validation, ablation, evaluation; two-object images likewise.
     single_ranges = (args.train_images, args.val_images, args.ablation_images, args.eval_images)
     offsets = [sum(single_ranges[:index]) for index in range(len(single_ranges))]
@@ -696,16 +742,16 @@ def run_seed(args: argparse.Namespace, seed: int, console: Console) -> SeedResul
         ),
         masks=torch.empty(0),
     )
-    seconds["data"] = time.perf_counter() - start
+    seconds["data"], cpu_seconds["data"] = elapsed(start)
 
-    start = time.perf_counter()
+    start = clock()
     model = build_model(args, seed)
     train(model, train_data, args, seed)
     val_accuracy = accuracy(model, val_split, args.eval_batch)
     pair_accuracy = accuracy(model, val_pairs, args.eval_batch)
-    seconds["training"] = time.perf_counter() - start
+    seconds["training"], cpu_seconds["training"] = elapsed(start)
 
-    start = time.perf_counter()
+    start = clock()
     patch_size = MODEL_KWARGS["patch_size"]
     per_image: dict[str, dict[str, Tensor]] = {}
     reference: dict[str, Maps] = {}
@@ -723,22 +769,22 @@ def run_seed(args: argparse.Namespace, seed: int, console: Console) -> SeedResul
         "pointing 1patch": dilated.flatten(1).mean(dim=1),
         "patch pointing": patch_masks(eval_split.masks, grid).flatten(1).float().mean(dim=1),
     }
-    seconds["metrics"] = time.perf_counter() - start
+    seconds["metrics"], cpu_seconds["metrics"] = elapsed(start)
 
-    start = time.perf_counter()
+    start = clock()
     for method in METHODS:
         per_image[method].update(class_sensitivity_scores(model, eval_pairs, method, RANDOM_MAPS_SEED_OFFSET + seed))
-    seconds["class sensitivity"] = time.perf_counter() - start
+    seconds["class sensitivity"], cpu_seconds["class sensitivity"] = elapsed(start)
 
-    start = time.perf_counter()
+    start = clock()
     cascade = randomisation_scores(model, eval_split, reference, args, seed)
-    seconds["randomisation"] = time.perf_counter() - start
+    seconds["randomisation"], cpu_seconds["randomisation"] = elapsed(start)
 
-    start = time.perf_counter()
+    start = clock()
     gmar_weights = reference["gmar_l1"].head_weights
     assert gmar_weights is not None  # gmar_l1 is one of METHODS
     curves, head_correlations = head_analysis(model, eval_split, ablation_split, gmar_weights, args, seed)
-    seconds["heads"] = time.perf_counter() - start
+    seconds["heads"], cpu_seconds["heads"] = elapsed(start)
 
     scores = {
         method: {name: nanmean(values) for name, values in metrics.items()} for method, metrics in per_image.items()
@@ -748,7 +794,9 @@ def run_seed(args: argparse.Namespace, seed: int, console: Console) -> SeedResul
         f"{pair_accuracy:.3f} (top two = the two present) on {args.val_pairs} two-object images; "
         + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
     )
-    return SeedResult(val_accuracy, pair_accuracy, per_image, scores, cascade, curves, head_correlations, seconds)
+    return SeedResult(
+        val_accuracy, pair_accuracy, per_image, scores, cascade, curves, head_correlations, seconds, cpu_seconds
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -944,6 +992,25 @@ def save_ablation_plot(results: Sequence[SeedResult], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def runtime_table(results: Sequence[SeedResult], total: tuple[float, float]) -> str:
+    """Wall-clock and CPU seconds per phase summed over seeds, the rest (tables, plot) and the total ``(wall, cpu)``."""
+    rows = []
+    for name in results[0].seconds:
+        wall, cpu = sum(r.seconds[name] for r in results), sum(r.cpu_seconds[name] for r in results)
+        rows.append([name, f"{wall:.0f}", f"{cpu:.0f}"])
+    other_wall = total[0] - sum(sum(r.seconds.values()) for r in results)
+    other_cpu = total[1] - sum(sum(r.cpu_seconds.values()) for r in results)
+    rows.append(["tables and plot", f"{other_wall:.0f}", f"{other_cpu:.0f}"])
+    rows.append(["total", f"{total[0]:.0f}", f"{total[1]:.0f}"])
+    load = f"; load average {os.getloadavg()[0]:.1f} at the end" if hasattr(os, "getloadavg") else ""
+    return (
+        f"Runtime per phase, summed over the {len(results)} seeds (CPU = the process's CPU time over all its "
+        "threads)\n"
+        + _table(["phase", "wall s", "CPU s"], rows)
+        + f"\nruntime: {total[0]:.0f} s ({total[0] / 60:.1f} min) wall, {total[1]:.0f} s CPU in total{load}"
+    )
+
+
 def machine_description() -> str:
     """CPU model, logical CPUs, torch threads and library versions, on one line."""
     cpu = platform.processor() or platform.machine()
@@ -1033,7 +1100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("--random-orders must be at least 2, to measure their spread.")
     if not 1 <= args.road_images <= args.eval_images:
         raise SystemExit("--road-images must be between 1 and --eval-images.")
-    started = time.perf_counter()
+    started = clock()
     console = Console()
     console.print(f"command: {shlex.join(['python', 'benchmarks/eval_report.py', *arguments])}")
     settings = {name: value for name, value in vars(args).items() if name not in ("output_dir", "publish", "quick")}
@@ -1137,12 +1204,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     plots = {"eval_ablation.png": args.output_dir / "eval_ablation.png"}
     save_ablation_plot(results, plots["eval_ablation.png"])
-    phases = {name: sum(r.seconds[name] for r in results) for name in results[0].seconds}
-    console.print(
-        f"runtime: {time.perf_counter() - started:.0f} s in total ("
-        + ", ".join(f"{name} {value:.0f} s" for name, value in phases.items())
-        + ")"
-    )
+    console.print(runtime_table(results, elapsed(started)))
     (args.output_dir / "eval_report_output.txt").write_text(console.text(), encoding="utf-8")
     if args.publish:
         publish(console, plots)
