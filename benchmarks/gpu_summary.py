@@ -58,13 +58,20 @@ def main() -> None:
             measured = "{:.2f} {:.2f} {:.2f}".format(*ratios)
             rows.append((f"anchors {label}: gmar_l1 / floor, / step, peak / step", "info", measured, None))
 
+    failures: list[str] = []
     for name, label in (("tests_engine", "engine tests on the device"), ("tests_rest", "rest of the test suite")):
         log = args.logs / f"{name}.log"
         if not log.exists():
             continue
-        counts = re.findall(r"(\d+) (passed|failed|errors?|skipped)", log.read_text())
-        summary = ", ".join(f"{n} {word}" for n, word in counts[-4:]) or "no result (timed out?)"
+        text = log.read_text(errors="replace")
+        # Only pytest's closing line ("== 3 failed, 640 passed in 97.1s ==", no "=" under -q): test names may hold
+        # numbers.
+        closing = re.findall(r"^=*\s*(\d+ [a-z]+\b.* in [\d.]+s\b.*)$", text, flags=re.MULTILINE)
+        counts = re.findall(r"(\d+) (passed|failed|errors?|skipped)", closing[-1]) if closing else []
+        summary = ", ".join(f"{n} {word}" for n, word in counts) or "no result (timed out?)"
         rows.append((label, "all pass", summary, statuses.get(name) == "0"))
+        # -ra's short summary; a crashed pytest-xdist worker's test is listed there too.
+        failures += re.findall(r"^(?:FAILED|ERROR) .*$", text, flags=re.MULTILINE)
 
     # A benchmark exits 1 when a target is missed; it crashed (or timed out) when it left no JSON.
     crashed = [name for name in ("bench_engine", "bench_anchors") if not (args.logs / f"{name}.json").exists()]
@@ -77,6 +84,8 @@ def main() -> None:
         print(f"{measure:<{width}}  {target:<8}  {measured:<26}  {result}")
     if crashed:
         print(f"steps that crashed or timed out: {', '.join(crashed)}")
+    for line in failures:
+        print(line[:300])
     failed = any(met is False for *_, met in rows)
     raise SystemExit(1 if crashed or (failed and not args.dry_run) else 0)
 
