@@ -7,6 +7,7 @@ gradient-checkpointing flags, hooks, parameter ``.grad`` and the RNG state.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from gmar_lightning import families, methods
 from gmar_lightning._checks import check_choice, check_int_in_range, check_logits
-from gmar_lightning.capture import head_slots, hook_attention, slot_count, unwrap_model
+from gmar_lightning.capture import KEPT_HEADS, hook_attention, slot_count, unwrap_model
 from gmar_lightning.explanation import Explanation
 from gmar_lightning.families import Probe, UnsupportedModelError, find_vision_transformer, hf
 from gmar_lightning.methods import METHOD_TABLE, Method
@@ -169,19 +170,20 @@ def _check_target(target: Target, batch: int) -> Target:
 
 
 def _resolve_targets(target: Target, logits: Tensor) -> Tensor:
-    batch, num_classes = logits.shape
+    """The ``[B]`` classes to explain on the logits' device; their range is checked with the other flags of
+    `_Flags`, after the pass, so that no device value is read here."""
+    batch = logits.shape[0]
     if target is None:
         return logits.argmax(dim=-1)
     if isinstance(target, bool) or not isinstance(target, int | Sequence | Tensor):
         raise TypeError(f"`target` must be None, an int or a LongTensor [B], got {type(target).__name__}.")
-    targets = torch.as_tensor(target, device=logits.device)
+    targets = torch.as_tensor(target)
+    targets = targets.to(logits.device, non_blocking=targets.device.type == "cpu")
     if targets.is_floating_point() or targets.dtype == torch.bool:
         raise TypeError(f"`target` must hold integer class indices, got dtype {targets.dtype}.")
     targets = targets.long().expand(batch) if targets.dim() == 0 else targets.long()
     if targets.shape != (batch,):
         raise ValueError(f"`target` must be an int or have shape [{batch}], got {list(targets.shape)}.")
-    if bool(((targets < 0) | (targets >= num_classes)).any()):
-        raise ValueError(f"`target` {targets.tolist()} is out of range for a model with {num_classes} classes.")
     return targets
 
 
@@ -204,11 +206,36 @@ def _check_logits(model: nn.Module, output: object, batch: int, headless_outputs
             f"`model` ({type(model).__name__}) returns the pooled features of its ViT, not class logits: the ViT has "
             "no classifier (num_classes=0 / num_labels=0); add a classifier head after it."
         )
-    if not bool(torch.isfinite(logits).all()):
+    return logits
+
+
+# The value checks of one call, in the order their errors are raised. They are gathered on the device as the chunks
+# run and read once at the end of the call: reading a device value waits for all queued work, and one wait per layer
+# or check would leave a GPU idle while the host catches up.
+_BAD_LOGITS, _BAD_TARGETS, _BAD_GRADIENTS = range(3)
+
+
+def _flags(logits: Tensor, targets: Tensor, summary: list[Tensor]) -> Tensor:
+    """``[3]`` bool on the device: NaN/inf logits, targets out of range, NaN/inf attention gradients."""
+    checks = [~torch.isfinite(logits).all(), ((targets < 0) | (targets >= logits.shape[1])).any()]
+    gradients = [~torch.isfinite(part).all() for part in summary]
+    checks.append(torch.stack(gradients).any() if gradients else torch.zeros_like(checks[0]))
+    return torch.stack(checks)
+
+
+def _raise_flagged(model: nn.Module, flags: Tensor, targets: Tensor, num_classes: int) -> None:
+    """Raise the first error that ``flags`` ``[chunks, 3]`` records; the call's one read of device values."""
+    bad = flags.any(dim=0).tolist()
+    if bad[_BAD_LOGITS]:
         raise FloatingPointError(
             f"`model` ({type(model).__name__}) produced NaN/inf logits; check `images` and the weights for NaN/inf."
         )
-    return logits
+    if bad[_BAD_TARGETS]:
+        raise ValueError(f"`target` {targets.tolist()} is out of range for a model with {num_classes} classes.")
+    if bad[_BAD_GRADIENTS]:
+        raise FloatingPointError(
+            "`model` produced NaN/inf attention gradients for `target`; check `images` and the weights for NaN/inf."
+        )
 
 
 @contextlib.contextmanager
@@ -248,6 +275,7 @@ class _Chunk:
     matrices: list[Tensor | None]  # per layer [B, W, n_q, n_k]; None where the method keeps no matrix
     scores: list[Tensor] | None  # per layer [B, H_l] head scores, for methods that weigh heads
     rows: Tensor | None  # [B, N] the read-out rows, when the rollout streamed through the backward pass
+    flags: Tensor  # [3] bool: what `_raise_flagged` checks
 
 
 def _layer_update(
@@ -336,7 +364,9 @@ def _explain_chunk(
                 f"No attention probabilities were captured from {probe.layer_names[0]}: `model`'s forward does not "
                 "run it; pass the ViT it classifies with as `vit=`."
             )
-        objective = logits.gather(1, targets[:, None]).sum()
+        # Out-of-range targets are clamped for the pass (a device index error would be fatal on a GPU) and reported
+        # from the flags once the call's work is queued.
+        objective = logits.gather(1, targets.clamp(0, logits.shape[1] - 1)[:, None]).sum()
         # Differentiate with respect to the first layer's attention only: every later layer depends on it, so the
         # tensor hooks see each layer's gradient on the way down, and no parameter's .grad is touched.
         torch.autograd.grad(objective, first_layer, allow_unused=True)
@@ -356,13 +386,11 @@ def _explain_chunk(
     ]
     scores = list(reductions.scores) if method.weighs_heads else None
     rows = reductions.stream.result() if reductions.stream is not None else None
+    summary = []
     if needs_grad:
         summary = scores if scores is not None else [rows] if rows is not None else matrices
-        if not all(bool(torch.isfinite(part).all()) for part in summary):
-            raise FloatingPointError(
-                "`model` produced NaN/inf attention gradients for `target`; check `images` and the weights for NaN/inf."
-            )
-    return _Chunk(logits.detach().float(), targets, matrices, scores, rows)
+    flags = _flags(logits.detach(), targets, summary)
+    return _Chunk(logits.detach().float(), targets, matrices, scores, rows, flags)
 
 
 def _head_grid(probe: Probe, per_layer: list[Tensor]) -> Tensor:
@@ -372,14 +400,21 @@ def _head_grid(probe: Probe, per_layer: list[Tensor]) -> Tensor:
     [`prune_heads`][gmar_lightning.heads.pruning.prune_heads] (its ``kept_heads`` buffer); other layers with fewer heads
     (e.g. the early stages of Swin or PVT) fill their first columns.
     """
-    slots, widths = [], []
+    kept_masks, widths = [], []
     for modules, part in zip(probe.layers, per_layer, strict=True):
         single = len(modules) == 1
-        slots.append(head_slots(modules[0].module, part.shape[1]) if single else torch.arange(part.shape[1]))
+        kept_masks.append(getattr(modules[0].module, KEPT_HEADS, None) if single else None)
         widths.append(slot_count(modules[0].module, part.shape[1]) if single else part.shape[1])
     grid = per_layer[0].new_full((per_layer[0].shape[0], len(per_layer), max(widths)), float("nan"))
-    for index, (layer_slots, part) in enumerate(zip(slots, per_layer, strict=True)):
-        grid[:, index, layer_slots.to(grid.device)] = part
+    for index, (kept, part) in enumerate(zip(kept_masks, per_layer, strict=True)):
+        if kept is None:
+            grid[:, index, : part.shape[1]] = part
+            continue
+        # The kept heads' slots, without listing them on the host (a device sync per layer): the k-th True entry of
+        # `kept` takes the layer's k-th head.
+        kept = kept.to(grid.device)
+        heads = (kept.long().cumsum(0) - 1).clamp_min(0)
+        grid[:, index, : kept.numel()] = part[:, heads].masked_fill(~kept, float("nan"))
     return grid
 
 
@@ -500,6 +535,8 @@ def _explain_batch(
     dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
     batch = images.shape[0]
     step = options.chunk_size or batch
+    # The plan's index tensors go to the device once per call rather than once per layer and use.
+    probe = dataclasses.replace(probe, plan=probe.plan.to(images.device))
     chunks = []
     with probe.context(), eval_mode_without_fast_paths(model, probe.modules):
         for start in range(0, batch, step):
@@ -535,6 +572,7 @@ def _explain_batch(
 
     token_maps = rows[:, plan.num_prefix_tokens :].reshape(batch, *plan.grid)
     maps = F.interpolate(token_maps.unsqueeze(1), size=images.shape[-2:], mode="bilinear", align_corners=False)
+    _raise_flagged(model, torch.stack([chunk.flags for chunk in chunks]), targets, logits.shape[1])
     return Explanation(
         method=method.name,
         token_maps=token_maps,

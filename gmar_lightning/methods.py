@@ -109,7 +109,8 @@ def fuse_heads(attention: Tensor, weights: Tensor) -> Tensor:
     The ``W`` windows of an image share its weights.
     """
     windows, heads, queries, keys = attention.shape
-    weights = weights.to(attention.dtype).repeat_interleave(windows // weights.shape[0], dim=0)
+    images = weights.shape[0]
+    weights = weights.to(attention.dtype)[:, None].expand(images, windows // images, heads).reshape(windows, heads)
     mixed = torch.bmm(weights.unsqueeze(1), attention.reshape(windows, heads, queries * keys))
     return mixed.reshape(windows, queries, keys).float()
 

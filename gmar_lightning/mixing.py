@@ -11,7 +11,8 @@ rollout applies the block structure of the windows to the read-out row vector di
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -19,9 +20,15 @@ from torch import Tensor
 __all__ = ["AttentionMixing", "AttentionStep", "TokenMap", "TokenPlan"]
 
 
+def _to(tensor: Tensor, device: torch.device | str) -> Tensor:
+    """``tensor`` on ``device``; a host-to-device copy does not wait for the device (the host buffer is staged at once,
+    so the copy is safe without a sync), which keeps moving a plan free of device syncs."""
+    return tensor.to(device, non_blocking=tensor.device.type == "cpu")
+
+
 def _scatter_rows(values: Tensor, index: Tensor, size: int) -> Tensor:
     """``out[b, index[j]] += values[b, j]`` over ``size`` tokens; ``index`` entries of ``-1`` are dropped."""
-    index = index.to(values.device).flatten()
+    index = _to(index, values.device).flatten()
     safe = torch.where(index < 0, size, index).expand(values.shape[0], -1)
     out = values.new_zeros(values.shape[0], size + 1)
     return out.scatter_add_(1, safe, values.flatten(1))[:, :size]
@@ -29,7 +36,7 @@ def _scatter_rows(values: Tensor, index: Tensor, size: int) -> Tensor:
 
 def _gather_rows(row: Tensor, index: Tensor) -> Tensor:
     """``row[b, index]`` with ``0`` where ``index`` is ``-1``; keeps ``index``'s shape after the batch dimension."""
-    index = index.to(row.device)
+    index = _to(index, row.device)
     padded = torch.cat([row, row.new_zeros(row.shape[0], 1)], dim=1)
     safe = torch.where(index < 0, row.shape[1], index)
     return padded[:, safe]
@@ -63,8 +70,12 @@ class TokenMap:
 
     def pull_back(self, row: Tensor) -> Tensor:
         """``row @ T``: a ``[B, n_new]`` row over the new tokens as a ``[B, num_inputs]`` row over the old ones."""
-        values = row[:, :, None] * self.weights.to(row.device, row.dtype)
+        values = row[:, :, None] * _to(self.weights, row.device).to(row.dtype)
         return _scatter_rows(values, self.sources, self.num_inputs)
+
+    def to(self, device: torch.device | str) -> TokenMap:
+        """The same map with its tensors on ``device``."""
+        return TokenMap(_to(self.sources, device), _to(self.weights, device), self.num_inputs)
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,30 @@ class AttentionMixing:
     queries: Tensor | None = None
     keys: Tensor | None = None
     key_map: TokenMap | None = None
+    # Facts of the layer's structure, read once where the plan is built (on the host) rather than once per call and
+    # layer: reading a device tensor's values would stall the device.
+    _padding: Tensor | None = field(init=False, repr=False, compare=False)
+    _queried: Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        padded = self.key_map is None and self.keys is not None and bool((self.keys < 0).any())
+        object.__setattr__(self, "_padding", (self.keys < 0)[:, None, :] if padded else None)
+        if self.queries is None:
+            queried = torch.ones(self.num_tokens, dtype=torch.bool)
+        else:
+            queried = torch.zeros(self.num_tokens + 1, dtype=torch.bool, device=self.queries.device)
+            queried[torch.where(self.queries < 0, self.num_tokens, self.queries).flatten()] = True
+            queried = queried[: self.num_tokens]
+        object.__setattr__(self, "_queried", queried)
+
+    def to(self, device: torch.device | str) -> AttentionMixing:
+        """The same mixing with its tensors on ``device`` (without reading them again)."""
+        moved = copy.copy(self)
+        for name in ("queries", "keys", "_padding", "_queried"):
+            value = getattr(self, name)
+            object.__setattr__(moved, name, _to(value, device) if value is not None else None)
+        object.__setattr__(moved, "key_map", self.key_map.to(device) if self.key_map is not None else None)
+        return moved
 
     @property
     def num_windows(self) -> int:
@@ -105,27 +140,24 @@ class AttentionMixing:
 
     def key_padding(self) -> Tensor | None:
         """``[W, 1, n_k]`` True where a key slot is padding (no token), or ``None`` when there is none."""
-        if self.key_map is not None or self.keys is None or not bool((self.keys < 0).any()):
-            return None
-        return (self.keys < 0)[:, None, :]
+        return self._padding
 
     def diagonal(self, tokens: Tensor) -> Tensor:
         """``[W, n_q, n_k]`` True where query and key slot hold the same token and ``tokens`` (bool ``[N]``) has it."""
         _, num_queries, num_keys = self.shape(1)
         if self.key_map is not None:
-            return torch.zeros(self.num_windows, num_queries, num_keys, dtype=torch.bool)
-        queries = torch.arange(self.num_tokens)[None] if self.queries is None else self.queries
-        keys = torch.arange(self.num_tokens)[None] if self.keys is None else self.keys
-        protected = torch.cat([tokens.cpu(), torch.zeros(1, dtype=torch.bool)])[torch.where(queries < 0, -1, queries)]
+            return torch.zeros(self.num_windows, num_queries, num_keys, dtype=torch.bool, device=tokens.device)
+        device = tokens.device
+        queries = torch.arange(self.num_tokens, device=device)[None] if self.queries is None else self.queries
+        keys = torch.arange(self.num_tokens, device=device)[None] if self.keys is None else self.keys
+        queries, keys = _to(queries, device), _to(keys, device)
+        padded = torch.cat([tokens, torch.zeros(1, dtype=torch.bool, device=device)])
+        protected = padded[torch.where(queries < 0, -1, queries)]
         return (queries[:, :, None] == keys[:, None, :]) & (queries[:, :, None] >= 0) & protected[:, :, None]
 
     def queried(self) -> Tensor:
         """``[N]`` bool: the tokens this layer updates."""
-        if self.queries is None:
-            return torch.ones(self.num_tokens, dtype=torch.bool)
-        mask = torch.zeros(self.num_tokens + 1, dtype=torch.bool)
-        mask[torch.where(self.queries < 0, self.num_tokens, self.queries).flatten()] = True
-        return mask[: self.num_tokens]
+        return self._queried
 
     def mix(self, row: Tensor, fused: Tensor) -> Tensor:
         """``row^T M`` over the queried tokens: ``[B, N]`` row, ``[B, W, n_q, n_k]`` fused attention -> ``[B, N]``."""
@@ -144,7 +176,7 @@ class AttentionMixing:
             return sums.squeeze(1)
         ones = torch.ones(sums.shape[0], self.num_tokens, device=sums.device, dtype=sums.dtype)
         scattered = _scatter_rows(sums, self.queries, self.num_tokens)
-        return torch.where(self.queried().to(sums.device), scattered, ones)
+        return torch.where(_to(self.queried(), sums.device), scattered, ones)
 
 
 @dataclass(frozen=True)
@@ -170,6 +202,14 @@ class TokenPlan:
     readout: Tensor
     num_prefix_tokens: int
     grid: tuple[int, int]
+
+    def to(self, device: torch.device | str) -> TokenPlan:
+        """The same plan with its tensors on ``device``: moved once per call, so no layer copies them again."""
+        steps = tuple(
+            step.to(device) if isinstance(step, TokenMap) else AttentionStep(step.layer, step.mixing.to(device))
+            for step in self.steps
+        )
+        return TokenPlan(steps, _to(self.readout, device), self.num_prefix_tokens, self.grid)
 
     @property
     def attention_steps(self) -> list[AttentionStep]:

@@ -1,0 +1,158 @@
+"""``explain`` reads device values at most once per call.
+
+Each read of a device tensor's value (``.item()``, ``bool(t)``, ``.tolist()``, ``nonzero``, a device-to-host copy)
+waits until the device has run all queued work; once per layer, that leaves a GPU idle while the host catches up.
+On the CPU no read stalls anything, so these tests count the operations that would: ATen operations seen by a
+dispatch mode (values read on the host, output sizes that depend on values) and the Python-level reads that bypass
+the dispatcher (``tolist``, ``__bool__`` ...) seen by a function mode. The probe is left out: it builds the model's
+token plan on the host from its structure, before any device work.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gmar_lightning import METHODS, explain, families
+from gmar_lightning.heads.pruning import prune_heads
+from tests.models import make_images, make_model, sharpen
+
+# What the engine is allowed per call: one read of all its value checks at the end (NaN/inf logits and gradients,
+# targets out of range), whatever the method, model family or number of chunks.
+MAX_READS_PER_CALL = 1
+
+# ATen operations that read values on the host or size their output by values (a sync on a GPU).
+READING_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "masked_select", "_unique2", "unique_dim"}
+# Tensor methods that read values without going through the dispatcher.
+READING_METHODS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy"}
+
+
+class _DeviceReads(TorchDispatchMode):
+    """Counts the ATen operations that read device values, by name."""
+
+    def __init__(self, counts: Counter) -> None:
+        super().__init__()
+        self.counts = counts
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if not self.paused and _reads(name, args, kwargs):
+            self.counts[name] += 1
+        return func(*args, **kwargs)
+
+
+def _reads(name: str, args: tuple, kwargs: dict) -> bool:
+    if name in READING_OPS:
+        return True
+    if name == "index":  # boolean-mask indexing lists the mask's True entries on the host
+        return any(
+            isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in args[1] if index is not None
+        )
+    if name in ("_to_copy", "copy_"):  # a copy from an accelerator to the host, or a blocking one onto it
+        source = args[1] if name == "copy_" else args[0]
+        destination = kwargs.get("device", args[0].device) if name == "_to_copy" else args[0].device
+        destination = torch.device(destination) if destination is not None else source.device
+        if source.device.type != destination.type:
+            return source.device.type != "cpu" or not kwargs.get("non_blocking", False)
+    return False
+
+
+class _PythonReads(TorchFunctionMode):
+    """Counts the Tensor methods that read values without going through the dispatcher."""
+
+    def __init__(self, dispatch: _DeviceReads) -> None:
+        super().__init__()
+        self.dispatch = dispatch
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if not self.dispatch.paused and name in READING_METHODS:
+            self.dispatch.counts[f"Tensor.{name}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_reads(monkeypatch: pytest.MonkeyPatch, call: Callable[[], object]) -> Counter:
+    """The value reads ``call()`` makes, by operation, outside the model's probe."""
+    counts: Counter = Counter()
+    dispatch = _DeviceReads(counts)
+    probe = families.probe
+
+    def probe_uncounted(*args: object, **kwargs: object) -> families.Probe:
+        dispatch.paused = True
+        try:
+            return probe(*args, **kwargs)
+        finally:
+            dispatch.paused = False
+
+    monkeypatch.setattr(families, "probe", probe_uncounted)
+    with _PythonReads(dispatch), dispatch:
+        call()
+    return counts
+
+
+def swin() -> nn.Module:
+    # 40 px / 4 = a 10x10 grid: windows of 4 need padding, and the second block of each stage shifts.
+    torch.manual_seed(0)
+    config = {"embed_dim": 16, "depths": (2, 2), "num_heads": (2, 4), "window_size": 4, "num_classes": 5}
+    return sharpen(timm.create_model("swin_tiny_patch4_window7_224", img_size=40, **config)).eval()
+
+
+def pruned_vit() -> nn.Module:
+    model = make_model("vit")
+    prune_heads(model, {0: [1], 2: [0, 3]})
+    return model
+
+
+MODELS = {"vit": (lambda: make_model("vit"), (32, 32)), "swin": (swin, (40, 40)), "pruned_vit": (pruned_vit, (32, 32))}
+
+
+def images_for(size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    return torch.randn(4, 3, *size, generator=torch.Generator().manual_seed(1)).to(device)
+
+
+@pytest.mark.parametrize("model_name", list(MODELS))
+@pytest.mark.parametrize("method", METHODS)
+def test_explain_reads_device_values_at_most_once(
+    monkeypatch: pytest.MonkeyPatch, device: torch.device, model_name: str, method: str
+) -> None:
+    build, size = MODELS[model_name]
+    model, images = build().to(device), images_for(size, device)
+    counts = count_reads(monkeypatch, lambda: explain(model, images, method))
+    assert sum(counts.values()) <= MAX_READS_PER_CALL, dict(counts)
+
+
+@pytest.mark.parametrize("method", ["gmar_l1", "grad_rollout", "rollout"])
+@pytest.mark.parametrize(
+    "options",
+    [{"target": "tensor", "chunk_size": 3}, {"target": 2, "discard_ratio": 0.3, "head_norm": "global"}],
+    ids=["tensor_target_in_chunks", "int_target_discard_global"],
+)
+def test_options_read_device_values_at_most_once(
+    monkeypatch: pytest.MonkeyPatch, device: torch.device, method: str, options: dict
+) -> None:
+    build, size = MODELS["swin"]
+    model, images = build().to(device), images_for(size, device)
+    if options["target"] == "tensor":
+        options = {**options, "target": torch.tensor([0, 1, 2, 3], device=device)}
+    if method != "gmar_l1":
+        options.pop("head_norm", None)
+    counts = count_reads(monkeypatch, lambda: explain(model, images, method, **options))
+    assert sum(counts.values()) <= MAX_READS_PER_CALL, dict(counts)
+
+
+def test_the_count_sees_a_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counter is not blind: one ``bool`` of a tensor, one ``nonzero`` and one ``tolist`` are three reads."""
+    tensor = make_images("vit")
+    counts = count_reads(
+        monkeypatch, lambda: (bool(tensor.isfinite().all()), tensor.nonzero(), tensor[0, 0, 0].tolist())
+    )
+    assert counts["Tensor.__bool__"] == 1 and counts["nonzero"] == 1 and counts["Tensor.tolist"] == 1
