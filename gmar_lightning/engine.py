@@ -410,6 +410,8 @@ def _head_grid(probe: Probe, per_layer: list[Tensor]) -> Tensor:
         if kept is None:
             grid[:, index, : part.shape[1]] = part
             continue
+        if part.shape[1] == 0:  # every head removed: the layer's row stays NaN
+            continue
         # The kept heads' slots, without listing them on the host (a device sync per layer): the k-th True entry of
         # `kept` takes the layer's k-th head.
         kept = kept.to(grid.device)
