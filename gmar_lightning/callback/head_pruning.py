@@ -21,9 +21,10 @@ from typing_extensions import override
 
 from gmar_lightning._io import atomic_write_text
 from gmar_lightning.callback.gmar import GMARCallback, _preserved_rng
-from gmar_lightning.capture import find_attention_layers, unwrap_model
-from gmar_lightning.families import find_vision_transformer
+from gmar_lightning.capture import unwrap_model
+from gmar_lightning.families import find_vision_transformer, hf
 from gmar_lightning.heads.importance import michel_importance
+from gmar_lightning.heads.masking import head_layers
 from gmar_lightning.heads.pruning import (
     head_counts,
     measure_throughput,
@@ -73,10 +74,10 @@ class HeadPruning(Callback):
         epochs: The epochs at whose start to prune, or a callable ``epoch -> bool``.
         gmar_last_n: GMAR evaluations averaged by ``criterion="gmar"``.
         michel_batches: Validation batches read by ``criterion="michel"``.
-        min_heads_per_layer: Heads every layer keeps (0 allows emptying a layer; its attention branch then outputs
-            only ``proj``'s bias).
-        model_getter: Returns the ViT from the LightningModule; default: the outermost submodule with a
-            ``patch_embed`` and attention layers.
+        min_heads_per_layer: Heads every layer keeps (0 allows emptying a layer of a timm ViT; its attention branch
+            then outputs only ``proj``'s bias; transformers ViTs need at least 1).
+        model_getter: Returns the ViT from the LightningModule; default: the outermost timm or transformers ViT
+            inside it.
         throughput_batch: Images in the timed batch; 0 skips the measurement.
         seed: Seed of ``criterion="random"`` (combined with the epoch).
         verbose: Print each pruning's removed heads, head counts and parameter count.
@@ -161,7 +162,12 @@ class HeadPruning(Callback):
                 "callbacks; add one, or pick another criterion."
             )
         self._log_dir = trainer.log_dir
-        present_heads(self._model(pl_module))  # finds the attention layers, or says why not
+        model = self._model(pl_module)
+        present_heads(model)  # finds the attention layers, or says why not
+        if self.min_heads_per_layer == 0 and hf.is_transformers_vit(model):
+            raise ValueError(
+                "`min_heads_per_layer=0` may empty a layer, which transformers attention cannot run without; use 1."
+            )
         # A resumed fit loads a pruned checkpoint into a fresh module: prune the module to match first.
         restore_pruning_on_load(pl_module)
 
@@ -218,7 +224,7 @@ class HeadPruning(Callback):
         changes = prune_heads(model, heads)
         for optimizer in trainer.optimizers:
             slice_optimizer_state(optimizer, changes)
-        names = [layer.name for layer in find_attention_layers(model)]
+        names = [layer.name for layer in head_layers(model)]
         entry = {
             "epoch": epoch,
             "step": trainer.global_step,
@@ -236,10 +242,14 @@ class HeadPruning(Callback):
     def _timing_images(self, model: nn.Module) -> Tensor | None:
         if not self.throughput_batch:
             return None
-        size = tuple(model.patch_embed.img_size)
+        if hf.is_transformers_vit(model):
+            side = model.config.image_size
+            channels, size = hf.num_channels_of(model), (side, side) if isinstance(side, int) else tuple(side)
+        else:
+            channels, size = model.patch_embed.proj.in_channels, tuple(model.patch_embed.img_size)
         parameter = next(model.parameters())
         generator = torch.Generator().manual_seed(0)  # a private stream: the training's RNG is not touched
-        images = torch.randn(self.throughput_batch, model.patch_embed.proj.in_channels, *size, generator=generator)
+        images = torch.randn(self.throughput_batch, channels, *size, generator=generator)
         return images.to(parameter.device, parameter.dtype)
 
     @staticmethod

@@ -36,6 +36,7 @@ from gmar_lightning.tokens import TokenLayout
 
 __all__ = [
     "SUPPORTED_CLASSES",
+    "attention_layers",
     "attention_modules",
     "eager_attention",
     "is_headless",
@@ -238,14 +239,18 @@ def _adapter(module_class: type, output_index: int) -> AttentionAdapter:
     )
 
 
+def attention_layers(model: nn.Module) -> list[AttentionLayer]:
+    """The attention modules of the transformers ViTs inside ``model`` as capture layers, in forward order."""
+    return [
+        AttentionLayer(name, module, _adapter(type(module), index)) for name, module, index in attention_modules(model)
+    ]
+
+
 def probe(model: nn.Module, image_size: tuple[int, int], token_layout: TokenLayout | None) -> Probe:
     layout = token_layout if token_layout is not None else token_layout_of(model)
     grid = patch_grid_of(model, image_size)
     num_tokens = layout.num_prefix_tokens + grid[0] * grid[1]
-    layers = [
-        [AttentionLayer(name, module, _adapter(type(module), index))]
-        for name, module, index in attention_modules(model)
-    ]
+    layers = [[layer] for layer in attention_layers(model)]
     steps = tuple(AttentionStep(index, global_mixing(num_tokens)) for index in range(len(layers)))
     readout = layout.readout_vector(num_tokens, 1)[0]
     return Probe(

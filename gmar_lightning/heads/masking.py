@@ -11,6 +11,10 @@ include the masked heads, so the result is not identical to a model trained with
 better: zeroing a head before the norm still lets its (shifted) channels and the norm's bias reach ``proj``.
 A sigmoid ``gate`` (``gated=True``) acts per channel and so per head; it does not affect exactness.
 
+Hugging Face transformers ViTs (5.x: ``ViTAttention``, ``DeiTAttention``, ``BeitAttention``, ``Dinov2Attention``...)
+are masked the same way, at the input of their ``o_proj``. transformers 4.x keeps that projection outside the
+attention module (``ViTSelfOutput.dense``), so its models are refused.
+
 Examples:
     >>> import timm
     >>> model = timm.models.vision_transformer.VisionTransformer(
@@ -37,7 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from gmar_lightning._checks import check_int_in_range
-from gmar_lightning.capture import AttentionLayer, find_attention_layers, head_slots, slot_count
+from gmar_lightning.capture import AttentionLayer, find_attention_layers, head_slots, slot_count, unwrap_model
+from gmar_lightning.families import hf
 
 __all__ = ["attention_head_grid", "head_mask", "mask_from_order"]
 
@@ -64,16 +69,38 @@ class _HeadLayout:
         return present
 
 
+def head_layers(model: nn.Module) -> list[AttentionLayer]:
+    """The attention layers the head tools act on, in forward order: the attention modules of the transformers ViTs
+    inside ``model`` if it holds any, else the timm attention modules."""
+    eager = unwrap_model(model)
+    if any(hf.is_transformers_vit(module) for module in eager.modules()):
+        return hf.attention_layers(eager)
+    return find_attention_layers(eager)
+
+
+def num_heads_of(module: nn.Module) -> int | None:
+    """An attention module's current head count: timm's ``num_heads``, transformers' ``num_attention_heads``."""
+    num_heads = getattr(module, "num_heads", getattr(module, "num_attention_heads", None))
+    return num_heads if isinstance(num_heads, int) and not isinstance(num_heads, bool) else None
+
+
+def output_projection(module: nn.Module) -> nn.Module | None:
+    """The linear layer that mixes the concatenated heads: timm's ``proj``, transformers' ``o_proj``."""
+    projection = getattr(module, "proj", getattr(module, "o_proj", None))
+    return projection if isinstance(projection, nn.Module) else None
+
+
 def _maskable_layers(model: nn.Module) -> _HeadLayout:
-    """The attention layers and their head slots; errors if a layer has no ``proj``/``num_heads``."""
-    layers = find_attention_layers(model)
+    """The attention layers and their head slots; errors if a layer has no output projection or head count."""
+    layers = head_layers(model)
     slots, widths = [], []
     for layer in layers:
-        num_heads = getattr(layer.module, "num_heads", None)
-        if not isinstance(num_heads, int) or not isinstance(getattr(layer.module, "proj", None), nn.Module):
+        num_heads = num_heads_of(layer.module)
+        if num_heads is None or output_projection(layer.module) is None:
             raise TypeError(
                 f"`model` attention layer `{layer.name}` ({type(layer.module).__name__}) needs an integer `num_heads` "
-                "and a `proj` output projection for head masking; only timm-style attention is supported."
+                "and a `proj` output projection for head masking; timm-style attention and transformers >= 5 ViTs "
+                "are supported (transformers 4.x keeps the projection outside the attention module)."
             )
         slots.append(head_slots(layer.module, num_heads))
         widths.append(slot_count(layer.module, num_heads))
@@ -131,7 +158,8 @@ def _gated_heads(layers: list[AttentionLayer], gates: Sequence[Tensor | None]) -
     try:
         for layer, gate in zip(layers, gates, strict=True):
             if gate is not None:
-                handles.append(layer.module.proj.register_forward_pre_hook(_gate_hook(layer.name, gate)))
+                projection = output_projection(layer.module)
+                handles.append(projection.register_forward_pre_hook(_gate_hook(layer.name, gate)))
         yield
     finally:
         for handle in handles:
@@ -156,7 +184,7 @@ def head_mask(model: nn.Module, mask: Tensor | np.ndarray) -> Iterator[None]:
     when the body raises; the model itself is never changed.
 
     Args:
-        model: A timm Vision Transformer (or ``torch.compile`` of one).
+        model: A timm Vision Transformer, a transformers (5.x) ViT, or ``torch.compile`` of one.
         mask: ``[L, H]`` over the model's attention layers in
             [`find_attention_layers`][gmar_lightning.capture.find_attention_layers] order: 0/1, bool, or float weights.
             A mask that requires grad is always applied, so gradients reach it. For a model whose layers lost heads,

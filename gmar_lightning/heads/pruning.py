@@ -47,14 +47,8 @@ from timm.models.beit import Attention as BeitAttention
 from timm.models.eva import EvaAttention
 from torch import Tensor, nn
 
-from gmar_lightning.capture import (
-    KEPT_HEADS,
-    AttentionLayer,
-    find_attention_layers,
-    head_slots,
-    slot_count,
-    unwrap_model,
-)
+from gmar_lightning.capture import KEPT_HEADS, AttentionLayer, head_slots, slot_count, unwrap_model
+from gmar_lightning.heads.masking import head_layers, num_heads_of, output_projection
 from gmar_lightning.model_state import eval_mode
 
 __all__ = [
@@ -187,11 +181,15 @@ _SUPPORTED = (TimmAttention, BeitAttention, EvaAttention)
 
 
 def _kept_indices(module: nn.Module) -> Tensor:
-    return head_slots(module, int(module.num_heads))
+    return head_slots(module, num_heads_of(module))
 
 
 def _layers(model: nn.Module) -> list[AttentionLayer]:
-    return find_attention_layers(unwrap_model(model))
+    return head_layers(model)
+
+
+def _is_transformers_attention(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("transformers.")
 
 
 def head_ids(model: nn.Module) -> list[Tensor]:
@@ -212,7 +210,7 @@ def head_ids(model: nn.Module) -> list[Tensor]:
 
 def head_counts(model: nn.Module) -> list[int]:
     """The number of heads each attention layer has now, in forward order."""
-    return [int(layer.module.num_heads) for layer in _layers(model)]
+    return [num_heads_of(layer.module) for layer in _layers(model)]
 
 
 def pruning_spec(model: nn.Module) -> dict[str, list[int]]:
@@ -236,12 +234,35 @@ def _head_dim(module: nn.Module) -> int:
     return module.proj.in_features // module.num_heads
 
 
-def _check_prunable(layer: AttentionLayer) -> None:
+def _check_transformers_prunable(layer: AttentionLayer, remove: set[int]) -> None:
     module = layer.module
+    if not all(isinstance(getattr(module, name, None), nn.Linear) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        raise TypeError(
+            f"`model` layer `{layer.name}` is a {type(module).__name__} without q_proj/k_proj/v_proj/o_proj; "
+            "prune_heads supports transformers >= 5 ViTs (transformers 4.x models have their own `prune_heads`)."
+        )
+    if getattr(module.config, "use_shared_relative_position_bias", False):
+        raise ValueError(
+            f"`heads`: layer `{layer.name}` adds a relative-position bias shared by all layers, which cannot lose "
+            "heads in one layer only; build the model with use_relative_position_bias=True or leave it unpruned."
+        )
+    if len(remove) == num_heads_of(module):
+        raise ValueError(
+            f"`heads` removes every head of layer `{layer.name}`, which transformers attention cannot run without; "
+            "keep at least one head per layer (HeadPruning: min_heads_per_layer >= 1)."
+        )
+
+
+def _check_prunable(layer: AttentionLayer, remove: set[int]) -> None:
+    module = layer.module
+    if _is_transformers_attention(module):
+        _check_transformers_prunable(layer, remove)
+        return
     if not isinstance(module, _SUPPORTED):
         names = ", ".join(f"{cls.__module__}.{cls.__name__}" for cls in _SUPPORTED)
         raise TypeError(
-            f"`model` layer `{layer.name}` is a {type(module).__name__}; prune_heads supports timm's {names}."
+            f"`model` layer `{layer.name}` is a {type(module).__name__}; prune_heads supports timm's {names} and "
+            "transformers >= 5 ViTs."
         )
     if not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity):
         raise ValueError(
@@ -305,7 +326,7 @@ def _removals(layers: list[AttentionLayer], heads: HeadsToPrune) -> list[set[int
 
 
 def _original_count(module: nn.Module) -> int:
-    return slot_count(module, int(module.num_heads))
+    return slot_count(module, num_heads_of(module))
 
 
 def _replace(owner: nn.Module, name: str, dim: int, index: Tensor, changes: list[ParameterSlice]) -> None:
@@ -333,7 +354,9 @@ def _slice_linear(linear: nn.Linear | None, dim: int, index: Tensor, changes: li
         linear.in_features = int(index.numel())
 
 
-def _prune_layer(module: nn.Module, remove: set[int]) -> list[ParameterSlice]:
+def _prune_layer(module: nn.Module, remove: set[int], bias_owner: nn.Module) -> list[ParameterSlice]:
+    """Remove ``remove`` (original indices) from ``module``; ``bias_owner`` holds its relative-position-bias table
+    (the module itself in timm, the enclosing layer's ``relative_position_bias`` in transformers BEiT)."""
     slots = _kept_indices(module).tolist()
     num_heads, head_dim = len(slots), _head_dim(module)
     keep = torch.tensor([position for position, slot in enumerate(slots) if slot not in remove], dtype=torch.long)
@@ -347,15 +370,16 @@ def _prune_layer(module: nn.Module, remove: set[int]) -> list[ParameterSlice]:
         _slice_linear(getattr(module, name, None), 0, channels, changes)
     for name in ("q_bias", "k_bias", "v_bias"):
         _replace(module, name, 0, channels, changes)
-    _slice_linear(module.proj, 1, channels, changes)
-    _replace(module, "relative_position_bias_table", 1, keep, changes)
+    _slice_linear(output_projection(module), 1, channels, changes)
+    _replace(bias_owner, "relative_position_bias_table", 1, keep, changes)
 
     kept = getattr(module, KEPT_HEADS, None)
     if kept is None:
-        kept = torch.ones(num_heads, dtype=torch.bool, device=module.proj.weight.device)
+        kept = torch.ones(num_heads, dtype=torch.bool, device=output_projection(module).weight.device)
         module.register_buffer(KEPT_HEADS, kept, persistent=True)
     kept[sorted(remove)] = False
-    module.num_heads = int(keep.numel())
+    # transformers attention splits its projections by head_dim (view(..., -1, head_dim)), so only the count changes.
+    setattr(module, "num_attention_heads" if _is_transformers_attention(module) else "num_heads", int(keep.numel()))
     module.head_dim = head_dim
     if hasattr(module, "attn_dim"):
         module.attn_dim = module.num_heads * head_dim
@@ -397,16 +421,25 @@ def prune_heads(model: nn.Module, heads: HeadsToPrune) -> list[ParameterSlice]:
         536
     """
     eager = unwrap_model(model)
-    layers = find_attention_layers(eager)
+    layers = head_layers(eager)
     removals = _removals(layers, heads)
     for layer, remove in zip(layers, removals, strict=True):
         if remove:
-            _check_prunable(layer)
+            _check_prunable(layer, remove)
     changes: list[ParameterSlice] = []
     for layer, remove in zip(layers, removals, strict=True):
         if remove:
-            changes.extend(_prune_layer(layer.module, remove))
+            changes.extend(_prune_layer(layer.module, remove, _bias_owner(eager, layer)))
     return changes
+
+
+def _bias_owner(model: nn.Module, layer: AttentionLayer) -> nn.Module:
+    """Where a layer's relative-position-bias table lives: on timm's attention module itself; in transformers BEiT,
+    on the ``relative_position_bias`` module of the layer that encloses the attention (no table: the module)."""
+    if not _is_transformers_attention(layer.module):
+        return layer.module
+    table_module = getattr(model.get_submodule(layer.name.rpartition(".")[0]), "relative_position_bias", None)
+    return layer.module if table_module is None else table_module
 
 
 def weight_magnitude_importance(model: nn.Module) -> Tensor:
@@ -430,13 +463,13 @@ def weight_magnitude_importance(model: nn.Module) -> Tensor:
     importance = torch.full((len(layers), width), float("nan"))
     for index, layer in enumerate(layers):
         module = layer.module
-        head_dim, num_heads = _head_dim(module), int(module.num_heads)
+        head_dim, num_heads = _head_dim(module), num_heads_of(module)
         if getattr(module, "qkv", None) is not None:
             inputs = module.qkv.weight.detach().float().reshape(3, num_heads, head_dim, -1).transpose(0, 1)
         else:
             projections = (module.q_proj, module.k_proj, module.v_proj)
             inputs = torch.stack([p.weight.detach().float().reshape(num_heads, head_dim, -1) for p in projections], 1)
-        outputs = module.proj.weight.detach().float().reshape(-1, num_heads, head_dim).transpose(0, 1)
+        outputs = output_projection(module).weight.detach().float().reshape(-1, num_heads, head_dim).transpose(0, 1)
         squares = inputs.square().flatten(1).sum(dim=1) + outputs.square().flatten(1).sum(dim=1)
         importance[index, _kept_indices(module)] = squares.sqrt().cpu()
     return importance
@@ -451,7 +484,7 @@ def restore_pruning(model: nn.Module, state_dict: Mapping[str, Any]) -> list[Par
     Raises:
         ValueError: If the state dict keeps a head the model has already lost, or its head count differs.
     """
-    layers = find_attention_layers(unwrap_model(model))
+    layers = _layers(model)
     removals: dict[int, list[int]] = {}
     for index, layer in enumerate(layers):
         suffix = f"{layer.name}.{KEPT_HEADS}"
