@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_check.sh             # on a GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --dry-run   # anywhere: CPU, tiny model, engine tests and one small test module
 #                                            # through the rest-of-the-suite command (also chosen without CUDA)
+#   bash benchmarks/gpu_check.sh --tests-only   # versions and tests only, no benchmarks (with --dry-run too)
 #
 # PYTHON picks the interpreter (default python3) and GPU_CHECK_BUDGET_S the whole script's time (default 400 s). The
 # package is imported from the checkout (PYTHONPATH); nothing is installed. Logs and JSON go to $OUT when set, else to a
@@ -23,7 +24,17 @@ START=$SECONDS
 BUDGET_S="${GPU_CHECK_BUDGET_S:-400}" # whole-script limit; the rest of the test suite gets what is left
 
 dry_run=0
-[ "${1:-}" = "--dry-run" ] && dry_run=1
+benchmarks=1
+for argument in "$@"; do
+    case "$argument" in
+    --dry-run) dry_run=1 ;;
+    --tests-only) benchmarks=0 ;;
+    *)
+        echo "gpu_check: unknown argument '$argument'; use --dry-run and/or --tests-only." >&2
+        exit 2
+        ;;
+    esac
+done
 if [ "$dry_run" = 0 ] && ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_check: torch sees no CUDA device; doing a dry run on CPU instead."
     dry_run=1
@@ -71,10 +82,12 @@ if torch.cuda.is_available():
     print('device', torch.cuda.get_device_name(0), 'capability', torch.cuda.get_device_capability(0),
           'memory_GiB', round(props.total_memory / 2**30, 1), 'devices', torch.cuda.device_count())
 EOF"
-step bench_engine 90 "$PYTHON" benchmarks/bench_engine.py --device "$DEVICE" "${ENGINE_ARGS[@]}" \
-    --json "$LOGS/bench_engine.json"
-step bench_anchors 180 "$PYTHON" benchmarks/bench_anchors.py --device "$DEVICE" "${ANCHOR_ARGS[@]}" \
-    --json "$LOGS/bench_anchors.json"
+if [ "$benchmarks" = 1 ]; then
+    step bench_engine 90 "$PYTHON" benchmarks/bench_engine.py --device "$DEVICE" "${ENGINE_ARGS[@]}" \
+        --json "$LOGS/bench_engine.json"
+    step bench_anchors 180 "$PYTHON" benchmarks/bench_anchors.py --device "$DEVICE" "${ANCHOR_ARGS[@]}" \
+        --json "$LOGS/bench_anchors.json"
+fi
 step tests_engine 150 env GMAR_TEST_DEVICE="$DEVICE" "$PYTHON" -m pytest -q -p no:randomly -p no:cacheprovider \
     tests/test_engine.py
 # The rest of the suite gets the time that is left. Its tensors are tiny: 2 CPU threads per pytest process, as on the

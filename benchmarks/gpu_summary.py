@@ -73,8 +73,13 @@ def main() -> None:
         # -ra's short summary; a crashed pytest-xdist worker's test is listed there too.
         failures += re.findall(r"^(?:FAILED|ERROR) .*$", text, flags=re.MULTILINE)
 
-    # A benchmark exits 1 when a target is missed; it crashed (or timed out) when it left no JSON.
-    crashed = [name for name in ("bench_engine", "bench_anchors") if not (args.logs / f"{name}.json").exists()]
+    # A benchmark exits 1 when a target is missed; it crashed (or timed out) when it ran (--tests-only skips it) and
+    # left no JSON.
+    crashed = [
+        name
+        for name in ("bench_engine", "bench_anchors")
+        if name in statuses and not (args.logs / f"{name}.json").exists()
+    ]
     width = max(len(row[0]) for row in rows)
     mode = "DRY RUN on CPU: targets are for CUDA, shown for the format only" if args.dry_run else "CUDA"
     print(f"SUMMARY ({mode}; {anchors['device_name'] if anchors else 'no anchors result'})")
