@@ -131,3 +131,27 @@ def test_reinitialised_copy_replaces_exactly_the_chosen_groups(eval_report: Modu
     for name, value in copy.state_dict().items():
         source = fresh if name.startswith("blocks.3.") else trained
         assert torch.equal(value, source.state_dict()[name]), name
+
+
+def test_ablation_curves_share_their_ends_without_changing_a_number(
+    eval_report: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gmar_lightning.heads import head_ablation_curve, random_order
+
+    args = eval_report.build_parser().parse_args(["--quick"])
+    model = eval_report.build_model(args, 0).eval()
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(6, 3, 64, 64, generator=generator), torch.tensor([0, 1, 2, 3, 0, 1])
+    batches = [(images[:4], labels[:4]), (images[4:], labels[4:])]
+    orders = {"first": random_order(4, 4, seed=1), "second": random_order(4, 4, seed=2)}
+    shared = eval_report.ablation_curves(model, batches, orders, seed=0)
+    for name, order in orders.items():
+        separate = head_ablation_curve(
+            model, batches, order, eval_report.ABLATION_FRACTIONS, order_name=name, progress=False
+        )
+        assert shared[name] == separate
+        assert separate.loss[0] != separate.loss[-1]  # the ends differ, so swapping them would show
+    # Only fractions from 0 to 1 have ends that every order shares.
+    monkeypatch.setattr(eval_report, "ABLATION_FRACTIONS", (0.25, 0.5, 1.0))
+    with pytest.raises(ValueError, match="ABLATION_FRACTIONS must run from 0 to 1"):
+        eval_report.ablation_curves(model, batches, orders, seed=0)
