@@ -51,6 +51,7 @@ class _LayerReductions:
     layouts: list[list[Layout]]  # per rollout layer and branch: the captured tensor as [B * W, H, n_q, n_k]
     matrices: list[Tensor | None]
     scores: list[Tensor | None]
+    weights: list[Tensor | None]  # per layer [B, H_l] the head weights the layer was fused with (GMAR)
     pending: dict[int, dict[int, Tensor]] = field(default_factory=dict)  # layer -> branch -> attention
     gradients: dict[int, dict[int, Tensor]] = field(default_factory=dict)  # layer -> branch -> reduced gradient
     stream: methods.RowStream | None = None  # when set, each layer's matrix goes to the rollout instead of `matrices`
@@ -77,7 +78,9 @@ class _LayerReductions:
         if self.method.weighs_heads:
             reduced = methods.head_scores(grad, self.method.gradient_norm, self.batch)
         else:
-            reduced = methods.positive_relevance(attention, grad) / self.branches[layer]
+            reduced = methods.positive_relevance(attention, grad)
+            if self.branches[layer] > 1:
+                reduced = reduced / self.branches[layer]
         done = self.gradients.setdefault(layer, {})
         done[branch] = reduced
         if len(done) < self.branches[layer]:
@@ -85,12 +88,13 @@ class _LayerReductions:
         attentions = [self.layouts[layer][index](self.pending[layer].pop(index)) for index in range(len(done))]
         del self.pending[layer]
         if not self.method.weighs_heads:
-            self._keep(layer, sum(done[index] for index in range(len(attentions))))
+            self._keep(layer, _total([done[index] for index in range(len(attentions))]))
             return
-        scores = torch.cat([done[index] for index in range(len(attentions))], dim=1)
-        weights = methods.layer_head_weights(scores).split([a.shape[1] for a in attentions], dim=1)
-        self.scores[layer] = scores
-        self._keep(layer, sum(methods.fuse_heads(a, w) for a, w in zip(attentions, weights, strict=True)))
+        scores = _joined([done[index] for index in range(len(attentions))], dim=1)
+        weights = methods.layer_head_weights(scores)
+        self.scores[layer], self.weights[layer] = scores, weights
+        branch_weights = weights.split([a.shape[1] for a in attentions], dim=1)
+        self._keep(layer, _total([methods.fuse_heads(a, w) for a, w in zip(attentions, branch_weights, strict=True)]))
 
     def _keep(self, layer: int, matrix: Tensor) -> None:
         if self.stream is None:
@@ -105,6 +109,19 @@ class _LayerReductions:
             for branch, attention in list(branches.items()):
                 if branch not in self.gradients.get(layer, {}):
                     self.on_gradient(layer, branch, torch.zeros_like(attention))
+
+
+def _total(parts: list[Tensor]) -> Tensor:
+    """The sum of ``parts``; one part is returned as it is (``sum()`` would add it to 0, a copy per layer)."""
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
+
+
+def _joined(parts: list[Tensor], dim: int = 0) -> Tensor:
+    """``torch.cat(parts, dim)``, without copying a single part."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def _check_images(model: nn.Module, images: object) -> Tensor:
@@ -218,8 +235,8 @@ _BAD_LOGITS, _BAD_TARGETS, _BAD_GRADIENTS = range(3)
 def _flags(logits: Tensor, targets: Tensor, summary: list[Tensor]) -> Tensor:
     """``[3]`` bool on the device: NaN/inf logits, targets out of range, NaN/inf attention gradients."""
     checks = [~torch.isfinite(logits).all(), ((targets < 0) | (targets >= logits.shape[1])).any()]
-    gradients = [~torch.isfinite(part).all() for part in summary]
-    checks.append(torch.stack(gradients).any() if gradients else torch.zeros_like(checks[0]))
+    gradients = ~torch.isfinite(_joined([part.flatten() for part in summary])).all() if summary else None
+    checks.append(gradients if gradients is not None else torch.zeros_like(checks[0]))
     return torch.stack(checks)
 
 
@@ -274,6 +291,7 @@ class _Chunk:
     targets: Tensor  # [B] the explained classes
     matrices: list[Tensor | None]  # per layer [B, W, n_q, n_k]; None where the method keeps no matrix
     scores: list[Tensor] | None  # per layer [B, H_l] head scores, for methods that weigh heads
+    weights: list[Tensor] | None  # per layer [B, H_l] head weights (normalised per layer), beside the scores
     rows: Tensor | None  # [B, N] the read-out rows, when the rollout streamed through the backward pass
     flags: Tensor  # [3] bool: what `_raise_flagged` checks
 
@@ -334,7 +352,8 @@ def _explain_chunk(
     batch = images.shape[0]
     layouts = [[module.layout or _as_windows for module in layer] for layer in probe.layers]
     branches = [len(layer) for layer in probe.layers]
-    reductions = _LayerReductions(method, batch, layouts, [None] * len(branches), [None] * len(branches))
+    layers = len(branches)
+    reductions = _LayerReductions(method, batch, layouts, [None] * layers, [None] * layers, [None] * layers)
     if _streams(method, options):
         update = _layer_update(method, probe.plan, options)
         reductions.stream = methods.RowStream(probe.plan, update, batch, images.device)
@@ -385,12 +404,13 @@ def _explain_chunk(
         matrix.detach().unflatten(0, (batch, -1)) if matrix is not None else None for matrix in reductions.matrices
     ]
     scores = list(reductions.scores) if method.weighs_heads else None
+    weights = list(reductions.weights) if method.weighs_heads else None
     rows = reductions.stream.result() if reductions.stream is not None else None
     summary = []
     if needs_grad:
         summary = scores if scores is not None else [rows] if rows is not None else matrices
     flags = _flags(logits.detach(), targets, summary)
-    return _Chunk(logits.detach().float(), targets, matrices, scores, rows, flags)
+    return _Chunk(logits.detach().float(), targets, matrices, scores, weights, rows, flags)
 
 
 def _head_grid(probe: Probe, per_layer: list[Tensor]) -> Tensor:
@@ -405,6 +425,8 @@ def _head_grid(probe: Probe, per_layer: list[Tensor]) -> Tensor:
         single = len(modules) == 1
         kept_masks.append(getattr(modules[0].module, KEPT_HEADS, None) if single else None)
         widths.append(slot_count(modules[0].module, part.shape[1]) if single else part.shape[1])
+    if all(kept is None for kept in kept_masks) and len(set(widths)) == 1:  # every layer has all its heads
+        return torch.stack(per_layer, dim=1)
     grid = per_layer[0].new_full((per_layer[0].shape[0], len(per_layer), max(widths)), float("nan"))
     for index, (kept, part) in enumerate(zip(kept_masks, per_layer, strict=True)):
         if kept is None:
@@ -546,22 +568,23 @@ def _explain_batch(
             chunk_images = images[start : start + step].to(dtype=dtype)
             chunks.append(_explain_chunk(model, vit, probe, chunk_images, method, chunk_target, options))
 
-    logits = torch.cat([chunk.logits for chunk in chunks])
-    targets = torch.cat([chunk.targets for chunk in chunks])
+    logits = _joined([chunk.logits for chunk in chunks])
+    targets = _joined([chunk.targets for chunk in chunks])
     plan = probe.plan
     weights = scores = shares = None
     if method.weighs_heads:
-        per_layer = [torch.cat([chunk.scores[i] for chunk in chunks]) for i in range(len(probe.layers))]
-        layer_weights = [methods.layer_head_weights(part) for part in per_layer]
+        # Weights are normalised per image, so the chunks' weights are those of the whole batch.
+        per_layer = [_joined([chunk.scores[i] for chunk in chunks]) for i in range(len(probe.layers))]
+        layer_weights = [_joined([chunk.weights[i] for chunk in chunks]) for i in range(len(probe.layers))]
         if options.head_norm == "global":
             shares = methods.layer_shares(torch.stack([part.sum(dim=1) for part in per_layer], dim=1)[..., None])
             layer_weights = [w * shares[:, i, None] for i, w in enumerate(layer_weights)]
         scores, weights = _head_grid(probe, per_layer), _head_grid(probe, layer_weights)
     if chunks[0].rows is not None:  # rolled out inside the backward pass
-        rows = torch.cat([chunk.rows for chunk in chunks])
+        rows = _joined([chunk.rows for chunk in chunks])
     else:
         matrices = [
-            torch.cat([chunk.matrices[i] for chunk in chunks]) if chunks[0].matrices[i] is not None else None
+            _joined([chunk.matrices[i] for chunk in chunks]) if chunks[0].matrices[i] is not None else None
             for i in range(len(probe.layers))
         ]
         if method.propagate == "last_layer":

@@ -103,14 +103,13 @@ class AttentionMixing:
     # Facts of the layer's structure, read once where the plan is built (on the host) rather than once per call and
     # layer: reading a device tensor's values would stall the device.
     _padding: Tensor | None = field(init=False, repr=False, compare=False)
-    _queried: Tensor = field(init=False, repr=False, compare=False)
+    _queried: Tensor | None = field(init=False, repr=False, compare=False)  # None: every token is a query
 
     def __post_init__(self) -> None:
         padded = self.key_map is None and self.keys is not None and bool((self.keys < 0).any())
         object.__setattr__(self, "_padding", (self.keys < 0)[:, None, :] if padded else None)
-        if self.queries is None:
-            queried = torch.ones(self.num_tokens, dtype=torch.bool)
-        else:
+        queried = None
+        if self.queries is not None:
             queried = torch.zeros(self.num_tokens + 1, dtype=torch.bool, device=self.queries.device)
             queried[torch.where(self.queries < 0, self.num_tokens, self.queries).flatten()] = True
             queried = queried[: self.num_tokens]
@@ -157,7 +156,7 @@ class AttentionMixing:
 
     def queried(self) -> Tensor:
         """``[N]`` bool: the tokens this layer updates."""
-        return self._queried
+        return torch.ones(self.num_tokens, dtype=torch.bool) if self._queried is None else self._queried
 
     def mix(self, row: Tensor, fused: Tensor) -> Tensor:
         """``row^T M`` over the queried tokens: ``[B, N]`` row, ``[B, W, n_q, n_k]`` fused attention -> ``[B, N]``."""
