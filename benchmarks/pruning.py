@@ -9,10 +9,14 @@ shapes task, ranks its 16 heads four ways, least important first:
 * **random**: a seeded random order;
 
 then physically removes the first ``fraction`` of heads with ``gmar_lightning.heads.pruning.prune_heads`` and
-measures validation accuracy, once as pruned and once after a short recovery fine-tune (the unpruned model gets the
-same fine-tune, so "accuracy lost" compares like with like). In the same run it times inference of a ViT-S/16-shaped
-model (224 px, batch 32, random weights) pruned to each fraction, interleaving the models and taking medians, and
-compares the measured time saving with the saving its FLOP count predicts.
+measures validation accuracy as pruned at every fraction, and after a recovery fine-tune at the
+``--recovery-fractions`` (the unpruned model gets the same fine-tune, so "accuracy lost" compares like with like).
+In the same run it times inference of a ViT-S/16-shaped model (224 px, batch 32, random weights) pruned to each
+fraction, interleaving the models and taking medians, and compares the measured time saving with the saving its FLOP
+count predicts.
+
+Each seed's trained model is kept in ``--output-dir``/models, keyed by the training settings, and reused by later runs
+with the same settings (the log says so); ``--retrain`` ignores it.
 
 It prints mean ± 95% Student-t intervals over seeds and writes the log and a plot to ``--output-dir``; ``--publish``
 also copies them to ``benchmarks/pruning_output.txt`` and ``docs/images/pruning_benchmark.png`` and puts the log into
@@ -31,6 +35,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import copy
+import hashlib
+import json
 import math
 import shlex
 import shutil
@@ -90,7 +96,9 @@ QUICK = {
     "val_images": 32,
     "eval_images": 16,
     "epochs": 1,
+    "recovery_epochs": 1,
     "fractions": [0.0, 0.5],
+    "recovery_fractions": [0.5],
     "speed_model_kwargs": {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4},
     "speed_img_size": 32,
     "speed_batch": 4,
@@ -100,10 +108,15 @@ QUICK = {
 
 @dataclass
 class SeedResult:
-    """Accuracy of one training seed: ``accuracy[stage][order][fraction index]``."""
+    """Accuracy of one training seed: ``accuracy[stage][order][fraction index]`` over `stage_fractions`."""
 
     accuracy: dict[str, dict[str, list[float]]]
     seconds: dict[str, float]
+
+
+def stage_fractions(args: argparse.Namespace, stage: str) -> list[float]:
+    """The fractions a stage is measured at: every one as pruned; 0 and ``--recovery-fractions`` after recovery."""
+    return args.fractions if stage == "pruned" else [0.0, *args.recovery_fractions]
 
 
 @dataclass
@@ -146,6 +159,32 @@ def recover(model: nn.Module, train_split: Split, args: argparse.Namespace, seed
     return model
 
 
+TRAINING_SETTINGS = ("train_images", "epochs", "batch_size", "lr", "weight_decay", "image_size", "num_classes")
+
+
+def cached_model_path(args: argparse.Namespace, seed: int) -> Path:
+    """Where the trained model of ``seed`` is kept: named by a hash of everything its training depends on."""
+    settings = {name: getattr(args, name) for name in TRAINING_SETTINGS}
+    settings.update(seed=seed, model=MODEL_KWARGS, torch=torch.__version__)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return args.output_dir / "models" / f"seed{seed}-{digest}.pth"
+
+
+def trained_model(args: argparse.Namespace, train_split: Split, seed: int) -> tuple[nn.Module, bool]:
+    """The model trained on ``seed``'s split, and whether it came from an earlier run's cache."""
+    model = build_model(args, seed)
+    path = cached_model_path(args, seed)
+    if path.is_file() and not args.retrain:
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval(), True
+    train(model, train_split, args, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")  # renamed when complete, so another run never reads half a file
+    torch.save(model.state_dict(), partial)
+    partial.replace(path)
+    return model, False
+
+
 def run_seed(args: argparse.Namespace, seed: int, console: Console) -> SeedResult:
     """Train one model, prune it to every fraction in every order, and measure accuracy before and after recovery."""
     seconds: dict[str, float] = {}
@@ -155,9 +194,8 @@ def run_seed(args: argparse.Namespace, seed: int, console: Console) -> SeedResul
     eval_split = load_split(
         args, args.eval_images, seed, args.train_images + args.val_images, f"seed {seed}: importance images"
     )
-    model = build_model(args, seed)
-    train(model, train_split, args, seed)
-    seconds["training"] = time.perf_counter() - start
+    model, cached = trained_model(args, train_split, seed)
+    seconds["training (cached model)" if cached else "training"] = time.perf_counter() - start
 
     start = time.perf_counter()
     orders = pruning_orders(model, eval_split, args, seed)
@@ -174,8 +212,10 @@ def run_seed(args: argparse.Namespace, seed: int, console: Console) -> SeedResul
         count = round(fraction * num_layers * num_heads)
         prune_heads(pruned, mask_from_order(orders[name], count, num_layers, num_heads))
         result["pruned"][name].append(accuracy(pruned, val_split, args.eval_batch))
-        result["recovered"][name].append(accuracy(recover(pruned, train_split, args, seed), val_split, args.eval_batch))
-    seconds["pruning"] = time.perf_counter() - start
+        if fraction in args.recovery_fractions:
+            recovered = recover(pruned, train_split, args, seed)
+            result["recovered"][name].append(accuracy(recovered, val_split, args.eval_batch))
+    seconds["pruning and recovery"] = time.perf_counter() - start
     console.print(
         f"seed {seed}: validation accuracy {baseline:.3f} ({args.val_images} images), after the recovery fine-tune "
         f"{recovered_baseline:.3f}; " + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
@@ -270,7 +310,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def accuracy_table(results: Sequence[SeedResult], stage: str, args: argparse.Namespace, total_heads: int) -> str:
     rows = []
-    for index, fraction in enumerate(args.fractions):
+    for index, fraction in enumerate(stage_fractions(args, stage)):
         cells = [format_interval([r.accuracy[stage][name][index] for r in results]) for name in ORDERS]
         rows.append([f"{fraction:.3f} ({round(fraction * total_heads):2d} heads)", *cells])
     return _table(["fraction removed", *ORDERS], rows)
@@ -311,14 +351,15 @@ def save_plot(results: Sequence[SeedResult], speed: SpeedResult, args: argparse.
     figure = Figure(figsize=(11.0, 3.4), layout="constrained")
     axes = figure.subplots(1, 3)
     for panel, stage in zip(axes[:2], STAGES if results else (), strict=False):
+        fractions = stage_fractions(args, stage)
         for name in ORDERS:
-            stats = [mean_interval([r.accuracy[stage][name][i] for r in results]) for i in range(len(args.fractions))]
+            stats = [mean_interval([r.accuracy[stage][name][i] for r in results]) for i in range(len(fractions))]
             means = [mean for mean, _ in stats]
-            (line,) = panel.plot(args.fractions, means, marker="o", label=name)
+            (line,) = panel.plot(fractions, means, marker="o", label=name)
             if len(results) > 1:
                 low = [mean - width for mean, width in stats]
                 high = [mean + width for mean, width in stats]
-                panel.fill_between(args.fractions, low, high, color=line.get_color(), alpha=0.12, linewidth=0)
+                panel.fill_between(fractions, low, high, color=line.get_color(), alpha=0.12, linewidth=0)
         title = "as pruned" if stage == "pruned" else f"after a {args.recovery_epochs}-epoch recovery fine-tune"
         panel.set_title(title, fontsize=10)
         panel.set_xlabel("fraction of heads removed")
@@ -361,15 +402,21 @@ def report_accuracy(results: Sequence[SeedResult], args: argparse.Namespace, con
         console.print(f"{interval_note}")
         console.print(accuracy_table(results, stage, args, total_heads))
         console.print()
-    if 0.5 in args.fractions:
-        index = args.fractions.index(0.5)
+    if 0.5 in args.recovery_fractions:
         for stage in STAGES:
-            name, loss, half_width = best_order(results, stage, index)
+            name, loss, half_width = best_order(results, stage, stage_fractions(args, stage).index(0.5))
             width = "n/a" if math.isnan(half_width) else f"{100 * half_width:.1f}"
             console.print(
                 f"best order at 50% removed, {stage}: {name}, accuracy lost {100 * loss:.1f} ± {width} points"
             )
         console.print()
+
+
+def _fractions_removed(text: str) -> list[float]:
+    values = [float(value) for value in text.split(",")]
+    if values != sorted(set(values)) or not all(0.0 < value < 1.0 for value in values):
+        raise argparse.ArgumentTypeError(f"must be increasing fractions in (0, 1), got {text!r}")
+    return values
 
 
 def _fractions(text: str) -> list[float]:
@@ -390,8 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
-    parser.add_argument("--recovery-epochs", type=int, default=1, help="epochs of the recovery fine-tune")
-    parser.add_argument("--recovery-lr", type=float, default=2e-4, help="peak learning rate of the recovery fine-tune")
+    parser.add_argument("--recovery-epochs", type=int, default=5, help="epochs of the recovery fine-tune")
+    parser.add_argument("--recovery-lr", type=float, default=5e-4, help="peak learning rate of the recovery fine-tune")
+    parser.add_argument(
+        "--recovery-fractions", type=_fractions_removed, default=[0.5], help="fractions that get the recovery, e.g. 0.5"
+    )
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--num-classes", type=int, default=4, help="shape classes")
     parser.add_argument("--fractions", type=_fractions, default=[0.0, 0.25, 0.5, 0.75], help="e.g. 0,0.25,0.5")
@@ -399,11 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speed-model", default="vit_small_patch16_224", help="timm model that is timed")
     parser.add_argument("--speed-img-size", type=int, default=224, help="input side of the timed model")
     parser.add_argument("--speed-batch", type=int, default=32, help="images per timed batch")
-    parser.add_argument("--speed-repeats", type=int, default=7, help="timed batches per fraction (interleaved)")
+    parser.add_argument("--speed-repeats", type=int, default=5, help="timed batches per fraction (interleaved)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: every CPU)")
     parser.add_argument("--speed-only", action="store_true", help="only the timing part (e.g. on a quiet machine)")
     parser.add_argument("--quick", action="store_true", help="a tiny configuration that runs in seconds (CI)")
-    parser.add_argument("--output-dir", type=Path, default=Path("runs/pruning_benchmark"), help="log and plot")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/pruning_benchmark"), help="log, plot, models")
+    parser.add_argument("--retrain", action="store_true", help="train every seed even if its model is kept")
     parser.add_argument("--publish", action="store_true", help="also update the committed log, plot and docs block")
     parser.set_defaults(speed_model_kwargs={})
     return parser
@@ -420,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
             setattr(args, name, value)
     if args.seeds < 1:
         raise SystemExit("--seeds must be at least 1.")
+    if not set(args.recovery_fractions) <= set(args.fractions):
+        raise SystemExit(f"--recovery-fractions {args.recovery_fractions} must be among --fractions {args.fractions}.")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     started = time.perf_counter()
     console = Console()
@@ -448,7 +501,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     plot_path = args.output_dir / "pruning_benchmark.png"
     save_plot(results, speed, args, plot_path)
-    phases = {name: sum(r.seconds[name] for r in results) for name in (results[0].seconds if results else {})}
+    phases = {
+        name: sum(r.seconds.get(name, 0.0) for r in results)
+        for name in dict.fromkeys(name for r in results for name in r.seconds)
+    }
     console.print(
         f"runtime: {time.perf_counter() - started:.0f} s in total ("
         + ", ".join(f"{name} {value:.0f} s" for name, value in phases.items())

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "pruning.py"
 
@@ -45,6 +46,23 @@ def test_quick_run_prints_accuracy_for_every_order_and_the_speed_table(
     assert all(len(times) == 2 for times in speed.seconds + speed.cpu_seconds)
     assert (tmp_path / "pruning_benchmark.png").stat().st_size > 0
     assert (tmp_path / "pruning_output.txt").read_text(encoding="utf-8") == printed
+    assert "training (cached model)" not in printed
+    assert len(list((tmp_path / "models").glob("seed*.pth"))) == 2
+
+
+def test_trained_models_are_kept_and_reused_only_with_the_same_training_settings(tmp_path: Path) -> None:
+    benchmark = _load_script()
+    options = ["--output-dir", str(tmp_path), "--train-images", "8", "--epochs", "1", "--image-size", "32"]
+    args = benchmark.build_parser().parse_args(options)
+    split = benchmark.load_split(args, 8, 0, 0, "train")
+    trained, cached = benchmark.trained_model(args, split, 0)
+    assert not cached
+    kept, cached = benchmark.trained_model(args, split, 0)
+    assert cached and kept.state_dict().keys() == trained.state_dict().keys()
+    assert all(torch.equal(kept.state_dict()[key], value) for key, value in trained.state_dict().items())
+    assert not benchmark.trained_model(args, split, 1)[1]  # another seed
+    assert not benchmark.trained_model(benchmark.build_parser().parse_args([*options, "--lr", "1e-3"]), split, 0)[1]
+    assert not benchmark.trained_model(benchmark.build_parser().parse_args([*options, "--retrain"]), split, 0)[1]
 
 
 def test_publish_needs_the_full_configuration() -> None:
