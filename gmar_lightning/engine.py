@@ -21,7 +21,7 @@ from gmar_lightning.capture import KEPT_HEADS, hook_attention, slot_count, unwra
 from gmar_lightning.explanation import Explanation
 from gmar_lightning.families import Probe, UnsupportedModelError, find_vision_transformer, hf
 from gmar_lightning.methods import METHOD_TABLE, Method
-from gmar_lightning.mixing import AttentionMixing, TokenPlan
+from gmar_lightning.mixing import AttentionMixing, TokenPlan, to_device
 from gmar_lightning.model_state import eval_mode_without_fast_paths
 from gmar_lightning.options import ExplainOptions
 from gmar_lightning.tokens import TokenLayout
@@ -194,8 +194,9 @@ def _resolve_targets(target: Target, logits: Tensor) -> Tensor:
         return logits.argmax(dim=-1)
     if isinstance(target, bool) or not isinstance(target, int | Sequence | Tensor):
         raise TypeError(f"`target` must be None, an int or a LongTensor [B], got {type(target).__name__}.")
-    targets = torch.as_tensor(target)
-    targets = targets.to(logits.device, non_blocking=targets.device.type == "cpu")
+    if isinstance(target, int):  # made on the device: no copy
+        return torch.full((batch,), target, dtype=torch.long, device=logits.device)
+    targets = to_device(torch.as_tensor(target), logits.device)
     if targets.is_floating_point() or targets.dtype == torch.bool:
         raise TypeError(f"`target` must hold integer class indices, got dtype {targets.dtype}.")
     targets = targets.long().expand(batch) if targets.dim() == 0 else targets.long()

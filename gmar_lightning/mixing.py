@@ -20,15 +20,21 @@ from torch import Tensor
 __all__ = ["AttentionMixing", "AttentionStep", "TokenMap", "TokenPlan"]
 
 
-def _to(tensor: Tensor, device: torch.device | str) -> Tensor:
-    """``tensor`` on ``device``; a host-to-device copy does not wait for the device (the host buffer is staged at once,
-    so the copy is safe without a sync), which keeps moving a plan free of device syncs."""
-    return tensor.to(device, non_blocking=tensor.device.type == "cpu")
+def to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
+    """``tensor`` on ``device`` without waiting for the device: a host tensor bound for a GPU is first copied into
+    page-locked memory, so that the copy is truly asynchronous (a copy from pageable memory waits for the stream).
+
+    The page-locked buffer is held by torch's host allocator until the copy has run, so nothing can overwrite it.
+    """
+    device = torch.device(device)
+    if tensor.device.type != "cpu" or device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _scatter_rows(values: Tensor, index: Tensor, size: int) -> Tensor:
     """``out[b, index[j]] += values[b, j]`` over ``size`` tokens; ``index`` entries of ``-1`` are dropped."""
-    index = _to(index, values.device).flatten()
+    index = to_device(index, values.device).flatten()
     safe = torch.where(index < 0, size, index).expand(values.shape[0], -1)
     out = values.new_zeros(values.shape[0], size + 1)
     return out.scatter_add_(1, safe, values.flatten(1))[:, :size]
@@ -36,7 +42,7 @@ def _scatter_rows(values: Tensor, index: Tensor, size: int) -> Tensor:
 
 def _gather_rows(row: Tensor, index: Tensor) -> Tensor:
     """``row[b, index]`` with ``0`` where ``index`` is ``-1``; keeps ``index``'s shape after the batch dimension."""
-    index = _to(index, row.device)
+    index = to_device(index, row.device)
     padded = torch.cat([row, row.new_zeros(row.shape[0], 1)], dim=1)
     safe = torch.where(index < 0, row.shape[1], index)
     return padded[:, safe]
@@ -70,12 +76,12 @@ class TokenMap:
 
     def pull_back(self, row: Tensor) -> Tensor:
         """``row @ T``: a ``[B, n_new]`` row over the new tokens as a ``[B, num_inputs]`` row over the old ones."""
-        values = row[:, :, None] * _to(self.weights, row.device).to(row.dtype)
+        values = row[:, :, None] * to_device(self.weights, row.device).to(row.dtype)
         return _scatter_rows(values, self.sources, self.num_inputs)
 
     def to(self, device: torch.device | str) -> TokenMap:
         """The same map with its tensors on ``device``."""
-        return TokenMap(_to(self.sources, device), _to(self.weights, device), self.num_inputs)
+        return TokenMap(to_device(self.sources, device), to_device(self.weights, device), self.num_inputs)
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,7 @@ class AttentionMixing:
         moved = copy.copy(self)
         for name in ("queries", "keys", "_padding", "_queried"):
             value = getattr(self, name)
-            object.__setattr__(moved, name, _to(value, device) if value is not None else None)
+            object.__setattr__(moved, name, to_device(value, device) if value is not None else None)
         object.__setattr__(moved, "key_map", self.key_map.to(device) if self.key_map is not None else None)
         return moved
 
@@ -149,7 +155,7 @@ class AttentionMixing:
         device = tokens.device
         queries = torch.arange(self.num_tokens, device=device)[None] if self.queries is None else self.queries
         keys = torch.arange(self.num_tokens, device=device)[None] if self.keys is None else self.keys
-        queries, keys = _to(queries, device), _to(keys, device)
+        queries, keys = to_device(queries, device), to_device(keys, device)
         padded = torch.cat([tokens, torch.zeros(1, dtype=torch.bool, device=device)])
         protected = padded[torch.where(queries < 0, -1, queries)]
         return (queries[:, :, None] == keys[:, None, :]) & (queries[:, :, None] >= 0) & protected[:, :, None]
@@ -175,7 +181,7 @@ class AttentionMixing:
             return sums.squeeze(1)
         ones = torch.ones(sums.shape[0], self.num_tokens, device=sums.device, dtype=sums.dtype)
         scattered = _scatter_rows(sums, self.queries, self.num_tokens)
-        return torch.where(_to(self.queried(), sums.device), scattered, ones)
+        return torch.where(to_device(self.queried(), sums.device), scattered, ones)
 
 
 @dataclass(frozen=True)
@@ -208,7 +214,7 @@ class TokenPlan:
             step.to(device) if isinstance(step, TokenMap) else AttentionStep(step.layer, step.mixing.to(device))
             for step in self.steps
         )
-        return TokenPlan(steps, _to(self.readout, device), self.num_prefix_tokens, self.grid)
+        return TokenPlan(steps, to_device(self.readout, device), self.num_prefix_tokens, self.grid)
 
     @property
     def attention_steps(self) -> list[AttentionStep]:

@@ -57,17 +57,25 @@ def _reads(name: str, args: tuple, kwargs: dict) -> bool:
         return any(
             isinstance(index, torch.Tensor) and index.dtype == torch.bool for index in args[1] if index is not None
         )
-    if name in ("_to_copy", "copy_"):  # a copy from an accelerator to the host, or a blocking one onto it
+    if name in ("_to_copy", "copy_"):
+        # A copy from an accelerator to the host waits for it; so does one onto it that blocks, or that starts from
+        # pageable host memory (the driver stages it and may wait for the stream): only a non-blocking copy from
+        # page-locked memory leaves the device running.
         source = args[1] if name == "copy_" else args[0]
         destination = kwargs.get("device", args[0].device) if name == "_to_copy" else args[0].device
         destination = torch.device(destination) if destination is not None else source.device
+        non_blocking = args[2] if name == "copy_" and len(args) > 2 else kwargs.get("non_blocking", False)
         if source.device.type != destination.type:
-            return source.device.type != "cpu" or not kwargs.get("non_blocking", False)
+            return source.device.type != "cpu" or not (non_blocking and source.is_pinned())
     return False
 
 
 class _PythonReads(TorchFunctionMode):
-    """Counts the Tensor methods that read values without going through the dispatcher."""
+    """Counts the Tensor methods that read values without going through the dispatcher.
+
+    Such a read is one wait, whatever it dispatches on the way (``tolist`` copies a GPU tensor to the host, ``bool``
+    calls ``item``): the operations it runs are not counted again.
+    """
 
     def __init__(self, dispatch: _DeviceReads) -> None:
         super().__init__()
@@ -75,9 +83,14 @@ class _PythonReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if not self.dispatch.paused and name in READING_METHODS:
-            self.dispatch.counts[f"Tensor.{name}"] += 1
-        return func(*args, **(kwargs or {}))
+        if self.dispatch.paused or name not in READING_METHODS:
+            return func(*args, **(kwargs or {}))
+        self.dispatch.counts[f"Tensor.{name}"] += 1
+        self.dispatch.paused = True
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.dispatch.paused = False
 
 
 def count_reads(monkeypatch: pytest.MonkeyPatch, call: Callable[[], object]) -> Counter:
@@ -149,10 +162,24 @@ def test_options_read_device_values_at_most_once(
     assert sum(counts.values()) <= MAX_READS_PER_CALL, dict(counts)
 
 
-def test_the_count_sees_a_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The counter is not blind: one ``bool`` of a tensor, one ``nonzero`` and one ``tolist`` are three reads."""
-    tensor = make_images("vit")
+def test_the_count_sees_a_read(monkeypatch: pytest.MonkeyPatch, device: torch.device) -> None:
+    """The counter is not blind, and counts each read once: one ``bool`` of a tensor, one ``nonzero`` and one
+    ``tolist`` are three reads (``bool`` runs ``item`` inside, and on a GPU ``tolist`` a copy to the host)."""
+    tensor = make_images("vit").to(device)
     counts = count_reads(
         monkeypatch, lambda: (bool(tensor.isfinite().all()), tensor.nonzero(), tensor[0, 0, 0].tolist())
     )
     assert counts["Tensor.__bool__"] == 1 and counts["nonzero"] == 1 and counts["Tensor.tolist"] == 1
+    assert sum(counts.values()) == 3, dict(counts)
+
+
+def test_the_count_sees_a_copy_that_waits(monkeypatch: pytest.MonkeyPatch, device: torch.device) -> None:
+    """Onto a GPU, a blocking copy and a non-blocking one from pageable memory wait; one from page-locked memory
+    does not."""
+    if device.type == "cpu":
+        pytest.skip("host-to-device copies need an accelerator (GMAR_TEST_DEVICE=cuda)")
+    host = torch.ones(3)
+    pinned = host.pin_memory()
+    counts = count_reads(monkeypatch, lambda: (host.to(device), host.to(device, non_blocking=True)))
+    assert counts["_to_copy"] == 2, dict(counts)
+    assert sum(count_reads(monkeypatch, lambda: pinned.to(device, non_blocking=True)).values()) == 0
