@@ -91,7 +91,7 @@ class _LayerReductions:
             self._keep(layer, _total([done[index] for index in range(len(attentions))]))
             return
         scores = _joined([done[index] for index in range(len(attentions))], dim=1)
-        weights = methods.layer_head_weights(scores)
+        weights = methods.layer_head_weights(scores, complete=True)  # a layer's own heads: no NaN slot
         self.scores[layer], self.weights[layer] = scores, weights
         branch_weights = weights.split([a.shape[1] for a in attentions], dim=1)
         self._keep(layer, _total([methods.fuse_heads(a, w) for a, w in zip(attentions, branch_weights, strict=True)]))
@@ -563,7 +563,7 @@ def _explain_batch(
     # The plan's index tensors go to the device once per call rather than once per layer and use.
     probe = dataclasses.replace(probe, plan=probe.plan.to(images.device))
     chunks = []
-    with probe.context(), eval_mode_without_fast_paths(model, probe.modules):
+    with probe.context(), eval_mode_without_fast_paths(model, probe.modules, method.needs_gradients):
         for start in range(0, batch, step):
             chunk_target = target[start : start + step] if isinstance(target, Tensor | Sequence) else target
             chunk_images = images[start : start + step].to(dtype=dtype)

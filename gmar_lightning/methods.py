@@ -37,11 +37,12 @@ def head_scores(grad: Tensor, norm: GradNorm, batch: int | None = None) -> Tenso
     return torch.linalg.vector_norm(per_image, ord=1 if norm == "l1" else 2, dim=(1, 3, 4))
 
 
-def layer_head_weights(scores: Tensor) -> Tensor:
+def layer_head_weights(scores: Tensor, complete: bool = False) -> Tensor:
     """Normalise head scores over the heads of each layer: ``w_h = s_h / sum_h s_h``; all-zero rows become ``1/H``.
 
     Works on any ``[..., H]`` tensor. NaN entries (heads a layer does not have) are left out of the sum and of ``H``
-    and stay NaN.
+    and stay NaN. ``complete=True`` says that no entry is NaN (one layer's own heads), which skips that bookkeeping
+    (seven operations per call) and gives the same weights.
 
     Examples:
         >>> layer_head_weights(torch.tensor([[3.0, 1.0], [0.0, 0.0]])).tolist()
@@ -49,6 +50,10 @@ def layer_head_weights(scores: Tensor) -> Tensor:
         >>> layer_head_weights(torch.tensor([[3.0, float("nan"), 1.0]])).tolist()
         [[0.75, nan, 0.25]]
     """
+    if complete:
+        totals = scores.sum(dim=-1, keepdim=True)
+        uniform = 1.0 / max(scores.shape[-1], 1)
+        return torch.where(totals > 0, scores / totals.clamp_min(torch.finfo(scores.dtype).tiny), uniform)
     present = ~scores.isnan()
     totals = scores.nansum(dim=-1, keepdim=True)
     uniform = 1.0 / present.sum(dim=-1, keepdim=True).clamp_min(1).to(scores.dtype)

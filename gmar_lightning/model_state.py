@@ -92,11 +92,14 @@ def unfused_attention(layers: list[AttentionLayer]) -> contextlib.AbstractContex
 
 
 @contextlib.contextmanager
-def eval_mode_without_fast_paths(model: nn.Module, layers: list[AttentionLayer]) -> Iterator[None]:
-    """[`eval_mode`][gmar_lightning.model_state.eval_mode] with unfused attention, no gradient checkpointing and frozen
-    parameters; all restored."""
+def eval_mode_without_fast_paths(
+    model: nn.Module, layers: list[AttentionLayer], freeze_parameters: bool = True
+) -> Iterator[None]:
+    """[`eval_mode`][gmar_lightning.model_state.eval_mode] with unfused attention, no gradient checkpointing and
+    (unless ``freeze_parameters=False``, for a forward without gradients) frozen parameters; all restored."""
     # Parameters stop requiring grad for the call: autograd then saves no layer inputs for weight gradients, which
     # the explanation never needs, cutting the backward graph's memory roughly in half. The input image carries the
-    # graph instead.
-    with frozen_parameters(model), unfused_attention(layers), no_grad_checkpointing(model), eval_mode(model):
+    # graph instead. Under no_grad nothing is saved anyway, and two walks over the parameters are spared.
+    frozen = frozen_parameters(model) if freeze_parameters else contextlib.nullcontext()
+    with frozen, unfused_attention(layers), no_grad_checkpointing(model), eval_mode(model):
         yield
