@@ -78,6 +78,18 @@ def capture_full(
     return [a.detach() for a in attentions], grads, logits.detach(), targets
 
 
+def zeroed_output_columns(attentions: list[nn.Module], keep: Tensor, head_dim: int, output: str) -> None:
+    """Reference head masking: zero the input columns of the dropped heads in each attention's output projection.
+
+    ``attentions`` are one model's attention modules in layer order (the caller finds them, on a copy it owns),
+    ``keep`` is ``[L, H]`` with 1 for a kept head and 0 for a dropped one, and ``output`` names the projection that
+    reads the concatenated heads (``proj`` in timm, ``o_proj`` in Hugging Face transformers 5).
+    """
+    with torch.no_grad():
+        for module, row in zip(attentions, keep, strict=True):
+            getattr(module, output).weight.mul_(row.repeat_interleave(head_dim))
+
+
 def readout_rows(matrix: Tensor, readout: list[int] | Tensor) -> Tensor:
     """Mean of the read-out tokens' rows of ``[B, N, M]``, or the sum of its rows weighted by an ``[N]`` tensor."""
     if isinstance(readout, Tensor):

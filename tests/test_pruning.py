@@ -35,7 +35,7 @@ from gmar_lightning.heads.pruning import (
     weight_magnitude_importance,
 )
 from tests.models import FAMILIES, TINY, make_images, sharpen
-from tests.reference import capture_full
+from tests.reference import capture_full, zeroed_output_columns
 
 DIM, DEPTH, HEADS = TINY["embed_dim"], TINY["depth"], TINY["num_heads"]
 HEAD_DIM = DIM // HEADS
@@ -86,9 +86,7 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 def zeroed_proj_columns(model: nn.Module, keep: Tensor) -> nn.Module:
     """Reference masking, written independently of the package: zero `proj`'s input columns of the dropped heads."""
     reference = copy.deepcopy(model)
-    with torch.no_grad():
-        for module, row in zip(attention_modules(reference), keep, strict=True):
-            module.proj.weight.mul_(row.repeat_interleave(HEAD_DIM))
+    zeroed_output_columns(attention_modules(reference), keep, HEAD_DIM, "proj")
     return reference
 
 

@@ -36,6 +36,7 @@ from gmar_lightning.heads.pruning import (  # noqa: E402
 )
 from gmar_lightning.trajectory import HeadTrajectory  # noqa: E402
 from tests.lightning_helpers import tiny_data, trainer_kwargs  # noqa: E402
+from tests.reference import zeroed_output_columns  # noqa: E402
 from tests.test_hf import HFViTModule  # noqa: E402  (a 2-layer, 4-head ViTForImageClassification for 4 classes)
 
 DIM, LAYERS, HEADS, HEAD_DIM = 32, 3, 4, 8
@@ -82,9 +83,7 @@ def attentions(model: nn.Module) -> list[nn.Module]:
 def zeroed_o_proj_columns(model: nn.Module, keep: Tensor) -> nn.Module:
     """Reference masking: zero ``o_proj``'s input columns of the dropped heads on a copy."""
     reference = copy.deepcopy(model)
-    with torch.no_grad():
-        for module, row in zip(attentions(reference), keep, strict=True):
-            module.o_proj.weight.mul_(row.repeat_interleave(HEAD_DIM))
+    zeroed_output_columns(attentions(reference), keep, HEAD_DIM, "o_proj")
     return reference
 
 
