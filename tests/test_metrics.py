@@ -539,6 +539,7 @@ def test_road_metric_is_reproducible_and_split_updates_agree() -> None:
         (lambda: TokenPerturbationAUC(nn.Identity(), fractions=(0.5, 0.2)), "`fractions`"),
         (lambda: ROAD(nn.Identity(), fractions=()), "`fractions`"),
         (lambda: ROAD(nn.Identity(), fractions=(1.5,)), "`fractions`"),
+        (lambda: ROAD(nn.Identity(), noise_std=-0.1), "`noise_std`"),
         (lambda: noisy_linear_imputation(torch.rand(1, 3, 4, 4), torch.ones(1, 4, 4)), "`keep`"),
         (
             lambda: noisy_linear_imputation(torch.rand(1, 3, 4, 4), torch.ones(1, 4, 4, dtype=torch.bool), -1.0),

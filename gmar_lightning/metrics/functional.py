@@ -431,8 +431,7 @@ def noisy_linear_imputation(
         raise ValueError(
             f"`keep` must be a bool tensor of shape {[images.shape[0], *images.shape[2:]]}, got {_describe(keep)}."
         )
-    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or noise_std < 0:
-        raise ValueError(f"`noise_std` must be a non-negative number, got {noise_std!r}.")
+    _check_noise_std(noise_std)
     known = keep[:, None].to(images.dtype)
     unknown = 1.0 - known
     degree = _neighbour_sum(torch.ones_like(known[:1]))
@@ -553,6 +552,12 @@ def _accuracy_curve(
                 raise ValueError(f"`model` must return logits of shape [N, num_classes], got {_describe(logits)}.")
             correct[chunk] = (logits.argmax(dim=1) == targets[image_index[chunk]]).float()
     return correct.view(num_images, num_fractions)
+
+
+def _check_noise_std(noise_std: object) -> float:
+    if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or noise_std < 0:
+        raise ValueError(f"`noise_std` must be a non-negative number, got {noise_std!r}.")
+    return float(noise_std)
 
 
 def _check_fractions(fractions: object) -> list[float]:

@@ -22,6 +22,7 @@ from gmar_lightning.metrics.functional import (
     DEFAULT_PERTURBATION_FRACTIONS,
     _check_blur,
     _check_fractions,
+    _check_noise_std,
     deletion_curve,
     insertion_curve,
     road_curve,
@@ -284,7 +285,8 @@ class ROAD(_PerturbationAUC):
         super().__init__(model, batch_size, **kwargs)
         self.fractions = tuple(_check_fractions(fractions))
         self.most_relevant_first = bool(most_relevant_first)
-        self.noise_std = noise_std
+        # Checked here too, so a bad value fails when the metric is built rather than at its first update.
+        self.noise_std = _check_noise_std(noise_std)
         self.seed = seed
 
     def _curve(self, images: Tensor, maps: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
