@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
+from tests.scripts import load_script
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "eval_report.py"
 
 
 def _load_script() -> ModuleType:
-    # benchmarks/ is not a package, so the script is loaded from its path.
-    spec = importlib.util.spec_from_file_location("eval_report", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "eval_report")
 
 
 @pytest.fixture(scope="module")

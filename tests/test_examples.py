@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
@@ -16,6 +15,7 @@ from PIL import Image
 from gmar_lightning.cli import main as cli_main
 from gmar_lightning.demos.model import checkpoint_model_settings, create_vit, load_weights
 from gmar_lightning.trajectory import HeadTrajectory
+from tests.scripts import load_script
 
 # The examples run real fits.
 pytestmark = pytest.mark.integration
@@ -29,11 +29,7 @@ TINY_JOB = [
 
 
 def load_example(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLES / f"{name}.py", f"example_{name}")
 
 
 @pytest.fixture(scope="module")

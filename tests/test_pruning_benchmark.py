@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
+from tests.scripts import load_script
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "pruning.py"
 
 
 def _load_script() -> ModuleType:
-    # benchmarks/ is not a package, so the script is loaded from its path (it imports its sibling eval_report).
-    spec = importlib.util.spec_from_file_location("pruning_benchmark", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "pruning_benchmark")
 
 
 def test_quick_run_prints_accuracy_for_every_order_and_the_speed_table(
