@@ -3,6 +3,7 @@
 ```bash
 gmar-lightning explain cat.jpg dogs/ --model vit_small_patch16_224 --checkpoint vit_s.pth --method gmar_l1,rollout
 gmar-lightning explain shapes/ --checkpoint runs/gmar_demo/version_0/checkpoints/last.ckpt
+gmar-lightning explain cat.jpg --model hf:my_vit/ --checkpoint pruned_vit.pth
 gmar-lightning report runs/gmar_demo/version_0
 gmar-lightning demo --epochs 5
 ```
@@ -24,7 +25,7 @@ import io
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -39,7 +40,14 @@ from tqdm.auto import tqdm
 from gmar_lightning._checks import parse_methods
 from gmar_lightning._io import atomic_write_bytes
 from gmar_lightning.demos.job import LOGGERS, DemoConfig, run_demo
-from gmar_lightning.demos.model import checkpoint_model_settings, create_vit
+from gmar_lightning.demos.model import (
+    HF_PREFIX,
+    checkpoint_model_settings,
+    create_hf_classifier,
+    create_vit,
+    hf_image_processor_settings,
+    load_weights,
+)
 from gmar_lightning.engine import explain
 from gmar_lightning.explanation import METHODS
 from gmar_lightning.render import (
@@ -52,7 +60,7 @@ from gmar_lightning.render import (
 )
 from gmar_lightning.report import build_report
 
-__all__ = ["add_demo_arguments", "add_model_arguments", "config_from_args", "main", "positive_int"]
+__all__ = ["add_demo_arguments", "add_model_arguments", "config_from_args", "hf_preprocessing", "main", "positive_int"]
 
 PROG = "gmar-lightning"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -190,6 +198,57 @@ def model_preprocessing(
     )
 
 
+# PIL's resampling filters by the integer that Hugging Face image processors save as ``resample``.
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+HF_DEFAULT_PROCESSOR = {"image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5), "resample": 2}
+"""What a Hugging Face model without a saved image processor gets: ``ViTImageProcessor``'s defaults."""
+
+
+def _side(value: Any) -> int | None:
+    """A processor's ``size``/``crop_size`` as one side: an int, ``{"height": ...}`` or ``{"shortest_edge": ...}``."""
+    if isinstance(value, Mapping):
+        value = value.get("shortest_edge") or value.get("height")
+    return int(value) if isinstance(value, int | float) else None
+
+
+def _three(value: float | Sequence[float]) -> tuple[float, ...]:
+    return tuple(float(item) for item in value) if isinstance(value, Sequence) else (float(value),) * 3
+
+
+def hf_preprocessing(
+    model: nn.Module,
+    processor: Mapping[str, Any] | None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_pct: float | None = None,
+) -> Preprocessing:
+    """A Hugging Face classifier's input recipe; ``mean``, ``std`` and ``crop_pct`` override it.
+
+    The side is the one the model's config was built for (``image_size``). ``processor`` is the saved image
+    processor's settings ([`hf_image_processor_settings`][gmar_lightning.demos.model.hf_image_processor_settings]):
+    its ``image_mean``/``image_std`` (0 and 1 when ``do_normalize`` is off), its ``resample`` filter, and, when it
+    centre-crops, the fraction ``crop_size / size`` its crop keeps. ``None`` (no processor saved) means
+    [`HF_DEFAULT_PROCESSOR`][gmar_lightning.cli.HF_DEFAULT_PROCESSOR]: mean and std 0.5, bilinear, no crop. The image
+    is always resized by its shorter side and centre-cropped, keeping its aspect ratio, also where the processor
+    would squash it to a square (``ViTImageProcessor``), so each map can be placed back on the image it explains.
+    """
+    settings = {**HF_DEFAULT_PROCESSOR, **(processor or {})}
+    normalise = settings.get("do_normalize", True)
+    crop_side, resize_side = _side(settings.get("crop_size")), _side(settings.get("size"))
+    processor_crop = 1.0
+    if settings.get("do_center_crop") and crop_side and resize_side:
+        processor_crop = min(1.0, crop_side / resize_side)
+    image_size = model.config.image_size
+    resample = settings.get("resample")
+    return Preprocessing(
+        img_size=int(image_size if isinstance(image_size, int) else image_size[0]),
+        mean=tuple(mean if mean is not None else _three(settings["image_mean"] if normalise else 0.0)),
+        std=tuple(std if std is not None else _three(settings["image_std"] if normalise else 1.0)),
+        interpolation=_PIL_RESAMPLE.get(int(resample), "bilinear") if isinstance(resample, int) else "bilinear",
+        crop_pct=float(crop_pct if crop_pct is not None else processor_crop),
+    )
+
+
 def check_readable(paths: list[Path]) -> None:
     """Fail before any work if a file is not an image PIL can identify (reads only each file's header).
 
@@ -277,13 +336,60 @@ def map_to_original(saliency: Tensor, box: tuple[float, float, float, float], wi
     return placed
 
 
+def _is_hf(model_name: str | None) -> bool:
+    return model_name is not None and model_name.startswith(HF_PREFIX)
+
+
+def _num_classes(model: nn.Module) -> int:
+    """A timm model's ``num_classes``, a Hugging Face classifier's ``config.num_labels``."""
+    return model.num_classes if hasattr(model, "num_classes") else model.config.num_labels
+
+
+def _check_patches_fit(input_size: Sequence[int], patch_size: Sequence[int]) -> None:
+    if any(side < patch for side, patch in zip(input_size, patch_size, strict=True)):
+        raise CommandError(
+            f"--img-size {input_size[0]} is smaller than the model's {patch_size[0]}-pixel patches; pass --img-size "
+            f"{patch_size[0]} or more."
+        )
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _build_hf_model(args: argparse.Namespace) -> nn.Module:
+    """A Hugging Face classifier named ``hf:<folder or hub id>``: the folder's weights, or its architecture filled
+    from ``--checkpoint`` (pruned like the model that wrote it) or left random (``--random-weights``)."""
+    if args.pretrained:
+        raise CommandError(
+            f"--pretrained downloads timm weights, but --model {args.model} loads its own (or --checkpoint FILE); "
+            "drop --pretrained."
+        )
+    overrides = dict(args.model_kwargs)
+    if args.num_classes is not None:
+        overrides["num_labels"] = args.num_classes
+    if args.img_size is not None:
+        overrides["image_size"] = args.img_size
+    load_saved_weights = args.checkpoint is None and not args.random_weights
+    model = create_hf_classifier(args.model.removeprefix(HF_PREFIX), overrides, load_saved_weights)
+    _check_patches_fit(_pair(model.config.image_size), _pair(model.config.patch_size))
+    if args.checkpoint is not None:
+        load_weights(model, args.checkpoint, strict=not args.partial_checkpoint)
+    return model.eval()
+
+
 def _build_model(args: argparse.Namespace) -> nn.Module:
     """The model to explain: from the options, filled in from a ViTClassifier checkpoint's stored settings."""
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise CommandError(f"checkpoint {args.checkpoint!r} does not exist; pass a weights file.")
+    if _is_hf(args.model):
+        return _build_hf_model(args)
     stored = checkpoint_model_settings(args.checkpoint) if args.checkpoint else None
     if args.model is None and stored is None:
-        raise CommandError("--model is required unless --checkpoint is a gmar-lightning .ckpt; pass a timm name.")
+        raise CommandError(
+            f"--model is required unless --checkpoint is a gmar-lightning .ckpt; pass a timm name or "
+            f"{HF_PREFIX}<save_pretrained folder>."
+        )
     stored = stored or {}
     model_name = args.model or stored["model_name"]
     if not timm.is_model(model_name):
@@ -313,15 +419,8 @@ def _build_model(args: argparse.Namespace) -> nn.Module:
         ) from None
     patch_size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     input_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if (
-        patch_size is not None
-        and input_size is not None
-        and any(side < patch for side, patch in zip(input_size, patch_size, strict=True))
-    ):
-        raise CommandError(
-            f"--img-size {input_size[0]} is smaller than the model's {patch_size[0]}-pixel patches; pass --img-size "
-            f"{patch_size[0]} or more."
-        )
+    if patch_size is not None and input_size is not None:
+        _check_patches_fit(input_size, patch_size)
     return model.eval()
 
 
@@ -435,13 +534,18 @@ def _run_explain(args: argparse.Namespace) -> int:
     methods = parse_methods(args.method or ["gmar_l1"])
     check_overlay_style(args.cmap, args.alpha)
     model = _build_model(args).to(args.device)
-    if args.target is not None and not 0 <= args.target < model.num_classes:
-        raise CommandError(f"--target {args.target} is out of range for a model with {model.num_classes} classes.")
-    style = ExplainStyle(
-        args.cmap, args.alpha, read_class_names(args.class_names, model.num_classes), args.side_by_side
-    )
-    preprocessing = model_preprocessing(model, args.mean, args.std, args.crop_pct)
-    print(f"Model input: {preprocessing.describe()}")
+    num_classes = _num_classes(model)
+    if args.target is not None and not 0 <= args.target < num_classes:
+        raise CommandError(f"--target {args.target} is out of range for a model with {num_classes} classes.")
+    style = ExplainStyle(args.cmap, args.alpha, read_class_names(args.class_names, num_classes), args.side_by_side)
+    if _is_hf(args.model):
+        processor = hf_image_processor_settings(args.model.removeprefix(HF_PREFIX))
+        preprocessing = hf_preprocessing(model, processor, args.mean, args.std, args.crop_pct)
+        origin = "the saved image processor" if processor is not None else "no image processor saved: defaults"
+        print(f"Model input: {preprocessing.describe()} ({origin})")
+    else:
+        preprocessing = model_preprocessing(model, args.mean, args.std, args.crop_pct)
+        print(f"Model input: {preprocessing.describe()}")
     output = Path(args.output)
     arrays = _explain_files(model, paths, methods, args.batch_size, args.target, output, preprocessing, style)
     buffer = io.BytesIO()
@@ -503,18 +607,29 @@ def _positive_float(text: str) -> float:
     return _positive(text, float, "number")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that build a model: ``--model``, ``--model-kwargs``, ``--img-size``, ``--checkpoint``."""
-    parser.add_argument("--model", default=None, help="timm model name (default: a small 4-layer ViT)")
-    parser.add_argument(
-        "--model-kwargs",
-        type=_json_dict,
-        default={},
-        metavar="JSON",
-        help='timm constructor overrides as JSON, e.g. \'{"depth": 2, "patch_size": 8}\'',
-    )
+def add_model_arguments(parser: argparse.ArgumentParser, hugging_face: bool = False) -> None:
+    """The options that build a model: ``--model``, ``--model-kwargs``, ``--img-size``, ``--checkpoint``.
+
+    With ``hugging_face`` the help also describes ``--model hf:<folder or hub id>`` (what ``explain`` accepts).
+    """
+    if hugging_face:
+        model_help = (
+            f"timm model name, or {HF_PREFIX}<folder written by save_pretrained, or hub id> for a Hugging Face image "
+            "classifier (its input recipe comes from the folder's preprocessor_config.json, else mean/std 0.5, "
+            "bilinear, no crop)"
+        )
+        kwargs_help = "timm constructor overrides (hf: config overrides) as JSON, e.g. '{\"depth\": 2}'"
+    else:
+        model_help = "timm model name (default: a small 4-layer ViT)"
+        kwargs_help = 'timm constructor overrides as JSON, e.g. \'{"depth": 2, "patch_size": 8}\''
+    parser.add_argument("--model", default=None, help=model_help)
+    parser.add_argument("--model-kwargs", type=_json_dict, default={}, metavar="JSON", help=kwargs_help)
     parser.add_argument("--img-size", type=positive_int, default=None, help="input side in pixels")
-    parser.add_argument("--checkpoint", default=None, help="local weights file (.pth, .safetensors, .ckpt)")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="local weights file (.pth, .safetensors, .ckpt); weights of a pruned model are loaded pruned alike",
+    )
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -608,16 +723,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser, metavar="COMMAND")
 
     explain_parser = commands.add_parser(
-        "explain", help="overlay GMAR maps on images", description="Explain images with a timm ViT."
+        "explain",
+        help="overlay GMAR maps on images",
+        description="Explain images with a timm ViT or a Hugging Face ViT classifier (--model hf:<folder>).",
     )
     explain_parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
-    add_model_arguments(explain_parser)
+    add_model_arguments(explain_parser, hugging_face=True)
     explain_parser.add_argument("--num-classes", type=positive_int, default=None, help="classifier classes")
     explain_parser.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")
     explain_parser.add_argument(
         "--random-weights",
         action="store_true",
-        help="explain a randomly initialised --model (no --checkpoint or --pretrained): for testing only",
+        help="explain a randomly initialised --model (no --checkpoint or --pretrained; hf: not the folder's weights): "
+        "for testing only",
     )
     explain_parser.add_argument(
         "--partial-checkpoint",
@@ -633,16 +751,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--class-names", metavar="FILE", default=None, help="text file with one class name per line, for captions"
     )
     explain_parser.add_argument(
-        "--mean", type=float, nargs=3, default=None, metavar="M", help="input normalisation mean (default: timm's)"
+        "--mean", type=float, nargs=3, default=None, metavar="M", help="input normalisation mean (default: the model's)"
     )
     explain_parser.add_argument(
-        "--std", type=float, nargs=3, default=None, metavar="S", help="input normalisation std (default: timm's)"
+        "--std", type=float, nargs=3, default=None, metavar="S", help="input normalisation std (default: the model's)"
     )
     explain_parser.add_argument(
         "--crop-pct",
         type=_unit_fraction,
         default=None,
-        help="fraction of the resized image the centre crop keeps (default: timm's, usually 0.9)",
+        help="fraction of the resized image the centre crop keeps (default: timm's, usually 0.9; hf: the saved "
+        "processor's crop_size / size, else 1)",
     )
     explain_parser.add_argument("--cmap", default=DEFAULT_CMAP, help=f"matplotlib colour map (default {DEFAULT_CMAP})")
     explain_parser.add_argument(

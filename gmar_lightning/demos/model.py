@@ -4,14 +4,24 @@
 and the LightningCLI config train: a timm model created by name (with any constructor overrides such as ``img_size`` or
 ``depth``), cross-entropy, accuracy logged as ``val_acc`` and AdamW with a linear-warmup cosine schedule.
 [`GMARCallback`][gmar_lightning.callback.gmar.GMARCallback] finds the ViT as its ``model`` attribute.
+
+[`create_hf_classifier`][gmar_lightning.demos.model.create_hf_classifier] builds a Hugging Face image classifier from a
+``save_pretrained`` folder (or hub id) for ``gmar-lightning explain --model hf:...``, and
+[`hf_image_processor_settings`][gmar_lightning.demos.model.hf_image_processor_settings] reads its saved image processor.
+``transformers`` is imported only there (``pip install "gmar-lightning[hf]"``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import lightning as L
@@ -23,9 +33,19 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from gmar_lightning._checks import check_positive_int
+from gmar_lightning.capture import KEPT_HEADS
+from gmar_lightning.families.hf import unsupported_reason
 from gmar_lightning.heads.pruning import restore_pruning, restore_pruning_on_load
 
-__all__ = ["ViTClassifier", "checkpoint_model_settings", "create_vit", "load_weights"]
+__all__ = [
+    "HF_PREFIX",
+    "ViTClassifier",
+    "checkpoint_model_settings",
+    "create_hf_classifier",
+    "create_vit",
+    "hf_image_processor_settings",
+    "load_weights",
+]
 
 _MODEL_SETTINGS = ("model_name", "num_classes", "img_size", "model_kwargs")
 _WEIGHTS_FILE = (
@@ -87,7 +107,7 @@ def _checkpoint_filter(model: nn.Module) -> Callable[[dict[str, Tensor], nn.Modu
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = True) -> list[str]:
-    """Load a local weights file into a timm model.
+    """Load a local weights file into a timm model or a Hugging Face transformers classifier.
 
     Accepts a plain ``state_dict`` (``.pth``/``.pt``/``.bin``/``.safetensors``), a dict holding it under
     ``"state_dict"`` or ``"model"`` (timm training checkpoints) and a Lightning checkpoint of
@@ -124,11 +144,22 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = 
     if state_dict and all(key.startswith(prefix) for key in state_dict):
         state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
     # Weights of a model whose heads were removed carry the spec (kept_heads buffers): prune the fresh model alike.
-    restore_pruning(model, state_dict)
+    try:
+        restore_pruning(model, state_dict)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"`checkpoint` {path!r} does not fit this model: {error}") from None
+    expected = model.state_dict()
+    # A spec no layer took would otherwise vanish into --partial-checkpoint or read as an unrelated stray tensor.
+    lost_specs = [key for key in state_dict if key.endswith(f".{KEPT_HEADS}") and key not in expected]
+    if lost_specs:
+        raise ValueError(
+            f"`checkpoint` {path!r} was pruned from a model with attention layers this one lacks ({lost_specs[:3]}); "
+            "build the architecture the weights were pruned from (transformers ViTs pruned under transformers 5 "
+            "need transformers >= 5)."
+        )
     filter_fn = _checkpoint_filter(model)
     if filter_fn is not None:
         state_dict = filter_fn(state_dict, model)
-    expected = model.state_dict()
     mismatched = [key for key, value in state_dict.items() if key in expected and value.shape != expected[key].shape]
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
@@ -168,6 +199,146 @@ def checkpoint_model_settings(path: str | os.PathLike[str]) -> dict[str, Any] | 
     if not all(key in settings for key in _MODEL_SETTINGS):
         return None
     return {key: settings[key] for key in _MODEL_SETTINGS}
+
+
+HF_PREFIX = "hf:"
+"""How ``--model`` names a Hugging Face image classifier: ``hf:<save_pretrained folder or hub id>``."""
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def _transformers(source: str) -> ModuleType:
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError(f'--model {HF_PREFIX}{source} needs transformers: pip install "gmar-lightning[hf]".') from None
+    return transformers
+
+
+def _resolve_hf_source(source: str) -> str:
+    """A local folder holding ``config.json`` (as a path string), or ``source`` itself as a hub id."""
+    if not source:
+        raise ValueError(f"--model {HF_PREFIX} names no model; pass {HF_PREFIX}<save_pretrained folder or hub id>.")
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"--model {HF_PREFIX}{source} holds no config.json; pass a folder written by save_pretrained."
+            )
+        return str(path)
+    # A hub id is "name" or "owner/name"; anything else was meant as a local path.
+    if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1:
+        raise ValueError(
+            f"--model {HF_PREFIX}{source} does not exist; pass a folder written by save_pretrained or a hub id."
+        )
+    return source
+
+
+@contextlib.contextmanager
+def _quiet(transformers: ModuleType) -> Iterator[None]:
+    """transformers' load reports and progress bars off: a failed load must end in one line naming the fix."""
+    hf_logging = transformers.utils.logging
+    verbosity, progress = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity(logging.CRITICAL)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if progress:
+            hf_logging.enable_progress_bar()
+
+
+def _saved_weight_names(folder: Path) -> list[str]:
+    """The tensor names stored in a ``save_pretrained`` folder (safetensors only; empty if there are none)."""
+    if (folder / "model.safetensors.index.json").is_file():
+        return list(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"])
+    if (folder / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(folder / "model.safetensors", framework="pt") as weights:
+            return list(weights.keys())
+    return []
+
+
+def create_hf_classifier(
+    source: str, config_overrides: dict[str, Any] | None = None, load_saved_weights: bool = True
+) -> nn.Module:
+    """A Hugging Face image classifier (``AutoModelForImageClassification``) from a ``save_pretrained`` folder or a
+    hub id.
+
+    Args:
+        source: A local folder holding ``config.json`` (and weights), or a hub id such as
+            ``"google/vit-base-patch16-224"`` (downloaded, so only where the hub is reachable).
+        config_overrides: Config attributes to change, e.g. ``{"num_labels": 3, "image_size": 64}``.
+        load_saved_weights: Load the folder's weights (``from_pretrained``); ``False`` builds the architecture from
+            its config with fresh weights, for [`load_weights`][gmar_lightning.demos.model.load_weights] to fill.
+
+    Returns:
+        The model in eval mode, float32.
+
+    Raises:
+        ValueError: If transformers is missing, the source does not exist or cannot be loaded, the model is not a
+            ViT that ``explain`` supports, or the folder's weights are those of a pruned model (``from_pretrained``
+            cannot load them: save the unpruned model's config there and pass the pruned weights file to
+            ``load_weights``).
+    """
+    transformers = _transformers(source)
+    location = _resolve_hf_source(source)
+    named = f"--model {HF_PREFIX}{source}"
+    folder = Path(location) if Path(location).is_dir() else None
+    if load_saved_weights and folder is not None:
+        pruned = [name for name in _saved_weight_names(folder) if name.endswith(f".{KEPT_HEADS}")]
+        if pruned:
+            raise ValueError(
+                f"{named} holds the weights of a pruned model ({pruned[0]}), which from_pretrained cannot load; "
+                "save_pretrained the unpruned model there and pass torch.save(model.state_dict()) of the pruned one "
+                "as --checkpoint FILE."
+            )
+        if not any((folder / name).is_file() for name in _WEIGHT_FILES):
+            raise ValueError(
+                f"{named} holds a config but no weights ({', '.join(_WEIGHT_FILES)}); pass --checkpoint FILE, or "
+                "--random-weights to explain a randomly initialised network on purpose."
+            )
+    try:
+        with _quiet(transformers):
+            config = transformers.AutoConfig.from_pretrained(location, **(config_overrides or {}))
+            auto = transformers.AutoModelForImageClassification
+            if load_saved_weights:
+                model = auto.from_pretrained(location, config=config, dtype=torch.float32)
+            else:
+                model = auto.from_config(config)
+    except RuntimeError as error:
+        if not config_overrides:
+            raise ValueError(f"{named} cannot be loaded ({' '.join(str(error).split())[:300]}).") from None
+        # from_pretrained raises RuntimeError when saved tensors do not fit the changed config's shapes.
+        raise ValueError(
+            f"{named}: the saved weights do not fit the config changed by --num-classes, --img-size or --model-kwargs "
+            f"({config_overrides}); drop those options, or pass --checkpoint FILE or --random-weights."
+        ) from None
+    except (OSError, ValueError, TypeError, IndexError, KeyError) as error:
+        # Config overrides that do not fit the architecture fail inside its constructor with any of these;
+        # transformers' messages run over many lines (hub hints): keep the first 300 characters.
+        raise ValueError(f"{named} cannot be loaded ({' '.join(str(error).split())[:300]}).") from None
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(f"{named} cannot be explained: {reason}.")
+    return model.eval()
+
+
+def hf_image_processor_settings(source: str) -> dict[str, Any] | None:
+    """The image processor saved with a Hugging Face model (``preprocessor_config.json``), or ``None`` if none is."""
+    transformers = _transformers(source)
+    location = _resolve_hf_source(source)
+    if Path(location).is_dir() and not (Path(location) / "preprocessor_config.json").is_file():
+        return None
+    try:
+        settings, _ = transformers.ImageProcessingMixin.get_image_processor_dict(location)
+    except OSError:
+        if Path(location).is_dir():
+            raise
+        return None  # a hub model without a saved processor
+    return settings
 
 
 class ViTClassifier(L.LightningModule):
