@@ -25,18 +25,11 @@ if transformers.__version__.startswith("4."):
 from gmar_lightning import explain  # noqa: E402
 from gmar_lightning.cli import main  # noqa: E402
 from gmar_lightning.heads.pruning import prune_heads  # noqa: E402
+from tests import test_hf  # noqa: E402
 from tests.lightning_helpers import tiny_data, trainer_kwargs  # noqa: E402
 from tests.test_hf import HFViTModule  # noqa: E402  (a 2-layer, 4-head ViTForImageClassification for 4 classes)
 
-TINY = {
-    "image_size": 32,
-    "patch_size": 8,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 64,
-    "num_labels": 4,
-}
+TINY = {**test_hf.TINY, "num_labels": 4}  # a 32 px ViT with 8 px patches, 2 layers of 4 heads
 REMOVED = {0: [1, 3], 1: [2]}
 
 
