@@ -7,6 +7,7 @@ in the test, so nothing here reuses the command's loading or preprocessing code.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -286,3 +287,36 @@ def test_hf_model_without_transformers_names_the_extra(
     assert capsys.readouterr().err.strip().splitlines() == [
         f'gmar-lightning explain: error: --model hf:{folder} needs transformers: pip install "gmar-lightning[hf]".'
     ]
+
+
+@pytest.mark.integration
+def test_under_transformers_4_the_folder_explains_and_pruned_weights_are_refused_in_one_line(
+    folder: Path,
+    pruned_weights: Path,
+    images: list[Path],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    environment = test_hf.transformers_4_environment(request, tmp_path_factory)
+    command = [sys.executable, "-m", "gmar_lightning.cli", "explain", str(images[0]), "--model", f"hf:{folder}"]
+    command += ["--device", "cpu"]
+    unpruned = subprocess.run(
+        [*command, "--output", str(tmp_path / "unpruned")], capture_output=True, text=True, timeout=300, env=environment
+    )
+    assert unpruned.returncode == 0, unpruned.stderr[-2000:]
+    with np.load(tmp_path / "unpruned" / "maps.npz") as arrays:  # the same model as under transformers 5
+        inputs = reference_inputs(images[:1], 32, (0.5,) * 3, (0.5,) * 3, "bilinear")
+        np.testing.assert_allclose(arrays["maps_gmar_l1"], explain(tiny_vit(), inputs).maps.numpy(), atol=1e-5)
+    pruned = subprocess.run(
+        [*command, "--checkpoint", str(pruned_weights), "--output", str(tmp_path / "pruned")],
+        capture_output=True, text=True, timeout=300, env=environment,
+    )  # fmt: skip
+    assert pruned.returncode == 2
+    assert pruned.stderr.strip().splitlines() == [
+        f"gmar-lightning explain: error: `checkpoint` {str(pruned_weights)!r} was pruned from a model with attention "
+        "layers this one lacks (['vit.layers.0.attention.kept_heads', 'vit.layers.1.attention.kept_heads']); build "
+        "the architecture the weights were pruned from (transformers ViTs pruned under transformers 5 need "
+        "transformers >= 5)."
+    ]
+    assert not (tmp_path / "pruned" / "maps.npz").exists()

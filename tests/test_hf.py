@@ -373,11 +373,9 @@ def test_transformers_is_optional(tmp_path: Path) -> None:
     assert "torch.Size([1, 4, 4])" in result.stdout
 
 
-@pytest.mark.skipif(transformers.__version__.startswith("4."), reason="this is the run under transformers 4.x")
-def test_same_tests_pass_under_transformers_4(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """Install the last transformers 4.x (pure Python) into a cached folder and run this module under it."""
+def transformers_4_environment(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Environment variables under which a subprocess imports the last transformers 4.x (pure Python, installed once
+    into a cached folder) and this repository; skips the test when the package registry cannot be reached."""
     folder = f"transformers-{TRANSFORMERS_4}"
     # `-p no:cacheprovider` (benchmarks/gpu_check.sh) leaves no cache: install into this session's temporary folder.
     cache = getattr(request.config, "cache", None)
@@ -399,6 +397,15 @@ def test_same_tests_pass_under_transformers_4(
         capture_output=True, text=True, timeout=300, env=environment,
     )  # fmt: skip
     assert version.stdout.strip() == TRANSFORMERS_4, version.stderr[-2000:]
+    return environment
+
+
+@pytest.mark.skipif(transformers.__version__.startswith("4."), reason="this is the run under transformers 4.x")
+def test_same_tests_pass_under_transformers_4(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Install the last transformers 4.x into a cached folder and run this module under it."""
+    environment = transformers_4_environment(request, tmp_path_factory)
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
         capture_output=True, text=True, timeout=600, env=environment,
