@@ -7,6 +7,7 @@ in the test, so nothing here reuses the command's loading or preprocessing code.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -242,6 +243,10 @@ def _error_cases(tmp_path: Path, folder: Path, pruned_weights: Path) -> dict[str
             "--img-size 4 is smaller than the model's 8-pixel patches; pass --img-size 8 or more.",
         ),
         "not a ViT": (["--model", f"hf:{convnext}", "--random-weights"], "cannot be explained: it is a transformers"),
+        "config override the architecture refuses": (
+            [*model_option, "--model-kwargs", '{"patch_size": 0}', "--random-weights"],
+            "cannot be built (integer division or modulo by zero); check --num-classes, --img-size and --model-kwargs.",
+        ),
     }
 
 
@@ -256,6 +261,7 @@ ERROR_CASES = [
     "classes the saved weights lack",
     "image smaller than a patch",
     "not a ViT",
+    "config override the architecture refuses",
 ]
 
 
@@ -276,6 +282,19 @@ def test_bad_hf_inputs_exit_with_one_line(
     assert len(lines) == 1, captured.err
     assert lines[0].startswith("gmar-lightning explain: error: ") and expected in lines[0], lines[0]
     assert not (tmp_path / "out" / "maps.npz").exists()
+
+
+def test_a_hub_id_that_cannot_be_reached_is_one_line(images: list[Path]) -> None:
+    # "owner/name" that is no local folder is a hub id; offline, the hub is not asked and loading fails at once.
+    command = [sys.executable, "-m", "gmar_lightning.cli", "explain", str(images[0]), "--model", "hf:no-org/no-vit"]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "gmar-lightning explain: error: --model hf:no-org/no-vit cannot be loaded ("
+    )
+    assert lines[0].endswith("; pass a folder written by save_pretrained, or a hub id where the hub is reachable.")
 
 
 def test_hf_model_without_transformers_names_the_extra(

@@ -304,10 +304,7 @@ def create_hf_classifier(
         with _quiet(transformers):
             config = transformers.AutoConfig.from_pretrained(location, **(config_overrides or {}))
             auto = transformers.AutoModelForImageClassification
-            if load_saved_weights:
-                model = auto.from_pretrained(location, config=config, dtype=torch.float32)
-            else:
-                model = auto.from_config(config)
+            model = auto.from_pretrained(location, config=config) if load_saved_weights else auto.from_config(config)
     except RuntimeError as error:
         if not config_overrides:
             raise ValueError(f"{named} cannot be loaded ({' '.join(str(error).split())[:300]}).") from None
@@ -316,14 +313,22 @@ def create_hf_classifier(
             f"{named}: the saved weights do not fit the config changed by --num-classes, --img-size or --model-kwargs "
             f"({config_overrides}); drop those options, or pass --checkpoint FILE or --random-weights."
         ) from None
-    except (OSError, ValueError, TypeError, IndexError, KeyError) as error:
-        # Config overrides that do not fit the architecture fail inside its constructor with any of these;
+    except OSError as error:
         # transformers' messages run over many lines (hub hints): keep the first 300 characters.
-        raise ValueError(f"{named} cannot be loaded ({' '.join(str(error).split())[:300]}).") from None
+        raise ValueError(
+            f"{named} cannot be loaded ({' '.join(str(error).split())[:300]}); pass a folder written by "
+            "save_pretrained, or a hub id where the hub is reachable."
+        ) from None
+    except Exception as error:
+        # Config overrides reach the architecture's constructor, which fails on a bad one with any error
+        # (ValueError, TypeError, ZeroDivisionError, huggingface_hub's validation errors...): all are a bad option.
+        fix = "; check --num-classes, --img-size and --model-kwargs" if config_overrides else ""
+        raise ValueError(f"{named} cannot be built ({' '.join(str(error).split())[:300]}){fix}.") from None
     reason = unsupported_reason(model)
     if reason is not None:
         raise ValueError(f"{named} cannot be explained: {reason}.")
-    return model.eval()
+    # transformers 5 loads weights in their saved dtype (half precision on the hub); 4.x has no `dtype` argument.
+    return model.float().eval()
 
 
 def hf_image_processor_settings(source: str) -> dict[str, Any] | None:
