@@ -27,7 +27,7 @@ if transformers.__version__.startswith("4."):
 from gmar_lightning import explain  # noqa: E402
 from gmar_lightning.cli import main  # noqa: E402
 from gmar_lightning.heads.pruning import prune_heads  # noqa: E402
-from tests import test_hf  # noqa: E402
+from tests import test_hf, test_pruning_hf  # noqa: E402
 from tests.lightning_helpers import tiny_data, trainer_kwargs  # noqa: E402
 from tests.test_hf import HFViTModule  # noqa: E402  (a 2-layer, 4-head ViTForImageClassification for 4 classes)
 
@@ -128,6 +128,19 @@ def test_pruned_weights_file_loads_into_the_folders_architecture(
         assert not np.allclose(arrays["maps_gmar_l1"], pruned_maps, atol=1e-3)
         assert not np.isnan(arrays["head_weights_gmar_l1"]).any()
     assert_maps_equal(tmp_path / "unpruned", tiny_vit(), inputs, methods)
+
+
+@pytest.mark.parametrize("case", ["deit_with_teacher", "beit_rel_pos", "dinov2_registers"])
+def test_pruned_weights_of_other_families_load_alike(case: str, images: list[Path], tmp_path: Path) -> None:
+    model = test_pruning_hf.make(case)  # 3 layers of 4 heads, 5 classes, large weights
+    model.save_pretrained(tmp_path / case)
+    prune_heads(model, test_pruning_hf.KEEP)  # 2, 4 and 1 heads remain
+    torch.save(model.state_dict(), tmp_path / "pruned.pth")
+    output = tmp_path / "out"
+    argv = ["explain", *map(str, images), "--model", f"hf:{tmp_path / case}", "--device", "cpu"]
+    assert main([*argv, "--checkpoint", str(tmp_path / "pruned.pth"), "--output", str(output)]) == 0
+    inputs = reference_inputs(images, 32, (0.5,) * 3, (0.5,) * 3, "bilinear")
+    assert_maps_equal(output, model, inputs, ["gmar_l1"])
 
 
 def test_the_saved_image_processor_sets_the_input_recipe(
@@ -243,6 +256,10 @@ def _error_cases(tmp_path: Path, folder: Path, pruned_weights: Path) -> dict[str
             "--img-size 4 is smaller than the model's 8-pixel patches; pass --img-size 8 or more.",
         ),
         "not a ViT": (["--model", f"hf:{convnext}", "--random-weights"], "cannot be explained: it is a transformers"),
+        "target beyond the config's labels": (
+            [*model_option, "--target", "4"],
+            "out of range for a model with 4 classes",
+        ),
         "config override the architecture refuses": (
             [*model_option, "--model-kwargs", '{"patch_size": 0}', "--random-weights"],
             "cannot be built (integer division or modulo by zero); check --num-classes, --img-size and --model-kwargs.",
@@ -262,6 +279,7 @@ ERROR_CASES = [
     "image smaller than a patch",
     "not a ViT",
     "config override the architecture refuses",
+    "target beyond the config's labels",
 ]
 
 
