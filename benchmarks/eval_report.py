@@ -59,6 +59,7 @@ from gmar_lightning.demos.data import ShapesDataset, TwoShapesDataset
 from gmar_lightning.demos.model import create_vit
 from gmar_lightning.heads import (
     AblationCurve,
+    distillation_loss,
     head_ablation_curve,
     head_mask,
     michel_importance,
@@ -343,8 +344,12 @@ def accuracy(model: nn.Module, split: Split, batch_size: int) -> float:
     return correct / len(split.labels)
 
 
-def train(model: nn.Module, data: Split, args: argparse.Namespace, seed: int) -> None:
-    """Soft-label cross-entropy, AdamW with linear warmup and cosine decay, gradient clipping, horizontal flips."""
+def train(model: nn.Module, data: Split, args: argparse.Namespace, seed: int, teacher: nn.Module | None = None) -> None:
+    """Cross-entropy, AdamW with linear warmup and cosine decay, gradient clipping, horizontal flips.
+
+    With a ``teacher`` the loss is ``distillation_loss`` towards its logits (``args.distill_alpha``,
+    ``args.distill_temperature``).
+    """
     # Decaying norms, biases, tokens and position embeddings hurts small ViTs; timm's convention skips them.
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
@@ -373,7 +378,14 @@ def train(model: nn.Module, data: Split, args: argparse.Namespace, seed: int) ->
                 # Every class is mirror-symmetric about the vertical axis, so a flip keeps the labels.
                 flip = torch.rand(len(indices), 1, 1, 1, generator=generator) < 0.5
                 images = torch.where(flip, images.flip(-1), images)
-                loss = F.cross_entropy(model(images), data.labels[indices])
+                logits, labels = model(images), data.labels[indices]
+                if teacher is None:
+                    loss = F.cross_entropy(logits, labels)
+                else:
+                    with torch.no_grad():
+                        teacher_logits = teacher(images)
+                    alpha, temperature = args.distill_alpha, args.distill_temperature
+                    loss = distillation_loss(logits, teacher_logits, labels, alpha, temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)

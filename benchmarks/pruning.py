@@ -76,9 +76,10 @@ from gmar_lightning.heads import (
     head_counts,
     mask_from_order,
     michel_importance,
+    present_heads,
     prune_heads,
     random_order,
-    rank_heads,
+    select_heads,
     weight_magnitude_importance,
 )
 
@@ -139,23 +140,79 @@ class SpeedResult:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def pruning_orders(model: nn.Module, eval_split: Split, args: argparse.Namespace, seed: int) -> dict[str, Tensor]:
-    """The four least-important-first orders of the trained model's heads."""
-    explanation = explain(model, eval_split.images, method="gmar_l1", target=eval_split.labels)
-    michel = michel_importance(model, eval_split.batches(args.eval_batch), progress=False)
-    num_layers, num_heads = michel.shape
-    return {
-        "GMAR": rank_heads(explanation.head_weights.mean(dim=0)),
-        "Michel": rank_heads(michel),
-        "magnitude": rank_heads(weight_magnitude_importance(model)),
-        "random": random_order(num_layers, num_heads, seed=seed),
-    }
+def head_scores(name: str, model: nn.Module, eval_split: Split, args: argparse.Namespace, seed: int) -> Tensor:
+    """``[L, H]`` importance of the model's heads by order ``name`` (low = removed first; missing heads ignored)."""
+    if name == "GMAR":
+        explanation = explain(model, eval_split.images, method="gmar_l1", target=eval_split.labels)
+        return explanation.head_weights.mean(dim=0)
+    if name == "Michel":
+        return michel_importance(model, eval_split.batches(args.eval_batch), progress=False)
+    if name == "magnitude":
+        return weight_magnitude_importance(model)
+    # The seeded random order as ranks, so every step of a gradual pruning follows the same random order.
+    present = present_heads(model)
+    order = random_order(*present.shape, seed=seed)
+    ranks = torch.empty(present.shape)
+    ranks[order[:, 0], order[:, 1]] = torch.arange(len(order), dtype=ranks.dtype)
+    return ranks
 
 
-def recover(model: nn.Module, train_split: Split, args: argparse.Namespace, seed: int) -> nn.Module:
-    """The short recovery fine-tune: ``--recovery-epochs`` of the training loop at ``--recovery-lr``."""
+def prune_least_important(model: nn.Module, scores: Tensor, count: int) -> nn.Module:
+    """Remove the ``count`` lowest-scoring heads the model has (a layer may lose all of its heads)."""
+    prune_heads(model, select_heads(scores, present_heads(model), count))
+    return model
+
+
+def recovery_description(args: argparse.Namespace, short: bool = False) -> str:
+    """What the recovered models went through, for the tables and the plot."""
+    text = f"a {args.recovery_epochs}-epoch recovery fine-tune"
+    if args.prune_steps > 1:
+        text = f"{args.prune_steps} pruning steps, each followed by {text}"
+    if args.distill_alpha > 0:
+        distillation = f"distillation alpha {args.distill_alpha:g}, T {args.distill_temperature:g}"
+        text += f" ({distillation})" if short else f" with {distillation} from the unpruned model"
+    return text
+
+
+def recover(
+    model: nn.Module, train_split: Split, args: argparse.Namespace, seed: int, teacher: nn.Module | None
+) -> nn.Module:
+    """The recovery fine-tune: ``--recovery-epochs`` of the training loop at ``--recovery-lr``, distilling from
+    ``teacher`` (the trained model before any pruning) when ``--distill-alpha`` is above 0."""
     recovery = argparse.Namespace(**{**vars(args), "epochs": args.recovery_epochs, "lr": args.recovery_lr})
-    train(model, train_split, recovery, seed)
+    train(model, train_split, recovery, seed, teacher if args.distill_alpha > 0 else None)
+    return model
+
+
+def gradual_prune_and_recover(
+    model: nn.Module,
+    name: str,
+    count: int,
+    splits: tuple[Split, Split],
+    args: argparse.Namespace,
+    seed: int,
+    first_scores: Tensor,
+) -> nn.Module:
+    """Remove ``count`` heads in ``--prune-steps`` equal steps, each followed by the recovery fine-tune; the heads are
+    ranked again by the same order on the model as it is before each step (``first_scores`` for the first)."""
+    train_split, eval_split = splits
+    teacher = copy.deepcopy(model).eval()
+    removed = 0
+    for step in range(1, args.prune_steps + 1):
+        scores = first_scores if step == 1 else head_scores(name, model, eval_split, args, seed)
+        target = round(count * step / args.prune_steps)
+        prune_least_important(model, scores, target - removed)
+        removed = target
+        recover(model, train_split, args, seed, teacher)
+    return model
+
+
+def recovered_unpruned(model: nn.Module, train_split: Split, args: argparse.Namespace, seed: int) -> nn.Module:
+    """The unpruned model given the same recovery as a pruned one: ``--prune-steps`` fine-tunes, the same teacher."""
+    teacher = copy.deepcopy(model).eval()
+    model = copy.deepcopy(model)
+    for _ in range(args.prune_steps):
+        recover(model, train_split, args, seed, teacher)
     return model
 
 
@@ -199,22 +256,23 @@ def run_seed(args: argparse.Namespace, seed: int, console: Console) -> SeedResul
     seconds["training (cached model)" if cached else "training"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    orders = pruning_orders(model, eval_split, args, seed)
-    num_layers, num_heads = len(find_attention_layers(model)), head_counts(model)[0]
+    scores = {name: head_scores(name, model, eval_split, args, seed) for name in args.orders}
+    total_heads = int(present_heads(model).sum())
     baseline = accuracy(model, val_split, args.eval_batch)
-    recovered_baseline = accuracy(recover(copy.deepcopy(model), train_split, args, seed), val_split, args.eval_batch)
+    recovered_baseline = accuracy(recovered_unpruned(model, train_split, args, seed), val_split, args.eval_batch)
     result: dict[str, dict[str, list[float]]] = {
-        "pruned": {name: [baseline] for name in ORDERS},
-        "recovered": {name: [recovered_baseline] for name in ORDERS},
+        "pruned": {name: [baseline] for name in args.orders},
+        "recovered": {name: [recovered_baseline] for name in args.orders},
     }
-    steps = [(name, fraction) for name in ORDERS for fraction in args.fractions[1:]]
+    steps = [(name, fraction) for name in args.orders for fraction in args.fractions[1:]]
     for name, fraction in tqdm(steps, desc=f"seed {seed}: prune and recover", leave=False):
-        pruned = copy.deepcopy(model)
-        count = round(fraction * num_layers * num_heads)
-        prune_heads(pruned, mask_from_order(orders[name], count, num_layers, num_heads))
+        count = round(fraction * total_heads)
+        pruned = prune_least_important(copy.deepcopy(model), scores[name], count)
         result["pruned"][name].append(accuracy(pruned, val_split, args.eval_batch))
         if fraction in args.recovery_fractions:
-            recovered = recover(pruned, train_split, args, seed)
+            recovered = gradual_prune_and_recover(
+                copy.deepcopy(model), name, count, (train_split, eval_split), args, seed, scores[name]
+            )
             result["recovered"][name].append(accuracy(recovered, val_split, args.eval_batch))
     seconds["pruning and recovery"] = time.perf_counter() - start
     console.print(
@@ -312,15 +370,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def accuracy_table(results: Sequence[SeedResult], stage: str, args: argparse.Namespace, total_heads: int) -> str:
     rows = []
     for index, fraction in enumerate(stage_fractions(args, stage)):
-        cells = [format_interval([r.accuracy[stage][name][index] for r in results]) for name in ORDERS]
+        cells = [format_interval([r.accuracy[stage][name][index] for r in results]) for name in args.orders]
         rows.append([f"{fraction:.3f} ({round(fraction * total_heads):2d} heads)", *cells])
-    return _table(["fraction removed", *ORDERS], rows)
+    return _table(["fraction removed", *args.orders], rows)
 
 
 def best_order(results: Sequence[SeedResult], stage: str, index: int) -> tuple[str, float, float]:
     """The order with the highest mean accuracy at fraction ``index``, its mean accuracy loss and interval."""
-    losses = {name: [r.accuracy[stage][name][0] - r.accuracy[stage][name][index] for r in results] for name in ORDERS}
-    name = min(ORDERS, key=lambda order: statistics.fmean(losses[order]))
+    orders = list(results[0].accuracy[stage])
+    losses = {name: [r.accuracy[stage][name][0] - r.accuracy[stage][name][index] for r in results] for name in orders}
+    name = min(orders, key=lambda order: statistics.fmean(losses[order]))
     mean, half_width = mean_interval(losses[name])
     return name, mean, half_width
 
@@ -353,7 +412,7 @@ def save_plot(results: Sequence[SeedResult], speed: SpeedResult, args: argparse.
     axes = figure.subplots(1, 3)
     for panel, stage in zip(axes[:2], STAGES if results else (), strict=False):
         fractions = stage_fractions(args, stage)
-        for name in ORDERS:
+        for name in args.orders:
             stats = [mean_interval([r.accuracy[stage][name][i] for r in results]) for i in range(len(fractions))]
             means = [mean for mean, _ in stats]
             (line,) = panel.plot(fractions, means, marker="o", label=name)
@@ -361,7 +420,7 @@ def save_plot(results: Sequence[SeedResult], speed: SpeedResult, args: argparse.
                 low = [mean - width for mean, width in stats]
                 high = [mean + width for mean, width in stats]
                 panel.fill_between(fractions, low, high, color=line.get_color(), alpha=0.12, linewidth=0)
-        title = "as pruned" if stage == "pruned" else f"after a {args.recovery_epochs}-epoch recovery fine-tune"
+        title = "as pruned" if stage == "pruned" else f"after {recovery_description(args, short=True)}"
         panel.set_title(title, fontsize=10)
         panel.set_xlabel("fraction of heads removed")
         panel.set_ylabel("validation accuracy")
@@ -398,7 +457,7 @@ def report_accuracy(results: Sequence[SeedResult], args: argparse.Namespace, con
         else "one seed: no interval"
     )
     for stage in STAGES:
-        what = "as pruned" if stage == "pruned" else f"after a {args.recovery_epochs}-epoch recovery fine-tune"
+        what = "as pruned" if stage == "pruned" else f"after {recovery_description(args)}"
         console.print(f"Validation accuracy ({args.val_images} images), heads removed least important first, {what}")
         console.print(f"{interval_note}")
         console.print(accuracy_table(results, stage, args, total_heads))
@@ -411,6 +470,13 @@ def report_accuracy(results: Sequence[SeedResult], args: argparse.Namespace, con
                 f"best order at 50% removed, {stage}: {name}, accuracy lost {100 * loss:.1f} ± {width} points"
             )
         console.print()
+
+
+def _orders(text: str) -> list[str]:
+    names = text.split(",")
+    if not names or len(set(names)) != len(names) or not set(names) <= set(ORDERS):
+        raise argparse.ArgumentTypeError(f"must be distinct names among {','.join(ORDERS)}, got {text!r}")
+    return names
 
 
 def _fractions_removed(text: str) -> list[float]:
@@ -430,7 +496,10 @@ def _fractions(text: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options; the defaults are the configuration of the published numbers."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, default=4, help="training seeds 0..N-1")
+    parser.add_argument("--seeds", type=int, default=4, help="how many training seeds: --first-seed onwards")
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="the first training seed; tune recipes on 100 and up, report 0 and up"
+    )
     parser.add_argument("--train-images", type=int, default=2500, help="training images per seed")
     parser.add_argument("--val-images", type=int, default=500, help="validation images (accuracy)")
     parser.add_argument("--eval-images", type=int, default=96, help="held-out images GMAR and Michel rank heads on")
@@ -441,7 +510,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recovery-epochs", type=int, default=5, help="epochs of the recovery fine-tune")
     parser.add_argument("--recovery-lr", type=float, default=5e-4, help="peak learning rate of the recovery fine-tune")
     parser.add_argument(
+        "--distill-alpha", type=float, default=0.0, help="weight of distillation from the unpruned model (0: off)"
+    )
+    parser.add_argument("--distill-temperature", type=float, default=2.0, help="distillation temperature")
+    parser.add_argument(
+        "--prune-steps", type=int, default=1, help="prune in this many equal steps, each followed by the recovery"
+    )
+    parser.add_argument(
         "--recovery-fractions", type=_fractions_removed, default=[0.5], help="fractions that get the recovery, e.g. 0.5"
+    )
+    parser.add_argument(
+        "--orders", type=_orders, default=list(ORDERS), help=f"pruning orders to measure (default {','.join(ORDERS)})"
     )
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--num-classes", type=int, default=4, help="shape classes")
@@ -472,6 +551,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
             setattr(args, name, value)
     if args.seeds < 1:
         raise SystemExit("--seeds must be at least 1.")
+    if args.prune_steps < 1:
+        raise SystemExit("--prune-steps must be at least 1.")
+    if not 0.0 <= args.distill_alpha <= 1.0 or args.distill_temperature <= 0:
+        raise SystemExit("--distill-alpha must lie in [0, 1] and --distill-temperature be above 0.")
     if not set(args.recovery_fractions) <= set(args.fractions):
         raise SystemExit(f"--recovery-fractions {args.recovery_fractions} must be among --fractions {args.fractions}.")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -483,7 +566,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     console.print(machine_description())
     console.print()
 
-    results = [] if args.speed_only else [run_seed(args, seed, console) for seed in range(args.seeds)]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    results = [] if args.speed_only else [run_seed(args, seed, console) for seed in seeds]
     if results:
         report_accuracy(results, args, console)
 

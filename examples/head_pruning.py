@@ -50,6 +50,7 @@ from gmar_lightning.demos.model import checkpoint_model_settings, create_vit
 from gmar_lightning.heads import (
     AblationCurve,
     attention_head_grid,
+    distillation_loss,
     head_ablation_curve,
     head_counts,
     mask_from_order,
@@ -85,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prune-fraction", type=float, default=0.5, help="fraction of heads removed for real")
     parser.add_argument("--recovery-epochs", type=int, default=1, help="fine-tuning epochs after the pruning (0: none)")
     parser.add_argument("--recovery-lr", type=float, default=2e-4, help="AdamW learning rate of the recovery")
+    parser.add_argument(
+        "--distill-alpha", type=float, default=0.0, help="recovery: weight of distillation from the unpruned model"
+    )
+    parser.add_argument("--distill-temperature", type=float, default=2.0, help="recovery: distillation temperature")
     return parser
 
 
@@ -152,13 +157,20 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
     return correct / total
 
 
-def recover(model: nn.Module, loader: DataLoader, epochs: int, lr: float) -> None:
-    """A short fine-tune of the pruned model: AdamW, cross-entropy, gradient clipping."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+def recover(model: nn.Module, loader: DataLoader, teacher: nn.Module, args: argparse.Namespace) -> None:
+    """The recovery fine-tune of the pruned model: AdamW, gradient clipping, and cross-entropy, or with
+    ``--distill-alpha`` above 0 ``distillation_loss`` towards the unpruned ``teacher``'s logits."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.recovery_lr, weight_decay=0.05)
     model.train()
-    for _ in range(epochs):
+    for _ in range(args.recovery_epochs):
         for batch in tqdm(loader, desc="recovery fine-tune", leave=False):
-            loss = F.cross_entropy(model(batch[0]), batch[1])
+            logits = model(batch[0])
+            if args.distill_alpha > 0:
+                with torch.no_grad():
+                    teacher_logits = teacher(batch[0])
+                loss = distillation_loss(logits, teacher_logits, batch[1], args.distill_alpha, args.distill_temperature)
+            else:
+                loss = F.cross_entropy(logits, batch[1])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -185,7 +197,7 @@ def prune_for_real(
         "accuracy_pruned": accuracy(pruned, val_loader),
     }
     if args.recovery_epochs:
-        recover(pruned, train_loader, args.recovery_epochs, args.recovery_lr)
+        recover(pruned, train_loader, model, args)
     summary["accuracy_recovered"] = accuracy(pruned, val_loader)
     # Interleaved, so load from other processes hits both models alike; each figure is a median of 5 batches.
     throughputs = {"before": [], "after": []}

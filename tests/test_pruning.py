@@ -26,6 +26,7 @@ from gmar_lightning.heads import (
     rank_heads,
 )
 from gmar_lightning.heads.pruning import (
+    distillation_loss,
     head_counts,
     head_ids,
     prune_heads,
@@ -381,3 +382,37 @@ def test_head_tools_work_on_a_pruned_model_by_original_head_index() -> None:
     assert curve.num_masked == [0, 4, 9]
     with pytest.raises(ValueError, match=r"`order` must be 9 integer \(layer, head\) pairs"):
         head_ablation_curve(model, [(images, labels)], random_order(DEPTH, HEADS), (0.0, 1.0), progress=False)
+
+
+def test_distillation_loss_matches_a_reference_written_from_the_formula() -> None:
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(6, 5, generator=generator, requires_grad=True)
+    teacher = torch.randn(6, 5, generator=generator, requires_grad=True)
+    labels = torch.tensor([0, 4, 2, 2, 1, 3])
+    for alpha, temperature in ((0.0, 1.0), (0.5, 2.0), (0.9, 4.0), (1.0, 3.0)):
+        # Hinton et al.: (1 - a) CE + a T^2 mean_b sum_c p_t (log p_t - log p_s), p = softmax(z / T).
+        log_p = torch.log(torch.exp(student) / torch.exp(student).sum(dim=1, keepdim=True))
+        cross_entropy = -log_p[torch.arange(6), labels].mean()
+        p_teacher = torch.exp(teacher / temperature) / torch.exp(teacher / temperature).sum(dim=1, keepdim=True)
+        p_student = torch.exp(student / temperature) / torch.exp(student / temperature).sum(dim=1, keepdim=True)
+        kl = (p_teacher * (p_teacher.log() - p_student.log())).sum(dim=1).mean()
+        expected = (1 - alpha) * cross_entropy + alpha * temperature**2 * kl
+        loss = distillation_loss(student, teacher, labels, alpha=alpha, temperature=temperature)
+        assert torch.allclose(loss, expected, atol=1e-6), (alpha, temperature)
+    loss.backward()
+    assert student.grad is not None and teacher.grad is None  # the teacher is only a target
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"alpha": 1.5}, "`alpha` must lie in \\[0.0, 1.0\\]"),
+        ({"temperature": 0.0}, "`temperature` must be a number > 0"),
+    ],
+)
+def test_distillation_loss_rejects_bad_settings(kwargs: dict[str, float], message: str) -> None:
+    logits = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=message):
+        distillation_loss(logits, logits, torch.tensor([0, 1]), **kwargs)
+    with pytest.raises(ValueError, match="`teacher_logits` must have the student's shape"):
+        distillation_loss(logits, torch.zeros(2, 4), torch.tensor([0, 1]))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
+from gmar_lightning.heads import prune_heads, weight_magnitude_importance
 from tests.scripts import load_script
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "pruning.py"
@@ -62,3 +64,48 @@ def test_trained_models_are_kept_and_reused_only_with_the_same_training_settings
 def test_publish_needs_the_full_configuration() -> None:
     with pytest.raises(SystemExit, match="--publish needs the full configuration"):
         _load_script().main(["--quick", "--publish"])
+
+
+def test_gradual_pruning_removes_the_requested_heads_in_equal_steps_ranking_the_pruned_model_again(
+    tmp_path: Path,
+) -> None:
+    benchmark = _load_script()
+    options = ["--output-dir", str(tmp_path), "--image-size", "32", "--recovery-epochs", "1", "--distill-alpha", "0.5"]
+    args = benchmark.build_parser().parse_args([*options, "--prune-steps", "2"])
+    train_split = benchmark.load_split(args, 16, 0, 0, "train")
+    eval_split = benchmark.load_split(args, 8, 0, 16, "importance")
+    model = benchmark.build_model(args, 0)
+    scores = torch.arange(16.0).reshape(4, 4)  # layer-major: head (0, 0) is the least important
+    splits = (train_split, eval_split)
+    pruned = benchmark.gradual_prune_and_recover(copy.deepcopy(model), "magnitude", 5, splits, args, 0, scores)
+
+    # By hand: step one removes round(5 / 2) = 2 heads by the given scores, then the fine-tune distils from the
+    # unpruned model; step two removes the 3 heads of smallest weight magnitude in the fine-tuned model.
+    expected = copy.deepcopy(model)
+    prune_heads(expected, {0: [0, 1]})
+    benchmark.recover(expected, train_split, args, 0, copy.deepcopy(model).eval())
+    magnitude = weight_magnitude_importance(expected).flatten()
+    expected_kept = torch.ones(16, dtype=torch.bool)
+    expected_kept[:2] = False
+    expected_kept[magnitude.nan_to_num(float("inf")).argsort()[:3]] = False
+    assert benchmark.present_heads(pruned).flatten().tolist() == expected_kept.tolist()
+    assert int(expected_kept.sum()) == 11
+
+    # One step removes the 5 least important heads by the given scores at once.
+    one_step = benchmark.build_parser().parse_args(options)
+    once = benchmark.gradual_prune_and_recover(copy.deepcopy(model), "magnitude", 5, splits, one_step, 0, scores)
+    assert benchmark.present_heads(once).tolist() == (scores >= 5).tolist()
+
+
+def test_first_seed_and_orders_choose_what_is_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    benchmark = _load_script()
+    options = ["--quick", "--output-dir", str(tmp_path), "--first-seed", "100", "--orders", "random,Michel"]
+    result = benchmark.main([*options, "--prune-steps", "2"])
+    printed = capsys.readouterr().out
+    assert "seed 100: validation accuracy" in printed and "seed 101: validation accuracy" in printed
+    assert "seed 0:" not in printed
+    header = next(line for line in printed.splitlines() if line.startswith("fraction removed"))
+    assert header.split()[2:] == ["random", "Michel"]
+    assert set(result["results"][0].accuracy["recovered"]) == {"random", "Michel"}
+    with pytest.raises(SystemExit):
+        benchmark.build_parser().parse_args(["--orders", "GMAR,lottery"])

@@ -13,6 +13,7 @@
 - [`pruning`][gmar_lightning.heads.pruning]: [`prune_heads`][gmar_lightning.heads.pruning.prune_heads] (remove heads for
   real), [`restore_pruning`][gmar_lightning.heads.pruning.restore_pruning],
   [`slice_optimizer_state`][gmar_lightning.heads.pruning.slice_optimizer_state],
+  [`distillation_loss`][gmar_lightning.heads.pruning.distillation_loss] (recovery fine-tune),
   [`weight_magnitude_importance`][gmar_lightning.heads.pruning.weight_magnitude_importance],
   [`head_counts`][gmar_lightning.heads.pruning.head_counts].
 """
@@ -23,6 +24,7 @@ from gmar_lightning.heads.importance import michel_importance, random_order, ran
 from gmar_lightning.heads.masking import attention_head_grid, head_mask, mask_from_order
 from gmar_lightning.heads.pruning import (
     ParameterSlice,
+    distillation_loss,
     head_counts,
     head_ids,
     measure_throughput,
@@ -42,6 +44,7 @@ __all__ = [
     "LossFn",
     "ParameterSlice",
     "attention_head_grid",
+    "distillation_loss",
     "head_ablation_curve",
     "head_counts",
     "head_ids",

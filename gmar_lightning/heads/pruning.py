@@ -47,6 +47,7 @@ from timm.models.beit import Attention as BeitAttention
 from timm.models.eva import EvaAttention
 from torch import Tensor, nn
 
+from gmar_lightning._checks import check_number_in_range
 from gmar_lightning.capture import KEPT_HEADS, AttentionLayer, head_slots, slot_count, unwrap_model
 from gmar_lightning.heads.masking import head_layers, num_heads_of, output_projection
 from gmar_lightning.model_state import eval_mode
@@ -620,3 +621,44 @@ def measure_throughput(model: nn.Module, images: Tensor, repeats: int = 3) -> fl
                 torch.cuda.synchronize(images.device)
             seconds.append(time.perf_counter() - start)
     return images.shape[0] / statistics.median(seconds)
+
+
+def distillation_loss(
+    student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, alpha: float = 0.5, temperature: float = 2.0
+) -> Tensor:
+    """Knowledge-distillation loss for the recovery fine-tune of a pruned model (Hinton et al., 2015).
+
+    ``(1 - alpha) * CE(student, labels) + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))``, the KL
+    term averaged over the batch. The ``T^2`` keeps the soft term's gradients on the scale of the hard term's.
+
+    Args:
+        student_logits: ``[B, C]`` logits of the model being fine-tuned.
+        teacher_logits: ``[B, C]`` logits of the teacher (usually the model before pruning); no gradient flows to it.
+        labels: ``[B]`` class indices.
+        alpha: Weight of the distillation term in ``[0, 1]``; 0 is plain cross-entropy.
+        temperature: Softening temperature ``T > 0``.
+
+    Examples:
+        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+        >>> labels = torch.tensor([0, 1])
+        >>> bool(torch.isclose(distillation_loss(logits, logits, labels, alpha=0.0), F.cross_entropy(logits, labels)))
+        True
+        >>> float(distillation_loss(logits, logits, labels, alpha=1.0))  # the student already matches its teacher
+        0.0
+    """
+    check_number_in_range("alpha", alpha, 0.0, 1.0)
+    if not isinstance(temperature, int | float) or isinstance(temperature, bool) or not temperature > 0:
+        raise ValueError(f"`temperature` must be a number > 0, got {temperature!r}.")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"`teacher_logits` must have the student's shape {list(student_logits.shape)}, got "
+            f"{list(teacher_logits.shape)}; distil from a teacher with the same classes."
+        )
+    hard = F.cross_entropy(student_logits, labels)
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=-1),
+        F.log_softmax(teacher_logits.detach() / temperature, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return (1.0 - alpha) * hard + alpha * temperature**2 * soft
