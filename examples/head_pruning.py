@@ -7,9 +7,12 @@ and a seeded random order. If GMAR's weights mean something, removing the least 
 less than removing the most important first. Writes ``ablation.png``, ``ranking.json`` and one CSV per curve.
 
 Then it removes ``--prune-fraction`` of the heads, GMAR least important first, from the model for real
-(``prune_heads``), fine-tunes it for ``--recovery-epochs`` on the run's training data, reports validation accuracy
-before, right after and after the recovery, the parameters and the measured inference speed-up, and saves the pruned
-model as ``pruned_model.pth`` (a state dict carrying its pruning spec; ``load_weights`` rebuilds it)::
+(``prune_heads``), and recovers with the recipe ``benchmarks/pruning.py`` chose: the heads go in ``--prune-steps``
+(2) equal steps, each followed by ``--recovery-epochs`` (3) of fine-tuning on the run's training data that distils
+from the unpruned model (``--distill-alpha`` 0.5; 0 is plain cross-entropy), and before the second step the remaining
+heads are ranked again by GMAR on a validation batch. It reports validation accuracy before, right after a one-shot
+removal and after the recovery, the parameters and the measured inference speed-up, and saves the pruned model as
+``pruned_model.pth`` (a state dict carrying its pruning spec; ``load_weights`` rebuilds it)::
 
     python examples/finetune_vit.py                      # a run to prune, in runs/gmar_demo/version_0
     python examples/head_pruning.py runs/gmar_demo/version_0
@@ -42,6 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from gmar_lightning import explain
 from gmar_lightning.cli import add_model_arguments
 from gmar_lightning.demos.data import ShapesDataModule
 from gmar_lightning.demos.image_folder import ImageFolderDataModule
@@ -57,6 +61,7 @@ from gmar_lightning.heads import (
     measure_throughput,
     michel_importance,
     plot_ablation_curves,
+    prune_gradually,
     prune_heads,
     random_order,
     rank_heads,
@@ -84,10 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epoch", choices=("last", "mean"), default="last", help="GMAR weights of which epoch")
     parser.add_argument("--output", default=None, help="output folder (default: <run>/pruning)")
     parser.add_argument("--prune-fraction", type=float, default=0.5, help="fraction of heads removed for real")
-    parser.add_argument("--recovery-epochs", type=int, default=1, help="fine-tuning epochs after the pruning (0: none)")
+    # The recovery recipe of benchmarks/pruning.py, chosen there on tuning seeds: 2 steps, 3 epochs each, distilling.
+    parser.add_argument("--prune-steps", type=int, default=2, help="prune in equal steps, each followed by a recovery")
+    parser.add_argument("--recovery-epochs", type=int, default=3, help="fine-tuning epochs after each step (0: none)")
     parser.add_argument("--recovery-lr", type=float, default=2e-4, help="AdamW learning rate of the recovery")
     parser.add_argument(
-        "--distill-alpha", type=float, default=0.0, help="recovery: weight of distillation from the unpruned model"
+        "--distill-alpha", type=float, default=0.5, help="recovery: weight of distillation from the unpruned model"
     )
     parser.add_argument("--distill-temperature", type=float, default=2.0, help="recovery: distillation temperature")
     return parser
@@ -181,23 +188,38 @@ def recover(model: nn.Module, loader: DataLoader, teacher: nn.Module, args: argp
 def prune_for_real(
     model: nn.Module, order: torch.Tensor, loaders: tuple[DataLoader, DataLoader], args: argparse.Namespace
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Remove the first ``--prune-fraction`` of ``order``'s heads, fine-tune, and measure accuracy and speed."""
+    """Remove the first ``--prune-fraction`` of ``order``'s heads, fine-tune, and measure accuracy and speed.
+
+    With a recovery the heads go in ``--prune-steps`` equal steps (``prune_gradually``), each followed by the recovery
+    fine-tune; before each later step the remaining heads are ranked again by their GMAR weights on a validation batch.
+    """
     train_loader, val_loader = loaders
     num_layers, num_heads = attention_head_grid(model)
     count = round(args.prune_fraction * num_layers * num_heads)
-    images = next(iter(val_loader))[0]
+    images, labels = next(iter(val_loader))[:2]
     pruned = copy.deepcopy(model)
     prune_heads(pruned, mask_from_order(order, count, num_layers, num_heads))
     summary = {
         "heads_removed": count,
-        "heads_per_layer": head_counts(pruned),
         "parameters_before": sum(p.numel() for p in model.parameters()),
-        "parameters_after": sum(p.numel() for p in pruned.parameters()),
         "accuracy_before": accuracy(model, val_loader),
         "accuracy_pruned": accuracy(pruned, val_loader),
     }
     if args.recovery_epochs:
-        recover(pruned, train_loader, model, args)
+        ranks = torch.empty(num_layers, num_heads)  # the run's GMAR order as scores: earlier = less important
+        ranks[order[:, 0], order[:, 1]] = torch.arange(len(order), dtype=ranks.dtype)
+
+        def importance(current: nn.Module) -> torch.Tensor:
+            if sum(head_counts(current)) == num_layers * num_heads:
+                return ranks
+            return explain(current, images, method="gmar_l1", target=labels).head_weights.mean(dim=0)
+
+        pruned = copy.deepcopy(model)
+        prune_gradually(
+            pruned, count, args.prune_steps, importance, lambda current: recover(current, train_loader, model, args)
+        )
+    summary["heads_per_layer"] = head_counts(pruned)
+    summary["parameters_after"] = sum(p.numel() for p in pruned.parameters())
     summary["accuracy_recovered"] = accuracy(pruned, val_loader)
     # Interleaved, so load from other processes hits both models alike; each figure is a median of 5 batches.
     throughputs = {"before": [], "after": []}
@@ -286,7 +308,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     print(
         f"Validation accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_pruned']:.3f} as pruned -> "
-        f"{summary['accuracy_recovered']:.3f} after {args.recovery_epochs} recovery epoch(s); inference "
+        f"{summary['accuracy_recovered']:.3f} after {args.prune_steps} step(s) of {args.recovery_epochs} recovery "
+        f"epoch(s); inference "
         f"{summary['throughput_before']:.0f} -> {summary['throughput_after']:.0f} images/s "
         f"({summary['speedup']:.2f}x, batch {len(next(iter(val_loader))[0])})"
     )

@@ -29,6 +29,7 @@ from gmar_lightning.heads.pruning import (
     distillation_loss,
     head_counts,
     head_ids,
+    prune_gradually,
     prune_heads,
     pruning_spec,
     restore_pruning,
@@ -416,3 +417,26 @@ def test_distillation_loss_rejects_bad_settings(kwargs: dict[str, float], messag
         distillation_loss(logits, logits, torch.tensor([0, 1]), **kwargs)
     with pytest.raises(ValueError, match="`teacher_logits` must have the student's shape"):
         distillation_loss(logits, torch.zeros(2, 4), torch.tensor([0, 1]))
+
+
+def test_prune_gradually_scores_the_pruned_model_before_each_step_and_fine_tunes_after_it() -> None:
+    model = VisionTransformer(**TINY)  # 3 layers x 4 heads
+    seen: list[list[int]] = []
+    fine_tuned: list[list[int]] = []
+
+    def importance(current: nn.Module) -> Tensor:
+        seen.append([block.attn.num_heads for block in current.blocks])
+        # Layer 2 looks least important to the unpruned model, layer 0 once anything is gone.
+        scores = torch.arange(12.0).reshape(3, 4)
+        return scores.flip(0) if sum(seen[-1]) == 12 else scores
+
+    removed = prune_gradually(model, 7, 3, importance, lambda tuned: fine_tuned.append(head_counts(tuned)))
+    # 7 heads in 3 steps: 7 // 3 = 2, 14 // 3 = 4, then 7 in all.
+    assert seen == [[4, 4, 4], [4, 4, 2], [2, 4, 2]]
+    assert fine_tuned == [[4, 4, 2], [2, 4, 2], [0, 3, 2]]
+    assert removed == [{2: [0, 1]}, {0: [0, 1]}, {0: [2, 3], 1: [0]}]
+    assert [block.attn.num_heads for block in model.blocks] == [0, 3, 2]
+    with pytest.raises(ValueError, match="`steps` must be"):
+        prune_gradually(model, 1, 0, importance, lambda tuned: None)
+    with pytest.raises(ValueError, match="`count` must be an integer in \\[0, 5\\]"):
+        prune_gradually(model, 6, 1, importance, lambda tuned: None)

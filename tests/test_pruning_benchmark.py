@@ -26,7 +26,8 @@ def test_quick_run_prints_accuracy_for_every_order_and_the_speed_table(
     result = benchmark.main(["--quick", "--output-dir", str(tmp_path)])
     printed = capsys.readouterr().out
     assert printed.splitlines()[0] == "command: python benchmarks/pruning.py --quick --output-dir " + str(tmp_path)
-    for stage in ("as pruned", "after a 1-epoch recovery fine-tune"):
+    recovered = "after 2 pruning steps, each with a 1-epoch recovery fine-tune, distilling from the unpruned model"
+    for stage in ("as pruned", f"{recovered} (alpha 0.5, T 2)"):
         assert f"heads removed least important first, {stage}" in printed
     header = next(line for line in printed.splitlines() if line.startswith("fraction removed"))
     assert header.split()[2:] == list(benchmark.ORDERS)
@@ -79,7 +80,7 @@ def test_gradual_pruning_removes_the_requested_heads_in_equal_steps_ranking_the_
     splits = (train_split, eval_split)
     pruned = benchmark.gradual_prune_and_recover(copy.deepcopy(model), "magnitude", 5, splits, args, 0, scores)
 
-    # By hand: step one removes round(5 / 2) = 2 heads by the given scores, then the fine-tune distils from the
+    # By hand: step one removes 5 * 1 // 2 = 2 heads by the given scores, then the fine-tune distils from the
     # unpruned model; step two removes the 3 heads of smallest weight magnitude in the fine-tuned model.
     expected = copy.deepcopy(model)
     prune_heads(expected, {0: [0, 1]})
@@ -92,7 +93,7 @@ def test_gradual_pruning_removes_the_requested_heads_in_equal_steps_ranking_the_
     assert int(expected_kept.sum()) == 11
 
     # One step removes the 5 least important heads by the given scores at once.
-    one_step = benchmark.build_parser().parse_args(options)
+    one_step = benchmark.build_parser().parse_args([*options, "--prune-steps", "1"])
     once = benchmark.gradual_prune_and_recover(copy.deepcopy(model), "magnitude", 5, splits, one_step, 0, scores)
     assert benchmark.present_heads(once).tolist() == (scores >= 5).tolist()
 

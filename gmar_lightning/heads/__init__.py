@@ -13,7 +13,8 @@
 - [`pruning`][gmar_lightning.heads.pruning]: [`prune_heads`][gmar_lightning.heads.pruning.prune_heads] (remove heads for
   real), [`restore_pruning`][gmar_lightning.heads.pruning.restore_pruning],
   [`slice_optimizer_state`][gmar_lightning.heads.pruning.slice_optimizer_state],
-  [`distillation_loss`][gmar_lightning.heads.pruning.distillation_loss] (recovery fine-tune),
+  [`prune_gradually`][gmar_lightning.heads.pruning.prune_gradually] and
+  [`distillation_loss`][gmar_lightning.heads.pruning.distillation_loss] (pruning with recovery fine-tunes),
   [`weight_magnitude_importance`][gmar_lightning.heads.pruning.weight_magnitude_importance],
   [`head_counts`][gmar_lightning.heads.pruning.head_counts].
 """
@@ -29,6 +30,7 @@ from gmar_lightning.heads.pruning import (
     head_ids,
     measure_throughput,
     present_heads,
+    prune_gradually,
     prune_heads,
     pruning_spec,
     restore_pruning,
@@ -55,6 +57,7 @@ __all__ = [
     "per_example_cross_entropy",
     "plot_ablation_curves",
     "present_heads",
+    "prune_gradually",
     "prune_heads",
     "pruning_spec",
     "random_order",

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +47,7 @@ from timm.models.beit import Attention as BeitAttention
 from timm.models.eva import EvaAttention
 from torch import Tensor, nn
 
-from gmar_lightning._checks import check_number_in_range
+from gmar_lightning._checks import check_int_in_range, check_number_in_range, check_positive_int
 from gmar_lightning.capture import KEPT_HEADS, AttentionLayer, head_slots, slot_count, unwrap_model
 from gmar_lightning.heads.masking import head_layers, num_heads_of, output_projection
 from gmar_lightning.model_state import eval_mode
@@ -621,6 +621,56 @@ def measure_throughput(model: nn.Module, images: Tensor, repeats: int = 3) -> fl
                 torch.cuda.synchronize(images.device)
             seconds.append(time.perf_counter() - start)
     return images.shape[0] / statistics.median(seconds)
+
+
+def prune_gradually(
+    model: nn.Module,
+    count: int,
+    steps: int,
+    importance: Callable[[nn.Module], Tensor],
+    fine_tune: Callable[[nn.Module], object],
+    min_heads_per_layer: int = 0,
+) -> list[dict[int, list[int]]]:
+    """Remove ``count`` heads in ``steps`` equal steps, each followed by a fine-tune (Michel et al. prune iteratively).
+
+    Before each step the heads the model still has are scored again by ``importance`` on the model as it is then, so
+    a head is judged by its role in the pruned, fine-tuned model; step ``k`` brings the total removed to
+    ``count * k // steps``. One step is one-shot pruning followed by one fine-tune.
+    [`HeadPruning`][gmar_lightning.callback.head_pruning.HeadPruning] does the same inside a Lightning fit.
+
+    Args:
+        model: A model [`prune_heads`][gmar_lightning.heads.pruning.prune_heads] supports; changed in place.
+        count: Heads to remove in all.
+        steps: Pruning steps, at least 1.
+        importance: ``model -> [L, H]`` scores by original head index (low = removed first), e.g.
+            ``weight_magnitude_importance`` or the mean GMAR head weights of ``explain``.
+        fine_tune: Called with the model after each step (e.g. a recovery fine-tune).
+        min_heads_per_layer: Heads each layer keeps at least.
+
+    Returns:
+        The heads removed at each step, as ``{layer: [head, ...]}``.
+
+    Examples:
+        >>> import timm
+        >>> vit = timm.models.vision_transformer.VisionTransformer(
+        ...     img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2)
+        >>> scores = lambda model: torch.tensor([[0.1, 0.4], [0.3, 0.2]])  # e.g. weight_magnitude_importance
+        >>> prune_gradually(vit, 2, 2, scores, fine_tune=lambda model: None)
+        [{0: [0]}, {1: [1]}]
+        >>> head_counts(vit)
+        [1, 1]
+    """
+    check_positive_int("steps", steps)
+    check_int_in_range("count", count, 0, int(present_heads(model).sum()))
+    removed: list[dict[int, list[int]]] = []
+    for step in range(1, steps + 1):
+        present = present_heads(model)
+        target = count * step // steps - sum(len(heads) for step_heads in removed for heads in step_heads.values())
+        heads = select_heads(importance(model), present, target, min_heads_per_layer)
+        prune_heads(model, heads)
+        removed.append(heads)
+        fine_tune(model)
+    return removed
 
 
 def distillation_loss(
