@@ -516,14 +516,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-images", type=int, default=2500, help="training images per seed")
     parser.add_argument("--val-images", type=int, default=500, help="validation images (accuracy)")
     parser.add_argument("--eval-images", type=int, default=96, help="held-out images GMAR and Michel rank heads on")
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs")
+    parser.add_argument("--epochs", type=int, default=20, help="training epochs")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
     parser.add_argument("--recovery-epochs", type=int, default=3, help="epochs of each recovery fine-tune")
     parser.add_argument("--recovery-lr", type=float, default=5e-4, help="peak learning rate of the recovery fine-tune")
     parser.add_argument(
-        "--distill-alpha", type=float, default=0.5, help="weight of distillation from the unpruned model (0: off)"
+        "--distill-alpha", type=float, default=0.0, help="weight of distillation from the unpruned model (0: off)"
     )
     parser.add_argument("--distill-temperature", type=float, default=2.0, help="distillation temperature")
     parser.add_argument(

@@ -8,9 +8,9 @@ less than removing the most important first. Writes ``ablation.png``, ``ranking.
 
 Then it removes ``--prune-fraction`` of the heads, GMAR least important first, from the model for real
 (``prune_heads``), and recovers with the recipe ``benchmarks/pruning.py`` chose: the heads go in ``--prune-steps``
-(2) equal steps, each followed by ``--recovery-epochs`` (3) of fine-tuning on the run's training data that distils
-from the unpruned model (``--distill-alpha`` 0.5; 0 is plain cross-entropy), and before the second step the remaining
-heads are ranked again by GMAR on a validation batch. It reports validation accuracy before, right after a one-shot
+(2) equal steps, each followed by ``--recovery-epochs`` (3) of fine-tuning on the run's training data (cross-entropy;
+``--distill-alpha`` above 0 distils from the unpruned model), and before the second step the remaining heads are
+ranked again by GMAR on a validation batch. It reports validation accuracy before, right after a one-shot
 removal and after the recovery, the parameters and the measured inference speed-up, and saves the pruned model as
 ``pruned_model.pth`` (a state dict carrying its pruning spec; ``load_weights`` rebuilds it)::
 
@@ -89,12 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epoch", choices=("last", "mean"), default="last", help="GMAR weights of which epoch")
     parser.add_argument("--output", default=None, help="output folder (default: <run>/pruning)")
     parser.add_argument("--prune-fraction", type=float, default=0.5, help="fraction of heads removed for real")
-    # The recovery recipe of benchmarks/pruning.py, chosen there on tuning seeds: 2 steps, 3 epochs each, distilling.
+    # The recovery recipe of benchmarks/pruning.py, chosen there on tuning seeds: 2 steps, 3 epochs after each.
     parser.add_argument("--prune-steps", type=int, default=2, help="prune in equal steps, each followed by a recovery")
     parser.add_argument("--recovery-epochs", type=int, default=3, help="fine-tuning epochs after each step (0: none)")
     parser.add_argument("--recovery-lr", type=float, default=2e-4, help="AdamW learning rate of the recovery")
     parser.add_argument(
-        "--distill-alpha", type=float, default=0.5, help="recovery: weight of distillation from the unpruned model"
+        "--distill-alpha", type=float, default=0.0, help="recovery: weight of distillation from the unpruned model"
     )
     parser.add_argument("--distill-temperature", type=float, default=2.0, help="recovery: distillation temperature")
     return parser
