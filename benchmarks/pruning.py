@@ -478,9 +478,9 @@ def report_accuracy(results: Sequence[SeedResult], args: argparse.Namespace, con
     if 0.5 in args.recovery_fractions:
         for stage in STAGES:
             name, loss, half_width = best_order(results, stage, stage_fractions(args, stage).index(0.5))
-            width = "n/a" if math.isnan(half_width) else f"{100 * half_width:.1f}"
+            width = "n/a" if math.isnan(half_width) else f"{100 * half_width:.2f}"
             console.print(
-                f"best order at 50% removed, {stage}: {name}, accuracy lost {100 * loss:.1f} ± {width} points"
+                f"best order at 50% removed, {stage}: {name}, accuracy lost {100 * loss:.2f} ± {width} points"
             )
         console.print()
 
