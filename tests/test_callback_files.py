@@ -227,7 +227,16 @@ def interrupt_once_written(command: list[str], marker: Path, signum: int) -> sub
             assert time.monotonic() < deadline, "the fit never wrote its first evaluation"
             time.sleep(0.1)
         process.send_signal(signum)
-        stdout, stderr = process.communicate(timeout=120)
+        try:
+            stdout, stderr = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            try:
+                stderr = process.communicate(timeout=30)[1]
+            except subprocess.TimeoutExpired:
+                stderr = "(none: its pipes stayed open after it was killed, so a child process outlived it)"
+            message = f"still running 120 s after signal {signum}; its stderr ends:\n{stderr[-3000:]}"
+            raise AssertionError(message) from None
     finally:
         if process.poll() is None:
             process.kill()
