@@ -271,7 +271,6 @@ def test_a_ctrl_c_lost_in_a_finaliser_is_raised_again_at_the_next_batch(monkeypa
         def __del__(self) -> None:
             signal.raise_signal(signal.SIGINT)  # the KeyboardInterrupt it raises here is printed and dropped
 
-    before = signal.getsignal(signal.SIGINT)  # not always Python's default: Lightning ignores SIGINT after a Ctrl-C
     guard = _InterruptAtNextBatch()
     with guard.installed():
         RaisesSigintWhenCollected()
@@ -280,7 +279,7 @@ def test_a_ctrl_c_lost_in_a_finaliser_is_raised_again_at_the_next_batch(monkeypa
             guard.on_train_batch_end(None, None, None, None, 0)
         with pytest.raises(KeyboardInterrupt):
             guard.on_validation_batch_end(None, None, None, None, 0)
-    assert signal.getsignal(signal.SIGINT) is before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 # ---------------------------------------------------------------------------------------------------------------

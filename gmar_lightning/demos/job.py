@@ -234,7 +234,7 @@ class _InterruptAtNextBatch(L.Callback):
 
     Python raises ``KeyboardInterrupt`` wherever the main thread happens to be. Raised inside a finaliser (a
     ``__del__`` or a weakref callback that garbage collection runs) it is printed as "Exception ignored" and
-    dropped, and the fit would run on. While ``installed()``, the SIGINT handler also records the signal, and the
+    dropped, and the fit would run on. While :meth:`installed`, the SIGINT handler also records the signal, and the
     next training or validation batch raises it again.
     """
 
