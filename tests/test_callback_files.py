@@ -261,27 +261,6 @@ def test_an_interrupted_demo_keeps_its_history_and_last_ckpt_and_exits_non_zero(
     assert state["trajectory"]["steps"] == trajectory.steps[: len(state["trajectory"]["steps"])]
 
 
-def test_a_ctrl_c_lost_in_a_finaliser_is_raised_again_at_the_next_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gmar_lightning.demos.job import _InterruptAtNextBatch
-
-    dropped: list[type[BaseException]] = []
-    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: dropped.append(unraisable.exc_type))
-
-    class RaisesSigintWhenCollected:
-        def __del__(self) -> None:
-            signal.raise_signal(signal.SIGINT)  # the KeyboardInterrupt it raises here is printed and dropped
-
-    guard = _InterruptAtNextBatch()
-    with guard.installed():
-        RaisesSigintWhenCollected()
-        assert dropped == [KeyboardInterrupt]  # Python reported it as ignored: without the guard the fit would run on
-        with pytest.raises(KeyboardInterrupt):
-            guard.on_train_batch_end(None, None, None, None, 0)
-        with pytest.raises(KeyboardInterrupt):
-            guard.on_validation_batch_end(None, None, None, None, 0)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # item 10: SIGKILL at any moment never leaves a CSV and an NPZ from different evaluations
 # ---------------------------------------------------------------------------------------------------------------

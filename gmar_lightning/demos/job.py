@@ -10,17 +10,13 @@ subfolders and ``--model`` to any timm model.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import netrc
 import os
 import signal
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import lightning as L
@@ -229,49 +225,6 @@ class _LastOnException(OnExceptionCheckpoint):
         pass
 
 
-class _InterruptAtNextBatch(L.Callback):
-    """Make Ctrl-C stop the fit even when its ``KeyboardInterrupt`` is lost.
-
-    Python raises ``KeyboardInterrupt`` wherever the main thread happens to be. Raised inside a finaliser (a
-    ``__del__`` or a weakref callback that garbage collection runs) it is printed as "Exception ignored" and
-    dropped, and the fit would run on. While :meth:`installed`, the SIGINT handler also records the signal, and the
-    next training or validation batch raises it again.
-    """
-
-    def __init__(self) -> None:
-        self.interrupted = False
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        """Handle SIGINT for the duration (only the main thread may set signal handlers; elsewhere do nothing)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = signal.signal(signal.SIGINT, self._on_sigint)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-    def _on_sigint(self, _signum: int, _frame: FrameType | None) -> None:
-        self.interrupted = True
-        raise KeyboardInterrupt
-
-    def _raise_if_interrupted(self) -> None:
-        if self.interrupted:
-            raise KeyboardInterrupt
-
-    @override
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
-        self._raise_if_interrupted()
-
-    @override
-    def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any
-    ) -> None:
-        self._raise_if_interrupted()
-
-
 def _devices(value: str) -> str | int | list[int]:
     """``--devices`` as Lightning expects it: ``"auto"``, a count, or a list of indices for ``"0,1"``."""
     if "," in value:
@@ -335,8 +288,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0)
     # Ctrl-C, SIGTERM or a crash saves the state reached as last.ckpt, so `--checkpoint` can resume from there.
     on_interrupt = _LastOnException(dirpath=checkpoint_dir, filename="last")
-    ctrl_c = _InterruptAtNextBatch()
-    callbacks: list[L.Callback] = [gmar, checkpoint, on_interrupt, ctrl_c]
+    callbacks: list[L.Callback] = [gmar, checkpoint, on_interrupt]
     if config.target_acc is not None:
         # Patience longer than the run: only the threshold stops it.
         callbacks.append(
@@ -359,8 +311,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     trajectory_dir = Path(logger.experiment.dir) if isinstance(logger, WandbLogger) else run_dir
     started = time.perf_counter()
     try:
-        with ctrl_c.installed():
-            trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule)
     except SystemExit as stop:
         # Lightning ends a fit on Ctrl-C with exit status 1 and on SIGTERM with SIGTERMException, a SystemExit of 0;
         # an interrupted run must not look like a finished one.
