@@ -219,7 +219,16 @@ def test_a_read_only_folder_under_the_first_sink_does_not_stop_the_others(tmp_pa
 def interrupt_once_written(command: list[str], marker: Path, signum: int) -> subprocess.CompletedProcess:
     """Run ``command``, send it ``signum`` as soon as ``marker`` exists, and wait for it to end."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As in a terminal: a test run started in the background (`cmd &` without job control) ignores SIGINT, the child
+    # would inherit that and Python would then never raise KeyboardInterrupt in it.
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 240
     try:
         while not marker.is_file():
