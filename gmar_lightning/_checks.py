@@ -15,6 +15,7 @@ __all__ = [
     "check_non_negative_int",
     "check_number_in_range",
     "check_positive_int",
+    "one_line",
     "parse_methods",
 ]
 
@@ -83,6 +84,19 @@ def check_number_in_range(name: str, value: object, low: float, high: float, *, 
     if not (low <= value <= high if include_high else low <= value < high):
         raise ValueError(f"`{name}` must lie in {bounds}, got {value!r}.")
     return float(value)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (whitespace runs collapsed), or its type's name when it has none, for
+    quoting a library's multi-line error inside one of ours.
+
+    Examples:
+        >>> one_line(OSError("no such file\\n  (hint: check the path)"))
+        'no such file (hint: check the path)'
+        >>> one_line(KeyError())
+        'KeyError'
+    """
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def check_choice(name: str, value: object, choices: Sequence[object]) -> None:

@@ -37,7 +37,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from gmar_lightning._checks import parse_methods
+from gmar_lightning._checks import one_line, parse_methods
 from gmar_lightning._io import atomic_write_bytes
 from gmar_lightning.demos.job import LOGGERS, DemoConfig, run_demo
 from gmar_lightning.demos.model import (
@@ -76,10 +76,6 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,10 +262,8 @@ def check_readable(paths: list[Path]) -> None:
 def _unreadable_image(path: Path, error: Exception) -> CommandError:
     if isinstance(error, Image.DecompressionBombError):
         # PIL refuses images whose pixel count could exhaust memory (a "decompression bomb").
-        return CommandError(
-            f"image {str(path)!r} is too large to read safely ({_one_line(error)}); downscale it first."
-        )
-    return CommandError(f"cannot read image {str(path)!r} ({_one_line(error)}); pass PNG, JPEG or similar.")
+        return CommandError(f"image {str(path)!r} is too large to read safely ({one_line(error)}); downscale it first.")
+    return CommandError(f"cannot read image {str(path)!r} ({one_line(error)}); pass PNG, JPEG or similar.")
 
 
 def read_rgb(path: Path) -> Image.Image:
@@ -305,7 +299,7 @@ def read_class_names(path: str | None, num_classes: int) -> list[str] | None:
     try:
         names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as error:
-        raise CommandError(f"--class-names {path!r} cannot be read ({_one_line(error)}); pass a text file.") from None
+        raise CommandError(f"--class-names {path!r} cannot be read ({one_line(error)}); pass a text file.") from None
     if len(names) < num_classes:
         raise CommandError(
             f"--class-names {path!r} names {len(names)} classes but the model has {num_classes}; "
@@ -415,7 +409,7 @@ def _build_model(args: argparse.Namespace) -> nn.Module:
         )
     except AssertionError as error:  # timm checks its constructor arguments with assert
         raise CommandError(
-            f"--model {model_name} cannot be built with --model-kwargs {model_kwargs} ({_one_line(error)})."
+            f"--model {model_name} cannot be built with --model-kwargs {model_kwargs} ({one_line(error)})."
         ) from None
     patch_size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     input_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
@@ -803,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (CommandError, ValueError, OSError) as error:
-        print(f"{PROG} {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
 
 

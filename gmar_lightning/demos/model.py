@@ -32,7 +32,7 @@ from timm.models import load_state_dict
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from gmar_lightning._checks import check_positive_int
+from gmar_lightning._checks import check_positive_int, one_line
 from gmar_lightning.capture import KEPT_HEADS
 from gmar_lightning.families.hf import unsupported_reason
 from gmar_lightning.heads.pruning import restore_pruning, restore_pruning_on_load
@@ -307,7 +307,7 @@ def create_hf_classifier(
             model = auto.from_pretrained(location, config=config) if load_saved_weights else auto.from_config(config)
     except RuntimeError as error:
         if not config_overrides:
-            raise ValueError(f"{named} cannot be loaded ({' '.join(str(error).split())[:300]}).") from None
+            raise ValueError(f"{named} cannot be loaded ({one_line(error)[:300]}).") from None
         # from_pretrained raises RuntimeError when saved tensors do not fit the changed config's shapes.
         raise ValueError(
             f"{named}: the saved weights do not fit the config changed by --num-classes, --img-size or --model-kwargs "
@@ -316,14 +316,14 @@ def create_hf_classifier(
     except OSError as error:
         # transformers' messages run over many lines (hub hints): keep the first 300 characters.
         raise ValueError(
-            f"{named} cannot be loaded ({' '.join(str(error).split())[:300]}); pass a folder written by "
+            f"{named} cannot be loaded ({one_line(error)[:300]}); pass a folder written by "
             "save_pretrained, or a hub id where the hub is reachable."
         ) from None
     except Exception as error:
         # Config overrides reach the architecture's constructor, which fails on a bad one with any error
         # (ValueError, TypeError, ZeroDivisionError, huggingface_hub's validation errors...): all are a bad option.
         fix = "; check --num-classes, --img-size and --model-kwargs" if config_overrides else ""
-        raise ValueError(f"{named} cannot be built ({' '.join(str(error).split())[:300]}){fix}.") from None
+        raise ValueError(f"{named} cannot be built ({one_line(error)[:300]}){fix}.") from None
     reason = unsupported_reason(model)
     if reason is not None:
         raise ValueError(f"{named} cannot be explained: {reason}.")

@@ -185,10 +185,6 @@ def _kept_indices(module: nn.Module) -> Tensor:
     return head_slots(module, num_heads_of(module))
 
 
-def _layers(model: nn.Module) -> list[AttentionLayer]:
-    return head_layers(model)
-
-
 def _is_transformers_attention(module: nn.Module) -> bool:
     return type(module).__module__.startswith("transformers.")
 
@@ -206,12 +202,12 @@ def head_ids(model: nn.Module) -> list[Tensor]:
         >>> [ids.tolist() for ids in head_ids(vit)]
         [[0, 1], [1]]
     """
-    return [_kept_indices(layer.module) for layer in _layers(model)]
+    return [_kept_indices(layer.module) for layer in head_layers(model)]
 
 
 def head_counts(model: nn.Module) -> list[int]:
     """The number of heads each attention layer has now, in forward order."""
-    return [num_heads_of(layer.module) for layer in _layers(model)]
+    return [num_heads_of(layer.module) for layer in head_layers(model)]
 
 
 def pruning_spec(model: nn.Module) -> dict[str, list[int]]:
@@ -220,7 +216,7 @@ def pruning_spec(model: nn.Module) -> dict[str, list[int]]:
     The same information as the ``kept_heads`` buffers in the state dict, in a JSON-ready form for logs and reports.
     """
     spec = {}
-    for layer in _layers(model):
+    for layer in head_layers(model):
         kept = getattr(layer.module, KEPT_HEADS, None)
         if kept is not None and not bool(kept.all()):
             spec[layer.name] = (~kept).nonzero().flatten().tolist()
@@ -459,7 +455,7 @@ def weight_magnitude_importance(model: nn.Module) -> Tensor:
         >>> weight_magnitude_importance(vit).isnan().tolist()
         [[False, True], [False, False]]
     """
-    layers = _layers(model)
+    layers = head_layers(model)
     width = max(_original_count(layer.module) for layer in layers)
     importance = torch.full((len(layers), width), float("nan"))
     for index, layer in enumerate(layers):
@@ -485,7 +481,7 @@ def restore_pruning(model: nn.Module, state_dict: Mapping[str, Any]) -> list[Par
     Raises:
         ValueError: If the state dict keeps a head the model has already lost, or its head count differs.
     """
-    layers = _layers(model)
+    layers = head_layers(model)
     removals: dict[int, list[int]] = {}
     for index, layer in enumerate(layers):
         suffix = f"{layer.name}.{KEPT_HEADS}"
@@ -558,7 +554,7 @@ def restore_pruning_on_load(module: nn.Module) -> None:
 
 def present_heads(model: nn.Module) -> Tensor:
     """``[L, H]`` bool over the head grid (original indices): which heads the model still has."""
-    layers = _layers(model)
+    layers = head_layers(model)
     present = torch.zeros(len(layers), max(_original_count(layer.module) for layer in layers), dtype=torch.bool)
     for index, layer in enumerate(layers):
         present[index, _kept_indices(layer.module)] = True
