@@ -6,24 +6,23 @@ gradient-checkpointing flags, hooks, parameter ``.grad`` and the RNG state.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gmar_lightning import families, methods
-from gmar_lightning._checks import check_choice, check_int_in_range, check_logits
-from gmar_lightning.capture import KEPT_HEADS, hook_attention, slot_count, unwrap_model
+from gmar_lightning import methods
+from gmar_lightning._checks import check_choice, check_int_in_range
+from gmar_lightning.capture import KEPT_HEADS, hook_attention, slot_count
 from gmar_lightning.explanation import Explanation
-from gmar_lightning.families import Probe, UnsupportedModelError, find_vision_transformer, hf
+from gmar_lightning.families import Probe, UnsupportedModelError
 from gmar_lightning.methods import METHOD_TABLE, Method
 from gmar_lightning.mixing import AttentionMixing, TokenPlan, to_device
-from gmar_lightning.model_state import eval_mode_without_fast_paths
 from gmar_lightning.options import ExplainOptions
+from gmar_lightning.resolve import ResolvedModel, as_resolved
 from gmar_lightning.tokens import TokenLayout
 
 __all__ = ["explain"]
@@ -124,7 +123,7 @@ def _joined(parts: list[Tensor], dim: int = 0) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _check_images(model: nn.Module, images: object) -> Tensor:
+def _check_images(resolved: ResolvedModel, images: object) -> Tensor:
     if not isinstance(images, Tensor):
         raise TypeError(f"`images` must be a float tensor [B, C, H, W], got {type(images).__name__}.")
     if images.dim() != 4:
@@ -136,14 +135,8 @@ def _check_images(model: nn.Module, images: object) -> Tensor:
         raise ValueError("`images` are meta tensors, which hold no data; pass images on the CPU or a GPU.")
     if images.shape[0] == 0:
         raise ValueError("`images` is an empty batch; pass at least one image.")
-    patch_embed = getattr(model, "patch_embed", None)
-    # A hybrid's patch embedding projects CNN features; the images enter the CNN's first convolution.
-    stem = getattr(patch_embed, "backbone", None)
-    first = next((m for m in stem.modules() if isinstance(m, nn.Conv2d)), None) if stem is not None else None
-    proj = first if stem is not None else getattr(patch_embed, "proj", None)
-    expected_channels = getattr(proj, "in_channels", None)
-    if hf.is_transformers_vit(model):
-        expected_channels = hf.num_channels_of(model)
+    patch_embed = getattr(resolved.vit, "patch_embed", None)
+    expected_channels = resolved.family.num_channels(resolved.vit)
     if expected_channels is not None and images.shape[1] != expected_channels:
         raise ValueError(
             f"`images` have {images.shape[1]} channels but the model takes {expected_channels}; "
@@ -205,28 +198,6 @@ def _resolve_targets(target: Target, logits: Tensor) -> Tensor:
     return targets
 
 
-def _output_tensors(output: object) -> list[Tensor]:
-    """The tensors of a module's output: the tensor itself, or a transformers output's fields."""
-    if isinstance(output, Tensor):
-        return [output]
-    fields = output.to_tuple() if hasattr(output, "to_tuple") else ()
-    return [field for field in fields if isinstance(field, Tensor)]
-
-
-def _check_logits(model: nn.Module, output: object, batch: int, headless_outputs: list[Tensor]) -> Tensor:
-    """The ``[B, C]`` logits of the whole model's output (a tensor, or a transformers output's ``.logits``).
-
-    ``headless_outputs`` are the outputs of a ViT without a classifier: logits that are one of them are features.
-    """
-    logits = check_logits(model, output, batch)
-    if any(logits is features for features in headless_outputs):
-        raise ValueError(
-            f"`model` ({type(model).__name__}) returns the pooled features of its ViT, not class logits: the ViT has "
-            "no classifier (num_classes=0 / num_labels=0); add a classifier head after it."
-        )
-    return logits
-
-
 # The value checks of one call, in the order their errors are raised. They are gathered on the device as the chunks
 # run and read once at the end of the call: reading a device value waits for all queued work, and one wait per layer
 # or check would leave a GPU idle while the host catches up.
@@ -254,21 +225,6 @@ def _raise_flagged(model: nn.Module, flags: Tensor, targets: Tensor, num_classes
         raise FloatingPointError(
             "`model` produced NaN/inf attention gradients for `target`; check `images` and the weights for NaN/inf."
         )
-
-
-@contextlib.contextmanager
-def _isolated(device: torch.device, needs_grad: bool) -> Iterator[None]:
-    """Gradients on (even under no_grad/inference_mode), autocast off, RNG state restored afterwards."""
-    rng_devices = [device] if device.type == "cuda" else []
-    grad_mode = torch.enable_grad() if needs_grad else torch.no_grad()
-    autocast_device = device.type if device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
-    with (
-        torch.random.fork_rng(devices=rng_devices, device_type=device.type if rng_devices else "cuda"),
-        torch.inference_mode(False),
-        grad_mode,
-        torch.autocast(autocast_device, enabled=False),
-    ):
-        yield
 
 
 def _check_shape(probe: Probe, layer: int, attention: Tensor, batch: int) -> None:
@@ -341,8 +297,7 @@ def _streams(method: Method, options: ExplainOptions) -> bool:
 
 
 def _explain_chunk(
-    model: nn.Module,
-    vit: nn.Module,
+    resolved: ResolvedModel,
     probe: Probe,
     images: Tensor,
     method: Method,
@@ -369,13 +324,8 @@ def _explain_chunk(
     # Inference tensors cannot enter autograd: clone inside inference_mode(False). requires_grad makes the attention
     # part of the graph even when every parameter is frozen.
     inputs = images.clone().requires_grad_(needs_grad)
-    headless_outputs: list[Tensor] = []
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(hook_attention(probe.modules, on_attention))
-        if vit is not model and families.headless_reason(vit) is not None:
-            handle = vit.register_forward_hook(lambda _m, _i, output: headless_outputs.extend(_output_tensors(output)))
-            stack.callback(handle.remove)
-        logits = _check_logits(model, model(inputs), batch, headless_outputs)
+    with hook_attention(probe.modules, on_attention):
+        logits = resolved.logits(inputs)
     targets = _resolve_targets(target, logits)
     if needs_grad:
         first_layer = list(reductions.pending.get(0, {}).values())
@@ -444,7 +394,7 @@ def _head_grid(probe: Probe, per_layer: list[Tensor]) -> Tensor:
 
 
 def explain(
-    model: nn.Module,
+    model: nn.Module | ResolvedModel,
     images: Tensor,
     method: str = "gmar_l1",
     target: Target = None,
@@ -470,7 +420,9 @@ def explain(
 
     ``model`` is the whole classifier: the logits are always its output, so a ViT backbone with a separate head, a ViT
     nested as ``self.backbone`` or a LightningModule are explained as they classify. The ViT inside it (found
-    automatically, or ``vit``) supplies the attention layers, the token layout and the patch grid.
+    automatically, or ``vit``) supplies the attention layers, the token layout and the patch grid. Each call resolves
+    the model ([`resolve_model`][gmar_lightning.resolve.resolve_model]); to explain one model many times, resolve it
+    once and pass the [`ResolvedModel`][gmar_lightning.resolve.ResolvedModel].
 
     Args:
         model: A module whose forward maps ``images`` to logits ``[B, C]`` (a tensor, or an output with ``.logits``
@@ -479,6 +431,7 @@ def explain(
             attention an [`AttentionAdapter`][gmar_lightning.capture.AttentionAdapter] reaches. ``torch.compile``d
             models are explained through their eager module. A ViT without a classifier (``num_classes=0``,
             ``num_labels=0``, a bare transformers backbone) is refused: its outputs are features, not classes.
+            Or a [`ResolvedModel`][gmar_lightning.resolve.ResolvedModel] of one.
         images: ``[B, C, H, W]`` float batch, normalised as the model expects.
         method: One of ``"gmar_l1"``, ``"gmar_l2"``, ``"rollout"``, ``"grad_rollout"``, ``"attention"``.
         target: Class to explain: ``None`` for the predicted class, an ``int`` for all images, or a ``[B]`` tensor.
@@ -516,58 +469,37 @@ def explain(
     """
     check_choice("method", method, tuple(METHOD_TABLE))
     options = ExplainOptions(residual, head_norm, discard_ratio, start_layer, chunk_size, token_layout)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
-    model = unwrap_model(model)
-    if vit is not None and not isinstance(vit, nn.Module):
-        raise TypeError(f"`vit` must be the torch.nn.Module of a ViT inside `model`, got {type(vit).__name__}.")
-    vit = find_vision_transformer(model) if vit is None else unwrap_model(vit)
-    family = families.find_family(vit)  # a model without a token rollout is refused before its inputs are checked
-    headless = families.headless_reason(vit)
-    if vit is model and headless is not None:
-        raise ValueError(
-            f"`model` ({type(model).__name__}) is {headless}: it outputs pooled features, not class "
-            "logits; explain the module that adds your classifier head, or create the model with classes."
-        )
-    if any(parameter.is_meta for parameter in model.parameters()):
-        raise ValueError(
-            f"`model` ({type(model).__name__}) has parameters on the meta device, which hold no weights; materialise "
-            "and load them first (model.to_empty(device='cpu'), then load_state_dict)."
-        )
-    images = _check_images(vit, images)
-    probe = families.probe(vit, tuple(images.shape[-2:]), token_layout, family)
+    resolved = as_resolved(model, vit, token_layout)
+    images = _check_images(resolved, images)
+    spec = METHOD_TABLE[method]
+    probe = resolved.probe(images)
     check_int_in_range("start_layer", start_layer, 0, len(probe.layers) - 1)
     target = _check_target(target, images.shape[0])
-    parameter = next(vit.parameters(), None)
-    device = parameter.device if parameter is not None else images.device
-    spec = METHOD_TABLE[method]
-    with _isolated(device, spec.needs_gradients):
-        return _explain_batch(model, vit, probe, images.to(device), spec, target, options)
+    with resolved.isolated(spec.needs_gradients) as device:
+        return _explain_batch(resolved, probe, images.to(device), spec, target, options)
 
 
 def _explain_batch(
-    model: nn.Module,
-    vit: nn.Module,
+    resolved: ResolvedModel,
     probe: Probe,
     images: Tensor,
     method: Method,
     target: Target,
     options: ExplainOptions,
 ) -> Explanation:
-    """Explain ``images`` in chunks and roll out; runs inside `_isolated`."""
-    parameter = next(vit.parameters(), None)
+    """Explain ``images`` in chunks and roll out; runs inside `ResolvedModel.isolated`."""
     # Feed the parameters' dtype: autocast is off, so a bf16-true model gets bf16 inputs; reductions are float32.
-    dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+    dtype = resolved.dtype
     batch = images.shape[0]
     step = options.chunk_size or batch
     # The plan's index tensors go to the device once per call rather than once per layer and use.
     probe = dataclasses.replace(probe, plan=probe.plan.to(images.device))
     chunks = []
-    with probe.context(), eval_mode_without_fast_paths(model, probe.modules, method.needs_gradients):
+    with resolved.switches(probe, method.needs_gradients):
         for start in range(0, batch, step):
             chunk_target = target[start : start + step] if isinstance(target, Tensor | Sequence) else target
             chunk_images = images[start : start + step].to(dtype=dtype)
-            chunks.append(_explain_chunk(model, vit, probe, chunk_images, method, chunk_target, options))
+            chunks.append(_explain_chunk(resolved, probe, chunk_images, method, chunk_target, options))
 
     logits = _joined([chunk.logits for chunk in chunks])
     targets = _joined([chunk.targets for chunk in chunks])
@@ -598,7 +530,7 @@ def _explain_batch(
 
     token_maps = rows[:, plan.num_prefix_tokens :].reshape(batch, *plan.grid)
     maps = F.interpolate(token_maps.unsqueeze(1), size=images.shape[-2:], mode="bilinear", align_corners=False)
-    _raise_flagged(model, torch.stack([chunk.flags for chunk in chunks]), targets, logits.shape[1])
+    _raise_flagged(resolved.classifier, torch.stack([chunk.flags for chunk in chunks]), targets, logits.shape[1])
     return Explanation(
         method=method.name,
         token_maps=token_maps,

@@ -1,5 +1,5 @@
 """Temporary model states, each restored on exit (also after an error): eval mode, frozen parameters, no gradient
-checkpointing, unfused attention.
+checkpointing, unfused attention, and the autograd/autocast/RNG state of an explanation.
 
 The engine combines them all
 ([`eval_mode_without_fast_paths`][gmar_lightning.model_state.eval_mode_without_fast_paths]); the head tools and the
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from gmar_lightning.capture import AttentionLayer
@@ -19,6 +20,7 @@ __all__ = [
     "eval_mode",
     "eval_mode_without_fast_paths",
     "frozen_parameters",
+    "isolated",
     "no_grad_checkpointing",
     "unfused_attention",
 ]
@@ -102,4 +104,19 @@ def eval_mode_without_fast_paths(
     # graph instead. Under no_grad nothing is saved anyway, and two walks over the parameters are spared.
     frozen = frozen_parameters(model) if freeze_parameters else contextlib.nullcontext()
     with frozen, unfused_attention(layers), no_grad_checkpointing(model), eval_mode(model):
+        yield
+
+
+@contextlib.contextmanager
+def isolated(device: torch.device, needs_grad: bool) -> Iterator[None]:
+    """Gradients on (even under no_grad/inference_mode), autocast off, RNG state restored afterwards."""
+    rng_devices = [device] if device.type == "cuda" else []
+    grad_mode = torch.enable_grad() if needs_grad else torch.no_grad()
+    autocast_device = device.type if device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
+    with (
+        torch.random.fork_rng(devices=rng_devices, device_type=device.type if rng_devices else "cuda"),
+        torch.inference_mode(False),
+        grad_mode,
+        torch.autocast(autocast_device, enabled=False),
+    ):
         yield

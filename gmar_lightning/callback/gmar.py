@@ -2,9 +2,11 @@
 
 The callback owns the schedule, the probe batch and the head-importance trajectory. The explanation is
 [`gmar_lightning.explain`][gmar_lightning.engine.explain], what gets logged is
-[`gmar_lightning.records.evaluation_record`][gmar_lightning.callback.records.evaluation_record], and where it goes is
-`gmar_lightning.sinks`. It never changes the training it observes: the engine restores the model's flags and the RNG
-state, probe samples are copied, and nothing here touches gradients, the optimizer or the data order.
+[`gmar_lightning.callback.records.evaluation_record`][gmar_lightning.callback.records.evaluation_record], and where it
+goes is [`gmar_lightning.callback.sinks`][gmar_lightning.callback.sinks]. It never changes the training it observes:
+the engine restores the model's flags and the RNG state, probe samples are copied, and nothing here touches gradients,
+the optimizer or the data order. The model is resolved once per fit
+([`resolve_model`][gmar_lightning.resolve.resolve_model]), again only when its ViT changes structure.
 
 State belongs to one run: a callback object attached to a new ``Trainer`` starts afresh (a new probe, an empty
 trajectory) unless the run resumes from a checkpoint, which restores both. ``trainer.validate()`` runs are recorded
@@ -47,6 +49,7 @@ from gmar_lightning.engine import explain
 from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
 from gmar_lightning.options import ExplainOptions
 from gmar_lightning.render import DEFAULT_ALPHA, DEFAULT_CMAP, check_overlay_style
+from gmar_lightning.resolve import ResolvedModel, resolve_model
 from gmar_lightning.trajectory import TRAJECTORY_STEM, HeadTrajectory
 
 __all__ = ["GMARCallback"]
@@ -318,6 +321,7 @@ class GMARCallback(Callback):
         self._checkpoint_step: int | None = None
         self._restoring_fit = True
         self._warned_several_vits = False
+        self._resolved: ResolvedModel | None = None
         self.validation_trajectory = HeadTrajectory()
         self._validation_map_history = MapHistory()
 
@@ -417,16 +421,11 @@ class GMARCallback(Callback):
                 f"GMARCallback does not support {strategy}: sharded parameters cannot be explained on rank 0 alone; "
                 "use strategy='ddp' (or remove the callback)."
             )
-        classifier, vit = self._explained_modules(pl_module)
-        families.check_supported(vit)
+        self._resolved = self._resolve(pl_module)
         if isinstance(self._probe_input, Probe):
             try:  # a forward-only explanation of one image checks that the model takes the probe images
                 explain(
-                    classifier,
-                    self._probe_input.images[:1],
-                    method="attention",
-                    vit=vit,
-                    **self.explain_options.as_kwargs(),
+                    self._resolved, self._probe_input.images[:1], method="attention", **self.explain_options.as_kwargs()
                 )
             except (TypeError, ValueError) as error:
                 raise ValueError(f"`probe` cannot be explained by the model: {error}") from error
@@ -435,14 +434,26 @@ class GMARCallback(Callback):
         if stage == "fit" and trainer.limit_val_batches == 0:
             rank_zero_warn("GMARCallback: `limit_val_batches=0` turns validation off, so nothing will be explained.")
 
-    def _explained_modules(self, pl_module: pl.LightningModule) -> tuple[nn.Module, nn.Module]:
-        """``(classifier, vit)``: the module whose forward gives the logits and the ViT in it whose attention counts."""
+    def _resolve(self, pl_module: pl.LightningModule) -> ResolvedModel:
+        """The model explained, resolved: the module whose forward gives the logits and the ViT in it whose attention
+        counts, checked once (a model that cannot be explained at any image size is refused here)."""
+        token_layout = self.explain_options.token_layout
         if self.model_getter is not None:
-            classifier = unwrap_model(self.model_getter(pl_module))
-            return classifier, families.find_vision_transformer(classifier)
-        vit = self._default_vit(pl_module)
-        # A backbone without its own classifier outputs features: the LightningModule's forward adds the head.
-        return (pl_module if families.headless_reason(vit) is not None else vit), vit
+            resolved = resolve_model(self.model_getter(pl_module), token_layout=token_layout)
+        else:
+            vit = self._default_vit(pl_module)
+            # A backbone without its own classifier outputs features: the LightningModule's forward adds the head.
+            classifier = pl_module if families.headless_reason(vit) is not None else vit
+            resolved = resolve_model(classifier, vit=vit, token_layout=token_layout)
+        resolved.family.check(resolved.vit)
+        return resolved
+
+    def _current_resolution(self, pl_module: pl.LightningModule) -> ResolvedModel:
+        """The resolution of `setup`, again only when the ViT changed structure since (e.g. `HeadPruning` removed
+        heads): resolving walks the model, and the read-out check costs a forward and backward pass."""
+        if self._resolved is None or not self._resolved.is_current():
+            self._resolved = self._resolve(pl_module)
+        return self._resolved
 
     def _default_vit(self, pl_module: pl.LightningModule) -> nn.Module:
         found = families.vision_transformers(pl_module)
@@ -540,14 +551,12 @@ class GMARCallback(Callback):
             if self.probe is None:
                 return
         probe = self.probe
-        classifier, vit = self._explained_modules(pl_module)
+        resolved = self._current_resolution(pl_module)
         if self.target == "label" and probe.labels is None:
             raise ValueError("`target='label'` but the probe has no labels; use target='pred' or pass labels.")
         targets = probe.labels if self.target == "label" else None
         explanations: dict[str, Explanation] = {
-            method: explain(
-                classifier, probe.images, method=method, target=targets, vit=vit, **self.explain_options.as_kwargs()
-            )
+            method: explain(resolved, probe.images, method=method, target=targets, **self.explain_options.as_kwargs())
             for method in self.methods
         }
         # A validate run is keyed by the step of the weights it explains: the checkpoint's, when it loaded one.
@@ -562,7 +571,7 @@ class GMARCallback(Callback):
             trainer.current_epoch, {method: explanation.maps for method, explanation in explanations.items()}
         )
         scores = {
-            method: probe_metric_scores(classifier, probe, explanation, self.metrics)
+            method: probe_metric_scores(resolved.classifier, probe, explanation, self.metrics)
             for method, explanation in explanations.items()
         }
         record = evaluation_record(

@@ -1,10 +1,13 @@
 """Model families: for each kind of model, its attention layers in forward order and how they mix tokens.
 
-A family is a small module of plain functions, ``matches(model)`` and ``probe(model, image_size, token_layout)``,
-registered in `FAMILIES`. Its probe returns a `Probe`: the attention modules to capture, grouped into
-rollout layers, and the `TokenPlan` that maps each layer onto its token space.
-Models whose attention has no token rollout are refused by `gmar_lightning.families.refused` with a one-line
-reason. ``docs/method.md`` defines every mapping; ``docs/supported_models.md`` lists what works.
+One registry serves timm and transformers alike. A family is a small module of plain functions, ``matches(model)``
+and ``probe(model, image_size, token_layout)`` (and, where the timm defaults do not fit, ``check``, ``headless``,
+``num_channels``, ``linear_readout``, ``attention_layers``), registered as one `Family` entry in `FAMILIES`. Its
+probe returns a `Probe`: the attention modules to capture, grouped into rollout layers, and the `TokenPlan` that maps
+each layer onto its token space. Models that cannot be explained are refused in one line by the functions in
+`REFUSALS` (each library's own: `gmar_lightning.families.refused` for timm, `gmar_lightning.families.hf` for
+transformers). ``docs/method.md`` defines every mapping; ``docs/supported_models.md`` lists what works;
+``docs/architecture.md`` says how to add a family.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from gmar_lightning.tokens import TokenLayout
 
 __all__ = [
     "FAMILIES",
+    "REFUSALS",
     "Family",
     "Probe",
     "UnsupportedModelError",
@@ -30,6 +34,7 @@ __all__ = [
     "find_vision_transformer",
     "headless_reason",
     "probe",
+    "refusal",
     "require_pooling",
     "vision_transformers",
 ]
@@ -65,9 +70,28 @@ class Probe:
 ProbeFunction = Callable[[nn.Module, tuple[int, int], TokenLayout | None], Probe]
 
 
+def timm_headless(model: nn.Module) -> str | None:
+    """Why a timm model outputs pooled features rather than class logits (``num_classes=0``), or ``None``."""
+    return "a ViT without a classifier (num_classes=0)" if getattr(model, "num_classes", None) == 0 else None
+
+
+def timm_num_channels(model: nn.Module) -> int | None:
+    """The image channels a timm model takes: its patch embedding's (a hybrid's: its CNN stem's first convolution)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    stem = getattr(patch_embed, "backbone", None)
+    if stem is not None:  # a hybrid's patch embedding projects CNN features; the images enter the CNN
+        first = next((m for m in stem.modules() if isinstance(m, nn.Conv2d)), None)
+        return getattr(first, "in_channels", None)
+    return getattr(getattr(patch_embed, "proj", None), "in_channels", None)
+
+
 @dataclass(frozen=True)
 class Family:
-    """One model family: a predicate and the probe that describes its token mixing."""
+    """One model family: a predicate, the probe that describes its token mixing, and what differs from timm's ViTs.
+
+    A new family (a library, an architecture) is one `Family` entry in `FAMILIES`; only ``name``, ``matches`` and
+    ``probe`` are required, the rest default to what timm models do.
+    """
 
     name: str
     matches: Callable[[nn.Module], bool]
@@ -76,20 +100,47 @@ class Family:
     """Raises the family's refusals that do not depend on the image size (e.g. an unsupported pooling)."""
     takes_token_layout: bool = False
     """Whether ``explain(token_layout=...)`` applies: only single-sequence ViTs have a layout to state."""
+    headless: Callable[[nn.Module], str | None] = timm_headless
+    """Why the model outputs pooled features rather than class logits (it has no classifier), or ``None``."""
+    num_channels: Callable[[nn.Module], int | None] = timm_num_channels
+    """The number of image channels the model takes, or ``None`` when it does not say."""
+    linear_readout: Callable[[nn.Module], bool] = lambda _model: False
+    """Whether the classifier reads a linear pooling (a token set's mean) of the last block's tokens, so that the
+    read-out can be checked against, and inferred from, the gradient that enters those tokens (docs/method.md).
+    ``False`` where the family fixes its read-out itself (a Swin's stage mean) or it is not a token mean (attention
+    pooling)."""
+    attention_layers: Callable[[nn.Module], list[AttentionLayer]] = find_attention_layers
+    """Every attention module in forward order, for the head tools (masking, importance, pruning)."""
 
 
-def _registry() -> list[Family]:
-    from gmar_lightning.families import cait, hf, pit, pvt, sam, swin, vit
+def _registry() -> tuple[list[Family], list[Callable[[nn.Module], str | None]]]:
+    from gmar_lightning.families import cait, hf, pit, pvt, refused, sam, swin, vit
 
-    return [
+    families = [
         Family("sam", sam.matches, sam.probe, sam.check),
         Family("pit", pit.matches, pit.probe, pit.check),
         Family("cait", cait.matches, cait.probe, cait.check),
         Family("swin", swin.matches, swin.probe, swin.check),
         Family("pvt", pvt.matches, pvt.probe, pvt.check),
-        Family("vit", vit.matches, vit.probe, vit.check, takes_token_layout=True),
-        Family("transformers", hf.matches, hf.probe, takes_token_layout=True),
+        Family("vit", vit.matches, vit.probe, vit.check, takes_token_layout=True, linear_readout=vit.linear_readout),
+        Family(
+            "transformers",
+            hf.matches,
+            hf.probe,
+            takes_token_layout=True,
+            headless=hf.headless,
+            num_channels=hf.num_channels_of,
+            linear_readout=lambda _model: True,
+            attention_layers=hf.attention_layers,
+        ),
     ]
+    return families, [refused.refusal, hf.unsupported_reason]
+
+
+def refusal(model: nn.Module) -> str | None:
+    """Why ``model`` (or a module inside it) cannot be explained, from the first of `REFUSALS` that knows, or
+    ``None``."""
+    return next((reason for find in REFUSALS if (reason := find(model)) is not None), None)
 
 
 def find_family(model: nn.Module) -> Family:
@@ -99,8 +150,6 @@ def find_family(model: nn.Module) -> Family:
         UnsupportedModelError: The model's attention has no token rollout; the message names the class and why.
         AttentionNotFoundError: The model has no recognisable attention at all.
     """
-    from gmar_lightning.families.refused import refusal
-
     reason = refusal(model)
     if reason is not None:
         raise UnsupportedModelError(f"`model` ({type(model).__name__}) cannot be explained: {reason}.")
@@ -170,11 +219,8 @@ def vision_transformers(module: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def headless_reason(vit: nn.Module) -> str | None:
     """Why a ViT outputs pooled features rather than class logits (no classifier head), or ``None`` if it has one."""
-    from gmar_lightning.families import hf
-
-    if hf.is_transformers_vit(vit):
-        return "a transformers backbone without a classifier (num_labels=0)" if hf.is_headless(vit) else None
-    return "a ViT without a classifier (num_classes=0)" if getattr(vit, "num_classes", None) == 0 else None
+    family = next((family for family in FAMILIES if family.matches(vit)), None)
+    return (family.headless if family is not None else timm_headless)(vit)
 
 
 def find_vision_transformer(module: nn.Module) -> nn.Module:
@@ -188,11 +234,9 @@ def find_vision_transformer(module: nn.Module) -> nn.Module:
     Raises:
         UnsupportedModelError: If ``module`` is or holds a transformers model that is not a supported ViT.
     """
-    from gmar_lightning.families import hf
-
     found = vision_transformers(module)
     if not found:
-        reason = hf.unsupported_reason(module)
+        reason = refusal(module)
         if reason is not None:
             raise UnsupportedModelError(f"`model` ({type(module).__name__}) cannot be explained: {reason}.")
         return unwrap_model(module)
@@ -207,5 +251,7 @@ def find_vision_transformer(module: nn.Module) -> nn.Module:
 
 
 # Last: the family modules import the helpers above.
-FAMILIES: list[Family] = _registry()
-"""Families tried in order; the first that matches a model wins (specific families before the generic ViT)."""
+FAMILIES, REFUSALS = _registry()
+"""`FAMILIES`: families tried in order; the first that matches a model wins (specific families before the generic
+ViT). `REFUSALS`: functions that say why a model (or a module inside it) cannot be explained, or return ``None``;
+asked before any family, in order."""

@@ -39,6 +39,7 @@ __all__ = [
     "attention_layers",
     "attention_modules",
     "eager_attention",
+    "headless",
     "is_headless",
     "is_transformers_model",
     "is_transformers_vit",
@@ -82,6 +83,11 @@ def is_headless(model: nn.Module) -> bool:
     return not name.endswith(("ForImageClassification", "ForImageClassificationWithTeacher")) or (
         model.config.num_labels == 0
     )
+
+
+def headless(model: nn.Module) -> str | None:
+    """Why a transformers ViT outputs features rather than class logits, or ``None`` when it classifies."""
+    return "a transformers backbone without a classifier (num_labels=0)" if is_headless(model) else None
 
 
 def _recorded_attention_classes(model: nn.Module) -> tuple[tuple[type, int], ...]:

@@ -26,6 +26,11 @@ def check(model: nn.Module) -> None:
     infer_token_layout(model)
 
 
+def linear_readout(model: nn.Module) -> bool:
+    """Token and average pooling read a mean of the last block's tokens; a latent attention pool does not."""
+    return getattr(model, "attn_pool", None) is None
+
+
 def block_layers(model: nn.Module) -> tuple[list, list[str]]:
     """The attention modules of each block that has any, and one name per block (the module's, or the block's)."""
     layers, names = [], []

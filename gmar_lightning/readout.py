@@ -1,0 +1,165 @@
+"""The read-out check: which of the last block's tokens a classifier's logits read, from the gradient that enters them.
+
+A head of the user's own on a backbone's tokens may pool them otherwise than the backbone's family assumes (a mean of
+the patch tokens where the class token is assumed). Such a map would be silently wrong, so the read-out is checked
+once per resolution: one forward and backward pass of one image, with the last attention block's output hidden
+states hooked. The tokens with a non-zero gradient there are the tokens the logits read; everything after the last
+block acts on each token alone, except the pooling. When they match a linear pooling (one or more prefix tokens, the
+mean of the patch tokens, the mean of all tokens, the class token beside the patch mean) that pooling is the
+read-out; swapping two pooled tokens in the hidden states and seeing the logits unchanged confirms a mean. Anything
+else is refused in one line. docs/method.md states the rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+import torch
+from torch import Tensor, nn
+
+from gmar_lightning import families
+from gmar_lightning.families import UnsupportedModelError
+from gmar_lightning.model_state import eval_mode_without_fast_paths
+from gmar_lightning.tokens import TokenLayout
+
+if TYPE_CHECKING:
+    from gmar_lightning.resolve import ResolvedModel
+
+__all__ = ["UNDECIDED", "checked_readout", "last_block"]
+
+UNDECIDED: Final = object()
+"""The check could not run (non-finite logits or gradients, a forward that does not run the ViT's last block): the
+family's read-out is used, and the engine's own checks report the cause."""
+
+
+def last_block(vit: nn.Module, attention_name: str) -> nn.Module | None:
+    """The block that holds the attention module ``attention_name``: its outermost ancestor that is an item of a
+    ``ModuleList`` or ``Sequential`` (timm ``blocks.11``, transformers ``encoder.layer.11``), or ``None``."""
+    parts = attention_name.split(".")
+    for depth in range(1, len(parts)):
+        if isinstance(vit.get_submodule(".".join(parts[: depth - 1])), nn.ModuleList | nn.Sequential):
+            return vit.get_submodule(".".join(parts[:depth]))
+    return None
+
+
+def _hidden(output: object) -> Tensor | None:
+    """The hidden states ``[B, N, D]`` of a block's output (a tensor, or the first item of a tuple)."""
+    if isinstance(output, tuple) and output:
+        output = output[0]
+    return output if isinstance(output, Tensor) and output.dim() == 3 else None
+
+
+class _BlockOutput:
+    """Keeps the hidden states a block outputs; with ``swap`` set, exchanges two tokens in them first."""
+
+    def __init__(self, num_tokens: int) -> None:
+        self.num_tokens = num_tokens
+        self.swap: tuple[int, int] | None = None
+        self.hidden: Tensor | None = None
+
+    def __call__(self, _module: nn.Module, _inputs: tuple, output: object) -> object:
+        hidden = _hidden(output)
+        if hidden is None or hidden.shape[1] != self.num_tokens:
+            return None
+        if self.swap is not None:
+            order = torch.arange(self.num_tokens, device=hidden.device)
+            first, second = self.swap
+            order[first], order[second] = second, first
+            hidden = hidden[:, order]
+            output = hidden if isinstance(output, Tensor) else (hidden, *output[1:])
+        self.hidden = hidden
+        return output
+
+
+def _describe(read: set[int], num_prefix: int, num_tokens: int) -> str:
+    patches = read - set(range(num_prefix))
+    prefix = sorted(read - patches)
+    parts = [f"prefix tokens {prefix}"] if prefix else []
+    if patches:
+        parts.append(f"{len(patches)} of its {num_tokens - num_prefix} patch tokens")
+    return " and ".join(parts)
+
+
+def checked_readout(resolved: ResolvedModel, image: Tensor) -> TokenLayout | object | None:
+    """The read-out of ``resolved``'s classifier as its gradient shows it, for one image ``[1, C, H, W]``.
+
+    Returns:
+        ``None`` when it is the family's own read-out, the `TokenLayout` it is when not, or `UNDECIDED`.
+
+    Raises:
+        UnsupportedModelError: The logits read the tokens in no linear pooling; the one-line message names
+            ``token_layout=TokenLayout(...)``, the fix.
+    """
+    size = (int(image.shape[-2]), int(image.shape[-1]))
+    assumed = families.probe(resolved.vit, size, None, resolved.family)
+    num_prefix, num_tokens = assumed.plan.num_prefix_tokens, assumed.plan.readout.numel()
+    block = last_block(resolved.vit, assumed.layers[-1][0].name)
+    if block is None:
+        return UNDECIDED
+    tap = _BlockOutput(num_tokens)
+    handle = block.register_forward_hook(tap)
+    try:
+        with resolved.isolated(True) as device, eval_mode_without_fast_paths(resolved.classifier, [], True):
+            inputs = image.to(device=device, dtype=resolved.dtype).clone().requires_grad_(True)
+            logits = resolved.logits(inputs).float()
+            if tap.hidden is None:
+                return UNDECIDED
+            (gradient,) = torch.autograd.grad(logits.sum(), tap.hidden, allow_unused=True)
+            if gradient is None:
+                return UNDECIDED
+            norms = gradient[0].float().norm(dim=-1)
+            finite = torch.isfinite(norms).all() & torch.isfinite(logits).all()
+            *values, ok = torch.cat([norms, finite[None].float()]).tolist()  # the check's one read of the norms
+            if not ok:
+                return UNDECIDED
+            tolerance = torch.finfo(resolved.dtype).eps ** 0.5 * logits.abs().max().clamp_min(1e-12)
+
+            def unchanged_by_swap(first: int, second: int) -> bool:
+                """Whether exchanging two tokens of the last block's output leaves the logits as they are."""
+                tap.swap = (first, second)
+                try:
+                    with torch.no_grad():
+                        swapped = resolved.logits(inputs).float()
+                finally:
+                    tap.swap = None
+                return bool((swapped - logits.detach()).abs().max() <= tolerance)
+
+            read = {index for index, norm in enumerate(values) if norm > 0}
+            observed = _observed(read, num_prefix, num_tokens, unchanged_by_swap)
+    finally:
+        handle.remove()
+    if observed is UNDECIDED:
+        return UNDECIDED
+    if observed is None:
+        raise UnsupportedModelError(
+            f"`model` ({type(resolved.classifier).__name__}) reads {_describe(read, num_prefix, num_tokens)} of its "
+            "ViT's last block "
+            "in no pooling gmar-lightning infers (class token, a mean of patch or all tokens, class token and patch "
+            "mean); pass `token_layout=TokenLayout(...)` to state the read-out (docs/method.md)."
+        )
+    family_readout = assumed.plan.readout.cpu()
+    if torch.equal(observed.readout_vector(num_tokens, 1)[0], family_readout):
+        return None
+    return observed
+
+
+def _observed(
+    read: set[int], num_prefix: int, num_tokens: int, unchanged_by_swap: Callable[[int, int], bool]
+) -> TokenLayout | object | None:
+    """The linear pooling that reads the tokens ``read`` (``None``: no such pooling; `UNDECIDED`: nothing is read)."""
+    if not read:
+        return UNDECIDED
+    patches = set(range(num_prefix, num_tokens))
+    prefix = tuple(sorted(read - patches))
+    if not read & patches:  # one or more prefix tokens: their rows' mean (a distilled DeiT averages two heads)
+        return TokenLayout(num_prefix, prefix)
+    if not patches <= read:
+        return None
+    if len(patches) > 1 and not unchanged_by_swap(num_prefix, num_tokens - 1):
+        return None  # the patch tokens are read, but not through their mean (e.g. a head on the flattened tokens)
+    if not prefix:
+        return TokenLayout(num_prefix, None)
+    if len(prefix) == num_prefix and unchanged_by_swap(0, num_prefix):
+        return TokenLayout(num_prefix, None, pool_includes_prefix=True)
+    return TokenLayout(num_prefix, prefix, with_patch_mean=True)
