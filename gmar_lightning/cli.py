@@ -42,6 +42,7 @@ from gmar_lightning._io import atomic_write_bytes
 from gmar_lightning.demos.job import LOGGERS, DemoConfig, run_demo
 from gmar_lightning.demos.model import (
     HF_PREFIX,
+    checkpoint_input_recipe,
     checkpoint_model_settings,
     create_hf_classifier,
     create_vit,
@@ -50,6 +51,7 @@ from gmar_lightning.demos.model import (
 )
 from gmar_lightning.engine import explain
 from gmar_lightning.explanation import METHODS
+from gmar_lightning.input_recipe import InputRecipe
 from gmar_lightning.render import (
     DEFAULT_ALPHA,
     DEFAULT_CMAP,
@@ -106,10 +108,12 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
 
 @dataclass
 class Preprocessing:
-    """How an image becomes the model's input, as timm's eval transform does it.
+    """How an image becomes the model's input.
 
-    The shorter side is resized to ``floor(img_size / crop_pct)`` pixels with ``interpolation``, the centred
-    ``img_size x img_size`` square is cropped, and the pixels are normalised with ``mean`` and ``std``.
+    With ``resize="shorter_side"`` (timm's eval transform) the shorter side is resized to ``floor(img_size /
+    crop_pct)`` pixels with ``interpolation`` and the centred ``img_size x img_size`` square is cropped; with
+    ``"squash"`` both sides are resized to ``img_size``. The pixels, scaled to ``[0, 1]``, are then normalised with
+    ``mean`` and ``std``.
     """
 
     img_size: int
@@ -117,6 +121,7 @@ class Preprocessing:
     std: tuple[float, ...]
     interpolation: str
     crop_pct: float
+    resize: str = "shorter_side"
 
     @property
     def resize_to(self) -> int:
@@ -125,13 +130,29 @@ class Preprocessing:
 
     def describe(self) -> str:
         """One line saying how the model input was made."""
-        return (
-            f"shorter side resized to {self.resize_to} px ({self.interpolation}), centre {self.img_size}x"
-            f"{self.img_size} crop, normalised with mean {_numbers(self.mean)} and std {_numbers(self.std)}"
-        )
+        side = f"{self.img_size}x{self.img_size}"
+        if self.resize == "squash":
+            geometry = f"resized to {side} ({self.interpolation}, aspect ratio not kept)"
+        else:
+            geometry = f"shorter side resized to {self.resize_to} px ({self.interpolation}), centre {side} crop"
+        return f"{geometry}, normalised with mean {_numbers(self.mean)} and std {_numbers(self.std)}"
 
     def transform(self) -> Callable[[Image.Image], Tensor]:
-        """timm's eval transform for these settings: PIL image -> normalised ``[3, S, S]`` tensor."""
+        """PIL image -> normalised ``[3, S, S]`` tensor: timm's eval transform, or a resize to the square."""
+        if self.resize == "squash":
+            from torchvision import transforms
+
+            return transforms.Compose(
+                [
+                    transforms.Resize(
+                        (self.img_size, self.img_size),
+                        interpolation=transforms.InterpolationMode(self.interpolation),
+                        antialias=True,
+                    ),
+                    transforms.ToTensor(),
+                    transforms.Normalize(self.mean, self.std),
+                ]
+            )
         return timm.data.create_transform(
             input_size=(3, self.img_size, self.img_size),
             interpolation=self.interpolation,
@@ -145,12 +166,14 @@ class Preprocessing:
         """``(left, top, right, bottom)`` in the original image's pixels of the square the model sees.
 
         Follows torchvision's ``Resize`` (shorter side to `resize_to`, longer side truncated) and
-        ``CenterCrop`` (offsets rounded), which timm's eval transform uses.
+        ``CenterCrop`` (offsets rounded), which timm's eval transform uses; a squashed image is seen whole.
 
         Examples:
             >>> Preprocessing(32, (0.5,) * 3, (0.5,) * 3, "bilinear", 1.0).crop_box(100, 50)
             (25.0, 0.0, 75.0, 50.0)
         """
+        if self.resize == "squash":
+            return (0.0, 0.0, float(width), float(height))
         short, long = sorted((width, height))
         resized_long = int(self.resize_to * long / short)
         resized_width, resized_height = (
@@ -176,22 +199,31 @@ def model_preprocessing(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     crop_pct: float | None = None,
+    recipe: InputRecipe | None = None,
 ) -> Preprocessing:
-    """The model's input recipe from its timm data config; ``mean``, ``std`` and ``crop_pct`` override it.
+    """The model's input recipe: the stored ``recipe`` where it states a field, else the model's timm data config;
+    ``mean``, ``std`` and ``crop_pct`` override both.
 
     The input side comes from the built model (timm's data config keeps the pretrained size when the model was built
     for another ``img_size``).
     """
+    recipe = recipe or InputRecipe()
     config = timm.data.resolve_model_data_config(model)
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     side = int(img_size[0]) if img_size is not None else int(config["input_size"][-1])
     return Preprocessing(
         img_size=side,
-        mean=tuple(mean if mean is not None else config["mean"]),
-        std=tuple(std if std is not None else config["std"]),
-        interpolation=str(config["interpolation"]),
-        crop_pct=float(crop_pct if crop_pct is not None else config.get("crop_pct") or 1.0),
+        mean=tuple(_first(mean, recipe.mean, config["mean"])),
+        std=tuple(_first(std, recipe.std, config["std"])),
+        interpolation=str(_first(recipe.interpolation, config["interpolation"])),
+        crop_pct=float(_first(crop_pct, recipe.crop_pct, config.get("crop_pct"), 1.0)),
+        resize=_first(recipe.resize, "shorter_side"),
     )
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not ``None``."""
+    return next(value for value in values if value is not None)
 
 
 # PIL's resampling filters by the integer that Hugging Face image processors save as ``resample``.
@@ -245,38 +277,71 @@ def hf_preprocessing(
     )
 
 
-def check_readable(paths: list[Path]) -> None:
-    """Fail before any work if a file is not an image PIL can identify (reads only each file's header).
+MIN_IMAGE_SIDE = 16
+"""Images with a side below this many pixels are refused: upsampled to the model's input they hold less than a
+ViT-B/16 patch of information, and their maps would explain interpolation."""
+MAX_SHOWN_SIDE = 2048
+"""Overlays of larger images are drawn downscaled to this longer side (a note says so); maps stay at model
+resolution."""
+MIN_SHOWN_WIDTH = 320
+"""Overlays of narrower images are drawn enlarged by a whole factor (nearest neighbour), so the caption fits."""
 
-    Raises:
-        CommandError: Naming the first unreadable file.
-    """
-    for path in paths:
-        try:
-            with Image.open(path):
-                pass
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
-            raise _unreadable_image(path, error) from None
-
-
-def _unreadable_image(path: Path, error: Exception) -> CommandError:
-    if isinstance(error, Image.DecompressionBombError):
-        # PIL refuses images whose pixel count could exhaust memory (a "decompression bomb").
-        return CommandError(f"image {str(path)!r} is too large to read safely ({one_line(error)}); downscale it first.")
-    return CommandError(f"cannot read image {str(path)!r} ({one_line(error)}); pass PNG, JPEG or similar.")
+# PIL modes that hold more than 8 bits per channel: 16-bit greyscale is scaled, the others have no defined range.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_UNSCALED_MODES = {"I": "32-bit integer", "F": "32-bit floating-point"}
 
 
-def read_rgb(path: Path) -> Image.Image:
-    """The image at ``path`` as an RGB PIL image.
+def image_problem(path: Path) -> str | None:
+    """Why the image at ``path`` cannot be explained (one line naming the fix), or ``None`` if it can.
 
-    Raises:
-        CommandError: If PIL cannot read the file.
+    Reads only the file's header: whether PIL can identify it, its pixel type and its size.
     """
     try:
         with Image.open(path) as image:
+            mode, (width, height) = image.mode, image.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
+        return _unreadable_image(path, error)
+    if mode in _UNSCALED_MODES:
+        return (
+            f"image {str(path)!r} holds {_UNSCALED_MODES[mode]} pixels, whose display range is unknown; save it as an "
+            "8- or 16-bit PNG first."
+        )
+    if min(width, height) < MIN_IMAGE_SIDE:
+        return (
+            f"image {str(path)!r} is {width}x{height} px, smaller than {MIN_IMAGE_SIDE} px on a side; pass an image "
+            f"at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} px."
+        )
+    return None
+
+
+def _unreadable_image(path: Path, error: Exception) -> str:
+    if isinstance(error, Image.DecompressionBombError):
+        # PIL refuses images whose pixel count could exhaust memory (a "decompression bomb").
+        return f"image {str(path)!r} is too large to read safely ({one_line(error)}); downscale it first."
+    return f"cannot read image {str(path)!r} ({one_line(error)}); pass PNG, JPEG or similar."
+
+
+def read_rgb(path: Path) -> Image.Image:
+    """The image at ``path`` as an 8-bit RGB PIL image, as a viewer shows it.
+
+    16-bit greyscale pixels are scaled to 8 bits (``round(v / 257)``, so ``65535`` is white), not clipped at 255;
+    PIL already reads 16-bit colour PNGs as 8-bit.
+
+    Raises:
+        CommandError: If PIL cannot read the file or it is not an image ``explain`` takes
+            ([`image_problem`][gmar_lightning.cli.image_problem]).
+    """
+    problem = image_problem(path)
+    if problem is not None:
+        raise CommandError(problem)
+    try:
+        with Image.open(path) as image:
+            if image.mode in _SIXTEEN_BIT_MODES:
+                pixels = np.asarray(image).astype(np.float64) / 257.0
+                return Image.fromarray(np.rint(pixels).astype(np.uint8)).convert("RGB")
             return image.convert("RGB")
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
-        raise _unreadable_image(path, error) from None
+        raise CommandError(_unreadable_image(path, error)) from None
 
 
 def load_image(path: Path, preprocessing: Preprocessing) -> Tensor:
@@ -445,16 +510,69 @@ class ExplainStyle:
     alpha: float
     class_names: list[str] | None
     side_by_side: bool
+    random_weights: bool = False
 
 
-def _caption(
-    method: str, prediction: int, probability: float, class_names: list[str] | None, target: int | None
-) -> str:
-    name = class_names[prediction] if class_names is not None else f"class {prediction}"
+def percent(probability: float) -> str:
+    """A probability as a percentage with one decimal, so small ones do not all read ``0%``.
+
+    Examples:
+        >>> percent(0.004), percent(0.9734), percent(0.00002)
+        ('0.4%', '97.3%', '<0.1%')
+    """
+    return "<0.1%" if probability < 0.001 else f"{probability:.1%}"
+
+
+def _class_name(index: int, class_names: list[str] | None) -> str:
+    return class_names[index] if class_names is not None else f"class {index}"
+
+
+def _caption(method: str, prediction: int, probability: float, style: ExplainStyle, target: int | None) -> str:
     explained = ""
     if target is not None and target != prediction:
-        explained = f", explaining {class_names[target] if class_names is not None else f'class {target}'}"
-    return f"{method}: {name} ({probability:.0%}){explained}"
+        explained = f", explaining {_class_name(target, style.class_names)}"
+    marked = "[random weights] " if style.random_weights else ""
+    return f"{marked}{method}: {_class_name(prediction, style.class_names)} ({percent(probability)}){explained}"
+
+
+def shown_image(original: Image.Image) -> Image.Image:
+    """The image as its overlay shows it: reduced to [`MAX_SHOWN_SIDE`][gmar_lightning.cli.MAX_SHOWN_SIDE] when
+    larger, enlarged by a whole factor (nearest neighbour) to at least
+    [`MIN_SHOWN_WIDTH`][gmar_lightning.cli.MIN_SHOWN_WIDTH] when narrower, else itself.
+
+    Examples:
+        >>> shown_image(Image.new("RGB", (8000, 4000))).size, shown_image(Image.new("RGB", (100, 50))).size
+        ((2048, 1024), (400, 200))
+    """
+    width, height = original.size
+    if max(width, height) > MAX_SHOWN_SIDE:
+        scale = MAX_SHOWN_SIDE / max(width, height)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        return original.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if width < MIN_SHOWN_WIDTH:
+        factor = math.ceil(MIN_SHOWN_WIDTH / width)
+        return original.resize((width * factor, height * factor), Image.Resampling.NEAREST)
+    return original
+
+
+@dataclass
+class _Results:
+    """What ``explain`` computed for the images it could read, in order."""
+
+    files: list[Path]
+    maps: dict[str, list[Tensor]]
+    head_weights: dict[str, list[Tensor]]
+    predictions: list[Tensor]
+    probabilities: list[Tensor]
+    boxes: list[tuple[float, float, float, float]]
+    sizes: list[tuple[int, int]]
+    outputs: list[str]
+    bad: int = 0
+
+
+def _report_bad(message: str) -> None:
+    """One line for an image that is skipped; the run goes on and exits with status 2."""
+    tqdm.write(f"{PROG} explain: error: {message}", file=sys.stderr)
 
 
 def _explain_files(
@@ -466,87 +584,207 @@ def _explain_files(
     output: Path,
     preprocessing: Preprocessing,
     style: ExplainStyle,
-) -> dict[str, np.ndarray]:
-    """Explain ``paths`` batch by batch and write one captioned overlay PNG per image and method at the image's own
-    resolution (plus a side-by-side of the methods when asked); return the arrays for maps.npz."""
+) -> _Results:
+    """Explain ``paths`` batch by batch and write one captioned overlay PNG per image and method (plus a
+    side-by-side of the methods when asked); an image that cannot be read gets one line and is skipped."""
     stems = _unique_stems(paths)
-    maps: dict[str, list[Tensor]] = {method: [] for method in methods}
-    head_weights: dict[str, list[Tensor]] = {}
-    predictions: list[Tensor] = []
-    probabilities: list[Tensor] = []
-    boxes: list[tuple[float, float, float, float]] = []
-    sizes: list[tuple[int, int]] = []
+    results = _Results([], {method: [] for method in methods}, {}, [], [], [], [], [])
     transform = preprocessing.transform()
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(paths), batch_size), desc="explaining", unit="batch"):
-        batch_paths = paths[start : start + batch_size]
-        originals = [read_rgb(path) for path in batch_paths]
+    side = preprocessing.img_size
+    # disable=None: a bar only on a terminal, so logs and captured output hold one line per event.
+    for start in tqdm(range(0, len(paths), batch_size), desc="explaining", unit="batch", disable=None):
+        originals, kept = [], []
+        for index in range(start, min(start + batch_size, len(paths))):
+            try:
+                originals.append(read_rgb(paths[index]))
+            except CommandError as error:
+                _report_bad(str(error))
+                results.bad += 1
+                continue
+            kept.append(index)
+        if not kept:
+            continue
         images = torch.stack([transform(image) for image in originals]).to(device)
         explanations = {method: explain(model, images, method=method, target=target).cpu() for method in methods}
         first = next(iter(explanations.values()))
         batch_predictions = first.predictions
         batch_probabilities = first.logits.softmax(dim=-1).gather(1, batch_predictions[:, None])[:, 0]
-        predictions.append(batch_predictions)
-        probabilities.append(batch_probabilities)
-        for offset, original in enumerate(originals):
-            width, height = original.size
+        results.predictions.append(batch_predictions)
+        results.probabilities.append(batch_probabilities)
+        for offset, (index, original) in enumerate(zip(kept, originals, strict=True)):
+            path, width, height = paths[index], *original.size
             box = preprocessing.crop_box(width, height)
-            boxes.append(box)
-            sizes.append((width, height))
-            pixels = torch.from_numpy(np.asarray(original, dtype=np.float32) / 255.0).permute(2, 0, 1)
+            results.files.append(path)
+            results.boxes.append(box)
+            results.sizes.append((width, height))
+            shown = shown_image(original)
+            scale_x, scale_y = shown.width / width, shown.height / height
+            if shown.width < width:
+                print(
+                    f"Note: {str(path)!r} is {width}x{height} px; its overlays are drawn at {shown.width}x"
+                    f"{shown.height}, and maps.npz keeps the maps at the model's {side}x{side}."
+                )
+            shown_box = (box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y)
+            pixels = torch.from_numpy(np.asarray(shown, dtype=np.float32) / 255.0).permute(2, 0, 1)
             prediction, probability = int(batch_predictions[offset]), float(batch_probabilities[offset])
             placed = {}
             for method, explanation in explanations.items():
-                placed[method] = map_to_original(explanation.maps[offset], box, width, height)
-                caption = _caption(method, prediction, probability, style.class_names, target)
-                figure = explanation_figure(pixels, placed[method], caption, style.cmap, style.alpha, box=box)
-                atomic_write_bytes(output / f"{stems[start + offset]}_{method}.png", figure_to_png_bytes(figure))
+                placed[method] = map_to_original(explanation.maps[offset], shown_box, shown.width, shown.height)
+                caption = _caption(method, prediction, probability, style, target)
+                figure = explanation_figure(pixels, placed[method], caption, style.cmap, style.alpha, box=shown_box)
+                name = f"{stems[index]}_{method}.png"
+                atomic_write_bytes(output / name, figure_to_png_bytes(figure))
+                results.outputs.append(name)
+            marked = "[random weights] " if style.random_weights else ""
+            title = f"{marked}{path.name}: {_class_name(prediction, style.class_names)} ({percent(probability)})"
+            tqdm.write(title)
             if style.side_by_side:
-                name = style.class_names[prediction] if style.class_names is not None else f"class {prediction}"
-                title = f"{batch_paths[offset].name}: {name} ({probability:.0%})"
                 figure = methods_figure(pixels, placed, title, style.cmap, style.alpha)
-                atomic_write_bytes(output / f"{stems[start + offset]}_methods.png", figure_to_png_bytes(figure))
+                name = f"{stems[index]}_methods.png"
+                atomic_write_bytes(output / name, figure_to_png_bytes(figure))
+                results.outputs.append(name)
         for method, explanation in explanations.items():
-            maps[method].append(explanation.maps)
+            results.maps[method].append(explanation.maps)
             if explanation.head_weights is not None:
-                head_weights.setdefault(method, []).append(explanation.head_weights)
-    arrays = {f"maps_{method}": torch.cat(values).numpy() for method, values in maps.items()}
-    arrays.update({f"head_weights_{method}": torch.cat(values).numpy() for method, values in head_weights.items()})
-    arrays["predictions"] = torch.cat(predictions).numpy()
-    arrays["probabilities"] = torch.cat(probabilities).numpy()
-    arrays["crop_boxes"] = np.asarray(boxes, dtype=np.float32)
-    arrays["image_sizes"] = np.asarray(sizes, dtype=np.int64)
-    arrays["files"] = np.asarray([str(path) for path in paths], dtype=np.str_)
-    if style.class_names is not None:
-        arrays["class_names"] = np.asarray(style.class_names, dtype=np.str_)
+                results.head_weights.setdefault(method, []).append(explanation.head_weights)
+    return results
+
+
+def _arrays(results: _Results, class_names: list[str] | None) -> dict[str, np.ndarray]:
+    """The contents of maps.npz; ``outputs`` names the files this run wrote, so the next run can replace them."""
+    arrays = {f"maps_{method}": torch.cat(values).numpy() for method, values in results.maps.items()}
+    arrays.update(
+        {f"head_weights_{method}": torch.cat(values).numpy() for method, values in results.head_weights.items()}
+    )
+    arrays["predictions"] = torch.cat(results.predictions).numpy()
+    arrays["probabilities"] = torch.cat(results.probabilities).numpy()
+    arrays["crop_boxes"] = np.asarray(results.boxes, dtype=np.float32)
+    arrays["image_sizes"] = np.asarray(results.sizes, dtype=np.int64)
+    arrays["files"] = np.asarray([str(path) for path in results.files], dtype=np.str_)
+    arrays["outputs"] = np.asarray(results.outputs, dtype=np.str_)
+    if class_names is not None:
+        arrays["class_names"] = np.asarray(class_names, dtype=np.str_)
     return arrays
+
+
+MAPS_FILE = "maps.npz"
+
+
+def _earlier_outputs(output: Path) -> set[str]:
+    """The files an earlier ``explain`` run wrote into ``output`` (its maps.npz lists them), with maps.npz."""
+    try:
+        with np.load(output / MAPS_FILE) as arrays:
+            return {*arrays["outputs"].tolist(), MAPS_FILE} if "outputs" in arrays.files else set()
+    except (OSError, ValueError, KeyError):
+        return set()
+
+
+def claim_output(output: Path) -> int:
+    """Make ``output`` hold this run's files only: remove what an earlier ``explain`` run wrote there.
+
+    Returns:
+        How many earlier files were removed.
+
+    Raises:
+        CommandError: If ``output`` is a file, or holds anything no earlier ``explain`` run wrote (nothing of the
+            user's is ever deleted).
+    """
+    if output.exists() and not output.is_dir():
+        raise CommandError(f"--output {str(output)!r} is a file; pass a folder.")
+    present = sorted(entry.name for entry in output.iterdir()) if output.is_dir() else []
+    if not present:
+        return 0
+    earlier = _earlier_outputs(output)
+    foreign = [name for name in present if name not in earlier]
+    if foreign:
+        raise CommandError(
+            f"--output {str(output)!r} holds files that no earlier explain run wrote there ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); pass a new or empty folder."
+        )
+    for name in present:
+        (output / name).unlink()
+    return len(present)
+
+
+def hf_class_names(model: nn.Module) -> list[str] | None:
+    """A Hugging Face classifier's class names from its config's ``id2label``, or ``None`` where they are only
+    transformers' placeholders (``LABEL_0``, ``LABEL_1``, ...) or do not cover every class."""
+    config = model.config
+    labels = {int(key): str(value) for key, value in (getattr(config, "id2label", None) or {}).items()}
+    if sorted(labels) != list(range(config.num_labels)):
+        return None
+    if all(labels[index] == f"LABEL_{index}" for index in labels):
+        return None
+    return [labels[index] for index in range(config.num_labels)]
+
+
+def _class_names(
+    args: argparse.Namespace, model: nn.Module, recipe: InputRecipe, num_classes: int
+) -> tuple[list[str] | None, str]:
+    """The class names for captions and where they came from: ``--class-names``, the checkpoint, ``id2label``."""
+    names = read_class_names(args.class_names, num_classes)
+    if names is not None:
+        return names, "--class-names"
+    if recipe.class_names is not None and len(recipe.class_names) == num_classes:
+        return list(recipe.class_names), "the checkpoint"
+    if _is_hf(args.model):
+        names = hf_class_names(model)
+        if names is not None:
+            return names, "the config's id2label"
+    return None, ""
 
 
 def _run_explain(args: argparse.Namespace) -> int:
     paths = collect_images(args.inputs)
-    check_readable(paths)
     methods = parse_methods(args.method or ["gmar_l1"])
     check_overlay_style(args.cmap, args.alpha)
+    problems = {path: problem for path in paths if (problem := image_problem(path)) is not None}
+    for problem in problems.values():
+        _report_bad(problem)
+    paths = [path for path in paths if path not in problems]
+    if not paths:
+        return EXIT_ERROR
     model = _build_model(args).to(args.device)
     num_classes = _num_classes(model)
     if args.target is not None and not 0 <= args.target < num_classes:
         raise CommandError(f"--target {args.target} is out of range for a model with {num_classes} classes.")
-    style = ExplainStyle(args.cmap, args.alpha, read_class_names(args.class_names, num_classes), args.side_by_side)
+    recipe = checkpoint_input_recipe(args.checkpoint) if args.checkpoint is not None else InputRecipe()
+    class_names, names_origin = _class_names(args, model, recipe, num_classes)
+    style = ExplainStyle(args.cmap, args.alpha, class_names, args.side_by_side, args.random_weights)
+    stored = " (from the checkpoint, where no flag overrides it)" if recipe.mean is not None else ""
     if _is_hf(args.model):
         processor = hf_image_processor_settings(args.model.removeprefix(HF_PREFIX))
-        preprocessing = hf_preprocessing(model, processor, args.mean, args.std, args.crop_pct)
+        preprocessing = hf_preprocessing(
+            model,
+            processor,
+            args.mean if args.mean is not None else recipe.mean,
+            args.std if args.std is not None else recipe.std,
+            args.crop_pct if args.crop_pct is not None else recipe.crop_pct,
+        )
         origin = "the saved image processor" if processor is not None else "no image processor saved: defaults"
-        print(f"Model input: {preprocessing.describe()} ({origin})")
+        print(f"Model input: {preprocessing.describe()} ({origin}){stored}")
     else:
-        preprocessing = model_preprocessing(model, args.mean, args.std, args.crop_pct)
-        print(f"Model input: {preprocessing.describe()}")
+        preprocessing = model_preprocessing(model, args.mean, args.std, args.crop_pct, recipe)
+        print(f"Model input: {preprocessing.describe()}{stored}")
+    if names_origin and names_origin != "--class-names":
+        shown = ", ".join(class_names[:5]) + (", ..." if num_classes > 5 else "")  # type: ignore[index]
+        print(f"Class names from {names_origin}: {shown}")
     output = Path(args.output)
-    arrays = _explain_files(model, paths, methods, args.batch_size, args.target, output, preprocessing, style)
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    atomic_write_bytes(output / "maps.npz", buffer.getvalue())
-    extra = " and side-by-sides" if style.side_by_side else ""
-    print(f"Wrote {len(paths) * len(methods)} overlays{extra} at the images' own resolution and maps.npz to {output}")
+    removed = claim_output(output)
+    if removed:
+        print(f"Removed the {removed} files of the earlier run in {output}")
+    results = _explain_files(model, paths, methods, args.batch_size, args.target, output, preprocessing, style)
+    if results.files:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **_arrays(results, class_names))
+        atomic_write_bytes(output / MAPS_FILE, buffer.getvalue())
+        extra = " and side-by-sides" if style.side_by_side else ""
+        print(f"Wrote {len(results.files) * len(methods)} overlays{extra} and {MAPS_FILE} to {output}")
+    bad = len(problems) + results.bad
+    if bad:
+        print(f"Skipped {bad} image{'s' if bad != 1 else ''} that could not be explained (listed above).")
+        return EXIT_ERROR
     return 0
 
 

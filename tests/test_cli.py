@@ -19,7 +19,7 @@ from PIL import Image
 
 from gmar_lightning import explain
 from gmar_lightning.cli import load_image, main, map_to_original, model_preprocessing
-from gmar_lightning.demos.data import ShapesDataModule
+from gmar_lightning.demos.data import ShapesDataModule, ShapesDataset
 from gmar_lightning.demos.model import ViTClassifier, create_vit
 from gmar_lightning.trajectory import HeadTrajectory
 
@@ -75,9 +75,11 @@ def test_explain_writes_overlays_and_maps_of_the_loaded_weights(
             "maps_attention",
             "maps_gmar_l1",
             "maps_rollout",
+            "outputs",
             "predictions",
             "probabilities",
         ]
+        assert sorted(arrays["outputs"].tolist()) == sorted(path.name for path in output.glob("*.png"))
         assert arrays["image_sizes"].tolist() == [[50, 40], [20, 20]]
         assert arrays["probabilities"].min() > 0 and arrays["probabilities"].max() <= 1
         assert arrays["files"].tolist() == [str(images[0]), str(images[1])]
@@ -177,7 +179,9 @@ def test_explain_reads_model_settings_from_a_lightning_checkpoint(images: list[P
     assert main(["explain", str(images[0]), "--checkpoint", str(checkpoint), "--output", str(output)]) == 0
     with np.load(output / "maps.npz") as arrays:
         assert arrays["head_weights_gmar_l1"].shape == (1, 2, 4)
-        expected = module.model(load_image(images[0], model_preprocessing(module.model))[None]).argmax(-1)
+        # The checkpoint stores the data module's recipe: shorter side to 32 px and a centre crop, shapes' mean/std.
+        recipe = model_preprocessing(module.model, ShapesDataset.mean, ShapesDataset.std, crop_pct=1.0)
+        expected = module.model(load_image(images[0], recipe)[None]).argmax(-1)
         assert arrays["predictions"].tolist() == expected.tolist()
 
 

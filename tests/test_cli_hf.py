@@ -322,7 +322,8 @@ def test_hf_model_without_transformers_names_the_extra(
     monkeypatch.setitem(sys.modules, "transformers", None)
     assert main(["explain", str(images[0]), "--model", f"hf:{folder}"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f'gmar-lightning explain: error: --model hf:{folder} needs transformers: pip install "gmar-lightning[hf]".'
+        f"gmar-lightning explain: error: --model hf:{folder} needs transformers: pip install transformers (or pip "
+        'install -e ".[hf]" in your gmar-lightning clone).'
     ]
 
 
@@ -357,3 +358,26 @@ def test_under_transformers_4_the_folder_explains_and_pruned_weights_are_refused
         "transformers >= 5)."
     ]
     assert not (tmp_path / "pruned" / "maps.npz").exists()
+
+
+def test_id2label_names_the_classes_and_placeholders_do_not(
+    folder: Path, images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    named = tmp_path / "named"
+    labels = {0: "tench", 1: "goldfish", 2: "shark", 3: "coffee"}
+    tiny_vit(id2label=labels, label2id={name: index for index, name in labels.items()}).save_pretrained(named)
+    output = tmp_path / "named_out"
+    assert main(["explain", str(images[0]), "--model", f"hf:{named}", "--device", "cpu", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "Class names from the config's id2label: tench, goldfish, shark, coffee" in printed
+    with np.load(output / "maps.npz") as arrays:
+        assert arrays["class_names"].tolist() == list(labels.values())
+        prediction = int(arrays["predictions"][0])
+    assert f"wide.png: {labels[prediction]} (" in printed
+    # transformers' placeholders (LABEL_0, ...) name nothing: the captions keep "class N".
+    output = tmp_path / "placeholder_out"
+    assert main(["explain", str(images[0]), "--model", f"hf:{folder}", "--device", "cpu", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "Class names from" not in printed and "wide.png: class " in printed
+    with np.load(output / "maps.npz") as arrays:
+        assert "class_names" not in arrays.files

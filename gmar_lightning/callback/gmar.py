@@ -47,6 +47,7 @@ from gmar_lightning.callback.sinks import Sink, sinks_for_loggers
 from gmar_lightning.capture import unwrap_model
 from gmar_lightning.engine import explain
 from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
+from gmar_lightning.input_recipe import INPUT_RECIPE_KEY, InputRecipe, datamodule_recipe
 from gmar_lightning.options import ExplainOptions
 from gmar_lightning.render import DEFAULT_ALPHA, DEFAULT_CMAP, check_overlay_style
 from gmar_lightning.resolve import ResolvedModel, resolve_model
@@ -202,10 +203,11 @@ class GMARCallback(Callback):
             LightningModule (with a warning naming them when there are several); a ViT without its own classifier
             (``num_classes=0``, a backbone under a separate head) is explained through the LightningModule's
             ``forward``, which must then return logits.
-        mean: Per-channel normalisation mean, to show probe images in their true colours (default: min-max).
+        mean: Per-channel normalisation mean, to show probe images in their true colours (default: the data
+            module's ``input_recipe``, else min-max).
         std: Per-channel normalisation std.
         max_images: Most probe images in each overlay grid.
-        class_names: Names for class indices in captions.
+        class_names: Names for class indices in captions (default: the data module's ``input_recipe``).
         per_head_histograms: Also log one histogram per head (``gmar/head_weights/layer_XX/head_YY``).
         cmap: Matplotlib colour map of the overlays; the default, ``"inferno"``, is perceptually uniform.
         alpha: Opacity of the colour-mapped saliency over the image, in ``[0, 1]``.
@@ -567,6 +569,7 @@ class GMARCallback(Callback):
             trajectory.name_layers(head.layer_names)
             trajectory.append(trainer.current_epoch, model_step, head.head_weights, head.head_scores)
         map_history = self._validation_map_history if validating else self.map_history
+        display = self._input_recipe(trainer)
         map_history.append(
             trainer.current_epoch, {method: explanation.maps for method, explanation in explanations.items()}
         )
@@ -582,10 +585,10 @@ class GMARCallback(Callback):
             trajectory=trajectory,
             head_method=self.head_method,
             map_history=map_history,
-            mean=self.mean,
-            std=self.std,
+            mean=display.mean,
+            std=display.std,
             max_images=self.max_images,
-            class_names=self.class_names,
+            class_names=None if display.class_names is None else list(display.class_names),
             per_head_histograms=self.per_head_histograms,
             metric_scores=scores,
             cmap=self.cmap,
@@ -621,6 +624,25 @@ class GMARCallback(Callback):
             "trajectory": self.trajectory.state_dict(),
             "map_history": self.map_history.state_dict(),
         }
+
+    def _input_recipe(self, trainer: pl.Trainer, stored: bool = False) -> InputRecipe:
+        """This callback's ``mean``, ``std`` and ``class_names`` in front of the data module's input recipe (for
+        display), or behind it (``stored``: the data module states the transform training really used)."""
+        own = InputRecipe(mean=self.mean, std=self.std, class_names=self.class_names)
+        data = datamodule_recipe(trainer)
+        recipe = data.merged_over(own) if stored else own.merged_over(data)
+        if recipe.img_size is None and self.probe is not None:
+            recipe = InputRecipe(img_size=int(self.probe.images.shape[-1])).merged_over(recipe)
+        return recipe
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # What `gmar-lightning explain --checkpoint` needs to feed images as training did and to name the classes.
+        recipe = self._input_recipe(trainer, stored=True)
+        if not recipe.is_empty():
+            checkpoint[INPUT_RECIPE_KEY] = recipe.to_dict()
 
     @override
     def on_load_checkpoint(

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from gmar_lightning import render
 from gmar_lightning._checks import check_int_in_range
+from gmar_lightning.input_recipe import InputRecipe
 
 T = TypeVar("T")
 
@@ -348,6 +349,21 @@ class ShapesDataModule(L.LightningDataModule):
     def classes(self) -> list[str]:
         """Class names in label order."""
         return list(self._classes)
+
+    @property
+    def input_recipe(self) -> InputRecipe:
+        """How an 8-bit image of a shape becomes the model's input: scaled to ``[0, 1]``, normalised with
+        [`ShapesDataset.mean`][gmar_lightning.demos.data.ShapesDataset.mean] and ``std``, at the rendered side (an
+        image of another size has its shorter side resized to it and the centre cropped)."""
+        return InputRecipe(
+            img_size=self.hparams.image_size,
+            mean=MEAN,
+            std=STD,
+            resize="shorter_side",
+            crop_pct=1.0,
+            interpolation="bilinear",
+            class_names=tuple(self._classes),
+        )
 
     def train_dataloader(self) -> DataLoader[tuple[Tensor, int, Tensor]]:
         return self._loader(self.train_dataset, shuffle=True)

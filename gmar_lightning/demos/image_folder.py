@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from gmar_lightning.demos.data import make_loader
+from gmar_lightning.input_recipe import InputRecipe
 
 __all__ = ["ImageFolderDataModule"]
 
@@ -73,6 +74,15 @@ class ImageFolderDataModule(L.LightningDataModule):
                 f"`--data-dir` train/ and val/ must hold the same class folders, got {train.classes} and {val.classes}."
             )
         self.classes: list[str] = list(train.classes)
+        self.input_recipe = InputRecipe(
+            img_size=img_size,
+            mean=mean,
+            std=std,
+            resize="squash",
+            interpolation="bilinear",
+            class_names=tuple(train.classes),
+        )
+        """The validation transform: both sides resized to ``img_size``, normalised with ``mean`` and ``std``."""
         self.train_dataset = _subset(train, max_train_images, seed)
         self.val_dataset = _subset(val, max_val_images, seed)
         self.batch_size = batch_size

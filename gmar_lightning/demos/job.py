@@ -21,13 +21,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from typing_extensions import override
 
 from gmar_lightning._checks import parse_methods
 from gmar_lightning.callback import GMARCallback
-from gmar_lightning.demos.data import HorizontalFlipWithMask, ShapesDataModule, ShapesDataset
+from gmar_lightning.demos.data import HorizontalFlipWithMask, ShapesDataModule
 from gmar_lightning.demos.image_folder import ImageFolderDataModule
 from gmar_lightning.demos.model import ViTClassifier
 from gmar_lightning.render import DEFAULT_ALPHA, DEFAULT_CMAP
@@ -153,7 +153,7 @@ def _make_logger(config: DemoConfig) -> tuple[Logger, Path]:
         logger = CSVLogger(config.log_dir, name=RUN_NAME)
         return logger, Path(logger.log_dir)
     if importlib.util.find_spec("wandb") is None:
-        raise ValueError("`--logger wandb` needs wandb; pip install 'gmar-lightning[wandb]'.")
+        raise ValueError("`--logger wandb` needs wandb; pip install wandb (or pip install -e '.[wandb]' in the clone).")
     if not _wandb_is_configured():
         # Without credentials W&B would prompt for a login; offline runs can be synced later with `wandb sync`.
         os.environ["WANDB_MODE"] = "offline"
@@ -164,8 +164,9 @@ def _make_logger(config: DemoConfig) -> tuple[Logger, Path]:
     return logger, Path(logger.experiment.dir).parent
 
 
-def _make_data(config: DemoConfig, model: torch.nn.Module, num_classes: int) -> tuple[L.LightningDataModule, dict]:
-    """The datamodule plus the callback's display settings (normalisation and class names)."""
+def _make_data(config: DemoConfig, model: torch.nn.Module, num_classes: int) -> L.LightningDataModule:
+    """The datamodule; its ``input_recipe`` gives the callback (and the checkpoints) the normalisation and class
+    names."""
     img_size = _input_size(model)
     if config.data_dir is None:
         shapes = ShapesDataModule(
@@ -178,13 +179,12 @@ def _make_data(config: DemoConfig, model: torch.nn.Module, num_classes: int) -> 
             seed=config.seed,
             cache=True,  # rendering costs ~2 ms an image: once, not once per epoch
         )
-        display = {"mean": ShapesDataset.mean, "std": ShapesDataset.std, "class_names": shapes.classes}
         shapes.train_dataset = HorizontalFlipWithMask(shapes.train_dataset)
-        return shapes, display
+        return shapes
     from timm.data import resolve_model_data_config
 
     data_config = resolve_model_data_config(model)
-    folders = ImageFolderDataModule(
+    return ImageFolderDataModule(
         config.data_dir,
         img_size,
         tuple(data_config["mean"]),
@@ -195,8 +195,6 @@ def _make_data(config: DemoConfig, model: torch.nn.Module, num_classes: int) -> 
         max_val_images=config.max_val_images,
         seed=config.seed,
     )
-    display = {"mean": data_config["mean"], "std": data_config["std"], "class_names": folders.classes}
-    return folders, display
 
 
 def _num_classes(config: DemoConfig) -> int:
@@ -213,16 +211,20 @@ def _num_classes(config: DemoConfig) -> int:
     return len(classes)
 
 
-class _LastOnException(OnExceptionCheckpoint):
+class _LastOnException(L.Callback):
     """Save ``last.ckpt`` when the fit stops on an exception (Ctrl-C, SIGTERM, a crash), and leave it in place.
 
-    ``OnExceptionCheckpoint`` deletes its file at the end of a normal fit, which here would be the ``last.ckpt``
-    that ``ModelCheckpoint`` just wrote.
+    Not Lightning's ``OnExceptionCheckpoint``: with one in the callbacks, ``fit`` looks for a checkpoint to resume
+    from (``ckpt_path="last"``) and warns twice at the start of every new run, and it deletes its file at the end of
+    a normal fit, which here would be the ``last.ckpt`` that ``ModelCheckpoint`` just wrote.
     """
 
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
     @override
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        pass
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        trainer.save_checkpoint(self.path)
 
 
 def _devices(value: str) -> str | int | list[int]:
@@ -272,22 +274,19 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         lr=config.lr,
         weight_decay=config.weight_decay,
     )
-    datamodule, display = _make_data(config, module.model, num_classes)
+    datamodule = _make_data(config, module.model, num_classes)
     logger, run_dir = _make_logger(config)
     gmar = GMARCallback(
         num_probe=config.num_probe,
         methods=methods,
         every_n_epochs=config.every_n_epochs,
-        mean=display["mean"],
-        std=display["std"],
-        class_names=display["class_names"],
         cmap=config.cmap,
         alpha=config.alpha,
     )
     checkpoint_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0)
     # Ctrl-C, SIGTERM or a crash saves the state reached as last.ckpt, so `--checkpoint` can resume from there.
-    on_interrupt = _LastOnException(dirpath=checkpoint_dir, filename="last")
+    on_interrupt = _LastOnException(checkpoint_dir / "last.ckpt")
     callbacks: list[L.Callback] = [gmar, checkpoint, on_interrupt]
     if config.target_acc is not None:
         # Patience longer than the run: only the threshold stops it.

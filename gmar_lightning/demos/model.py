@@ -8,7 +8,7 @@ and the LightningCLI config train: a timm model created by name (with any constr
 [`create_hf_classifier`][gmar_lightning.demos.model.create_hf_classifier] builds a Hugging Face image classifier from a
 ``save_pretrained`` folder (or hub id) for ``gmar-lightning explain --model hf:...``, and
 [`hf_image_processor_settings`][gmar_lightning.demos.model.hf_image_processor_settings] reads its saved image processor.
-``transformers`` is imported only there (``pip install "gmar-lightning[hf]"``).
+``transformers`` is imported only there (``pip install transformers``, or the ``hf`` extra of a clone).
 """
 
 from __future__ import annotations
@@ -31,15 +31,18 @@ import torch.nn.functional as F
 from timm.models import load_state_dict
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
 from gmar_lightning._checks import check_positive_int, one_line
 from gmar_lightning.capture import KEPT_HEADS
 from gmar_lightning.families.hf import unsupported_reason
 from gmar_lightning.heads.pruning import restore_pruning, restore_pruning_on_load
+from gmar_lightning.input_recipe import INPUT_RECIPE_KEY, InputRecipe, datamodule_recipe
 
 __all__ = [
     "HF_PREFIX",
     "ViTClassifier",
+    "checkpoint_input_recipe",
     "checkpoint_model_settings",
     "create_hf_classifier",
     "create_vit",
@@ -181,6 +184,17 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str], strict: bool = 
     return sorted(set(missing) | set(mismatched))
 
 
+def _lightning_checkpoint(path: str) -> dict[str, Any] | None:
+    """A Lightning ``.ckpt`` file's dict, or ``None`` for other files."""
+    if not path.endswith(".ckpt") or not os.path.isfile(path):
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise ValueError(f"`checkpoint` {path!r} is not {_WEIGHTS_FILE}.") from None
+    return checkpoint if isinstance(checkpoint, dict) else None
+
+
 def checkpoint_model_settings(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The model settings stored in a Lightning checkpoint of
     [`ViTClassifier`][gmar_lightning.demos.model.ViTClassifier], or ``None`` for other files.
@@ -188,18 +202,33 @@ def checkpoint_model_settings(path: str | os.PathLike[str]) -> dict[str, Any] | 
     Returns:
         ``{"model_name", "num_classes", "img_size", "model_kwargs"}``, enough to rebuild the model for the weights.
     """
-    path = os.fspath(path)
-    if not path.endswith(".ckpt") or not os.path.isfile(path):
-        return None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        raise ValueError(f"`checkpoint` {path!r} is not {_WEIGHTS_FILE}.") from None
-    settings = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    checkpoint = _lightning_checkpoint(os.fspath(path)) or {}
+    settings = checkpoint.get("hyper_parameters", {})
     if not all(key in settings for key in _MODEL_SETTINGS):
         return None
     return {key: settings[key] for key in _MODEL_SETTINGS}
 
+
+def checkpoint_input_recipe(path: str | os.PathLike[str]) -> InputRecipe:
+    """The [`InputRecipe`][gmar_lightning.input_recipe.InputRecipe] a Lightning checkpoint stores (written by
+    [`GMARCallback`][gmar_lightning.callback.gmar.GMARCallback] or
+    [`ViTClassifier`][gmar_lightning.demos.model.ViTClassifier]); an empty recipe for other files.
+
+    Raises:
+        ValueError: If the stored recipe is invalid.
+    """
+    path = os.fspath(path)
+    stored = (_lightning_checkpoint(path) or {}).get(INPUT_RECIPE_KEY)
+    if stored is None:
+        return InputRecipe()
+    try:
+        return InputRecipe.from_dict(stored)
+    except ValueError as error:
+        raise ValueError(f"`checkpoint` {path!r} holds an invalid input recipe: {error}") from None
+
+
+INSTALL_HF = 'pip install transformers (or pip install -e ".[hf]" in your gmar-lightning clone)'
+"""How to get transformers while gmar-lightning is not on a package index: the extra needs a clone."""
 
 HF_PREFIX = "hf:"
 """How ``--model`` names a Hugging Face image classifier: ``hf:<save_pretrained folder or hub id>``."""
@@ -211,7 +240,7 @@ def _transformers(source: str) -> ModuleType:
     try:
         import transformers
     except ImportError:
-        raise ValueError(f'--model {HF_PREFIX}{source} needs transformers: pip install "gmar-lightning[hf]".') from None
+        raise ValueError(f"--model {HF_PREFIX}{source} needs transformers: {INSTALL_HF}.") from None
     return transformers
 
 
@@ -403,6 +432,14 @@ class ViTClassifier(L.LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The data module's input recipe, so `gmar-lightning explain --checkpoint` feeds images as training did; a
+        # GMARCallback in the fit has already stored it, with its own display settings filling the gaps.
+        recipe = datamodule_recipe(self.trainer)
+        if INPUT_RECIPE_KEY not in checkpoint and not recipe.is_empty():
+            checkpoint[INPUT_RECIPE_KEY] = recipe.to_dict()
 
     def _step(self, batch: tuple[Tensor, ...] | list[Tensor], stage: str) -> Tensor:
         if not isinstance(batch, list | tuple) or len(batch) < 2:

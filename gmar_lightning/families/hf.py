@@ -3,7 +3,7 @@
 A model family (see [`families`][gmar_lightning.families]): one global self-attention per layer over the prefix
 tokens and the patch grid, like the timm ViT family, with the layout read from the transformers class and config.
 
-``transformers`` is optional (``pip install "gmar-lightning[hf]"``) and nothing here imports it: a model can only be a
+``transformers`` is optional (``pip install transformers``) and nothing here imports it: a model can only be a
 transformers model if the user already imported transformers, so the checks look the package up in ``sys.modules``.
 
 Supported: ``ViTForImageClassification``, ``DeiTForImageClassification``, ``DeiTForImageClassificationWithTeacher``,
