@@ -61,6 +61,7 @@ from gmar_lightning.render import (
     methods_figure,
 )
 from gmar_lightning.report import build_report
+from gmar_lightning.resolve import resolve_model
 
 __all__ = ["add_demo_arguments", "add_model_arguments", "config_from_args", "hf_preprocessing", "main", "positive_int"]
 
@@ -592,6 +593,7 @@ def _explain_files(
     transform = preprocessing.transform()
     device = next(model.parameters()).device
     side = preprocessing.img_size
+    resolved = resolve_model(model)  # once for every batch and method
     # disable=None: a bar only on a terminal, so logs and captured output hold one line per event.
     for start in tqdm(range(0, len(paths), batch_size), desc="explaining", unit="batch", disable=None):
         originals, kept = [], []
@@ -606,7 +608,7 @@ def _explain_files(
         if not kept:
             continue
         images = torch.stack([transform(image) for image in originals]).to(device)
-        explanations = {method: explain(model, images, method=method, target=target).cpu() for method in methods}
+        explanations = {method: explain(resolved, images, method=method, target=target).cpu() for method in methods}
         first = next(iter(explanations.values()))
         batch_predictions = first.predictions
         batch_probabilities = first.logits.softmax(dim=-1).gather(1, batch_predictions[:, None])[:, 0]

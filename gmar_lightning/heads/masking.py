@@ -40,9 +40,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gmar_lightning import families
 from gmar_lightning._checks import check_int_in_range
 from gmar_lightning.capture import AttentionLayer, find_attention_layers, head_slots, slot_count, unwrap_model
-from gmar_lightning.families import hf
 
 __all__ = ["attention_head_grid", "head_mask", "mask_from_order"]
 
@@ -70,12 +70,13 @@ class _HeadLayout:
 
 
 def head_layers(model: nn.Module) -> list[AttentionLayer]:
-    """The attention layers the head tools act on, in forward order: the attention modules of the transformers ViTs
-    inside ``model`` if it holds any, else the timm attention modules."""
+    """The attention layers the head tools act on, in forward order, named within ``model``: those its first ViT's
+    family lists (``Family.attention_layers``: the transformers ViTs' attention modules), else the timm attention
+    modules."""
     eager = unwrap_model(model)
-    if any(hf.is_transformers_vit(module) for module in eager.modules()):
-        return hf.attention_layers(eager)
-    return find_attention_layers(eager)
+    found = families.vision_transformers(eager)
+    family = next((family for family in families.FAMILIES if found and family.matches(found[0][1])), None)
+    return (family.attention_layers if family is not None else find_attention_layers)(eager)
 
 
 def num_heads_of(module: nn.Module) -> int | None:
