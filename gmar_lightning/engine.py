@@ -416,7 +416,9 @@ def explain(
     rule) and ``attention`` (last layer, head mean). See ``docs/method.md`` for every formula.
 
     The whole batch takes one forward and (gradient methods) one backward pass, in eval mode and float32, with
-    fused attention switched off for the call only. Everything the call changes is restored, also on error.
+    fused attention switched off for the call only. Resolving a classifier that puts its own head on the ViT's tokens
+    adds one forward and backward pass of one image, which checks the read-out (docs/method.md). Everything the call
+    changes is restored, also on error.
 
     ``model`` is the whole classifier: the logits are always its output, so a ViT backbone with a separate head, a ViT
     nested as ``self.backbone`` or a LightningModule are explained as they classify. The ViT inside it (found

@@ -167,8 +167,9 @@ def resolve_model(
 
     Raises:
         TypeError: ``model``, ``vit`` or ``token_layout`` is not of the right kind.
-        ValueError: The model cannot be explained (an unsupported family, a ViT without a classifier explained on its
-            own, parameters on the meta device); each message is one line that names the fix.
+        ValueError: The model cannot be explained at any image size (an unsupported family or pooling, a ViT without
+            a classifier explained on its own, parameters on the meta device); each message is one line that names
+            the fix.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
@@ -195,6 +196,8 @@ def resolve_model(
             f"`token_layout` applies to single-sequence ViTs; {type(vit).__name__} fixes its own prefix tokens and "
             "read-out (docs/method.md). Leave `token_layout` unset."
         )
+    if token_layout is None:  # a stated layout overrides the pooling the family would refuse
+        family.check(vit)
     return ResolvedModel(model, vit, family, token_layout, structure_signature(vit))
 
 

@@ -441,14 +441,11 @@ class GMARCallback(Callback):
         counts, checked once (a model that cannot be explained at any image size is refused here)."""
         token_layout = self.explain_options.token_layout
         if self.model_getter is not None:
-            resolved = resolve_model(self.model_getter(pl_module), token_layout=token_layout)
-        else:
-            vit = self._default_vit(pl_module)
-            # A backbone without its own classifier outputs features: the LightningModule's forward adds the head.
-            classifier = pl_module if families.headless_reason(vit) is not None else vit
-            resolved = resolve_model(classifier, vit=vit, token_layout=token_layout)
-        resolved.family.check(resolved.vit)
-        return resolved
+            return resolve_model(self.model_getter(pl_module), token_layout=token_layout)
+        vit = self._default_vit(pl_module)
+        # A backbone without its own classifier outputs features: the LightningModule's forward adds the head.
+        classifier = pl_module if families.headless_reason(vit) is not None else vit
+        return resolve_model(classifier, vit=vit, token_layout=token_layout)
 
     def _current_resolution(self, pl_module: pl.LightningModule) -> ResolvedModel:
         """The resolution of `setup`, again only when the ViT changed structure since (e.g. `HeadPruning` removed

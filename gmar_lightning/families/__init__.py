@@ -29,7 +29,6 @@ __all__ = [
     "Family",
     "Probe",
     "UnsupportedModelError",
-    "check_supported",
     "find_family",
     "find_vision_transformer",
     "headless_reason",
@@ -161,11 +160,6 @@ def find_family(model: nn.Module) -> Family:
             "docs/supported_models.md lists the supported ones."
         )
     return family
-
-
-def check_supported(model: nn.Module) -> None:
-    """Raise the one-line refusal for a model that cannot be explained at any image size; return if it can be."""
-    find_family(model).check(model)
 
 
 def probe(

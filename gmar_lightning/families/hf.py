@@ -191,8 +191,9 @@ def token_layout_of(model: nn.Module) -> TokenLayout:
     - BEiT: the mean of the patch tokens with ``use_mean_pooling`` (the default), otherwise the class token.
     - Dinov2 (with or without registers): the head reads ``[class token, mean of the patch tokens]``; the read-out
       averages the class token's row and the mean patch row, each half of the classifier input weighing the same.
-    - A bare ``*Model`` backbone nested under a custom head is read out as its ``pooler_output`` (class token; BEiT:
-      the patch mean with ``use_mean_pooling``); pass ``token_layout=`` if your head pools otherwise.
+    - A bare ``*Model`` backbone nested under a custom head is assumed to be read out as its ``pooler_output`` (class
+      token; BEiT: the patch mean with ``use_mean_pooling``); the read-out check
+      ([`gmar_lightning.readout`][gmar_lightning.readout]) replaces that with the pooling the head really applies.
     """
     config = model.config
     prefix = _num_prefix_tokens(config)
