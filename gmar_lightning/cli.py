@@ -797,7 +797,9 @@ def _run_explain(args: argparse.Namespace) -> int:
 
 def _run_report(args: argparse.Namespace) -> int:
     report = build_report(args.run, output_dir=args.output, title=args.title)
-    print(f"Wrote {len(report.plots)} plots and {report.html_path} ({len(report.overlays)} overlays)")
+    methods = len(report.overlays)
+    overlays = f"overlays of {methods} method{'s' if methods != 1 else ''}" if methods else "no overlays found"
+    print(f"Wrote {len(report.plots)} plots and {report.html_path} ({overlays})")
     return 0
 
 

@@ -26,8 +26,10 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import json
 import math
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,9 +188,113 @@ def _file_overlays(run_dir: Path, output_dir: Path, kind: str = "overlay") -> li
     return pairs
 
 
-def _accuracy(run_dir: Path, events: list[Any]) -> tuple[float, float] | None:
-    """``(latest, best)`` validation accuracy from TensorBoard scalars or a CSV logger's ``metrics.csv``."""
-    values: list[float] = []
+@dataclass
+class _LoggedRun:
+    """What a W&B or MLflow run logged besides its files: name, validation accuracy, settings, images by tag."""
+
+    name: str | None = None
+    accuracy: list[float] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    images: dict[str, list[tuple[int, Path]]] = field(default_factory=dict)
+
+
+_WANDB_BLOCK, _WANDB_HEADER = 32768, 7
+
+
+def _wandb_records(path: Path) -> list[bytes]:
+    """The records of a W&B transaction log (``run-<id>.wandb``): LevelDB's log format after a 7-byte file header,
+    in 32 KiB blocks of chunks ``crc32 (4) | length (2) | type (1: full, 2: first, 3: middle, 4: last)``."""
+    data = path.read_bytes()
+    records, pending, position = [], b"", _WANDB_HEADER
+    while position + _WANDB_HEADER <= len(data):
+        left = _WANDB_BLOCK - position % _WANDB_BLOCK
+        if left < _WANDB_HEADER:  # a block's tail too short for a chunk header is padding
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + _WANDB_HEADER])
+        if kind == 0:  # preallocated zeros: the end of what was written
+            break
+        chunk = data[position + _WANDB_HEADER : position + _WANDB_HEADER + length]
+        position += _WANDB_HEADER + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            records.append(pending)
+    return records
+
+
+def _wandb_run(run_dir: Path) -> _LoggedRun | None:
+    """A W&B run whose ``files/`` folder is ``run_dir``, read from the ``run-<id>.wandb`` log beside it (offline runs
+    keep only that); ``None`` for other folders, or where ``wandb`` is not installed to decode it."""
+    logs = sorted(run_dir.parent.glob("run-*.wandb")) if run_dir.name == "files" else []
+    if not logs:
+        return None
+    try:
+        from wandb.proto import wandb_internal_pb2
+    except ImportError:
+        return None
+    run = _LoggedRun()
+    for raw in _wandb_records(logs[0]):
+        record = wandb_internal_pb2.Record()
+        try:
+            record.ParseFromString(raw)
+        except Exception:  # a record cut off by a crash: what came before it still counts
+            break
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run.name = f"{record.run.display_name or record.run.run_id} (W&B run {record.run.run_id})"
+        elif kind == "config":
+            for item in record.config.update:
+                if not item.key.startswith("_"):
+                    run.settings[item.key] = json.loads(item.value_json)
+        elif kind == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            if "val_acc" in row:
+                run.accuracy.append(float(row["val_acc"]))
+            # The trainer's step the callback logged with each row; W&B's own `_step` counts rows.
+            step = int(row.get("trainer/global_step", row.get("_step", 0)))
+            for key, value in row.items():
+                if key.endswith("/path") and isinstance(value, str) and key.startswith("gmar/"):
+                    run.images.setdefault(key.removesuffix("/path"), []).append((step, run_dir / value))
+    return run
+
+
+def _mlflow_run(run_dir: Path) -> _LoggedRun | None:
+    """An MLflow file-store run whose ``artifacts/`` folder is ``run_dir``: its name (``meta.yaml``), ``val_acc``
+    history (``metrics/``) and parameters (``params/``); ``None`` for other folders."""
+    root = run_dir.parent
+    if run_dir.name != "artifacts" or not (root / "meta.yaml").is_file():
+        return None
+    run = _LoggedRun()
+    import yaml
+
+    try:
+        meta = yaml.safe_load((root / "meta.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        meta = {}
+    run.name = f"{meta.get('run_name') or root.name} (MLflow run {root.name})"
+    metrics = root / "metrics" / "val_acc"
+    if metrics.is_file():  # one "timestamp value step" line per logged value
+        run.accuracy = [float(line.split()[1]) for line in metrics.read_text().splitlines() if line.strip()]
+    if (root / "params").is_dir():
+        run.settings = {path.name: path.read_text(encoding="utf-8") for path in sorted((root / "params").iterdir())}
+    return run
+
+
+def _logged_overlays(run: _LoggedRun | None, prefix: str) -> list[OverlayPair]:
+    """The first and the latest image a W&B run logged under each ``<prefix><method>`` tag."""
+    pairs = []
+    for tag, found in sorted((run.images if run is not None else {}).items()):
+        found = [(step, path) for step, path in found if path.is_file()]
+        if tag.startswith(prefix) and found:
+            (first_step, first), (latest_step, latest) = found[0], found[-1]
+            pairs.append(OverlayPair(tag, (first_step, first.read_bytes()), (latest_step, latest.read_bytes())))
+    return pairs
+
+
+def _accuracy(run_dir: Path, events: list[Any], logged: _LoggedRun | None) -> tuple[float, float] | None:
+    """``(latest, best)`` validation accuracy from TensorBoard scalars, a CSV logger's ``metrics.csv`` or a W&B or
+    MLflow run."""
+    values: list[float] = list(logged.accuracy) if logged is not None else []
     for accumulator in events:
         if "val_acc" in accumulator.Tags()["scalars"]:
             values = [event.value for event in accumulator.Scalars("val_acc")]
@@ -370,16 +476,26 @@ def build_report(
         plots.append(output / name)
         plot_pngs.append((caption, png))
     events = _tensorboard_events(run_dir)
-    overlays = _tensorboard_overlays(events) + _file_overlays(run_dir, output)
-    evolution = _tensorboard_overlays(events, "gmar/evolution/") + _file_overlays(run_dir, output, "evolution")
+    logged = _wandb_run(run_dir) or _mlflow_run(run_dir)
+    overlays = (
+        _tensorboard_overlays(events) + _file_overlays(run_dir, output) + _logged_overlays(logged, OVERLAY_TAG_PREFIX)
+    )
+    evolution = (
+        _tensorboard_overlays(events, "gmar/evolution/")
+        + _file_overlays(run_dir, output, "evolution")
+        + _logged_overlays(logged, "gmar/evolution/")
+    )
+    name = logged.name if logged is not None and logged.name else run_dir.name
+    if name.startswith("version_"):  # a logger's version folder says little without its run name
+        name = f"{run_dir.parent.name}/{name}"
     page = _page(
-        title or f"GMAR report: {run_dir.name}",
+        title or f"GMAR report: {name}",
         trajectory,
         trajectory_path,
         plot_pngs,
         _comparison_html(overlays) + _evolution_html(evolution),
-        _settings(run_dir),
-        _accuracy(run_dir, events),
+        _settings(run_dir) or (logged.settings if logged is not None else {}),
+        _accuracy(run_dir, events, logged),
     )
     html_path = output / "report.html"
     atomic_write_text(html_path, page)

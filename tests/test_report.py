@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import base64
+import re
 from pathlib import Path
+from types import ModuleType
 
+import lightning.pytorch as pl
 import numpy as np
+import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger, Logger
 from PIL import Image
 
+from gmar_lightning import GMARCallback
 from gmar_lightning.callback.records import EvaluationRecord
 from gmar_lightning.callback.sinks import FileSink
 from gmar_lightning.cli import main
 from gmar_lightning.trajectory import HeadTrajectory
+from tests.lightning_helpers import TinyViTModule, tiny_data, trainer_kwargs
 
 
 def _run_dir_with_trajectory(root: Path, epochs: int = 3) -> Path:
@@ -79,3 +86,59 @@ def test_report_follows_no_link_out_of_the_run_folder(tmp_path: Path) -> None:
     assert base64.b64encode(secret.read_bytes()).decode() not in page
     assert "latest evaluation (step 10)" in page and "step 20" not in page
     assert "hunter2" not in page
+
+
+def _fit(tmp_path: Path, logger: Logger, num_train: int = 48) -> None:
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(callbacks=[GMARCallback(num_probe=4)], logger=logger, **trainer_kwargs(tmp_path))
+    trainer.fit(TinyViTModule(), datamodule=tiny_data(num_train=num_train))
+
+
+def _assert_reads_the_run(page: str, title: str) -> None:
+    assert f"<title>{title}</title>" in page
+    assert "first evaluation (step " in page and "latest evaluation (step " in page  # the overlays
+    assert "gmar/overlay/gmar_l1" in page or "gmar_overlay_gmar_l1.png" in page
+    assert re.search(r"Validation accuracy: <strong>\d\.\d{3}</strong> at the end", page)
+
+
+@pytest.mark.integration
+def test_report_reads_a_wandb_run_like_a_tensorboard_run(
+    tmp_path: Path, offline_wandb: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="gmar-test", name="shapes")
+    _fit(tmp_path, logger, num_train=32)
+    files_dir, run_id = Path(logger.experiment.dir), logger.experiment.id
+    offline_wandb.finish()
+    assert main(["report", str(files_dir)]) == 0
+    assert "(overlays of 1 method)" in capsys.readouterr().out
+    page = (files_dir / "report" / "report.html").read_text(encoding="utf-8")
+    _assert_reads_the_run(page, f"GMAR report: shapes (W&amp;B run {run_id})")
+    # The steps are the trainer's global steps the callback logged (2 batches an epoch), not W&B's own row counter
+    # (3 rows an epoch: the callback's, the validation metrics', the epoch's training metrics').
+    first, latest = (int(step) for step in re.findall(r"evaluation \(step (\d+)\)</figcaption>", page))
+    assert latest - first == 2
+
+
+@pytest.mark.integration
+def test_report_reads_an_mlflow_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this opt-in to its file store
+    logger = MLFlowLogger(experiment_name="gmar-test", run_name="shapes", save_dir=str(tmp_path / "mlruns"))
+    _fit(tmp_path, logger)
+    logger.finalize("success")
+    artifacts = tmp_path / "mlruns" / logger.experiment_id / logger.run_id / "artifacts"
+    assert main(["report", str(artifacts)]) == 0
+    page = (artifacts / "report" / "report.html").read_text(encoding="utf-8")
+    _assert_reads_the_run(page, f"GMAR report: shapes (MLflow run {logger.run_id})")
+
+
+@pytest.mark.integration
+def test_report_reads_a_csv_run(tmp_path: Path) -> None:
+    _fit(tmp_path, CSVLogger(tmp_path / "logs", name="shapes"))
+    assert main(["report", str(tmp_path / "logs" / "shapes" / "version_0")]) == 0
+    page = (tmp_path / "logs" / "shapes" / "version_0" / "report" / "report.html").read_text(encoding="utf-8")
+    _assert_reads_the_run(page, "GMAR report: shapes/version_0")
