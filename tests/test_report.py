@@ -115,8 +115,7 @@ def test_report_reads_a_wandb_run_like_a_tensorboard_run(
     assert "(overlays of 1 method)" in capsys.readouterr().out
     page = (files_dir / "report" / "report.html").read_text(encoding="utf-8")
     _assert_reads_the_run(page, f"GMAR report: shapes (W&amp;B run {run_id})")
-    # The steps are the trainer's global steps the callback logged (2 batches an epoch), not W&B's own row counter
-    # (3 rows an epoch: the callback's, the validation metrics', the epoch's training metrics').
+    # Two evaluations, one epoch (2 batches) apart.
     first, latest = (int(step) for step in re.findall(r"evaluation \(step (\d+)\)</figcaption>", page))
     assert latest - first == 2
 
