@@ -13,14 +13,18 @@ import warnings
 import zlib
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from gmar_lightning.cli import MAX_SHOWN_SIDE, MIN_IMAGE_SIDE, main
-from gmar_lightning.demos.data import SHAPES, ShapesDataset, denormalize
+from gmar_lightning import GMARCallback
+from gmar_lightning.cli import MAX_SHOWN_SIDE, MIN_IMAGE_SIDE, load_image, main, model_preprocessing
+from gmar_lightning.demos.data import SHAPES, ShapesDataModule, ShapesDataset, denormalize
 from gmar_lightning.demos.model import ViTClassifier, create_vit
+from gmar_lightning.input_recipe import INPUT_RECIPE_KEY, InputRecipe
+from tests.lightning_helpers import TinyViTModule, trainer_kwargs
 
 MODEL = "vit_tiny_patch16_224"
 MODEL_KWARGS = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4}
@@ -240,3 +244,52 @@ def test_an_output_folder_holds_one_runs_files(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "holds files that no earlier explain run wrote there (notes.txt)" in lines[0]
     assert (output / "notes.txt").read_text() == "mine" and (output / "b_gmar_l1.png").is_file()
+
+
+def test_a_squashing_recipe_resizes_both_sides_and_the_map_covers_the_whole_image(tmp_path: Path) -> None:
+    # ImageFolderDataModule's validation transform: both sides to the input side, whatever the aspect ratio.
+    path = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (30, 90, 3), dtype=np.uint8)).save(path)
+    recipe = InputRecipe(img_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, resize="squash", interpolation="bilinear")
+    preprocessing = model_preprocessing(create_vit(MODEL, 3, img_size=32, model_kwargs=MODEL_KWARGS), recipe=recipe)
+    with Image.open(path) as image:
+        resized = image.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR)
+    expected = as_input_pixels(np.asarray(resized), (0.5,) * 3, (0.25,) * 3)
+    torch.testing.assert_close(load_image(path, preprocessing), expected, atol=1 / 255 / 0.25, rtol=0)
+    assert preprocessing.crop_box(90, 30) == (0.0, 0.0, 90.0, 30.0)
+    assert preprocessing.describe().startswith("resized to 32x32 (bilinear, aspect ratio not kept)")
+
+
+def as_input_pixels(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    values = torch.tensor(pixels, dtype=torch.float32).permute(2, 0, 1) / 255.0
+    return (values - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+@pytest.mark.integration
+def test_the_callback_stores_the_recipe_it_knows_in_every_checkpoint(tmp_path: Path) -> None:
+    # A fit from plain dataloaders: no data module states a recipe, so the callback's own settings and the probe's
+    # side are what the checkpoint can carry.
+    data = ShapesDataModule(num_train=32, num_val=16, image_size=32, batch_size=16)
+    names = ["round", "box", "wedge", "plus"]
+    callback = GMARCallback(num_probe=4, mean=(0.3,) * 3, std=(0.2,) * 3, class_names=names)
+    trainer = pl.Trainer(callbacks=[callback], logger=False, **trainer_kwargs(tmp_path, max_epochs=1))
+    trainer.fit(TinyViTModule(), train_dataloaders=data.train_dataloader(), val_dataloaders=data.val_dataloader())
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    stored = torch.load(tmp_path / "plain.ckpt", weights_only=True)[INPUT_RECIPE_KEY]
+    assert stored == {"img_size": 32, "mean": [0.3] * 3, "std": [0.2] * 3, "class_names": names}
+
+    # With the data module, its recipe (the transform training really used) comes first; the callback fills gaps.
+    callback = GMARCallback(num_probe=4, mean=(0.5,) * 3, std=(0.5,) * 3)
+    trainer = pl.Trainer(callbacks=[callback], logger=False, **trainer_kwargs(tmp_path / "dm", max_epochs=1))
+    trainer.fit(TinyViTModule(), datamodule=data)
+    trainer.save_checkpoint(tmp_path / "datamodule.ckpt")
+    stored = torch.load(tmp_path / "datamodule.ckpt", weights_only=True)[INPUT_RECIPE_KEY]
+    assert InputRecipe.from_dict(stored) == InputRecipe(
+        img_size=32,
+        mean=ShapesDataset.mean,
+        std=ShapesDataset.std,
+        resize="shorter_side",
+        crop_pct=1.0,
+        interpolation="bilinear",
+        class_names=tuple(SHAPES[:4]),
+    )
