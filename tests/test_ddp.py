@@ -1,4 +1,5 @@
-"""Real DDP with 2 CPU processes (gloo): rank 0 explains without collectives and nothing hangs or desynchronises."""
+"""Real DDP with 2 CPU processes (gloo): rank 0 explains without collectives, heads are pruned on every rank alike, and
+nothing hangs or desynchronises."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from timm.models.vision_transformer import VisionTransformer
 
 from tests.lightning_helpers import tiny_data
 
@@ -19,6 +21,7 @@ from tests.lightning_helpers import tiny_data
 pytestmark = pytest.mark.integration
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
+PRUNING_SCRIPT = Path(__file__).with_name("ddp_pruning_script.py")
 
 
 def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
@@ -56,3 +59,62 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     assert len(events.Images("gmar/overlay/gmar_l1")) == 2
     assert len(events.Histograms("gmar/head_weights/layer_00")) == 2
     assert (Path(rank0["log_dir"]) / "head_importance.npz").exists()
+
+
+def masked_reference(state_dict: dict[str, torch.Tensor]) -> VisionTransformer:
+    """The unpruned TinyViT with the pruned weights back in their heads' slots and removed heads contributing nothing:
+    their ``proj`` input columns are zero (and their q/k/v rows, which then cannot matter)."""
+    reference = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=4)
+    full = reference.state_dict()
+    for key, value in state_dict.items():
+        key = key.removeprefix("vit.")
+        if key.endswith("kept_heads"):
+            continue
+        if key.endswith(("qkv.weight", "qkv.bias", "proj.weight")) and ".attn." in key:
+            kept = state_dict["vit." + key.rsplit(".", 2)[0] + ".kept_heads"]
+            channels = torch.cat([torch.arange(head * 8, head * 8 + 8) for head in kept.nonzero().flatten().tolist()])
+            slot = torch.zeros_like(full[key])
+            if key.endswith("proj.weight"):
+                slot[:, channels] = value
+            else:
+                rows = torch.cat([channels + part * 32 for part in range(3)])
+                slot[rows] = value
+            full[key] = slot
+        else:
+            full[key] = value
+    reference.load_state_dict(full)
+    return reference.eval()
+
+
+def test_ddp_head_pruning_keeps_the_ranks_identical(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parent.parent), "OMP_WAIT_POLICY": "PASSIVE"}
+    process = subprocess.Popen(
+        [sys.executable, str(PRUNING_SCRIPT), str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise AssertionError("DDP fit with HeadPruning did not finish within 300 s: a rank is hanging") from None
+    assert process.returncode == 0, stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    saved = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    # Both ranks removed the same heads at the same step (rank 0 ranked them on its GMAR trajectory) ...
+    assert reports[0]["history"] == reports[1]["history"] and len(reports[0]["history"]) == 1
+    assert sum(len(heads) for heads in reports[0]["history"][0]["removed"].values()) == 3
+    # ... went on training the new parameters with the optimizer ...
+    assert all(report["optimizer_holds_the_model_parameters"] for report in reports)
+    # ... and hold bit-identical weights after two more epochs on different data shards: DDP's new buckets reduced
+    # the new parameters' gradients.
+    assert saved[0]["state_dict"].keys() == saved[1]["state_dict"].keys()
+    assert all(torch.equal(saved[0]["state_dict"][key], saved[1]["state_dict"][key]) for key in saved[0]["state_dict"])
+    # The pruned model computes what the unpruned architecture computes with those heads masked.
+    with torch.no_grad():
+        masked = masked_reference(saved[0]["state_dict"])(saved[0]["images"])
+    assert torch.allclose(saved[0]["logits"], masked, atol=1e-5)

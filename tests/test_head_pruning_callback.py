@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -49,7 +49,7 @@ def test_pruning_with_gmar_callback_under_tensorboard(tmp_path: Path) -> None:
     kept = [(layer, head) for layer in range(2) for head in range(4) if (layer, head) not in removed]
     assert max(weights[layer, head] for layer, head in removed) <= min(weights[layer, head] for layer, head in kept)
     assert first["parameters"] == first["parameters_before"] - 3 * (4 * 32 * HEAD_DIM + 3 * HEAD_DIM)
-    assert first["throughput"] > 0 and first["throughput_before"] > 0
+    assert first["speedup"] > 0 and first["asked"] == 3
     assert json.loads((Path(logger.log_dir) / "head_pruning.json").read_text()) == pruning.history
 
     # The trajectory follows the shrinking model: removed heads are NaN from the epoch after their removal on.
@@ -59,11 +59,30 @@ def test_pruning_with_gmar_callback_under_tensorboard(tmp_path: Path) -> None:
     assert (~trajectory.weights[1].isnan()).sum() == 5 and (~trajectory.weights[2].isnan()).sum() == 2
     assert torch.allclose(trajectory.weights[2].nansum(-1), torch.ones(2))
 
-    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0}).Reload()
-    heads = [event.value for event in events.Scalars("head_pruning/heads")]
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0, "tensors": 0}).Reload()
+    # A point at the start of the fit, then one per pruning at its step.
+    heads = [(event.step, event.value) for event in events.Scalars("head_pruning/heads")]
+    steps = [entry["step"] for entry in pruning.history]
+    assert heads == [(0, 8.0), (steps[0], 5.0), (steps[1], 2.0)] and 0 < steps[0] < steps[1]
     parameters = [event.value for event in events.Scalars("head_pruning/parameters")]
-    assert heads == [5.0, 2.0] and parameters[0] > parameters[1]
-    assert len(events.Scalars("head_pruning/throughput")) == 2
+    assert parameters[0] > parameters[1] > parameters[2] == pruning.history[1]["parameters"]
+    removed = [(event.step, event.value) for event in events.Scalars("head_pruning/removed_heads")]
+    assert removed == [(steps[0], 3.0), (steps[1], 3.0)]
+    # Every pruning event names its removed heads, as text at its step.
+    texts = {
+        event.step: event.tensor_proto.string_val[0].decode()
+        for event in events.Tensors("head_pruning/removed/text_summary")
+    }
+    assert sorted(texts) == steps
+    for entry in pruning.history:
+        for layer, removed_heads in entry["removed"].items():
+            assert f"| {entry['step']} | {entry['epoch']} | {layer} | {removed_heads} |" in texts[entry["step"]]
+    # The only speed figure is the interleaved before/after ratio; no raw throughput that machine load moves.
+    speed_tags = [tag for tag in events.Tags()["scalars"] if "throughput" in tag or "speed" in tag]
+    assert speed_tags == ["head_pruning/speedup"]
+    assert [event.value for event in events.Scalars("head_pruning/speedup")] == pytest.approx(
+        [entry["speedup"] for entry in pruning.history]
+    )
     for layer in range(2):
         # The last evaluation saw the pruned model: 8 probe images x the heads the layer has left, no NaN.
         histogram = events.Histograms(f"gmar/head_weights/layer_{layer:02d}")[-1]
@@ -182,7 +201,10 @@ def test_a_pruned_vit_classifier_checkpoint_loads_and_explains(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"amount": 1.5}, r"`amount` must be a fraction in \(0, 1\) of the original heads or a number of heads >= 1"),
+        (
+            {"amount": 1.5},
+            r"`amount` must be a fraction in \(0, 1\) of the original heads or a whole number of heads >= 1",
+        ),
         ({"amount": 0}, r"`amount` must be a fraction in \(0, 1\)"),
         ({"criterion": "entropy"}, "`criterion` must be one of gmar, michel, magnitude, random or a callable"),
         ({"epochs": "1"}, "`epochs` must be a list of epoch numbers >= 0 or a callable"),
@@ -196,11 +218,13 @@ def test_bad_arguments_fail_in_one_line(kwargs: dict, message: str) -> None:
     assert "\n" not in str(raised.value)
 
 
-def test_setup_refuses_gmar_without_a_gmar_callback_and_distributed_training(tmp_path: Path) -> None:
+def test_setup_refuses_gmar_without_a_gmar_callback_and_stochastic_weight_averaging(tmp_path: Path) -> None:
     module = TinyViTModule()
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, logger=False, callbacks=[HeadPruning()]))
     with pytest.raises(ValueError, match="`criterion='gmar'` needs a GMARCallback with a GMAR method"):
         trainer.fit(module, datamodule=tiny_data())
-    ddp = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
-    with pytest.raises(ValueError, match="HeadPruning changes parameter shapes, which DDPStrategy across 2 processes"):
-        HeadPruning(criterion="magnitude").setup(ddp, module, "fit")
+    swa = StochasticWeightAveraging(swa_lrs=1e-3)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, logger=False, callbacks=[swa, HeadPruning(criterion="magnitude")]))
+    with pytest.raises(ValueError, match="HeadPruning cannot slice StochasticWeightAveraging's copy") as raised:
+        trainer.fit(module, datamodule=tiny_data())
+    assert "\n" not in str(raised.value) and trainer.global_step == 0

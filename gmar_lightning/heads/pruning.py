@@ -56,6 +56,7 @@ __all__ = [
     "ParameterSlice",
     "head_counts",
     "head_ids",
+    "measure_speedup",
     "measure_throughput",
     "present_heads",
     "prune_heads",
@@ -484,22 +485,43 @@ def restore_pruning(model: nn.Module, state_dict: Mapping[str, Any]) -> list[Par
     layers = head_layers(model)
     removals: dict[int, list[int]] = {}
     for index, layer in enumerate(layers):
+        current = torch.zeros(_original_count(layer.module), dtype=torch.bool)
+        current[_kept_indices(layer.module).cpu()] = True
         suffix = f"{layer.name}.{KEPT_HEADS}"
         keys = [key for key in state_dict if key == suffix or key.endswith(f".{suffix}")]
         if not keys:
+            if not bool(current.all()) and _has_layer_weights(state_dict, layer):
+                # Saved before this layer lost heads (a pre-pruning checkpoint, e.g. ckpt_path="best"): its weights
+                # hold every head, which the pruned model has no room for.
+                _refuse_state_dict(layer, None, current)
             continue
         stored = torch.as_tensor(state_dict[min(keys, key=len)]).bool().cpu()
-        current = torch.zeros(_original_count(layer.module), dtype=torch.bool)
-        current[_kept_indices(layer.module).cpu()] = True
         if stored.shape != current.shape or bool((stored & ~current).any()):
-            raise ValueError(
-                f"`state_dict` keeps heads {stored.nonzero().flatten().tolist()} of {stored.numel()} in layer "
-                f"`{layer.name}`, but the model has heads {current.nonzero().flatten().tolist()} of "
-                f"{current.numel()}; build the model with the checkpoint's architecture."
-            )
+            _refuse_state_dict(layer, stored, current)
         if bool((current & ~stored).any()):
             removals[index] = (current & ~stored).nonzero().flatten().tolist()
     return prune_heads(model, removals) if removals else []
+
+
+def _has_layer_weights(state_dict: Mapping[str, Any], layer: AttentionLayer) -> bool:
+    """Whether ``state_dict`` holds the weights of ``layer`` (under any key prefix)."""
+    names = [f"{layer.name}.{name}" for name, _ in layer.module.named_parameters()]
+    return any(key == name or key.endswith(f".{name}") for key in state_dict for name in names)
+
+
+def _refuse_state_dict(layer: AttentionLayer, stored: Tensor | None, current: Tensor) -> None:
+    """One line saying why the state dict does not fit and how to load it (``stored`` None: saved unpruned)."""
+    fresh = "load it into a freshly built model, which is pruned to match, e.g. `YourModule.load_from_checkpoint(path)`"
+    have = f"the model has heads {current.nonzero().flatten().tolist()} of {current.numel()}"
+    if stored is None:
+        raise ValueError(
+            f"`state_dict` has every head of layer `{layer.name}`, but {have}: it was saved before the pruning; "
+            f"{fresh}."
+        )
+    raise ValueError(
+        f"`state_dict` keeps heads {stored.nonzero().flatten().tolist()} of {stored.numel()} in layer `{layer.name}`, "
+        f"but {have}; build the model with the checkpoint's architecture: {fresh}."
+    )
 
 
 def slice_optimizer_state(optimizer: torch.optim.Optimizer, changes: Sequence[ParameterSlice]) -> None:
@@ -617,6 +639,39 @@ def measure_throughput(model: nn.Module, images: Tensor, repeats: int = 3) -> fl
                 torch.cuda.synchronize(images.device)
             seconds.append(time.perf_counter() - start)
     return images.shape[0] / statistics.median(seconds)
+
+
+def measure_speedup(before: nn.Module, after: nn.Module, images: Tensor, rounds: int = 5) -> float:
+    """How many times faster ``after(images)`` runs than ``before(images)``, timed interleaved.
+
+    Each round times one forward of each model, alternating which goes first, so a change of machine load during the
+    measurement slows both alike; the result is the ratio of the two medians (above 1: ``after`` is faster). Both
+    models run in eval mode without gradients after one warm-up each; their training flags are restored.
+
+    Examples:
+        >>> import timm
+        >>> vit = timm.models.vision_transformer.VisionTransformer(
+        ...     img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2)
+        >>> measure_speedup(vit, vit, torch.randn(2, 3, 16, 16)) > 0
+        True
+    """
+    check_positive_int("rounds", rounds)
+    models = (before, after)
+    seconds: tuple[list[float], list[float]] = ([], [])
+    with eval_mode(before), eval_mode(after), torch.inference_mode():
+        for model in models:
+            model(images)
+        for round_index in range(rounds):
+            order = (0, 1) if round_index % 2 == 0 else (1, 0)
+            for which in order:
+                if images.device.type == "cuda":
+                    torch.cuda.synchronize(images.device)
+                start = time.perf_counter()
+                models[which](images)
+                if images.device.type == "cuda":
+                    torch.cuda.synchronize(images.device)
+                seconds[which].append(time.perf_counter() - start)
+    return statistics.median(seconds[0]) / statistics.median(seconds[1])
 
 
 def prune_gradually(
