@@ -120,19 +120,24 @@ def test_a_schedule_that_follows_the_gmar_evaluations_prunes(tmp_path: Path) -> 
     assert sum(head_counts(module)) == 6 and pruning.history[0]["epoch"] == 2
 
 
-def test_gmar_refuses_a_stale_ranking_after_the_gmar_callback_switched_itself_off(tmp_path: Path) -> None:
-    def vit_until_epoch_one(module: pl.LightningModule):
-        if module.current_epoch >= 1:
-            raise RuntimeError("the explained model broke")
-        return module.vit
+class BreaksUnderExplanation(TinyViTModule):
+    """A forward that fails from epoch 1 on when run in eval mode with gradients: only GMAR's explanation does that
+    (validation runs without gradients, training in train mode), so the GMARCallback switches itself off then."""
 
-    gmar = GMARCallback(num_probe=4, model_getter=vit_until_epoch_one)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.current_epoch >= 1 and not self.training and torch.is_grad_enabled():
+            raise RuntimeError("the explained model broke")
+        return super().forward(images)
+
+
+def test_gmar_refuses_a_stale_ranking_after_the_gmar_callback_switched_itself_off(tmp_path: Path) -> None:
+    gmar = GMARCallback(num_probe=4, model_getter=lambda module: module)
     pruning = HeadPruning(amount=2, criterion="gmar", epochs=[2], throughput_batch=0)
     with (
         pytest.warns(UserWarning, match="GMARCallback disabled itself"),
         pytest.raises(ValueError, match="GMARCallback switched itself off") as raised,
     ):
-        fit(tmp_path, [gmar, pruning], max_epochs=3)
+        fit(tmp_path, [gmar, pruning], max_epochs=3, module=BreaksUnderExplanation())
     assert "\n" not in str(raised.value) and not pruning.history and len(gmar.trajectory) == 1
 
 
