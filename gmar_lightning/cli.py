@@ -8,8 +8,11 @@ gmar-lightning report runs/gmar_demo/version_0
 gmar-lightning demo --epochs 5
 ```
 
-Every failure the user can fix (a missing file, an unknown model name, an unreadable image, a bad option) prints
-one line to stderr and exits with status 2; nothing prints a traceback.
+Every failure the user can fix (a missing file, an unknown model name, a bad option) prints one line to stderr and
+exits with status 2; nothing prints a traceback. An image ``explain`` cannot explain faithfully (unreadable, too
+small, pixels of unknown range) gets one such line and is skipped: the others are explained, and the exit status is 2
+at the end. A checkpoint's stored [`InputRecipe`][gmar_lightning.input_recipe.InputRecipe] sets the input and the
+class names unless flags override it.
 """
 
 from __future__ import annotations
@@ -984,13 +987,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain_parser.add_argument("--target", type=int, default=None, help="class to explain (default: predicted)")
     explain_parser.add_argument(
-        "--class-names", metavar="FILE", default=None, help="text file with one class name per line, for captions"
+        "--class-names",
+        metavar="FILE",
+        default=None,
+        help="text file with one class name per line, for captions (default: the checkpoint's, hf: id2label)",
     )
     explain_parser.add_argument(
-        "--mean", type=float, nargs=3, default=None, metavar="M", help="input normalisation mean (default: the model's)"
+        "--mean",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar="M",
+        help="input normalisation mean (default: the checkpoint's recipe, else the model's)",
     )
     explain_parser.add_argument(
-        "--std", type=float, nargs=3, default=None, metavar="S", help="input normalisation std (default: the model's)"
+        "--std",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar="S",
+        help="input normalisation std (default: the checkpoint's recipe, else the model's)",
     )
     explain_parser.add_argument(
         "--crop-pct",
@@ -1006,7 +1022,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain_parser.add_argument(
         "--side-by-side", action="store_true", help="also write <image>_methods.png with every method next to the image"
     )
-    explain_parser.add_argument("--output", default="gmar_explanations", help="output folder")
+    explain_parser.add_argument(
+        "--output",
+        default="gmar_explanations",
+        help="output folder; an earlier explain run's files there are replaced, a folder holding others is refused",
+    )
     explain_parser.add_argument("--batch-size", type=positive_int, default=16, help="images per pass")
     explain_parser.add_argument(
         "--device",
