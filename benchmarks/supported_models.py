@@ -37,9 +37,9 @@ from gmar_lightning.families import UnsupportedModelError, find_family, find_vis
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "supported_models.md"
 
-VERIFIED_FAMILIES = {"vit", "swin", "pvt", "cait", "pit", "sam", "transformers"}
-"""Family probes whose token plans tests/test_families.py, tests/test_engine.py and tests/test_hf.py check against the
-reference."""
+VERIFIED_FAMILIES = {"vit", "swin", "pvt", "cait", "pit", "sam", "transformers", "transformers_swin"}
+"""Family probes whose token plans tests/test_families.py, tests/test_engine.py, tests/test_hf.py and
+tests/test_hf_families.py check against the reference."""
 
 SINGLE_SEQUENCE_CLASSES = {"VisionTransformer", "VisionTransformerDistilled", "Beit", "Eva", "VisionTransformerRelPos"}
 """timm classes the generic single-sequence ``vit`` probe is verified on; any other class it takes is a failure."""
@@ -52,6 +52,7 @@ FAMILY_NOTES = {
     "pit": "class token(s) + grid per stage; pooling convolutions map to their kernels",
     "sam": "windowed blocks (padded) interleaved with global blocks",
     "transformers": "eager attention for the call; token layout and grid from the class and config",
+    "transformers_swin": "eager attention for the call; padded, then shifted windows mapped to the grid; 2x2 merging",
 }
 
 
@@ -162,6 +163,18 @@ TINY_HF = {
 }
 
 
+TINY_TEXT = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+TINY_HF_SWIN = {
+    "image_size": 32,
+    "patch_size": 4,
+    "embed_dim": 16,
+    "depths": [2, 2],
+    "num_heads": [2, 2],
+    "window_size": 4,
+    "num_labels": 3,
+}
+
+
 def transformers_case(model_class: str, config_class: str, expect: str = "works", **config: object) -> Case:
     """A transformers class built from a tiny config (no download)."""
 
@@ -191,17 +204,21 @@ CASES += [
         model_args=TINY_VIT,
     ),
     transformers_case(
-        "SwinForImageClassification",
-        "SwinConfig",
-        expect="refused",
-        image_size=32,
-        patch_size=4,
-        embed_dim=16,
-        depths=[1, 1],
-        num_heads=[2, 2],
-        window_size=4,
+        "CLIPForImageClassification",
+        "CLIPConfig",
+        vision_config={key: value for key, value in TINY_HF.items() if key != "num_labels"},
+        text_config=TINY_TEXT,
         num_labels=3,
     ),
+    transformers_case(
+        "SiglipForImageClassification",
+        "SiglipConfig",
+        vision_config={key: value for key, value in TINY_HF.items() if key != "num_labels"},
+        text_config=TINY_TEXT,
+        num_labels=3,
+    ),
+    transformers_case("SwinForImageClassification", "SwinConfig", **TINY_HF_SWIN),
+    transformers_case("Swinv2ForImageClassification", "Swinv2Config", **TINY_HF_SWIN),
 ]
 
 NO_TOKEN_ATTENTION: dict[str, str] = {

@@ -387,8 +387,7 @@ class HeadPruning(Callback):
 
     def _timing_images(self, model: nn.Module) -> Tensor:
         if hf.is_transformers_vit(model):
-            side = model.config.image_size
-            channels, size = hf.num_channels_of(model), (side, side) if isinstance(side, int) else tuple(side)
+            channels, size = hf.num_channels_of(model), hf.image_size_of(model)
         else:
             channels, size = model.patch_embed.proj.in_channels, tuple(model.patch_embed.img_size)
         parameter = next(model.parameters())

@@ -113,7 +113,7 @@ class Family:
 
 
 def _registry() -> tuple[list[Family], list[Callable[[nn.Module], str | None]]]:
-    from gmar_lightning.families import cait, hf, pit, pvt, refused, sam, swin, vit
+    from gmar_lightning.families import cait, hf, hf_swin, pit, pvt, refused, sam, swin, vit
 
     families = [
         Family("sam", sam.matches, sam.probe, sam.check),
@@ -122,6 +122,14 @@ def _registry() -> tuple[list[Family], list[Callable[[nn.Module], str | None]]]:
         Family("swin", swin.matches, swin.probe, swin.check),
         Family("pvt", pvt.matches, pvt.probe, pvt.check),
         Family("vit", vit.matches, vit.probe, vit.check, takes_token_layout=True, linear_readout=vit.linear_readout),
+        Family(
+            "transformers_swin",
+            hf_swin.matches,
+            hf_swin.probe,
+            headless=hf.headless,
+            num_channels=hf.num_channels_of,
+            attention_layers=hf.attention_layers,
+        ),
         Family(
             "transformers",
             hf.matches,

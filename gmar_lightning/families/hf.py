@@ -8,8 +8,12 @@ transformers model if the user already imported transformers, so the checks look
 
 Supported: ``ViTForImageClassification``, ``DeiTForImageClassification``, ``DeiTForImageClassificationWithTeacher``,
 ``BeitForImageClassification``, ``Dinov2ForImageClassification`` and ``Dinov2WithRegistersForImageClassification``
-(and their bare ``*Model`` backbones inside a module that adds its own head), on transformers 4.x and 5.x.
-``TimmWrapperForImageClassification`` holds a timm model, which the timm families explain.
+(and their bare ``*Model`` backbones inside a module that adds its own head), on transformers 4.x and 5.x; on
+transformers 5.x also ``CLIPForImageClassification``, ``SiglipForImageClassification`` and the backbones
+``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel`` and ``DINOv3ViTModel`` (RoPE and
+register tokens; RoPE changes the attention scores, not which tokens are mixed). Swin and Swin v2 are the family
+[`families.hf_swin`][gmar_lightning.families.hf_swin]. ``TimmWrapperForImageClassification`` holds a timm model, which
+the timm families explain.
 
 How the attention probabilities are reached: each transformers attention module returns ``(output, weights)``, where
 ``weights`` is the tensor that multiplies the values (after dropout, an identity in eval mode), but only on the eager
@@ -58,12 +62,49 @@ SUPPORTED_CLASSES = (
     "BeitForImageClassification",
     "Dinov2ForImageClassification",
     "Dinov2WithRegistersForImageClassification",
+    "CLIPForImageClassification",
+    "SiglipForImageClassification",
+    "SwinForImageClassification",
+    "Swinv2ForImageClassification",
     "TimmWrapperForImageClassification",
 )
 """The transformers image classifiers ``explain`` and ``GMARCallback`` support."""
 
+SUPPORTED_BACKBONES = (
+    "ViTModel",
+    "DeiTModel",
+    "BeitModel",
+    "Dinov2Model",
+    "Dinov2WithRegistersModel",
+    "CLIPVisionModel",
+    "CLIPVisionModelWithProjection",
+    "SiglipVisionModel",
+    "DINOv3ViTModel",
+    "SwinModel",
+    "Swinv2Model",
+)
+"""The transformers backbones (no classifier) supported inside a module that adds its own head."""
+
 # The config model types of those classes and of their bare backbones (ViTModel, ...), which users nest under heads.
-_MODEL_TYPES = frozenset({"vit", "deit", "beit", "dinov2", "dinov2_with_registers"})
+_MODEL_TYPES = frozenset(
+    {
+        "vit",
+        "deit",
+        "beit",
+        "dinov2",
+        "dinov2_with_registers",
+        "clip_vision_model",
+        "siglip_vision_model",
+        "dinov3_vit",
+        "swin",
+        "swinv2",
+    }
+)
+# Image-text models whose config holds a ``vision_config``: only their image classifiers are vision models (CLIPModel
+# needs text too, and its CLIPVisionModel inside is found on its own).
+_COMPOSITE_TYPES = frozenset({"clip", "siglip"})
+# The single-sequence ViTs of this family; Swin and Swin v2 (windows, merging) are `families.hf_swin`.
+_SWIN_TYPES = frozenset({"swin", "swinv2"})
 
 
 def is_transformers_model(module: nn.Module) -> bool:
@@ -73,8 +114,20 @@ def is_transformers_model(module: nn.Module) -> bool:
 
 
 def is_transformers_vit(module: nn.Module) -> bool:
-    """Whether ``module`` is a transformers ViT whose attention and token layout this module knows."""
-    return is_transformers_model(module) and getattr(module.config, "model_type", None) in _MODEL_TYPES
+    """Whether ``module`` is a transformers vision transformer whose attention and token layout gmar-lightning knows
+    (this family's single-sequence ViTs, or a Swin of [`families.hf_swin`][gmar_lightning.families.hf_swin])."""
+    if not is_transformers_model(module):
+        return False
+    model_type = getattr(module.config, "model_type", None)
+    if model_type in _COMPOSITE_TYPES:
+        return type(module).__name__.endswith("ForImageClassification")
+    return model_type in _MODEL_TYPES
+
+
+def vision_config(model: nn.Module) -> object:
+    """The config that describes a transformers ViT's images and patches: ``config.vision_config`` for an image-text
+    model's classifier (CLIP, SigLIP), else ``config``."""
+    return getattr(model.config, "vision_config", None) or model.config
 
 
 def is_headless(model: nn.Module) -> bool:
@@ -110,6 +163,11 @@ def _records_outputs(vit: nn.Module) -> bool:
     return any(_recorded_attention_classes(module) for module in vit.modules() if is_transformers_model(module))
 
 
+# Model types whose ``_can_record_outputs`` records attention from each stage's output, the last block's only (Swin):
+# every block's weights are element 1 of the output of these attention modules.
+_PER_BLOCK_ATTENTION = {"swin": "SwinAttention"}
+
+
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
     """``(name, module, output index)`` of every attention module of a transformers ViT, in forward order.
 
@@ -117,14 +175,19 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
     ``_can_record_outputs`` names the module class there; older code (4.x BEiT) uses ``*SelfAttention`` modules that
     return ``(context, weights)`` under ``output_attentions``.
     """
+    models = [module for module in model.modules() if is_transformers_model(module)]
+    per_block = {_PER_BLOCK_ATTENTION.get(getattr(module.config, "model_type", None)) for module in models} - {None}
     recorded = dict(
         pair
-        for module in model.modules()
-        if is_transformers_model(module)
+        for module in models
+        if getattr(module.config, "model_type", None) not in _PER_BLOCK_ATTENTION
         for pair in _recorded_attention_classes(module)
     )
     modules = []
     for name, module in model.named_modules():
+        if type(module).__name__ in per_block:
+            modules.append((name, module, 1))
+            continue
         if recorded:
             index = next((i for cls, i in recorded.items() if isinstance(module, cls)), None)
         else:
@@ -180,6 +243,8 @@ def _restore(saved: list) -> None:
 def _num_prefix_tokens(config: object) -> int:
     if config.model_type == "deit":
         return 2  # class and distillation token
+    if config.model_type == "siglip_vision_model":
+        return 0  # no class token: every token is a patch
     return 1 + int(getattr(config, "num_register_tokens", 0) or 0)
 
 
@@ -191,32 +256,61 @@ def token_layout_of(model: nn.Module) -> TokenLayout:
     - BEiT: the mean of the patch tokens with ``use_mean_pooling`` (the default), otherwise the class token.
     - Dinov2 (with or without registers): the head reads ``[class token, mean of the patch tokens]``; the read-out
       averages the class token's row and the mean patch row, each half of the classifier input weighing the same.
-    - A bare ``*Model`` backbone nested under a custom head is assumed to be read out as its ``pooler_output`` (class
-      token; BEiT: the patch mean with ``use_mean_pooling``); the read-out check
-      ([`gmar_lightning.readout`][gmar_lightning.readout]) replaces that with the pooling the head really applies.
+    - ``CLIPForImageClassification``: the mean of the patch tokens (the class token is left out);
+      ``SiglipForImageClassification``: the mean of all tokens (SigLIP has no class token).
+    - A bare backbone nested under a custom head is assumed to be read out as its ``pooler_output``: the class token
+      (ViT, DeiT, Dinov2, DINOv3, ``CLIPVisionModel``; ``CLIPVisionModelWithProjection`` projects it linearly), the
+      patch mean (BEiT with ``use_mean_pooling``, ``SiglipVisionModel`` built without its pooling head); the read-out
+      check ([`gmar_lightning.readout`][gmar_lightning.readout]) replaces that with the pooling the head really
+      applies.
     """
-    config = model.config
+    config = vision_config(model)
     prefix = _num_prefix_tokens(config)
     name = type(model).__name__
+    classifier = name.endswith("ForImageClassification")
     if name.endswith("WithTeacher"):
         return TokenLayout(num_prefix_tokens=prefix, readout_tokens=(0, 1))
     if config.model_type == "beit" and getattr(config, "use_mean_pooling", True):
         return TokenLayout(num_prefix_tokens=prefix, readout_tokens=None)
-    if config.model_type.startswith("dinov2") and name.endswith("ForImageClassification"):
+    if config.model_type.startswith("dinov2") and classifier:
         return TokenLayout(num_prefix_tokens=prefix, readout_tokens=(0,), with_patch_mean=True)
+    if (config.model_type == "clip_vision_model" and classifier) or config.model_type == "siglip_vision_model":
+        return TokenLayout(num_prefix_tokens=prefix, readout_tokens=None)
     return TokenLayout(num_prefix_tokens=prefix, readout_tokens=(0,))
 
 
 def patch_grid_of(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]:
     """The patch grid ``(h, w)`` a transformers ViT produces for an image of ``image_size``."""
-    patch = model.config.patch_size
+    patch = vision_config(model).patch_size
     patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
     return image_size[0] // patch_h, image_size[1] // patch_w
 
 
 def num_channels_of(model: nn.Module) -> int | None:
     """The number of image channels the model takes, from its config."""
-    return getattr(model.config, "num_channels", None)
+    return getattr(vision_config(model), "num_channels", None)
+
+
+def image_size_of(model: nn.Module) -> tuple[int, int]:
+    """The ``(height, width)`` of the images the model was configured for."""
+    side = vision_config(model).image_size
+    return (side, side) if isinstance(side, int) else tuple(side)
+
+
+# Why a transformers vision model outside the supported ones cannot be explained, by model type: each reason names
+# what is missing, not a workaround that does not exist.
+_NAFLEX = (
+    "takes NaFlex patch sequences with spatial_shapes and a padding mask, not images [B, C, H, W]; gmar-lightning "
+    "does not map them yet"
+)
+_TYPE_REASONS = {
+    "siglip2_vision_model": _NAFLEX,
+    "siglip2": _NAFLEX,
+    "vit_mae": (
+        "drops a random share of the patches (mask_ratio) on every call, so its attention covers a different token "
+        "subset each time; explain a classifier fine-tuned from it (ViTForImageClassification) instead"
+    ),
+}
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -226,15 +320,20 @@ def unsupported_reason(model: nn.Module) -> str | None:
             if type(module).__name__.startswith("TimmWrapper"):
                 continue  # holds a timm model, explained by the timm families
             held = "it is" if module is model else f"it holds {type(module).__name__},"
+            model_type = getattr(module.config, "model_type", None)
+            reason = _TYPE_REASONS.get(model_type)
+            if reason is not None:
+                return f"{'it' if module is model else f'its {type(module).__name__}'} {reason}"
             return (
-                f"{held} a transformers model outside the supported plain ViTs ({', '.join(SUPPORTED_CLASSES)}); "
-                "for a Swin or another hierarchical model, use its timm counterpart"
+                f"{held} a transformers model gmar-lightning does not map; docs/supported_models.md lists the "
+                "supported transformers classes"
             )
     return None
 
 
 def matches(model: nn.Module) -> bool:
-    return is_transformers_vit(model)
+    """A transformers single-sequence ViT (not a Swin)."""
+    return is_transformers_vit(model) and model.config.model_type not in _SWIN_TYPES
 
 
 def _adapter(module_class: type, output_index: int) -> AttentionAdapter:

@@ -86,8 +86,9 @@ def num_heads_of(module: nn.Module) -> int | None:
 
 
 def output_projection(module: nn.Module) -> nn.Module | None:
-    """The linear layer that mixes the concatenated heads: timm's ``proj``, transformers' ``o_proj``."""
-    projection = getattr(module, "proj", getattr(module, "o_proj", None))
+    """The linear layer that mixes the concatenated heads: timm's ``proj``, transformers' ``o_proj`` (``out_proj`` in
+    CLIP and SigLIP)."""
+    projection = next((getattr(module, name) for name in ("proj", "o_proj", "out_proj") if hasattr(module, name)), None)
     return projection if isinstance(projection, nn.Module) else None
 
 

@@ -234,7 +234,8 @@ def _head_dim(module: nn.Module) -> int:
 
 def _check_transformers_prunable(layer: AttentionLayer, remove: set[int]) -> None:
     module = layer.module
-    if not all(isinstance(getattr(module, name, None), nn.Linear) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+    projections = (getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj"))
+    if not all(isinstance(linear, nn.Linear) for linear in (*projections, output_projection(module))):
         raise TypeError(
             f"`model` layer `{layer.name}` is a {type(module).__name__} without q_proj/k_proj/v_proj/o_proj; "
             "prune_heads supports transformers >= 5 ViTs (transformers 4.x models have their own `prune_heads`)."
@@ -376,8 +377,11 @@ def _prune_layer(module: nn.Module, remove: set[int], bias_owner: nn.Module) -> 
         kept = torch.ones(num_heads, dtype=torch.bool, device=output_projection(module).weight.device)
         module.register_buffer(KEPT_HEADS, kept, persistent=True)
     kept[sorted(remove)] = False
-    # transformers attention splits its projections by head_dim (view(..., -1, head_dim)), so only the count changes.
-    setattr(module, "num_attention_heads" if _is_transformers_attention(module) else "num_heads", int(keep.numel()))
+    # transformers attention splits its projections by head_dim (view(..., -1, head_dim)) or by its head count, which
+    # is `num_attention_heads` in ViT and `num_heads` in CLIP, SigLIP and DINOv3: every count it keeps changes.
+    for count in ("num_heads", "num_attention_heads"):
+        if hasattr(module, count):
+            setattr(module, count, int(keep.numel()))
     module.head_dim = head_dim
     if hasattr(module, "attn_dim"):
         module.attn_dim = module.num_heads * head_dim
