@@ -49,6 +49,15 @@ def _output_tensors(output: object) -> list[Tensor]:
     return [item for item in fields if isinstance(item, Tensor)]
 
 
+@dataclass
+class _Cache:
+    """What a `ResolvedModel` learns as it is used: a probe per image size, and the read-out check's verdict."""
+
+    probes: dict[tuple[int, int], Probe] = field(default_factory=dict)
+    readout_checked: bool = False
+    readout: TokenLayout | None = None  # None: the family's own
+
+
 @dataclass(frozen=True, eq=False)
 class ResolvedModel:
     """A model as the engine explains it, resolved once by [`resolve_model`][gmar_lightning.resolve.resolve_model].
@@ -69,9 +78,7 @@ class ResolvedModel:
     family: Family
     token_layout: TokenLayout | None
     signature: tuple = field(repr=False)
-    # Per image size, the attention layers and token plan; and the read-out verdict (see `readout`).
-    _probes: dict[tuple[int, int], Probe] = field(default_factory=dict, repr=False)
-    _readout: dict[str, TokenLayout | None] = field(default_factory=dict, repr=False)
+    _cache: _Cache = field(default_factory=_Cache, repr=False)
 
     @property
     def features_only(self) -> bool:
@@ -89,10 +96,11 @@ class ResolvedModel:
         classifier puts its own head on the ViT's tokens and no ``token_layout`` was given.
         """
         size = (int(images.shape[-2]), int(images.shape[-1]))
-        probe = self._probes.get(size)
+        probe = self._cache.probes.get(size)
         if probe is None:
             probe = families.probe(self.vit, size, self.readout(images), self.family)
-            self._probes[size] = probe
+            if self.token_layout is not None or self._cache.readout_checked:  # else checked again on the next call
+                self._cache.probes[size] = probe
         return probe
 
     def readout(self, images: Tensor) -> TokenLayout | None:
@@ -100,15 +108,15 @@ class ResolvedModel:
         (``None``: the family's own, which the gradient confirms or which has no linear read-out to check)."""
         if self.token_layout is not None:
             return self.token_layout
-        if "verdict" not in self._readout:
-            if self.classifier is self.vit or not self.family.linear_readout(self.vit):
-                self._readout["verdict"] = None
-            else:
-                verdict = checked_readout(self, images[:1])
-                if verdict is UNDECIDED:  # undecided (NaN logits, the ViT not run): the engine's own checks report it
-                    return None
-                self._readout["verdict"] = verdict
-        return self._readout["verdict"]
+        if self._cache.readout_checked:
+            return self._cache.readout
+        verdict = None
+        if self.classifier is not self.vit and self.family.linear_readout(self.vit):
+            verdict = checked_readout(self, images[:1])
+            if verdict is UNDECIDED:  # NaN logits, the ViT not run...: the engine's own checks report why
+                return None
+        self._cache.readout_checked, self._cache.readout = True, verdict
+        return verdict
 
     def logits(self, inputs: Tensor) -> Tensor:
         """The classifier's ``[B, C]`` logits for ``inputs`` (a tensor, or a transformers output's ``.logits``).

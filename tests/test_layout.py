@@ -13,6 +13,8 @@ CORE_MODULES = (
     "gmar_lightning.model_state",
     "gmar_lightning.mixing",
     "gmar_lightning.families",
+    "gmar_lightning.resolve",
+    "gmar_lightning.readout",
     "gmar_lightning.methods",
     "gmar_lightning.options",
     "gmar_lightning.engine",

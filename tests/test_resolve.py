@@ -175,6 +175,21 @@ def test_the_check_runs_once_per_resolution(monkeypatch: pytest.MonkeyPatch) -> 
     assert len(calls) == 2
 
 
+def test_an_undecided_check_is_not_kept() -> None:
+    """NaN logits leave the read-out undecided: the engine reports them, and the next call checks again."""
+    model, x = TimmHead("patch_mean"), images()
+    resolved = resolve_model(model)
+    weight = model.head.weight.detach().clone()
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="NaN/inf logits"):
+        explain(resolved, x, "rollout")
+    with torch.no_grad():
+        model.head.weight.copy_(weight)
+    stated = explain(model, x, "rollout", token_layout=TokenLayout(1, None))
+    assert torch.equal(explain(resolved, x, "rollout").token_maps, stated.token_maps)
+
+
 def test_models_that_classify_themselves_are_not_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     monkeypatch.setattr(resolve, "checked_readout", lambda *args: calls.append(1))
