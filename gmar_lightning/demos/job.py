@@ -11,6 +11,7 @@ subfolders and ``--model`` to any timm model.
 from __future__ import annotations
 
 import importlib.util
+import math
 import netrc
 import os
 import signal
@@ -303,7 +304,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         strategy=config.strategy,
         logger=logger,
         callbacks=callbacks,
-        log_every_n_steps=10,
+        # Every 10 steps, or once an epoch on data too small for that (Lightning warns about a longer interval).
+        log_every_n_steps=max(1, min(10, math.ceil(len(datamodule.train_dataset) / config.batch_size))),
         enable_progress_bar=config.progress_bar,
         **trainer_options,
     )
