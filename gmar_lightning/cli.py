@@ -54,6 +54,7 @@ from gmar_lightning.demos.model import (
 )
 from gmar_lightning.engine import explain
 from gmar_lightning.explanation import METHODS
+from gmar_lightning.families import hf
 from gmar_lightning.input_recipe import InputRecipe
 from gmar_lightning.render import (
     DEFAULT_ALPHA,
@@ -270,7 +271,7 @@ def hf_preprocessing(
     processor_crop = 1.0
     if settings.get("do_center_crop") and crop_side and resize_side:
         processor_crop = min(1.0, crop_side / resize_side)
-    image_size = model.config.image_size
+    image_size = hf.vision_config(model).image_size
     resample = settings.get("resample")
     return Preprocessing(
         img_size=int(image_size if isinstance(image_size, int) else image_size[0]),
@@ -435,7 +436,8 @@ def _build_hf_model(args: argparse.Namespace) -> nn.Module:
         overrides["image_size"] = args.img_size
     load_saved_weights = args.checkpoint is None and not args.random_weights
     model = create_hf_classifier(args.model.removeprefix(HF_PREFIX), overrides, load_saved_weights)
-    _check_patches_fit(_pair(model.config.image_size), _pair(model.config.patch_size))
+    vision = hf.vision_config(model)
+    _check_patches_fit(_pair(vision.image_size), _pair(vision.patch_size))
     if args.checkpoint is not None:
         load_weights(model, args.checkpoint, strict=not args.partial_checkpoint)
     return model.eval()

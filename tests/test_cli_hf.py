@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -381,3 +382,60 @@ def test_id2label_names_the_classes_and_placeholders_do_not(
     assert "Class names from" not in printed and "wide.png: class " in printed
     with np.load(output / "maps.npz") as arrays:
         assert "class_names" not in arrays.files
+
+
+def _new_family_models() -> dict[str, torch.nn.Module]:
+    """Tiny CLIP and SigLIP classifiers and a Swin, each with large weights so their maps are not flat."""
+    from tests import test_hf_families
+
+    models = {
+        "clip": test_hf_families.make_model("clip_classifier"),
+        "siglip": test_hf_families.make_model("siglip_classifier"),
+        "swin": test_hf_families.make_swin("swin"),
+    }
+    return {name: model.eval() for name, model in models.items()}
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip", "swin"])
+def test_clip_siglip_and_swin_folders_explain_as_the_model_does(name: str, images: list[Path], tmp_path: Path) -> None:
+    model = _new_family_models()[name]
+    model.save_pretrained(tmp_path / name)
+    methods = ["gmar_l1", "rollout"]
+    argv = ["explain", *map(str, images), "--model", f"hf:{tmp_path / name}", "--device", "cpu"]
+    assert main([*argv, "--method", ",".join(methods), "--output", str(tmp_path / "out")]) == 0
+    assert_maps_equal(
+        tmp_path / "out", model, reference_inputs(images, 32, (0.5,) * 3, (0.5,) * 3, "bilinear"), methods
+    )
+
+
+def test_an_image_size_override_reaches_the_vision_config_of_a_clip_classifier(
+    images: list[Path], tmp_path: Path
+) -> None:
+    _new_family_models()["clip"].save_pretrained(tmp_path / "clip")
+    argv = ["explain", str(images[0]), "--model", f"hf:{tmp_path / 'clip'}", "--device", "cpu", "--random-weights"]
+    assert main([*argv, "--img-size", "48", "--output", str(tmp_path / "out")]) == 0
+    with np.load(tmp_path / "out" / "maps.npz") as arrays:
+        assert arrays["maps_gmar_l1"].shape == (1, 48, 48)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "name"),
+    [
+        (lambda: transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**test_hf.TINY)), "DINOv3ViTModel"),
+        (lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**test_hf.TINY)), "CLIPVisionModel"),
+    ],
+)
+def test_a_backbone_folder_without_a_classifier_is_refused_in_one_line(
+    backbone: Callable[[], torch.nn.Module],
+    name: str,
+    images: list[Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    backbone().save_pretrained(tmp_path / "backbone")
+    capsys.readouterr()  # save_pretrained's progress bar
+    argv = ["explain", str(images[0]), "--model", f"hf:{tmp_path / 'backbone'}", "--output", str(tmp_path / "out")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"holds {name}, a backbone without a classifier" in error[0], error
+    assert "put your head on it" in error[0]

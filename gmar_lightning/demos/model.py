@@ -290,6 +290,33 @@ def _saved_weight_names(folder: Path) -> list[str]:
     return []
 
 
+class _NoClassifierError(Exception):
+    """The folder holds a vision backbone that transformers has no image classifier for."""
+
+
+def _without_classifier(transformers: ModuleType, config: Any, named: str) -> None:
+    """Refuse a backbone (``DINOv3ViTModel``, ``CLIPVisionModel``, ...) saved without a classifier: its outputs are
+    features, not classes, and ``AutoModelForImageClassification`` has no class for its model type."""
+    classifiers = transformers.models.auto.modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+    if config.model_type in classifiers:
+        return
+    architecture = (getattr(config, "architectures", None) or [type(config).__name__.removesuffix("Config")])[0]
+    raise _NoClassifierError(
+        f"{named} holds {architecture}, a backbone without a classifier (transformers has no image classifier for "
+        f"model type {config.model_type!r}), so it outputs features, not classes; put your head on it and call "
+        "gmar_lightning.explain(model, images) in Python, or save a *ForImageClassification model."
+    )
+
+
+def _override(config: Any, overrides: Mapping[str, Any]) -> None:
+    """Set ``overrides`` on ``config``; an image-text classifier's image settings (``image_size``, ``patch_size``)
+    live in its ``vision_config``, where they are set."""
+    vision = getattr(config, "vision_config", None) or config
+    for key, value in overrides.items():
+        target = vision if not hasattr(config, key) and hasattr(vision, key) else config
+        setattr(target, key, value)
+
+
 def create_hf_classifier(
     source: str, config_overrides: dict[str, Any] | None = None, load_saved_weights: bool = True
 ) -> nn.Module:
@@ -331,7 +358,9 @@ def create_hf_classifier(
             )
     try:
         with _quiet(transformers):
-            config = transformers.AutoConfig.from_pretrained(location, **(config_overrides or {}))
+            config = transformers.AutoConfig.from_pretrained(location)
+            _without_classifier(transformers, config, named)
+            _override(config, config_overrides or {})
             auto = transformers.AutoModelForImageClassification
             model = auto.from_pretrained(location, config=config) if load_saved_weights else auto.from_config(config)
     except RuntimeError as error:
@@ -342,6 +371,8 @@ def create_hf_classifier(
             f"{named}: the saved weights do not fit the config changed by --num-classes, --img-size or --model-kwargs "
             f"({config_overrides}); drop those options, or pass --checkpoint FILE or --random-weights."
         ) from None
+    except _NoClassifierError as error:
+        raise ValueError(str(error)) from None
     except OSError as error:
         # transformers' messages run over many lines (hub hints): keep the first 300 characters.
         raise ValueError(
