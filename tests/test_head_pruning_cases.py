@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
+from types import ModuleType
 
 import lightning.pytorch as pl
 import pytest
@@ -236,3 +238,53 @@ def test_the_ema_copy_loses_the_same_heads_with_its_averages_kept(tmp_path: Path
     assert torch.equal(new["qkv"], old["qkv"][rows]) and torch.equal(new["proj"], old["proj"][:, channels])
     # Lightning copies the averaged weights into the model at the end of the fit: they are the pruned EMA's.
     assert torch.equal(module.vit.blocks[0].attn.qkv.weight, average.vit.blocks[0].attn.qkv.weight)
+
+
+def test_every_logger_gets_the_start_point_and_each_pruning_with_its_heads(
+    tmp_path: Path, offline_wandb: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this opt-in to its file store
+    wandb_logger = WandbLogger(save_dir=str(tmp_path / "wandb_logs"), offline=True, project="gmar-test")
+    mlflow_logger = MLFlowLogger(experiment_name="gmar-test", save_dir=str(tmp_path / "mlruns"))
+    csv_logger = CSVLogger(str(tmp_path), name="csv")
+    pruning = HeadPruning(amount=2, criterion="magnitude", epochs=[1, 2], throughput_batch=2)
+    fit(tmp_path, [pruning], max_epochs=3, logger=[wandb_logger, mlflow_logger, csv_logger])
+    steps = [entry["step"] for entry in pruning.history]
+    history = json.dumps(pruning.history, indent=2) + "\n"
+
+    # CSV: the scalars at the start and at each pruning's step, the history beside them.
+    with open(Path(csv_logger.log_dir) / "metrics.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["head_pruning/heads"]]
+    assert [(int(row["step"]), float(row["head_pruning/heads"])) for row in rows] == [
+        (0, 8),
+        (steps[0], 6),
+        (steps[1], 4),
+    ]
+    assert [row["head_pruning/removed_heads"] for row in rows] == ["", "2.0", "2.0"]
+    assert all(row["head_pruning/speedup"] for row in rows[1:]) and not any("throughput" in key for key in rows[0])
+    assert (Path(csv_logger.log_dir) / "head_pruning.json").read_text() == history
+
+    # MLflow: the same points as metrics, the history as an artifact.
+    client = MlflowClient(mlflow_logger._tracking_uri)
+    heads = [(m.step, m.value) for m in client.get_metric_history(mlflow_logger.run_id, "head_pruning/heads")]
+    assert heads == [(0, 8.0), (steps[0], 6.0), (steps[1], 4.0)]
+    local = client.download_artifacts(mlflow_logger.run_id, "head_pruning.json", str(tmp_path / "download"))
+    assert Path(local).read_text() == history
+
+    # W&B: the removed heads of every pruning so far as a table, the history in the run's files.
+    files_dir = Path(wandb_logger.experiment.dir)
+    offline_wandb.finish()
+    offline_wandb.teardown()  # waits until the offline transaction log is flushed
+    assert (files_dir / "head_pruning.json").read_text() == history
+    tables = [json.loads(path.read_text()) for path in (files_dir / "media" / "table" / "head_pruning").glob("*.json")]
+    assert len(tables) == 2  # one per pruning, each with every pruning so far
+    table = max(tables, key=lambda logged: len(logged["data"]))
+    assert table["columns"] == ["step", "epoch", "layer", "heads"]
+    expected = [
+        [e["step"], e["epoch"], layer, str(heads)] for e in pruning.history for layer, heads in e["removed"].items()
+    ]
+    assert table["data"] == expected
