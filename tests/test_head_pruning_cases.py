@@ -38,7 +38,8 @@ def fit(tmp_path: Path, callbacks: list, max_epochs: int = 2, module: pl.Lightni
     return trainer, module
 
 
-def test_a_whole_amount_from_a_lightning_cli_yaml_config_prunes_that_many_heads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("amount", ["2", "2.0"])
+def test_a_whole_amount_from_a_lightning_cli_yaml_config_prunes_that_many_heads(tmp_path: Path, amount: str) -> None:
     pytest.importorskip("jsonargparse")
     from lightning.pytorch.cli import LightningCLI
 
@@ -50,7 +51,7 @@ def test_a_whole_amount_from_a_lightning_cli_yaml_config_prunes_that_many_heads(
         "  max_epochs: 2\n  logger: false\n  enable_checkpointing: false\n  enable_progress_bar: false\n"
         "  callbacks:\n"
         "    - class_path: gmar_lightning.HeadPruning\n"
-        "      init_args: {amount: 2, criterion: magnitude, epochs: [1], throughput_batch: 0}\n"
+        f"      init_args: {{amount: {amount}, criterion: magnitude, epochs: [1], throughput_batch: 0}}\n"
         "model: {num_classes: 4, img_size: 32, model_kwargs: {patch_size: 8, embed_dim: 32, depth: 2, num_heads: 4}}\n"
         "data: {num_train: 32, num_val: 16, image_size: 32, batch_size: 16}\n"
     )

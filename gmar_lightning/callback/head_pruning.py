@@ -228,10 +228,11 @@ class HeadPruning(Callback):
             # Evaluations run at the end of epochs k with (k + 1) % period == 0; one must fall in [previous, epoch).
             if (epoch // period) * period < previous + 1:
                 suggestion = [period * (index + 1) for index in range(len(set(self.epochs)))]
+                since = "the start" if previous == 0 else f"the pruning at epoch {previous}"
                 raise ValueError(
                     f"`epochs={sorted(set(self.epochs))}` prunes at epoch {epoch} with no GMAR evaluation since "
-                    f"{'the start' if previous == 0 else f'the pruning at epoch {previous}'} (GMAR explains every "
-                    f"{period}th epoch's validation); use e.g. `epochs={suggestion}`, or another criterion."
+                    f"{since} (GMAR evaluates at the end of epochs {period - 1}, {2 * period - 1}, ...); use e.g. "
+                    f"`epochs={suggestion}`, or another criterion."
                 )
             previous = epoch
 
