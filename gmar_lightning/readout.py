@@ -72,16 +72,7 @@ class _BlockOutput:
         return output
 
 
-def _describe(read: set[int], num_prefix: int, num_tokens: int) -> str:
-    patches = read - set(range(num_prefix))
-    prefix = sorted(read - patches)
-    parts = [f"prefix tokens {prefix}"] if prefix else []
-    if patches:
-        parts.append(f"{len(patches)} of its {num_tokens - num_prefix} patch tokens")
-    return " and ".join(parts)
-
-
-def checked_readout(resolved: ResolvedModel, image: Tensor) -> TokenLayout | object | None:
+def checked_readout(resolved: ResolvedModel, image: Tensor) -> TokenLayout | object | None:  # object: UNDECIDED
     """The read-out of ``resolved``'s classifier as its gradient shows it, for one image ``[1, C, H, W]``.
 
     Returns:
@@ -131,12 +122,11 @@ def checked_readout(resolved: ResolvedModel, image: Tensor) -> TokenLayout | obj
         handle.remove()
     if observed is UNDECIDED:
         return UNDECIDED
-    if observed is None:
+    if isinstance(observed, str):
         raise UnsupportedModelError(
-            f"`model` ({type(resolved.classifier).__name__}) reads {_describe(read, num_prefix, num_tokens)} of its "
-            "ViT's last block "
-            "in no pooling gmar-lightning infers (class token, a mean of patch or all tokens, class token and patch "
-            "mean); pass `token_layout=TokenLayout(...)` to state the read-out (docs/method.md)."
+            f"`model` ({type(resolved.classifier).__name__}) reads {observed} of its ViT's last block, none of the "
+            "read-outs gmar-lightning infers (prefix tokens, a mean of the patch or of all tokens, the class token "
+            "beside the patch mean); pass `token_layout=TokenLayout(...)` to state it (docs/method.md)."
         )
     family_readout = assumed.plan.readout.cpu()
     if torch.equal(observed.readout_vector(num_tokens, 1)[0], family_readout):
@@ -146,8 +136,9 @@ def checked_readout(resolved: ResolvedModel, image: Tensor) -> TokenLayout | obj
 
 def _observed(
     read: set[int], num_prefix: int, num_tokens: int, unchanged_by_swap: Callable[[int, int], bool]
-) -> TokenLayout | object | None:
-    """The linear pooling that reads the tokens ``read`` (``None``: no such pooling; `UNDECIDED`: nothing is read)."""
+) -> TokenLayout | str | object:
+    """The linear pooling that reads the tokens ``read``; else what the logits read, as a phrase for the refusal
+    (`UNDECIDED` when they read no token)."""
     if not read:
         return UNDECIDED
     patches = set(range(num_prefix, num_tokens))
@@ -155,9 +146,10 @@ def _observed(
     if not read & patches:  # one or more prefix tokens: their rows' mean (a distilled DeiT averages two heads)
         return TokenLayout(num_prefix, prefix)
     if not patches <= read:
-        return None
+        return f"{len(read & patches)} of its {len(patches)} patch tokens"
     if len(patches) > 1 and not unchanged_by_swap(num_prefix, num_tokens - 1):
-        return None  # the patch tokens are read, but not through their mean (e.g. a head on the flattened tokens)
+        # e.g. a head on the flattened tokens
+        return f"all {len(patches)} patch tokens but not through their mean (exchanging two changes the logits)"
     if not prefix:
         return TokenLayout(num_prefix, None)
     if len(prefix) == num_prefix and unchanged_by_swap(0, num_prefix):
