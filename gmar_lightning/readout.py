@@ -124,9 +124,9 @@ def checked_readout(resolved: ResolvedModel, image: Tensor) -> TokenLayout | obj
         return UNDECIDED
     if isinstance(observed, str):
         raise UnsupportedModelError(
-            f"`model` ({type(resolved.classifier).__name__}) reads {observed} of its ViT's last block, none of the "
-            "read-outs gmar-lightning infers (prefix tokens, a mean of the patch or of all tokens, the class token "
-            "beside the patch mean); pass `token_layout=TokenLayout(...)` to state it (docs/method.md)."
+            f"`model` ({type(resolved.classifier).__name__}) reads {observed}: none of the read-outs gmar-lightning "
+            "infers (prefix tokens, a mean of the patch or of all tokens, the class token beside the patch mean); pass "
+            "`token_layout=TokenLayout(...)` to state it (docs/method.md)."
         )
     family_readout = assumed.plan.readout.cpu()
     if torch.equal(observed.readout_vector(num_tokens, 1)[0], family_readout):
@@ -146,10 +146,13 @@ def _observed(
     if not read & patches:  # one or more prefix tokens: their rows' mean (a distilled DeiT averages two heads)
         return TokenLayout(num_prefix, prefix)
     if not patches <= read:
-        return f"{len(read & patches)} of its {len(patches)} patch tokens"
+        return f"only {len(read & patches)} of the {len(patches)} patch tokens of its ViT's last block"
     if len(patches) > 1 and not unchanged_by_swap(num_prefix, num_tokens - 1):
         # e.g. a head on the flattened tokens
-        return f"all {len(patches)} patch tokens but not through their mean (exchanging two changes the logits)"
+        return (
+            f"all {len(patches)} patch tokens of its ViT's last block, but not through their mean (exchanging two "
+            "changes the logits)"
+        )
     if not prefix:
         return TokenLayout(num_prefix, None)
     if len(prefix) == num_prefix and unchanged_by_swap(0, num_prefix):
