@@ -289,3 +289,33 @@ def test_every_logger_gets_the_start_point_and_each_pruning_with_its_heads(
         [e["step"], e["epoch"], layer, str(heads)] for e in pruning.history for layer, heads in e["removed"].items()
     ]
     assert table["data"] == expected
+
+
+class AverageAtStart(Callback):
+    def __init__(self, ema: EMAWeightAveraging) -> None:
+        self.ema = ema
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.state = {key: value.clone() for key, value in self.ema._average_model.module.state_dict().items()}
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_a_pruned_run_with_ema_resumes_with_its_pruned_average(tmp_path: Path, ema_first: bool) -> None:
+    def callbacks() -> tuple[EMAWeightAveraging, list[Callback]]:
+        ema = EMAWeightAveraging(decay=0.9)
+        pruning = HeadPruning(amount=3, criterion="magnitude", epochs=[1], throughput_batch=0)
+        return ema, [ema, pruning] if ema_first else [pruning, ema]
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, save_top_k=0)
+    _, first = callbacks()
+    _, module = fit(tmp_path, [*first, checkpoint])
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    ema, second = callbacks()
+    start = AverageAtStart(ema)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=3, logger=False, callbacks=[*second, start]))
+    fresh = TinyViTModule()
+    trainer.fit(fresh, datamodule=tiny_data(), ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+    # Lightning stores the average as the checkpoint's state_dict; the fresh copy was pruned to take it.
+    assert start.state.keys() == saved["state_dict"].keys()
+    assert all(torch.equal(start.state[key], value) for key, value in saved["state_dict"].items())
+    assert head_counts(fresh) == head_counts(module) and trainer.current_epoch == 3
