@@ -64,6 +64,9 @@ def test_pruning_with_gmar_callback_under_tensorboard(tmp_path: Path) -> None:
     heads = [(event.step, event.value) for event in events.Scalars("head_pruning/heads")]
     steps = [entry["step"] for entry in pruning.history]
     assert heads == [(0, 8.0), (steps[0], 5.0), (steps[1], 2.0)] and 0 < steps[0] < steps[1]
+    # Each pruning lies between the validation of the model before it and the one after it, on val_loss's axis.
+    validations = [event.step for event in events.Scalars("val_loss")]
+    assert validations[0] < steps[0] < validations[1] < steps[1] < validations[2]
     parameters = [event.value for event in events.Scalars("head_pruning/parameters")]
     assert parameters[0] > parameters[1] > parameters[2] == pruning.history[1]["parameters"]
     removed = [(event.step, event.value) for event in events.Scalars("head_pruning/removed_heads")]

@@ -66,7 +66,9 @@ class HeadPruning(Callback):
     ``head_pruning/removed_heads`` at every pruning and ``head_pruning/speedup`` (the unpruned over the pruned forward
     time of ``throughput_batch`` random images, timed interleaved, so machine load slows both alike) to every logger;
     the removed heads go to TensorBoard as text, to W&B as a table and to every run folder as ``head_pruning.json``
-    (MLflow: an artifact). Its ``history`` is saved in checkpoints.
+    (MLflow: an artifact). Its ``history`` is saved in checkpoints. A pruning's ``step`` is ``trainer.global_step``
+    at the epoch start: Lightning's logging step of the first training batch after it, later than the step at which
+    the previous validation's ``val_loss`` (and the evaluations of the unpruned model) were logged.
 
     Pruning at the start of an epoch keeps resuming exact: a checkpoint written at the end of an epoch holds the
     model as it trained, with its pruning spec in the state dict (``kept_heads`` buffers), and a resumed fit prunes
@@ -93,7 +95,8 @@ class HeadPruning(Callback):
             at least one head.
         model_getter: Returns the ViT from the LightningModule; default: the outermost timm or transformers ViT
             inside it.
-        throughput_batch: Images in the timed batch of ``head_pruning/speedup``; 0 skips the measurement.
+        throughput_batch: Images in the timed batch of ``head_pruning/speedup``; 0 skips the measurement (which
+            keeps a copy of the unpruned ViT on rank 0 while it times the two).
         seed: Seed of ``criterion="random"`` (combined with the epoch).
         verbose: Print each pruning's removed heads, head counts and parameter count.
 
