@@ -6,6 +6,9 @@ submodule that receives the post-softmax, pre-dropout probabilities ``A [B, H, N
 capture therefore turns ``fused_attn`` off on each instance for the duration of one call, hooks ``attn_drop``'s
 input, and restores everything in ``finally``.
 
+timm's attention pooling (``AttentionPoolLatent``, ``global_pool='map'``) has the same flag but no submodule that
+receives its probabilities: its capture reads the first softmax its own forward computes (``softmax_in_forward``).
+
 Other attention implementations plug in through an [`AttentionAdapter`][gmar_lightning.capture.AttentionAdapter].
 """
 
@@ -17,11 +20,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 __all__ = [
     "ADAPTERS",
     "KEPT_HEADS",
     "TIMM_ADAPTER",
+    "TIMM_POOL_ADAPTER",
     "AdapterRegistry",
     "AttentionAdapter",
     "AttentionLayer",
@@ -54,6 +59,9 @@ class AttentionAdapter:
             (timm: ``fused_attn``). Their values are restored afterwards.
         output_index: Instead of a submodule's input, the attention is element ``output_index`` of the matching
             module's own output tuple (transformers attention modules return ``(output, weights)``).
+        softmax_in_forward: Instead, the attention is the result of the first ``softmax`` the matching module computes
+            during its forward (on the unfused path), for modules that pass their probabilities to no submodule (timm's
+            ``AttentionPoolLatent``). The module's own forward runs unchanged; the capture only observes the call.
 
     Examples:
         >>> class MyAttention(nn.Module):  # computes softmax, then calls self.dropout(attn)
@@ -71,6 +79,7 @@ class AttentionAdapter:
     probs_module: Callable[[nn.Module], nn.Module] | None
     disable_flags: tuple[str, ...] = ()
     output_index: int | None = None
+    softmax_in_forward: bool = False
 
 
 def _is_timm_attention(module: nn.Module) -> bool:
@@ -83,6 +92,23 @@ TIMM_ADAPTER = AttentionAdapter(
     probs_module=lambda module: module.attn_drop,
     disable_flags=("fused_attn",),
 )
+
+
+def _is_timm_attention_pool(module: nn.Module) -> bool:
+    from timm.layers import AttentionPoolLatent
+
+    return isinstance(module, AttentionPoolLatent)
+
+
+TIMM_POOL_ADAPTER = AttentionAdapter(
+    name="timm attention pool",
+    matches=_is_timm_attention_pool,
+    probs_module=None,
+    disable_flags=("fused_attn",),
+    softmax_in_forward=True,
+)
+"""timm's ``AttentionPoolLatent``: latent queries attend to the tokens; no ``attn_drop`` receives its probabilities,
+so they are read where its forward softmaxes them."""
 
 
 class AdapterRegistry:
@@ -131,7 +157,7 @@ class AdapterRegistry:
             self.unregister(adapter)
 
 
-ADAPTERS = AdapterRegistry((TIMM_ADAPTER,))
+ADAPTERS = AdapterRegistry((TIMM_ADAPTER, TIMM_POOL_ADAPTER))
 """The capture's adapter registry; the first adapter that matches a module wins."""
 
 
@@ -236,6 +262,42 @@ def find_attention_layers(model: nn.Module) -> list[AttentionLayer]:
 OnAttention = Callable[[int, Tensor], None]
 
 
+class _FirstSoftmax(TorchFunctionMode):
+    """Hands the result of the first ``softmax`` computed while the mode is active to ``on_softmax``, once.
+
+    The computation itself is untouched: the mode calls the very function it intercepts and returns its result, so
+    the module's output is the one its forward computes, to the bit (tested).
+    """
+
+    def __init__(self, on_softmax: Callable[[Tensor], None]) -> None:
+        super().__init__()
+        self._on_softmax = on_softmax
+        self._seen = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if not self._seen and func in (torch.softmax, Tensor.softmax, torch.nn.functional.softmax):
+            self._seen = True
+            self._on_softmax(result)
+        return result
+
+
+def _softmax_hooks(module: nn.Module, on_softmax: Callable[[Tensor], None]) -> list:
+    """Forward hooks that observe ``module``'s first softmax for the length of each of its forward calls."""
+    active: list[_FirstSoftmax] = []
+
+    def enter(_module: nn.Module, _inputs: tuple) -> None:
+        mode = _FirstSoftmax(on_softmax)
+        mode.__enter__()
+        active.append(mode)
+
+    def leave(_module: nn.Module, _inputs: tuple, _output: object) -> None:
+        active.pop().__exit__(None, None, None)
+
+    # always_call: the mode is left also when the forward raises.
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
+
+
 @contextlib.contextmanager
 def hook_attention(layers: list[AttentionLayer], on_attention: OnAttention) -> Iterator[None]:
     """Call ``on_attention(layer_index, probs)`` with each layer's post-softmax attention during forward passes.
@@ -260,7 +322,9 @@ def hook_attention(layers: list[AttentionLayer], on_attention: OnAttention) -> I
     try:
         for index, layer in enumerate(layers):
             position = layer.adapter.output_index
-            if position is None:
+            if layer.adapter.softmax_in_forward:
+                handles.extend(_softmax_hooks(layer.module, lambda probs, index=index: on_attention(index, probs)))
+            elif position is None:
                 handles.append(layer.probs_module.register_forward_pre_hook(make_hook(index)))
             else:
                 handles.append(layer.module.register_forward_hook(make_output_hook(index, position)))

@@ -23,7 +23,7 @@ from gmar_lightning.methods import METHOD_TABLE, Method
 from gmar_lightning.mixing import AttentionMixing, TokenPlan, to_device
 from gmar_lightning.options import ExplainOptions
 from gmar_lightning.resolve import ResolvedModel, as_resolved
-from gmar_lightning.tokens import TokenLayout
+from gmar_lightning.tokens import TokenLayout, patch_embedding
 
 __all__ = ["explain"]
 
@@ -124,6 +124,11 @@ def _joined(parts: list[Tensor], dim: int = 0) -> Tensor:
 
 
 def _check_images(resolved: ResolvedModel, images: object) -> Tensor:
+    if isinstance(images, dict) and "patch_valid" in images:
+        raise TypeError(
+            "`images` is a NaFlex batch (patches, patch_coord, patch_valid), which explain does not take; pass the "
+            "images as a float tensor [B, C, H, W] (one size per batch)."
+        )
     if not isinstance(images, Tensor):
         raise TypeError(f"`images` must be a float tensor [B, C, H, W], got {type(images).__name__}.")
     if images.dim() != 4:
@@ -135,7 +140,7 @@ def _check_images(resolved: ResolvedModel, images: object) -> Tensor:
         raise ValueError("`images` are meta tensors, which hold no data; pass images on the CPU or a GPU.")
     if images.shape[0] == 0:
         raise ValueError("`images` is an empty batch; pass at least one image.")
-    patch_embed = getattr(resolved.vit, "patch_embed", None)
+    patch_embed = patch_embedding(resolved.vit)
     expected_channels = resolved.family.num_channels(resolved.vit)
     if expected_channels is not None and images.shape[1] != expected_channels:
         raise ValueError(

@@ -16,7 +16,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from gmar_lightning.mixing import AttentionMixing, TokenMap, TokenPlan
+from gmar_lightning.mixing import AttentionMixing, AttentionReadout, TokenMap, TokenPlan
+
+Mixing = AttentionMixing | AttentionReadout
 
 HeadNorm = Literal["layer", "global"]
 GradNorm = Literal["l1", "l2"]
@@ -26,15 +28,25 @@ def head_scores(grad: Tensor, norm: GradNorm, batch: int | None = None) -> Tenso
     """Score each head by the norm of its attention gradient: ``[B * W, H, n_q, n_k] -> [B, H]``.
 
     ``l1``: ``s_h = sum |G_h|``; ``l2``: ``s_h = sqrt(sum G_h^2)``, summed over every query, key and window of an image
-    (``W`` windows per image, ``batch`` images; ``W = 1`` when ``batch`` is omitted).
+    (``W`` windows per image, ``batch`` images; ``W = 1`` when ``batch`` is omitted), accumulated in float64 and
+    returned in float32.
 
     Examples:
         >>> grad = torch.tensor([[[[3.0, -4.0]], [[0.0, 1.0]]]])  # B=1, H=2, a 1x2 "matrix" per head
         >>> head_scores(grad, "l1").tolist(), head_scores(grad, "l2").tolist()
         ([[7.0, 1.0]], [[5.0, 1.0]])
     """
-    per_image = grad.float().unflatten(0, (batch or grad.shape[0], -1))
-    return torch.linalg.vector_norm(per_image, ord=1 if norm == "l1" else 2, dim=(1, 3, 4))
+    per_image = grad.unflatten(0, (batch or grad.shape[0], -1))
+    # Accumulated in float64 (a float32 sum over a Swin-B/384 head's 186,624 entries is off by ~2e-5), one head at a
+    # time so that the float64 copy is one head's gradient, not the layer's; returned in float32.
+    order = 1 if norm == "l1" else 2
+    scores = [
+        torch.linalg.vector_norm(per_image[:, :, head], ord=order, dim=(1, 2, 3), dtype=torch.float64)
+        for head in range(per_image.shape[2])
+    ]
+    if not scores:
+        return per_image.new_zeros(per_image.shape[0], 0, dtype=torch.float32)
+    return torch.stack(scores, dim=1).float()
 
 
 def layer_head_weights(scores: Tensor, complete: bool = False) -> Tensor:
@@ -139,8 +151,11 @@ def discard_lowest(fused: Tensor, ratio: float, protected: Tensor) -> Tensor:
     return flat.masked_fill(drop, 0.0).reshape_as(fused)
 
 
-def rollout_step(mixing: AttentionMixing, row: Tensor, fused: Tensor, residual: float) -> Tensor:
+def rollout_step(mixing: Mixing, row: Tensor, fused: Tensor, residual: float) -> Tensor:
     """``row^T Ahat`` for one layer, ``Ahat = (r I + (1 - r) M) / rowsum`` with ``M`` the layer's global mixing.
+
+    An `AttentionReadout` (attention pooling) has no residual: the row over its latent queries becomes their fused
+    attention over the tokens (`AttentionReadout.read`).
 
     ``M`` places the fused ``[B, W, n_q, n_k]`` attention of each window at its tokens (`AttentionMixing`);
     tokens that are no query keep an identity row. Because ``v^T Ahat = r u + (1 - r) u^T M`` with
@@ -152,6 +167,8 @@ def rollout_step(mixing: AttentionMixing, row: Tensor, fused: Tensor, residual: 
         >>> rollout_step(AttentionMixing(2), torch.tensor([[1.0, 0.0]]), layer, residual=0.5).tolist()
         [[0.5, 0.5]]
     """
+    if isinstance(mixing, AttentionReadout):
+        return mixing.read(row, fused)
     row_sums = residual + (1.0 - residual) * mixing.row_sums(fused)
     scaled = row / row_sums.clamp_min(torch.finfo(row_sums.dtype).tiny)
     mixed = mixing.mix(scaled, fused)
@@ -186,7 +203,7 @@ class RowStream:
     def __init__(
         self,
         plan: TokenPlan,
-        update: Callable[[int, AttentionMixing, Tensor, Tensor], Tensor],
+        update: Callable[[int, Mixing, Tensor, Tensor], Tensor],
         batch: int,
         device: torch.device | str = "cpu",
     ) -> None:
@@ -225,7 +242,7 @@ class RowStream:
 
 def propagate(
     plan: TokenPlan,
-    update: Callable[[int, AttentionMixing, Tensor], Tensor],
+    update: Callable[[int, Mixing, Tensor], Tensor],
     batch: int,
     device: torch.device | str = "cpu",
 ) -> Tensor:
@@ -263,20 +280,24 @@ def propagate_rollout(plan: TokenPlan, layers: list[Tensor], residual: float, st
         [[0.25, 0.75]]
     """
 
-    def update(index: int, mixing: AttentionMixing, row: Tensor) -> Tensor:
+    def update(index: int, mixing: Mixing, row: Tensor) -> Tensor:
         return rollout_step(mixing, row, layers[index], residual) if index >= start_layer else row
 
     return propagate(plan, update, layers[0].shape[0], layers[0].device)
 
 
-def gradient_rollout_step(mixing: AttentionMixing, row: Tensor, relevance: Tensor) -> Tensor:
+def gradient_rollout_step(mixing: Mixing, row: Tensor, relevance: Tensor) -> Tensor:
     """``row^T (I + Abar)`` for one layer of Chefer et al.'s generic rule; ``relevance`` is ``[B, W, n_q, n_k]``.
+
+    An `AttentionReadout` has no identity term (its queries are no tokens): the row becomes ``row^T Abar``.
 
     Examples:
         >>> relevance = torch.tensor([[[[0.0, 1.0], [0.0, 0.0]]]])
         >>> gradient_rollout_step(AttentionMixing(2), torch.tensor([[1.0, 0.0]]), relevance).tolist()
         [[1.0, 1.0]]
     """
+    if isinstance(mixing, AttentionReadout):
+        return mixing.read(row, relevance)
     return row + mixing.mix(row, relevance)
 
 
@@ -293,7 +314,7 @@ def propagate_gradient_rollout(plan: TokenPlan, relevances: list[Tensor], start_
         [[1.0, 1.0]]
     """
 
-    def update(index: int, mixing: AttentionMixing, row: Tensor) -> Tensor:
+    def update(index: int, mixing: Mixing, row: Tensor) -> Tensor:
         return gradient_rollout_step(mixing, row, relevances[index]) if index >= start_layer else row
 
     return propagate(plan, update, relevances[0].shape[0], relevances[0].device)
@@ -303,9 +324,11 @@ def propagate_last_attention(plan: TokenPlan, last: Tensor) -> Tensor:
     """Read-out row of the last layer's attention alone, pulled back through the fixed maps: ``[B, N]``."""
     last_index = len(plan.attention_steps) - 1
 
-    def update(index: int, mixing: AttentionMixing, row: Tensor) -> Tensor:
+    def update(index: int, mixing: Mixing, row: Tensor) -> Tensor:
         if index != last_index:
             return row
+        if isinstance(mixing, AttentionReadout):  # the classifier's own attention is the last layer
+            return mixing.read(row, last)
         mixed = mixing.mix(row, last)
         if mixing.queries is not None:
             mixed = mixed + row * (~mixing.queried()).to(row.device, row.dtype)

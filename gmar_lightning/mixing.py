@@ -7,6 +7,11 @@ layer's token space (``W`` windows per image). The global ``N x N`` mixing matri
 rollout applies the block structure of the windows to the read-out row vector directly. The formulas are in
 ``docs/method.md`` (Hierarchical and windowed models); the model families that build plans are in
 `gmar_lightning.families`. Nothing here knows about modules or hooks.
+
+A classifier that reads its tokens through an attention of its own (attention pooling: timm's ``global_pool='map'``,
+a SigLIP head, open_clip's attentional pooler) ends its plan with an `AttentionReadout`: learned latent queries, which
+are no tokens, attend to the last token space, and the read-out row is their fused attention over the tokens, with no
+residual (``docs/method.md``, Attention pooling).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["AttentionMixing", "AttentionStep", "TokenMap", "TokenPlan"]
+__all__ = ["AttentionMixing", "AttentionReadout", "AttentionStep", "TokenMap", "TokenPlan"]
 
 
 def to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
@@ -50,10 +55,12 @@ def _gather_rows(row: Tensor, index: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class TokenMap:
-    """A fixed linear map between token spaces: new token ``i`` is ``sum_k weights[i, k] * old[sources[i, k]]``.
+    """A fixed linear map between token spaces, as relevance crosses it: a row over the new tokens pulls back to
+    ``old[sources[i, k]] += weights[i, k] * new[i]``.
 
-    Every row of ``weights`` sums to 1 (a new token averages the tokens it is made from), so relevance is conserved
-    when it flows back. ``sources`` pads short rows with ``-1``.
+    New token ``i`` is made from the old tokens ``sources[i]``; ``weights`` say how its relevance is shared among them
+    (`gmar_lightning.families.grids.coverage_map`: a token under several kernels counts once). ``sources`` pads short
+    rows with ``-1``.
 
     Args:
         sources: ``[n_new, k]`` indices into the old token space.
@@ -185,11 +192,76 @@ class AttentionMixing:
 
 
 @dataclass(frozen=True)
+class AttentionReadout:
+    """The classifier's own attention over the last token space: ``n_q`` latent queries, which are no tokens, attend
+    to ``n_k`` key slots of ``num_tokens`` tokens (attention pooling).
+
+    It is the last step of a `TokenPlan`, whose ``readout`` then weighs the latent queries (``1/n_q`` each to average
+    them, one-hot when the classifier reads the first latent only). The read-out row over the tokens is
+    ``sum_q readout[q] * Abar[q, :]``, with ``Abar`` the layer's fused attention ``[B, 1, n_q, n_k]`` and no residual:
+    the latent is not a token, so no skip connection carries it. Rollout, GMAR and the gradient rollout fuse the
+    layer's heads as for any layer (its heads are the plan's last layer's heads) and read the row with `read`.
+
+    Args:
+        num_queries: Latent queries ``n_q``.
+        num_tokens: Tokens of the last token space.
+        keys: ``[n_k]`` the token of each key slot (``-1``: padding, which reaches no token), or ``None`` for all
+            tokens in order (a pool that skips the prefix tokens has keys ``num_prefix_tokens .. N - 1``).
+
+    Examples:
+        >>> pool = AttentionReadout(num_queries=1, num_tokens=3, keys=torch.tensor([1, 2]))
+        >>> pool.shape(1), pool.read(torch.tensor([[1.0]]), torch.tensor([[[[0.25, 0.75]]]])).tolist()
+        ((1, 1, 2), [[0.0, 0.25, 0.75]])
+    """
+
+    num_queries: int
+    num_tokens: int
+    keys: Tensor | None = None
+    _padding: Tensor | None = field(init=False, repr=False, compare=False)  # read once, on the host (see above)
+
+    def __post_init__(self) -> None:
+        padded = self.keys is not None and bool((self.keys < 0).any())
+        object.__setattr__(self, "_padding", (self.keys < 0)[None, None, :] if padded else None)
+
+    def to(self, device: torch.device | str) -> AttentionReadout:
+        """The same read-out with its tensors on ``device`` (without reading them again)."""
+        moved = copy.copy(self)
+        for name in ("keys", "_padding"):
+            value = getattr(self, name)
+            object.__setattr__(moved, name, to_device(value, device) if value is not None else None)
+        return moved
+
+    @property
+    def num_windows(self) -> int:
+        return 1
+
+    def shape(self, batch: int) -> tuple[int, int, int]:
+        """The ``(B, n_q, n_k)`` of the captured attention for ``batch`` images (heads aside)."""
+        return batch, self.num_queries, self.num_tokens if self.keys is None else int(self.keys.shape[0])
+
+    def key_padding(self) -> Tensor | None:
+        """``[1, 1, n_k]`` True where a key slot is padding, or ``None`` when there is none."""
+        return self._padding
+
+    def diagonal(self, tokens: Tensor) -> Tensor:
+        """No query is a token, so no entry is a token's own diagonal entry: all False ``[1, n_q, n_k]``."""
+        return torch.zeros(self.shape(1), dtype=torch.bool, device=tokens.device)
+
+    def read(self, weights: Tensor, fused: Tensor) -> Tensor:
+        """The read-out row ``[B, N]`` from latent weights ``[B, n_q]`` and fused attention ``[B, 1, n_q, n_k]``."""
+        by_key = (weights[:, None, None, :] @ fused).squeeze(2)  # [B, 1, n_k]
+        if self.keys is None:
+            return by_key.squeeze(1)
+        return _scatter_rows(by_key, self.keys, self.num_tokens)
+
+
+@dataclass(frozen=True)
 class AttentionStep:
-    """One rollout layer of a `TokenPlan`: the index of its attention among the plan's layers, and its mixing."""
+    """One rollout layer of a `TokenPlan`: the index of its attention among the plan's layers, and its mixing (an
+    `AttentionReadout` for the classifier's own attention, the plan's last step)."""
 
     layer: int
-    mixing: AttentionMixing
+    mixing: AttentionMixing | AttentionReadout
 
 
 @dataclass(frozen=True)
@@ -198,7 +270,8 @@ class TokenPlan:
 
     Args:
         steps: Attention layers and fixed maps between token spaces, in forward order.
-        readout: ``[N_last]`` the weights with which the classifier pools the last token space (they sum to 1).
+        readout: ``[N_last]`` the weights with which the classifier pools the last token space (they sum to 1); when
+            the last step is an `AttentionReadout`, ``[n_q]`` the weights of its latent queries.
         num_prefix_tokens: Tokens before the patch grid in the first token space (class, distillation, registers).
         grid: ``(h, w)`` the patch grid of the first token space, in row-major order after the prefix tokens.
     """
@@ -227,6 +300,10 @@ class TokenPlan:
         for step in reversed(self.steps):
             if isinstance(step, TokenMap):
                 row = step.pull_back(row)
+            elif isinstance(step.mixing, AttentionReadout):
+                # An attention pool may read any token it has a key for: every such token's diagonal is protected.
+                protected.append(torch.zeros(step.mixing.num_queries, dtype=torch.bool))
+                row = step.mixing.read(row, torch.ones(1, 1, *step.mixing.shape(1)[1:]))
             else:
                 protected.append(row[0] > 0)
         return protected[::-1]

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from gmar_lightning._checks import check_non_negative_int
 
-__all__ = ["TokenLayout", "infer_token_layout", "patch_grid"]
+__all__ = ["TokenLayout", "infer_token_layout", "patch_embedding", "patch_grid"]
 
 
 @dataclass(frozen=True)
@@ -101,14 +101,20 @@ def infer_token_layout(model: nn.Module) -> TokenLayout:
             f"`model` ({model_name}) has no integer `num_prefix_tokens`; pass `token_layout=TokenLayout(...)` to say "
             "which tokens are prefix tokens and which the classifier reads."
         )
+    pool = getattr(model, "global_pool", "token")
     if getattr(model, "attn_pool", None) is not None:
+        if pool == "map":
+            raise ValueError(
+                f"`model` ({model_name}) reads its tokens through its attention pool (global_pool='map'), not through "
+                "a token layout; explain reads the pool's attention itself (docs/method.md, Attention pooling)."
+            )
         raise ValueError(
-            f"`model` ({model_name}) pools with attention (global_pool='map'), which has no rollout read-out; "
-            "create it with global_pool='token' or 'avg'."
+            f"`model` ({model_name}) pools with global_pool={pool!r}, an attention pool that refines every token with "
+            "a parameter-free self-attention without a skip connection (PRR), which gmar-lightning does not map yet; "
+            "create it with global_pool='token', 'avg' or 'map'."
         )
     if getattr(model, "dist_token", None) is not None:
         return TokenLayout(num_prefix_tokens=num_prefix, readout_tokens=(0, 1))
-    pool = getattr(model, "global_pool", "token")
     if pool == "token":
         if getattr(model, "cls_token", True) is None:
             raise ValueError(f"`model` ({model_name}) reads a class token it does not have; use global_pool='avg'.")
@@ -118,13 +124,13 @@ def infer_token_layout(model: nn.Module) -> TokenLayout:
         return TokenLayout(num_prefix_tokens=num_prefix, readout_tokens=None, pool_includes_prefix=includes_prefix)
     raise ValueError(
         f"`model` ({model_name}) uses global_pool={pool!r}, which has no linear read-out for rollout; "
-        "create it with global_pool='token' or 'avg'."
+        "create it with global_pool='token', 'avg' or 'map'."
     )
 
 
 def patch_grid(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]:
     """The patch grid ``(h, w)`` a timm ViT produces for an image of ``image_size`` (non-square sizes included)."""
-    patch_embed = getattr(model, "patch_embed", None)
+    patch_embed = patch_embedding(model)
     if hasattr(patch_embed, "dynamic_feat_size"):
         height, width = patch_embed.dynamic_feat_size(image_size)
         return int(height), int(width)
@@ -136,3 +142,9 @@ def patch_grid(model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]
         )
     patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
     return image_size[0] // patch_h, image_size[1] // patch_w
+
+
+def patch_embedding(model: nn.Module) -> nn.Module | None:
+    """A timm ViT's patch embedding: ``patch_embed``, or NaFlexViT's ``embeds`` (``None`` if it has neither)."""
+    embedding = getattr(model, "patch_embed", None)
+    return embedding if embedding is not None else getattr(model, "embeds", None)

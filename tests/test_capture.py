@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from gmar_lightning.capture import (
     ADAPTERS,
     TIMM_ADAPTER,
+    TIMM_POOL_ADAPTER,
     AttentionAdapter,
     AttentionNotFoundError,
     attention_adapter,
@@ -49,10 +50,10 @@ def test_registered_adapters_come_first_and_leave_again() -> None:
         with attention_adapter(second):
             assert list(ADAPTERS)[:3] == [second, first, TIMM_ADAPTER]
             assert {layer.adapter.name for layer in find_attention_layers(model)} == {"second"}
-        assert list(ADAPTERS) == [first, TIMM_ADAPTER]
+        assert list(ADAPTERS) == [first, TIMM_ADAPTER, TIMM_POOL_ADAPTER]
     finally:
         unregister_attention_adapter(first)
-    assert list(ADAPTERS) == [TIMM_ADAPTER]
+    assert list(ADAPTERS) == [TIMM_ADAPTER, TIMM_POOL_ADAPTER]
 
 
 def test_the_context_manager_unregisters_after_an_error() -> None:

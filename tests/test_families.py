@@ -14,6 +14,7 @@ import timm
 import torch
 from packaging.version import Version
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from gmar_lightning import METHODS, explain
 from tests.models import TINY, make_images, sharpen
@@ -61,8 +62,17 @@ def windows_to_global(slots: Tensor, num_tokens: int):
     return to_global
 
 
+def coverage(cells: Tensor) -> Tensor:
+    """Relevance across a map between grids (docs/method.md): old token ``j`` gets the mean of the new tokens whose
+    cells (the non-zero entries of its column) hold it, times ``n_new / n_covered``; tokens in no cell get nothing."""
+    members = (cells > 0).float()
+    counts = members.sum(dim=0)
+    return members / counts.clamp_min(1) * (cells.shape[0] / (counts > 0).sum())
+
+
 def merge_matrix(grid: tuple[int, int]) -> Tensor:
-    """Dense ``[N_new, N_old]``: each merged token averages its 2x2 children inside the grid."""
+    """Dense ``[N_new, N_old]``: each merged token is made from its 2x2 children inside the grid, relevance flows back
+    by `coverage`."""
     height, width = grid
     new_h, new_w = math.ceil(height / 2), math.ceil(width / 2)
     matrix = torch.zeros(new_h * new_w, height * width)
@@ -71,7 +81,7 @@ def merge_matrix(grid: tuple[int, int]) -> Tensor:
             children = [(a, b) for a in (2 * i, 2 * i + 1) for b in (2 * j, 2 * j + 1) if a < height and b < width]
             for a, b in children:
                 matrix[i * new_w + j, a * width + b] = 1.0 / len(children)
-    return matrix
+    return coverage(matrix)
 
 
 def swin_structure(model: nn.Module, grid: tuple[int, int]) -> tuple[list, tuple[int, int]]:
@@ -197,16 +207,16 @@ def pyramid_structure(model: nn.Module, size: int) -> tuple[list, tuple[int, int
             grid = first = first_conv(conv, size)
         else:
             matrix, grid = pool_matrix(grid, conv.kernel_size[0], conv.stride[0], conv.padding[0])
-            structure.append(matrix)
+            structure.append(coverage(matrix))
         for block in blocks:
             attention, num_tokens = block.attn, grid[0] * grid[1]
             if hasattr(attention, "ws"):
                 structure.append(Layer(windows_to_global(window_slots(grid, (attention.ws,) * 2, (0, 0)), num_tokens)))
             elif getattr(attention, "pool", None) is not None:
-                structure.append(Layer(pooled_keys_to_global(pool_matrix(grid, 0, 0, adaptive=7)[0])))
+                structure.append(Layer(pooled_keys_to_global(coverage(pool_matrix(grid, 0, 0, adaptive=7)[0]))))
             elif getattr(attention, "sr", None) is not None:
                 ratio = attention.sr.kernel_size[0]
-                structure.append(Layer(pooled_keys_to_global(pool_matrix(grid, ratio, ratio)[0])))
+                structure.append(Layer(pooled_keys_to_global(coverage(pool_matrix(grid, ratio, ratio)[0]))))
             else:
                 structure.append(Layer())
     return structure, first
@@ -294,7 +304,7 @@ def test_pit_matches_full_matrix_reference(name: str, method: str, device: torch
             pooled, new_grid = pool_matrix(grid, conv.kernel_size[0], conv.stride[0], conv.padding[0])
             matrix = torch.zeros(prefix + pooled.shape[0], prefix + pooled.shape[1])
             matrix[:prefix, :prefix] = torch.eye(prefix)  # class (and distillation) tokens carry over
-            matrix[prefix:, prefix:] = pooled
+            matrix[prefix:, prefix:] = coverage(pooled)
             structure.append(matrix)
             grid = new_grid
         structure += [Layer() for _ in stage.blocks]
@@ -426,3 +436,66 @@ def test_swin_refuses_a_pooling_without_read_out_and_a_token_layout() -> None:
     model = timm.create_model("swin_tiny_patch4_window7_224", img_size=32, **SWIN_FIT)
     with pytest.raises(ValueError, match=r"`token_layout` applies to single-sequence ViTs; SwinTransformer"):
         explain(model, images, token_layout=TokenLayout())
+
+
+class UniformSoftmax(TorchFunctionMode):
+    """Every softmax inside the mode returns the uniform distribution over its dimension (still in the graph)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func in (torch.softmax, Tensor.softmax, nn.functional.softmax):
+            dim = args[1] if len(args) > 1 else kwargs["dim"]
+            result = result * 0 + 1.0 / result.shape[dim]
+        return result
+
+
+def flat_cases() -> dict:
+    pyramid = {"embed_dims": (8, 16, 16, 32), "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 4), "num_classes": 5}
+    tiny = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 5}
+    sam = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 5}
+    sam |= {"window_size": 2}
+    pit = {"img_size": 64, "base_dims": [8, 8, 8], "heads": [1, 2, 4], "depth": [1, 1, 1], "num_classes": 5}
+    return {
+        # (builder, image size); sizes whose windows and reduction cells need no padding.
+        "vit": (lambda: timm.create_model("vit_tiny_patch16_224", **tiny), 32),
+        "vit_registers_avg": (lambda: timm.create_model("vit_medium_patch16_reg1_gap_256", **tiny), 32),
+        "deit_distilled": (lambda: timm.create_model("deit_tiny_distilled_patch16_224", **tiny), 32),
+        "beit": (lambda: timm.create_model("beit_base_patch16_224", **tiny), 32),
+        "eva": (lambda: timm.create_model("eva02_tiny_patch14_224", img_size=28, depth=2, num_classes=5), 28),
+        "siglip_map": (lambda: timm.create_model("vit_base_patch16_siglip_224", **tiny), 32),
+        "pe_map": (lambda: timm.create_model("vit_pe_core_base_patch16_224", ref_feat_shape=(4, 4), **tiny), 32),
+        "naflex": (
+            lambda: timm.create_model("naflexvit_base_patch16_gap", patch_size=8, embed_dim=32, depth=2, num_heads=2),
+            32,
+        ),
+        "hybrid": (lambda: timm.create_model("vit_tiny_r_s16_p8_224", img_size=64, depth=2, num_classes=5), 64),
+        "sam": (lambda: timm.create_model("samvit_base_patch16", global_pool="avg", neck_chans=16, **sam), 32),
+        "swin": (lambda: make_swin("swin_tiny_patch4_window7_224", 32), 32),
+        "swin_v2": (lambda: make_swin("swinv2_tiny_window8_256", 32), 32),
+        "swin_v2_cr": (lambda: make_swin("swinv2_cr_tiny_ns_224", 32), 32),
+        "pvt_v2": (lambda: timm.create_model("pvt_v2_b0", **pyramid), 64),  # 3x3 stride-2 embeddings overlap
+        "pvt_v2_li": (lambda: timm.create_model("pvt_v2_b2_li", **pyramid), 72),  # 7x7 adaptive cells overlap
+        "twins_svt": (lambda: timm.create_model("twins_svt_small", **pyramid, wss=(4, 4, 2, 2)), 64),
+        "twins_pcpvt": (lambda: timm.create_model("twins_pcpvt_small", **pyramid), 64),
+        "cait": (lambda: timm.create_model("cait_xxs24_224", **tiny), 32),
+        "pit": (lambda: timm.create_model("pit_ti_224", **pit), 64),  # 3x3 stride-2 pooling overlaps
+        "pit_distilled": (lambda: timm.create_model("pit_ti_distilled_224", **pit), 64),
+    }
+
+
+FLAT_CASES = flat_cases()
+
+
+@pytest.mark.parametrize("family", list(FLAT_CASES))
+@pytest.mark.parametrize("method", ["rollout", "gmar_l1"])
+def test_uniform_attention_gives_a_flat_map(family: str, method: str) -> None:
+    """Overlapping kernels, windows, merges and attention pools add no pattern of their own (max/min <= 1.01)."""
+    build, size = FLAT_CASES[family]
+    torch.manual_seed(0)
+    model = build().eval()
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with UniformSoftmax():
+        maps = explain(model, images, method=method).token_maps
+    assert (maps > 0).all()
+    ratio = maps.flatten(1).max(dim=1).values / maps.flatten(1).min(dim=1).values
+    assert (ratio <= 1.01).all(), ratio.tolist()

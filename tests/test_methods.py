@@ -44,3 +44,18 @@ def test_row_stream_waits_for_layers_fed_out_of_order() -> None:
         stream.result()
     stream.feed(1, layers[1])
     torch.testing.assert_close(stream.result(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_head_scores_agree_with_a_float64_sum_on_a_large_window_grid(norm: str) -> None:
+    # Swin-B/384's last stage: 9 windows of 144 tokens per image, 186,624 gradient entries per head. Heavy-tailed
+    # magnitudes make a float32 running sum drift (5.6e-4 relative before scores were accumulated in float64).
+    generator = torch.Generator().manual_seed(0)
+    grad = (
+        torch.randn(2 * 9, 4, 144, 144, generator=generator) * torch.rand(2 * 9, 4, 144, 144, generator=generator) ** 4
+    )
+    per_image = grad.double().unflatten(0, (2, 9))
+    expected = per_image.abs().sum(dim=(1, 3, 4)) if norm == "l1" else per_image.pow(2).sum(dim=(1, 3, 4)).sqrt()
+    scores = methods.head_scores(grad, norm, batch=2)
+    assert scores.dtype == torch.float32
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-6, atol=0)

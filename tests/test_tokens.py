@@ -32,5 +32,5 @@ def test_readout_vector_averages_the_read_tokens() -> None:
 
 
 def test_models_without_a_linear_readout_are_refused_in_one_line() -> None:
-    with pytest.raises(ValueError, match=r"global_pool='map'.*create it with global_pool='token' or 'avg'"):
+    with pytest.raises(ValueError, match=r"global_pool='map'.*explain reads the pool's attention itself"):
         infer_token_layout(VisionTransformer(global_pool="map", **TINY))

@@ -21,7 +21,7 @@ from torch import nn
 
 from gmar_lightning.capture import AttentionLayer, find_attention_layers, unwrap_model
 from gmar_lightning.mixing import TokenPlan
-from gmar_lightning.tokens import TokenLayout
+from gmar_lightning.tokens import TokenLayout, patch_embedding
 
 __all__ = [
     "FAMILIES",
@@ -76,12 +76,13 @@ def timm_headless(model: nn.Module) -> str | None:
 
 def timm_num_channels(model: nn.Module) -> int | None:
     """The image channels a timm model takes: its patch embedding's (a hybrid's: its CNN stem's first convolution)."""
-    patch_embed = getattr(model, "patch_embed", None)
+    patch_embed = patch_embedding(model)
     stem = getattr(patch_embed, "backbone", None)
     if stem is not None:  # a hybrid's patch embedding projects CNN features; the images enter the CNN
         first = next((m for m in stem.modules() if isinstance(m, nn.Conv2d)), None)
         return getattr(first, "in_channels", None)
-    return getattr(getattr(patch_embed, "proj", None), "in_channels", None)
+    # NaFlexViT patchifies with a linear layer and says its channels itself.
+    return getattr(getattr(patch_embed, "proj", None), "in_channels", getattr(patch_embed, "in_chans", None))
 
 
 @dataclass(frozen=True)

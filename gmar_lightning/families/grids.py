@@ -15,9 +15,9 @@ from gmar_lightning.mixing import AttentionMixing, TokenMap
 
 __all__ = [
     "adaptive_cells",
-    "cells_map",
     "conv_map",
     "conv_output",
+    "coverage_map",
     "global_mixing",
     "grid_cells",
     "merge_map",
@@ -68,12 +68,13 @@ def window_mixing(
 
 
 def merge_map(grid: tuple[int, int], factor: int = 2) -> TokenMap:
-    """Patch merging: merged token ``(i, j)`` averages its ``factor x factor`` children (padding children dropped).
+    """Patch merging: merged token ``(i, j)`` is made from its ``factor x factor`` children (padding children
+    dropped); relevance flows back as in `coverage_map`.
 
     Examples:
         >>> merge = merge_map((2, 3))
-        >>> merge.sources.tolist(), merge.weights.tolist()
-        ([[0, 1, 3, 4], [2, 5, -1, -1]], [[0.25, 0.25, 0.25, 0.25], [0.5, 0.5, 0.0, 0.0]])
+        >>> merge.sources.tolist(), (merge.weights * 3).round().tolist()  # 2 new tokens from 6: weights 1/3
+        ([[0, 1, 3, 4], [2, 5, -1, -1]], [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
     """
     height, width = grid
     cells = [
@@ -85,7 +86,7 @@ def merge_map(grid: tuple[int, int], factor: int = 2) -> TokenMap:
         for r in range(math.ceil(height / factor))
         for c in range(math.ceil(width / factor))
     ]
-    return cells_map(cells, height * width)
+    return coverage_map(cells, height * width)
 
 
 def pool_cells(size: int, out_size: int, kernel: int, stride: int, padding: int) -> list[list[int]]:
@@ -117,7 +118,8 @@ def conv_output(grid: tuple[int, int], conv: nn.Conv2d) -> tuple[int, int]:
 
 
 def conv_map(grid: tuple[int, int], conv: nn.Conv2d, num_prefix_tokens: int = 0) -> tuple[TokenMap, tuple[int, int]]:
-    """A patch embedding or pooling convolution: each output token averages the input tokens under its kernel.
+    """A patch embedding or pooling convolution: each output token is made from the input tokens under its kernel;
+    relevance flows back as in `coverage_map`, so overlapping kernels make no checkerboard.
 
     Prefix tokens (before the grid, in both spaces) map to themselves. Returns the map and the output grid.
 
@@ -130,17 +132,35 @@ def conv_map(grid: tuple[int, int], conv: nn.Conv2d, num_prefix_tokens: int = 0)
     out = conv_output(grid, conv)
     rows = pool_cells(grid[0], out[0], kernel[0], stride[0], padding[0])
     cols = pool_cells(grid[1], out[1], kernel[1], stride[1], padding[1])
-    prefix = [[index] for index in range(num_prefix_tokens)]
-    cells = prefix + grid_cells(rows, cols, grid[1], offset=num_prefix_tokens)
-    return cells_map(cells, num_prefix_tokens + grid[0] * grid[1]), out
+    cells = grid_cells(rows, cols, grid[1], offset=num_prefix_tokens)
+    return coverage_map(cells, num_prefix_tokens + grid[0] * grid[1], num_prefix_tokens), out
 
 
-def cells_map(cells: list[list[int]], num_inputs: int) -> TokenMap:
-    """A `TokenMap` whose new token ``i`` averages the old tokens in ``cells[i]`` uniformly."""
+def coverage_map(cells: list[list[int]], num_inputs: int, num_prefix_tokens: int = 0) -> TokenMap:
+    """A map between grids whose new token ``i`` is made from the old grid tokens ``cells[i]`` (a kernel's cell).
+
+    Relevance flows back so that a token covered by several cells counts once: old token ``j`` receives the mean of
+    the relevance of the ``c_j`` new tokens whose cells contain it, times ``n_new / n_covered`` (the new grid's tokens
+    over the old grid tokens in any cell), so that relevance spread evenly over the new grid stays even and keeps its
+    total. The weights are ``T[i, j] = (n_new / n_covered) / c_j``; for cells that tile the grid (patch merging of an
+    even grid, a kernel equal to its stride) this is ``1 / |cell_i|``, the plain average. Tokens in no cell receive
+    nothing. The ``num_prefix_tokens`` tokens before the grid (in both spaces) map to themselves.
+
+    Examples:
+        >>> overlapping = coverage_map([[0, 1, 2], [2, 3, 4]], num_inputs=5)  # token 2 is under both kernels
+        >>> (overlapping.pull_back(torch.tensor([[1.0, 1.0]])) * 5).round().tolist()  # 2 / 5 each, in total 2
+        [[2.0, 2.0, 2.0, 2.0, 2.0]]
+    """
+    counts = torch.zeros(num_inputs)
+    for cell in cells:
+        counts[cell] += 1
+    ratio = len(cells) / max(int((counts > 0).sum()), 1)
     longest = max(len(cell) for cell in cells)
-    sources = torch.full((len(cells), longest), -1, dtype=torch.long)
-    weights = torch.zeros(len(cells), longest)
-    for index, cell in enumerate(cells):
+    prefix = list(range(num_prefix_tokens))
+    sources = torch.full((num_prefix_tokens + len(cells), longest), -1, dtype=torch.long)
+    weights = torch.zeros(num_prefix_tokens + len(cells), longest)
+    sources[prefix, 0], weights[prefix, 0] = torch.tensor(prefix, dtype=torch.long), 1.0
+    for index, cell in enumerate(cells, start=num_prefix_tokens):
         sources[index, : len(cell)] = torch.tensor(cell, dtype=torch.long)
-        weights[index, : len(cell)] = 1.0 / len(cell)
+        weights[index, : len(cell)] = ratio / counts[cell]
     return TokenMap(sources, weights, num_inputs)

@@ -3,7 +3,10 @@
 Spatial-reduction attention attends from every token to pooled key tokens (a strided convolution, or PVT v2-li's
 adaptive average pooling to 7x7); each pooled key's relevance flows back to the tokens of its cell. Twins'
 locally-grouped attention is window attention without a shift. Each stage's patch embedding is a convolution; a new
-token averages the tokens under its kernel. The convolutions of PVT v2's MLPs and Twins' positional encoding also
+token's relevance flows back to the tokens under its kernel. Overlapping cells (PVT v2's 3x3 stride-2 embeddings,
+adaptive cells that share a row) count a token once (`coverage_map`).
+
+The convolutions of PVT v2's MLPs and Twins' positional encoding also
 mix neighbouring tokens; rollout follows attention only, as for every ViT (docs/method.md).
 """
 
@@ -16,9 +19,9 @@ from gmar_lightning.capture import TIMM_ADAPTER, AttentionLayer
 from gmar_lightning.families import Probe, require_pooling
 from gmar_lightning.families.grids import (
     adaptive_cells,
-    cells_map,
     conv_map,
     conv_output,
+    coverage_map,
     grid_cells,
     pair,
     pool_cells,
@@ -58,7 +61,7 @@ def reduction_mixing(grid: tuple[int, int], attention: nn.Module) -> AttentionMi
         cols = pool_cells(grid[1], out[1], ratio[1], stride[1], 0)
     else:
         return AttentionMixing(num_tokens)
-    return AttentionMixing(num_tokens, key_map=cells_map(grid_cells(rows, cols, grid[1]), num_tokens))
+    return AttentionMixing(num_tokens, key_map=coverage_map(grid_cells(rows, cols, grid[1]), num_tokens))
 
 
 def _stages(model: nn.Module) -> list[tuple[nn.Conv2d, list[tuple[str, nn.Module]]]]:

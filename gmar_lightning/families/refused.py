@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["MODEL_REASONS", "MODULE_REASONS", "refusal"]
+__all__ = ["MODEL_REASONS", "MODULE_REASONS", "NO_ATTENTION_REASONS", "refusal"]
 
 _DIFFERENTIAL = (
     "its differential attention mixes tokens with softmax(Q1 K1^T) - lambda * softmax(Q2 K2^T), a signed matrix "
@@ -18,10 +18,6 @@ _DIFFERENTIAL = (
 MODULE_REASONS: dict[str, str] = {
     "DiffAttention": _DIFFERENTIAL,
     "DiffParallelScalingBlock": _DIFFERENTIAL,
-    "AttentionPoolLatent": (
-        "it pools tokens with a learned latent query (global_pool='map'), whose read-out passes through an MLP and is "
-        "not a fixed average of token rows; create it with global_pool='token' or 'avg'"
-    ),
 }
 
 _NOT_MAPPED = "gmar-lightning does not map it yet"
@@ -40,6 +36,7 @@ MODEL_REASONS: dict[str, str] = {
         "token-to-token attention matrix to roll out"
     ),
     "EfficientVit": "its ReLU linear attention has no token-to-token attention matrix to roll out",
+    "EfficientVitLarge": "its ReLU linear attention has no token-to-token attention matrix to roll out",
     "SwiftFormer": "its additive attention has no token-to-token attention matrix to roll out",
     "EfficientViM": "its hidden-state mixer is a state-space layer, not attention, so there is no token rollout",
     "EfficientVitMsra": (
@@ -81,12 +78,22 @@ MODEL_REASONS: dict[str, str] = {
     "IFormer": f"its single-head modulation attention runs inside a hybrid CNN on feature maps; {_NOT_MAPPED}",
     "CSATv2": f"its attention runs on DCT-compressed feature maps of a hybrid CNN; {_NOT_MAPPED}",
     "MobileNetV5": f"its multi-query attention runs on CNN feature maps with downsampled keys; {_NOT_MAPPED}",
-    "NaFlexVit": f"it takes variable-resolution patch sequences with padding masks (NaFlex); {_NOT_MAPPED}",
     "Qwen3VitClassifier": f"it is a vision-language encoder that merges patches for its language model; {_NOT_MAPPED}",
     "Gemma4VitClassifier": f"it is a vision-language encoder with a pooling head of its own; {_NOT_MAPPED}",
     "DeepseekVitClassifier": f"it is a vision-language encoder with an aligner head of its own; {_NOT_MAPPED}",
 }
-"""Model classes whose attention has no token rollout (or is not mapped), with the reason."""
+"""Model classes whose attention has no token rollout (or is not mapped), with the reason; a subclass (a distilled
+variant) gets its base class's reason."""
+
+NO_ATTENTION_REASONS: dict[str, str] = {
+    "FastVit": "its token mixers are all convolutional (RepMixer), with no attention, so there is nothing to roll out",
+    "MetaFormer": (
+        "its token mixers are all pooling or convolutions (PoolFormer, ConvFormer), with no attention, so there is "
+        "nothing to roll out"
+    ),
+}
+"""Model classes whose variants differ: without any attention module (``fastvit_t8``, ``poolformer_s12``) they get
+this reason, with attention (``fastvit_sa12``, ``caformer_s18``) the one in `MODEL_REASONS`."""
 
 MODULE_REASONS.update(
     {
@@ -101,11 +108,19 @@ MODULE_REASONS.update(
 )
 
 
+def _has_attention(model: nn.Module) -> bool:
+    return any("Attention" in type(module).__name__ for module in model.modules())
+
+
 def refusal(model: nn.Module) -> str | None:
     """Why ``model`` cannot be rolled out, or ``None`` when nothing known prevents it."""
-    reason = MODEL_REASONS.get(type(model).__name__)
-    if reason is not None:
-        return reason
+    name = type(model).__name__
+    if name in NO_ATTENTION_REASONS and not _has_attention(model):
+        return NO_ATTENTION_REASONS[name]
+    for cls in type(model).__mro__:
+        reason = MODEL_REASONS.get(cls.__name__)
+        if reason is not None:
+            return reason
     for module in model.modules():
         reason = MODULE_REASONS.get(type(module).__name__)
         if reason is not None:

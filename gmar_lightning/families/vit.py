@@ -1,29 +1,51 @@
-"""Single-sequence ViTs (timm VisionTransformer, DeiT, BEiT, EVA and relatives): global self-attention per block.
+"""Single-sequence ViTs (timm VisionTransformer, DeiT, BEiT, EVA, NaFlexViT and relatives): global self-attention per
+block.
 
 One token space throughout: the prefix tokens, then the patch grid. A block with parallel attention branches
 (``x + sum_i attn_i(x)``, e.g. ``vit_small_patch16_18x2_224``) is one rollout layer whose heads are the heads of all
-its branches.
+its branches. A model with attention pooling (``global_pool='map'``: SigLIP, SigLIP 2, Perception Encoder) reads its
+tokens through the pool, the plan's last layer (an `AttentionReadout`).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from gmar_lightning.capture import attention_modules, find_attention_layers
-from gmar_lightning.families import Probe
+from gmar_lightning.capture import TIMM_POOL_ADAPTER, AttentionLayer, attention_modules, find_attention_layers
+from gmar_lightning.families import Probe, UnsupportedModelError
 from gmar_lightning.families.grids import global_mixing
-from gmar_lightning.mixing import AttentionStep, TokenPlan
-from gmar_lightning.tokens import TokenLayout, infer_token_layout, patch_grid
+from gmar_lightning.mixing import AttentionReadout, AttentionStep, TokenPlan
+from gmar_lightning.tokens import TokenLayout, infer_token_layout, patch_embedding, patch_grid
 
 
 def matches(model: nn.Module) -> bool:
-    """A patch embedding and a sequence of blocks."""
-    return hasattr(model, "patch_embed") and isinstance(getattr(model, "blocks", None), nn.Module)
+    """A patch embedding (NaFlexViT: ``embeds``) and a sequence of blocks."""
+    return patch_embedding(model) is not None and isinstance(getattr(model, "blocks", None), nn.Module)
+
+
+def attention_pool(model: nn.Module) -> nn.Module | None:
+    """The model's timm attention pool (``global_pool='map'``), or ``None``."""
+    pool = getattr(model, "attn_pool", None)
+    return pool if pool is not None and TIMM_POOL_ADAPTER.matches(pool) else None
 
 
 def check(model: nn.Module) -> None:
-    """The read-out must be known (no attention or max pooling)."""
-    infer_token_layout(model)
+    """The read-out must be known: a token layout, or an attention pool that reads its first latent or their mean."""
+    pool = attention_pool(model)
+    if pool is None:
+        try:
+            infer_token_layout(model)
+        except ValueError as error:
+            if getattr(model, "attn_pool", None) is None:
+                raise
+            raise UnsupportedModelError(str(error)) from None  # an attention pool other than 'map' (PRR)
+    elif pool.pool not in ("token", "avg"):
+        raise UnsupportedModelError(
+            f"`model` ({type(model).__name__}) has an attention pool that returns its {pool.latent_len} latents "
+            f"unpooled (pool_type={pool.pool!r}), so no one read-out row exists; build the pool with pool_type='token' "
+            "or 'avg'."
+        )
 
 
 def linear_readout(model: nn.Module) -> bool:
@@ -40,16 +62,44 @@ def block_layers(model: nn.Module) -> tuple[list, list[str]]:
             layers.append(branches)
             names.append(branches[0].name if len(branches) == 1 else f"blocks.{name}")
     if not layers:  # attention outside `blocks`: one layer per module, as the capture finds them
-        layers = [[layer] for layer in find_attention_layers(model)]
+        layers = [[layer] for layer in find_attention_layers(model) if layer.adapter is not TIMM_POOL_ADAPTER]
         names = [layer[0].name for layer in layers]
     return layers, names
 
 
+def pool_readout(model: nn.Module, pool: nn.Module, num_prefix_tokens: int, num_tokens: int) -> AttentionReadout:
+    """Where the pool's keys sit among the tokens: every token, or the patch tokens when the model drops its prefix
+    tokens before pooling (timm's VisionTransformer and NaFlexViT unless ``pool_include_prefix``; EVA pools all)."""
+    drops_prefix = hasattr(model, "pool_include_prefix") and not model.pool_include_prefix
+    keys = torch.arange(num_prefix_tokens, num_tokens) if drops_prefix and num_prefix_tokens else None
+    return AttentionReadout(pool.latent_len, num_tokens, keys)
+
+
 def probe(model: nn.Module, image_size: tuple[int, int], token_layout: TokenLayout | None) -> Probe:
-    layout = token_layout if token_layout is not None else infer_token_layout(model)
+    pool = attention_pool(model)
+    if pool is not None and token_layout is not None:
+        raise ValueError(
+            f"`token_layout` does not apply to `model` ({type(model).__name__}): it reads its tokens through its "
+            "attention pool (global_pool='map'), whose attention is the read-out; leave `token_layout` unset."
+        )
+    check(model)
     grid = patch_grid(model, image_size)
-    num_tokens = layout.num_prefix_tokens + grid[0] * grid[1]
     layers, names = block_layers(model)
-    steps = tuple(AttentionStep(index, global_mixing(num_tokens)) for index in range(len(layers)))
-    readout = layout.readout_vector(num_tokens, 1)[0]
-    return Probe(layers, names, TokenPlan(steps, readout, layout.num_prefix_tokens, grid))
+    if pool is None:
+        layout = token_layout if token_layout is not None else infer_token_layout(model)
+        num_prefix = layout.num_prefix_tokens
+        num_tokens = num_prefix + grid[0] * grid[1]
+        readout = layout.readout_vector(num_tokens, 1)[0]
+    else:
+        num_prefix = model.num_prefix_tokens
+        num_tokens = num_prefix + grid[0] * grid[1]
+        # Weights of the latents: the pool's output is its first latent ('token') or their mean ('avg').
+        readout = torch.full((pool.latent_len,), 1.0 / pool.latent_len)
+        if pool.pool == "token":
+            readout = torch.nn.functional.one_hot(torch.tensor(0), pool.latent_len).float()
+    steps: list[AttentionStep] = [AttentionStep(index, global_mixing(num_tokens)) for index in range(len(layers))]
+    if pool is not None:
+        steps.append(AttentionStep(len(layers), pool_readout(model, pool, num_prefix, num_tokens)))
+        layers = [*layers, [AttentionLayer("attn_pool", pool, TIMM_POOL_ADAPTER)]]
+        names = [*names, "attn_pool"]
+    return Probe(layers, names, TokenPlan(tuple(steps), readout, num_prefix, grid))

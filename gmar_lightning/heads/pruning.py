@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import apply_rot_embed_cat
+from timm.layers import AttentionPoolLatent, apply_rot_embed_cat
 from timm.layers.attention import Attention as TimmAttention
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 from timm.models.beit import Attention as BeitAttention
@@ -175,11 +175,44 @@ class PrunedEvaAttention(EvaAttention):
         return self.proj_drop(self.proj(x))
 
 
+class PrunedAttentionPoolLatent(AttentionPoolLatent):
+    """timm's attention pool (``global_pool='map'``) whose head count may differ from ``dim // head_dim``.
+
+    Identical to `timm.layers.AttentionPoolLatent` except that the heads are concatenated to ``num_heads * head_dim``
+    channels (timm reshapes to the input width).
+    """
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        batch, num_tokens, _ = x.shape
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.unsqueeze(0).to(x.dtype)
+        q_latent = self.latent.expand(batch, -1, -1)
+        q = self.q(q_latent).reshape(batch, self.latent_len, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv(x).reshape(batch, num_tokens, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        else:
+            attn = maybe_add_mask((q * self.scale) @ k.transpose(-2, -1), attn_mask)
+            x = attn.softmax(dim=-1) @ v
+        x = x.transpose(1, 2).reshape(batch, self.latent_len, self.num_heads * self.head_dim)
+        x = self.proj_drop(self.proj(x))
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm(x))
+        if self.pool == "token":
+            x = x[:, 0]
+        elif self.pool == "avg":
+            x = x.mean(1)
+        return x
+
+
 _PRUNED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
     BeitAttention: PrunedBeitAttention,
     EvaAttention: PrunedEvaAttention,
+    AttentionPoolLatent: PrunedAttentionPoolLatent,
 }
-_SUPPORTED = (TimmAttention, BeitAttention, EvaAttention)
+_SUPPORTED = (TimmAttention, BeitAttention, EvaAttention, AttentionPoolLatent)
 
 
 def _kept_indices(module: nn.Module) -> Tensor:
@@ -263,7 +296,9 @@ def _check_prunable(layer: AttentionLayer, remove: set[int]) -> None:
             f"`model` layer `{layer.name}` is a {type(module).__name__}; prune_heads supports timm's {names} and "
             "transformers >= 5 ViTs."
         )
-    if not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity):
+    # The attention pool's `norm` is its MLP's pre-norm, after `proj`: it sees no head on its own.
+    scale_norm = not isinstance(getattr(module, "norm", nn.Identity()), nn.Identity)
+    if scale_norm and not isinstance(module, AttentionPoolLatent):
         raise ValueError(
             f"`heads`: layer `{layer.name}` normalises the concatenated heads before `proj` (scale_norm), so the "
             "remaining heads would change with the removed ones and pruning cannot match masking; leave it unpruned."
@@ -365,6 +400,12 @@ def _prune_layer(module: nn.Module, remove: set[int], bias_owner: nn.Module) -> 
     changes: list[ParameterSlice] = []
     if getattr(module, "qkv", None) is not None:
         _slice_linear(module.qkv, 0, qkv_rows, changes)
+    if isinstance(module, AttentionPoolLatent):  # the latent queries' `q`, and `kv` over the tokens
+        if isinstance(module.q, nn.Linear):
+            _slice_linear(module.q, 0, channels, changes)
+        else:  # no query projection: the latent is the query
+            _replace(module, "latent", 2, channels, changes)
+        _slice_linear(module.kv, 0, torch.cat([channels + part * width for part in range(2)]), changes)
     for name in ("q_proj", "k_proj", "v_proj", "gate"):
         _slice_linear(getattr(module, name, None), 0, channels, changes)
     for name in ("q_bias", "k_bias", "v_bias"):
