@@ -353,3 +353,41 @@ def test_michel_importance_scores_the_pools_heads() -> None:
     losses = nn.functional.cross_entropy(reference(images), labels, reduction="none")
     (grad,) = torch.autograd.grad(losses.sum(), gate)
     torch.testing.assert_close(importance[-1], grad.abs().mean(0), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.integration
+def test_head_pruning_fit_prunes_the_pools_heads_by_gmar(tmp_path) -> None:
+    """A real fit of a map-pooled ViT with GMARCallback and HeadPruning: the pool's heads are scored, recorded in the
+    trajectory as the layer `attn_pool`, and pruned like the blocks' heads."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gmar_lightning import GMARCallback, HeadPruning
+    from gmar_lightning.heads.pruning import head_counts
+    from tests.lightning_helpers import TinyViTModule, tiny_data, trainer_kwargs
+
+    torch.manual_seed(0)
+    module = TinyViTModule()
+    module.vit = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=4, class_token=False,
+        global_pool="map",
+    )  # fmt: skip
+    gmar = GMARCallback(num_probe=8)
+    pruning = HeadPruning(amount=4, criterion="gmar", epochs=[1], gmar_last_n=1, throughput_batch=4)
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, logger=logger, callbacks=[gmar, pruning]))
+    trainer.fit(module, datamodule=tiny_data())
+
+    assert gmar.trajectory.layer_names == ["blocks.0.attn", "blocks.1.attn", "attn_pool"]
+    weights = gmar.trajectory.weights[0]  # epoch 0: every head, the pool's too
+    assert weights.shape == (3, 4) and torch.allclose(weights.sum(-1), torch.ones(3))
+    removed = pruning.history[0]["removed"]
+    removed_pairs = [(name, head) for name, heads in removed.items() for head in heads]
+    names = gmar.trajectory.layer_names
+    kept = [(n, h) for n in names for h in range(4) if (n, h) not in removed_pairs]
+    score = {(n, h): weights[names.index(n), h].item() for n in names for h in range(4)}
+    assert max(score[pair] for pair in removed_pairs) <= min(score[pair] for pair in kept)
+    assert sum(head_counts(module.vit)) == 12 - 4
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0}).Reload()
+    assert [event.value for event in events.Scalars("head_pruning/heads")] == [8.0]
