@@ -41,7 +41,14 @@ VERIFIED_FAMILIES = {"vit", "swin", "pvt", "cait", "pit", "sam", "transformers",
 """Family probes whose token plans tests/test_families.py, tests/test_engine.py, tests/test_hf.py and
 tests/test_hf_families.py check against the reference."""
 
-SINGLE_SEQUENCE_CLASSES = {"VisionTransformer", "VisionTransformerDistilled", "Beit", "Eva", "VisionTransformerRelPos"}
+SINGLE_SEQUENCE_CLASSES = {
+    "VisionTransformer",
+    "VisionTransformerDistilled",
+    "Beit",
+    "Eva",
+    "VisionTransformerRelPos",
+    "NaFlexVit",
+}
 """timm classes the generic single-sequence ``vit`` probe is verified on; any other class it takes is a failure."""
 
 FAMILY_NOTES = {
@@ -76,12 +83,13 @@ TINY_SWIN = {"img_size": 32, "embed_dim": 16, "depths": (2, 1), "num_heads": (1,
 TINY_PYRAMID = {"embed_dims": (8, 16, 16, 32), "depths": (1, 1, 1, 1), "num_heads": (1, 2, 2, 4)}
 
 
-def timm_case(family: str, name: str, size: int = 32, expect: str = "works", **kwargs: object) -> Case:
-    """A timm model by name, with ``kwargs`` that make it tiny (works) or its default size on meta (refused)."""
-    label = f"`{name}`" + (" (tiny)" if kwargs else "")
+def timm_case(family: str, name: str, size: int = 32, expect: str = "works", note: str = "", **kwargs: object) -> Case:
+    """A timm model by name, with ``kwargs`` that make it tiny, or at its default size on meta (refused without
+    ``kwargs``); ``note`` follows the name in the table."""
+    label = f"`{name}`" + (" (tiny)" if kwargs else "") + (f" {note}" if note else "")
 
     def build() -> nn.Module:
-        if expect == "refused":
+        if expect == "refused" and not kwargs:
             with torch.device("meta"):
                 return timm.create_model(name, **kwargs)
         torch.manual_seed(0)
@@ -94,7 +102,15 @@ CASES: list[Case] = [
     timm_case("vision_transformer", "vit_tiny_patch16_224", **TINY_VIT),
     timm_case("vision_transformer", "vit_small_patch16_18x2_224", **TINY_VIT),  # parallel attention branches
     timm_case("vision_transformer", "vit_medium_patch16_reg1_gap_256", **TINY_VIT),  # registers, average pooling
-    timm_case("vision_transformer", "vit_base_patch16_siglip_224", expect="refused"),  # global_pool='map'
+    timm_case("vision_transformer", "vit_base_patch16_siglip_224", **TINY_VIT, note="(SigLIP, SigLIP 2)"),
+    timm_case(
+        "vision_transformer",
+        "vit_tiny_patch16_224",
+        expect="refused",
+        note="(global_pool='prr')",
+        **TINY_VIT,
+        global_pool="prr",
+    ),
     timm_case("vision_transformer", "vit_dlittle_patch16_reg1_gap_256", expect="refused"),  # differential attention
     timm_case("vision_transformer_hybrid", "vit_tiny_r_s16_p8_224", size=64, img_size=64, depth=2),
     timm_case("vision_transformer_relpos", "vit_relpos_small_patch16_224", **TINY_VIT),
@@ -102,6 +118,7 @@ CASES: list[Case] = [
     timm_case("deit", "deit_tiny_distilled_patch16_224", **TINY_VIT),
     timm_case("beit", "beit_base_patch16_224", **TINY_VIT),
     timm_case("eva", "eva02_tiny_patch14_224", size=28, img_size=28, depth=2),
+    timm_case("eva", "vit_pe_core_base_patch16_224", **TINY_VIT, ref_feat_shape=(4, 4), note="(Perception Encoder)"),
     timm_case("vitamin", "vitamin_small_224", size=64, img_size=64, depth=2),
     timm_case("swin_transformer", "swin_tiny_patch4_window7_224", **TINY_SWIN),
     timm_case("swin_transformer_v2", "swinv2_tiny_window8_256", **TINY_SWIN),
@@ -126,12 +143,16 @@ CASES: list[Case] = [
     timm_case("gcvit", "gcvit_xxtiny", expect="refused"),
     timm_case("maxxvit", "maxvit_nano_rw_256", expect="refused"),
     timm_case("metaformer", "caformer_s18", expect="refused"),
+    timm_case("metaformer", "poolformer_s12", expect="refused"),  # no attention at all
     timm_case("efficientformer", "efficientformer_l1", expect="refused"),
     timm_case("efficientformer_v2", "efficientformerv2_s0", expect="refused"),
     timm_case("efficientvit_mit", "efficientvit_b0", expect="refused"),
+    timm_case("efficientvit_mit", "efficientvit_l1", expect="refused"),
     timm_case("efficientvit_msra", "efficientvit_m0", expect="refused"),
     timm_case("efficientvim", "efficientvim_m1", expect="refused"),
-    timm_case("fastvit", "fastvit_t8", expect="refused"),
+    timm_case("efficientvim", "efficientvim_m1_dist", expect="refused"),
+    timm_case("fastvit", "fastvit_t8", expect="refused"),  # no attention at all
+    timm_case("fastvit", "fastvit_sa12", expect="refused"),
     timm_case("nextvit", "nextvit_small", expect="refused"),
     timm_case("tiny_vit", "tiny_vit_5m_224", expect="refused"),
     timm_case("visformer", "visformer_tiny", expect="refused"),
@@ -145,7 +166,8 @@ CASES: list[Case] = [
     timm_case("byoanet", "botnet26t_256", expect="refused"),
     timm_case("mobilenetv3", "mobilenetv4_hybrid_medium", expect="refused"),
     timm_case("mobilenetv5", "mobilenetv5_300m", expect="refused"),
-    timm_case("naflexvit", "naflexvit_base_patch16_gap", expect="refused"),
+    timm_case("naflexvit", "naflexvit_base_patch16_gap", patch_size=8, embed_dim=32, depth=2, num_heads=2),
+    timm_case("naflexvit", "naflexvit_base_patch16_siglip", patch_size=8, embed_dim=32, depth=2, num_heads=2),
     timm_case("qwen3_vit", "qwen3_vit_88m", expect="refused"),
     timm_case("gemma4_vit", "gemma4_vit_167m", expect="refused"),
     timm_case("deepseek_vit", "deepseek_vit_412m", expect="refused"),
@@ -283,9 +305,10 @@ def run_case(case: Case) -> Outcome:
         return Outcome(case, model_class, "FAILED", "explained, but the table expects a refusal")
     family = find_family(find_vision_transformer(model)).name
     grid = "x".join(map(str, result.grid_size))
-    return Outcome(
-        case, model_class, "works", f"{FAMILY_NOTES[family]} ({len(result.layer_names)} layers, {grid} grid)"
-    )
+    note = FAMILY_NOTES[family]
+    if result.layer_names[-1] == "attn_pool":
+        note += "; read out through the attention pool's attention (no residual)"
+    return Outcome(case, model_class, "works", f"{note} ({len(result.layer_names)} layers, {grid} grid)")
 
 
 def unclassified_timm_modules() -> list[str]:

@@ -117,6 +117,8 @@ class AttentionMixing:
     # layer: reading a device tensor's values would stall the device.
     _padding: Tensor | None = field(init=False, repr=False, compare=False)
     _queried: Tensor | None = field(init=False, repr=False, compare=False)  # None: every token is a query
+    # Each pooled key's total weight over the tokens (a coverage map's rows need not sum to 1); None without key_map.
+    _key_totals: Tensor | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         padded = self.key_map is None and self.keys is not None and bool((self.keys < 0).any())
@@ -127,11 +129,12 @@ class AttentionMixing:
             queried[torch.where(self.queries < 0, self.num_tokens, self.queries).flatten()] = True
             queried = queried[: self.num_tokens]
         object.__setattr__(self, "_queried", queried)
+        object.__setattr__(self, "_key_totals", None if self.key_map is None else self.key_map.weights.sum(dim=-1))
 
     def to(self, device: torch.device | str) -> AttentionMixing:
         """The same mixing with its tensors on ``device`` (without reading them again)."""
         moved = copy.copy(self)
-        for name in ("queries", "keys", "_padding", "_queried"):
+        for name in ("queries", "keys", "_padding", "_queried", "_key_totals"):
             value = getattr(self, name)
             object.__setattr__(moved, name, to_device(value, device) if value is not None else None)
         object.__setattr__(moved, "key_map", self.key_map.to(device) if self.key_map is not None else None)
@@ -183,7 +186,9 @@ class AttentionMixing:
 
     def row_sums(self, fused: Tensor) -> Tensor:
         """``[B, N]`` row sums of the layer's global matrix; ``1`` for tokens that are no query (identity rows)."""
-        sums = fused.sum(dim=-1)  # [B, W, n_q]
+        # [B, W, n_q]; with pooled keys M = A P, and each key passes on its total weight over the tokens.
+        totals = self._key_totals
+        sums = fused.sum(dim=-1) if totals is None else fused @ totals.to(fused.dtype)
         if self.queries is None:
             return sums.squeeze(1)
         ones = torch.ones(sums.shape[0], self.num_tokens, device=sums.device, dtype=sums.dtype)
