@@ -62,6 +62,9 @@ class AttentionAdapter:
         softmax_in_forward: Instead, the attention is the result of the first ``softmax`` the matching module computes
             during its forward (on the unfused path), for modules that pass their probabilities to no submodule (timm's
             ``AttentionPoolLatent``). The module's own forward runs unchanged; the capture only observes the call.
+        viewed_weights: With ``output_index``: the output's weights are a view of the tensor the module multiplied
+            with its values (``nn.MultiheadAttention`` with ``average_attn_weights=False``); the capture reads that
+            tensor (``weights._base``), which the logits depend on, rather than the view, which they do not.
 
     Examples:
         >>> class MyAttention(nn.Module):  # computes softmax, then calls self.dropout(attn)
@@ -80,6 +83,7 @@ class AttentionAdapter:
     disable_flags: tuple[str, ...] = ()
     output_index: int | None = None
     softmax_in_forward: bool = False
+    viewed_weights: bool = False
 
 
 def _is_timm_attention(module: nn.Module) -> bool:
@@ -312,10 +316,11 @@ def hook_attention(layers: list[AttentionLayer], on_attention: OnAttention) -> I
 
         return hook
 
-    def make_output_hook(index: int, position: int) -> Callable[[nn.Module, tuple, object], None]:
+    def make_output_hook(index: int, position: int, viewed: bool) -> Callable[[nn.Module, tuple, object], None]:
         def hook(_module: nn.Module, _inputs: tuple, output: object) -> None:
-            if isinstance(output[position], Tensor):  # None if the module ignored the switch to eager attention
-                on_attention(index, output[position])
+            weights = output[position]
+            if isinstance(weights, Tensor):  # None if the module ignored the switch to eager attention
+                on_attention(index, weights._base if viewed and weights._base is not None else weights)
 
         return hook
 
@@ -327,7 +332,8 @@ def hook_attention(layers: list[AttentionLayer], on_attention: OnAttention) -> I
             elif position is None:
                 handles.append(layer.probs_module.register_forward_pre_hook(make_hook(index)))
             else:
-                handles.append(layer.module.register_forward_hook(make_output_hook(index, position)))
+                hook = make_output_hook(index, position, layer.adapter.viewed_weights)
+                handles.append(layer.module.register_forward_hook(hook))
         yield
     finally:
         for handle in handles:

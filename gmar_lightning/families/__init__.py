@@ -114,7 +114,7 @@ class Family:
 
 
 def _registry() -> tuple[list[Family], list[Callable[[nn.Module], str | None]]]:
-    from gmar_lightning.families import cait, hf, hf_swin, pit, pvt, refused, sam, swin, vit
+    from gmar_lightning.families import cait, hf, hf_swin, open_clip, pit, pvt, refused, sam, swin, vit
 
     families = [
         Family("sam", sam.matches, sam.probe, sam.check),
@@ -123,6 +123,17 @@ def _registry() -> tuple[list[Family], list[Callable[[nn.Module], str | None]]]:
         Family("swin", swin.matches, swin.probe, swin.check),
         Family("pvt", pvt.matches, pvt.probe, pvt.check),
         Family("vit", vit.matches, vit.probe, vit.check, takes_token_layout=True, linear_readout=vit.linear_readout),
+        Family(
+            "open_clip",
+            open_clip.matches,
+            open_clip.probe,
+            open_clip.check,
+            takes_token_layout=True,
+            headless=open_clip.headless,
+            num_channels=open_clip.num_channels,
+            linear_readout=lambda _model: True,
+            attention_layers=open_clip.attention_layers,
+        ),
         Family(
             "transformers_swin",
             hf_swin.matches,
