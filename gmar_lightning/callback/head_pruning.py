@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, XLAStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
@@ -169,7 +169,10 @@ class HeadPruning(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
-        if not isinstance(strategy, DDPStrategy | SingleDeviceStrategy):
+        # DeepSpeed and XLA derive from DDPStrategy but shard or wrap the model their own way.
+        if isinstance(strategy, DeepSpeedStrategy | XLAStrategy) or not isinstance(
+            strategy, DDPStrategy | SingleDeviceStrategy
+        ):
             raise ValueError(
                 f"HeadPruning changes parameter shapes, which {type(strategy).__name__} cannot follow; use "
                 "strategy='ddp' or a single device."
