@@ -111,7 +111,9 @@ def capture(model: nn.Module, images: Tensor, target: Tensor | None = None):
     return [a.detach() for a in every], list(grads), logits.detach(), targets
 
 
-def reference(model: nn.Module, images: Tensor, method: str, residual: float = 0.5) -> tuple[Tensor, Tensor | None]:
+def reference(
+    model: nn.Module, images: Tensor, method: str, residual: float = 0.5, head_norm: str = "layer"
+) -> tuple[Tensor, Tensor | None]:
     """Token maps and head weights ``[B, L + 1, H]`` (the pool last), from the formulas."""
     attentions, grads, _, _ = capture(model, images)
     pool = model.attn_pool
@@ -136,7 +138,11 @@ def reference(model: nn.Module, images: Tensor, method: str, residual: float = 0
             scores = [g.double().abs().sum(dim=(2, 3)) for g in grads]
         else:
             scores = [g.double().pow(2).sum(dim=(2, 3)).sqrt() for g in grads]
-        weights = [(s / s.sum(1, keepdim=True)).float() for s in scores]
+        if head_norm == "layer":
+            weights = [(s / s.sum(1, keepdim=True)).float() for s in scores]
+        else:  # over every layer's heads and the pool's
+            total = sum(s.sum(1, keepdim=True) for s in scores)
+            weights = [(s / total).float() for s in scores]
         width = max(w.shape[1] for w in weights)
         weights_out = torch.stack([nn.functional.pad(w, (0, width - w.shape[1]), value=torch.nan) for w in weights], 1)
         fused = [(w[:, :, None, None] * a).sum(1) for w, a in zip(weights, attentions, strict=True)]
@@ -195,6 +201,10 @@ def test_options_act_on_the_blocks_and_the_pool_row_has_no_residual() -> None:
     torch.testing.assert_close(only_pool.token_maps, last.token_maps, rtol=1e-5, atol=1e-7)
     expected, _ = reference(model, images, "rollout", residual=0.3)
     result = explain(model, images, "rollout", residual=0.3)
+    torch.testing.assert_close(result.token_maps, expected, atol=ATOL, rtol=1e-4)
+    expected, weights = reference(model, images, "gmar_l2", head_norm="global")
+    result = explain(model, images, "gmar_l2", head_norm="global")
+    torch.testing.assert_close(result.head_weights, weights, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(result.token_maps, expected, atol=ATOL, rtol=1e-4)
 
 
