@@ -7,7 +7,8 @@ states hooked. The tokens with a non-zero gradient there are the tokens the logi
 block acts on each token alone, except the pooling. When they match a linear pooling (one or more prefix tokens, the
 mean of the patch tokens, the mean of all tokens, the class token beside the patch mean) that pooling is the
 read-out; swapping two pooled tokens in the hidden states and seeing the logits unchanged confirms a mean. Anything
-else is refused in one line. docs/method.md states the rule.
+else is refused in one line. When the logits are read through the ViT's attention pool (``Family.attention_pool``),
+the pool's attention is the read-out, as the family maps it. docs/method.md states the rule.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def last_block(vit: nn.Module, attention_name: str) -> nn.Module | None:
         if isinstance(vit.get_submodule(".".join(parts[: depth - 1])), nn.ModuleList | nn.Sequential):
             return vit.get_submodule(".".join(parts[:depth]))
     return None
+
+
+def _tensors(output: object) -> list[Tensor]:
+    """The tensors of a module's output: the tensor itself, or those of a tuple."""
+    parts = output if isinstance(output, tuple) else (output,)
+    return [part for part in parts if isinstance(part, Tensor) and part.requires_grad]
 
 
 def _hidden(output: object) -> Tensor | None:
@@ -84,26 +91,38 @@ def checked_readout(resolved: ResolvedModel, image: Tensor) -> TokenLayout | obj
     """
     size = (int(image.shape[-2]), int(image.shape[-1]))
     assumed = families.probe(resolved.vit, size, None, resolved.family)
-    num_prefix, num_tokens = assumed.plan.num_prefix_tokens, assumed.plan.readout.numel()
-    block = last_block(resolved.vit, assumed.layers[-1][0].name)
+    grid = assumed.plan.grid
+    num_prefix = assumed.plan.num_prefix_tokens
+    num_tokens = num_prefix + grid[0] * grid[1]  # one token space throughout: a single-sequence ViT
+    # The last block: an attention pool after the blocks, the plan's last layer then, is in no block.
+    blocks = (last_block(resolved.vit, layer[0].name) for layer in reversed(assumed.layers))
+    block = next((block for block in blocks if block is not None), None)
     if block is None:
         return UNDECIDED
     tap = _BlockOutput(num_tokens)
-    handle = block.register_forward_hook(tap)
+    handles = [block.register_forward_hook(tap)]
+    pool_outputs: list[Tensor] = []
+    pool = resolved.family.attention_pool(resolved.vit)
+    if pool is not None:
+        handles.append(pool.register_forward_hook(lambda _m, _i, output: pool_outputs.extend(_tensors(output))))
     try:
         with resolved.isolated(True) as device, eval_mode_without_fast_paths(resolved.classifier, [], True):
             inputs = image.to(device=device, dtype=resolved.dtype).clone().requires_grad_(True)
             logits = resolved.logits(inputs).float()
             if tap.hidden is None:
                 return UNDECIDED
-            (gradient,) = torch.autograd.grad(logits.sum(), tap.hidden, allow_unused=True)
+            gradient, *pooled = torch.autograd.grad(logits.sum(), [tap.hidden, *pool_outputs], allow_unused=True)
             if gradient is None:
                 return UNDECIDED
             norms = gradient[0].float().norm(dim=-1)
             finite = torch.isfinite(norms).all() & torch.isfinite(logits).all()
-            *values, ok = torch.cat([norms, finite[None].float()]).tolist()  # the check's one read of the norms
+            # Whether the logits read the attention pool: its read-out is then the family's, the pool's attention.
+            through_pool = sum((part.abs().sum() for part in pooled if part is not None), norms.new_zeros(()))
+            *values, ok, via_pool = torch.cat([norms, finite[None].float(), through_pool[None]]).tolist()  # one read
             if not ok:
                 return UNDECIDED
+            if via_pool > 0:
+                return None
             tolerance = torch.finfo(resolved.dtype).eps ** 0.5 * logits.abs().max().clamp_min(1e-12)
 
             def unchanged_by_swap(first: int, second: int) -> bool:
@@ -119,7 +138,8 @@ def checked_readout(resolved: ResolvedModel, image: Tensor) -> TokenLayout | obj
             read = {index for index, norm in enumerate(values) if norm > 0}
             observed = _observed(read, num_prefix, num_tokens, unchanged_by_swap)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     if observed is UNDECIDED:
         return UNDECIDED
     if isinstance(observed, str):

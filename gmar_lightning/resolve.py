@@ -111,7 +111,8 @@ class ResolvedModel:
         if self._cache.readout_checked:
             return self._cache.readout
         verdict = None
-        if self.classifier is not self.vit and self.family.linear_readout(self.vit):
+        family, vit = self.family, self.vit
+        if self.classifier is not vit and (family.linear_readout(vit) or family.attention_pool(vit) is not None):
             verdict = checked_readout(self, images[:1])
             if verdict is UNDECIDED:  # NaN logits, the ViT not run...: the engine's own checks report why
                 return None

@@ -66,10 +66,12 @@ POOLINGS: dict[str, tuple[Callable[[Tensor], Tensor], int, list[int] | Tensor | 
 class TimmHead(nn.Module):
     """A timm ViT without a classifier (``num_classes=0``) and a linear head on a pooling of its tokens."""
 
-    def __init__(self, pooling: str, num_classes: int = 5) -> None:
+    def __init__(self, pooling: str, num_classes: int = 5, **vit_options: object) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=0)
+        self.vit = VisionTransformer(
+            img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=0, **vit_options
+        )
         self.pool, width, _ = POOLINGS[pooling]
         self.head = nn.Linear(32 * width, num_classes)
         sharpened(self)
@@ -112,6 +114,40 @@ def test_timm_headless_vit_under_a_users_head_matches_reference(pooling: str, me
     torch.testing.assert_close(result.token_maps, expected, rtol=1e-4, atol=ATOL)
     if weights is not None:
         torch.testing.assert_close(result.head_weights, weights, rtol=1e-4, atol=ATOL)
+
+
+def attention_pooled(model: nn.Module) -> nn.Module:
+    """``model``, or a skip while attention pooling is refused (the family that maps it is not there yet)."""
+    try:
+        resolve_model(model)
+    except UnsupportedModelError as error:
+        pytest.skip(f"attention pooling is refused here: {error}")
+    return model
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_head_that_bypasses_the_attention_pool_is_read_out_linearly(method: str) -> None:
+    """A map-pooled ViT (SigLIP-style: no class token) under a head on the mean of its tokens, not on its pool."""
+    model, x = attention_pooled(TimmHead("all_mean", global_pool="map", class_token=False)), images()
+    attentions, grads = timm_reference(model, x)
+    expected, _ = reference_from_attention(attentions, grads, method, num_prefix=0, readout=None, grid=GRID)
+    torch.testing.assert_close(explain(model, x, method).token_maps, expected, rtol=1e-4, atol=ATOL)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_head_on_the_attention_pool_is_read_out_through_the_pool(method: str) -> None:
+    """The pool's output under a head of the user's own is explained as the same ViT with that head as its own."""
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5, global_pool="map"
+    )
+    vit = attention_pooled(sharpened(vit))
+    separate = nn.Sequential(copy.deepcopy(vit), nn.Identity())
+    separate[1] = separate[0].head
+    separate[0].reset_classifier(0)
+    x = images()
+    torch.testing.assert_close(separate(x), vit(x))
+    torch.testing.assert_close(explain(separate, x, method).token_maps, explain(vit, x, method).token_maps)
 
 
 @pytest.mark.parametrize("method", METHODS)

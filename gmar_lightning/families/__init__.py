@@ -109,6 +109,10 @@ class Family:
     read-out can be checked against, and inferred from, the gradient that enters those tokens (docs/method.md).
     ``False`` where the family fixes its read-out itself (a Swin's stage mean) or it is not a token mean (attention
     pooling)."""
+    attention_pool: Callable[[nn.Module], nn.Module | None] = lambda _model: None
+    """The module through which the model reads its tokens by attention (timm ``global_pool='map'``), whose own
+    attention the family's read-out is, or ``None``. A head of the user's own that bypasses it (reading the tokens
+    themselves) gets the linear read-out check all the same."""
     attention_layers: Callable[[nn.Module], list[AttentionLayer]] = find_attention_layers
     """Every attention module in forward order, for the head tools (masking, importance, pruning)."""
 
@@ -122,7 +126,15 @@ def _registry() -> tuple[list[Family], list[Callable[[nn.Module], str | None]]]:
         Family("cait", cait.matches, cait.probe, cait.check),
         Family("swin", swin.matches, swin.probe, swin.check),
         Family("pvt", pvt.matches, pvt.probe, pvt.check),
-        Family("vit", vit.matches, vit.probe, vit.check, takes_token_layout=True, linear_readout=vit.linear_readout),
+        Family(
+            "vit",
+            vit.matches,
+            vit.probe,
+            vit.check,
+            takes_token_layout=True,
+            linear_readout=vit.linear_readout,
+            attention_pool=vit.attention_pool,
+        ),
         Family(
             "open_clip",
             open_clip.matches,

@@ -53,6 +53,11 @@ def linear_readout(model: nn.Module) -> bool:
     return getattr(model, "attn_pool", None) is None
 
 
+def attention_pool(model: nn.Module) -> nn.Module | None:
+    """The model's attention pool (``global_pool='map'``), or ``None``."""
+    return getattr(model, "attn_pool", None)
+
+
 def block_layers(model: nn.Module) -> tuple[list, list[str]]:
     """The attention modules of each block that has any, and one name per block (the module's, or the block's)."""
     layers, names = [], []
