@@ -427,7 +427,8 @@ class HeadPruning(Callback):
                     for past in self.history
                     for layer, heads in past["removed"].items()
                 ]
-                logger.log_text("head_pruning/removed", columns=["step", "epoch", "layer", "heads"], data=history)
+                columns = ["step", "epoch", "layer", "heads"]
+                logger.log_text("head_pruning/removed", columns=columns, data=history, step=entry["step"])
         if self.verbose:
             speed = "" if entry["speedup"] is None else f", {entry['speedup']:.2f}x as fast (interleaved timing)"
             rank_zero_info(
