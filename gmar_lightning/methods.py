@@ -350,6 +350,119 @@ def positive_relevance(attention: Tensor, grad: Tensor) -> Tensor:
     return total / max(heads, 1)
 
 
+def attention_rows(query: Tensor, key: Tensor, start: int, stop: int) -> Tensor:
+    """Rows ``start:stop`` of the post-softmax attention ``A = softmax(q k^T / sqrt(d))``, recomputed: ``[B, H, c, N]``.
+
+    ``query`` and ``key`` are ``[B, H, N, d]`` (after any q/k normalisation), as fused attention receives them. A
+    query row's softmax needs only that row's logits, so rows recompute exactly in chunks, in float32.
+
+    Examples:
+        >>> q, k = torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2)
+        >>> attention_rows(q, k, 1, 2).tolist()  # equal logits: uniform attention
+        [[[[0.3333333432674408, 0.3333333432674408, 0.3333333432674408]]]]
+    """
+    logits = (query[:, :, start:stop].float() * query.shape[-1] ** -0.5) @ key.float().transpose(-2, -1)
+    return torch.softmax(logits, dim=-1)
+
+
+def _contiguous(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 with contiguous ``[N, d]`` matrices: the ``q``/``k``/``v`` views of a fused projection
+    are strided, and every batched product with a strided operand would copy it again."""
+    return tensor.float().contiguous()
+
+
+def _chunks(tokens: int, rows: int) -> range:
+    return range(0, tokens, max(int(rows), 1))
+
+
+def gram_l2_scores(grad_output: Tensor, value: Tensor) -> Tensor:
+    """GMAR-L2 head scores without the ``N x N`` gradient: ``[B, H, N, d]`` pair -> ``[B, H]``.
+
+    With ``O_h = A_h V_h`` and ``G_h = dy/dO_h``, the attention gradient is ``dy/dA_h = G_h V_h^T``, and
+    ``||G_h V_h^T||_F^2 = sum_ab (G_h^T G_h)_ab (V_h^T V_h)_ab``: two ``d x d`` Gram matrices (float64) per head.
+
+    Examples:
+        >>> g, v = torch.tensor([[[[1.0, 0.0], [0.0, 2.0]]]]), torch.tensor([[[[3.0, 0.0], [0.0, 4.0]]]])
+        >>> gram_l2_scores(g, v).tolist()  # G V^T = [[3, 0], [0, 8]]
+        [[8.5440034866333]]
+    """
+    grads, values = grad_output.double(), value.double()
+    grams = (grads.transpose(-2, -1) @ grads) * (values.transpose(-2, -1) @ values)
+    return grams.sum(dim=(-2, -1)).clamp_min(0).sqrt().float()
+
+
+def chunked_l1_scores(grad_output: Tensor, value: Tensor, rows: int) -> Tensor:
+    """GMAR-L1 head scores ``sum |G_h V_h^T|`` over query-row chunks of ``rows``: ``[B, H, N, d]`` pair -> ``[B, H]``.
+
+    Only one ``[B, H, rows, N]`` block of the attention gradient exists at a time; the sum accumulates in float64.
+
+    Examples:
+        >>> g, v = torch.tensor([[[[1.0, 0.0], [0.0, -2.0]]]]), torch.tensor([[[[3.0, 1.0], [0.0, 4.0]]]])
+        >>> chunked_l1_scores(g, v, rows=1).tolist()  # G V^T = [[3, 0], [-2, -8]]
+        [[13.0]]
+    """
+    values = _contiguous(value).transpose(-2, -1)
+    total = grad_output.new_zeros(grad_output.shape[:2], dtype=torch.float64)
+    for start in _chunks(grad_output.shape[2], rows):
+        block = grad_output[:, :, start : start + rows].float() @ values
+        total += block.abs().sum(dim=(-2, -1), dtype=torch.float64)
+    return total.float()
+
+
+def recomputed_rollout_step(
+    row: Tensor, query: Tensor, key: Tensor, weights: Tensor, residual: float, rows: int
+) -> Tensor:
+    """[`rollout_step`][gmar_lightning.methods.rollout_step] of a global attention layer with ``F = sum_h w_h A_h``
+    recomputed from ``q`` and ``k`` in query-row chunks of ``rows``: no ``N x N`` matrix is kept.
+
+    ``row^T Ahat = r u + (1 - r) u^T F`` with ``u_i = row_i / (r + (1 - r) sum_j F_ij)``; both terms are sums over
+    query rows, so each chunk of rows adds its share. ``weights`` is ``[B, H]`` (``1/H`` for the head mean).
+
+    Examples:
+        >>> q, k = torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)  # uniform attention [[.5, .5], [.5, .5]]
+        >>> recomputed_rollout_step(torch.tensor([[1.0, 0.0]]), q, k, torch.ones(1, 1), 0.5, rows=1).tolist()
+        [[0.75, 0.25]]
+    """
+    key = _contiguous(key)
+    scaled = torch.empty_like(row)
+    mixed = torch.zeros_like(row)
+    weights = weights.float()[:, None]  # [B, 1, H]
+    batch, heads, tokens, _ = query.shape
+    for start in _chunks(tokens, rows):
+        attention = attention_rows(query, key, start, start + rows)  # [B, H, c, N]
+        chunk = attention.shape[2]
+        fused = torch.bmm(weights, attention.reshape(batch, heads, chunk * tokens)).reshape(batch, chunk, tokens)
+        sums = residual + (1.0 - residual) * fused.sum(dim=-1)
+        part = row[:, start : start + chunk] / sums.clamp_min(torch.finfo(sums.dtype).tiny)
+        scaled[:, start : start + chunk] = part
+        mixed += torch.bmm(part[:, None], fused).squeeze(1)
+    return residual * scaled + (1.0 - residual) * mixed
+
+
+def recomputed_gradient_rollout_step(
+    row: Tensor, query: Tensor, key: Tensor, grad_output: Tensor, value: Tensor, rows: int
+) -> Tensor:
+    """[`gradient_rollout_step`][gmar_lightning.methods.gradient_rollout_step] of a global attention layer, with
+    ``Abar = mean_h((G_h V_h^T * A_h)^+)`` built in query-row chunks of ``rows`` from ``q``, ``k``, ``G = dy/dO``
+    and ``v``: ``row^T (I + Abar) = row + sum_chunks row_c^T Abar_c``.
+
+    Examples:
+        >>> q, k = torch.zeros(1, 1, 2, 1), torch.zeros(1, 1, 2, 1)  # uniform attention
+        >>> g, v = torch.tensor([[[[1.0], [0.0]]]]), torch.tensor([[[[2.0], [-2.0]]]])  # dy/dA = [[2, -2], [0, 0]]
+        >>> recomputed_gradient_rollout_step(torch.tensor([[1.0, 1.0]]), q, k, g, v, rows=1).tolist()
+        [[2.0, 1.0]]
+    """
+    key, values = _contiguous(key), _contiguous(value).transpose(-2, -1)
+    _, heads, tokens, _ = query.shape
+    total = row.clone()
+    for start in _chunks(tokens, rows):
+        product = grad_output[:, :, start : start + rows].float() @ values  # dy/dA rows [B, H, c, N]
+        product.mul_(attention_rows(query, key, start, start + rows)).clamp_min_(0)
+        relevance = product.sum(dim=1) / max(heads, 1)  # [B, c, N]
+        total += torch.bmm(row[:, None, start : start + product.shape[2]], relevance).squeeze(1)
+    return total
+
+
 def normalize_maps(maps: Tensor) -> Tensor:
     """Min-max normalise each ``[..., H, W]`` map to ``[0, 1]``; a constant map becomes all zeros.
 
