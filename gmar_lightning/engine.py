@@ -14,13 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gmar_lightning import methods
+from gmar_lightning import methods, recompute
 from gmar_lightning._checks import check_choice, check_int_in_range
 from gmar_lightning.capture import KEPT_HEADS, hook_attention, slot_count
 from gmar_lightning.explanation import Explanation
 from gmar_lightning.families import Probe, UnsupportedModelError
 from gmar_lightning.methods import METHOD_TABLE, Method
 from gmar_lightning.mixing import AttentionMixing, TokenPlan, to_device
+from gmar_lightning.model_state import resharded
 from gmar_lightning.options import ExplainOptions
 from gmar_lightning.resolve import ResolvedModel, as_resolved
 from gmar_lightning.tokens import TokenLayout, patch_embedding
@@ -369,6 +370,104 @@ def _explain_chunk(
     return _Chunk(logits.detach().float(), targets, matrices, scores, weights, rows, flags)
 
 
+def _memory_budget(probe: Probe, batch: int, options: ExplainOptions, device: torch.device) -> int | None:
+    """The call's budget in bytes: the option, or a training step's estimated activations for the batch; on CUDA at
+    most the free memory. ``None`` when neither is known (no bound)."""
+    budget = options.memory_budget
+    if budget is None:
+        estimate = recompute.per_image_bytes(probe)
+        budget = estimate[0] * batch if estimate is not None else None
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        budget = free if budget is None else min(budget, free)
+    return budget
+
+
+def _micro_batch(probe: Probe, batch: int, budget: int | None) -> int:
+    """Images per pass of the materialised path: as many as the estimated memory of their explanation fits."""
+    estimate = recompute.per_image_bytes(probe)
+    if budget is None or estimate is None:
+        return batch
+    return max(1, min(batch, budget // estimate[1]))
+
+
+def _explain_chunk_recomputed(
+    resolved: ResolvedModel,
+    probe: Probe,
+    images: Tensor,
+    method: Method,
+    target: Target,
+    options: ExplainOptions,
+) -> _Chunk:
+    """`_explain_chunk` with fused attention kept: each layer is reduced from ``q``, ``k``, ``v`` and ``dy/dO`` in
+    query-row chunks that fit ``options.memory_budget`` (`gmar_lightning.recompute`)."""
+    batch, layers = images.shape[0], len(probe.layers)
+    scores: list[Tensor | None] = [None] * layers
+    weights: list[Tensor | None] = [None] * layers
+    reached: set[int] = set()
+    stream: methods.RowStream | None = None
+
+    block = recompute.CPU_BLOCK_ELEMENTS if images.device.type == "cpu" else None
+
+    def rows(tensor: Tensor) -> int:
+        return recompute.query_rows(options.memory_budget, *tensor.shape[:3], block=block)
+
+    def on_gradient(layer: int, grad: Tensor) -> None:
+        # Runs inside the backward pass, as each layer's dy/dO appears (last layer first).
+        reached.add(layer)
+        if not method.weighs_heads:
+            stream.feed(layer, grad)
+            return
+        value = tensors.saved[layer].pop("v")
+        scores[layer] = recompute.head_scores(method, grad, value, rows(grad))
+        weights[layer] = methods.layer_head_weights(scores[layer], complete=True)
+        if stream is not None:
+            stream.feed(layer, weights[layer])
+
+    tensors = recompute.LayerTensors(probe, on_gradient if method.needs_gradients else None)
+    if _streams(method, options):
+        if method.propagate == "gradient_rollout":
+            update = recompute.gradient_rollout_update(tensors, options, rows)
+        else:
+            update = recompute.rollout_update(tensors, options, rows)
+        stream = methods.RowStream(probe.plan, update, batch, images.device)
+    inputs = images.clone().requires_grad_(method.needs_gradients)
+    with tensors.hooked():
+        logits = resolved.logits(inputs)
+    targets = _resolve_targets(target, logits)
+    missing = [name for layer, name in enumerate(probe.layer_names) if layer not in tensors.outputs]
+    if missing:
+        raise RuntimeError(
+            f"No attention was captured from {', '.join(missing)}: `model`'s forward does not run them; pass the ViT "
+            "it classifies with as `vit=`."
+        )
+    if method.needs_gradients:
+        objective = logits.gather(1, targets.clamp(0, logits.shape[1] - 1)[:, None]).sum()
+        # As in `_explain_chunk`: differentiate with respect to the first layer's attention output only.
+        torch.autograd.grad(objective, [tensors.outputs[0]], allow_unused=True)
+        for layer in range(layers):
+            if layer not in reached:  # the target does not depend on it: zero gradients
+                on_gradient(layer, torch.zeros_like(tensors.saved[layer]["v"]))
+    if stream is not None:
+        rows_out = stream.result()
+    else:
+        update = recompute.rollout_update(tensors, options, rows)
+        if method.weighs_heads:  # the global head norm: every layer's share of its image's scores
+            shares = methods.layer_shares(torch.stack([part.sum(dim=1) for part in scores], dim=1)[..., None])
+            layer_weights = [w * shares[:, index, None] for index, w in enumerate(weights)]
+        else:  # the head mean
+            heads = [tensors.saved[index]["q"].shape[1] for index in range(layers)]
+            layer_weights = [images.new_full((batch, count), 1.0 / count, dtype=torch.float32) for count in heads]
+
+        def step(layer: int, mixing: AttentionMixing, row: Tensor) -> Tensor:
+            return update(layer, mixing, row, layer_weights[layer])
+
+        rows_out = methods.propagate(probe.plan, step, batch, images.device)
+    summary = scores if method.weighs_heads else [rows_out] if method.needs_gradients else []
+    flags = _flags(logits.detach(), targets, summary)
+    return _Chunk(logits.detach().float(), targets, [None] * layers, scores, weights, rows_out, flags)
+
+
 def _head_grid(probe: Probe, per_layer: list[Tensor]) -> Tensor:
     """``[B, L, H]`` from per-layer ``[B, H_l]``, each head in the column of its original index, NaN where none.
 
@@ -410,6 +509,8 @@ def explain(
     start_layer: int = 0,
     chunk_size: int | None = None,
     token_layout: TokenLayout | None = None,
+    memory_budget: int | None = None,
+    recompute_attention: bool = True,
     vit: nn.Module | None = None,
 ) -> Explanation:
     """Explain a ViT's predictions for a batch with GMAR or one of the baselines.
@@ -421,9 +522,10 @@ def explain(
     rule) and ``attention`` (last layer, head mean). See ``docs/method.md`` for every formula.
 
     The whole batch takes one forward and (gradient methods) one backward pass, in eval mode and float32, with
-    fused attention switched off for the call only. Resolving a classifier that puts its own head on the ViT's tokens
-    adds one forward and backward pass of one image, which checks the read-out (docs/method.md). Everything the call
-    changes is restored, also on error.
+    fused attention switched off for the call only (timm ViT attention keeps it: each layer is recomputed from
+    ``q``, ``k``, ``v`` in query-row chunks, docs/method.md). Resolving a classifier that puts its own head on the
+    ViT's tokens adds one forward and backward pass of one image, which checks the read-out (docs/method.md).
+    Everything the call changes is restored, also on error.
 
     ``model`` is the whole classifier: the logits are always its output, so a ViT backbone with a separate head, a ViT
     nested as ``self.backbone`` or a LightningModule are explained as they classify. The ViT inside it (found
@@ -452,6 +554,10 @@ def explain(
         chunk_size: Explain at most this many images per pass, to bound memory; results are identical.
         token_layout: Override the inferred prefix tokens and read-out (see
             [`TokenLayout`][gmar_lightning.tokens.TokenLayout]).
+        memory_budget: Bytes of attention-sized buffers to hold at once (micro-batches and query-row chunks are
+            sized to fit); ``None``: a training step's estimated activations, capped by free memory on CUDA.
+        recompute_attention: Keep fused attention and recompute what each method needs in query-row chunks where
+            the model allows (timm ViT attention); ``False`` materialises every layer's probabilities.
         vit: The ViT inside ``model`` whose attention is explained. Default: the outermost ViT found in ``model``
             (with a warning that names them all if there are several, as in teacher-student set-ups).
 
@@ -475,14 +581,16 @@ def explain(
         True
     """
     check_choice("method", method, tuple(METHOD_TABLE))
-    options = ExplainOptions(residual, head_norm, discard_ratio, start_layer, chunk_size, token_layout)
+    options = ExplainOptions(
+        residual, head_norm, discard_ratio, start_layer, chunk_size, token_layout, memory_budget, recompute_attention
+    )
     resolved = as_resolved(model, vit, token_layout)
     images = _check_images(resolved, images)
     spec = METHOD_TABLE[method]
     probe = resolved.probe(images)
     check_int_in_range("start_layer", start_layer, 0, len(probe.layers) - 1)
     target = _check_target(target, images.shape[0])
-    with resolved.isolated(spec.needs_gradients) as device:
+    with resolved.isolated(spec.needs_gradients) as device, resharded(resolved.classifier):
         return _explain_batch(resolved, probe, images.to(device), spec, target, options)
 
 
@@ -498,15 +606,20 @@ def _explain_batch(
     # Feed the parameters' dtype: autocast is off, so a bf16-true model gets bf16 inputs; reductions are float32.
     dtype = resolved.dtype
     batch = images.shape[0]
-    step = options.chunk_size or batch
+    recomputed = recompute.applies(probe, method, options)
+    budget = _memory_budget(probe, batch, options, images.device)
+    step = options.chunk_size or (batch if recomputed else _micro_batch(probe, batch, budget))
+    explain_chunk = _explain_chunk_recomputed if recomputed else _explain_chunk
+    chunk_options = dataclasses.replace(options, memory_budget=budget)
     # The plan's index tensors go to the device once per call rather than once per layer and use.
     probe = dataclasses.replace(probe, plan=probe.plan.to(images.device))
     chunks = []
-    with resolved.switches(probe, method.needs_gradients):
+    # The recomputed path keeps fused attention: no module's attention flags are switched.
+    with resolved.switches(probe, method.needs_gradients, keep_fused=recomputed):
         for start in range(0, batch, step):
             chunk_target = target[start : start + step] if isinstance(target, Tensor | Sequence) else target
             chunk_images = images[start : start + step].to(dtype=dtype)
-            chunks.append(_explain_chunk(resolved, probe, chunk_images, method, chunk_target, options))
+            chunks.append(explain_chunk(resolved, probe, chunk_images, method, chunk_target, chunk_options))
 
     logits = _joined([chunk.logits for chunk in chunks])
     targets = _joined([chunk.targets for chunk in chunks])

@@ -32,6 +32,13 @@ class ExplainOptions:
         start_layer: First layer (0-based) included in the rollout; ``explain`` checks it against the model's depth.
         chunk_size: Explain at most this many images per pass, to bound memory; ``None``: the whole batch.
         token_layout: Override the inferred prefix tokens and read-out; ``None``: inferred from the model.
+        memory_budget: Bytes the engine may spend on attention-sized buffers at once: the materialised path explains
+            micro-batches whose saved attention fits, the recomputed path works in query-row chunks that fit.
+            ``None``: what one training step of the same batch keeps for its backward pass (estimated from the
+            model's layers, ``docs/performance.md``), on CUDA at most the free memory. Results do not depend on it.
+        recompute_attention: Keep fused attention and recompute what each method needs from ``q``, ``k``, ``v`` and
+            the attention output's gradient, in query-row chunks, where the model allows (timm ViT attention);
+            ``False`` materialises every layer's ``[B, H, N, N]`` probabilities (the reference path).
 
     Examples:
         >>> ExplainOptions(residual=0.3).residual
@@ -39,7 +46,7 @@ class ExplainOptions:
         >>> ExplainOptions.from_mapping({"residul": 0.3})
         Traceback (most recent call last):
         ...
-        ValueError: `explain_options` has unknown key 'residul'; valid keys: residual, head_norm, discard_ratio, start_layer, chunk_size, token_layout.
+        ValueError: `explain_options` has unknown key 'residul'; valid keys: residual, head_norm, discard_ratio, start_layer, chunk_size, token_layout, memory_budget, recompute_attention.
     """  # noqa: E501
 
     residual: float = 0.5
@@ -48,6 +55,8 @@ class ExplainOptions:
     start_layer: int = 0
     chunk_size: int | None = None
     token_layout: TokenLayout | None = None
+    memory_budget: int | None = None
+    recompute_attention: bool = True
 
     def __post_init__(self) -> None:
         check_number_in_range("residual", self.residual, 0.0, 1.0)
@@ -57,6 +66,9 @@ class ExplainOptions:
         check_positive_int("chunk_size", self.chunk_size, allow_none=True)
         if self.token_layout is not None and not isinstance(self.token_layout, TokenLayout):
             raise TypeError(f"`token_layout` must be a TokenLayout or None, got {type(self.token_layout).__name__}.")
+        check_positive_int("memory_budget", self.memory_budget, allow_none=True)
+        if not isinstance(self.recompute_attention, bool):
+            raise TypeError(f"`recompute_attention` must be True or False, got {self.recompute_attention!r}.")
 
     @classmethod
     def from_mapping(

@@ -141,10 +141,12 @@ class ResolvedModel:
         return logits
 
     @contextlib.contextmanager
-    def switches(self, probe: Probe, needs_gradients: bool) -> Iterator[None]:
-        """Eval mode, unfused (eager) attention, no gradient checkpointing and (with ``needs_gradients``) frozen
-        parameters, for the block only: every flag is restored on exit, also after an error."""
-        with probe.context(), eval_mode_without_fast_paths(self.classifier, probe.modules, needs_gradients):
+    def switches(self, probe: Probe, needs_gradients: bool, keep_fused: bool = False) -> Iterator[None]:
+        """Eval mode, unfused (eager) attention (unless ``keep_fused``, for recomputed attention), no gradient
+        checkpointing and (with ``needs_gradients``) frozen parameters, for the block only: every flag is restored on
+        exit, also after an error."""
+        unfused = [] if keep_fused else probe.modules
+        with probe.context(), eval_mode_without_fast_paths(self.classifier, unfused, needs_gradients):
             yield
 
     @contextlib.contextmanager

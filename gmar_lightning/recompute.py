@@ -1,0 +1,205 @@
+"""Explanations that keep fused attention: each layer's ``q``, ``k``, ``v`` and the gradient of its attention output.
+
+The materialised path switches fused attention off so that every layer's ``[B, H, N, N]`` probabilities exist (and
+autograd keeps them for the backward pass). For global attention that is not needed. With ``O_h = A_h V_h`` and
+``G_h = dy/dO_h``, the attention gradient is ``dy/dA_h = G_h V_h^T``, and every method reads ``A_h`` and ``dy/dA_h``
+only through sums over query rows, so each layer is reduced from ``q``, ``k``, ``v`` and ``G`` in query-row chunks
+(`gmar_lightning.methods`: ``gram_l2_scores``, ``chunked_l1_scores``, ``recomputed_rollout_step``,
+``recomputed_gradient_rollout_step``; derivations in ``docs/method.md``). The forward keeps timm's fused
+``scaled_dot_product_attention``; hooks on ``q_norm``, ``k_norm``, ``qkv`` and ``norm`` (the attention output's
+normalisation, an identity by default) see the tensors it uses.
+
+Applies to timm's ``Attention`` (ViT, DeiT and relatives) with one attention module per rollout layer; other layers,
+``discard_ratio > 0`` (a top-k over a whole layer) and the ``attention`` method use the materialised path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from torch import Tensor, nn
+
+from gmar_lightning import methods
+from gmar_lightning.families import Probe, UnsupportedModelError
+from gmar_lightning.methods import Method
+from gmar_lightning.mixing import AttentionMixing
+from gmar_lightning.options import ExplainOptions
+
+__all__ = ["LayerTensors", "applies", "query_rows"]
+
+
+def _is_plain_timm_attention(module: nn.Module) -> bool:
+    from timm.layers.attention import Attention
+
+    return type(module).forward is Attention.forward
+
+
+def applies(probe: Probe, method: Method, options: ExplainOptions) -> bool:
+    """Whether ``method`` can run from recomputed attention on ``probe``'s model with ``options``."""
+    if not options.recompute_attention or method.propagate == "last_layer" or options.discard_ratio > 0:
+        return False
+    if any(len(layer) != 1 or not _is_plain_timm_attention(layer[0].module) for layer in probe.layers):
+        return False
+    return all(_is_global(step.mixing) for step in probe.plan.attention_steps)
+
+
+def _is_global(mixing: AttentionMixing) -> bool:
+    return mixing.queries is None and mixing.keys is None and mixing.key_map is None
+
+
+CPU_BLOCK_ELEMENTS = 2**23
+"""On the CPU, a row block holds at most this many floats per ``[B, H, rows, N]`` tensor (32 MiB): larger blocks spill
+out of the caches and ran slower on a 2-vCPU VM (ViT-S/16, 518 px, batch 4: 256 rows took 0.18 s per rollout step,
+all 1025 rows 0.31 s)."""
+
+
+def query_rows(budget: int | None, batch: int, heads: int, tokens: int, block: int | None = None) -> int:
+    """Query rows per chunk: three ``[B, H, rows, N]`` float32 blocks (logits, probabilities, a product) fit in
+    ``budget`` bytes (the whole layer when ``budget`` is ``None``), and one block holds at most ``block`` floats.
+
+    Examples:
+        >>> query_rows(3 * 4 * 2 * 6 * 197 * 5, batch=2, heads=6, tokens=197)
+        5
+        >>> query_rows(None, 2, 6, 197), query_rows(1, 2, 6, 197), query_rows(None, 2, 6, 197, block=2 * 6 * 197 * 7)
+        (197, 1, 7)
+    """
+    rows = tokens if budget is None else budget // (3 * 4 * batch * heads * tokens)
+    if block is not None:
+        rows = min(rows, block // (batch * heads * tokens))
+    return int(min(tokens, max(1, rows)))
+
+
+class LayerTensors:
+    """Hooks that keep each layer's ``q``, ``k``, ``v`` ``[B, H, N, d]`` and hand over ``G = dy/dO`` as it arrives.
+
+    Args:
+        probe: The model's probe (one timm ``Attention`` per layer).
+        on_gradient: Called as ``on_gradient(layer, grad)`` inside the backward pass, with ``grad`` ``[B, H, N, d]``;
+            ``None`` for a forward without gradients.
+    """
+
+    def __init__(self, probe: Probe, on_gradient: Callable[[int, Tensor], None] | None) -> None:
+        self.probe = probe
+        self.saved: dict[int, dict[str, Tensor]] = {}
+        self.outputs: dict[int, Tensor] = {}
+        self.on_gradient = on_gradient
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator[None]:
+        """Hook every layer for the ``with`` block; the hooks are removed on exit, also after an error."""
+        handles = []
+        try:
+            for layer, modules in enumerate(self.probe.layers):
+                module = modules[0].module
+                handles.append(module.q_norm.register_forward_hook(self._keeper(layer, "q")))
+                handles.append(module.k_norm.register_forward_hook(self._keeper(layer, "k")))
+                handles.append(module.qkv.register_forward_hook(self._keeper(layer, "qkv")))
+                handles.append(module.norm.register_forward_pre_hook(self._output_hook(layer)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _keeper(self, layer: int, name: str) -> Callable[[nn.Module, tuple, Tensor], None]:
+        def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
+            # Detached: the reductions recompute from these values and never differentiate through them.
+            self.saved.setdefault(layer, {})[name] = output.detach()
+
+        return hook
+
+    def _output_hook(self, layer: int) -> Callable[[nn.Module, tuple], None]:
+        def hook(_module: nn.Module, inputs: tuple) -> None:
+            saved = self.saved[layer]
+            query = saved["q"]
+            batch, heads, tokens, head_dim = query.shape
+            expected = self.probe.plan.attention_steps[layer].mixing.num_tokens
+            if tokens != expected:  # the attention [B, H, N, N] it stands for would not fit the plan
+                raise UnsupportedModelError(
+                    f"attention layer {self.probe.layer_names[layer]} produced {[batch, heads, tokens, tokens]}, but "
+                    f"its token plan expects [{batch}, heads, {expected}, {expected}]: this architecture mixes tokens "
+                    "in a way gmar-lightning does not map; see docs/supported_models.md."
+                )
+            qkv = saved.pop("qkv").reshape(batch, tokens, 3, heads, head_dim)
+            saved["v"] = qkv[:, :, 2].transpose(1, 2)
+            output = inputs[0]
+            self.outputs[layer] = output
+            if self.on_gradient is not None and output.requires_grad:
+                shape = (batch, tokens, heads, head_dim)
+                output.register_hook(lambda grad: self.on_gradient(layer, grad.view(shape).transpose(1, 2)))
+
+        return hook
+
+    def release(self, layer: int) -> dict[str, Tensor]:
+        """Forget ``layer``'s tensors and return them (``q``, ``k``, ``v``)."""
+        self.outputs.pop(layer, None)
+        return self.saved.pop(layer)
+
+
+def rollout_update(
+    tensors: LayerTensors, options: ExplainOptions, rows: Callable[[Tensor], int], keep: bool = False
+) -> Callable[[int, AttentionMixing, Tensor, Tensor], Tensor]:
+    """One layer's rollout step from its recomputed attention fused with ``weights`` ``[B, H]``.
+
+    ``keep=False`` releases the layer's tensors once used (the rollout streams through the backward pass).
+    """
+
+    def update(layer: int, _mixing: AttentionMixing, row: Tensor, weights: Tensor) -> Tensor:
+        saved = tensors.release(layer) if not keep else tensors.saved[layer]
+        if layer < options.start_layer:
+            return row
+        query, key = saved["q"], saved["k"]
+        return methods.recomputed_rollout_step(row, query, key, weights, options.residual, rows(query))
+
+    return update
+
+
+def gradient_rollout_update(
+    tensors: LayerTensors, options: ExplainOptions, rows: Callable[[Tensor], int]
+) -> Callable[[int, AttentionMixing, Tensor, Tensor], Tensor]:
+    """One layer's step of the generic rule from its recomputed attention and ``G = dy/dO``."""
+
+    def update(layer: int, _mixing: AttentionMixing, row: Tensor, grad: Tensor) -> Tensor:
+        saved = tensors.release(layer)
+        if layer < options.start_layer:
+            return row
+        query = saved["q"]
+        return methods.recomputed_gradient_rollout_step(row, query, saved["k"], grad, saved["v"], rows(query))
+
+    return update
+
+
+def head_scores(method: Method, grad: Tensor, value: Tensor, rows: int) -> Tensor:
+    """``[B, H]`` GMAR head scores of one layer from ``G = dy/dO`` and ``v``."""
+    if method.gradient_norm == "l2":
+        return methods.gram_l2_scores(grad, value)
+    return methods.chunked_l1_scores(grad, value, rows)
+
+
+TRAINING_ACTIVATIONS = 17
+"""Float32 ``[N, D]`` activations per image and block that a timm ViT block's training step saves for its backward
+pass: the two layer norms' inputs and outputs, ``q``, ``k``, ``v``, the attention output and its copy into the
+projection, the MLP's ``4 D`` hidden layer before and after GELU (1 + 1 + 3 + 1 + 1 + 1 + 1 + 4 + 4)."""
+
+FORWARD_ACTIVATIONS = 10
+"""The same count for a forward that differentiates only with respect to the inputs (frozen weights): no Linear keeps
+its input, so the layer norms' outputs, the projection's input and GELU's output are not saved."""
+
+
+def per_image_bytes(probe: Probe) -> tuple[int, int] | None:
+    """Estimated bytes per image of a training step and of the materialised explanation (whose autograd keeps every
+    layer's ``[H, n_q, n_k]`` probabilities), or ``None`` when a layer's head count or width is unknown."""
+    from gmar_lightning.heads.masking import num_heads_of, output_projection
+
+    training = explaining = 0
+    for modules, step in zip(probe.layers, probe.plan.attention_steps, strict=True):
+        windows, queries, keys = step.mixing.shape(1)
+        for layer in modules:
+            heads, projection = num_heads_of(layer.module), output_projection(layer.module)
+            width = getattr(projection, "out_features", None)
+            if heads is None or not isinstance(width, int):
+                return None
+            activations = step.mixing.num_tokens * width
+            training += 4 * TRAINING_ACTIVATIONS * activations
+            explaining += 4 * (FORWARD_ACTIVATIONS * activations + windows * heads * queries * keys)
+    return training, explaining

@@ -1,0 +1,94 @@
+"""Memory-bounded explanations: the recomputed (fused-attention) path and every budget give the materialised results.
+
+The materialised path (``recompute_attention=False``) is itself checked against the full-matrix reference in
+test_engine.py and test_families.py; here every other path is compared with it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from gmar_lightning import METHODS, explain, recompute
+from gmar_lightning.engine import _micro_batch
+from gmar_lightning.families import probe
+from gmar_lightning.heads import prune_heads
+from gmar_lightning.methods import METHOD_TABLE
+from gmar_lightning.options import ExplainOptions
+from tests.models import FAMILIES, TINY, make_images, make_model, sharpen
+from tests.test_families import make_swin
+
+OPTIONS = [{}, {"head_norm": "global"}, {"start_layer": 1, "residual": 0.3}]
+
+
+def assert_same(actual, expected, tolerance: float) -> None:
+    """Maps, logits, head weights and scores equal to ``tolerance`` (relative and absolute)."""
+    for name in ("token_maps", "logits", "head_weights", "head_scores"):
+        if getattr(expected, name) is None:
+            assert getattr(actual, name) is None
+            continue
+        torch.testing.assert_close(
+            getattr(actual, name), getattr(expected, name), rtol=tolerance, atol=tolerance, equal_nan=True
+        )
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("options", OPTIONS, ids=["default", "global", "start_layer"])
+def test_recomputed_and_chunked_paths_equal_the_materialised_path(family: str, method: str, options: dict) -> None:
+    model, images = make_model(family), make_images(family, batch=3)
+    materialised = explain(model, images, method=method, recompute_attention=False, **options)
+    default = explain(model, images, method=method, **options)
+    assert_same(default, materialised, 1e-5)  # fused attention rounds differently from the materialised softmax
+    assert not default.token_maps.requires_grad  # no autograd graph outlives the call
+    # One byte: micro-batches of one image on the materialised path, query rows one at a time on the recomputed one.
+    assert_same(explain(model, images, method=method, memory_budget=1, **options), default, 1e-6)
+
+
+def test_timm_vit_takes_the_recomputed_path_and_others_do_not() -> None:
+    def takes(model, method: str = "gmar_l1", **options) -> bool:
+        images = make_images("vit")
+        model_probe = probe(model, tuple(images.shape[-2:]))
+        return recompute.applies(model_probe, METHOD_TABLE[method], ExplainOptions(**options))
+
+    assert takes(make_model("vit")) and takes(make_model("deit_distilled")) and takes(make_model("vit_registers"))
+    assert not takes(make_model("vit"), discard_ratio=0.3)  # a top-k over whole layers
+    assert not takes(make_model("vit"), "attention")
+    assert not takes(make_model("vit"), recompute_attention=False)
+    assert not takes(make_model("beit")) and not takes(make_model("eva"))  # their own attention forwards
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_qk_norm_and_pruned_heads_on_the_recomputed_path(method: str) -> None:
+    torch.manual_seed(0)
+    model = sharpen(VisionTransformer(qk_norm=True, **TINY)).eval()
+    prune_heads(model, {"blocks.1.attn": [0, 2]})
+    images = make_images("vit")
+    expected = explain(model, images, method=method, recompute_attention=False)
+    assert_same(explain(model, images, method=method), expected, 1e-5)
+
+
+@pytest.mark.parametrize("method", ["gmar_l1", "grad_rollout"])
+def test_a_budget_splits_a_swin_batch_into_micro_batches_with_identical_results(method: str) -> None:
+    model = make_swin("swin_tiny_patch4_window7_224", 40)
+    images = torch.randn(3, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    swin_probe = probe(model, (40, 40))
+    per_image = recompute.per_image_bytes(swin_probe)
+    assert per_image is not None and _micro_batch(swin_probe, 3, 2 * per_image[1]) == 2
+    expected = explain(model, images, method=method)
+    assert_same(explain(model, images, method=method, memory_budget=2 * per_image[1]), expected, 1e-6)
+
+
+def test_the_default_budget_is_a_training_steps_activations() -> None:
+    model, images = make_model("vit"), make_images("vit")
+    training, explaining = recompute.per_image_bytes(probe(model, tuple(images.shape[-2:])))
+    tokens, width, layers, heads = 17, TINY["embed_dim"], TINY["depth"], TINY["num_heads"]
+    assert training == 4 * 17 * layers * tokens * width
+    assert explaining == 4 * layers * (10 * tokens * width + heads * tokens * tokens)
+
+
+@pytest.mark.parametrize("budget", [0, -5, 1.5, True])
+def test_a_bad_budget_is_refused_in_one_line(budget: object) -> None:
+    with pytest.raises((TypeError, ValueError), match=r"`memory_budget` must be a positive integer or None"):
+        explain(make_model("vit"), make_images("vit"), memory_budget=budget)
