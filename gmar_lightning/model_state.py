@@ -22,6 +22,7 @@ __all__ = [
     "frozen_parameters",
     "isolated",
     "no_grad_checkpointing",
+    "resharded",
     "unfused_attention",
 ]
 
@@ -42,6 +43,31 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module in training:
             module.training = True
+
+
+@contextlib.contextmanager
+def resharded(model: nn.Module) -> Iterator[None]:
+    """Reshard every FSDP2 (``fully_shard``) module of ``model`` on exit, also after an error.
+
+    FSDP2 gathers a module's parameters for its forward and reshards them in the backward pass, but a module whose
+    parameters do not require grad (frozen for the explanation) gets no post-backward hook, and the root module never
+    reshards after its forward: without this, the call would leave those parameters gathered on every rank.
+    """
+    try:
+        yield
+    finally:
+        for module in model.modules():
+            reshard = getattr(module, "reshard", None)
+            if callable(reshard) and _is_fsdp_module(module):
+                reshard()
+
+
+def _is_fsdp_module(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed support has no sharded modules
+        return False
+    return isinstance(module, FSDPModule)
 
 
 @contextlib.contextmanager

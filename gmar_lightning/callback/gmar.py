@@ -61,7 +61,8 @@ BatchParts = tuple[Tensor, Tensor | None, Tensor | None]
 _VALIDATE_PREFIX = "gmar_validate/"
 _VALIDATE_STEM = f"{TRAJECTORY_STEM}_validate"
 
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+# Strategies whose forward runs collectives (sharded parameters are gathered layer by layer): every rank must explain.
+_SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 _IMAGE_KEYS = ("images", "image", "pixel_values", "x", "input")
 _LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 _MASK_KEYS = ("masks", "mask", "segmentation")
@@ -224,6 +225,10 @@ class GMARCallback(Callback):
         unpack_batch: Turns one validation batch (or the collated probe samples) into ``images`` or
             ``(images, labels[, masks])``, for batches the default cannot read (a tensor, an
             ``(images, labels[, masks])`` sequence, or a dict with keys such as ``images``/``labels``/``masks``).
+        explain_on_all_ranks: Whether every rank explains the same probe in lockstep (rank 0 alone logs), as a model
+            whose forward runs collectives needs. ``None``: under ``FSDPStrategy``, ``ModelParallelStrategy``
+            (FSDP2) and ``DeepSpeedStrategy``, where sharded parameters are gathered by every rank together; rank 0
+            explains alone under any other strategy.
 
     Raises:
         ValueError: If an argument is invalid (checked here) or the model cannot be explained (checked in ``setup``,
@@ -257,6 +262,7 @@ class GMARCallback(Callback):
         on_error: Literal["warn", "raise"] = "warn",
         explain_options: ExplainOptions | dict[str, Any] | None = None,
         unpack_batch: Callable[[Any], Any] | None = None,
+        explain_on_all_ranks: bool | None = None,
     ) -> None:
         check_positive_int("num_probe", num_probe)
         check_positive_int("every_n_epochs", every_n_epochs)
@@ -272,6 +278,8 @@ class GMARCallback(Callback):
             raise ValueError(f"`target` must be 'pred' or 'label', got {target!r}.")
         if on_error not in ("warn", "raise"):
             raise ValueError(f"`on_error` must be 'warn' or 'raise', got {on_error!r}.")
+        if explain_on_all_ranks is not None and not isinstance(explain_on_all_ranks, bool):
+            raise TypeError(f"`explain_on_all_ranks` must be True, False or None, got {explain_on_all_ranks!r}.")
         if (mean is None) != (std is None):
             raise ValueError("`mean` and `std` must be given together (or neither, for min-max display).")
         check_overlay_style(cmap, alpha)
@@ -299,6 +307,7 @@ class GMARCallback(Callback):
         self.on_error = on_error
         self.explain_options = options
         self.unpack_batch = unpack_batch
+        self.explain_on_all_ranks = explain_on_all_ranks
         self.head_method: str | None = next((method for method in methods if method in GMAR_METHODS), None)
 
         # The probe as given: fixed tensors (a Probe), indices into the validation dataset, or None (the first
@@ -417,12 +426,6 @@ class GMARCallback(Callback):
             return
         if stage not in ("fit", "validate"):
             return
-        strategy = type(trainer.strategy).__name__
-        if strategy in _UNSUPPORTED_STRATEGIES:
-            raise ValueError(
-                f"GMARCallback does not support {strategy}: sharded parameters cannot be explained on rank 0 alone; "
-                "use strategy='ddp' (or remove the callback)."
-            )
         self._resolved = self._resolve(pl_module)
         if isinstance(self._probe_input, Probe):
             try:  # a forward-only explanation of one image checks that the model takes the probe images
@@ -435,6 +438,12 @@ class GMARCallback(Callback):
                 raise ValueError("`target='label'` needs labels: pass `probe=(images, labels)`.")
         if stage == "fit" and trainer.limit_val_batches == 0:
             rank_zero_warn("GMARCallback: `limit_val_batches=0` turns validation off, so nothing will be explained.")
+
+    def _all_ranks(self, trainer: pl.Trainer) -> bool:
+        """Whether every rank explains (in lockstep) rather than rank 0 alone."""
+        if self.explain_on_all_ranks is not None:
+            return self.explain_on_all_ranks
+        return type(trainer.strategy).__name__ in _SHARDED_STRATEGIES
 
     def _resolve(self, pl_module: pl.LightningModule) -> ResolvedModel:
         """The model explained, resolved: the module whose forward gives the logits and the ViT in it whose attention
@@ -537,7 +546,7 @@ class GMARCallback(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self._disabled or not trainer.is_global_zero:
+        if trainer.sanity_checking or self._disabled or not (trainer.is_global_zero or self._all_ranks(trainer)):
             return
         validating = trainer.state.fn == TrainerFn.VALIDATING
         if not validating and (trainer.current_epoch + 1) % self.every_n_epochs != 0:
@@ -547,6 +556,8 @@ class GMARCallback(Callback):
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, validating: bool) -> None:
         if self.probe is None:
             self.probe = self._take_probe(trainer, pl_module)
+            if self._all_ranks(trainer):  # rank 0's probe: only rank 0 keeps samples from an iterable dataset
+                self.probe = trainer.strategy.broadcast(self.probe, src=0)
             if self.probe is None:
                 return
         probe = self.probe
@@ -574,6 +585,8 @@ class GMARCallback(Callback):
             method: probe_metric_scores(resolved.classifier, probe, explanation, self.metrics)
             for method, explanation in explanations.items()
         }
+        if not trainer.is_global_zero:  # the other ranks explained (and scored) in lockstep; rank 0 logs
+            return
         record = evaluation_record(
             step=_logging_step(trainer),
             epoch=trainer.current_epoch,
