@@ -41,11 +41,11 @@ if [ "$dry_run" = 0 ] && ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.
 fi
 if [ "$dry_run" = 1 ]; then
     DEVICE=cpu
-    ENGINE_ARGS=(--model vit_tiny_patch16_224 --batch 2 --repeats 1)
+    ENGINE_ARGS=(--model vit_tiny_patch16_224 --sizes 64 --batches 2 --repeats 1)
     ANCHOR_ARGS=(--quick)
 else
     DEVICE=cuda
-    ENGINE_ARGS=(--repeats 5)
+    ENGINE_ARGS=(--model vit_base_patch16_224 --sizes 224 --batches 16 --repeats 5) # the GPU target's case
     ANCHOR_ARGS=(--repeats 5)
 fi
 workers=$(($(nproc) / 2))
@@ -83,7 +83,7 @@ if torch.cuda.is_available():
           'memory_GiB', round(props.total_memory / 2**30, 1), 'devices', torch.cuda.device_count())
 EOF"
 if [ "$benchmarks" = 1 ]; then
-    step bench_engine 90 "$PYTHON" benchmarks/bench_engine.py --device "$DEVICE" "${ENGINE_ARGS[@]}" \
+    step bench_engine 150 "$PYTHON" benchmarks/bench_engine.py --device "$DEVICE" "${ENGINE_ARGS[@]}" \
         --json "$LOGS/bench_engine.json"
     step bench_anchors 180 "$PYTHON" benchmarks/bench_anchors.py --device "$DEVICE" "${ANCHOR_ARGS[@]}" \
         --json "$LOGS/bench_anchors.json"

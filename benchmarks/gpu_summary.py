@@ -28,14 +28,12 @@ def main() -> None:
     rows: list[tuple[str, str, str, bool | None]] = []  # (measure, target, measured, met or None for information)
 
     engine = load(args.logs / "bench_engine.json")
-    if engine:
-        for ratio in engine["ratios"]:
+    for case in engine or []:
+        for ratio in case["ratios"]:
             value, target, relation = ratio["value"], ratio["target"], ratio["relation"]
-            if target is None:
-                rows.append((f"bench_engine: {ratio['label']}", "info", f"{value:.2f}", None))
-                continue
             met = value <= target if relation == "<=" else value >= target
-            rows.append((f"bench_engine: {ratio['label']}", f"{relation} {target}", f"{value:.2f}", met))
+            label = f"bench_engine {case['size']}px B={case['batch']}: {ratio['label']}"
+            rows.append((label, f"{relation} {target}", f"{value:.2f}", met))
 
     anchors = load(args.logs / "bench_anchors.json")
     if anchors:
