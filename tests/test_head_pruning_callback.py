@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from gmar_lightning import GMARCallback, HeadPruning
 from gmar_lightning.cli import main
 from gmar_lightning.demos.model import ViTClassifier
+from gmar_lightning.heads import pruning_events
 from gmar_lightning.report import build_report
 from gmar_lightning.trajectory import HeadTrajectory
 from tests.lightning_helpers import TinyViTModule, tiny_data, trainer_kwargs
@@ -58,6 +59,14 @@ def test_pruning_with_gmar_callback_under_tensorboard(tmp_path: Path) -> None:
     assert not trajectory.weights[0].isnan().any()
     assert (~trajectory.weights[1].isnan()).sum() == 5 and (~trajectory.weights[2].isnan()).sum() == 2
     assert torch.allclose(trajectory.weights[2].nansum(-1), torch.ones(2))
+    # The trajectory alone tells where heads left, for marking its plots: between the rows around each pruning.
+    events = pruning_events(trajectory)
+    assert [(event.row, event.step_before, event.step_after) for event in events] == [
+        (1, trajectory.steps[0], trajectory.steps[1]),
+        (2, trajectory.steps[1], trajectory.steps[2]),
+    ]
+    for event, entry in zip(events, pruning.history, strict=True):
+        assert {f"blocks.{layer}.attn": heads for layer, heads in event.removed.items()} == entry["removed"]
 
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0, "tensors": 0}).Reload()
     # A point at the start of the fit, then one per pruning at its step.

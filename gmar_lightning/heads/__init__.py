@@ -25,6 +25,7 @@ from gmar_lightning.heads.importance import michel_importance, random_order, ran
 from gmar_lightning.heads.masking import attention_head_grid, head_mask, mask_from_order
 from gmar_lightning.heads.pruning import (
     ParameterSlice,
+    PruningEvent,
     distillation_loss,
     head_counts,
     head_ids,
@@ -33,6 +34,7 @@ from gmar_lightning.heads.pruning import (
     present_heads,
     prune_gradually,
     prune_heads,
+    pruning_events,
     pruning_spec,
     restore_pruning,
     restore_pruning_on_load,
@@ -46,6 +48,7 @@ __all__ = [
     "AblationCurve",
     "LossFn",
     "ParameterSlice",
+    "PruningEvent",
     "attention_head_grid",
     "distillation_loss",
     "head_ablation_curve",
@@ -61,6 +64,7 @@ __all__ = [
     "present_heads",
     "prune_gradually",
     "prune_heads",
+    "pruning_events",
     "pruning_spec",
     "random_order",
     "rank_heads",

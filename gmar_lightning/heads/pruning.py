@@ -51,15 +51,18 @@ from gmar_lightning._checks import check_int_in_range, check_number_in_range, ch
 from gmar_lightning.capture import KEPT_HEADS, AttentionLayer, head_slots, slot_count, unwrap_model
 from gmar_lightning.heads.masking import head_layers, num_heads_of, output_projection
 from gmar_lightning.model_state import eval_mode
+from gmar_lightning.trajectory import HeadTrajectory
 
 __all__ = [
     "ParameterSlice",
+    "PruningEvent",
     "head_counts",
     "head_ids",
     "measure_speedup",
     "measure_throughput",
     "present_heads",
     "prune_heads",
+    "pruning_events",
     "pruning_spec",
     "restore_pruning",
     "restore_pruning_on_load",
@@ -684,6 +687,54 @@ def measure_throughput(model: nn.Module, images: Tensor, repeats: int = 3) -> fl
                 torch.cuda.synchronize(images.device)
             seconds.append(time.perf_counter() - start)
     return images.shape[0] / statistics.median(seconds)
+
+
+@dataclass(frozen=True)
+class PruningEvent:
+    """Heads that left the model between two rows of a [`HeadTrajectory`][gmar_lightning.trajectory.HeadTrajectory].
+
+    Attributes:
+        row: The first row without them; the pruning happened after row ``row - 1`` was recorded.
+        step_before: The step of row ``row - 1``, the last evaluation of the model before the pruning.
+        step_after: The step of row ``row``, the first evaluation after it.
+        removed: ``{layer index: [head, ...]}`` by original head index.
+    """
+
+    row: int
+    step_before: int
+    step_after: int
+    removed: dict[int, list[int]]
+
+
+def pruning_events(trajectory: HeadTrajectory) -> list[PruningEvent]:
+    """Where heads left the model during a run, read from a trajectory alone: a head that has a weight in one row
+    and is NaN (missing) in the next was pruned in between.
+
+    For marking trajectory plots (GMAR weights renormalise over the heads a layer has left, so the lines jump there)
+    without the pruning callback's own log; ``HeadPruning``'s ``head_pruning.json`` has the exact training step.
+
+    Examples:
+        >>> nan = float("nan")
+        >>> weights = torch.tensor([[[0.5, 0.5]], [[1.0, nan]], [[1.0, nan]]])
+        >>> trajectory = HeadTrajectory([0, 1, 2], [10, 20, 30], weights, weights)
+        >>> pruning_events(trajectory)
+        [PruningEvent(row=1, step_before=10, step_after=20, removed={0: [1]})]
+    """
+    present = ~trajectory.weights.isnan()
+    events = []
+    for row in range(1, len(trajectory)):
+        gone = present[row - 1] & ~present[row]
+        if bool(gone.any()):
+            removed = {layer: gone[layer].nonzero().flatten().tolist() for layer in range(gone.shape[0])}
+            events.append(
+                PruningEvent(
+                    row=row,
+                    step_before=trajectory.steps[row - 1],
+                    step_after=trajectory.steps[row],
+                    removed={layer: heads for layer, heads in removed.items() if heads},
+                )
+            )
+    return events
 
 
 def measure_speedup(before: nn.Module, after: nn.Module, images: Tensor, rounds: int = 5) -> float:
