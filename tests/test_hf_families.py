@@ -29,6 +29,7 @@ from gmar_lightning import METHODS, GMARCallback, HeadPruning, explain  # noqa: 
 from gmar_lightning.families import UnsupportedModelError  # noqa: E402
 from gmar_lightning.heads import head_mask, michel_importance  # noqa: E402
 from gmar_lightning.heads.pruning import head_counts, prune_heads  # noqa: E402
+from gmar_lightning.tokens import TokenLayout  # noqa: E402
 from tests.lightning_helpers import tiny_data, trainer_kwargs  # noqa: E402
 from tests.reference import Layer, reference_from_attention, zeroed_output_columns  # noqa: E402
 from tests.test_families import merge_matrix, windows_to_global  # noqa: E402
@@ -422,3 +423,116 @@ def test_fit_with_head_pruning_and_gmar_callback_on_clip(tmp_path: Path) -> None
     assert int(gmar.trajectory.weights[1].isnan().sum()) == 3
     torch.testing.assert_close(gmar.trajectory.weights[1].nansum(-1), torch.ones(2))
     assert module.model.config._attn_implementation == implementation
+
+
+# --- SigLIP's attention-pooling head -------------------------------------------------------------------------------
+
+
+def siglip_pooled() -> WithHead:
+    """A user's head on ``SiglipVisionModel``'s ``pooler_output``: its attention-pooling head, one learned probe."""
+    torch.manual_seed(0)
+    backbone = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION))
+    return sharpen(WithHead(backbone, lambda output: output.pooler_output)).eval()
+
+
+def pool_from_formula(head: nn.Module, recorded: list[Tensor]) -> None:
+    """Replace the head's ``nn.MultiheadAttention`` by its formula, recording the probe's ``[B, H, 1, N]`` attention."""
+    attention = head.attention
+
+    class Formula(nn.Module):
+        def forward(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, None]:
+            heads, width = attention.num_heads, attention.embed_dim
+            w_q, w_k, w_v = attention.in_proj_weight.chunk(3)
+            b_q, b_k, b_v = attention.in_proj_bias.chunk(3)
+
+            def split(x: Tensor) -> Tensor:
+                return x.view(x.shape[0], x.shape[1], heads, width // heads).transpose(1, 2)
+
+            q, k, v = split(query @ w_q.T + b_q), split(key @ w_k.T + b_k), split(value @ w_v.T + b_v)
+            probs = ((q @ k.transpose(-1, -2)) / (width // heads) ** 0.5).softmax(dim=-1)
+            recorded.append(probs)
+            out = (probs @ v).transpose(1, 2).reshape(query.shape[0], query.shape[1], width)
+            return attention.out_proj(out), None
+
+    head.attention = Formula()
+
+
+def pooled_reference(model: WithHead, images: Tensor, method: str) -> tuple[Tensor, Tensor | None]:
+    """Token maps and head weights ``[B, L + 1, H]``: the blocks from transformers' own ``output_attentions``, the pool
+    from its formula; the pool's fused attention is the read-out row (no residual), rolled out through the blocks."""
+    reference = copy.deepcopy(model)
+    reference.backbone.config._attn_implementation = "eager"
+    reference.record = True
+    pool: list[Tensor] = []
+    pool_from_formula(reference.backbone.head, pool)
+    with torch.enable_grad():
+        logits = reference(images.clone())
+        torch.testing.assert_close(logits, model(images), rtol=1e-5, atol=1e-5)  # the formula is the pool's
+        targets = logits.argmax(-1)
+        tensors = [*reference.recorded, pool[0]]
+        grads = list(torch.autograd.grad(logits[torch.arange(len(targets)), targets].sum(), tensors))
+    attentions = [t.detach() for t in tensors]
+    pool_attention, pool_grad = attentions[-1][:, :, 0], grads[-1][:, :, 0]  # [B, H, N]
+    pool_weights = None
+    if method in ("gmar_l1", "gmar_l2"):
+        scores = pool_grad.abs().sum(-1) if method == "gmar_l1" else pool_grad.pow(2).sum(-1).sqrt()
+        pool_weights = scores / scores.sum(-1, keepdim=True)
+        row = (pool_weights[:, :, None] * pool_attention).sum(1)
+    elif method == "grad_rollout":
+        row = (pool_grad * pool_attention).clamp(min=0).mean(1)
+    else:
+        row = pool_attention.mean(1)
+    if method == "attention":  # the last layer is the pool
+        return row.reshape(-1, *GRID), None
+    maps, weights = [], []
+    for b in range(images.shape[0]):
+        image_maps, image_weights = reference_from_attention(
+            [a[b : b + 1] for a in attentions[:-1]],
+            [g[b : b + 1] for g in grads[:-1]],
+            method,
+            num_prefix=0,
+            readout=row[b],
+            grid=GRID,
+        )
+        maps.append(image_maps)
+        weights.append(image_weights)
+    if pool_weights is None:
+        return torch.cat(maps), None
+    return torch.cat(maps), torch.cat([torch.cat(weights), pool_weights[:, None]], dim=1)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_siglip_attention_pool_is_the_read_out_row(method: str) -> None:
+    model, images = siglip_pooled(), make_images()
+    result = explain(model, images, method=method)
+    expected_maps, expected_weights = pooled_reference(model, images, method)
+    torch.testing.assert_close(result.token_maps, expected_maps, rtol=1e-4, atol=ATOL)
+    assert result.layer_names[-1] == "head.attention"
+    if method.startswith("gmar"):
+        torch.testing.assert_close(result.head_weights, expected_weights, rtol=1e-4, atol=ATOL)
+    # The pool's call is restored: it averages its weights over heads again, as SigLIP asked.
+    with torch.no_grad():
+        probe = model.backbone.head.probe.expand(1, -1, -1)
+        weights = model.backbone.head.attention(probe, probe, probe)[1]
+    assert weights.shape == (1, 1, 1)
+
+
+def test_siglip_pool_reference_differs_from_the_token_mean() -> None:
+    model, images = siglip_pooled(), make_images()
+    pooled, _ = pooled_reference(model, images, "rollout")
+    attentions, grads, _ = reference_attention(model, images)
+    mean, _ = reference_from_attention(attentions, grads, "rollout", num_prefix=0, readout=None, grid=GRID)
+    assert (pooled - mean).abs().max() > 100 * ATOL
+
+
+def test_a_head_that_skips_siglips_pool_is_read_out_as_it_pools() -> None:
+    """The pool still runs but nothing reads it: the read-out comes from the gradient (the token mean), not the pool."""
+    model, images = siglip_pooled(), make_images()
+    model.read = lambda output: output.last_hidden_state.mean(1)
+    result = explain(model, images, method="gmar_l1")
+    assert "head.attention" not in result.layer_names
+    attentions, grads, _ = reference_attention(model, images)
+    expected, _ = reference_from_attention(attentions, grads, "gmar_l1", num_prefix=0, readout=None, grid=GRID)
+    torch.testing.assert_close(result.token_maps, expected, rtol=1e-4, atol=ATOL)
+    stated = explain(model, images, method="gmar_l1", token_layout=TokenLayout(0, None))
+    torch.testing.assert_close(stated.token_maps, expected, rtol=1e-4, atol=ATOL)

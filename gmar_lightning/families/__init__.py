@@ -161,8 +161,9 @@ def _registry() -> tuple[list[Family], list[Callable[[nn.Module], str | None]]]:
             takes_token_layout=True,
             headless=hf.headless,
             num_channels=hf.num_channels_of,
-            linear_readout=lambda _model: True,
+            linear_readout=hf.linear_readout,
             attention_layers=hf.attention_layers,
+            attention_pool=hf.attention_pool,
         ),
     ]
     return families, [refused.refusal, hf.unsupported_reason]

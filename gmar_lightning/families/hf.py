@@ -30,12 +30,14 @@ import contextlib
 import sys
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from gmar_lightning.capture import AttentionAdapter, AttentionLayer
 from gmar_lightning.families import Probe
 from gmar_lightning.families.grids import global_mixing
-from gmar_lightning.mixing import AttentionStep, TokenPlan
+from gmar_lightning.families.mha import mha_layer, per_head_weights
+from gmar_lightning.mixing import AttentionReadout, AttentionStep, TokenPlan
 from gmar_lightning.tokens import TokenLayout
 
 __all__ = [
@@ -352,16 +354,46 @@ def attention_layers(model: nn.Module) -> list[AttentionLayer]:
     ]
 
 
+def attention_pool(model: nn.Module) -> nn.Module | None:
+    """The ``nn.MultiheadAttention`` of a ``SiglipVisionModel``'s pooling head, when its ``pooler_output`` is what the
+    model hands on (the bare vision model built with ``vision_use_head``, the default; a SigLIP classifier runs the head
+    but pools the tokens itself), or ``None``."""
+    head = getattr(model, "head", None)
+    if vision_config(model).model_type != "siglip_vision_model" or type(model).__name__.endswith("Classification"):
+        return None
+    return head.attention if getattr(model, "use_head", False) and head is not None else None
+
+
+def linear_readout(model: nn.Module) -> bool:
+    """A head of the user's own reads the backbone's tokens through a mean, unless the backbone pools them with
+    attention (SigLIP's pooling head), whose read-out is that attention."""
+    return attention_pool(model) is None
+
+
 def probe(model: nn.Module, image_size: tuple[int, int], token_layout: TokenLayout | None) -> Probe:
+    pool = attention_pool(model) if token_layout is None else None
     layout = token_layout if token_layout is not None else token_layout_of(model)
     grid = patch_grid_of(model, image_size)
     num_tokens = layout.num_prefix_tokens + grid[0] * grid[1]
     layers = [[layer] for layer in attention_layers(model)]
-    steps = tuple(AttentionStep(index, global_mixing(num_tokens)) for index in range(len(layers)))
+    steps: list[AttentionStep] = [AttentionStep(index, global_mixing(num_tokens)) for index in range(len(layers))]
     readout = layout.readout_vector(num_tokens, 1)[0]
+    context = lambda: eager_attention(model)  # noqa: E731
+    if pool is not None:
+        # SigLIP's head: one learned probe attends to every token (no class token), then an MLP that mixes no tokens;
+        # the read-out row is the probe's fused attention (docs/method.md, Attention pooling).
+        steps.append(AttentionStep(len(layers), AttentionReadout(1, num_tokens)))
+        layers.append([mha_layer("head.attention", pool)])
+        readout = torch.ones(1)
+
+        @contextlib.contextmanager
+        def context() -> Iterator[None]:
+            with eager_attention(model), per_head_weights([pool]):
+                yield
+
     return Probe(
         layers,
         [layer[0].name for layer in layers],
-        TokenPlan(steps, readout, layout.num_prefix_tokens, grid),
-        context=lambda: eager_attention(model),
+        TokenPlan(tuple(steps), readout, layout.num_prefix_tokens, grid),
+        context,
     )
