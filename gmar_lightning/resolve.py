@@ -207,6 +207,11 @@ def resolve_model(
             f"`token_layout` applies to single-sequence ViTs; {type(vit).__name__} fixes its own prefix tokens and "
             "read-out (docs/method.md). Leave `token_layout` unset."
         )
+    if token_layout is not None and vit is model and family.attention_pool(vit) is not None:
+        raise ValueError(
+            f"`token_layout` does not apply to `model` ({type(model).__name__}): it reads its tokens through its "
+            "attention pool (global_pool='map'), whose attention is the read-out; leave `token_layout` unset."
+        )
     if token_layout is None:  # a stated layout overrides the pooling the family would refuse
         family.check(vit)
     return ResolvedModel(model, vit, family, token_layout, structure_signature(vit))

@@ -53,11 +53,6 @@ def linear_readout(model: nn.Module) -> bool:
     return getattr(model, "attn_pool", None) is None
 
 
-def attention_pool(model: nn.Module) -> nn.Module | None:
-    """The model's attention pool (``global_pool='map'``), or ``None``."""
-    return getattr(model, "attn_pool", None)
-
-
 def block_layers(model: nn.Module) -> tuple[list, list[str]]:
     """The attention modules of each block that has any, and one name per block (the module's, or the block's)."""
     layers, names = [], []
@@ -81,13 +76,11 @@ def pool_readout(model: nn.Module, pool: nn.Module, num_prefix_tokens: int, num_
 
 
 def probe(model: nn.Module, image_size: tuple[int, int], token_layout: TokenLayout | None) -> Probe:
-    pool = attention_pool(model)
-    if pool is not None and token_layout is not None:
-        raise ValueError(
-            f"`token_layout` does not apply to `model` ({type(model).__name__}): it reads its tokens through its "
-            "attention pool (global_pool='map'), whose attention is the read-out; leave `token_layout` unset."
-        )
-    check(model)
+    # A token layout (stated, or found by the read-out check) reads the tokens themselves: a head of the user's own
+    # that bypasses the pool. resolve_model refuses one for a model whose own logits come through the pool.
+    pool = attention_pool(model) if token_layout is None else None
+    if token_layout is None:
+        check(model)
     grid = patch_grid(model, image_size)
     layers, names = block_layers(model)
     if pool is None:
