@@ -18,9 +18,9 @@ from gmar_lightning import GMARCallback
 from tests.lightning_helpers import TinyViTModule, tiny_data
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, all_ranks: bool) -> None:
     pl.seed_everything(0, verbose=False)
-    callback = GMARCallback(num_probe=4, methods=("gmar_l1", "rollout"))
+    callback = GMARCallback(num_probe=4, methods=("gmar_l1", "rollout"), explain_on_all_ranks=all_ranks or None)
     trainer = pl.Trainer(
         strategy="ddp",
         accelerator="cpu",
@@ -39,6 +39,8 @@ def main(out_dir: str) -> None:
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "trajectory_epochs": callback.trajectory.epochs,
+        "head_weights": callback.trajectory.weights.double().flatten().tolist() if len(callback.trajectory) else [],
+        "maps": {method: maps.flatten().tolist() for method, maps in callback.map_history.maps.items()},
         "has_probe": callback.probe is not None,
         "probe_images": None if callback.probe is None else callback.probe.images.double().flatten().tolist(),
         "weights_sum": float(weights.double().sum()),
@@ -50,4 +52,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], all_ranks=len(sys.argv) > 2 and sys.argv[2] == "all_ranks")

@@ -24,11 +24,12 @@ SCRIPT = Path(__file__).with_name("ddp_script.py")
 PRUNING_SCRIPT = Path(__file__).with_name("ddp_pruning_script.py")
 
 
-def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
+def run_ranks(tmp_path: Path, *arguments: str) -> tuple[dict, dict]:
+    """Run the 2-process DDP fit; each rank's report."""
     env = {**os.environ, "PYTHONPATH": str(SCRIPT.parent.parent), "OMP_WAIT_POLICY": "PASSIVE"}
     # Its own session, so a hang can be killed with every rank Lightning launched, not just the first.
     process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(tmp_path)],
+        [sys.executable, str(SCRIPT), str(tmp_path), *arguments],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -42,8 +43,11 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
         process.communicate()
         raise AssertionError("DDP fit did not finish within 300 s: a rank is hanging") from None
     assert process.returncode == 0, stderr[-3000:]
-    rank0 = json.loads((tmp_path / "rank0.json").read_text())
-    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    return json.loads((tmp_path / "rank0.json").read_text()), json.loads((tmp_path / "rank1.json").read_text())
+
+
+def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
+    rank0, rank1 = run_ranks(tmp_path)
     assert rank0["world_size"] == rank1["world_size"] == 2
     # Only rank 0 explains and keeps a trajectory; the other rank never took a probe.
     assert rank0["trajectory_epochs"] == [0, 1] and rank0["has_probe"]
@@ -118,3 +122,18 @@ def test_ddp_head_pruning_keeps_the_ranks_identical(tmp_path: Path) -> None:
     with torch.no_grad():
         masked = masked_reference(saved[0]["state_dict"])(saved[0]["images"])
     assert torch.allclose(saved[0]["logits"], masked, atol=1e-5)
+
+
+def test_every_rank_explains_in_lockstep_when_asked(tmp_path: Path) -> None:
+    # The path FSDP, FSDP2 and DeepSpeed take (their forward gathers shards with collectives), run here under DDP.
+    rank0, rank1 = run_ranks(tmp_path, "all_ranks")
+    assert rank0["trajectory_epochs"] == rank1["trajectory_epochs"] == [0, 1]
+    assert rank0["probe_images"] == rank1["probe_images"] and rank0["has_probe"]
+    # The same probe and weights on every rank: the same head weights and maps.
+    assert rank0["head_weights"] == rank1["head_weights"] and rank0["head_weights"]
+    assert rank0["maps"] == rank1["maps"] and set(rank0["maps"]) == {"gmar_l1", "rollout"}
+    assert rank0["weights_sum"] == rank1["weights_sum"]
+    # Rank 0 logs each evaluation once.
+    events = EventAccumulator(rank0["log_dir"], size_guidance={"images": 0, "histograms": 0, "scalars": 0})
+    events.Reload()
+    assert len(events.Images("gmar/overlay/gmar_l1")) == 2
