@@ -376,19 +376,19 @@ def _memory_budget(probe: Probe, batch: int, options: ExplainOptions, device: to
     budget = options.memory_budget
     if budget is None:
         estimate = recompute.per_image_bytes(probe)
-        budget = estimate[0] * batch if estimate is not None else None
+        budget = estimate.training * batch if estimate is not None else None
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
         budget = free if budget is None else min(budget, free)
     return budget
 
 
-def _micro_batch(probe: Probe, batch: int, budget: int | None) -> int:
-    """Images per pass of the materialised path: as many as the estimated memory of their explanation fits."""
+def _micro_batch(probe: Probe, batch: int, budget: int | None, recomputed: bool) -> int:
+    """Images per pass: as many as the estimated memory of their explanation fits in ``budget``."""
     estimate = recompute.per_image_bytes(probe)
     if budget is None or estimate is None:
         return batch
-    return max(1, min(batch, budget // estimate[1]))
+    return max(1, min(batch, budget // (estimate.recomputed if recomputed else estimate.materialised)))
 
 
 def _explain_chunk_recomputed(
@@ -608,8 +608,11 @@ def _explain_batch(
     batch = images.shape[0]
     recomputed = recompute.applies(probe, method, options)
     budget = _memory_budget(probe, batch, options, images.device)
-    step = options.chunk_size or (batch if recomputed else _micro_batch(probe, batch, budget))
+    step = options.chunk_size or _micro_batch(probe, batch, budget, recomputed)
     explain_chunk = _explain_chunk_recomputed if recomputed else _explain_chunk
+    estimate = recompute.per_image_bytes(probe)
+    if recomputed and budget is not None and estimate is not None:  # the row blocks get what the forward leaves
+        budget = max(budget - min(step, batch) * estimate.recomputed, 1)
     chunk_options = dataclasses.replace(options, memory_budget=budget)
     # The plan's index tensors go to the device once per call rather than once per layer and use.
     probe = dataclasses.replace(probe, plan=probe.plan.to(images.device))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from torch import Tensor, nn
 
@@ -26,7 +27,7 @@ from gmar_lightning.methods import Method
 from gmar_lightning.mixing import AttentionMixing
 from gmar_lightning.options import ExplainOptions
 
-__all__ = ["LayerTensors", "applies", "query_rows"]
+__all__ = ["LayerTensors", "MemoryEstimate", "applies", "per_image_bytes", "query_rows"]
 
 
 def _is_plain_timm_attention(module: nn.Module) -> bool:
@@ -186,12 +187,20 @@ FORWARD_ACTIVATIONS = 10
 its input, so the layer norms' outputs, the projection's input and GELU's output are not saved."""
 
 
-def per_image_bytes(probe: Probe) -> tuple[int, int] | None:
-    """Estimated bytes per image of a training step and of the materialised explanation (whose autograd keeps every
-    layer's ``[H, n_q, n_k]`` probabilities), or ``None`` when a layer's head count or width is unknown."""
+class MemoryEstimate(NamedTuple):
+    """Estimated bytes per image: a training step, the materialised explanation (autograd keeps every layer's
+    ``[H, n_q, n_k]`` probabilities) and the recomputed one's forward (its row blocks come on top, in the budget)."""
+
+    training: int
+    materialised: int
+    recomputed: int
+
+
+def per_image_bytes(probe: Probe) -> MemoryEstimate | None:
+    """The `MemoryEstimate` of ``probe``'s model, or ``None`` when a layer's head count or width is unknown."""
     from gmar_lightning.heads.masking import num_heads_of, output_projection
 
-    training = explaining = 0
+    training = materialised = recomputed = 0
     for modules, step in zip(probe.layers, probe.plan.attention_steps, strict=True):
         windows, queries, keys = step.mixing.shape(1)
         for layer in modules:
@@ -201,5 +210,6 @@ def per_image_bytes(probe: Probe) -> tuple[int, int] | None:
                 return None
             activations = step.mixing.num_tokens * width
             training += 4 * TRAINING_ACTIVATIONS * activations
-            explaining += 4 * (FORWARD_ACTIVATIONS * activations + windows * heads * queries * keys)
-    return training, explaining
+            recomputed += 4 * FORWARD_ACTIVATIONS * activations
+            materialised += 4 * (FORWARD_ACTIVATIONS * activations + windows * heads * queries * keys)
+    return MemoryEstimate(training, materialised, recomputed)

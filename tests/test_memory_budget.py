@@ -75,17 +75,27 @@ def test_a_budget_splits_a_swin_batch_into_micro_batches_with_identical_results(
     images = torch.randn(3, 3, 40, 40, generator=torch.Generator().manual_seed(0))
     swin_probe = probe(model, (40, 40))
     per_image = recompute.per_image_bytes(swin_probe)
-    assert per_image is not None and _micro_batch(swin_probe, 3, 2 * per_image[1]) == 2
+    assert per_image is not None and _micro_batch(swin_probe, 3, 2 * per_image.materialised, recomputed=False) == 2
     expected = explain(model, images, method=method)
-    assert_same(explain(model, images, method=method, memory_budget=2 * per_image[1]), expected, 1e-6)
+    assert_same(explain(model, images, method=method, memory_budget=2 * per_image.materialised), expected, 1e-6)
 
 
 def test_the_default_budget_is_a_training_steps_activations() -> None:
     model, images = make_model("vit"), make_images("vit")
-    training, explaining = recompute.per_image_bytes(probe(model, tuple(images.shape[-2:])))
+    training, materialised, recomputed = recompute.per_image_bytes(probe(model, tuple(images.shape[-2:])))
     tokens, width, layers, heads = 17, TINY["embed_dim"], TINY["depth"], TINY["num_heads"]
     assert training == 4 * 17 * layers * tokens * width
-    assert explaining == 4 * layers * (10 * tokens * width + heads * tokens * tokens)
+    assert materialised == 4 * layers * (10 * tokens * width + heads * tokens * tokens)
+    assert recomputed == 4 * 10 * layers * tokens * width
+
+
+def test_a_budget_splits_the_recomputed_path_into_micro_batches() -> None:
+    model, images = make_model("vit"), make_images("vit", batch=5)
+    vit_probe = probe(model, tuple(images.shape[-2:]))
+    per_image = recompute.per_image_bytes(vit_probe)
+    assert _micro_batch(vit_probe, 5, 2 * per_image.recomputed, recomputed=True) == 2
+    expected = explain(model, images, method="gmar_l2")
+    assert_same(explain(model, images, method="gmar_l2", memory_budget=2 * per_image.recomputed), expected, 1e-6)
 
 
 @pytest.mark.parametrize("budget", [0, -5, 1.5, True])
