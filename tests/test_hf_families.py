@@ -309,7 +309,7 @@ def test_uniform_attention_gives_a_flat_map(case: str, method: str) -> None:
             lambda: transformers.ConvNextForImageClassification(
                 transformers.ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5)
             ),
-            r"cannot be explained: it is a transformers model gmar-lightning does not map; docs/supported_models.md",
+            r"cannot be explained: it has no attention over tokens \(a convolutional network\), so there is nothing",
         ),
     ],
 )
@@ -536,3 +536,26 @@ def test_a_head_that_skips_siglips_pool_is_read_out_as_it_pools() -> None:
     torch.testing.assert_close(result.token_maps, expected, rtol=1e-4, atol=ATOL)
     stated = explain(model, images, method="gmar_l1", token_layout=TokenLayout(0, None))
     torch.testing.assert_close(stated.token_maps, expected, rtol=1e-4, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    ("make", "pattern"),
+    [
+        (
+            lambda: transformers.CLIPModel(transformers.CLIPConfig(vision_config=VISION, text_config=TEXT)),
+            r"built around the image tower CLIPVisionModel, and its forward is not an image classifier's",
+        ),
+        (
+            lambda: transformers.BlipVisionModel(transformers.BlipVisionConfig(**VISION)),
+            r"it is the image encoder of a vision-language or other multimodal model; gmar-lightning does not map",
+        ),
+        (
+            lambda: transformers.ViTMSNForImageClassification(transformers.ViTMSNConfig(**VISION)),
+            r"it is a ViT-MSN ViT, not among the mapped ViT classes",
+        ),
+    ],
+)
+def test_other_transformers_vision_classes_are_refused_with_what_they_are(make: Callable, pattern: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=pattern) as error:
+        explain(make().eval(), make_images(batch=1))
+    assert "\n" not in str(error.value)

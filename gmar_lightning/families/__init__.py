@@ -267,6 +267,11 @@ def find_vision_transformer(module: nn.Module) -> nn.Module:
         if reason is not None:
             raise UnsupportedModelError(f"`model` ({type(module).__name__}) cannot be explained: {reason}.")
         return unwrap_model(module)
+    from gmar_lightning.families import hf
+
+    reason = hf.outer_reason(unwrap_model(module), found[0][1])
+    if reason is not None:
+        raise UnsupportedModelError(f"`model` ({type(module).__name__}) cannot be explained: {reason}.")
     if len(found) > 1:
         names = ", ".join(f"`{name}` ({type(vit).__name__})" for name, vit in found)
         warnings.warn(

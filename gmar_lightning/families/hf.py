@@ -302,17 +302,65 @@ def image_size_of(model: nn.Module) -> tuple[int, int]:
 # Why a transformers vision model outside the supported ones cannot be explained, by model type: each reason names
 # what is missing, not a workaround that does not exist.
 _NAFLEX = (
-    "takes NaFlex patch sequences with spatial_shapes and a padding mask, not images [B, C, H, W]; gmar-lightning "
+    "it takes NaFlex patch sequences with spatial_shapes and a padding mask, not images [B, C, H, W]; gmar-lightning "
     "does not map them yet"
 )
+_NO_TOKEN_ATTENTION = "it has no attention over tokens ({}), so there is nothing to roll out"
+_NOT_MAPPED = "gmar-lightning does not map it yet"
 _TYPE_REASONS = {
     "siglip2_vision_model": _NAFLEX,
     "siglip2": _NAFLEX,
     "vit_mae": (
-        "drops a random share of the patches (mask_ratio) on every call, so its attention covers a different token "
+        "it drops a random share of the patches (mask_ratio) on every call, so its attention covers a different token "
         "subset each time; explain a classifier fine-tuned from it (ViTForImageClassification) instead"
     ),
+    **dict.fromkeys(
+        (
+            "resnet",
+            "convnext",
+            "convnextv2",
+            "regnet",
+            "mobilenet_v1",
+            "mobilenet_v2",
+            "efficientnet",
+            "bit",
+            "hgnet_v2",
+            "pp_lcnet",
+            "textnet",
+        ),
+        _NO_TOKEN_ATTENTION.format("a convolutional network"),
+    ),
+    "poolformer": _NO_TOKEN_ATTENTION.format("its token mixer is pooling"),
+    "focalnet": _NO_TOKEN_ATTENTION.format("focal modulation aggregates context by convolution and gating"),
+    "swiftformer": "its additive attention has no token-to-token attention matrix to roll out",
+    "mobilevit": f"its transformer attends across unfolded patches of CNN feature maps; {_NOT_MAPPED}",
+    "mobilevitv2": "its separable linear self-attention has no token-to-token attention matrix to roll out",
+    "levit": f"its attention-downsampling blocks replace the grid by a subsampled query grid; {_NOT_MAPPED}",
+    "cvt": f"its convolutional token embeddings and projections mix neighbouring tokens in every stage; {_NOT_MAPPED}",
+    **dict.fromkeys(("pvt", "pvt_v2"), f"its spatial-reduction attention runs on a feature pyramid; {_NOT_MAPPED}"),
+    "segformer": f"its reduced-key attention runs on a pyramid of overlapping patch merges; {_NOT_MAPPED}",
+    "hiera": f"its mask-unit attention pools queries inside the attention between stages; {_NOT_MAPPED}",
+    "dinat": f"its dilated neighbourhood attention gives every token its own key window; {_NOT_MAPPED}",
+    "donut-swin": f"it is Donut's Swin encoder, whose classifier transformers builds apart from Swin's; {_NOT_MAPPED}",
+    "imagegpt": "its causal attention runs over a sequence of colour-cluster pixels, not a patch grid",
+    "ijepa": f"it is an I-JEPA ViT, not among the mapped ViT classes; {_NOT_MAPPED}",
+    "vit_msn": f"it is a ViT-MSN ViT, not among the mapped ViT classes; {_NOT_MAPPED}",
+    "data2vec-vision": f"it is a data2vec BEiT-style ViT, not among the mapped ViT classes; {_NOT_MAPPED}",
+    "metaclip_2": f"it is a MetaCLIP 2 tower, not among the mapped CLIP classes; {_NOT_MAPPED}",
 }
+
+
+def _reason(module: nn.Module) -> str:
+    """Why the transformers model ``module`` (not a supported ViT) cannot be explained, as a clause."""
+    reason = _TYPE_REASONS.get(getattr(module.config, "model_type", None))
+    if reason is not None:
+        return reason
+    if type(module).__name__.endswith("VisionModel"):
+        return f"it is the image encoder of a vision-language or other multimodal model; {_NOT_MAPPED}"
+    return (
+        "it is a transformers model that gmar-lightning does not map yet; docs/supported_models.md lists the "
+        "supported transformers classes"
+    )
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -321,16 +369,22 @@ def unsupported_reason(model: nn.Module) -> str | None:
         if is_transformers_model(module) and not is_transformers_vit(module):
             if type(module).__name__.startswith("TimmWrapper"):
                 continue  # holds a timm model, explained by the timm families
-            held = "it is" if module is model else f"it holds {type(module).__name__},"
-            model_type = getattr(module.config, "model_type", None)
-            reason = _TYPE_REASONS.get(model_type)
-            if reason is not None:
-                return f"{'it' if module is model else f'its {type(module).__name__}'} {reason}"
-            return (
-                f"{held} a transformers model gmar-lightning does not map; docs/supported_models.md lists the "
-                "supported transformers classes"
-            )
+            reason = _reason(module)
+            return reason if module is model else f"it holds {type(module).__name__}: {reason}"
     return None
+
+
+def outer_reason(model: nn.Module, vit: nn.Module) -> str | None:
+    """Why ``model``, a transformers model that is not a supported ViT itself but holds the supported ``vit`` (a
+    vision-language model around its image tower, ``CLIPModel``), cannot be explained as a whole, or ``None``."""
+    if not is_transformers_model(model) or is_transformers_vit(model) or vit is model:
+        return None
+    if type(model).__name__.startswith("TimmWrapper"):
+        return None
+    return (
+        f"it is a transformers model built around the image tower {type(vit).__name__}, and its forward is not an "
+        "image classifier's; put the tower under your own head and explain that module"
+    )
 
 
 def matches(model: nn.Module) -> bool:
