@@ -290,6 +290,67 @@ def test_dinov2_backbone_under_a_users_head_matches_reference(pooling: str, meth
         torch.testing.assert_close(result.head_weights, weights, rtol=1e-4, atol=ATOL)
 
 
+BACKBONES = {
+    # name -> (the transformers backbone, its prefix tokens)
+    "clip": (lambda t, sizes: t.CLIPVisionModel(t.CLIPVisionConfig(**sizes)), 1),
+    "siglip": (lambda t, sizes: t.SiglipVisionModel(t.SiglipVisionConfig(**sizes)), 0),  # with its pooling head
+}
+
+
+class BackboneHead(nn.Module):
+    """A CLIP or SigLIP vision backbone and a linear head on the mean of its patch tokens, or on its pooled output."""
+
+    def __init__(self, backbone: str, reads: str) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        torch.manual_seed(0)
+        sizes = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
+        make, self.num_prefix = BACKBONES[backbone]
+        self.backbone = make(transformers, {"image_size": 32, "patch_size": 8, **sizes})
+        self.reads = reads
+        self.head = nn.Linear(32, 5)
+        sharpened(self)
+
+    def pool(self, output: object) -> Tensor:
+        if self.reads == "pooler":
+            return output.pooler_output
+        return output.last_hidden_state[:, self.num_prefix :].mean(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pool(self.backbone(pixel_values=x)))
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+@pytest.mark.parametrize("method", METHODS)
+def test_clip_and_siglip_backbones_under_a_patch_mean_head_match_reference(backbone: str, method: str) -> None:
+    """CLIP's assumed read-out is its class token, SigLIP's its attention pool: the head reads neither."""
+    model, x = BackboneHead(backbone, "patch_mean"), images()
+    reference = copy.deepcopy(model)
+    reference.backbone.config._attn_implementation = "eager"
+    with torch.enable_grad():
+        output = reference.backbone(pixel_values=x.clone(), output_attentions=True)
+        logits = reference.head(reference.pool(output))
+        objective = logits.gather(1, logits.argmax(-1, keepdim=True)).sum()
+        grads = list(torch.autograd.grad(objective, output.attentions))
+    attentions = [a.detach() for a in output.attentions]
+    expected, weights = reference_from_attention(
+        attentions, grads, method, num_prefix=model.num_prefix, readout=None, grid=GRID
+    )
+    result = explain(model, x, method)
+    torch.testing.assert_close(result.token_maps, expected, rtol=1e-4, atol=ATOL)
+    if weights is not None:
+        torch.testing.assert_close(result.head_weights, weights, rtol=1e-4, atol=ATOL)
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_a_head_on_the_pooled_output_keeps_the_familys_read_out(backbone: str) -> None:
+    """CLIP's pooler reads the class token, SigLIP's its attention pool: the check confirms the family's read-out."""
+    model, x = BackboneHead(backbone, "pooler"), images()
+    resolved = resolve_model(model)
+    result = explain(resolved, x, "gmar_l1")
+    assert resolved.readout(x) is None and result.token_maps.isfinite().all()
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # A ResolvedModel given to explain
 # ------------------------------------------------------------------------------------------------------------------
