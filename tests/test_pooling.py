@@ -402,3 +402,33 @@ def test_head_pruning_fit_prunes_the_pools_heads_by_gmar(tmp_path) -> None:
     events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0}).Reload()
     # A point at the start of the fit, then one at the pruning: the pool's heads count like the blocks'.
     assert [event.value for event in events.Scalars("head_pruning/heads")] == [12.0, 8.0]
+
+
+class UserHead(nn.Module):
+    """A map-pooled backbone without classifier under a head of the user's own, on its pooled output or not."""
+
+    def __init__(self, backbone: nn.Module, through_pool: bool) -> None:
+        super().__init__()
+        self.backbone, self.head, self.through_pool = backbone, nn.Linear(32, 3), through_pool
+
+    def forward(self, images: Tensor) -> Tensor:
+        if self.through_pool:
+            return self.head(self.backbone(images))
+        return self.head(self.backbone.forward_features(images).mean(1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_user_head_on_the_pool_is_explained_and_one_that_bypasses_it_is_refused(method: str) -> None:
+    torch.manual_seed(0)
+    backbone = timm.create_model("vit_base_patch16_siglip_224", **{**DYNAMIC, "num_classes": 0}).eval()
+    images = images_for()
+    user = UserHead(backbone, through_pool=True)
+    # Through the pool, the user's head explains as the same head inside the timm classifier.
+    classifier = copy.deepcopy(backbone)
+    classifier.reset_classifier(3)
+    classifier.head = copy.deepcopy(user.head)
+    result, expected = explain(user, images, method=method), explain(classifier, images, method=method)
+    torch.testing.assert_close(result.token_maps, expected.token_maps, rtol=1e-5, atol=1e-7)
+    message = r"does not run the ViT's attention pool `attn_pool`.*create the ViT with global_pool='token' or 'avg'"
+    with pytest.raises(ValueError, match=message):
+        explain(UserHead(backbone, through_pool=False), images, method=method)
