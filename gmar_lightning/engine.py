@@ -20,7 +20,7 @@ from gmar_lightning.capture import KEPT_HEADS, hook_attention, slot_count
 from gmar_lightning.explanation import Explanation
 from gmar_lightning.families import Probe, UnsupportedModelError
 from gmar_lightning.methods import METHOD_TABLE, Method
-from gmar_lightning.mixing import AttentionMixing, AttentionReadout, AttentionStep, TokenPlan, to_device
+from gmar_lightning.mixing import AttentionMixing, TokenPlan, to_device
 from gmar_lightning.model_state import resharded
 from gmar_lightning.options import ExplainOptions
 from gmar_lightning.resolve import ResolvedModel, as_resolved
@@ -302,17 +302,6 @@ def _streams(method: Method, options: ExplainOptions) -> bool:
     return method.propagate == "gradient_rollout" or options.head_norm == "layer"
 
 
-def _check_pool_ran(probe: Probe, captured: set[int]) -> None:
-    """A plan read out through the ViT's attention pool needs the logits to come through that pool."""
-    last = probe.plan.steps[-1]
-    if isinstance(last, AttentionStep) and isinstance(last.mixing, AttentionReadout) and last.layer not in captured:
-        raise ValueError(
-            f"`model`'s forward does not run the ViT's attention pool `{probe.layer_names[last.layer]}`, whose "
-            "attention is the read-out: its head reads the ViT's tokens another way (e.g. from forward_features); "
-            "classify the ViT's pooled output, or create the ViT with global_pool='token' or 'avg' to match the head."
-        )
-
-
 def _explain_chunk(
     resolved: ResolvedModel,
     probe: Probe,
@@ -331,12 +320,10 @@ def _explain_chunk(
         update = _layer_update(method, probe.plan, options)
         reductions.stream = methods.RowStream(probe.plan, update, batch, images.device)
     owners = [(layer, branch) for layer, count in enumerate(branches) for branch in range(count)]
-    captured: set[int] = set()
 
     def on_attention(index: int, attention: Tensor) -> None:
         layer, branch = owners[index]
         _check_shape(probe, layer, layouts[layer][branch](attention), batch)
-        captured.add(layer)
         reductions.on_attention(layer, branch, attention)
 
     needs_grad = method.needs_gradients
@@ -345,7 +332,6 @@ def _explain_chunk(
     inputs = images.clone().requires_grad_(needs_grad)
     with hook_attention(probe.modules, on_attention):
         logits = resolved.logits(inputs)
-    _check_pool_ran(probe, captured)
     targets = _resolve_targets(target, logits)
     if needs_grad:
         first_layer = list(reductions.pending.get(0, {}).values())

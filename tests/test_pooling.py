@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from gmar_lightning import METHODS, explain
 from gmar_lightning.families import UnsupportedModelError
+from gmar_lightning.tokens import TokenLayout
 from tests.models import TINY, sharpen
 
 ATOL = 1e-5
@@ -237,11 +238,9 @@ def test_a_pool_that_raises_leaves_no_capture_mode_behind() -> None:
 
 
 def test_pool_refusals_name_the_argument_and_the_fix() -> None:
-    model = make("siglip")
-    from gmar_lightning.tokens import TokenLayout
-
+    # A map-pooled classifier's own logits come through its pool: a token layout would explain another read-out.
     with pytest.raises(ValueError, match=r"`token_layout` does not apply .*attention pool.*leave `token_layout` unset"):
-        explain(model, images_for(), token_layout=TokenLayout(0, None))
+        explain(make("siglip"), images_for(), token_layout=TokenLayout(0, None))
     unpooled = vit_with_pool(2, "", **DYNAMIC)
     message = r"returns its 2 latents unpooled \(pool_type=''\).*pool_type='token'"
     with pytest.raises(UnsupportedModelError, match=message):
@@ -418,7 +417,7 @@ class UserHead(nn.Module):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_a_user_head_on_the_pool_is_explained_and_one_that_bypasses_it_is_refused(method: str) -> None:
+def test_a_user_head_on_the_pool_reads_the_pool_and_one_that_bypasses_it_reads_the_tokens(method: str) -> None:
     torch.manual_seed(0)
     backbone = timm.create_model("vit_base_patch16_siglip_224", **{**DYNAMIC, "num_classes": 0}).eval()
     images = images_for()
@@ -429,6 +428,10 @@ def test_a_user_head_on_the_pool_is_explained_and_one_that_bypasses_it_is_refuse
     classifier.head = copy.deepcopy(user.head)
     result, expected = explain(user, images, method=method), explain(classifier, images, method=method)
     torch.testing.assert_close(result.token_maps, expected.token_maps, rtol=1e-5, atol=1e-7)
-    message = r"does not run the ViT's attention pool `attn_pool`.*create the ViT with global_pool='token' or 'avg'"
-    with pytest.raises(ValueError, match=message):
-        explain(UserHead(backbone, through_pool=False), images, method=method)
+    assert result.layer_names[-1] == "attn_pool"
+    # Around the pool (a mean of forward_features), the read-out check infers the patch mean: no pool layer.
+    around = UserHead(backbone, through_pool=False)
+    bypass = explain(around, images, method=method)
+    stated = explain(around, images, method=method, token_layout=TokenLayout(0, None))
+    assert "attn_pool" not in bypass.layer_names
+    assert torch.equal(bypass.token_maps, stated.token_maps)

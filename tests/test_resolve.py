@@ -116,19 +116,10 @@ def test_timm_headless_vit_under_a_users_head_matches_reference(pooling: str, me
         torch.testing.assert_close(result.head_weights, weights, rtol=1e-4, atol=ATOL)
 
 
-def attention_pooled(model: nn.Module) -> nn.Module:
-    """``model``, or a skip while attention pooling is refused (the family that maps it is not there yet)."""
-    try:
-        resolve_model(model)
-    except UnsupportedModelError as error:
-        pytest.skip(f"attention pooling is refused here: {error}")
-    return model
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_a_head_that_bypasses_the_attention_pool_is_read_out_linearly(method: str) -> None:
     """A map-pooled ViT (SigLIP-style: no class token) under a head on the mean of its tokens, not on its pool."""
-    model, x = attention_pooled(TimmHead("all_mean", global_pool="map", class_token=False)), images()
+    model, x = TimmHead("all_mean", global_pool="map", class_token=False), images()
     attentions, grads = timm_reference(model, x)
     expected, _ = reference_from_attention(attentions, grads, method, num_prefix=0, readout=None, grid=GRID)
     torch.testing.assert_close(explain(model, x, method).token_maps, expected, rtol=1e-4, atol=ATOL)
@@ -141,7 +132,7 @@ def test_a_head_on_the_attention_pool_is_read_out_through_the_pool(method: str) 
     vit = VisionTransformer(
         img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5, global_pool="map"
     )
-    vit = attention_pooled(sharpened(vit))
+    vit = sharpened(vit)
     separate = nn.Sequential(copy.deepcopy(vit), nn.Identity())
     separate[1] = separate[0].head
     separate[0].reset_classifier(0)
