@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 __all__ = ["UNDECIDED", "checked_readout", "last_block"]
 
 UNDECIDED: Final = object()
-"""The check could not run (non-finite logits or gradients, a forward that does not run the ViT's last block): the
-family's read-out is used, and the engine's own checks report the cause."""
+"""The check could not decide (non-finite logits or gradients, no token read): the family's read-out is used for this
+call, the engine's own checks report the cause, and the next call checks again."""
 
 
 def last_block(vit: nn.Module, attention_name: str) -> nn.Module | None:
@@ -58,7 +58,7 @@ def _hidden(output: object) -> Tensor | None:
 
 
 class _BlockOutput:
-    """Keeps the hidden states a block outputs; with ``swap`` set, exchanges two tokens in them first."""
+    """Keeps the hidden states ``[B, N, D]`` a block outputs; with ``swap`` set, exchanges two tokens in them first."""
 
     def __init__(self, num_tokens: int) -> None:
         self.num_tokens = num_tokens
@@ -83,7 +83,8 @@ def checked_readout(resolved: ResolvedModel, image: Tensor) -> TokenLayout | obj
     """The read-out of ``resolved``'s classifier as its gradient shows it, for one image ``[1, C, H, W]``.
 
     Returns:
-        ``None`` when it is the family's own read-out, the `TokenLayout` it is when not, or `UNDECIDED`.
+        ``None`` when it is the family's own read-out (or the check cannot reach the ViT's last block), the
+        `TokenLayout` it is when not, or `UNDECIDED`.
 
     Raises:
         UnsupportedModelError: The logits read the tokens in no linear pooling; the one-line message names
@@ -97,8 +98,8 @@ def checked_readout(resolved: ResolvedModel, image: Tensor) -> TokenLayout | obj
     # The last block: an attention pool after the blocks, the plan's last layer then, is in no block.
     blocks = (last_block(resolved.vit, layer[0].name) for layer in reversed(assumed.layers))
     block = next((block for block in blocks if block is not None), None)
-    if block is None:
-        return UNDECIDED
+    if block is None:  # no block to hook: the check does not apply
+        return None
     tap = _BlockOutput(num_tokens)
     handles = [block.register_forward_hook(tap)]
     pool_outputs: list[Tensor] = []
@@ -109,11 +110,11 @@ def checked_readout(resolved: ResolvedModel, image: Tensor) -> TokenLayout | obj
         with resolved.isolated(True) as device, eval_mode_without_fast_paths(resolved.classifier, [], True):
             inputs = image.to(device=device, dtype=resolved.dtype).clone().requires_grad_(True)
             logits = resolved.logits(inputs).float()
-            if tap.hidden is None:
-                return UNDECIDED
+            if tap.hidden is None:  # the forward does not run the block (the engine says so), or not as [B, N, D]
+                return None
             gradient, *pooled = torch.autograd.grad(logits.sum(), [tap.hidden, *pool_outputs], allow_unused=True)
-            if gradient is None:
-                return UNDECIDED
+            if gradient is None:  # the logits do not depend on the ViT's tokens
+                return None
             norms = gradient[0].float().norm(dim=-1)
             finite = torch.isfinite(norms).all() & torch.isfinite(logits).all()
             # Whether the logits read the attention pool: its read-out is then the family's, the pool's attention.
