@@ -457,7 +457,10 @@ def _explain_chunk_recomputed(
             layer_weights = [w * shares[:, index, None] for index, w in enumerate(weights)]
         else:  # the head mean
             heads = [tensors.saved[index]["q"].shape[1] for index in range(layers)]
-            layer_weights = [images.new_full((batch, count), 1.0 / count, dtype=torch.float32) for count in heads]
+            # A layer that lost every head gets an empty [B, 0] (max: no division by its zero heads).
+            layer_weights = [
+                images.new_full((batch, count), 1.0 / max(count, 1), dtype=torch.float32) for count in heads
+            ]
 
         def step(layer: int, mixing: AttentionMixing, row: Tensor) -> Tensor:
             return update(layer, mixing, row, layer_weights[layer])

@@ -65,6 +65,8 @@ def query_rows(budget: int | None, batch: int, heads: int, tokens: int, block: i
         >>> query_rows(None, 2, 6, 197), query_rows(1, 2, 6, 197), query_rows(None, 2, 6, 197, block=2 * 6 * 197 * 7)
         (197, 1, 7)
     """
+    if not batch * heads * tokens:  # a layer that lost every head (HeadPruning): nothing to chunk
+        return max(1, tokens)
     rows = tokens if budget is None else budget // (3 * 4 * batch * heads * tokens)
     if block is not None:
         rows = min(rows, block // (batch * heads * tokens))
