@@ -137,3 +137,10 @@ def test_every_rank_explains_in_lockstep_when_asked(tmp_path: Path) -> None:
     events = EventAccumulator(rank0["log_dir"], size_guidance={"images": 0, "histograms": 0, "scalars": 0})
     events.Reload()
     assert len(events.Images("gmar/overlay/gmar_l1")) == 2
+
+
+def test_explain_on_all_ranks_must_be_a_bool_or_none() -> None:
+    from gmar_lightning import GMARCallback
+
+    with pytest.raises(TypeError, match=r"`explain_on_all_ranks` must be True, False or None, got 'yes'"):
+        GMARCallback(explain_on_all_ranks="yes")
