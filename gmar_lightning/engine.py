@@ -513,7 +513,7 @@ def explain(
     chunk_size: int | None = None,
     token_layout: TokenLayout | None = None,
     memory_budget: int | None = None,
-    recompute_attention: bool = True,
+    recompute_attention: bool | None = None,
     vit: nn.Module | None = None,
 ) -> Explanation:
     """Explain a ViT's predictions for a batch with GMAR or one of the baselines.
@@ -560,7 +560,8 @@ def explain(
         memory_budget: Bytes of attention-sized buffers to hold at once (micro-batches and query-row chunks are
             sized to fit); ``None``: a training step's estimated activations, capped by free memory on CUDA.
         recompute_attention: Keep fused attention and recompute what each method needs in query-row chunks where
-            the model allows (timm ViT attention); ``False`` materialises every layer's probabilities.
+            the model allows (timm ViT attention); ``None``: where the materialised path would not fit the budget
+            in one pass; ``False`` materialises every layer's probabilities.
         vit: The ViT inside ``model`` whose attention is explained. Default: the outermost ViT found in ``model``
             (with a warning that names them all if there are several, as in teacher-student set-ups).
 
@@ -609,8 +610,10 @@ def _explain_batch(
     # Feed the parameters' dtype: autocast is off, so a bf16-true model gets bf16 inputs; reductions are float32.
     dtype = resolved.dtype
     batch = images.shape[0]
-    recomputed = recompute.applies(probe, method, options)
     budget = _memory_budget(probe, batch, options, images.device)
+    recomputed = recompute.applies(probe, method, options) and (
+        options.recompute_attention or _micro_batch(probe, batch, budget, recomputed=False) < batch
+    )
     step = options.chunk_size or _micro_batch(probe, batch, budget, recomputed)
     explain_chunk = _explain_chunk_recomputed if recomputed else _explain_chunk
     estimate = recompute.per_image_bytes(probe)

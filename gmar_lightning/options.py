@@ -37,8 +37,10 @@ class ExplainOptions:
             ``None``: what one training step of the same batch keeps for its backward pass (estimated from the
             model's layers, ``docs/performance.md``), on CUDA at most the free memory. Results do not depend on it.
         recompute_attention: Keep fused attention and recompute what each method needs from ``q``, ``k``, ``v`` and
-            the attention output's gradient, in query-row chunks, where the model allows (timm ViT attention);
-            ``False`` materialises every layer's ``[B, H, N, N]`` probabilities (the reference path).
+            the attention output's gradient, in query-row chunks, where the model allows (timm ViT attention).
+            ``None``: only where the materialised path would not fit ``memory_budget`` in one pass (at short
+            sequences materialising is the faster of the two); ``False`` always materialises every layer's
+            ``[B, H, N, N]`` probabilities (the reference path).
 
     Examples:
         >>> ExplainOptions(residual=0.3).residual
@@ -56,7 +58,7 @@ class ExplainOptions:
     chunk_size: int | None = None
     token_layout: TokenLayout | None = None
     memory_budget: int | None = None
-    recompute_attention: bool = True
+    recompute_attention: bool | None = None
 
     def __post_init__(self) -> None:
         check_number_in_range("residual", self.residual, 0.0, 1.0)
@@ -67,8 +69,8 @@ class ExplainOptions:
         if self.token_layout is not None and not isinstance(self.token_layout, TokenLayout):
             raise TypeError(f"`token_layout` must be a TokenLayout or None, got {type(self.token_layout).__name__}.")
         check_positive_int("memory_budget", self.memory_budget, allow_none=True)
-        if not isinstance(self.recompute_attention, bool):
-            raise TypeError(f"`recompute_attention` must be True or False, got {self.recompute_attention!r}.")
+        if self.recompute_attention is not None and not isinstance(self.recompute_attention, bool):
+            raise TypeError(f"`recompute_attention` must be True, False or None, got {self.recompute_attention!r}.")
 
     @classmethod
     def from_mapping(

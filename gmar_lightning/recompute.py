@@ -37,8 +37,9 @@ def _is_plain_timm_attention(module: nn.Module) -> bool:
 
 
 def applies(probe: Probe, method: Method, options: ExplainOptions) -> bool:
-    """Whether ``method`` can run from recomputed attention on ``probe``'s model with ``options``."""
-    if not options.recompute_attention or method.propagate == "last_layer" or options.discard_ratio > 0:
+    """Whether ``method`` can run from recomputed attention on ``probe``'s model with ``options`` (unless
+    ``recompute_attention=False`` forbids it)."""
+    if options.recompute_attention is False or method.propagate == "last_layer" or options.discard_ratio > 0:
         return False
     if any(len(layer) != 1 or not _is_plain_timm_attention(layer[0].module) for layer in probe.layers):
         return False

@@ -24,7 +24,11 @@ def main(out_dir: str) -> None:
     rank = dist.get_rank()
     torch.set_num_threads(1)
     model, images = make_model("vit"), make_images("vit", batch=3)  # seeded: the same on every rank
-    options = [{}, {"recompute_attention": False}, {"head_norm": "global", "memory_budget": 1}]
+    options = [
+        {"recompute_attention": True},
+        {"recompute_attention": False},
+        {"head_norm": "global", "memory_budget": 1},
+    ]
     unsharded = [explain(model, images, method=method, **kw) for method in METHODS for kw in options]
     for block in model.blocks:
         fully_shard(block)

@@ -39,7 +39,7 @@ def assert_same(actual, expected, tolerance: float) -> None:
 def test_recomputed_and_chunked_paths_equal_the_materialised_path(family: str, method: str, options: dict) -> None:
     model, images = make_model(family), make_images(family, batch=3)
     materialised = explain(model, images, method=method, recompute_attention=False, **options)
-    default = explain(model, images, method=method, **options)
+    default = explain(model, images, method=method, recompute_attention=True, **options)
     assert_same(default, materialised, 1e-5)  # fused attention rounds differently from the materialised softmax
     assert not default.token_maps.requires_grad  # no autograd graph outlives the call
     # One byte: micro-batches of one image on the materialised path, query rows one at a time on the recomputed one.
@@ -66,7 +66,7 @@ def test_qk_norm_and_pruned_heads_on_the_recomputed_path(method: str) -> None:
     prune_heads(model, {"blocks.1.attn": [0, 2]})
     images = make_images("vit")
     expected = explain(model, images, method=method, recompute_attention=False)
-    assert_same(explain(model, images, method=method), expected, 1e-5)
+    assert_same(explain(model, images, method=method, recompute_attention=True), expected, 1e-5)
 
 
 @pytest.mark.parametrize("method", ["gmar_l1", "grad_rollout"])
@@ -94,11 +94,30 @@ def test_a_budget_splits_the_recomputed_path_into_micro_batches() -> None:
     vit_probe = probe(model, tuple(images.shape[-2:]))
     per_image = recompute.per_image_bytes(vit_probe)
     assert _micro_batch(vit_probe, 5, 2 * per_image.recomputed, recomputed=True) == 2
-    expected = explain(model, images, method="gmar_l2")
-    assert_same(explain(model, images, method="gmar_l2", memory_budget=2 * per_image.recomputed), expected, 1e-6)
+    expected = explain(model, images, method="gmar_l2", recompute_attention=True)
+    budget = 2 * per_image.recomputed
+    assert_same(
+        explain(model, images, method="gmar_l2", memory_budget=budget, recompute_attention=True), expected, 1e-6
+    )
 
 
 @pytest.mark.parametrize("budget", [0, -5, 1.5, True])
 def test_a_bad_budget_is_refused_in_one_line(budget: object) -> None:
     with pytest.raises((TypeError, ValueError), match=r"`memory_budget` must be a positive integer or None"):
         explain(make_model("vit"), make_images("vit"), memory_budget=budget)
+
+
+def test_the_recomputed_path_is_taken_by_default_only_where_materialising_would_not_fit() -> None:
+    model, images = make_model("vit"), make_images("vit", batch=4)
+    materialised = recompute.per_image_bytes(probe(model, tuple(images.shape[-2:]))).materialised
+    attention = model.blocks[0].attn
+    attention.fused_attn = True
+    seen = []  # the materialised path switches fused attention off for the call, the recomputed path keeps it
+    handle = attention.register_forward_hook(lambda module, _inputs, _output: seen.append(module.fused_attn))
+    try:
+        explain(model, images, memory_budget=4 * materialised)  # fits in one pass: materialised
+        explain(model, images, memory_budget=4 * materialised - 1)  # would need two passes: recomputed
+        explain(model, images, memory_budget=4 * materialised, recompute_attention=True)
+    finally:
+        handle.remove()
+    assert seen == [False, True, True]
