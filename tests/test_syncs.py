@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gmar_lightning import METHODS, explain, families
 from gmar_lightning.heads.pruning import prune_heads
+from gmar_lightning.resolve import resolve_model
 from tests.models import make_images, make_model, sharpen
 
 # What the engine is allowed per call: one read of all its value checks at the end (NaN/inf logits and gradients,
@@ -159,6 +160,31 @@ def test_options_read_device_values_at_most_once(
     if method != "gmar_l1":
         options.pop("head_norm", None)
     counts = count_reads(monkeypatch, lambda: explain(model, images, method, **options))
+    assert sum(counts.values()) <= MAX_READS_PER_CALL, dict(counts)
+
+
+class PatchMeanHead(nn.Module):
+    """A timm ViT without a classifier under a head on the mean of its patch tokens: its read-out is checked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vit = sharpen(make_model("vit"))
+        self.vit.reset_classifier(0)
+        self.head = nn.Linear(self.vit.embed_dim, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.vit.forward_features(images)[:, 1:].mean(1))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_resolved_model_reads_device_values_at_most_once(
+    monkeypatch: pytest.MonkeyPatch, device: torch.device, method: str
+) -> None:
+    """The read-out check reads values once per resolution, not once per call."""
+    model, images = PatchMeanHead().to(device), images_for((32, 32), device)
+    resolved = resolve_model(model)
+    explain(resolved, images, "rollout")  # resolution: the read-out check runs here
+    counts = count_reads(monkeypatch, lambda: explain(resolved, images, method))
     assert sum(counts.values()) <= MAX_READS_PER_CALL, dict(counts)
 
 
