@@ -1,8 +1,9 @@
 """Model families: for each kind of model, its attention layers in forward order and how they mix tokens.
 
-One registry serves timm and transformers alike. A family is a small module of plain functions, ``matches(model)``
-and ``probe(model, image_size, token_layout)`` (and, where the timm defaults do not fit, ``check``, ``headless``,
-``num_channels``, ``linear_readout``, ``attention_layers``), registered as one `Family` entry in `FAMILIES`. Its
+One registry serves timm, transformers and open_clip alike. A family is a small module of plain functions,
+``matches(model)`` and ``probe(model, image_size, token_layout)`` (and, where the timm defaults do not fit, ``check``,
+``headless``, ``num_channels``, ``linear_readout``, ``attention_pool``, ``attention_layers``), registered as one
+`Family` entry in `FAMILIES`. Its
 probe returns a `Probe`: the attention modules to capture, grouped into rollout layers, and the `TokenPlan` that maps
 each layer onto its token space. Models that cannot be explained are refused in one line by the functions in
 `REFUSALS` (each library's own: `gmar_lightning.families.refused` for timm, `gmar_lightning.families.hf` for
