@@ -1,10 +1,11 @@
 """How attention-head importance evolves over training: one record per evaluation and specialisation statistics.
 
 A [`HeadTrajectory`][gmar_lightning.trajectory.HeadTrajectory] stores one ``[L, H]`` row of GMAR head weights (and the
-raw gradient-norm scores they were normalised from) per evaluation, keyed by global step. Column ``h`` is each layer's
-original head ``h``: once [`prune_heads`][gmar_lightning.heads.pruning.prune_heads] removes heads, their entries are NaN
-from then on, so rows before and after a pruning stay comparable and a layer's head count is its number of finite
-entries. [`specialisation`][gmar_lightning.trajectory.specialisation] and
+raw gradient-norm scores they were normalised from) per evaluation, keyed by a validation counter, with the global
+step and epoch as data (validations inside one gradient-accumulation window share a global step). Column ``h`` is each
+layer's original head ``h``: once [`prune_heads`][gmar_lightning.heads.pruning.prune_heads] removes heads, their
+entries are NaN from then on, so rows before and after a pruning stay comparable and a layer's head count is its number
+of finite entries. [`specialisation`][gmar_lightning.trajectory.specialisation] and
 [`rank_stability`][gmar_lightning.trajectory.rank_stability] summarise a row as "how concentrated is each layer on few
 heads" and "did the head ranking change since the previous evaluation"; both are plain torch functions so they work on
 any
@@ -51,11 +52,13 @@ TRAJECTORY_NPZ = f"{TRAJECTORY_STEM}.npz"
 """File name of the trajectory arrays (see
 [`HeadTrajectory.save_npz`][gmar_lightning.trajectory.HeadTrajectory.save_npz])."""
 
-CSV_COLUMNS: tuple[str, ...] = ("epoch", "step", "layer", "layer_name", "head", "weight", "score")
+CSV_COLUMNS: tuple[str, ...] = ("validation", "epoch", "step", "layer", "layer_name", "head", "weight", "score")
 """Header of [`HeadTrajectory.save_csv`][gmar_lightning.trajectory.HeadTrajectory.save_csv]: one row per (evaluation,
 layer, head)."""
 
 _STATE_KEYS: tuple[str, ...] = ("epochs", "steps", "weights", "scores", "layer_names")
+# Trajectories saved before rows had a validation counter lack it: their rows are numbered 0, 1, ... in order.
+_OPTIONAL_STATE_KEYS: tuple[str, ...] = ("validations",)
 
 
 def _check_head_matrix(name: str, values: Tensor) -> Tensor:
@@ -206,16 +209,20 @@ def rank_stability(previous: Tensor, current: Tensor) -> Tensor:
 class HeadTrajectory:
     """GMAR head weights and scores of every attention layer, one row per evaluation.
 
-    Rows are keyed by global step, kept sorted, and each step appears once: appending a step that is already
-    recorded replaces its row, so a run resumed from a checkpoint does not duplicate evaluations. Several
-    evaluations per epoch (``val_check_interval < 1``) are separate rows with the same epoch.
+    Rows are keyed by a validation counter (``validations``, strictly increasing), and carry the global step and the
+    epoch as data: validations inside one gradient-accumulation window share a global step, and several evaluations
+    per epoch (``val_check_interval < 1``) share an epoch, yet each is its own row. Rows are only ever appended (or,
+    with [`keep_saved_rows`][gmar_lightning.trajectory.HeadTrajectory.keep_saved_rows], restored from a file), never
+    replaced.
 
     Attributes:
         epochs: ``E`` epoch numbers, one per row (non-decreasing; repeated when an epoch has several evaluations).
-        steps: ``E`` global steps at which each row was recorded, strictly increasing.
+        steps: ``E`` global steps at which each row was recorded (non-decreasing; repeated when validations share a
+            step).
         weights: ``[E, L, H]`` normalised head weights (``[0, 0, 0]`` before anything is known).
         scores: ``[E, L, H]`` raw head scores (gradient norms).
         layer_names: ``L`` attention-layer names, or empty when unknown.
+        validations: ``E`` validation counters, the rows' keys (strictly increasing; ``0, 1, ...`` when not given).
 
     Examples:
         >>> trajectory = HeadTrajectory(layer_names=["blocks.0.attn", "blocks.1.attn"])
@@ -223,8 +230,8 @@ class HeadTrajectory:
         >>> trajectory.append(1, 20, torch.tensor([[0.4, 0.6], [1.0, 0.0]]), torch.tensor([[2.0, 3.0], [4.0, 0.0]]))
         >>> trajectory.append(1, 25, torch.tensor([[0.3, 0.7], [1.0, 0.0]]), torch.tensor([[3.0, 7.0], [4.0, 0.0]]))
         >>> trajectory.append(1, 25, torch.tensor([[0.2, 0.8], [1.0, 0.0]]), torch.tensor([[2.0, 8.0], [4.0, 0.0]]))
-        >>> len(trajectory), trajectory.epochs, trajectory.steps, tuple(trajectory.weights.shape)
-        (3, [0, 1, 1], [10, 20, 25], (3, 2, 2))
+        >>> trajectory.validations, trajectory.epochs, trajectory.steps, tuple(trajectory.weights.shape)
+        ([0, 1, 2, 3], [0, 1, 1, 1], [10, 20, 25, 25], (4, 2, 2))
         >>> HeadTrajectory.from_state_dict(trajectory.state_dict()).weights.equal(trajectory.weights)
         True
     """
@@ -234,10 +241,14 @@ class HeadTrajectory:
     weights: Tensor = field(default_factory=lambda: torch.zeros(0, 0, 0))
     scores: Tensor = field(default_factory=lambda: torch.zeros(0, 0, 0))
     layer_names: list[str] = field(default_factory=list)
+    validations: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.epochs = [check_non_negative_int("epochs", int(epoch)) for epoch in self.epochs]
         self.steps = [check_non_negative_int("steps", int(step)) for step in self.steps]
+        self.validations = [check_non_negative_int("validations", int(key)) for key in self.validations]
+        if not self.validations:
+            self.validations = list(range(len(self.steps)))
         self.layer_names = [str(name) for name in self.layer_names]
         for name in ("weights", "scores"):
             values = getattr(self, name)
@@ -252,13 +263,15 @@ class HeadTrajectory:
                 f"{list(self.scores.shape)}."
             )
         num_epochs = self.weights.shape[0]
-        if len(self.epochs) != num_epochs or len(self.steps) != num_epochs:
+        if len(self.epochs) != num_epochs or len(self.steps) != num_epochs or len(self.validations) != num_epochs:
             raise ValueError(
-                f"`epochs` and `steps` must each have one entry per row of `weights` ({num_epochs}), got "
-                f"{len(self.epochs)} and {len(self.steps)}."
+                f"`epochs`, `steps` and `validations` must each have one entry per row of `weights` ({num_epochs}), "
+                f"got {len(self.epochs)}, {len(self.steps)} and {len(self.validations)}."
             )
-        if len(set(self.steps)) != num_epochs or self.steps != sorted(self.steps):
-            raise ValueError(f"`steps` must be strictly increasing, got {self.steps}.")
+        if len(set(self.validations)) != num_epochs or self.validations != sorted(self.validations):
+            raise ValueError(f"`validations` must be strictly increasing, got {self.validations}.")
+        if self.steps != sorted(self.steps):
+            raise ValueError(f"`steps` must be non-decreasing, got {self.steps}.")
         if self.epochs != sorted(self.epochs):
             raise ValueError(f"`epochs` must be non-decreasing, got {self.epochs}.")
         self._check_layer_names(self.weights.shape[1])
@@ -297,17 +310,29 @@ class HeadTrajectory:
         """``H``, the number of heads per layer (0 before the first row)."""
         return int(self.weights.shape[2])
 
-    def append(self, epoch: int, step: int, weights: Tensor, scores: Tensor) -> None:
-        """Record the head weights and scores of one evaluation, replacing the row if its step is already present.
+    @property
+    def next_validation(self) -> int:
+        """The key the next appended row gets by default: one more than the last row's (0 for an empty trajectory)."""
+        return self.validations[-1] + 1 if self.validations else 0
+
+    def append(self, epoch: int, step: int, weights: Tensor, scores: Tensor, validation: int | None = None) -> None:
+        """Record the head weights and scores of one evaluation as a new last row.
 
         Args:
-            epoch: The epoch the evaluation belongs to.
-            step: The global step it was computed at; the row's key.
+            epoch: The epoch the evaluation belongs to (at least the last row's).
+            step: The global step it was computed at (at least the last row's; equal for validations that share a
+                step).
             weights: ``[L, H]`` head weights, or ``[B, L, H]`` per-image weights, which are averaged over the batch.
             scores: ``[L, H]`` or ``[B, L, H]`` raw head scores, averaged likewise.
+            validation: The row's key, larger than every recorded key; default
+                [`next_validation`][gmar_lightning.trajectory.HeadTrajectory.next_validation].
+
+        Raises:
+            ValueError: If the row is malformed or would come before a recorded row (nothing is changed then).
         """
         epoch = check_non_negative_int("epoch", epoch)
         step = check_non_negative_int("step", step)
+        key = self.next_validation if validation is None else check_non_negative_int("validation", validation)
         weights = _check_head_matrix("weights", _batch_mean("weights", weights)).float()
         scores = _check_head_matrix("scores", _batch_mean("scores", scores)).float()
         if weights.shape != scores.shape:
@@ -321,27 +346,65 @@ class HeadTrajectory:
                 f"{list(weights.shape)}; start a new HeadTrajectory for a different model."
             )
         self._check_layer_names(weights.shape[0])
+        if len(self) and (key <= self.validations[-1] or step < self.steps[-1] or epoch < self.epochs[-1]):
+            raise ValueError(
+                f"`validation` {key}, `epoch` {epoch} at step {step} contradicts the recorded rows (validations "
+                f"{self.validations}, epochs {self.epochs} at steps {self.steps}): rows are appended in order; start a "
+                "new HeadTrajectory for a different run."
+            )
         if not len(self):
             self.weights = weights.new_zeros((0, *weights.shape))
             self.scores = scores.new_zeros((0, *scores.shape))
-        if step in self.steps:
-            row = self.steps.index(step)
-            self.epochs[row] = epoch
-            self.weights[row] = weights
-            self.scores[row] = scores
-            return
-        row = sum(recorded < step for recorded in self.steps)
-        previous_epoch = self.epochs[row - 1] if row else 0
-        next_epoch = self.epochs[row] if row < len(self) else epoch
-        if not previous_epoch <= epoch <= next_epoch:
-            raise ValueError(
-                f"`epoch` {epoch} at step {step} contradicts the recorded rows (epochs {self.epochs} at steps "
-                f"{self.steps}); start a new HeadTrajectory for a different run."
-            )
-        self.epochs.insert(row, epoch)
-        self.steps.insert(row, step)
-        self.weights = torch.cat([self.weights[:row], weights[None], self.weights[row:]])
-        self.scores = torch.cat([self.scores[:row], scores[None], self.scores[row:]])
+        self.validations.append(key)
+        self.epochs.append(epoch)
+        self.steps.append(step)
+        self.weights = torch.cat([self.weights, weights[None]])
+        self.scores = torch.cat([self.scores, scores[None]])
+
+    def keep_saved_rows(self, saved: HeadTrajectory, up_to_step: int) -> int:
+        """Add the rows of ``saved`` (this run's trajectory as a file last held it) that this one lacks.
+
+        A run resumed from a checkpoint holds the rows the checkpoint saved; a run killed after that checkpoint may
+        have written more rows before it died. Those at or below ``up_to_step`` (the checkpoint's step) describe
+        evaluations the resumed run will not repeat, so they are kept; rows above it are evaluations the resumed run
+        repeats. ``saved`` counts only when it is the same history: every key both hold must have the same epoch,
+        step and weights, and the layers must match.
+
+        Args:
+            saved: The trajectory read back from this run's file.
+            up_to_step: The checkpoint's global step.
+
+        Returns:
+            How many rows were added (0 when ``saved`` is another run's history).
+        """
+        ours = dict(zip(self.validations, range(len(self)), strict=True))
+        theirs = dict(zip(saved.validations, range(len(saved)), strict=True))
+        if not len(saved) or (len(self) and saved.weights.shape[1:] != self.weights.shape[1:]):
+            return 0
+        if self.layer_names and saved.layer_names and self.layer_names != saved.layer_names:
+            return 0
+        for key in ours.keys() & theirs.keys():
+            mine, other = ours[key], theirs[key]
+            if (self.epochs[mine], self.steps[mine]) != (saved.epochs[other], saved.steps[other]) or not torch.equal(
+                self.weights[mine], saved.weights[other]
+            ):
+                return 0
+        added = [key for key in sorted(theirs.keys() - ours.keys()) if saved.steps[theirs[key]] <= up_to_step]
+        if not added:
+            return 0
+        # Each merged row, in key order, as (trajectory, row index) of where it comes from.
+        rows = sorted([(key, self, row) for key, row in ours.items()] + [(key, saved, theirs[key]) for key in added],
+                      key=lambda item: item[0])  # fmt: skip
+        merged = HeadTrajectory(
+            epochs=[source.epochs[row] for _, source, row in rows],
+            steps=[source.steps[row] for _, source, row in rows],
+            weights=torch.stack([source.weights[row] for _, source, row in rows]),
+            scores=torch.stack([source.scores[row] for _, source, row in rows]),
+            layer_names=self.layer_names or saved.layer_names,
+            validations=[key for key, _, _ in rows],
+        )
+        self.load_state_dict(merged.state_dict())
+        return len(added)
 
     def summaries(self) -> dict[str, Tensor]:
         """Specialisation statistics of every evaluation.
@@ -378,6 +441,7 @@ class HeadTrajectory:
             "weights": self.weights.clone(),
             "scores": self.scores.clone(),
             "layer_names": list(self.layer_names),
+            "validations": list(self.validations),
         }
 
     @classmethod
@@ -390,20 +454,21 @@ class HeadTrajectory:
             raise ValueError(
                 f"`state` lacks the keys {missing}; pass the dict returned by HeadTrajectory.state_dict()."
             )
-        return cls(**{key: state[key] for key in _STATE_KEYS})
+        return cls(**{key: state[key] for key in _STATE_KEYS + _OPTIONAL_STATE_KEYS if key in state})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Replace this trajectory's contents with `state_dict` output, in place."""
         loaded = self.from_state_dict(state)
         self.epochs, self.steps, self.layer_names = loaded.epochs, loaded.steps, loaded.layer_names
-        self.weights, self.scores = loaded.weights, loaded.scores
+        self.weights, self.scores, self.validations = loaded.weights, loaded.scores, loaded.validations
 
     def save_npz(self, path: str | Path) -> None:
-        """Write the trajectory atomically as ``.npz`` (arrays ``epochs``, ``steps``, ``weights``, ``scores``,
-        ``layer_names``), readable without pickle; `load_npz` reads it back."""
+        """Write the trajectory atomically as ``.npz`` (arrays ``validations``, ``epochs``, ``steps``, ``weights``,
+        ``scores``, ``layer_names``), readable without pickle; `load_npz` reads it back."""
         buffer = io.BytesIO()
         np.savez(
             buffer,
+            validations=np.asarray(self.validations, dtype=np.int64),
             epochs=np.asarray(self.epochs, dtype=np.int64),
             steps=np.asarray(self.steps, dtype=np.int64),
             weights=self.weights.numpy(),
@@ -430,6 +495,7 @@ class HeadTrajectory:
                     weights=torch.from_numpy(arrays["weights"].astype(np.float32)),
                     scores=torch.from_numpy(arrays["scores"].astype(np.float32)),
                     layer_names=arrays["layer_names"].tolist(),
+                    validations=arrays["validations"].tolist() if "validations" in arrays.files else [],
                 )
         except (EOFError, zipfile.BadZipFile, zlib.error) as error:
             raise ValueError(
@@ -441,21 +507,21 @@ class HeadTrajectory:
         """Write the trajectory atomically as long-format CSV with the columns
         [`CSV_COLUMNS`][gmar_lightning.trajectory.CSV_COLUMNS].
 
-        ``layer`` is the 0-based layer index, ``layer_name`` its module name (empty when unknown), ``head`` the
-        original head index; heads a pruned layer no longer has (NaN) get no row. Floats carry nine significant
-        digits, enough to read the float32 values back exactly.
+        ``validation`` is the row's key, ``layer`` the 0-based layer index, ``layer_name`` its module name (empty when
+        unknown), ``head`` the original head index; heads a pruned layer no longer has (NaN) get no row. Floats carry
+        nine significant digits, enough to read the float32 values back exactly.
         """
         num_layers, num_heads = self.weights.shape[1:]
         weights, scores = self.weights.tolist(), self.scores.tolist()
 
         def rows() -> Iterator[list[object]]:
-            for row, (epoch, step) in enumerate(zip(self.epochs, self.steps, strict=True)):
+            for row, (key, epoch, step) in enumerate(zip(self.validations, self.epochs, self.steps, strict=True)):
                 for layer in range(num_layers):
                     layer_name = self.layer_names[layer] if self.layer_names else ""
                     for head in range(num_heads):
                         weight, score = weights[row][layer][head], scores[row][layer][head]
                         if not math.isnan(weight):
-                            yield [epoch, step, layer, layer_name, head, f"{weight:.9g}", f"{score:.9g}"]
+                            yield [key, epoch, step, layer, layer_name, head, f"{weight:.9g}", f"{score:.9g}"]
 
         atomic_write_csv(path, CSV_COLUMNS, rows())
 

@@ -202,13 +202,18 @@ def test_a_read_only_folder_under_the_first_sink_does_not_stop_the_others(tmp_pa
         warnings.simplefilter("always")
         trainer.fit(TinyViTModule(), datamodule=tiny_data())
     messages = [str(w.message) for w in caught if "GMARCallback" in str(w.message)]
-    assert len(messages) == 1 and messages[0].startswith("GMARCallback stopped logging to LoggerSink")
-    assert "Read-only file system" in messages[0] or "Permission denied" in messages[0]
+    # Once for its images and once for its trajectory files, not again at each of the later retries.
+    assert [message.split(" (")[0] for message in messages] == [
+        "GMARCallback could not log images to LoggerSink",
+        "GMARCallback could not log trajectory files to LoggerSink",
+    ]
+    assert all("Read-only file system" in message or "Permission denied" in message for message in messages)
+    assert all("tried again at the next evaluation and at the end of the fit" in message for message in messages)
     assert HeadTrajectory.load_npz(run_dir / "head_importance.npz").steps == [3]  # written before the fault
     assert HeadTrajectory.load_npz(tmp_path / "files" / "version_0" / "head_importance.npz").steps == [3, 6, 9]
     assert HeadTrajectory.load_npz(Path(tensorboard.log_dir) / "head_importance.npz").steps == [3, 6, 9]
-    # Its scalars went out before its files failed; nothing after that.
-    assert [step for step, metrics in mine.logged if "gmar/entropy/layer_00" in metrics] == [2, 5]
+    # Its scalars go out at every evaluation (each retry gets that far) before its files fail.
+    assert [step for step, metrics in mine.logged if "gmar/entropy/layer_00" in metrics] == [2, 5, 8]
 
 
 # ---------------------------------------------------------------------------------------------------------------

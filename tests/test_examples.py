@@ -50,7 +50,7 @@ def test_main_job_logs_to_tensorboard_and_writes_head_importance(job: dict[str, 
     assert trajectory.epochs == [0, 1] and tuple(trajectory.weights.shape) == (2, 2, 4)
     assert torch.allclose(trajectory.weights.sum(dim=-1), torch.ones(2, 2))
     header = (run_dir / "head_importance.csv").read_text(encoding="utf-8").splitlines()[0]
-    assert header == "epoch,step,layer,layer_name,head,weight,score"
+    assert header == "validation,epoch,step,layer,layer_name,head,weight,score"
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -16,7 +16,6 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
-from torch.utils.tensorboard import SummaryWriter
 
 from gmar_lightning.callback.records import EvaluationRecord
 from gmar_lightning.callback.sinks import (
@@ -69,17 +68,17 @@ def make_record(step: int = 12, epoch: int = 1, scalar: float = 0.75) -> Evaluat
 def assert_trajectory_files(directory: Path) -> None:
     restored = HeadTrajectory.load_npz(directory / "head_importance.npz")
     assert torch.equal(restored.weights, make_trajectory().weights)
-    assert (directory / "head_importance.csv").read_text().startswith("epoch,step,layer,layer_name,head,weight,score\n")
+    header = "validation,epoch,step,layer,layer_name,head,weight,score\n"
+    assert (directory / "head_importance.csv").read_text().startswith(header)
 
 
 def test_tensorboard_sink_writes_every_kind_at_the_step(tmp_path: Path) -> None:
-    writer = SummaryWriter(log_dir=str(tmp_path))
-    sink = TensorBoardSink(writer)
+    sink = TensorBoardSink(tmp_path)
     assert isinstance(sink, Sink)
     sink.log_evaluation(make_record(step=12))
     sink.log_evaluation(make_record(step=40, scalar=0.5))
     sink.save_trajectory(make_trajectory())
-    writer.close()
+    sink.close()
 
     events = event_accumulator.EventAccumulator(
         str(tmp_path),
@@ -159,7 +158,7 @@ def test_file_sink_writes_valid_files_atomically(tmp_path: Path) -> None:
 def test_sinks_for_a_tensorboard_logger(tmp_path: Path, rank_zero_notices: list[str]) -> None:
     logger = TensorBoardLogger(tmp_path, name="run")
     (sink,) = sinks_for_loggers([logger], default_root_dir=tmp_path)
-    assert isinstance(sink, TensorBoardSink) and sink.experiment is logger.experiment
+    assert isinstance(sink, TensorBoardSink) and sink.log_dir == Path(logger.log_dir)
     sink.save_trajectory(make_trajectory())
     assert_trajectory_files(Path(logger.log_dir))
     assert rank_zero_notices == []

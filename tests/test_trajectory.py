@@ -25,21 +25,41 @@ def filled_trajectory(epochs: int = 3, layers: int = 3, heads: int = 4) -> HeadT
     return trajectory
 
 
-def test_append_keeps_one_sorted_row_per_step() -> None:
+def test_append_keys_each_row_by_a_validation_counter_and_never_replaces_a_row() -> None:
     trajectory = HeadTrajectory(layer_names=LAYER_NAMES[:2])
     first, second, third, fourth = (torch.full((2, 3), value) for value in (0.1, 0.2, 0.3, 0.4))
-    trajectory.append(2, 30, second, second * 10)
     trajectory.append(0, 10, first, first * 10)
-    trajectory.append(2, 35, third, third * 10)  # a second evaluation in epoch 2 (val_check_interval < 1)
-    trajectory.append(2, 30, fourth, fourth * 10)  # a resumed run re-evaluating step 30 replaces its row
+    trajectory.append(2, 30, second, second * 10)
+    trajectory.append(2, 30, third, third * 10)  # a second validation in one gradient-accumulation window
+    trajectory.append(2, 35, fourth, fourth * 10, validation=7)
 
-    assert len(trajectory) == 3
-    assert trajectory.epochs == [0, 2, 2]
-    assert trajectory.steps == [10, 30, 35]
-    assert torch.equal(trajectory.weights, torch.stack([first, fourth, third]))
-    assert torch.equal(trajectory.scores, torch.stack([first, fourth, third]) * 10)
-    with pytest.raises(ValueError, match=r"`epoch` 1 at step 40 contradicts the recorded rows"):
-        trajectory.append(1, 40, first, first)
+    assert trajectory.validations == [0, 1, 2, 7]
+    assert trajectory.epochs == [0, 2, 2, 2]
+    assert trajectory.steps == [10, 30, 30, 35]
+    assert torch.equal(trajectory.weights, torch.stack([first, second, third, fourth]))
+    assert torch.equal(trajectory.scores, torch.stack([first, second, third, fourth]) * 10)
+    assert trajectory.next_validation == 8
+    for epoch, step, key in ((1, 40, None), (2, 20, None), (2, 40, 7)):
+        with pytest.raises(ValueError, match=r"contradicts the recorded rows"):
+            trajectory.append(epoch, step, first, first, validation=key)
+    assert len(trajectory) == 4
+
+
+def test_keep_saved_rows_restores_rows_up_to_the_checkpoint_step_of_the_same_history() -> None:
+    saved = filled_trajectory(epochs=4)  # steps 100, 200, 300, 400
+    resumed = HeadTrajectory.from_state_dict(saved.state_dict())
+    resumed.load_state_dict({**saved.state_dict(), **{key: value[:2] for key, value in saved.state_dict().items()
+                                                      if key != "layer_names"}})  # fmt: skip
+    assert resumed.keep_saved_rows(saved, up_to_step=300) == 1
+    assert resumed.validations == [0, 1, 2] and resumed.steps == [100, 200, 300]
+    assert torch.equal(resumed.weights, saved.weights[:3])
+    assert resumed.keep_saved_rows(saved, up_to_step=300) == 0  # nothing twice
+
+    other = filled_trajectory(epochs=4)
+    other.weights[0] += 1.0  # another run's history: nothing of it is taken
+    fresh = HeadTrajectory.from_state_dict({key: value[:1] if key != "layer_names" else value
+                                            for key, value in saved.state_dict().items()})  # fmt: skip
+    assert fresh.keep_saved_rows(other, up_to_step=400) == 0 and len(fresh) == 1
 
 
 def test_append_averages_per_image_weights_over_the_batch() -> None:
@@ -102,10 +122,11 @@ def test_state_dict_survives_a_weights_only_checkpoint(tmp_path: Path) -> None:
     assert restored.layer_names == trajectory.layer_names
     assert torch.equal(restored.weights, trajectory.weights)
     assert torch.equal(restored.scores, trajectory.scores)
-    # The state is a copy: re-recording a step (written in place) must not change a state dict already handed out.
+    assert restored.validations == trajectory.validations == [0, 1, 2]
+    # The state is a copy: changing the trajectory in place must not change a state dict already handed out.
     handed_out = trajectory.state_dict()
     saved_weights = handed_out["weights"].clone()
-    trajectory.append(0, 100, torch.zeros(3, 4), torch.zeros(3, 4))  # step 100 is recorded: its row is rewritten
+    trajectory.weights[0] = 0.0
     assert torch.equal(handed_out["weights"], saved_weights)
 
 

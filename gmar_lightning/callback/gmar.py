@@ -21,6 +21,7 @@ import traceback
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import fields, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -328,9 +329,11 @@ class GMARCallback(Callback):
         self.probe: Probe | None = None
         self._pending: list[BatchParts] = []
         self._sinks: list[Sink] | None = None
+        self._failing_sinks: set[tuple[int, str]] = set()
         self._disabled = False
         self._checkpoint_step: int | None = None
         self._restoring_fit = True
+        self._kept_rows_on_disk = False
         self._warned_several_vits = False
         self._resolved: ResolvedModel | None = None
         self.validation_trajectory = HeadTrajectory()
@@ -377,29 +380,42 @@ class GMARCallback(Callback):
                 f"training goes on. Pass on_error='raise' to stop instead.\n{traceback.format_exc()}"
             )
 
-    def _each_sink(self, trainer: pl.Trainer, action: Callable[[Sink], None]) -> None:
-        """Apply ``action`` to every sink independently: one failing sink never stops the others.
-
-        With ``on_error="warn"`` a failing sink is reported once and dropped; with ``"raise"`` every sink still gets
-        its turn and the first error is raised afterwards.
-        """
+    def _ensure_sinks(self, trainer: pl.Trainer) -> list[Sink]:
         if self._sinks is None:
             self._sinks = sinks_for_loggers(
                 trainer.loggers, save_dir=self.save_dir, default_root_dir=trainer.default_root_dir
             )
+        return self._sinks
+
+    def _each_sink(self, trainer: pl.Trainer, action: Callable[[Sink], None], what: str = "images") -> None:
+        """Apply ``action`` to every sink independently: one failing sink never stops the others.
+
+        With ``on_error="warn"`` a failing sink is reported once and skipped for this evaluation only: it is tried
+        again at the next evaluation and at the end of the fit (a disk that was full for a while gets the files
+        back). With ``"raise"`` every sink still gets its turn and the first error is raised afterwards. ``what``
+        names the kind of write, so that a sink whose images do not fit but whose small trajectory files do is
+        reported once, not at every evaluation.
+        """
         errors: list[Exception] = []
-        for sink in list(self._sinks):
+        for sink in self._ensure_sinks(trainer):
+            name, key = type(sink).__name__, (id(sink), what)
             try:
                 action(sink)
             except Exception as error:
                 if self.on_error == "raise":
                     errors.append(error)
                     continue
-                self._sinks.remove(sink)
-                rank_zero_warn(
-                    f"GMARCallback stopped logging to {type(sink).__name__} after an error ({type(error).__name__}: "
-                    f"{error}); the other loggers go on.\n{traceback.format_exc()}"
-                )
+                if key not in self._failing_sinks:
+                    self._failing_sinks.add(key)
+                    rank_zero_warn(
+                        f"GMARCallback could not log {what} to {name} ({type(error).__name__}: {error}); training "
+                        f"and the other loggers go on, and {name} is tried again at the next evaluation and at the end "
+                        f"of the fit.\n{traceback.format_exc()}"
+                    )
+            else:
+                if key in self._failing_sinks:
+                    self._failing_sinks.discard(key)
+                    rank_zero_info(f"GMARCallback: logging {what} to {name} works again.")
         if errors:
             raise errors[0]
 
@@ -572,6 +588,8 @@ class GMARCallback(Callback):
         # A validate run is keyed by the step of the weights it explains: the checkpoint's, when it loaded one.
         model_step = self._checkpoint_step if validating and self._checkpoint_step is not None else trainer.global_step
         trajectory = self.validation_trajectory if validating else self.trajectory
+        if not validating:
+            self._keep_rows_on_disk(trainer)
         if self.head_method is not None:
             head = explanations[self.head_method]
             trajectory.name_layers(head.layer_names)
@@ -609,11 +627,54 @@ class GMARCallback(Callback):
         self._each_sink(trainer, lambda sink: sink.log_evaluation(record))
         self._save_trajectory(trainer, validating)
 
+    def _keep_rows_on_disk(self, trainer: pl.Trainer) -> None:
+        """Once per resumed fit: take back the rows this run's files hold beyond the checkpoint.
+
+        A fit killed after its last checkpoint may have written rows (and TensorBoard events) for validations the
+        checkpoint does not hold. Those at or below the checkpoint's step are not repeated by the resumed fit, so
+        without this the next write would delete them from the files while TensorBoard keeps them.
+        """
+        if self._checkpoint_step is None or not self._restoring_fit or self._kept_rows_on_disk:
+            return
+        self._kept_rows_on_disk = True
+        for sink in self._ensure_sinks(trainer):
+            folder = getattr(sink, "trajectory_dir", None)
+            path = Path(folder) / f"{TRAJECTORY_STEM}.npz" if folder is not None else None
+            if path is None or not path.is_file():
+                continue
+            try:
+                saved = HeadTrajectory.load_npz(path)
+            except ValueError:
+                continue  # a file cut short by the kill: the checkpoint's rows are all there is
+            kept = self.trajectory.keep_saved_rows(saved, self._checkpoint_step)
+            if kept:
+                rank_zero_info(
+                    f"GMARCallback: kept {kept} evaluation(s) that {path} holds after the checkpoint's step "
+                    f"{self._checkpoint_step} (written before the previous run stopped)."
+                )
+
     def _save_trajectory(self, trainer: pl.Trainer, validating: bool) -> None:
         trajectory = self.validation_trajectory if validating else self.trajectory
         if len(trajectory):
             stem = _VALIDATE_STEM if validating else TRAJECTORY_STEM
-            self._each_sink(trainer, lambda sink: sink.save_trajectory(trajectory, stem))
+            self._each_sink(trainer, lambda sink: sink.save_trajectory(trajectory, stem), what="trajectory files")
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A sink that failed (a disk full for a while) gets the whole trajectory once more.
+        if (
+            trainer.is_global_zero
+            and self._sinks is not None
+            and any(what == "trajectory files" for _, what in self._failing_sinks)
+        ):
+            self._guarded("on_fit_end", lambda: self._save_trajectory(trainer, validating=False))
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for sink in self._sinks or []:
+            close = getattr(sink, "close", None)
+            if callable(close):
+                close()
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

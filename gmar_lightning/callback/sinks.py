@@ -13,11 +13,14 @@ a folder that several runs share. ``wandb`` and ``mlflow`` are imported lazily, 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import io
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,12 +37,14 @@ from gmar_lightning.render import figure_to_array, figure_to_png_bytes, image_to
 from gmar_lightning.trajectory import TRAJECTORY_STEM, HeadTrajectory
 
 __all__ = [
+    "DiskBudgetError",
     "FileSink",
     "LoggerSink",
     "MLFlowSink",
     "Sink",
     "TensorBoardSink",
     "WandbSink",
+    "check_disk_budget",
     "custom_scalars_layout",
     "logger_run_dir",
     "new_version_dir",
@@ -49,6 +54,89 @@ __all__ = [
 
 _WANDB_STEP_KEY = "trainer/global_step"
 _UNSAFE_FILE_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
+_EVENT_FILE_SUFFIX = ".gmar"
+
+RESERVE_FRACTION = 0.25
+"""Share of a file system's size that GMAR output leaves free for the trainer's own logs and checkpoints ..."""
+RESERVE_MAX_BYTES = 64 * 2**20
+"""... up to this many bytes: ``reserve = min(RESERVE_MAX_BYTES, RESERVE_FRACTION * size)``."""
+
+
+class DiskBudgetError(OSError):
+    """Writing GMAR output would leave less free space than the reserve; raised before anything is written."""
+
+
+def _existing_parent(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def check_disk_budget(folder: str | os.PathLike[str], needed: int) -> None:
+    """Refuse to write ``needed`` bytes into ``folder`` when that would eat into the disk's reserve.
+
+    GMAR output is optional and Lightning's own logs and checkpoints are not: on a nearly full disk the callback's
+    images must never be what makes ``log_metrics`` or a checkpoint fail. The reserve is
+    ``min(RESERVE_MAX_BYTES, RESERVE_FRACTION * size of the file system)``.
+
+    Raises:
+        DiskBudgetError: If ``free - needed`` would be below the reserve (``errno`` is ``ENOSPC``).
+
+    Examples:
+        >>> import tempfile
+        >>> check_disk_budget(tempfile.gettempdir(), 1)  # a byte fits anywhere with a reserve free
+    """
+    where = _existing_parent(Path(folder))
+    usage = shutil.disk_usage(where)
+    reserve = min(RESERVE_MAX_BYTES, int(usage.total * RESERVE_FRACTION))
+    if usage.free - needed < reserve:
+        raise DiskBudgetError(
+            errno.ENOSPC,
+            f"writing about {needed} bytes of GMAR output into {folder} would leave less than the {reserve} bytes "
+            f"kept free for the trainer's own logs ({usage.free} bytes free); the output waits until there is room",
+        )
+
+
+def _free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(_existing_parent(folder)).free
+
+
+def _figure_bytes(figure: Any) -> int:
+    width, height = figure.get_size_inches() * figure.dpi
+    return int(width * height * 3)
+
+
+def record_bytes(record: EvaluationRecord) -> int:
+    """An upper estimate of what one record takes on disk: images and figures as raw RGB (their PNGs are smaller),
+    histograms at 8 bytes a value, plus text and a fixed overhead per entry."""
+    size = 4096 + 64 * (len(record.scalars) + len(record.captions))
+    size += sum(int(image.numel()) for image in record.images.values())
+    size += sum(int(image.numel()) for gallery in record.galleries.values() for image, _ in gallery)
+    size += sum(_figure_bytes(figure) for figure in record.figures.values())
+    size += sum(8 * int(values.numel()) + 512 for values in record.histograms.values())
+    size += sum(len(text) for text in record.captions.values())
+    size += sum(32 * len(columns) * (len(rows) + 1) for columns, rows in record.tables.values())
+    return size
+
+
+def trajectory_bytes(trajectory: HeadTrajectory) -> int:
+    """An upper estimate of the NPZ and CSV of a trajectory: 8 bytes per weight and score, one CSV line per head."""
+    return 4096 + int(trajectory.weights.numel()) * (16 + 160) + 64 * len(trajectory.layer_names)
+
+
+class _Budget:
+    """Checks the disk budget before each write of a sink, with the largest write it has measured so far as the
+    estimate once there is one (the raw-size estimate is far above what compressed PNGs take)."""
+
+    def __init__(self) -> None:
+        self.measured: int | None = None
+
+    def write(self, folder: Path, estimate: int, action: Any) -> None:
+        needed = estimate if self.measured is None else min(estimate, 2 * self.measured)
+        check_disk_budget(folder, needed)
+        before = _free_bytes(folder)
+        action()
+        self.measured = max(self.measured or 0, before - _free_bytes(folder))
 
 
 @runtime_checkable
@@ -71,7 +159,8 @@ def write_trajectory(
     moment therefore leaves the old pair, the NPZ alone (old or new) or the new pair, never a CSV and an NPZ from
     different evaluations; a missing CSV is rewritten by the next call (or with
     ``HeadTrajectory.load_npz(npz).save_csv(csv)``). Hidden temporary files that a killed writer left behind are
-    removed first: each run writes into its own folder, so no other writer can own them.
+    removed first: each run writes into its own folder, so no other writer can own them. Nothing is touched when
+    the disk budget ([`check_disk_budget`][gmar_lightning.callback.sinks.check_disk_budget]) refuses the write.
 
     Returns:
         The two written paths, CSV first.
@@ -84,6 +173,8 @@ def write_trajectory(
     if not isinstance(trajectory, HeadTrajectory):
         raise TypeError(f"`trajectory` must be a HeadTrajectory, got {type(trajectory).__name__}.")
     folder = Path(directory)
+    # Before anything is removed: a refused write leaves the previous pair in place.
+    check_disk_budget(folder, trajectory_bytes(trajectory))
     folder.mkdir(parents=True, exist_ok=True)
     csv_path, npz_path = folder / f"{stem}.csv", folder / f"{stem}.npz"
     for path in (csv_path, npz_path):
@@ -123,7 +214,14 @@ def _markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> st
 
 
 class TensorBoardSink:
-    """Log to a TensorBoard ``SummaryWriter`` (``TensorBoardLogger.experiment``), everything at ``global_step=step``.
+    """Log to TensorBoard through the callback's own event file in the logger's run folder, everything at
+    ``global_step=step``.
+
+    The event file (``events.out.tfevents.*.gmar``) sits beside Lightning's, so TensorBoard shows GMAR's tags in the
+    same run, but it is written by its own ``SummaryWriter``: a failed write (a full disk) breaks that writer only,
+    never the one Lightning logs its metrics through. A writer that failed is closed, and the next evaluation opens a
+    new event file. Before each write the disk budget
+    ([`check_disk_budget`][gmar_lightning.callback.sinks.check_disk_budget]) is checked.
 
     Figures go through ``add_figure`` (rendered to images), captions through ``add_text`` under the same tag
     (the Text tab, which shows it as ``<tag>/text_summary``), tables as Markdown text; empty histograms are skipped
@@ -133,39 +231,62 @@ class TensorBoardSink:
     changes.
 
     Args:
-        experiment: The ``SummaryWriter``.
-        trajectory_dir: Where ``save_trajectory`` writes the trajectory files; defaults to the writer's log dir
-            (``TensorBoardLogger.log_dir``, one folder per run).
+        log_dir: The run folder (``TensorBoardLogger.log_dir``).
+        trajectory_dir: Where ``save_trajectory`` writes the trajectory files; defaults to ``log_dir``.
     """
 
-    def __init__(self, experiment: Any, trajectory_dir: str | os.PathLike[str] | None = None) -> None:
-        self.experiment = experiment
-        self.trajectory_dir = Path(trajectory_dir if trajectory_dir is not None else experiment.get_logdir())
+    def __init__(self, log_dir: str | os.PathLike[str], trajectory_dir: str | os.PathLike[str] | None = None) -> None:
+        if not isinstance(log_dir, str | os.PathLike):
+            raise TypeError(f"`log_dir` must be a path (TensorBoardLogger.log_dir), got {type(log_dir).__name__}.")
+        self.log_dir = Path(log_dir)
+        self.trajectory_dir = Path(trajectory_dir) if trajectory_dir is not None else self.log_dir
+        self._writer: Any = None
         self._layout: dict[str, dict[str, list[Any]]] | None = None
+        self._budget = _Budget()
 
     def log_evaluation(self, record: EvaluationRecord) -> None:
-        writer, step = self.experiment, record.step
-        layout = custom_scalars_layout(record.line_charts)
-        if layout and layout != self._layout:
-            writer.add_custom_scalars(layout)
-            self._layout = layout
-        for tag, image in record.images.items():
-            writer.add_image(tag, image.detach().float().cpu().clamp(0.0, 1.0), global_step=step, dataformats="CHW")
-        for tag, figure in record.figures.items():
-            writer.add_figure(tag, figure, global_step=step, close=True)
-        for tag, caption in record.captions.items():
-            writer.add_text(tag, caption, global_step=step)
-        for tag, (columns, rows) in record.tables.items():
-            writer.add_text(tag, _markdown_table(columns, rows), global_step=step)
-        for tag, values in record.histograms.items():
-            if values.numel():
-                writer.add_histogram(tag, _histogram_values(values), global_step=step)
-        for tag, value in record.scalars.items():
-            writer.add_scalar(tag, float(value), global_step=step)
-        writer.flush()
+        self._budget.write(self.log_dir, record_bytes(record), lambda: self._write(record))
+
+    def _write(self, record: EvaluationRecord) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.log_dir), filename_suffix=_EVENT_FILE_SUFFIX)
+            self._layout = None  # a new file: the layout goes into it too
+        writer, step = self._writer, record.step
+        try:
+            layout = custom_scalars_layout(record.line_charts)
+            if layout and layout != self._layout:
+                writer.add_custom_scalars(layout)
+                self._layout = layout
+            for tag, image in record.images.items():
+                image = image.detach().float().cpu().clamp(0.0, 1.0)
+                writer.add_image(tag, image, global_step=step, dataformats="CHW")
+            for tag, figure in record.figures.items():
+                writer.add_figure(tag, figure, global_step=step, close=True)
+            for tag, caption in record.captions.items():
+                writer.add_text(tag, caption, global_step=step)
+            for tag, (columns, rows) in record.tables.items():
+                writer.add_text(tag, _markdown_table(columns, rows), global_step=step)
+            for tag, values in record.histograms.items():
+                if values.numel():
+                    writer.add_histogram(tag, _histogram_values(values), global_step=step)
+            for tag, value in record.scalars.items():
+                writer.add_scalar(tag, float(value), global_step=step)
+            writer.flush()  # the writer thread's errors (ENOSPC) surface here
+        except Exception:
+            self.close()
+            raise
 
     def save_trajectory(self, trajectory: HeadTrajectory, stem: str = TRAJECTORY_STEM) -> None:
         write_trajectory(trajectory, self.trajectory_dir, stem)
+
+    def close(self) -> None:
+        """Close the event file (errors of a writer that already failed are dropped: its file is given up)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
 
 
 class WandbSink:
@@ -189,8 +310,13 @@ class WandbSink:
         self.run = run
         self.trajectory_dir = Path(trajectory_dir if trajectory_dir is not None else run.dir)
         self._series: dict[str, tuple[list[int], list[float]]] = {}
+        self._budget = _Budget()
 
     def log_evaluation(self, record: EvaluationRecord) -> None:
+        # W&B keeps what it logs under the run's folder (offline: all of it) before uploading.
+        self._budget.write(self.trajectory_dir, record_bytes(record), lambda: self._log(record))
+
+    def _log(self, record: EvaluationRecord) -> None:
         import wandb
 
         payload: dict[str, Any] = {_WANDB_STEP_KEY: record.step}
@@ -237,6 +363,7 @@ class FileSink:
         step_000123/histograms.npz              one array per histogram tag (keys are the tags)
         step_000123/captions.json               tag -> caption, when there are captions
         step_000123/<table tag>.csv             each table
+        step_000123_1/...                       a second evaluation at the same step (gradient accumulation)
         scalars.csv                             step,epoch,tag,value; one row per scalar, appended
         head_importance.csv / .npz              the trajectory (into ``trajectory_dir``)
 
@@ -269,13 +396,28 @@ class FileSink:
         self.save_dir = Path(save_dir)
         self.trajectory_dir = Path(trajectory_dir) if trajectory_dir is not None else self.save_dir
         self.write_scalars = write_scalars
+        self._budget = _Budget()
+        self._written: dict[int, int] = {}  # step -> evaluations written at it
 
-    def step_dir(self, step: int) -> Path:
-        """The directory holding the files of the evaluation at ``step``."""
-        return self.save_dir / f"step_{step:06d}"
+    def step_dir(self, step: int, repeat: int = 0) -> Path:
+        """The directory holding the files of the ``repeat``-th evaluation (from 0) at ``step``: validations inside
+        one gradient-accumulation window share a step, and each keeps its own files."""
+        return self.save_dir / (f"step_{step:06d}" if repeat == 0 else f"step_{step:06d}_{repeat}")
+
+    @property
+    def last_step_dir(self) -> Path | None:
+        """The directory of the latest evaluation written, if any."""
+        if not self._written:
+            return None
+        step = next(reversed(self._written))
+        return self.step_dir(step, self._written[step] - 1)
 
     def log_evaluation(self, record: EvaluationRecord) -> None:
-        step_dir = self.step_dir(record.step)
+        self._budget.write(self.save_dir, record_bytes(record), lambda: self._write(record))
+
+    def _write(self, record: EvaluationRecord) -> None:
+        repeat = self._written.get(record.step, 0)
+        step_dir = self.step_dir(record.step, repeat)
         for tag, image in record.images.items():
             atomic_write_bytes(step_dir / f"{_file_name(tag)}.png", image_to_png_bytes(image))
         for tag, figure in record.figures.items():
@@ -291,6 +433,8 @@ class FileSink:
             atomic_write_csv(step_dir / f"{_file_name(tag)}.csv", columns, rows)
         if record.scalars and self.write_scalars:
             self._append_scalars(record)
+        self._written.pop(record.step, None)
+        self._written[record.step] = repeat + 1
 
     def _append_scalars(self, record: EvaluationRecord) -> None:
         # Rewriting the whole (small) file keeps the append atomic: readers see the old or the new table.
@@ -341,6 +485,7 @@ class MLFlowSink:
 
     def __init__(self, logger: MLFlowLogger) -> None:
         self.logger = logger
+        self._written: dict[int, int] = {}  # step -> evaluations uploaded at it
 
     def log_evaluation(self, record: EvaluationRecord) -> None:
         if record.scalars:
@@ -348,9 +493,12 @@ class MLFlowSink:
         with tempfile.TemporaryDirectory(prefix="gmar_mlflow_") as staging:
             files = FileSink(staging, write_scalars=False)
             files.log_evaluation(record)
-            step_dir = files.step_dir(record.step)
-            if step_dir.is_dir():
-                self.logger.experiment.log_artifacts(self.logger.run_id, str(step_dir), f"gmar/{step_dir.name}")
+            repeat = self._written.get(record.step, 0)
+            step_dir = files.last_step_dir
+            if step_dir is not None and step_dir.is_dir():
+                name = files.step_dir(record.step, repeat).name
+                self.logger.experiment.log_artifacts(self.logger.run_id, str(step_dir), f"gmar/{name}")
+            self._written[record.step] = repeat + 1
 
     def save_trajectory(self, trajectory: HeadTrajectory, stem: str = TRAJECTORY_STEM) -> None:
         with tempfile.TemporaryDirectory(prefix="gmar_mlflow_") as staging:
@@ -450,7 +598,7 @@ def sinks_for_loggers(
     sinks: list[Sink] = []
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            sinks.append(TensorBoardSink(logger.experiment, trajectory_dir=logger.log_dir))
+            sinks.append(TensorBoardSink(logger.log_dir))
         elif isinstance(logger, WandbLogger):
             sinks.append(WandbSink(logger.experiment))
         elif isinstance(logger, MLFlowLogger):
