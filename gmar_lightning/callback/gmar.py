@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 import traceback
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,7 +28,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -59,8 +60,7 @@ __all__ = ["GMARCallback"]
 ProbeInput = Tensor | tuple[Tensor, Tensor] | list[int]
 BatchParts = tuple[Tensor, Tensor | None, Tensor | None]
 
-_VALIDATE_PREFIX = "gmar_validate/"
-_VALIDATE_STEM = f"{TRAJECTORY_STEM}_validate"
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 # Strategies whose forward runs collectives (sharded parameters are gathered layer by layer): every rank must explain.
 _SHARDED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
@@ -230,6 +230,15 @@ class GMARCallback(Callback):
             whose forward runs collectives needs. ``None``: under ``FSDPStrategy``, ``ModelParallelStrategy``
             (FSDP2) and ``DeepSpeedStrategy``, where sharded parameters are gathered by every rank together; rank 0
             explains alone under any other strategy.
+        name: Tells several callbacks in one Trainer apart (e.g. one per ViT, or ``"ema"``): it enters the checkpoint
+            ``state_key``, the tags (``gmar_<name>/...``, ``gmar_validate_<name>/...``) and the trajectory files
+            (``head_importance_<name>.*``). Two callbacks with the same name (or none) in one Trainer are refused at
+            ``setup``.
+
+    With Lightning's ``WeightAveraging``/``EMAWeightAveraging`` the averaged weights that validation ran with are
+    explained, in either callback order. Any other callback that swaps weights in for validation and back in its
+    ``on_validation_epoch_end`` must be listed after this one: the callback explains the weights the module holds
+    when its own ``on_validation_epoch_end`` runs.
 
     Raises:
         ValueError: If an argument is invalid (checked here) or the model cannot be explained (checked in ``setup``,
@@ -264,8 +273,11 @@ class GMARCallback(Callback):
         explain_options: ExplainOptions | dict[str, Any] | None = None,
         unpack_batch: Callable[[Any], Any] | None = None,
         explain_on_all_ranks: bool | None = None,
+        name: str | None = None,
     ) -> None:
         check_positive_int("num_probe", num_probe)
+        if name is not None and (not isinstance(name, str) or not _NAME.fullmatch(name)):
+            raise ValueError(f"`name` must be letters, digits, '_' or '-' (it enters tags and files), got {name!r}.")
         check_positive_int("every_n_epochs", every_n_epochs)
         check_positive_int("max_images", max_images)
         methods = (methods,) if isinstance(methods, str) else tuple(methods)
@@ -284,9 +296,9 @@ class GMARCallback(Callback):
         if (mean is None) != (std is None):
             raise ValueError("`mean` and `std` must be given together (or neither, for min-max display).")
         check_overlay_style(cmap, alpha)
-        for name, function in (("model_getter", model_getter), ("unpack_batch", unpack_batch)):
+        for argument, function in (("model_getter", model_getter), ("unpack_batch", unpack_batch)):
             if function is not None and not callable(function):
-                raise TypeError(f"`{name}` must be callable, got {type(function).__name__}.")
+                raise TypeError(f"`{argument}` must be callable, got {type(function).__name__}.")
         given = explain_options if isinstance(explain_options, Mapping) else {}
         reserved = sorted({"model", "images", "method", "target", "vit"} & given.keys())
         if reserved:
@@ -309,6 +321,11 @@ class GMARCallback(Callback):
         self.explain_options = options
         self.unpack_batch = unpack_batch
         self.explain_on_all_ranks = explain_on_all_ranks
+        self.name = name
+        suffix = "" if name is None else f"_{name}"
+        # Tags and file names of fit and validate runs; a name keeps several callbacks in one Trainer apart.
+        self._prefixes = {False: f"gmar{suffix}/", True: f"gmar_validate{suffix}/"}
+        self._stems = {False: f"{TRAJECTORY_STEM}{suffix}", True: f"{TRAJECTORY_STEM}_validate{suffix}"}
         self.head_method: str | None = next((method for method in methods if method in GMAR_METHODS), None)
 
         # The probe as given: fixed tensors (a Probe), indices into the validation dataset, or None (the first
@@ -318,7 +335,8 @@ class GMARCallback(Callback):
         # resumed with other methods (or other display options) still finds them in the checkpoint.
         fixed = isinstance(self._probe_input, Probe)
         described = list(self._probe_input.images.shape) if fixed else self._probe_input
-        self._state_key = self._generate_state_key(num_probe=num_probe, probe=described)
+        named = {} if name is None else {"name": name}  # unnamed: the key of checkpoints written before `name`
+        self._state_key = self._generate_state_key(num_probe=num_probe, probe=described, **named)
         self._trainer: weakref.ReferenceType[pl.Trainer] | None = None
         self.trajectory = HeadTrajectory()
         self.map_history = MapHistory()
@@ -433,7 +451,18 @@ class GMARCallback(Callback):
             if stage == "fit":
                 self.trajectory = HeadTrajectory()
                 self.map_history = MapHistory()
+        self._guarded("setup", lambda: self._check_unique_name(trainer))
         self._guarded("setup", lambda: self._setup(trainer, pl_module, stage))
+
+    def _check_unique_name(self, trainer: pl.Trainer) -> None:
+        """A second callback with the same ``name`` would write the same tags and files: the later one refuses."""
+        earlier = trainer.callbacks[: next(i for i, callback in enumerate(trainer.callbacks) if callback is self)]
+        if any(isinstance(callback, GMARCallback) and callback.name == self.name for callback in earlier):
+            given = "no `name`" if self.name is None else f"`name={self.name!r}`"
+            raise ValueError(
+                f"Another GMARCallback in this Trainer also has {given}, so both would write the same tags and "
+                "files; give each a distinct `name=` (e.g. name='ema')."
+            )
 
     def _setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.fast_dev_run:
@@ -567,7 +596,33 @@ class GMARCallback(Callback):
         validating = trainer.state.fn == TrainerFn.VALIDATING
         if not validating and (trainer.current_epoch + 1) % self.every_n_epochs != 0:
             return
-        self._guarded("on_validation_epoch_end", lambda: self._evaluate(trainer, pl_module, validating))
+        with self._validated_weights(trainer, pl_module):
+            self._guarded("on_validation_epoch_end", lambda: self._evaluate(trainer, pl_module, validating))
+
+    @contextlib.contextmanager
+    def _validated_weights(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[None]:
+        """Hold the weights that were validated while explaining, whatever the callback order.
+
+        Lightning's ``WeightAveraging`` (``EMAWeightAveraging``...) swaps the averaged weights in at
+        ``on_validation_epoch_start`` and back at ``on_validation_epoch_end``. One listed after this callback swaps
+        back after this hook; one listed before has already swapped back, so its averaged weights are swapped in
+        again here and out afterwards (a swap is its own inverse: the weights come back bit for bit). Other
+        weight-swapping callbacks must be listed after this one (see the guide).
+        """
+        before: list[Any] = []
+        for callback in trainer.callbacks:
+            if callback is self:
+                break
+            # The same condition WeightAveraging swaps under.
+            if isinstance(callback, WeightAveraging) and getattr(callback, "_average_model", None) is not None:
+                before.append(callback)
+        for callback in before:
+            callback._swap_models(pl_module)
+        try:
+            yield
+        finally:
+            for callback in reversed(before):
+                callback._swap_models(pl_module)
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, validating: bool) -> None:
         if self.probe is None:
@@ -622,8 +677,8 @@ class GMARCallback(Callback):
             cmap=self.cmap,
             alpha=self.alpha,
         )
-        if validating:
-            record = _retagged(record, _VALIDATE_PREFIX)
+        if self._prefixes[validating] != "gmar/":
+            record = _retagged(record, self._prefixes[validating])
         self._each_sink(trainer, lambda sink: sink.log_evaluation(record))
         self._save_trajectory(trainer, validating)
 
@@ -639,7 +694,7 @@ class GMARCallback(Callback):
         self._kept_rows_on_disk = True
         for sink in self._ensure_sinks(trainer):
             folder = getattr(sink, "trajectory_dir", None)
-            path = Path(folder) / f"{TRAJECTORY_STEM}.npz" if folder is not None else None
+            path = Path(folder) / f"{self._stems[False]}.npz" if folder is not None else None
             if path is None or not path.is_file():
                 continue
             try:
@@ -656,7 +711,7 @@ class GMARCallback(Callback):
     def _save_trajectory(self, trainer: pl.Trainer, validating: bool) -> None:
         trajectory = self.validation_trajectory if validating else self.trajectory
         if len(trajectory):
-            stem = _VALIDATE_STEM if validating else TRAJECTORY_STEM
+            stem = self._stems[validating]
             self._each_sink(trainer, lambda sink: sink.save_trajectory(trajectory, stem), what="trajectory files")
 
     @override
