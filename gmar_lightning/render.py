@@ -43,6 +43,7 @@ __all__ = [
     "image_to_array",
     "image_to_png_bytes",
     "line_colours",
+    "literal",
     "methods_figure",
     "overlay",
     "overlay_grid_figure",
@@ -57,6 +58,21 @@ and dark where the map is low, so the salient parts stand out (jet's bright cyan
 
 DEFAULT_ALPHA = 0.5
 """Opacity of the colour-mapped saliency over the image."""
+
+
+def literal(text: str) -> str:
+    """``text`` as matplotlib should draw it: literally, never as mathtext.
+
+    Matplotlib reads text between two ``$`` as math, so a class named ``"US$ 1 or CA$ 2"`` would lose its dollars
+    and ``"$\\frac$"`` would fail to draw at all. Every ``$`` is escaped; matplotlib draws ``\\$`` as ``$``. Every
+    string a figure here draws goes through this.
+
+    Examples:
+        >>> literal("US$ 1 or CA$ 2")
+        'US\\\\$ 1 or CA\\\\$ 2'
+    """
+    return str(text).replace("$", r"\$")
+
 
 _DPI = 100
 # Text is at least 10 pt at the logged size (about 14 px at 100 dpi); titles one point larger.
@@ -289,17 +305,17 @@ def _draw_tiles(
             axes.text(
                 left_pixel + width / 2,
                 top - caption_band + (line + 0.5) * caption_band / lines,
-                text,
+                literal(text),
                 ha="center",
                 va="center",
                 fontsize=_FONT_SIZE,
                 color=colours[index] if colours else "black",
             )
     for column, text in enumerate(header):
-        axes.text(column * cell_width + padding + width / 2, header_band / 2, text, ha="center", va="center",
+        axes.text(column * cell_width + padding + width / 2, header_band / 2, literal(text), ha="center", va="center",
                   fontsize=_FONT_SIZE, fontweight="bold")  # fmt: skip
     for row, text in enumerate(row_labels):
-        axes.text(-padding, header_band + row * cell_height + padding + caption_band + height / 2, text,
+        axes.text(-padding, header_band + row * cell_height + padding + caption_band + height / 2, literal(text),
                   ha="right", va="center", fontsize=_FONT_SIZE)  # fmt: skip
     axes.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest", aspect="auto")
 
@@ -459,7 +475,7 @@ def evolution_figure(
     title_height = 0.35 if title else 0.0
     figure = Figure(figsize=(row_label_width + width + colorbar_width, height + title_height), dpi=_DPI)
     if title:
-        figure.suptitle(title, fontsize=_TITLE_FONT_SIZE, y=1 - 0.05 / (height + title_height))
+        figure.suptitle(literal(title), fontsize=_TITLE_FONT_SIZE, y=1 - 0.05 / (height + title_height))
     _draw_tiles(
         figure,
         tiles,
@@ -538,7 +554,7 @@ def explanation_figure(
     axes.set_axis_off()
     axes.imshow(_full_resolution_overlay(image.float().cpu(), saliency.float().cpu(), cmap, alpha),
                 interpolation="nearest", aspect="auto")  # fmt: skip
-    axes.set_title(caption, fontsize=font, pad=0.4 * font)
+    axes.set_title(literal(caption), fontsize=font, pad=0.4 * font)
     if box is not None:
         left, top, right_edge, bottom = box
         axes.add_patch(
@@ -590,13 +606,13 @@ def methods_figure(
     shrink = panel_pixels / max(height, width)
     panel = (width * shrink / _DPI, height * shrink / _DPI)
     figure, grid = _panel_grid(1, len(saliency) + 1, panel, margins=(0.1, 1.1, 0.1, 0.75), gaps=(0.1, 0.0))
-    figure.suptitle(title, fontsize=_TITLE_FONT_SIZE)
+    figure.suptitle(literal(title), fontsize=_TITLE_FONT_SIZE)
     panels = [("image", image.float().permute(1, 2, 0).expand(-1, -1, 3).numpy())]
     panels += [(method, _full_resolution_overlay(image.float(), values.float(), cmap, alpha))
                for method, values in saliency.items()]  # fmt: skip
     for axes, (name, pixels) in zip(grid[0], panels, strict=True):
         axes.imshow(pixels, interpolation="antialiased", aspect="auto")
-        axes.set_title(name, fontsize=_FONT_SIZE)
+        axes.set_title(literal(name), fontsize=_FONT_SIZE)
         axes.set_axis_off()
     _add_colorbar(figure, cmap, bottom=0.1 + 0.15 * panel[1], height=0.7 * panel[1])
     return figure
@@ -607,7 +623,7 @@ def _layer_labels(layer_names: Sequence[str] | None, count: int) -> list[str]:
         return [f"layer {index}" for index in range(count)]
     if len(layer_names) != count:
         raise ValueError(f"`layer_names` must name each of the {count} layers, got {len(layer_names)} names.")
-    return [str(name) for name in layer_names]
+    return [literal(name) for name in layer_names]
 
 
 def line_colours(count: int) -> list[tuple[float, float, float, float]]:
@@ -703,7 +719,7 @@ def head_heatmap_figure(
     axes.set_yticks(range(num_layers), labels)
     axes.tick_params(labelsize=_FONT_SIZE)
     axes.set_xlabel("head", fontsize=_FONT_SIZE)
-    axes.set_title(title, fontsize=_TITLE_FONT_SIZE)
+    axes.set_title(literal(title), fontsize=_TITLE_FONT_SIZE)
     width, height = figure.get_size_inches()
     colorbar_axes = figure.add_axes((1 - 1.1 / width, 0.6 / height, 0.15 / width, panel[1] / height))
     figure.colorbar(image, cax=colorbar_axes).set_label("weight", fontsize=_FONT_SIZE)
@@ -712,7 +728,9 @@ def head_heatmap_figure(
 
 
 def _empty_note(axes: Axes, text: str) -> None:
-    axes.text(0.5, 0.5, text, ha="center", va="center", transform=axes.transAxes, color="gray", fontsize=_FONT_SIZE)
+    axes.text(
+        0.5, 0.5, literal(text), ha="center", va="center", transform=axes.transAxes, color="gray", fontsize=_FONT_SIZE
+    )
 
 
 def trajectory_figure(trajectory: HeadTrajectory, title: str = "GMAR head importance over training") -> Figure:
@@ -747,7 +765,7 @@ def trajectory_figure(trajectory: HeadTrajectory, title: str = "GMAR head import
     grid = grid.flatten()
     for unused in grid[panels:]:
         figure.delaxes(unused)
-    figure.suptitle(title, fontsize=_TITLE_FONT_SIZE)
+    figure.suptitle(literal(title), fontsize=_TITLE_FONT_SIZE)
     if num_layers == 0:
         grid[0].set_axis_off()
         _empty_note(grid[0], "no head importance recorded yet")
@@ -821,12 +839,12 @@ def specialisation_figure(trajectory: HeadTrajectory, title: str = "GMAR head sp
         len(_SUMMARY_PANELS), 1, (3.6, 1.5), margins=(0.7, right, 0.6, 0.6), gaps=(0.5, 0.5), sharex=True
     )
     panels = grid[:, 0]
-    figure.suptitle(title, fontsize=_TITLE_FONT_SIZE)
+    figure.suptitle(literal(title), fontsize=_TITLE_FONT_SIZE)
     for axes, (key, name) in zip(panels, _SUMMARY_PANELS, strict=True):
         values = summaries[key].numpy()
         for layer, label in enumerate(labels):
             axes.plot(trajectory.steps, values[:, layer], marker="o", markersize=3, color=colours[layer], label=label)
-        axes.set_title(name, fontsize=_FONT_SIZE)
+        axes.set_title(literal(name), fontsize=_FONT_SIZE)
         low, high = SUMMARY_BOUNDS[key]
         margin = 0.05 * (high - low)
         axes.set_ylim(low - margin, high + margin)

@@ -36,7 +36,7 @@ from torch.utils.data import default_collate
 from typing_extensions import override
 
 from gmar_lightning import families
-from gmar_lightning._checks import check_positive_int
+from gmar_lightning._checks import check_positive_int, one_line
 from gmar_lightning.callback.records import (
     METRICS,
     EvaluationRecord,
@@ -394,7 +394,7 @@ class GMARCallback(Callback):
                 raise
             self._disabled = True
             rank_zero_warn(
-                f"GMARCallback disabled itself after an error in `{hook}` ({type(error).__name__}: {error}); "
+                f"GMARCallback disabled itself after an error in `{hook}` ({type(error).__name__}: {one_line(error)}); "
                 f"training goes on. Pass on_error='raise' to stop instead.\n{traceback.format_exc()}"
             )
 
@@ -426,9 +426,9 @@ class GMARCallback(Callback):
                 if key not in self._failing_sinks:
                     self._failing_sinks.add(key)
                     rank_zero_warn(
-                        f"GMARCallback could not log {what} to {name} ({type(error).__name__}: {error}); training "
-                        f"and the other loggers go on, and {name} is tried again at the next evaluation and at the end "
-                        f"of the fit.\n{traceback.format_exc()}"
+                        f"GMARCallback could not log {what} to {name} ({type(error).__name__}: {one_line(error)}); "
+                        f"training and the other loggers go on, and {name} is tried again at the next evaluation and "
+                        f"at the end of the fit.\n{traceback.format_exc()}"
                     )
             else:
                 if key in self._failing_sinks:
