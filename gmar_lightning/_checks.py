@@ -4,6 +4,7 @@ argument: a value out of its range or set raises ``ValueError``; an object of th
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from torch import Tensor
@@ -17,6 +18,7 @@ __all__ = [
     "check_positive_int",
     "one_line",
     "parse_methods",
+    "strip_ansi",
 ]
 
 
@@ -96,7 +98,20 @@ def one_line(error: BaseException) -> str:
         >>> one_line(KeyError())
         'KeyError'
     """
-    return " ".join(str(error).split()) or type(error).__name__
+    return " ".join(strip_ansi(str(error)).split()) or type(error).__name__
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal colour and cursor codes, which libraries add to messages meant for a terminal.
+
+    Examples:
+        >>> strip_ansi("\x1b[1mWeightsUnpickler error:\x1b[0m Unsupported global")
+        'WeightsUnpickler error: Unsupported global'
+    """
+    return _ANSI_ESCAPE.sub("", text)
 
 
 def check_choice(name: str, value: object, choices: Sequence[object]) -> None:

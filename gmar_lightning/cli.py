@@ -869,7 +869,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, hugging_face: bool = Fa
     parser.add_argument(
         "--checkpoint",
         default=None,
-        help="local weights file (.pth, .safetensors, .ckpt); weights of a pruned model are loaded pruned alike",
+        help="local weights file (.pth, .safetensors, .ckpt); weights of a pruned model are loaded pruned alike; for "
+        "demo, its own checkpoints/last.ckpt resumes that run (one line says which of the two happens)",
     )
 
 

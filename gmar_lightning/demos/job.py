@@ -30,7 +30,7 @@ from gmar_lightning._checks import parse_methods
 from gmar_lightning.callback import GMARCallback
 from gmar_lightning.demos.data import HorizontalFlipWithMask, ShapesDataModule
 from gmar_lightning.demos.image_folder import ImageFolderDataModule
-from gmar_lightning.demos.model import ViTClassifier
+from gmar_lightning.demos.model import ViTClassifier, checkpoint_model_settings
 from gmar_lightning.render import DEFAULT_ALPHA, DEFAULT_CMAP
 from gmar_lightning.trajectory import TRAJECTORY_NPZ
 
@@ -65,7 +65,8 @@ class DemoConfig:
             [`DEFAULT_MODEL_KWARGS`][gmar_lightning.demos.job.DEFAULT_MODEL_KWARGS]).
         model_kwargs: timm constructor overrides, merged over the defaults for the default model.
         img_size: Input side; ``None`` is 64 for the default model and the model's own size otherwise.
-        checkpoint: A local weights file to start from (a head for another class count is re-initialised).
+        checkpoint: A local weights file to start from (a head for another class count is re-initialised); a demo
+            checkpoint of the same model (``checkpoints/last.ckpt``) resumes that run instead. One line says which.
         pretrained: Start from timm hub weights (needs internet access).
         epochs: Training epochs.
         batch_size: Images per batch.
@@ -235,6 +236,26 @@ def _devices(value: str) -> str | int | list[int]:
     return int(value) if value.lstrip("-").isdigit() else value
 
 
+def _start_from(checkpoint: str | None, module: ViTClassifier, run_dir: Path) -> tuple[str | None, str | None]:
+    """What ``--checkpoint`` does, as ``(ckpt_path for trainer.fit, the one line that says it)``.
+
+    A demo checkpoint of the same model (``last.ckpt``, also one an interrupt left) resumes the run: epochs,
+    optimizer, schedule and the GMAR probe and history. Any other weights file only initialises the model.
+    """
+    if checkpoint is None:
+        return None, None
+    settings = checkpoint_model_settings(checkpoint)
+    current = {key: module.hparams[key] for key in settings or {}}
+    if settings is not None and settings == current:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if "loops" in state:
+            return checkpoint, (
+                f"Resuming {checkpoint} from epoch {state.get('epoch', 0)}, step {state.get('global_step', 0)} "
+                f"(optimizer, schedule and GMAR history included), logging to {run_dir}."
+            )
+    return None, f"Starting from the weights in {checkpoint} at epoch 0 (it is not a demo checkpoint of this model)."
+
+
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Fine-tune a ViT with [`GMARCallback`][gmar_lightning.callback.gmar.GMARCallback] and return where everything
     went.
@@ -310,9 +331,12 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         **trainer_options,
     )
     trajectory_dir = Path(logger.experiment.dir) if isinstance(logger, WandbLogger) else run_dir
+    resume, start = _start_from(config.checkpoint, module, run_dir)
+    if start is not None and trainer.is_global_zero:
+        print(start)
     started = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     except SystemExit as stop:
         # Lightning ends a fit on Ctrl-C with exit status 1 and on SIGTERM with SIGTERMException, a SystemExit of 0;
         # an interrupted run must not look like a finished one.

@@ -18,6 +18,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from gmar_lightning._checks import check_positive_int, one_line
+from gmar_lightning._checks import check_positive_int, one_line, strip_ansi
 from gmar_lightning.capture import KEPT_HEADS
 from gmar_lightning.families.hf import unsupported_reason
 from gmar_lightning.heads.pruning import restore_pruning, restore_pruning_on_load
@@ -373,6 +375,14 @@ def create_hf_classifier(
         ) from None
     except _NoClassifierError as error:
         raise ValueError(str(error)) from None
+    except pickle.UnpicklingError as error:
+        # torch's own message advises loading with weights_only=False "if you trust the source": never pass that on.
+        blocked = re.search(r"GLOBAL (\S+)", strip_ansi(str(error)))
+        what = f"pickled code ({blocked.group(1)})" if blocked else "pickled objects other than tensors"
+        raise ValueError(
+            f"{named} holds {what} in pytorch_model.bin, which was refused without running it; pass a folder whose "
+            "weights are model.safetensors, or --checkpoint FILE with plain tensors."
+        ) from None
     except OSError as error:
         # transformers' messages run over many lines (hub hints): keep the first 300 characters.
         raise ValueError(
