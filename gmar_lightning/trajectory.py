@@ -68,7 +68,12 @@ def _check_head_matrix(name: str, values: Tensor) -> Tensor:
     if values.ndim != 2 or values.shape[1] == 0:
         raise ValueError(f"`{name}` must have shape [L, H] with H >= 1, got {list(values.shape)}.")
     values = values.detach().to("cpu", torch.float64)
-    if torch.isinf(values).any() or torch.isnan(values).all():
+    if torch.isnan(values).all():
+        raise ValueError(
+            f"`{name}` is NaN for every head: the model has no attention head left (every head was removed); keep "
+            "at least one head, since head importance needs heads to weigh."
+        )
+    if torch.isinf(values).any():
         raise ValueError(
             f"`{name}` must contain only finite values (NaN only for heads a pruned layer no longer has); check the "
             "head weights for NaN/inf."

@@ -8,10 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from timm.models.vision_transformer import VisionTransformer
 
+from gmar_lightning import GMARCallback
+from gmar_lightning.heads.pruning import prune_heads
 from gmar_lightning.trajectory import HeadTrajectory
+from tests.lightning_helpers import TinyViTModule, tiny_data, trainer_kwargs
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +76,70 @@ def test_a_malicious_hf_weights_file_is_refused_in_one_plain_line(tmp_path: Path
     (line,) = result.stderr.strip().splitlines()
     assert "holds pickled code (posix.system) in pytorch_model.bin, which was refused without running it" in line
     assert "trust" not in line and "weights_only" not in line and "\x1b" not in line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GMARCallback: every check that can run before training does, in one line naming the argument
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class OneChannelViT(TinyViTModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.vit = VisionTransformer(
+            img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=4, in_chans=1
+        )
+
+
+class HeadlessDictViT(TinyViTModule):
+    """A backbone without a classifier under a separate head, whose forward returns a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=0)
+        self.head = torch.nn.Linear(32, 4)
+
+    def forward(self, images: torch.Tensor) -> dict:  # type: ignore[override]
+        return {"scores": self.head(self.vit(images))}
+
+
+class FirstTrainingBatch(pl.Callback):
+    """Records whether training ever started."""
+
+    started = False
+
+    def on_train_batch_start(self, *args: object) -> None:
+        FirstTrainingBatch.started = True
+
+
+@pytest.mark.parametrize(
+    ("module", "options", "error", "message"),
+    [
+        (TinyViTModule, {"probe": [0, 100]}, ValueError, r"`probe` indices \[100\] are out of range .* 24 samples"),
+        (TinyViTModule, {"model_getter": lambda module: None}, TypeError, r"`model_getter` returned NoneType"),
+        (OneChannelViT, {"mean": (0.5,) * 3, "std": (0.2,) * 3}, ValueError, r"`mean` and `std` have 3 values .* 1-"),
+        (HeadlessDictViT, {}, ValueError, r"^The model cannot be explained: .*dict"),
+    ],
+)
+def test_the_callback_refuses_before_training_starts_in_one_line(
+    tmp_path: Path, module: type, options: dict, error: type, message: str
+) -> None:
+    FirstTrainingBatch.started = False
+    callback = GMARCallback(num_probe=4, on_error="raise", **options)
+    trainer = pl.Trainer(
+        callbacks=[callback, FirstTrainingBatch()], logger=False, **trainer_kwargs(tmp_path, max_epochs=1)
+    )
+    with pytest.raises(error, match=message) as raised:
+        trainer.fit(module(), datamodule=tiny_data())
+    assert not FirstTrainingBatch.started
+    assert "\n" not in str(raised.value)
+
+
+def test_a_model_without_any_head_left_is_named_as_such(tmp_path: Path) -> None:
+    module = TinyViTModule()
+    prune_heads(module.vit, {0: [0, 1, 2, 3], 1: [0, 1, 2, 3]})
+    trainer = pl.Trainer(
+        callbacks=[GMARCallback(num_probe=4, on_error="raise")], logger=False, **trainer_kwargs(tmp_path, max_epochs=1)
+    )
+    with pytest.raises(ValueError, match=r"the model has no attention head left \(every head was removed\)"):
+        trainer.fit(module, datamodule=tiny_data())

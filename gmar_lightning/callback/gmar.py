@@ -134,6 +134,31 @@ def _first_loader(loaders: Any) -> Any:
     return loaders
 
 
+def _blank_image(vit: nn.Module) -> Tensor | None:
+    """A zero image ``[1, C, H, W]`` of the size and channels the ViT declares (transformers: ``config.image_size``
+    and ``num_channels``; timm: ``patch_embed.img_size`` and its first convolution), or ``None`` if it declares none."""
+    config = getattr(vit, "config", None)
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    patch_embed = getattr(vit, "patch_embed", None)
+    if size is None and isinstance(patch_embed, nn.Module):
+        size = getattr(patch_embed, "img_size", None)
+        first = next((module for module in patch_embed.modules() if isinstance(module, nn.Conv2d)), None)
+        channels = getattr(first, "in_channels", None)
+    if size is None or channels is None:
+        return None
+    height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    parameter = next(vit.parameters(), None)
+    floating = parameter is not None and parameter.is_floating_point()
+    return torch.zeros(
+        1,
+        int(channels),
+        int(height),
+        int(width),
+        dtype=parameter.dtype if floating else torch.float32,
+        device=parameter.device if parameter is not None else None,
+    )
+
+
 def _logging_step(trainer: pl.Trainer) -> int:
     """The step Lightning logs validation metrics at, so GMAR values line up with ``val_loss`` in every chart.
 
@@ -472,15 +497,11 @@ class GMARCallback(Callback):
         if stage not in ("fit", "validate"):
             return
         self._resolved = self._resolve(pl_module)
-        if isinstance(self._probe_input, Probe):
-            try:  # a forward-only explanation of one image checks that the model takes the probe images
-                explain(
-                    self._resolved, self._probe_input.images[:1], method="attention", **self.explain_options.as_kwargs()
-                )
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"`probe` cannot be explained by the model: {error}") from error
-            if self.target == "label" and self._probe_input.labels is None:
-                raise ValueError("`target='label'` needs labels: pass `probe=(images, labels)`.")
+        # Sharded parameters may not be whole at setup (DeepSpeed ZeRO-3 partitions them at construction): a blank
+        # image is explained there only at the first evaluation.
+        self._check_input(self._resolved, blank=not self._all_ranks(trainer))
+        if isinstance(self._probe_input, Probe) and self.target == "label" and self._probe_input.labels is None:
+            raise ValueError("`target='label'` needs labels: pass `probe=(images, labels)`.")
         if stage == "fit" and trainer.limit_val_batches == 0:
             rank_zero_warn("GMARCallback: `limit_val_batches=0` turns validation off, so nothing will be explained.")
 
@@ -490,12 +511,39 @@ class GMARCallback(Callback):
             return self.explain_on_all_ranks
         return type(trainer.strategy).__name__ in _SHARDED_STRATEGIES
 
+    def _check_input(self, resolved: ResolvedModel, blank: bool) -> None:
+        """At setup, a forward-only explanation of one image: the probe's first, or a blank image of the size and
+        channels the ViT declares. A model whose output is not logits, a probe it cannot take, or ``mean``/``std``
+        for another channel count then fail now, in one line, rather than after the first epoch."""
+        fixed = self._probe_input if isinstance(self._probe_input, Probe) else None
+        image = fixed.images[:1] if fixed is not None else _blank_image(resolved.vit) if blank else None
+        if image is None:
+            return  # the ViT does not declare its input: the first evaluation checks the probe
+        try:
+            explain(resolved, image, method="attention", **self.explain_options.as_kwargs())
+        except (TypeError, ValueError) as error:
+            subject = (
+                "`probe` cannot be explained by the model" if fixed is not None else "The model cannot be explained"
+            )
+            raise ValueError(f"{subject}: {one_line(error)}") from error
+        if self.mean is not None and len(self.mean) != image.shape[1]:
+            raise ValueError(
+                f"`mean` and `std` have {len(self.mean)} values but the model takes {image.shape[1]}-channel images; "
+                "pass one value per channel."
+            )
+
     def _resolve(self, pl_module: pl.LightningModule) -> ResolvedModel:
         """The model explained, resolved: the module whose forward gives the logits and the ViT in it whose attention
         counts, checked once (a model that cannot be explained at any image size is refused here)."""
         token_layout = self.explain_options.token_layout
         if self.model_getter is not None:
-            return resolve_model(self.model_getter(pl_module), token_layout=token_layout)
+            chosen = self.model_getter(pl_module)
+            if not isinstance(chosen, nn.Module):
+                raise TypeError(
+                    f"`model_getter` returned {type(chosen).__name__}, not a module; return the ViT (or the module "
+                    "holding it that gives logits), e.g. `model_getter=lambda module: module.backbone`."
+                )
+            return resolve_model(chosen, token_layout=token_layout)
         vit = self._default_vit(pl_module)
         # A backbone without its own classifier outputs features: the LightningModule's forward adds the head.
         classifier = pl_module if families.headless_reason(vit) is not None else vit
@@ -524,6 +572,24 @@ class GMARCallback(Callback):
     # ------------------------------------------------------------------------------------------------------------
     # the probe
     # ------------------------------------------------------------------------------------------------------------
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The validation loaders exist from here on (the sanity check's, before any training, by default): probe
+        # indices are checked against the dataset now, not when the first evaluation reads them.
+        if isinstance(self._probe_input, list) and self.probe is None and trainer.is_global_zero:
+            self._guarded("on_validation_start", lambda: self._check_probe_indices(trainer))
+
+    def _check_probe_indices(self, trainer: pl.Trainer) -> None:
+        dataset = getattr(_first_loader(trainer.val_dataloaders), "dataset", None)
+        if not _indexable(dataset):
+            raise TypeError("`probe=[indices]` needs a validation dataset that supports len() and indexing.")
+        outside = [index for index in self._probe_input or [] if index >= len(dataset)]
+        if outside:
+            raise ValueError(
+                f"`probe` indices {outside} are out of range for the first validation dataset of {len(dataset)} "
+                f"samples; pass indices below {len(dataset)}."
+            )
 
     def _unpack(self, batch: Any) -> BatchParts:
         if self.unpack_batch is None:
