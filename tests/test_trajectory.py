@@ -76,7 +76,8 @@ def test_append_averages_per_image_weights_over_the_batch() -> None:
         (-1, torch.ones(3, 4), "`epoch` must be a non-negative integer"),
         (5, torch.ones(2, 4), "`weights` must have shape [3, 4]"),
         (5, torch.ones(4), "`weights` must have shape [L, H]"),
-        (5, torch.full((3, 4), math.nan), "`weights` must contain only finite values"),
+        (5, torch.full((3, 4), math.inf), "`weights` must contain only finite values"),
+        (5, torch.full((3, 4), math.nan), "`weights` is NaN for every head: the model has no attention head left"),
     ],
 )
 def test_append_rejects_bad_rows_and_leaves_the_trajectory_unchanged(
