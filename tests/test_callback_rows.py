@@ -108,7 +108,7 @@ def run_fit(root: Path, max_epochs: int, kill_at: int, resume: bool) -> subproce
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": "PASSIVE"}
     arguments = [str(root), str(max_epochs), str(kill_at), "resume" if resume else ""]
     command = [sys.executable, "-c", PREEMPTED_FIT, *arguments]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
 
 
 def test_a_resume_after_sigkill_keeps_every_row_written_before_the_kill(tmp_path: Path) -> None:
