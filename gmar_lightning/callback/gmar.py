@@ -694,7 +694,18 @@ class GMARCallback(Callback):
         if self.probe is None:
             self.probe = self._take_probe(trainer, pl_module)
             if self._all_ranks(trainer):  # rank 0's probe: only rank 0 keeps samples from an iterable dataset
-                self.probe = trainer.strategy.broadcast(self.probe, src=0)
+                probe = trainer.strategy.broadcast(self.probe, src=0)
+                # Unpickled onto rank 0's device: each rank explains on its own.
+                self.probe = (
+                    None
+                    if probe is None
+                    else Probe(
+                        **{
+                            name: None if part is None else part.to(pl_module.device)
+                            for name, part in probe.state_dict().items()
+                        }
+                    )
+                )
             if self.probe is None:
                 return
         probe = self.probe
