@@ -191,8 +191,10 @@ def test_no_logger_writes_files_with_a_notice(tmp_path: Path, caplog: pytest.Log
 def test_probe_given_as_tensor_pair_and_as_indices(tmp_path: Path) -> None:
     data = tiny_data()
     images = torch.stack([data.val_dataset[i][0] for i in (3, 5)])
-    pair = GMARCallback(probe=(images, torch.tensor([data.val_dataset[i][1] for i in (3, 5)])), target="label")
-    indices = GMARCallback(probe=[3, 5])
+    labels = torch.tensor([data.val_dataset[i][1] for i in (3, 5)])
+    # Two callbacks in one Trainer: each needs its own name, or both would write the same tags and files.
+    pair = GMARCallback(probe=(images, labels), target="label", name="pair")
+    indices = GMARCallback(probe=[3, 5], name="indices")
     fit(tmp_path, [pair, indices], max_epochs=1)
     assert torch.equal(pair.probe.images, images)
     assert torch.equal(indices.probe.images, images)
