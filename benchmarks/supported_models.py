@@ -12,7 +12,9 @@ the table cannot drift from timm. Each case ends as
 
 It writes the "Supported models" docs page (``docs/supported_models.md``); ``--check`` fails instead if the page on
 disk differs (CI). Hugging Face classes are registered in :data:`CASES` by the same mechanism (family
-``"transformers"``).
+``"transformers"``), and every other transformers ``*ForImageClassification`` and ``*VisionModel`` class the installed
+transformers exports is added at its default config (refusals need no weights); :data:`UNBUILDABLE_HERE` lists the
+classes that cannot be built here, shown as "not run".
 
 Run: ``python benchmarks/supported_models.py`` (about 30 s on a 2-core CPU); ``--check`` in CI.
 """
@@ -20,6 +22,7 @@ Run: ``python benchmarks/supported_models.py`` (about 30 s on a 2-core CPU); ``-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import warnings
@@ -37,7 +40,7 @@ from gmar_lightning.families import UnsupportedModelError, find_family, find_vis
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "supported_models.md"
 
-VERIFIED_FAMILIES = {"vit", "swin", "pvt", "cait", "pit", "sam", "transformers", "transformers_swin"}
+VERIFIED_FAMILIES = {"vit", "swin", "pvt", "cait", "pit", "sam", "transformers", "transformers_swin", "open_clip"}
 """Family probes whose token plans tests/test_families.py, tests/test_engine.py, tests/test_hf.py and
 tests/test_hf_families.py check against the reference."""
 
@@ -60,6 +63,7 @@ FAMILY_NOTES = {
     "sam": "windowed blocks (padded) interleaved with global blocks",
     "transformers": "eager attention for the call; token layout and grid from the class and config",
     "transformers_swin": "eager attention for the call; padded, then shifted windows mapped to the grid; 2x2 merging",
+    "open_clip": "per-head nn.MultiheadAttention weights for the call; class token or patch mean",
 }
 
 
@@ -243,6 +247,109 @@ CASES += [
     transformers_case("Swinv2ForImageClassification", "Swinv2Config", **TINY_HF_SWIN),
 ]
 
+
+class WithHead(nn.Module):
+    """A user's linear head on a backbone's output (``pooler_output``, or ``image_embeds`` of a projection model)."""
+
+    def __init__(self, backbone: nn.Module, width: int) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, nn.Linear(width, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        output = self.backbone(images)
+        if isinstance(output, torch.Tensor):
+            return self.head(output)
+        features = output.image_embeds if hasattr(output, "image_embeds") else output.pooler_output
+        return self.head(features)
+
+
+def backbone_case(model_class: str, config_class: str, width: int = 32, **config: object) -> Case:
+    """A transformers backbone (no classifier) built tiny, under a linear head of the user's own."""
+
+    def build() -> nn.Module:
+        import transformers
+
+        torch.manual_seed(0)
+        backbone = getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
+        return WithHead(backbone, width)
+
+    return Case("transformers", f"`{model_class}` (tiny) under a head", build, 32)
+
+
+TINY_HF_BACKBONE = {key: value for key, value in TINY_HF.items() if key != "num_labels"}
+CASES += [
+    backbone_case("CLIPVisionModel", "CLIPVisionConfig", **TINY_HF_BACKBONE),
+    backbone_case("CLIPVisionModelWithProjection", "CLIPVisionConfig", width=16, projection_dim=16, **TINY_HF_BACKBONE),
+    backbone_case("SiglipVisionModel", "SiglipVisionConfig", **TINY_HF_BACKBONE),
+    backbone_case("DINOv3ViTModel", "DINOv3ViTConfig", num_register_tokens=2, **TINY_HF_BACKBONE),
+    backbone_case("SwinModel", "SwinConfig", **TINY_HF_SWIN),
+]
+
+
+def open_clip_case() -> Case:
+    """An open_clip image tower under a zero-shot-style linear head (the extra ``open_clip``)."""
+
+    def build() -> nn.Module:
+        from open_clip.transformer import VisionTransformer
+
+        torch.manual_seed(0)
+        tower = VisionTransformer(
+            image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=2.0, output_dim=16
+        )
+        return WithHead(tower, 16)
+
+    return Case("open_clip", "`VisionTransformer` (tiny) under a head", build, 32)
+
+
+def _transformers_vision_classes() -> list[str]:
+    """Every image classifier and vision model class transformers exports (its ``*ForImageClassification`` and
+    ``*VisionModel`` names)."""
+    import transformers
+
+    return sorted(
+        name
+        for name in dir(transformers)
+        if name.endswith(("ForImageClassification", "VisionModel")) and not name.startswith(("TF", "Flax", "Auto"))
+    )
+
+
+UNBUILDABLE_HERE = {
+    "DinatForImageClassification": "needs the natten library",
+    "AyaVisionModel": "its default config does not build (embed_dim not divisible by num_heads)",
+    "Granite4VisionModel": "its default config does not build",
+}
+"""transformers classes this table cannot instantiate (no weights, default config): listed, not run."""
+
+
+def default_config_case(model_class: str) -> Case:
+    """A transformers class that is refused, built at its default config on the meta device (no weights needed)."""
+
+    def build() -> nn.Module:
+        import transformers
+
+        cls = getattr(transformers, model_class)
+        if model_class in UNBUILDABLE_HERE:
+            raise RuntimeError(UNBUILDABLE_HERE[model_class])
+        with torch.device("meta"):
+            return cls(cls.config_class())
+
+    return Case("transformers", f"`{model_class}` (default config)", build, 32, "refused")
+
+
+def _cases() -> list[Case]:
+    """Every representative: timm, then transformers (a tiny one per supported class, then every other vision class
+    at its default config), then open_clip when it is installed."""
+    cases = list(CASES)
+    covered = {case.label.split("`")[1] for case in cases if case.family == "transformers"}
+    with contextlib.suppress(ImportError):  # transformers is optional: without it, its rows are left out
+        cases += [default_config_case(name) for name in _transformers_vision_classes() if name not in covered]
+    try:
+        import open_clip  # noqa: F401
+    except ImportError:
+        return cases
+    return [*cases, open_clip_case()]
+
+
 NO_TOKEN_ATTENTION: dict[str, str] = {
     "convolutional network": (
         "byobnet convmixer convnext cspnet cspnext densenet dla dpn efficientnet fasternet focalnet ghostnet "
@@ -285,8 +392,11 @@ def run_case(case: Case) -> Outcome:
     try:
         model = case.build()
     except Exception as error:  # a representative that timm cannot build is a bug in this table
+        name = case.label.split("`")[1]
+        if name in UNBUILDABLE_HERE:
+            return Outcome(case, name, "not run", f"cannot be built here: {UNBUILDABLE_HERE[name]}")
         return Outcome(case, "?", "FAILED", f"cannot build: {type(error).__name__}: {error}")
-    model_class = type(model).__name__
+    model_class = type(model.backbone if isinstance(model, WithHead) else model).__name__
     images = torch.randn(2, 3, case.image_size, case.image_size, generator=torch.Generator().manual_seed(0))
     try:
         result = explain(model, images, method="gmar_l1")
@@ -306,7 +416,7 @@ def run_case(case: Case) -> Outcome:
     family = find_family(find_vision_transformer(model)).name
     grid = "x".join(map(str, result.grid_size))
     note = FAMILY_NOTES[family]
-    if result.layer_names[-1] == "attn_pool":
+    if result.layer_names[-1] in ("attn_pool", "head.attention"):
         note += "; read out through the attention pool's attention (no residual)"
     return Outcome(case, model_class, "works", f"{note} ({len(result.layer_names)} layers, {grid} grid)")
 
@@ -321,7 +431,10 @@ def render_page(outcomes: list[Outcome]) -> str:
         "# Supported models",
         "",
         "Generated by `python benchmarks/supported_models.py` from one small random-init representative per timm "
-        "model module and per Hugging Face transformers class; CI runs it with `--check` and fails when this page, "
+        "model module, per supported Hugging Face transformers class (tiny, a backbone under a linear head of its "
+        "own) and for every other transformers `*ForImageClassification` and `*VisionModel` class (its default config "
+        "on the meta device), and an open_clip tower when the `open_clip` extra is installed; CI runs it with "
+        "`--check` and fails when this page, "
         "the installed timm and the code disagree. "
         "**works** means `explain` ran and the family's token plan ([the method](method.md#hierarchical-windowed-"
         "and-multi-branch-models)) is checked against a full-matrix reference in the tests; **refused** is the "
@@ -357,14 +470,16 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for case in tqdm(CASES, desc="families", unit="model"):
+        for case in tqdm(_cases(), desc="families", unit="model"):
             outcomes.append(run_case(case))
     failed = [outcome for outcome in outcomes if outcome.verdict == "FAILED"]
     for outcome in outcomes:
         print(f"{outcome.verdict:8s} {outcome.case.family:26s} {outcome.model_class:28s} {outcome.detail}")
     works = sum(outcome.verdict == "works" for outcome in outcomes)
+    refused = sum(outcome.verdict == "refused" for outcome in outcomes)
+    not_run = len(outcomes) - works - refused - len(failed)
     print(
-        f"{works} work, {len(outcomes) - works - len(failed)} refused, {len(failed)} failed "
+        f"{works} work, {refused} refused, {not_run} not run, {len(failed)} failed "
         f"in {time.perf_counter() - start:.0f} s"
     )
     page = render_page(outcomes)

@@ -381,6 +381,8 @@ def outer_reason(model: nn.Module, vit: nn.Module) -> str | None:
         return None
     if type(model).__name__.startswith("TimmWrapper"):
         return None
+    if is_transformers_model(vit) and not is_transformers_vit(vit):  # a tower no family maps (SAM 2's Hiera)
+        return f"it holds {type(vit).__name__}: {_reason(vit)}"
     return (
         f"it is a transformers model built around the image tower {type(vit).__name__}, and its forward is not an "
         "image classifier's; put the tower under your own head and explain that module"
