@@ -29,25 +29,31 @@ from gmar_lightning._checks import check_positive_int
 from gmar_lightning.trajectory import HeadTrajectory
 
 __all__ = [
+    "CARD_PIXELS",
     "DEFAULT_ALPHA",
     "DEFAULT_CMAP",
+    "MODES",
     "SUMMARY_BOUNDS",
     "check_overlay_style",
+    "clip_outliers",
     "denormalize",
     "evenly_spaced",
     "evolution_figure",
+    "evolution_pages",
     "explanation_figure",
     "figure_to_array",
     "figure_to_png_bytes",
     "head_heatmap_figure",
     "image_to_array",
     "image_to_png_bytes",
+    "layer_trajectory_figure",
     "line_colours",
     "literal",
     "methods_figure",
     "overlay",
     "overlay_grid_figure",
     "overlay_grid_image",
+    "overlay_pages",
     "specialisation_figure",
     "trajectory_figure",
 ]
@@ -57,7 +63,17 @@ DEFAULT_CMAP = "inferno"
 and dark where the map is low, so the salient parts stand out (jet's bright cyan band invents edges)."""
 
 DEFAULT_ALPHA = 0.5
-"""Opacity of the colour-mapped saliency over the image."""
+"""Opacity of the colour-mapped saliency over the image (grad-cam's ``image_weight`` is ``1 - alpha``)."""
+
+MODES: tuple[str, ...] = ("blended", "masked", "heat_map")
+"""How a map is drawn on its image: ``blended`` mixes the colour-mapped map over the image (``alpha`` its weight),
+``masked`` multiplies the image by the map (only what the map keeps stays visible), ``heat_map`` shows the
+colour-mapped map alone; after Captum's ``blended_heat_map``, ``masked_image`` and ``heat_map``."""
+
+CARD_PIXELS: tuple[int, int] = (358, 212)
+"""Width and height in screen pixels that TensorBoard's Time Series tab draws an image card's picture in, at a
+1400 px wide browser window with its default card width; a logged image no larger than this is shown unscaled
+(measured with headless Chromium, ``benchmarks/tensorboard_screenshots.py``)."""
 
 
 def literal(text: str) -> str:
@@ -79,6 +95,9 @@ _DPI = 100
 _FONT_SIZE = 10
 _TITLE_FONT_SIZE = 11
 _TILE_INCHES = 1.8
+# Tiles of card-sized pages: two overlays with captions, or two rows of four evaluations, fit one TensorBoard card.
+_CARD_TILE_PIXELS = 150
+_CARD_EVOLUTION_TILE_PIXELS = 75
 _COLORBAR_INCHES = (0.15, 0.75)  # bar width and the room for its tick labels and label
 # Level 1 compresses these flat-coloured images nearly as well as the default 6, several times faster.
 _PNG_COMPRESS_LEVEL = 1
@@ -140,11 +159,14 @@ def denormalize(
     return ((images - low) / span).clamp(0.0, 1.0)
 
 
-def check_overlay_style(cmap: str, alpha: float) -> None:
-    """Raise a one-line ``ValueError`` unless ``cmap`` names a matplotlib colour map and ``alpha`` is in ``[0, 1]``.
+def check_overlay_style(cmap: str, alpha: float, mode: str = "blended", outlier_percentile: float = 0.0) -> None:
+    """Raise a one-line ``ValueError`` unless the display options are valid.
+
+    ``cmap`` must name a matplotlib colour map, ``alpha`` be in ``[0, 1]``, ``mode`` one of
+    [`MODES`][gmar_lightning.render.MODES] and ``outlier_percentile`` in ``[0, 100)``.
 
     Examples:
-        >>> check_overlay_style("viridis", 0.4)
+        >>> check_overlay_style("viridis", 0.4, "masked", 2.0)
         >>> check_overlay_style("viridis", 2)
         Traceback (most recent call last):
         ...
@@ -153,6 +175,42 @@ def check_overlay_style(cmap: str, alpha: float) -> None:
     _colormap(cmap)
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"`alpha` must be a number in [0, 1], got {alpha!r}.")
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {', '.join(MODES)}, got {mode!r}.")
+    if (
+        isinstance(outlier_percentile, bool)
+        or not isinstance(outlier_percentile, int | float)
+        or not 0.0 <= outlier_percentile < 100.0
+    ):
+        raise ValueError(f"`outlier_percentile` must be a number in [0, 100), got {outlier_percentile!r}.")
+
+
+def clip_outliers(maps: Tensor, percentile: float) -> Tensor:
+    """Rescale each map so its top ``percentile`` % of values saturate at 1, like Captum's ``outlier_perc``.
+
+    A few very bright patches (often one high-norm token) otherwise squeeze everything else into the dark end of the
+    colour map. ``0`` leaves the maps unchanged.
+
+    Args:
+        maps: ``[B, H, W]`` maps in ``[0, 1]``; ``NaN`` (outside what the model saw) stays ``NaN``.
+        percentile: How much of each map (in percent of its defined values) to saturate, in ``[0, 100)``.
+
+    Returns:
+        ``[B, H, W]`` maps in ``[0, 1]``.
+
+    Examples:
+        >>> clip_outliers(torch.tensor([[[0.1, 0.2], [0.4, 1.0]]]), 25.0)  # the 75th percentile, 0.55, becomes 1
+        tensor([[[0.1818, 0.3636],
+                 [0.7273, 1.0000]]])
+    """
+    check_overlay_style(DEFAULT_CMAP, DEFAULT_ALPHA, outlier_percentile=percentile)
+    if percentile == 0:
+        return maps
+    values = maps.detach().float()
+    threshold = torch.stack([row[~row.isnan()].quantile(1.0 - percentile / 100.0) if (~row.isnan()).any()
+                             else row.new_ones(()) for row in values.flatten(1)])  # fmt: skip
+    scale = threshold.clamp_min(torch.finfo(torch.float32).tiny).view(-1, *([1] * (values.ndim - 1)))
+    return (values / scale).clamp(0.0, 1.0)
 
 
 def _colormap(cmap: str) -> matplotlib.colors.Colormap:
@@ -171,15 +229,26 @@ def _colormap_table(cmap: str, device: torch.device) -> Tensor:
     return torch.as_tensor(table, dtype=torch.float32, device=device)
 
 
-def overlay(images: Tensor, maps: Tensor, cmap: str = DEFAULT_CMAP, alpha: float = DEFAULT_ALPHA) -> Tensor:
-    """Blend colour-mapped saliency maps over images: ``(1 - alpha) * image + alpha * cmap(map)``.
+def overlay(
+    images: Tensor,
+    maps: Tensor,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = DEFAULT_ALPHA,
+    mode: str = "blended",
+    outlier_percentile: float = 0.0,
+) -> Tensor:
+    """Draw saliency maps on images: ``blended`` is ``(1 - alpha) * image + alpha * cmap(map)``.
 
     Args:
         images: ``[B, 3, H, W]`` (or single-channel ``[B, 1, H, W]``) images in ``[0, 1]``, e.g. from
             [`denormalize`][gmar_lightning.render.denormalize].
         maps: ``[B, H, W]`` saliency maps in ``[0, 1]`` (``Explanation.maps``); values outside are clamped.
-        cmap: A matplotlib colour map name.
-        alpha: Opacity of the map, in ``[0, 1]``.
+        cmap: A matplotlib colour map name (unused by ``masked``).
+        alpha: Weight of the map in ``blended`` mode, in ``[0, 1]``.
+        mode: One of [`MODES`][gmar_lightning.render.MODES]: ``blended``, ``masked`` (``image * map``) or
+            ``heat_map`` (the colour-mapped map alone).
+        outlier_percentile: Saturate each map's top ``outlier_percentile`` % first (see
+            [`clip_outliers`][gmar_lightning.render.clip_outliers]).
 
     Returns:
         ``[B, 3, H, W]`` float32 tensor in ``[0, 1]`` on the images' device.
@@ -188,6 +257,8 @@ def overlay(images: Tensor, maps: Tensor, cmap: str = DEFAULT_CMAP, alpha: float
         >>> blended = overlay(torch.ones(2, 3, 4, 4), torch.zeros(2, 4, 4), cmap="gray", alpha=0.5)
         >>> tuple(blended.shape), blended.unique().tolist()
         ((2, 3, 4, 4), [0.5])
+        >>> overlay(torch.ones(1, 3, 1, 2), torch.tensor([[[0.0, 0.5]]]), mode="masked")[0, 0]
+        tensor([[0.0000, 0.5000]])
     """
     _check_images(images)
     if images.shape[1] not in (1, 3):
@@ -198,12 +269,16 @@ def overlay(images: Tensor, maps: Tensor, cmap: str = DEFAULT_CMAP, alpha: float
             f"`maps` must have shape {[images.shape[0], *images.shape[2:]]} (one map per image, at image size), "
             f"got {shape}."
         )
-    check_overlay_style(cmap, alpha)
-    table = _colormap_table(cmap, images.device)
-    levels = maps.detach().to(images.device, torch.float32).nan_to_num(0.0).clamp(0.0, 1.0)
-    indices = (levels * (table.shape[0] - 1)).round().long()
-    colours = table[indices].permute(0, 3, 1, 2)
+    check_overlay_style(cmap, alpha, mode, outlier_percentile)
+    levels = clip_outliers(maps.detach().to(images.device, torch.float32), outlier_percentile)
+    levels = levels.nan_to_num(0.0).clamp(0.0, 1.0)
     base = images.detach().float().clamp(0.0, 1.0).expand(-1, 3, -1, -1)
+    if mode == "masked":
+        return base * levels.unsqueeze(1)
+    table = _colormap_table(cmap, images.device)
+    colours = table[(levels * (table.shape[0] - 1)).round().long()].permute(0, 3, 1, 2)
+    if mode == "heat_map":
+        return colours
     return ((1.0 - alpha) * base + alpha * colours).clamp(0.0, 1.0)
 
 
@@ -348,6 +423,8 @@ def overlay_grid_figure(
     cmap: str = DEFAULT_CMAP,
     alpha: float = DEFAULT_ALPHA,
     probabilities: Sequence[float] | None = None,
+    mode: str = "blended",
+    outlier_percentile: float = 0.0,
 ) -> Figure:
     """A captioned grid of overlays with a colour bar: each tile titled ``"true: <label>"`` / ``"pred: <prediction>"``.
 
@@ -363,6 +440,8 @@ def overlay_grid_figure(
         cmap: A matplotlib colour map name.
         alpha: Opacity of the map.
         probabilities: The predicted class's probability per image, likewise.
+        mode: One of [`MODES`][gmar_lightning.render.MODES].
+        outlier_percentile: Saturate each map's top percent first.
 
     Returns:
         A figure with two axes: the tiles and the colour bar.
@@ -375,33 +454,151 @@ def overlay_grid_figure(
     _check_images(images)
     images, maps = _select(images, maps, max_images)
     count = images.shape[0]
-    labels = _check_names("labels", labels, count)
-    predictions = _check_names("predictions", predictions, count)
-    if probabilities is not None and (isinstance(probabilities, str) or len(probabilities) < count):
-        raise ValueError(f"`probabilities` must hold one number per shown image ({count}), got {probabilities!r}.")
-    tiles = overlay(images, maps, cmap=cmap, alpha=alpha).cpu()
-    captions: list[list[str]] | None = None
-    colours: list[str] | None = None
-    if labels is not None or predictions is not None:
-        captions, colours = [], []
-        for index in range(count):
-            lines = []
-            if labels is not None:
-                lines.append(f"true: {labels[index]}")
-            if predictions is not None:
-                probability = f" {float(probabilities[index]):.0%}" if probabilities is not None else ""
-                lines.append(f"pred: {predictions[index]}{probability}")
-            captions.append(lines)
-            right = labels is not None and predictions is not None and labels[index] == predictions[index]
-            colours.append("black" if labels is None or predictions is None else ("green" if right else "red"))
+    captions, colours = _overlay_captions(
+        _check_names("labels", labels, count), _check_names("predictions", predictions, count), probabilities, count
+    )
+    tiles = overlay(images, maps, cmap, alpha, mode, outlier_percentile).cpu()
     columns = _grid_columns(count)
     lines = len(captions[0]) if captions else 0
     width, height = _canvas_inches(count, columns, tiles[0], lines)
     colorbar_width = sum(_COLORBAR_INCHES) + 0.1
     figure = Figure(figsize=(width + colorbar_width, height), dpi=_DPI)
     _draw_tiles(figure, tiles, columns, captions, colours, right=colorbar_width)
-    _add_colorbar(figure, cmap, bottom=0.15 * height, height=0.7 * height)
+    _add_colorbar(figure, "gray" if mode == "masked" else cmap, bottom=0.15 * height, height=0.7 * height,
+                  label=_colorbar_label(mode))  # fmt: skip
     return figure
+
+
+def _overlay_captions(
+    labels: list[str] | None,
+    predictions: list[str] | None,
+    probabilities: Sequence[float] | None,
+    count: int,
+) -> tuple[list[list[str]] | None, list[str] | None]:
+    """Per image ``["true: <label>", "pred: <prediction> <p>%"]`` and its colour: green right, red wrong."""
+    if probabilities is not None and (isinstance(probabilities, str) or len(probabilities) < count):
+        raise ValueError(f"`probabilities` must hold one number per shown image ({count}), got {probabilities!r}.")
+    if labels is None and predictions is None:
+        return None, None
+    captions, colours = [], []
+    for index in range(count):
+        lines = []
+        if labels is not None:
+            lines.append(f"true: {labels[index]}")
+        if predictions is not None:
+            probability = f" {float(probabilities[index]):.0%}" if probabilities is not None else ""
+            lines.append(f"pred: {predictions[index]}{probability}")
+        captions.append(lines)
+        right = labels is not None and predictions is not None and labels[index] == predictions[index]
+        colours.append("black" if labels is None or predictions is None else ("green" if right else "red"))
+    return captions, colours
+
+
+def _resized(tiles: Tensor, side: int) -> Tensor:
+    """Tiles scaled so their longer side is ``side`` pixels: a card page draws them 1:1, never resampled again."""
+    height, width = tiles.shape[-2:]
+    size = (max(1, round(height * side / max(height, width))), max(1, round(width * side / max(height, width))))
+    if size == (height, width):
+        return tiles
+    return torch.nn.functional.interpolate(tiles, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def _colorbar_label(mode: str) -> str:
+    return "saliency (brightness)" if mode == "masked" else "saliency"
+
+
+def _tile_page(
+    tiles: Tensor,
+    columns: int,
+    captions: Sequence[Sequence[str]] | None,
+    colours: Sequence[str] | None,
+    title: str | None,
+    cmap: str,
+    mode: str,
+    header: Sequence[str] = (),
+    row_labels: Sequence[str] = (),
+) -> Figure:
+    """Tiles drawn 1:1 at ``_DPI`` with their captions, an optional title and a labelled colour bar."""
+    lines = max((len(caption) for caption in captions), default=0) if captions else 0
+    width, height = _canvas_inches(
+        tiles.shape[0], columns, tiles[0], lines, header=bool(header), tile_inches=tiles.shape[-1] / _DPI
+    )
+    row_label_width = 0.6 if row_labels else 0.0
+    colorbar_width = sum(_COLORBAR_INCHES) + 0.1
+    title_height = 0.3 if title else 0.0
+    figure = Figure(figsize=(row_label_width + width + colorbar_width, height + title_height), dpi=_DPI)
+    if title:
+        figure.suptitle(literal(title), fontsize=_TITLE_FONT_SIZE, y=1 - 0.04 / (height + title_height), va="top")
+    _draw_tiles(figure, tiles, columns, captions, colours, right=colorbar_width, header=header,
+                row_labels=row_labels, left=row_label_width, top=title_height)  # fmt: skip
+    _add_colorbar(figure, "gray" if mode == "masked" else cmap, bottom=0.1 * height, height=0.8 * height,
+                  label=_colorbar_label(mode))  # fmt: skip
+    return figure
+
+
+def overlay_pages(
+    images: Tensor,
+    maps: Tensor,
+    labels: Sequence[str] | None = None,
+    predictions: Sequence[str] | None = None,
+    probabilities: Sequence[float] | None = None,
+    max_images: int = 16,
+    per_page: int = 2,
+    title: str | None = None,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = DEFAULT_ALPHA,
+    mode: str = "blended",
+    outlier_percentile: float = 0.0,
+) -> list[Figure]:
+    """Captioned overlays in pages small enough for a TensorBoard card: ``per_page`` images in a row each.
+
+    Each page draws its images 150 px wide with 10 pt captions (``"true: <label>"`` / ``"pred: <prediction> p%"``,
+    green when right, red when wrong), an optional title and a labelled colour bar, about 412 x 230 px in all: a
+    TensorBoard Time Series card shows it at 0.87 of that size or more (see
+    [`CARD_PIXELS`][gmar_lightning.render.CARD_PIXELS]), so captions stay over 9 screen pixels tall unexpanded.
+
+    Args:
+        images: ``[B, 3, H, W]`` images in ``[0, 1]``.
+        maps: ``[B, H, W]`` saliency maps in ``[0, 1]``.
+        labels: True class names, one per image (at least the shown ones); ``None`` leaves them out.
+        predictions: Predicted class names, likewise.
+        probabilities: The predicted class's probability per image, likewise.
+        max_images: How many images to show at most, over all pages.
+        per_page: Images per page.
+        title: Text above each page, e.g. the method and what its map shows.
+        cmap: A matplotlib colour map name.
+        alpha: Weight of the map (``blended`` mode).
+        mode: One of [`MODES`][gmar_lightning.render.MODES].
+        outlier_percentile: Saturate each map's top percent first.
+
+    Returns:
+        One figure per page, images ``1..per_page`` first.
+
+    Examples:
+        >>> pages = overlay_pages(torch.rand(3, 3, 8, 8), torch.rand(3, 8, 8), ["cat"] * 3, ["cat", "dog", "cat"])
+        >>> len(pages), [text.get_text() for text in pages[0].axes[0].texts]
+        (2, ['true: cat', 'pred: cat', 'true: cat', 'pred: dog'])
+    """
+    _check_images(images)
+    check_positive_int("per_page", per_page)
+    images, maps = _select(images, maps, max_images)
+    count = images.shape[0]
+    captions, colours = _overlay_captions(
+        _check_names("labels", labels, count), _check_names("predictions", predictions, count), probabilities, count
+    )
+    tiles = _resized(overlay(images, maps, cmap, alpha, mode, outlier_percentile).cpu(), _CARD_TILE_PIXELS)
+    return [
+        _tile_page(
+            tiles[start : start + per_page],
+            per_page,
+            captions[start : start + per_page] if captions else None,
+            colours[start : start + per_page] if colours else None,
+            title,
+            cmap,
+            mode,
+        )
+        for start in range(0, count, per_page)
+    ]
 
 
 def evenly_spaced(count: int, most: int) -> list[int]:
@@ -453,22 +650,8 @@ def evolution_figure(
         >>> [text.get_text() for text in figure.axes[0].texts]
         ['epoch 0', 'epoch 4', 'epoch 9', 'image 1', 'image 2']
     """
-    _check_images(images)
-    if not isinstance(maps, Tensor) or maps.ndim != 4 or maps.shape[1] != images.shape[0] or maps.shape[0] == 0:
-        shape = list(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
-        raise ValueError(f"`maps` must have shape [E, {images.shape[0]}, h, w] with E >= 1, got {shape}.")
-    if len(epochs) != maps.shape[0]:
-        raise ValueError(f"`epochs` must hold one epoch per evaluation ({maps.shape[0]}), got {len(epochs)}.")
-    shown = evenly_spaced(maps.shape[0], max_columns)
+    shown, tiles = _evolution_tiles(images, maps, epochs, max_columns, cmap, alpha, "blended", 0.0)
     rows, columns = images.shape[0], len(shown)
-    resized = torch.nn.functional.interpolate(
-        maps[shown].float().flatten(0, 1).unsqueeze(1), size=images.shape[2:], mode="bilinear", align_corners=False
-    ).view(columns, rows, *images.shape[2:])
-    # Row-major tiles: row r holds image r at each shown evaluation.
-    tiles = torch.stack(
-        [overlay(images[row : row + 1], resized[column, row : row + 1], cmap, alpha)[0] for row in range(rows)
-         for column in range(columns)]
-    )  # fmt: skip
     width, height = _canvas_inches(rows * columns, columns, tiles[0], lines=0, header=True, tile_inches=1.2)
     row_label_width = 0.75
     colorbar_width = sum(_COLORBAR_INCHES) + 0.1
@@ -490,6 +673,76 @@ def evolution_figure(
     )
     _add_colorbar(figure, cmap, bottom=0.15 * height, height=0.7 * height)
     return figure
+
+
+def evolution_pages(
+    images: Tensor,
+    maps: Tensor,
+    epochs: Sequence[int],
+    rows_per_page: int = 2,
+    max_columns: int = 4,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = DEFAULT_ALPHA,
+    mode: str = "blended",
+    outlier_percentile: float = 0.0,
+) -> list[Figure]:
+    """[`evolution_figure`][gmar_lightning.render.evolution_figure] in pages that fit a TensorBoard card.
+
+    Each page holds ``rows_per_page`` images (rows) at up to ``max_columns`` evaluations (columns, evenly spaced,
+    always the first and the latest), tiles 75 px wide with 10 pt headings and a labelled colour bar.
+
+    Examples:
+        >>> pages = evolution_pages(torch.rand(3, 3, 8, 8), torch.rand(6, 3, 4, 4), list(range(6)))
+        >>> len(pages), [text.get_text() for text in pages[1].axes[0].texts]
+        (2, ['epoch 0', 'epoch 2', 'epoch 3', 'epoch 5', 'image 3'])
+    """
+    check_positive_int("rows_per_page", rows_per_page)
+    shown, tiles = _evolution_tiles(images, maps, epochs, max_columns, cmap, alpha, mode, outlier_percentile)
+    rows, columns = images.shape[0], len(shown)
+    tiles = _resized(tiles, _CARD_EVOLUTION_TILE_PIXELS)
+    return [
+        _tile_page(
+            tiles[first * columns : (first + rows_per_page) * columns],
+            columns,
+            None,
+            None,
+            None,
+            cmap,
+            mode,
+            header=[f"epoch {epochs[index]}" for index in shown],
+            row_labels=[f"image {row + 1}" for row in range(first, min(first + rows_per_page, rows))],
+        )
+        for first in range(0, rows, rows_per_page)
+    ]
+
+
+def _evolution_tiles(
+    images: Tensor,
+    maps: Tensor,
+    epochs: Sequence[int],
+    max_columns: int,
+    cmap: str,
+    alpha: float,
+    mode: str,
+    outlier_percentile: float,
+) -> tuple[list[int], Tensor]:
+    """The shown evaluations and the row-major overlay tiles: row r holds image r at each shown evaluation."""
+    _check_images(images)
+    if not isinstance(maps, Tensor) or maps.ndim != 4 or maps.shape[1] != images.shape[0] or maps.shape[0] == 0:
+        shape = list(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise ValueError(f"`maps` must have shape [E, {images.shape[0]}, h, w] with E >= 1, got {shape}.")
+    if len(epochs) != maps.shape[0]:
+        raise ValueError(f"`epochs` must hold one epoch per evaluation ({maps.shape[0]}), got {len(epochs)}.")
+    shown = evenly_spaced(maps.shape[0], max_columns)
+    rows, columns = images.shape[0], len(shown)
+    resized = torch.nn.functional.interpolate(
+        maps[shown].float().flatten(0, 1).unsqueeze(1), size=images.shape[2:], mode="bilinear", align_corners=False
+    ).view(columns, rows, *images.shape[2:])
+    tiles = torch.stack(
+        [overlay(images[row : row + 1], resized[column, row : row + 1], cmap, alpha, mode, outlier_percentile)[0]
+         for row in range(rows) for column in range(columns)]
+    )  # fmt: skip
+    return shown, tiles
 
 
 def _full_resolution_overlay(image: Tensor, saliency: Tensor, cmap: str, alpha: float) -> np.ndarray:
@@ -733,6 +986,62 @@ def _empty_note(axes: Axes, text: str) -> None:
     )
 
 
+def _step_ticks(axes: Axes, steps: Sequence[int], panel_inches: float) -> None:
+    """Integer step ticks that never overlap: as many as labels of the largest step's width fit the panel."""
+    digits = len(str(max((int(step) for step in steps), default=0)))
+    label_inches = digits * _TEXT_INCHES_PER_CHAR * 1.1 + 0.2  # each label with a gap to the next
+    # MaxNLocator places at most nbins + 1 ticks.
+    axes.xaxis.set_major_locator(MaxNLocator(nbins=max(1, int(panel_inches / label_inches) - 1), integer=True))
+
+
+def layer_trajectory_figure(trajectory: HeadTrajectory, layer: int, title: str | None = None) -> Figure:
+    """One layer's head weights over global steps, one coloured line per head named in a legend.
+
+    Sized for a TensorBoard card (about 430 x 240 px, 10 pt text), so each head's colour and name read unexpanded:
+    TensorBoard's Custom Scalars tab colours lines by run, not by tag, so its per-layer charts cannot.
+
+    Args:
+        trajectory: The recorded trajectory.
+        layer: Which layer, ``0 .. num_layers - 1``.
+        title: Figure title; defaults to the layer's name.
+
+    Returns:
+        A figure with one axes.
+
+    Examples:
+        >>> trajectory = HeadTrajectory(layer_names=["blocks.0.attn", "blocks.1.attn"])
+        >>> trajectory.append(0, 5, torch.tensor([[0.5, 0.5], [0.9, 0.1]]), torch.ones(2, 2))
+        >>> figure = layer_trajectory_figure(trajectory, 1)
+        >>> figure.axes[0].get_title(), [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+        ('blocks.1.attn', ['head 0', 'head 1'])
+    """
+    if not isinstance(trajectory, HeadTrajectory):
+        raise TypeError(f"`trajectory` must be a HeadTrajectory, got {type(trajectory).__name__}.")
+    num_layers, num_heads = trajectory.num_layers, trajectory.num_heads
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+        raise ValueError(f"`layer` must be an index in [0, {num_layers}), got {layer!r}.")
+    head_labels = [f"head {head}" for head in range(num_heads)]
+    legend_columns = math.ceil(num_heads / 8)
+    panel = (2.3, 1.45)
+    figure, grid = _panel_grid(1, 1, panel, margins=(0.65, 0.1 + legend_columns * _legend_width(head_labels) * 0.8,
+                                                      0.5, 0.35))  # fmt: skip
+    axes = grid[0, 0]
+    weights = trajectory.weights.numpy()
+    for head, (label, colour) in enumerate(zip(head_labels, line_colours(num_heads), strict=True)):
+        axes.plot(trajectory.steps, weights[:, layer, head], marker="o", markersize=3, color=colour, label=label)
+    axes.set_title(literal(title) if title else _layer_labels(trajectory.layer_names, num_layers)[layer],
+                   fontsize=_TITLE_FONT_SIZE)  # fmt: skip
+    axes.tick_params(labelsize=_FONT_SIZE)
+    axes.set_xlabel("global step", fontsize=_FONT_SIZE)
+    axes.set_ylabel("weight", fontsize=_FONT_SIZE)
+    _step_ticks(axes, trajectory.steps, panel[0])
+    if not len(trajectory):
+        _empty_note(axes, "no evaluations yet")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=_FONT_SIZE, frameon=False,
+                ncols=legend_columns, handlelength=1.2, columnspacing=0.8, borderaxespad=0.0)  # fmt: skip
+    return figure
+
+
 def trajectory_figure(trajectory: HeadTrajectory, title: str = "GMAR head importance over training") -> Figure:
     """A grid of panels, one per layer, one line per head: head weight (y) against global step (x).
 
@@ -781,7 +1090,7 @@ def trajectory_figure(trajectory: HeadTrajectory, title: str = "GMAR head import
             )  # fmt: skip
         axes.set_title(labels[layer], fontsize=_FONT_SIZE)
         axes.tick_params(labelsize=_FONT_SIZE, labelbottom=True)
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _step_ticks(axes, trajectory.steps, 2.4)
         if not len(trajectory):
             _empty_note(axes, "no evaluations yet")
     for axes in grid[max(panels - columns, 0) : panels]:
@@ -807,7 +1116,9 @@ _SUMMARY_PANELS: tuple[tuple[str, str], ...] = (
 )
 
 
-def specialisation_figure(trajectory: HeadTrajectory, title: str = "GMAR head specialisation") -> Figure:
+def specialisation_figure(
+    trajectory: HeadTrajectory, title: str = "GMAR head specialisation", statistic: str | None = None
+) -> Figure:
     """Three panels over global steps, one line per layer: head entropy, top-head share and rank stability.
 
     Each y-axis spans the statistic's natural range (entropy and share ``[0, 1]``, rank correlation ``[-1, 1]``), so
@@ -816,10 +1127,12 @@ def specialisation_figure(trajectory: HeadTrajectory, title: str = "GMAR head sp
 
     Args:
         trajectory: The recorded trajectory (may be empty).
-        title: Figure title.
+        title: Figure title (unused with ``statistic``).
+        statistic: Only this statistic (``"entropy"``, ``"top_share"`` or ``"stability"``), in one panel sized for a
+            TensorBoard card (about 430 x 240 px) with the layers named in a legend beside it.
 
     Returns:
-        A figure with three axes, stacked.
+        A figure with three axes, stacked, or one with ``statistic``.
 
     Examples:
         >>> trajectory = HeadTrajectory()
@@ -829,18 +1142,22 @@ def specialisation_figure(trajectory: HeadTrajectory, title: str = "GMAR head sp
     """
     if not isinstance(trajectory, HeadTrajectory):
         raise TypeError(f"`trajectory` must be a HeadTrajectory, got {type(trajectory).__name__}.")
+    shown = [(key, name) for key, name in _SUMMARY_PANELS if statistic in (None, key)]
+    if not shown:
+        raise ValueError(f"`statistic` must be one of {', '.join(SUMMARY_BOUNDS)} or None, got {statistic!r}.")
     summaries = trajectory.summaries()
     # Layer names without any recorded row give no lines: the statistics need head weights.
     recorded_layers = trajectory.weights.shape[1]
     labels = _layer_labels(trajectory.layer_names, recorded_layers) if recorded_layers else []
     colours = line_colours(len(labels))
-    right = _legend_width(labels) if labels else 0.2
-    figure, grid = _panel_grid(
-        len(_SUMMARY_PANELS), 1, (3.6, 1.5), margins=(0.7, right, 0.6, 0.6), gaps=(0.5, 0.5), sharex=True
-    )
+    legend_columns = max(1, math.ceil(len(labels) / 8)) if statistic else 1
+    right = legend_columns * _legend_width(labels) if labels else 0.2
+    panel, margins = ((2.3, 1.45), (0.65, right, 0.5, 0.35)) if statistic else ((3.6, 1.5), (0.7, right, 0.6, 0.6))
+    figure, grid = _panel_grid(len(shown), 1, panel, margins=margins, gaps=(0.5, 0.5), sharex=True)
     panels = grid[:, 0]
-    figure.suptitle(literal(title), fontsize=_TITLE_FONT_SIZE)
-    for axes, (key, name) in zip(panels, _SUMMARY_PANELS, strict=True):
+    if statistic is None:
+        figure.suptitle(literal(title), fontsize=_TITLE_FONT_SIZE)
+    for axes, (key, name) in zip(panels, shown, strict=True):
         values = summaries[key].numpy()
         for layer, label in enumerate(labels):
             axes.plot(trajectory.steps, values[:, layer], marker="o", markersize=3, color=colours[layer], label=label)
@@ -849,11 +1166,14 @@ def specialisation_figure(trajectory: HeadTrajectory, title: str = "GMAR head sp
         margin = 0.05 * (high - low)
         axes.set_ylim(low - margin, high + margin)
         axes.tick_params(labelsize=_FONT_SIZE, labelbottom=True)
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _step_ticks(axes, trajectory.steps, panel[0])
         if not len(trajectory):
             _empty_note(axes, "no evaluations yet")
     panels[-1].set_xlabel("global step", fontsize=_FONT_SIZE)
-    if labels:
+    if labels and statistic:
+        panels[0].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=_FONT_SIZE, frameon=False,
+                         ncols=legend_columns, handlelength=1.2, columnspacing=0.8, borderaxespad=0.0)  # fmt: skip
+    elif labels:
         figure.legend(*panels[0].get_legend_handles_labels(), loc="upper right", fontsize=_FONT_SIZE, frameon=False)
     return figure
 

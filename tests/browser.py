@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
 import subprocess
@@ -57,6 +59,74 @@ def rendered_dom(browser: str, url: str, profile: Path, window: tuple[int, int] 
     if completed.returncode != 0:
         raise RuntimeError(f"Chromium failed on {url}: {completed.stderr[-2000:]}")
     return completed.stdout
+
+
+def evaluate(
+    browser: str, url: str, expression: str, profile: Path, window: tuple[int, int] = WINDOW, settle_s: float = 8.0
+) -> object:
+    """The JSON value of a JavaScript ``expression`` in ``url`` after ``settle_s`` seconds, in headless Chromium.
+
+    Speaks the DevTools protocol over ``--remote-debugging-pipe`` (NUL-terminated JSON on file descriptors 3 and 4),
+    so it needs nothing but the browser: layout sizes (``getBoundingClientRect``) that a DOM dump cannot give.
+    """
+    to_browser_read, to_browser_write = os.pipe()
+    from_browser_read, from_browser_write = os.pipe()
+    flags = [flag for flag in _flags(profile, window) if not flag.startswith("--virtual-time-budget")]
+    # Chromium reads commands from its fd 3 and writes replies to its fd 4.
+    process = subprocess.Popen(
+        [browser, *flags, "--remote-debugging-pipe", "about:blank"],
+        pass_fds=(3, 4),
+        preexec_fn=lambda: (os.dup2(to_browser_read, 3), os.dup2(from_browser_write, 4)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(to_browser_read)
+    os.close(from_browser_write)
+    reader = os.fdopen(from_browser_read, "rb")
+    writer = os.fdopen(to_browser_write, "wb")
+    pending = b""
+    counter = iter(range(1, 1 << 30))
+
+    def call(method: str, session: str | None = None, **params: object) -> dict:
+        nonlocal pending
+        identifier = next(counter)
+        message: dict[str, object] = {"id": identifier, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        writer.write(json.dumps(message).encode() + b"\0")
+        writer.flush()
+        deadline = time.monotonic() + BROWSER_TIMEOUT_S
+        while time.monotonic() < deadline:
+            while b"\0" in pending:
+                raw, pending = pending.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == identifier:
+                    if "error" in reply:
+                        raise RuntimeError(f"{method} failed: {reply['error']}")
+                    return reply["result"]
+            chunk = reader.read1(1 << 16)
+            if not chunk:
+                break
+            pending += chunk
+        raise RuntimeError(f"Chromium gave no reply to {method}")
+
+    try:
+        target = call("Target.createTarget", url=url)["targetId"]
+        session = call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        call("Emulation.setDeviceMetricsOverride", session, width=window[0], height=window[1],
+             deviceScaleFactor=1, mobile=False)  # fmt: skip
+        time.sleep(settle_s)  # TensorBoard fetches and lays out its cards after load
+        result = call("Runtime.evaluate", session, expression=expression, returnByValue=True, awaitPromise=True)
+        return result["result"].get("value")
+    finally:
+        writer.close()
+        reader.close()
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
 
 
 def _free_port() -> int:

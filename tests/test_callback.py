@@ -53,7 +53,8 @@ def test_tensorboard_holds_every_tag_for_each_evaluated_epoch_and_none_from_sani
     tags = events.Tags()
     for tag in (
         "gmar/overlay/gmar_l1", "gmar/overlay/rollout", "gmar/evolution/gmar_l1", "gmar/evolution/rollout",
-        "gmar/head_importance", "gmar/trajectory", "gmar/specialisation",
+        "gmar/head_importance", "gmar/trajectory/layer_00", "gmar/trajectory/layer_01", "gmar/specialisation/entropy",
+        "gmar/overlay/gmar_l1/images_3-4", "gmar/overlay/gmar_l1/images_7-8", "gmar/evolution/rollout/images_3-4",
     ):  # fmt: skip
         assert [event.step for event in events.Images(tag)] == expected_steps, tag
     for layer in ("00", "01"):
@@ -75,7 +76,7 @@ def test_tensorboard_holds_every_tag_for_each_evaluated_epoch_and_none_from_sani
     assert callback.trajectory.epochs == [0, 1, 2]
     assert callback.map_history.epochs == [0, 1, 2]
     assert tuple(callback.map_history.maps["rollout"].shape) == (3, 4, 32, 32)
-    assert callback.trajectory.steps == global_steps
+    assert callback.trajectory.steps == expected_steps  # the step of val_loss, as every logged value
     assert callback.trajectory.weights.shape == (3, 2, 4)
     torch.testing.assert_close(callback.trajectory.weights.sum(-1), torch.ones(3, 2))
     saved = HeadTrajectory.load_npz(Path(logger.log_dir) / "head_importance.npz")

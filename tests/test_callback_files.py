@@ -95,7 +95,7 @@ def test_mlflow_file_store_gets_metrics_and_artifacts_and_stays_readable(
     steps = {artifact.path for artifact in client.list_artifacts(logger.run_id, "gmar")}
     assert steps == {"gmar/step_000002", "gmar/step_000005"}
     local = client.download_artifacts(logger.run_id, "head_importance.npz", str(tmp_path / "download"))
-    assert HeadTrajectory.load_npz(local).steps == [3, 6]
+    assert HeadTrajectory.load_npz(local).steps == [2, 5]
 
 
 def test_csv_logger_gets_the_scalars_in_metrics_csv_at_the_validation_step(tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def test_csv_logger_gets_the_scalars_in_metrics_csv_at_the_validation_step(tmp_p
         rows = list(csv.DictReader(handle))
     val_steps = [row["step"] for row in rows if row["val_loss"]]
     assert [row["step"] for row in rows if row.get("gmar/entropy/layer_00")] == val_steps == ["2", "5"]
-    assert HeadTrajectory.load_npz(run_dir / "head_importance.npz").steps == [3, 6]
+    assert HeadTrajectory.load_npz(run_dir / "head_importance.npz").steps == [2, 5]
     assert sorted(path.name for path in (run_dir / "gmar").iterdir()) == ["step_000002", "step_000005"]
 
 
@@ -209,9 +209,9 @@ def test_a_read_only_folder_under_the_first_sink_does_not_stop_the_others(tmp_pa
     ]
     assert all("Read-only file system" in message or "Permission denied" in message for message in messages)
     assert all("tried again at the next evaluation and at the end of the fit" in message for message in messages)
-    assert HeadTrajectory.load_npz(run_dir / "head_importance.npz").steps == [3]  # written before the fault
-    assert HeadTrajectory.load_npz(tmp_path / "files" / "version_0" / "head_importance.npz").steps == [3, 6, 9]
-    assert HeadTrajectory.load_npz(Path(tensorboard.log_dir) / "head_importance.npz").steps == [3, 6, 9]
+    assert HeadTrajectory.load_npz(run_dir / "head_importance.npz").steps == [2]  # written before the fault
+    assert HeadTrajectory.load_npz(tmp_path / "files" / "version_0" / "head_importance.npz").steps == [2, 5, 8]
+    assert HeadTrajectory.load_npz(Path(tensorboard.log_dir) / "head_importance.npz").steps == [2, 5, 8]
     # Its scalars go out at every evaluation (each retry gets that far) before its files fail.
     assert [step for step, metrics in mine.logged if "gmar/entropy/layer_00" in metrics] == [2, 5, 8]
 

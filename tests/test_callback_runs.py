@@ -68,7 +68,7 @@ def test_validate_after_fit_is_recorded_apart_and_leaves_the_fit_files_alone(tmp
 
     trainer.validate(trainer.lightning_module, datamodule=tiny_data())
 
-    assert callback.trajectory.steps == [3, 6]  # no row for an epoch that never trained
+    assert callback.trajectory.steps == [2, 5]  # no row for an epoch that never trained
     assert {name: (run_dir / name).read_bytes() for name in fitted} == fitted
     validated = HeadTrajectory.load_npz(run_dir / "head_importance_validate.npz")
     assert validated.steps == [6] and callback.validation_trajectory.steps == [6]
@@ -89,7 +89,7 @@ def test_validate_of_an_early_checkpoint_explains_it_without_truncating_the_fit(
 
     trainer.validate(datamodule=tiny_data(), ckpt_path=str(tmp_path / "ckpt" / "epoch=0.ckpt"))
 
-    assert callback.trajectory.steps == [3, 6, 9]
+    assert callback.trajectory.steps == [2, 5, 8]
     assert fit_files[0].read_bytes() == fitted
     # Keyed by the checkpoint's step, and the same head weights the fit recorded for those weights and this probe.
     assert callback.validation_trajectory.steps == [3]
@@ -107,7 +107,7 @@ def test_baseline_validate_before_fit_then_the_fit_logs_every_epoch(tmp_path: Pa
         trainer.fit(module, datamodule=tiny_data())
     assert gmar_warnings(caught) == []
     assert callback.validation_trajectory.steps == [0]
-    assert callback.trajectory.steps == [3, 6]
+    assert callback.trajectory.steps == [2, 5]
     assert not callback.probe.images.is_inference()
 
 
@@ -123,7 +123,7 @@ def test_several_evaluations_per_epoch_each_get_a_row_and_line_up_with_val_loss(
     pl.seed_everything(0, verbose=False)
     trainer.fit(TinyViTModule(), datamodule=tiny_data(num_train=64))
 
-    assert callback.trajectory.steps == [2, 4, 6, 8]
+    assert callback.trajectory.steps == [1, 3, 5, 7]
     assert callback.trajectory.epochs == [0, 0, 1, 1]
     logged = events(logger.log_dir)
     val_steps = steps_of(logged, "val_loss")
@@ -155,13 +155,13 @@ def test_a_callback_reused_by_a_new_trainer_starts_fresh_unless_it_resumes(tmp_p
     logger = TensorBoardLogger(str(tmp_path), name="b")
     make_trainer(tmp_path / "b", [callback], logger=logger, max_epochs=2).fit(TinyViTModule(), datamodule=other_data)
     assert torch.equal(callback.probe.images, torch.stack([other_data.val_dataset[i][0] for i in range(4)]))
-    assert callback.trajectory.steps == [3, 6]
+    assert callback.trajectory.steps == [2, 5]
     assert steps_of(events(logger.log_dir), "gmar/rank_stability/layer_00") == [5]  # nothing compared with run a
 
     resumed = make_trainer(tmp_path / "c", [callback], max_epochs=3)
     resumed.fit(TinyViTModule(), datamodule=other_data, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert torch.equal(callback.probe.images, first_probe)
-    assert callback.trajectory.steps == [3, 6, 9]
+    assert callback.trajectory.steps == [2, 5, 8]
     assert torch.equal(callback.trajectory.weights[:2], first_weights)
 
 
@@ -178,7 +178,7 @@ def test_resume_with_other_methods_keeps_the_probe_and_the_history(tmp_path: Pat
         trainer.fit(TinyViTModule(), datamodule=tiny_data(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert gmar_warnings(caught) == []
     assert torch.equal(second.probe.images, first.probe.images)
-    assert second.trajectory.steps == [3, 6, 9]
+    assert second.trajectory.steps == [2, 5, 8]
     assert torch.equal(second.trajectory.weights[:2], first.trajectory.weights)
 
 
@@ -241,7 +241,7 @@ def test_unpack_batch_reads_images_and_labels_of_a_custom_batch(tmp_path: Path, 
     val = DataLoader(dataset_kind(data.val_dataset), batch_size=16)
     callback = GMARCallback(num_probe=4, target="label", unpack_batch=lambda batch: (batch["img"], batch["lbl"]))
     make_trainer(tmp_path, [callback], max_epochs=1).fit(DictViTModule(), train_dataloaders=train, val_dataloaders=val)
-    assert callback.trajectory.steps == [3]
+    assert callback.trajectory.steps == [2]
     assert callback.probe.labels.tolist() == [data.val_dataset[i][1] for i in range(4)]
 
 
@@ -258,7 +258,7 @@ def test_probe_indices_with_a_dict_of_validation_loaders(tmp_path: Path) -> None
     trainer = make_trainer(tmp_path, [callback], max_epochs=1)
     trainer.fit(TwoLoaderModule(), train_dataloaders=first.train_dataloader(), val_dataloaders=loaders)
     assert torch.equal(callback.probe.images, torch.stack([first.val_dataset[i][0] for i in (1, 3)]))
-    assert callback.trajectory.steps == [3]
+    assert callback.trajectory.steps == [2]
 
 
 # ---------------------------------------------------------------------------------------------------------------

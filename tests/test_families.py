@@ -394,7 +394,7 @@ def test_callback_on_a_swin_fit_logs_to_tensorboard(tmp_path) -> None:
     # GMAR is logged at the step of Lightning's own validation metrics, so the charts line up.
     steps = [event.step for event in events.Scalars("val_loss")]
     assert len(steps) == 2
-    for tag in ("gmar/overlay/gmar_l1", "gmar/overlay/rollout", "gmar/head_importance", "gmar/trajectory"):
+    for tag in ("gmar/overlay/gmar_l1", "gmar/overlay/rollout", "gmar/head_importance", "gmar/trajectory/layer_00"):
         assert [event.step for event in events.Images(tag)] == steps, tag
     for layer in ("00", "01", "02"):
         assert [event.step for event in events.Histograms(f"gmar/head_weights/layer_{layer}")] == steps

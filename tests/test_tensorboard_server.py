@@ -69,7 +69,9 @@ def _tags(base_url: str, plugin: str) -> dict[str, Any]:
 def test_tensorboard_serves_the_gmar_tags(server: str) -> None:
     images, histograms, scalars = (_tags(server, plugin) for plugin in ("images", "histograms", "scalars"))
     (run,) = [name for name, tags in images.items() if IMAGE_TAG in tags]
-    assert {EVOLUTION_TAG, "gmar/head_importance", "gmar/trajectory", "gmar/specialisation"} <= set(images[run])
+    assert {EVOLUTION_TAG, "gmar/head_importance", "gmar/trajectory/layer_00", "gmar/specialisation/entropy"} <= set(
+        images[run]
+    )
     assert {HISTOGRAM_TAG, "gmar/head_weights/layer_01", "gmar/head_weights/layer_01/head_03"} <= set(histograms[run])
     assert {"gmar/top_head_share/layer_01", "gmar/rank_stability/layer_00", "gmar/head_mean/layer_01/head_02"} <= set(
         scalars[run]

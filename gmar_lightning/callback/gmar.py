@@ -190,10 +190,13 @@ class GMARCallback(Callback):
     ``val_check_interval < 1``; never during the sanity check), global rank 0 explains a fixed probe batch with each
     of ``methods`` on the unwrapped model and logs, under ``gmar/`` at the step of Lightning's own validation metrics:
 
-    * ``gmar/overlay/<method>``: a grid of probe images with the map overlaid and a colour bar, captioned with true
-      and predicted class and its probability;
-    * ``gmar/evolution/<method>``: the first 4 probe images (rows) at up to 5 evaluations (columns, evenly spaced,
-      always the first and the latest), so every evaluation's effect is visible in the latest image;
+    * ``gmar/overlay/<method>``: probe images 1-2 with the map overlaid, titled with what the map shows, captioned
+      with true and predicted class and its probability, with a labelled colour bar;
+      ``gmar/overlay/<method>/images_3-4`` and so on for the rest, up to ``max_images``: each image sized so a
+      TensorBoard card shows it readable unexpanded;
+    * ``gmar/evolution/<method>`` and ``gmar/evolution/<method>/images_3-4``: probe images 1-2 and 3-4 (rows) at up to
+      4 evaluations (columns, evenly spaced, always the first and the latest), so every evaluation's effect is
+      visible in the latest image;
     * ``gmar/head_weights/layer_XX`` and ``gmar/head_weights/layer_XX/head_YY``: per layer and per head, the histogram
       of head weights across probe images;
     * ``gmar/head_mean/layer_XX/head_YY``: each head's probe-mean weight, drawn as one chart per layer with one line
@@ -201,8 +204,10 @@ class GMARCallback(Callback):
     * ``gmar/entropy/layer_XX``, ``gmar/top_head_share/layer_XX``, ``gmar/rank_stability/layer_XX``: specialisation
       scalars (normalised entropy of head weights, share of the top head, Spearman rank correlation of the head order
       with the previous evaluation), also as one chart each with one line per layer;
-    * ``gmar/head_importance`` (layers x heads heatmap), ``gmar/trajectory`` (head weights over steps, one panel per
-      layer) and ``gmar/specialisation`` (the three statistics on their natural y-ranges) figures;
+    * ``gmar/head_importance`` (layers x heads heatmap), ``gmar/trajectory/layer_XX`` (one layer's head weights over
+      steps, one coloured line per head named in a legend: Custom Scalars colours lines by run, so its per-layer
+      charts cannot) and ``gmar/specialisation/{entropy,top_head_share,rank_stability}`` (one line per layer, on the
+      statistic's natural y-range) figures, each sized for a TensorBoard card;
     * ``gmar/metrics/<method>/<metric>`` for each of ``metrics`` the probe makes defined;
     * on W&B also ``gmar/probe/<method>`` (one captioned image per probe image) and ``gmar/head_weights_table``.
 
@@ -212,9 +217,10 @@ class GMARCallback(Callback):
     Every logger gets the values in its own run: TensorBoard and W&B natively, MLflow as metrics and artifacts, any
     other logger as metrics through ``logger.log_metrics`` plus files in its run folder; with no logger, files go to a
     new ``<default_root_dir>/gmar/version_N``. The trajectory ([`trajectory`][gmar_lightning.trajectory], one row per
-    evaluation keyed by global step) is the probe-mean head weights and raw scores of the first GMAR method in
-    ``methods``; it is saved in checkpoints and rewritten as ``head_importance.csv`` and ``head_importance.npz`` after
-    every evaluation, so an interrupted run keeps every finished evaluation.
+    evaluation keyed by the step Lightning logs ``val_loss`` at, the step of every value logged with it) is the
+    probe-mean head weights and raw scores of the first GMAR method in ``methods``; it is saved in checkpoints and
+    rewritten as ``head_importance.csv`` and ``head_importance.npz`` after every evaluation, so an interrupted run
+    keeps every finished evaluation.
 
     Args:
         num_probe: How many samples form the probe batch: the first ``num_probe`` samples of the first validation
@@ -237,7 +243,11 @@ class GMARCallback(Callback):
         class_names: Names for class indices in captions (default: the data module's ``input_recipe``).
         per_head_histograms: Also log one histogram per head (``gmar/head_weights/layer_XX/head_YY``).
         cmap: Matplotlib colour map of the overlays; the default, ``"inferno"``, is perceptually uniform.
-        alpha: Opacity of the colour-mapped saliency over the image, in ``[0, 1]``.
+        alpha: Weight of the colour-mapped saliency over the image in ``blended`` mode, in ``[0, 1]``.
+        mode: How maps are drawn: ``"blended"`` (colour map over the image), ``"masked"`` (the image times the map)
+            or ``"heat_map"`` (the colour-mapped map alone).
+        outlier_percentile: Saturate each map's top ``outlier_percentile`` % before drawing it, in ``[0, 100)``, so a
+            few very bright patches do not leave the rest dark (Captum's ``outlier_perc``).
         metrics: Probe-batch scores to log per method: any of ``pointing_game``, ``energy_pointing_game`` (need
             masks), ``deletion_auc``, ``insertion_auc``.
         save_dir: Root for extra PNG/CSV/NPZ output; each run writes into a new ``<save_dir>/version_N``, in addition
@@ -292,6 +302,8 @@ class GMARCallback(Callback):
         per_head_histograms: bool = True,
         cmap: str = DEFAULT_CMAP,
         alpha: float = DEFAULT_ALPHA,
+        mode: str = "blended",
+        outlier_percentile: float = 0.0,
         metrics: Sequence[str] = (),
         save_dir: str | None = None,
         on_error: Literal["warn", "raise"] = "warn",
@@ -320,7 +332,7 @@ class GMARCallback(Callback):
             raise TypeError(f"`explain_on_all_ranks` must be True, False or None, got {explain_on_all_ranks!r}.")
         if (mean is None) != (std is None):
             raise ValueError("`mean` and `std` must be given together (or neither, for min-max display).")
-        check_overlay_style(cmap, alpha)
+        check_overlay_style(cmap, alpha, mode, outlier_percentile)
         for argument, function in (("model_getter", model_getter), ("unpack_batch", unpack_batch)):
             if function is not None and not callable(function):
                 raise TypeError(f"`{argument}` must be callable, got {type(function).__name__}.")
@@ -339,7 +351,7 @@ class GMARCallback(Callback):
         self.max_images = max_images
         self.class_names = list(class_names) if class_names is not None else None
         self.per_head_histograms = per_head_histograms
-        self.cmap, self.alpha = cmap, alpha
+        self.cmap, self.alpha, self.mode, self.outlier_percentile = cmap, alpha, mode, outlier_percentile
         self.metrics = tuple(metrics)
         self.save_dir = save_dir
         self.on_error = on_error
@@ -717,8 +729,10 @@ class GMARCallback(Callback):
             method: explain(resolved, probe.images, method=method, target=targets, **self.explain_options.as_kwargs())
             for method in self.methods
         }
-        # A validate run is keyed by the step of the weights it explains: the checkpoint's, when it loaded one.
-        model_step = self._checkpoint_step if validating and self._checkpoint_step is not None else trainer.global_step
+        # One step convention everywhere (trajectory, files, captions, every logger): the step Lightning logs this
+        # validation's val_loss at; a validate run of a loaded checkpoint is keyed by the checkpoint's global step.
+        step = _logging_step(trainer)
+        model_step = self._checkpoint_step if validating and self._checkpoint_step is not None else step
         trajectory = self.validation_trajectory if validating else self.trajectory
         if not validating:
             self._keep_rows_on_disk(trainer)
@@ -738,7 +752,7 @@ class GMARCallback(Callback):
         if not trainer.is_global_zero:  # the other ranks explained (and scored) in lockstep; rank 0 logs
             return
         record = evaluation_record(
-            step=_logging_step(trainer),
+            step=step,
             epoch=trainer.current_epoch,
             probe=probe,
             explanations=explanations,
@@ -753,6 +767,8 @@ class GMARCallback(Callback):
             metric_scores=scores,
             cmap=self.cmap,
             alpha=self.alpha,
+            mode=self.mode,
+            outlier_percentile=self.outlier_percentile,
         )
         if self._prefixes[validating] != "gmar/":
             record = _retagged(record, self._prefixes[validating])
@@ -851,6 +867,8 @@ class GMARCallback(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        # A checkpoint does not record the step its weights' validation was logged at (one less than its global step
+        # when saved at the end of an epoch, the same when saved at the end of validation): its own step keys it.
         self._checkpoint_step = int(checkpoint.get("global_step", trainer.global_step))
         self._restoring_fit = trainer.state.fn == TrainerFn.FITTING
 

@@ -21,17 +21,18 @@ from torch import Tensor, nn
 from gmar_lightning import metrics
 from gmar_lightning._checks import check_non_negative_int
 from gmar_lightning.explanation import Explanation
+from gmar_lightning.methods import METHOD_TABLE
 from gmar_lightning.render import (
     DEFAULT_ALPHA,
     DEFAULT_CMAP,
     denormalize,
-    evolution_figure,
+    evolution_pages,
     figure_to_array,
     head_heatmap_figure,
+    layer_trajectory_figure,
     overlay,
-    overlay_grid_figure,
+    overlay_pages,
     specialisation_figure,
-    trajectory_figure,
 )
 from gmar_lightning.trajectory import HeadTrajectory
 
@@ -42,6 +43,7 @@ __all__ = [
     "MapHistory",
     "Probe",
     "evaluation_record",
+    "map_meaning",
     "probe_metric_scores",
 ]
 
@@ -173,6 +175,44 @@ class MapHistory:
         return cls(epochs=list(state["epochs"]), maps=dict(state["maps"]))
 
 
+# Overlays per TensorBoard card, and probe images per evolution card: what fits a card unexpanded.
+_OVERLAYS_PER_PAGE = 2
+_EVOLUTION_ROWS_PER_PAGE = 2
+
+
+def map_meaning(method: str) -> tuple[str, str]:
+    """What a method's map shows: a short title for the overlay and a sentence for its caption.
+
+    Rollout-type maps (GMAR, rollout, raw attention) follow where attention carries information through the layers;
+    on the project's evaluation they hardly change with the explained class or with the classifier's weights.
+    ``grad_rollout`` (Chefer et al.'s rule) weighs attention by the explained class's gradient, so it does.
+
+    Examples:
+        >>> map_meaning("grad_rollout")[0], map_meaning("gmar_l1")[0]
+        ('evidence for the class', 'where attention carries information')
+    """
+    if METHOD_TABLE[method].reduce == "gradient_relevance":
+        return "evidence for the class", (
+            "the map weighs attention by the explained class's gradient, so it changes with the class and with the "
+            "classifier: it answers 'why this class'"
+        )
+    return "where attention carries information", (
+        "the map follows where attention carries information through the layers; it barely changes with the "
+        "explained class, so it does not say why the model chose this class"
+    )
+
+
+def _page_images(page: int, per_page: int, count: int) -> str:
+    """The 1-based images on a page: ``"3-4"``, or ``"5"`` alone."""
+    first, last = page * per_page + 1, min((page + 1) * per_page, count)
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def _page_tag(base: str, page: int, per_page: int, count: int) -> str:
+    """``base`` for the first page, ``base/images_<first>-<last>`` for the others."""
+    return base if page == 0 else f"{base}/images_{_page_images(page, per_page, count)}"
+
+
 def _class_name(index: int, class_names: Sequence[str] | None) -> str:
     return class_names[index] if class_names is not None and 0 <= index < len(class_names) else str(index)
 
@@ -206,6 +246,8 @@ def evaluation_record(
     metric_scores: dict[str, dict[str, float]] | None = None,
     cmap: str = DEFAULT_CMAP,
     alpha: float = DEFAULT_ALPHA,
+    mode: str = "blended",
+    outlier_percentile: float = 0.0,
 ) -> EvaluationRecord:
     """Assemble everything one evaluation logs.
 
@@ -224,15 +266,21 @@ def evaluation_record(
         per_head_histograms: Also log one histogram per head.
         metric_scores: Method -> metric name -> score on the probe.
         cmap: Colour map of the overlays.
-        alpha: Opacity of the overlays.
+        alpha: Weight of the map in ``blended`` overlays.
+        mode: How maps are drawn, one of [`MODES`][gmar_lightning.render.MODES].
+        outlier_percentile: Saturate each map's top percent before drawing it.
 
     Returns:
-        The record. Images: ``gmar/overlay/<method>`` (captioned grid with a colour bar) and
-        ``gmar/evolution/<method>``; galleries ``gmar/probe/<method>`` (one captioned overlay per probe image).
+        The record. Images, each sized to be read in a TensorBoard card unexpanded: ``gmar/overlay/<method>`` (the
+        first 2 probe images, captioned, titled with what the map shows, with a colour bar) and
+        ``gmar/overlay/<method>/images_3-4`` and so on for the others up to ``max_images``; ``gmar/evolution/<method>``
+        (probe images 1-2 over evaluations) and ``gmar/evolution/<method>/images_3-4``; galleries
+        ``gmar/probe/<method>`` (one captioned overlay per probe image).
         With head data: histograms ``gmar/head_weights/layer_XX`` and ``gmar/head_weights/layer_XX/head_YY``; scalars
         ``gmar/head_mean/layer_XX/head_YY`` (probe mean) grouped into one line chart per layer,
         ``gmar/{entropy,top_head_share,rank_stability}/layer_XX`` grouped into one chart per statistic; figures
-        ``gmar/head_importance``, ``gmar/trajectory`` and ``gmar/specialisation``; table ``gmar/head_weights_table``.
+        ``gmar/head_importance``, ``gmar/trajectory/layer_XX`` (one coloured, named line per head) and
+        ``gmar/specialisation/{entropy,top_head_share,rank_stability}``; table ``gmar/head_weights_table``.
         Scalars ``gmar/metrics/<method>/<metric>`` for the metric scores.
     """
     display = denormalize(probe.images[:max_images], mean, std)
@@ -245,36 +293,38 @@ def evaluation_record(
         labels = [_class_name(int(truth), class_names) for truth in truths[:shown]] if truths is not None else None
         predicted = [_class_name(int(prediction), class_names) for prediction in predictions]
         maps = explanation.maps[:shown].cpu()
-        figure = overlay_grid_figure(
-            display, maps, labels, predicted, max_images=max_images, cmap=cmap, alpha=alpha, probabilities=probabilities
-        )
-        tag = f"gmar/overlay/{method}"
-        record.images[tag] = _figure_image(figure)
+        style = {"cmap": cmap, "alpha": alpha, "mode": mode, "outlier_percentile": outlier_percentile}
+        title, meaning = map_meaning(method)
+        pages = overlay_pages(display, maps, labels, predicted, probabilities, max_images, _OVERLAYS_PER_PAGE,
+                              title=f"{method}: {title}", **style)  # fmt: skip
         hits = sum(truth == prediction for truth, prediction in zip(truths or [], predictions, strict=False))
         right = f"{hits}/{shown} probe images predicted right" if truths is not None else f"{shown} probe images"
-        record.captions[tag] = f"{method} at epoch {epoch}, step {step}: {right}"
+        for page, figure in enumerate(pages):
+            tag = _page_tag(f"gmar/overlay/{method}", page, _OVERLAYS_PER_PAGE, shown)
+            record.images[tag] = _figure_image(figure)
+            record.captions[tag] = f"{method} at epoch {epoch}, step {step}: {right}; {meaning}."
         record.galleries[f"gmar/probe/{method}"] = [
             (tile, f"{'true: ' + labels[index] + ', ' if labels else ''}pred: {predicted[index]} "
                    f"({probabilities[index]:.0%})")
-            for index, tile in enumerate(overlay(display, maps, cmap=cmap, alpha=alpha))
+            for index, tile in enumerate(overlay(display, maps, **style))
         ]  # fmt: skip
         if map_history is not None and method in map_history.maps:
             evaluations, rows = map_history.maps[method].shape[:2]
-            record.images[f"gmar/evolution/{method}"] = _figure_image(
-                evolution_figure(
-                    display[:rows],
-                    map_history.maps[method].float() / 255.0,
-                    # A method added when a run resumed has maps of the latest evaluations only.
-                    map_history.epochs[-evaluations:],
-                    cmap=cmap,
-                    alpha=alpha,
-                    title=f"{method} maps over training",
+            evolution = evolution_pages(
+                display[:rows],
+                map_history.maps[method].float() / 255.0,
+                # A method added when a run resumed has maps of the latest evaluations only.
+                map_history.epochs[-evaluations:],
+                rows_per_page=_EVOLUTION_ROWS_PER_PAGE,
+                **style,
+            )
+            for page, figure in enumerate(evolution):
+                tag = _page_tag(f"gmar/evolution/{method}", page, _EVOLUTION_ROWS_PER_PAGE, rows)
+                record.images[tag] = _figure_image(figure)
+                record.captions[tag] = (
+                    f"{method} maps of probe images {_page_images(page, _EVOLUTION_ROWS_PER_PAGE, rows)} at "
+                    f"{evaluations} evaluations (at most 4 shown, evenly spaced, always the first and the latest)"
                 )
-            )
-            record.captions[f"gmar/evolution/{method}"] = (
-                f"{method} maps of the first {rows} probe images at {evaluations} evaluations "
-                "(at most 5 shown, evenly spaced, always the first and the latest)"
-            )
         for metric, score in (metric_scores or {}).get(method, {}).items():
             record.scalars[f"gmar/metrics/{method}/{metric}"] = score
 
@@ -324,5 +374,7 @@ def _add_head_data(
         if chart:
             record.line_charts[f"gmar/{_SUMMARY_TAGS[name]}"] = chart
     record.figures["gmar/head_importance"] = head_heatmap_figure(weights, trajectory.layer_names or None)
-    record.figures["gmar/trajectory"] = trajectory_figure(trajectory)
-    record.figures["gmar/specialisation"] = specialisation_figure(trajectory)
+    for layer in range(trajectory.num_layers):
+        record.figures[f"gmar/trajectory/layer_{layer:02d}"] = layer_trajectory_figure(trajectory, layer)
+    for name in trajectory.summaries():
+        record.figures[f"gmar/specialisation/{_SUMMARY_TAGS[name]}"] = specialisation_figure(trajectory, statistic=name)
