@@ -1064,6 +1064,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line options; the defaults are the configuration of the published report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=4, help="training seeds 0..N-1")
+    parser.add_argument(
+        "--seed-list",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="run exactly these training seeds instead of 0..N-1, e.g. one seed to check a host against the published "
+        "per-seed numbers (with one seed every interval is n/a)",
+    )
     parser.add_argument("--train-images", type=int, default=2500, help="single-object training images per seed")
     parser.add_argument("--train-pairs", type=int, default=1000, help="two-object training images per seed")
     parser.add_argument("--val-images", type=int, default=500, help="single-object validation images (accuracy)")
@@ -1106,8 +1114,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit("--quick and --publish exclude each other: the quick numbers are not for reading.")
         parser.set_defaults(**QUICK_SETTINGS)
         args = parser.parse_args(arguments)
-    if args.seeds < 2:
-        raise SystemExit("--seeds must be at least 2: every interval and paired test is over seeds.")
+    if args.seeds < 1:
+        raise SystemExit("--seeds must be at least 1 (intervals and paired tests need 2).")
+    if args.seed_list is not None and (min(args.seed_list) < 0 or len(set(args.seed_list)) != len(args.seed_list)):
+        raise SystemExit(f"--seed-list must hold distinct seeds >= 0, got {args.seed_list}.")
+    if args.publish and args.seed_list is not None:
+        raise SystemExit("--publish writes the published report, over seeds 0..N-1: leave out --seed-list.")
     if args.random_orders < 2:
         raise SystemExit("--random-orders must be at least 2, to measure their spread.")
     if not 1 <= args.road_images <= args.eval_images:
@@ -1123,7 +1135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     console.print(machine_description())
     console.print()
 
-    seeds = list(range(args.seeds))
+    seeds = args.seed_list if args.seed_list is not None else list(range(args.seeds))
     results = [run_seed(args, seed, console) for seed in seeds]
     console.print(
         f"accuracy over seeds: {format_interval([r.val_accuracy for r in results])} on single objects "
@@ -1131,9 +1143,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"images (both classes in the top two; chance {1 / math.comb(args.num_classes, 2):.3f})"
     )
     console.print()
-    t_note = f"t_0.975,{args.seeds - 1} = {t_quantile_975(args.seeds - 1):.3f}"
+    t_note = f"t_0.975,{len(seeds) - 1} = {t_quantile_975(len(seeds) - 1):.3f}" if len(seeds) > 1 else "n/a: one seed"
     console.print(
-        f"± = 95% Student-t half-width over {args.seeds} seeds ({t_note}); * = better than every other method with "
+        f"± = 95% Student-t half-width over {len(seeds)} seeds ({t_note}); * = better than every other method with "
         "the paired interval over seeds excluding 0; ! = paired interval excludes 0; ↑ higher / ↓ lower is better"
     )
     console.print()

@@ -56,6 +56,7 @@ __all__ = [
     "overlay_pages",
     "specialisation_figure",
     "trajectory_figure",
+    "visualize",
 ]
 
 DEFAULT_CMAP = "inferno"
@@ -70,7 +71,7 @@ MODES: tuple[str, ...] = ("blended", "masked", "heat_map")
 ``masked`` multiplies the image by the map (only what the map keeps stays visible), ``heat_map`` shows the
 colour-mapped map alone; after Captum's ``blended_heat_map``, ``masked_image`` and ``heat_map``."""
 
-CARD_PIXELS: tuple[int, int] = (358, 212)
+CARD_PIXELS: tuple[int, int] = (372, 215)
 """Width and height in screen pixels that TensorBoard's Time Series tab draws an image card's picture in, at a
 1400 px wide browser window with its default card width; a logged image no larger than this is shown unscaled
 (measured with headless Chromium, ``benchmarks/tensorboard_screenshots.py``)."""
@@ -871,6 +872,62 @@ def methods_figure(
     return figure
 
 
+def visualize(
+    image: Tensor,
+    saliency: Tensor,
+    mode: str = "blended",
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = DEFAULT_ALPHA,
+    outlier_percentile: float = 0.0,
+    title: str | None = None,
+    colorbar: bool = True,
+    axes: Axes | None = None,
+) -> tuple[Figure, Axes]:
+    """Draw one map on its image and return the figure and axes for further composition, like Captum's
+    ``visualize_image_attr``.
+
+    Args:
+        image: ``[3, H, W]`` (or ``[1, H, W]``) image in ``[0, 1]``, e.g. ``denormalize(images)[0]``.
+        saliency: ``[H, W]`` map in ``[0, 1]``, e.g. ``Explanation.maps[0]``.
+        mode: One of [`MODES`][gmar_lightning.render.MODES].
+        cmap: A matplotlib colour map name.
+        alpha: Weight of the map in ``blended`` mode.
+        outlier_percentile: Saturate the map's top percent first.
+        title: Axes title.
+        colorbar: Add a colour bar labelled with what the colours mean.
+        axes: Draw into these axes (of your own figure) instead of a new 4 x 4 inch figure.
+
+    Returns:
+        ``(figure, axes)``.
+
+    Examples:
+        >>> figure, axes = visualize(torch.rand(3, 16, 16), torch.rand(16, 16), mode="masked", title="gmar_l1")
+        >>> axes.get_title(), len(figure.axes)
+        ('gmar_l1', 2)
+        >>> figure = Figure()
+        >>> left, right = figure.subplots(1, 2)
+        >>> _ = visualize(torch.rand(3, 8, 8), torch.rand(8, 8), axes=left, colorbar=False)
+        >>> visualize(torch.rand(3, 8, 8), torch.rand(8, 8), mode="heat_map", axes=right)[1] is right
+        True
+    """
+    _check_saliency(image, saliency)
+    pixels = overlay(image[None].float().cpu(), saliency[None].float().cpu(), cmap, alpha, mode, outlier_percentile)
+    if axes is None:
+        figure = Figure(figsize=(4.0, 4.0), dpi=_DPI)
+        axes = figure.add_subplot()
+    figure = axes.get_figure()
+    axes.imshow(pixels[0].permute(1, 2, 0).numpy(), interpolation="antialiased")
+    axes.set_axis_off()
+    if title:
+        axes.set_title(title, fontsize=_TITLE_FONT_SIZE)
+    if colorbar:
+        mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=_colormap("gray" if mode == "masked" else cmap))
+        bar = figure.colorbar(mappable, ax=axes, ticks=(0.0, 0.5, 1.0), fraction=0.046, pad=0.04)
+        bar.set_label(_colorbar_label(mode), fontsize=_FONT_SIZE)
+        bar.ax.tick_params(labelsize=_FONT_SIZE)
+    return figure, axes
+
+
 def _layer_labels(layer_names: Sequence[str] | None, count: int) -> list[str]:
     if not layer_names:
         return [f"layer {index}" for index in range(count)]
@@ -988,6 +1045,10 @@ def _empty_note(axes: Axes, text: str) -> None:
 
 def _step_ticks(axes: Axes, steps: Sequence[int], panel_inches: float) -> None:
     """Integer step ticks that never overlap: as many as labels of the largest step's width fit the panel."""
+    if len(set(steps)) == 1:  # one evaluation: matplotlib would widen the axis to fractional steps around it
+        axes.set_xticks(list(steps))
+        axes.set_xlim(steps[0] - 1, steps[0] + 1)
+        return
     digits = len(str(max((int(step) for step in steps), default=0)))
     label_inches = digits * _TEXT_INCHES_PER_CHAR * 1.1 + 0.2  # each label with a gap to the next
     # MaxNLocator places at most nbins + 1 ticks.
@@ -1023,7 +1084,7 @@ def layer_trajectory_figure(trajectory: HeadTrajectory, layer: int, title: str |
     head_labels = [f"head {head}" for head in range(num_heads)]
     legend_columns = math.ceil(num_heads / 8)
     panel = (2.3, 1.45)
-    figure, grid = _panel_grid(1, 1, panel, margins=(0.65, 0.1 + legend_columns * _legend_width(head_labels) * 0.8,
+    figure, grid = _panel_grid(1, 1, panel, margins=(0.85, 0.1 + legend_columns * _legend_width(head_labels) * 0.8,
                                                       0.5, 0.35))  # fmt: skip
     axes = grid[0, 0]
     weights = trajectory.weights.numpy()
@@ -1152,7 +1213,7 @@ def specialisation_figure(
     colours = line_colours(len(labels))
     legend_columns = max(1, math.ceil(len(labels) / 8)) if statistic else 1
     right = legend_columns * _legend_width(labels) if labels else 0.2
-    panel, margins = ((2.3, 1.45), (0.65, right, 0.5, 0.35)) if statistic else ((3.6, 1.5), (0.7, right, 0.6, 0.6))
+    panel, margins = ((2.3, 1.45), (0.85, right, 0.5, 0.35)) if statistic else ((3.6, 1.5), (0.7, right, 0.6, 0.6))
     figure, grid = _panel_grid(len(shown), 1, panel, margins=margins, gaps=(0.5, 0.5), sharex=True)
     panels = grid[:, 0]
     if statistic is None:

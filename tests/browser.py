@@ -129,6 +129,31 @@ def evaluate(
             process.wait(timeout=15)
 
 
+# Each Time Series image card: its tag, the logged image's size and the box TensorBoard draws it in (the <img> element;
+# `object-fit: contain` scales the picture to fit it).
+_IMAGE_CARDS_SCRIPT = """Array.from(document.querySelectorAll('image-card-component')).map(card => {
+  const image = card.querySelector('img');
+  const box = image ? image.getBoundingClientRect() : null;
+  return {tag: (card.querySelector('.tag-path') || card).textContent.trim(),
+          logged: image ? [image.naturalWidth, image.naturalHeight] : null, box: box ? [box.width, box.height] : null};
+})"""
+
+
+def image_cards(browser: str, url: str, profile: Path, window: tuple[int, int] = WINDOW) -> list[dict[str, object]]:
+    """Every image card of a Time Series page: ``tag``, ``logged`` and ``box`` sizes and the on-screen ``scale``.
+
+    The scale is what ``object-fit: contain`` gives, ``min(box / logged)`` per side; text ``s`` pixels tall in the
+    logged image is ``s * scale`` pixels tall on screen.
+    """
+    cards = evaluate(browser, url, _IMAGE_CARDS_SCRIPT, profile, window)
+    assert isinstance(cards, list)
+    for card in cards:
+        logged, box = card["logged"], card["box"]
+        drawn = logged and box and logged[0] > 0
+        card["scale"] = min(box[0] / logged[0], box[1] / logged[1]) if drawn else None
+    return cards
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))

@@ -149,3 +149,31 @@ def test_ablation_curves_share_their_ends_without_changing_a_number(
     monkeypatch.setattr(eval_report, "ABLATION_FRACTIONS", (0.25, 0.5, 1.0))
     with pytest.raises(ValueError, match="ABLATION_FRACTIONS must run from 0 to 1"):
         eval_report.ablation_curves(model, batches, orders, seed=0)
+
+
+@pytest.mark.integration
+def test_quick_run_of_one_chosen_seed_reports_intervals_as_not_available(
+    eval_report: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    eval_report.main(["--quick", "--seed-list", "3", "--output-dir", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "seed_list=[3]" in printed.splitlines()[1]
+    assert "seed 3: accuracy" in printed and "seed 0:" not in printed
+    assert "over 1 seeds (n/a: one seed)" in printed
+    accuracy = next(line for line in printed.splitlines() if line.startswith("accuracy over seeds:"))
+    assert accuracy.count("± n/a") == 2
+    assert "runtime:" in printed
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--seed-list", "1", "1"], "--seed-list must hold distinct seeds"),
+        (["--seed-list", "-1"], "--seed-list must hold distinct seeds"),
+        (["--seeds", "0"], "--seeds must be at least 1"),
+        (["--seed-list", "0", "--publish"], "leave out --seed-list"),
+    ],
+)
+def test_bad_seed_choices_are_one_line(eval_report: ModuleType, arguments: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        eval_report.main(arguments)

@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 import io
+import itertools
 
 import matplotlib
 import matplotlib.text
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image
 
 from gmar_lightning.render import (
+    clip_outliers,
     denormalize,
     evenly_spaced,
     evolution_figure,
+    evolution_pages,
     figure_to_array,
     figure_to_png_bytes,
     head_heatmap_figure,
+    layer_trajectory_figure,
     overlay,
     overlay_grid_figure,
     overlay_grid_image,
+    overlay_pages,
     specialisation_figure,
     trajectory_figure,
+    visualize,
 )
 from gmar_lightning.trajectory import HeadTrajectory
 
@@ -217,3 +225,145 @@ def test_evolution_figure_puts_images_in_rows_and_sampled_evaluations_in_columns
     assert colorbar.get_ylabel() == "saliency"
     with pytest.raises(ValueError, match=r"`epochs` must hold one epoch per evaluation \(16\)"):
         evolution_figure(images, maps, epochs=[0])
+
+
+# The box TensorBoard's Time Series tab draws an image card's picture in at a 1400 x 1000 window, measured with
+# headless Chromium (tests/test_tensorboard_server.py measures it again on a live server).
+CARD_BOX = (372, 215)
+
+
+def _texts(figure: Figure) -> list[matplotlib.text.Text]:
+    return [text for text in figure.findobj(matplotlib.text.Text) if text.get_text() and text.get_visible()]
+
+
+def _card_scale(figure: Figure) -> float:
+    width, height = figure.get_size_inches() * figure.dpi
+    return min(CARD_BOX[0] / width, CARD_BOX[1] / height, 1.0)
+
+
+@pytest.mark.parametrize("count", [1, 2, 5, 16])
+def test_overlay_pages_fit_a_tensorboard_card_with_captions_over_9_screen_pixels(count: int) -> None:
+    names = ["triangle"] * count
+    pages = overlay_pages(torch.rand(count, 3, 224, 224), torch.rand(count, 224, 224), names, names,
+                          [0.994] * count, title="gmar_l1: where attention carries information")  # fmt: skip
+    assert len(pages) == (count + 1) // 2
+    for page in pages:
+        texts = _texts(page)
+        assert {"true: triangle", "pred: triangle 99%", "saliency"} <= {text.get_text() for text in texts}
+        assert min(text.get_fontsize() for text in texts) >= 10
+        # 10 pt at 100 dpi is 13.9 logged pixels; scaled into the card it stays at least 9 screen pixels tall.
+        assert 10 / 72 * page.dpi * _card_scale(page) >= 9
+        _assert_no_text_overlaps(page)
+
+
+def test_evolution_pages_fit_a_tensorboard_card() -> None:
+    pages = evolution_pages(torch.rand(4, 3, 64, 64), torch.rand(9, 4, 8, 8), list(range(9)))
+    assert len(pages) == 2
+    assert [text.get_text() for text in pages[1].axes[0].texts][-2:] == ["image 3", "image 4"]
+    for page in pages:
+        assert min(text.get_fontsize() for text in _texts(page)) >= 10
+        assert 10 / 72 * page.dpi * _card_scale(page) >= 9
+
+
+def test_overlay_modes_and_outlier_clipping_follow_their_formulas() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images, maps = torch.rand(2, 3, 5, 5, generator=generator), torch.rand(2, 5, 5, generator=generator)
+    torch.testing.assert_close(overlay(images, maps, mode="masked"), images * maps[:, None])
+    table = torch.tensor(matplotlib.colormaps["viridis"](torch.linspace(0, 1, 256).numpy())[:, :3]).float()
+    expected_heat = table[(maps * 255).round().long()].permute(0, 3, 1, 2)
+    torch.testing.assert_close(overlay(images, maps, cmap="viridis", mode="heat_map"), expected_heat)
+    blended = overlay(images, maps, cmap="viridis", alpha=0.3)
+    torch.testing.assert_close(blended, 0.7 * images + 0.3 * expected_heat)
+    # Clipping the top 10 %: each map divided by its own 90th percentile (numpy's linear interpolation), then clamped.
+    thresholds = torch.tensor([float(torch.quantile(row, 0.9)) for row in maps.flatten(1)])
+    torch.testing.assert_close(clip_outliers(maps, 10.0), (maps / thresholds[:, None, None]).clamp(max=1.0))
+    assert torch.equal(clip_outliers(maps, 0.0), maps)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"mode": "shaded"}, "`mode` must be one of blended, masked, heat_map"),
+        ({"outlier_percentile": 100}, "`outlier_percentile` must be a number in \\[0, 100\\)"),
+        ({"outlier_percentile": -1.0}, "`outlier_percentile` must be a number in \\[0, 100\\)"),
+    ],
+)
+def test_display_options_are_checked(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        overlay(torch.rand(1, 3, 4, 4), torch.rand(1, 4, 4), **options)
+
+
+def test_visualize_returns_a_figure_and_axes_to_compose() -> None:
+    figure = Figure(figsize=(6, 3))
+    _, right = figure.subplots(1, 2)
+    image, saliency = torch.rand(3, 16, 16), torch.rand(16, 16)
+    returned, axes = visualize(image, saliency, mode="masked", title="gmar_l1", axes=right)
+    assert returned is figure and axes is right and axes.get_title() == "gmar_l1"
+    shown = axes.get_images()[0].get_array()
+    expected = (image * saliency).permute(1, 2, 0).numpy()
+    assert abs(shown - expected).max() < 1e-6
+    assert figure.axes[-1].get_ylabel() == "saliency (brightness)"  # the colour bar says what grey means
+    alone, _ = visualize(image, saliency)
+    assert figure_to_png_bytes(alone).startswith(PNG_SIGNATURE)
+
+
+def test_layer_trajectory_figure_gives_each_head_its_own_colour_and_a_named_legend() -> None:
+    trajectory = make_trajectory(epochs=5, layers=3, heads=12)
+    figure = layer_trajectory_figure(trajectory, 2)
+    lines = figure.axes[0].get_lines()
+    assert len({line.get_color() for line in lines}) == 12
+    legend = figure.axes[0].get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == [f"head {head}" for head in range(12)]
+    assert figure.axes[0].get_title() == "blocks.2.attn"
+    assert min(text.get_fontsize() for text in _texts(figure)) >= 10
+    assert 10 / 72 * figure.dpi * _card_scale(figure) >= 9
+    _assert_no_text_overlaps(figure)  # the legend stays beside the panel, inside the figure
+    with pytest.raises(ValueError, match="`layer` must be an index in \\[0, 3\\)"):
+        layer_trajectory_figure(trajectory, 3)
+
+
+def _assert_no_text_overlaps(figure: Figure) -> None:
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    hidden = set()  # tick labels matplotlib made but does not draw: their tick is outside the axes' view
+    for axes in figure.axes:
+        for labels, view, coordinate in ((axes.get_xticklabels(), axes.get_xlim(), 0),
+                                         (axes.get_yticklabels(), axes.get_ylim(), 1)):  # fmt: skip
+            low, high = sorted(view)
+            hidden |= {id(label) for label in labels
+                       if not axes.axison or not low <= label.get_position()[coordinate] <= high}  # fmt: skip
+    boxes = [(text.get_text(), text.get_window_extent(renderer)) for text in _texts(figure) if id(text) not in hidden]
+    width, height = figure.get_size_inches() * figure.dpi
+    for name, box in boxes:
+        assert box.x0 >= -1 and box.y0 >= -1 and box.x1 <= width + 1 and box.y1 <= height + 1, (name, box)
+    for index, (name, box) in enumerate(boxes):
+        for other, other_box in boxes[index + 1 :]:
+            assert not box.overlaps(other_box), (name, other)
+
+
+def _assert_ticks_apart(figure: Figure) -> None:
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    for axes in figure.axes:
+        labels = [label for label in axes.get_xticklabels() if label.get_text() and label.get_visible()]
+        inside = [label for label in labels if axes.get_xlim()[0] <= label.get_position()[0] <= axes.get_xlim()[1]]
+        boxes = sorted((label.get_window_extent(renderer) for label in inside), key=lambda box: box.x0)
+        for left, right in itertools.pairwise(boxes):
+            assert left.x1 + 2 <= right.x0, [label.get_text() for label in inside]
+
+
+@pytest.mark.parametrize("evaluations", [1, 2, 7, 60, 400])
+@pytest.mark.parametrize("step_size", [1, 94, 12_345])
+def test_step_ticks_never_overlap(evaluations: int, step_size: int) -> None:
+    trajectory = HeadTrajectory(layer_names=["blocks.0.attn", "blocks.1.attn"])
+    generator = torch.Generator().manual_seed(0)
+    for evaluation in range(evaluations):
+        weights = torch.rand(2, 4, generator=generator).softmax(dim=1)
+        trajectory.append(evaluation, step_size * (evaluation + 1) - 1, weights, weights)
+    for figure in (
+        trajectory_figure(trajectory),
+        layer_trajectory_figure(trajectory, 0),
+        specialisation_figure(trajectory),
+        specialisation_figure(trajectory, statistic="stability"),
+    ):
+        _assert_ticks_apart(figure)

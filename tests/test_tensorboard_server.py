@@ -24,7 +24,7 @@ from gmar_lightning import GMARCallback
 from gmar_lightning.demos.data import ShapesDataModule
 from gmar_lightning.demos.job import TENSORBOARD_SAMPLES
 from gmar_lightning.demos.model import ViTClassifier
-from tests.browser import find_browser, get, rendered_dom, screenshot, tensorboard
+from tests.browser import find_browser, get, image_cards, rendered_dom, screenshot, tensorboard
 
 IMAGE_TAG = "gmar/overlay/gmar_l1"
 EVOLUTION_TAG = "gmar/evolution/gmar_l1"
@@ -139,3 +139,25 @@ def test_time_series_and_images_views_in_chromium(server: str, tmp_path: Path) -
     )
     images_view = f"{server}/?darkMode=false#images&tagFilter={urllib.parse.quote('gmar/(evolution|overlay)')}"
     _assert_drawn(screenshot(browser, images_view, shots / "images.png", next(profiles)))
+
+
+# test_render checks that every text in the logged pages is at least 10 pt at 100 dpi, i.e. 13.9 logged pixels.
+CAPTION_PIXELS = 10 / 72 * 100
+
+
+@pytest.mark.integration
+def test_image_cards_are_readable_unexpanded_at_the_default_card_size(server: str, tmp_path: Path) -> None:
+    browser = find_browser()
+    if browser is None:
+        pytest.skip("no Chromium found; apt-get install chromium")
+    url = f"{server}/?darkMode=false&tagFilter={urllib.parse.quote('gmar/(overlay|evolution|trajectory)')}#timeseries"
+    cards = []
+    for attempt in range(5):  # a busy machine may measure before the cards' images are in
+        cards = image_cards(browser, url, tmp_path / f"profile_{attempt}")
+        if cards and all(card["scale"] for card in cards):
+            break
+    tags = {card["tag"] for card in cards}
+    assert {IMAGE_TAG, f"{IMAGE_TAG}/images_3-4", EVOLUTION_TAG, "gmar/trajectory/layer_00"} <= tags, tags
+    for card in cards:
+        # Captions, headings, colour-bar and legend labels are at least 9 screen pixels tall.
+        assert card["scale"] * CAPTION_PIXELS >= 9, card
