@@ -59,6 +59,7 @@ from gmar_lightning.input_recipe import InputRecipe
 from gmar_lightning.render import (
     DEFAULT_ALPHA,
     DEFAULT_CMAP,
+    MODES,
     check_overlay_style,
     explanation_figure,
     figure_to_png_bytes,
@@ -517,6 +518,8 @@ class ExplainStyle:
     class_names: list[str] | None
     side_by_side: bool
     random_weights: bool = False
+    mode: str = "blended"
+    outlier_percentile: float = 0.0
 
 
 def percent(probability: float) -> str:
@@ -639,7 +642,8 @@ def _explain_files(
             for method, explanation in explanations.items():
                 placed[method] = map_to_original(explanation.maps[offset], shown_box, shown.width, shown.height)
                 caption = _caption(method, prediction, probability, style, target)
-                figure = explanation_figure(pixels, placed[method], caption, style.cmap, style.alpha, box=shown_box)
+                figure = explanation_figure(pixels, placed[method], caption, style.cmap, style.alpha, box=shown_box,
+                                            mode=style.mode, outlier_percentile=style.outlier_percentile)  # fmt: skip
                 name = f"{stems[index]}_{method}.png"
                 atomic_write_bytes(output / name, figure_to_png_bytes(figure))
                 results.outputs.append(name)
@@ -647,7 +651,8 @@ def _explain_files(
             title = f"{marked}{path.name}: {_class_name(prediction, style.class_names)} ({percent(probability)})"
             tqdm.write(title)
             if style.side_by_side:
-                figure = methods_figure(pixels, placed, title, style.cmap, style.alpha)
+                figure = methods_figure(pixels, placed, title, style.cmap, style.alpha, mode=style.mode,
+                                        outlier_percentile=style.outlier_percentile)  # fmt: skip
                 name = f"{stems[index]}_methods.png"
                 atomic_write_bytes(output / name, figure_to_png_bytes(figure))
                 results.outputs.append(name)
@@ -745,7 +750,7 @@ def _class_names(
 def _run_explain(args: argparse.Namespace) -> int:
     paths = collect_images(args.inputs)
     methods = parse_methods(args.method or ["gmar_l1"])
-    check_overlay_style(args.cmap, args.alpha)
+    check_overlay_style(args.cmap, args.alpha, args.mode, args.outlier_percentile)
     problems = {path: problem for path in paths if (problem := image_problem(path)) is not None}
     for problem in problems.values():
         _report_bad(problem)
@@ -758,7 +763,9 @@ def _run_explain(args: argparse.Namespace) -> int:
         raise CommandError(f"--target {args.target} is out of range for a model with {num_classes} classes.")
     recipe = checkpoint_input_recipe(args.checkpoint) if args.checkpoint is not None else InputRecipe()
     class_names, names_origin = _class_names(args, model, recipe, num_classes)
-    style = ExplainStyle(args.cmap, args.alpha, class_names, args.side_by_side, args.random_weights)
+    style = ExplainStyle(
+        args.cmap, args.alpha, class_names, args.side_by_side, args.random_weights, args.mode, args.outlier_percentile
+    )
     stored = " (from the checkpoint, where no flag overrides it)" if recipe.mean is not None else ""
     if _is_hf(args.model):
         processor = hf_image_processor_settings(args.model.removeprefix(HF_PREFIX))
@@ -917,6 +924,24 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     logging.add_argument("--every-n-epochs", type=positive_int, default=defaults.every_n_epochs)
     logging.add_argument("--cmap", default=defaults.cmap, help=f"overlay colour map (default {defaults.cmap})")
     logging.add_argument("--alpha", type=float, default=defaults.alpha, help="overlay opacity in [0, 1]")
+    _add_display_arguments(logging)
+
+
+def _add_display_arguments(group: argparse._ActionsContainer) -> None:
+    """``--mode`` and ``--outlier-percentile``, the same for ``explain`` and the demo's overlays."""
+    group.add_argument(
+        "--mode",
+        choices=MODES,
+        default="blended",
+        help="how maps are drawn: blended (colour map over the image, --alpha its weight), masked (the image times the "
+        "map) or heat_map (the map alone); default blended",
+    )
+    group.add_argument(
+        "--outlier-percentile",
+        type=float,
+        default=0.0,
+        help="saturate each map's top percent before drawing it, in [0, 100) (default 0: no clipping)",
+    )
 
 
 def _target_accuracy(text: str) -> float | None:
@@ -1022,6 +1047,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain_parser.add_argument(
         "--alpha", type=_unit_fraction, default=DEFAULT_ALPHA, help=f"map opacity in (0, 1] (default {DEFAULT_ALPHA})"
     )
+    _add_display_arguments(explain_parser)
     explain_parser.add_argument(
         "--side-by-side", action="store_true", help="also write <image>_methods.png with every method next to the image"
     )

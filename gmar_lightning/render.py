@@ -746,10 +746,13 @@ def _evolution_tiles(
     return shown, tiles
 
 
-def _full_resolution_overlay(image: Tensor, saliency: Tensor, cmap: str, alpha: float) -> np.ndarray:
+def _full_resolution_overlay(
+    image: Tensor, saliency: Tensor, cmap: str, alpha: float, mode: str = "blended", outlier_percentile: float = 0.0
+) -> np.ndarray:
     """``[H, W, 3]`` overlay where ``saliency`` is defined; outside it (NaN) the image is washed out towards gray."""
     covered = ~torch.isnan(saliency)
-    blended = overlay(image[None], saliency.nan_to_num(0.0)[None], cmap=cmap, alpha=alpha)[0]
+    clipped = clip_outliers(saliency[None], outlier_percentile).nan_to_num(0.0)
+    blended = overlay(image[None], clipped, cmap=cmap, alpha=alpha, mode=mode)[0]
     washed = 0.4 * image.expand(3, -1, -1) + 0.6 * 0.5
     return torch.where(covered, blended, washed).permute(1, 2, 0).numpy()
 
@@ -770,6 +773,8 @@ def explanation_figure(
     cmap: str = DEFAULT_CMAP,
     alpha: float = DEFAULT_ALPHA,
     box: tuple[float, float, float, float] | None = None,
+    mode: str = "blended",
+    outlier_percentile: float = 0.0,
 ) -> Figure:
     """One image at its own resolution with its map overlaid, a caption above and a colour bar on the right.
 
@@ -784,6 +789,8 @@ def explanation_figure(
         cmap: A matplotlib colour map name.
         alpha: Opacity of the map.
         box: ``(left, top, right, bottom)`` in pixels of the region the model saw, outlined when given.
+        mode: One of [`MODES`][gmar_lightning.render.MODES].
+        outlier_percentile: Saturate the map's top percent first.
 
     Returns:
         A figure with two axes: the image and the colour bar.
@@ -806,8 +813,9 @@ def explanation_figure(
     total_width, total_height = figure.get_size_inches()
     axes = figure.add_axes((0.0, 0.0, image_width / total_width, image_height / total_height))
     axes.set_axis_off()
-    axes.imshow(_full_resolution_overlay(image.float().cpu(), saliency.float().cpu(), cmap, alpha),
-                interpolation="nearest", aspect="auto")  # fmt: skip
+    style = (cmap, alpha, mode, outlier_percentile)
+    pixels = _full_resolution_overlay(image.float().cpu(), saliency.float().cpu(), *style)
+    axes.imshow(pixels, interpolation="nearest", aspect="auto")
     axes.set_title(literal(caption), fontsize=font, pad=0.4 * font)
     if box is not None:
         left, top, right_edge, bottom = box
@@ -819,8 +827,9 @@ def explanation_figure(
         (1 - (bar_width + label_room) / total_width, 0.15 * image_height / total_height, bar_width / total_width,
          0.7 * image_height / total_height)
     )  # fmt: skip
-    colorbar = figure.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap=_colormap(cmap)), cax=bar, ticks=(0, 1))
-    colorbar.set_label("saliency", fontsize=font)
+    mappable = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=_colormap("gray" if mode == "masked" else cmap))
+    colorbar = figure.colorbar(mappable, cax=bar, ticks=(0, 1))
+    colorbar.set_label(_colorbar_label(mode), fontsize=font)
     bar.tick_params(labelsize=font)
     return figure
 
@@ -832,6 +841,8 @@ def methods_figure(
     cmap: str = DEFAULT_CMAP,
     alpha: float = DEFAULT_ALPHA,
     panel_pixels: int = 400,
+    mode: str = "blended",
+    outlier_percentile: float = 0.0,
 ) -> Figure:
     """The image and each method's map side by side, each panel at most ``panel_pixels`` wide or high.
 
@@ -842,6 +853,8 @@ def methods_figure(
         cmap: A matplotlib colour map name.
         alpha: Opacity of the maps.
         panel_pixels: Longest side of each panel.
+        mode: One of [`MODES`][gmar_lightning.render.MODES].
+        outlier_percentile: Saturate each map's top percent first.
 
     Returns:
         A figure with one axes per panel (image first) and a colour bar.
@@ -862,13 +875,14 @@ def methods_figure(
     figure, grid = _panel_grid(1, len(saliency) + 1, panel, margins=(0.1, 1.1, 0.1, 0.75), gaps=(0.1, 0.0))
     figure.suptitle(literal(title), fontsize=_TITLE_FONT_SIZE)
     panels = [("image", image.float().permute(1, 2, 0).expand(-1, -1, 3).numpy())]
-    panels += [(method, _full_resolution_overlay(image.float(), values.float(), cmap, alpha))
+    panels += [(method, _full_resolution_overlay(image.float(), values.float(), cmap, alpha, mode, outlier_percentile))
                for method, values in saliency.items()]  # fmt: skip
     for axes, (name, pixels) in zip(grid[0], panels, strict=True):
         axes.imshow(pixels, interpolation="antialiased", aspect="auto")
         axes.set_title(literal(name), fontsize=_FONT_SIZE)
         axes.set_axis_off()
-    _add_colorbar(figure, cmap, bottom=0.1 + 0.15 * panel[1], height=0.7 * panel[1])
+    _add_colorbar(figure, "gray" if mode == "masked" else cmap, bottom=0.1 + 0.15 * panel[1], height=0.7 * panel[1],
+                  label=_colorbar_label(mode))  # fmt: skip
     return figure
 
 

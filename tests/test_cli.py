@@ -332,6 +332,7 @@ def test_usage_errors_are_one_line_too(capsys: pytest.CaptureFixture[str]) -> No
         (["--device", "nonsense"], "must be a torch device"),
         (["--device", "meta"], "meta tensors hold no data, so nothing can be explained; use cpu or cuda"),
         (["--batch-size", "0"], "must be a positive integer"),
+        (["--mode", "shaded"], "invalid choice: 'shaded'"),
     ],
 )
 def test_bad_option_values_are_one_line(
@@ -368,3 +369,21 @@ def test_console_script_reports_errors_without_traceback(tmp_path: Path) -> None
         f"gmar-lightning explain: error: image {str(tmp_path / 'missing.png')!r} does not exist; pass image files or "
         "folders of images."
     ]
+
+
+def test_explain_display_options_change_only_how_the_map_is_drawn(
+    weights: Path, images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["explain", str(images[0]), *TINY_OPTIONS, "--checkpoint", str(weights), "--device", "cpu"]
+    outputs = {}
+    for name, options in {"blended": [], "masked": ["--mode", "masked", "--outlier-percentile", "5"]}.items():
+        assert main([*argv, *options, "--output", str(tmp_path / name)]) == 0
+        with np.load(tmp_path / name / "maps.npz") as arrays:
+            outputs[name] = (arrays["maps_gmar_l1"], np.asarray(Image.open(tmp_path / name / "colour_gmar_l1.png")))
+    np.testing.assert_array_equal(outputs["blended"][0], outputs["masked"][0])  # the same explanation
+    assert outputs["blended"][1].shape == outputs["masked"][1].shape
+    assert not np.array_equal(outputs["blended"][1], outputs["masked"][1])
+    capsys.readouterr()  # the runs' progress bars
+    assert main([*argv, "--outlier-percentile", "100", "--output", str(tmp_path / "bad")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "`outlier_percentile` must be a number in [0, 100)" in lines[0]

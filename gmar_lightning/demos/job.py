@@ -85,7 +85,9 @@ class DemoConfig:
         num_probe: Validation images the callback explains at each evaluation.
         every_n_epochs: Explain every n-th epoch.
         cmap: Matplotlib colour map of the overlays.
-        alpha: Opacity of the overlays.
+        alpha: Weight of the map in blended overlays.
+        mode: How the overlays draw maps: ``"blended"``, ``"masked"`` or ``"heat_map"``.
+        outlier_percentile: Saturate each map's top percent before drawing it.
         target_acc: Stop once validation accuracy reaches this (the run says so); ``None`` trains every epoch.
         seed: Seed of the data, the model initialisation and the training order.
         progress_bar: Show Lightning's progress bar.
@@ -115,6 +117,8 @@ class DemoConfig:
     every_n_epochs: int = 1
     cmap: str = DEFAULT_CMAP
     alpha: float = DEFAULT_ALPHA
+    mode: str = "blended"
+    outlier_percentile: float = 0.0
     target_acc: float | None = 0.9
     seed: int = 0
     progress_bar: bool = True
@@ -304,6 +308,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         every_n_epochs=config.every_n_epochs,
         cmap=config.cmap,
         alpha=config.alpha,
+        mode=config.mode,
+        outlier_percentile=config.outlier_percentile,
     )
     checkpoint_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0)
