@@ -19,6 +19,7 @@ _EXPORTS = {
     "register_attention_adapter": "gmar_lightning.capture",
     "unregister_attention_adapter": "gmar_lightning.capture",
     "explain": "gmar_lightning.engine",
+    "explain_many": "gmar_lightning.engine",
     "ExplainOptions": "gmar_lightning.options",
     "Explanation": "gmar_lightning.explanation",
     "GMAR_METHODS": "gmar_lightning.explanation",
@@ -38,6 +39,7 @@ __all__ = [
     "__version__",
     "attention_adapter",
     "explain",
+    "explain_many",
     "register_attention_adapter",
     "unregister_attention_adapter",
 ]
@@ -51,7 +53,7 @@ if TYPE_CHECKING:
         register_attention_adapter,
         unregister_attention_adapter,
     )
-    from gmar_lightning.engine import explain
+    from gmar_lightning.engine import explain, explain_many
     from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
     from gmar_lightning.options import ExplainOptions
     from gmar_lightning.tokens import TokenLayout

@@ -918,7 +918,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         action="append",
         default=None,
-        help=f"explanation methods, repeatable or comma-separated: {', '.join(METHODS)} (default gmar_l1)",
+        help=f"explanation methods, repeatable or comma-separated: {', '.join(METHODS)} (default gmar_l1 and "
+        "grad_rollout, from one pass)",
     )
     logging.add_argument("--num-probe", type=positive_int, default=defaults.num_probe, help="images explained")
     logging.add_argument("--every-n-epochs", type=positive_int, default=defaults.every_n_epochs)
@@ -958,7 +959,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
     """Turn parsed [`add_demo_arguments`][gmar_lightning.cli.add_demo_arguments] options into a
     [`DemoConfig`][gmar_lightning.demos.job.DemoConfig]."""
     fields = {name: getattr(args, name) for name in DemoConfig.__dataclass_fields__ if hasattr(args, name)}
-    fields["methods"] = parse_methods(args.methods or ["gmar_l1"])
+    fields["methods"] = parse_methods(args.methods or DemoConfig().methods)
     return DemoConfig(**fields)
 
 

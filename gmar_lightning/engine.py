@@ -26,7 +26,7 @@ from gmar_lightning.options import ExplainOptions
 from gmar_lightning.resolve import ResolvedModel, as_resolved
 from gmar_lightning.tokens import TokenLayout, patch_embedding
 
-__all__ = ["explain"]
+__all__ = ["explain", "explain_many"]
 
 Target = int | Sequence[int] | Tensor | None
 
@@ -306,27 +306,34 @@ def _explain_chunk(
     resolved: ResolvedModel,
     probe: Probe,
     images: Tensor,
-    method: Method,
+    specs: tuple[Method, ...],
     target: Target,
     options: ExplainOptions,
-) -> _Chunk:
-    """Run one chunk of images through the model (and, for gradient methods, the backward pass)."""
+) -> list[_Chunk]:
+    """Run one chunk of images through the model and, for gradient methods, one backward pass that serves them all.
+
+    Each method reduces the same captured attention (and the same attention gradient) in its own `_LayerReductions`.
+    """
     batch = images.shape[0]
     layouts = [[module.layout or _as_windows for module in layer] for layer in probe.layers]
     branches = [len(layer) for layer in probe.layers]
     layers = len(branches)
-    reductions = _LayerReductions(method, batch, layouts, [None] * layers, [None] * layers, [None] * layers)
-    if _streams(method, options):
-        update = _layer_update(method, probe.plan, options)
-        reductions.stream = methods.RowStream(probe.plan, update, batch, images.device)
+    every = []
+    for method in specs:
+        reductions = _LayerReductions(method, batch, layouts, [None] * layers, [None] * layers, [None] * layers)
+        if _streams(method, options):
+            update = _layer_update(method, probe.plan, options)
+            reductions.stream = methods.RowStream(probe.plan, update, batch, images.device)
+        every.append(reductions)
     owners = [(layer, branch) for layer, count in enumerate(branches) for branch in range(count)]
 
     def on_attention(index: int, attention: Tensor) -> None:
         layer, branch = owners[index]
         _check_shape(probe, layer, layouts[layer][branch](attention), batch)
-        reductions.on_attention(layer, branch, attention)
+        for reductions in every:
+            reductions.on_attention(layer, branch, attention)
 
-    needs_grad = method.needs_gradients
+    needs_grad = any(method.needs_gradients for method in specs)
     # Inference tensors cannot enter autograd: clone inside inference_mode(False). requires_grad makes the attention
     # part of the graph even when every parameter is frozen.
     inputs = images.clone().requires_grad_(needs_grad)
@@ -334,7 +341,8 @@ def _explain_chunk(
         logits = resolved.logits(inputs)
     targets = _resolve_targets(target, logits)
     if needs_grad:
-        first_layer = list(reductions.pending.get(0, {}).values())
+        gradient_reductions = [reductions for reductions in every if reductions.method.needs_gradients]
+        first_layer = list(gradient_reductions[0].pending.get(0, {}).values())
         if len(first_layer) != branches[0]:
             raise RuntimeError(
                 f"No attention probabilities were captured from {probe.layer_names[0]}: `model`'s forward does not "
@@ -346,7 +354,14 @@ def _explain_chunk(
         # Differentiate with respect to the first layer's attention only: every later layer depends on it, so the
         # tensor hooks see each layer's gradient on the way down, and no parameter's .grad is touched.
         torch.autograd.grad(objective, first_layer, allow_unused=True)
-        reductions.fill_unreached()
+        for reductions in gradient_reductions:
+            reductions.fill_unreached()
+    return [_chunk_of(reductions, probe, logits, targets, batch) for reductions in every]
+
+
+def _chunk_of(reductions: _LayerReductions, probe: Probe, logits: Tensor, targets: Tensor, batch: int) -> _Chunk:
+    """What one method's reductions kept of a chunk."""
+    method = reductions.method
     missing = [
         name
         for index, (name, matrix) in enumerate(zip(probe.layer_names, reductions.matrices, strict=True))
@@ -364,7 +379,7 @@ def _explain_chunk(
     weights = list(reductions.weights) if method.weighs_heads else None
     rows = reductions.stream.result() if reductions.stream is not None else None
     summary = []
-    if needs_grad:
+    if method.needs_gradients:
         summary = scores if scores is not None else [rows] if rows is not None else matrices
     flags = _flags(logits.detach(), targets, summary)
     return _Chunk(logits.detach().float(), targets, matrices, scores, weights, rows, flags)
@@ -588,48 +603,143 @@ def explain(
     options = ExplainOptions(
         residual, head_norm, discard_ratio, start_layer, chunk_size, token_layout, memory_budget, recompute_attention
     )
-    resolved = as_resolved(model, vit, token_layout)
+    return _explain(model, images, (METHOD_TABLE[method],), target, options, vit)[0]
+
+
+def explain_many(
+    model: nn.Module | ResolvedModel,
+    images: Tensor,
+    methods: Sequence[str] = ("gmar_l1", "grad_rollout"),
+    target: Target = None,
+    *,
+    residual: float = 0.5,
+    head_norm: str = "layer",
+    discard_ratio: float = 0.0,
+    start_layer: int = 0,
+    chunk_size: int | None = None,
+    token_layout: TokenLayout | None = None,
+    memory_budget: int | None = None,
+    recompute_attention: bool = True,
+    vit: nn.Module | None = None,
+) -> dict[str, Explanation]:
+    """Explain a batch with several methods from one forward and at most one backward pass.
+
+    GMAR's head scores and ``grad_rollout``'s relevance ``(grad A * A)^+`` both come from the same attention ``A`` and
+    its gradient, so every method reduces what one pass captured, with the attention probabilities materialised
+    (several methods do not take ``explain``'s recomputed path, which reduces one method's attention in query-row
+    chunks). Each result equals [`explain`][gmar_lightning.engine.explain] with that method alone to float rounding;
+    the arguments are ``explain``'s.
+
+    Args:
+        model: As for ``explain``.
+        images: As for ``explain``.
+        methods: Distinct names of [`METHODS`][gmar_lightning.explanation.METHODS].
+        target: As for ``explain``: the same classes for every method.
+        residual: As for ``explain``.
+        head_norm: As for ``explain``.
+        discard_ratio: As for ``explain``.
+        start_layer: As for ``explain``.
+        chunk_size: As for ``explain``: one forward and one backward pass per chunk.
+        token_layout: As for ``explain``.
+        memory_budget: As for ``explain``: sizes the micro-batches.
+        recompute_attention: As for ``explain``; used when ``methods`` holds one method.
+        vit: As for ``explain``.
+
+    Returns:
+        Method name -> its [`Explanation`][gmar_lightning.explanation.Explanation], in the order of ``methods``.
+
+    Examples:
+        >>> import timm
+        >>> vit = timm.models.vision_transformer.VisionTransformer(
+        ...     img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=3)
+        >>> results = explain_many(vit, torch.randn(2, 3, 32, 32), ("gmar_l1", "grad_rollout"))
+        >>> list(results), results["gmar_l1"].head_weights.shape, results["grad_rollout"].head_weights
+        (['gmar_l1', 'grad_rollout'], torch.Size([2, 2, 4]), None)
+    """
+    names = (methods,) if isinstance(methods, str) else tuple(methods)
+    if not names or len(set(names)) != len(names) or any(name not in METHOD_TABLE for name in names):
+        raise ValueError(f"`methods` must be distinct names of {', '.join(METHOD_TABLE)}, got {methods!r}.")
+    options = ExplainOptions(
+        residual, head_norm, discard_ratio, start_layer, chunk_size, token_layout, memory_budget, recompute_attention
+    )
+    specs = tuple(METHOD_TABLE[name] for name in names)
+    return dict(zip(names, _explain(model, images, specs, target, options, vit), strict=True))
+
+
+def _explain(
+    model: nn.Module | ResolvedModel,
+    images: Tensor,
+    specs: tuple[Method, ...],
+    target: Target,
+    options: ExplainOptions,
+    vit: nn.Module | None,
+) -> list[Explanation]:
+    """The checks and the isolated pass shared by `explain` and `explain_many`."""
+    resolved = as_resolved(model, vit, options.token_layout)
     images = _check_images(resolved, images)
-    spec = METHOD_TABLE[method]
     probe = resolved.probe(images)
-    check_int_in_range("start_layer", start_layer, 0, len(probe.layers) - 1)
+    check_int_in_range("start_layer", options.start_layer, 0, len(probe.layers) - 1)
     target = _check_target(target, images.shape[0])
-    with resolved.isolated(spec.needs_gradients) as device, resharded(resolved.classifier):
-        return _explain_batch(resolved, probe, images.to(device), spec, target, options)
+    needs_gradients = any(spec.needs_gradients for spec in specs)
+    with resolved.isolated(needs_gradients) as device, resharded(resolved.classifier):
+        return _explain_batch(resolved, probe, images.to(device), specs, target, options)
 
 
 def _explain_batch(
     resolved: ResolvedModel,
     probe: Probe,
     images: Tensor,
-    method: Method,
+    specs: tuple[Method, ...],
     target: Target,
     options: ExplainOptions,
-) -> Explanation:
-    """Explain ``images`` in chunks and roll out; runs inside `ResolvedModel.isolated`."""
+) -> list[Explanation]:
+    """Explain ``images`` in chunks and roll out each method; runs inside `ResolvedModel.isolated`."""
     # Feed the parameters' dtype: autocast is off, so a bf16-true model gets bf16 inputs; reductions are float32.
     dtype = resolved.dtype
     batch = images.shape[0]
     budget = _memory_budget(probe, batch, options, images.device)
-    recomputed = recompute.applies(probe, method, options) and (
-        options.recompute_attention or _micro_batch(probe, batch, budget, recomputed=False) < batch
+    # One method may take the recomputed path; several share one materialised pass.
+    recomputed = (
+        len(specs) == 1
+        and recompute.applies(probe, specs[0], options)
+        and (options.recompute_attention or _micro_batch(probe, batch, budget, recomputed=False) < batch)
     )
     step = options.chunk_size or _micro_batch(probe, batch, budget, recomputed)
-    explain_chunk = _explain_chunk_recomputed if recomputed else _explain_chunk
     estimate = recompute.per_image_bytes(probe)
     if recomputed and budget is not None and estimate is not None:  # the row blocks get what the forward leaves
         budget = max(budget - min(step, batch) * estimate.recomputed, 1)
     chunk_options = dataclasses.replace(options, memory_budget=budget)
     # The plan's index tensors go to the device once per call rather than once per layer and use.
     probe = dataclasses.replace(probe, plan=probe.plan.to(images.device))
-    chunks = []
+    per_chunk = []
     # The recomputed path keeps fused attention: no module's attention flags are switched.
-    with resolved.switches(probe, method.needs_gradients, keep_fused=recomputed):
+    with resolved.switches(probe, any(spec.needs_gradients for spec in specs), keep_fused=recomputed):
         for start in range(0, batch, step):
             chunk_target = target[start : start + step] if isinstance(target, Tensor | Sequence) else target
             chunk_images = images[start : start + step].to(dtype=dtype)
-            chunks.append(explain_chunk(resolved, probe, chunk_images, method, chunk_target, chunk_options))
+            if recomputed:
+                chunks = [
+                    _explain_chunk_recomputed(resolved, probe, chunk_images, specs[0], chunk_target, chunk_options)
+                ]
+            else:
+                chunks = _explain_chunk(resolved, probe, chunk_images, specs, chunk_target, chunk_options)
+            per_chunk.append(chunks)
+    return [
+        _rolled_out(resolved, probe, images, method, [chunks[index] for chunks in per_chunk], options)
+        for index, method in enumerate(specs)
+    ]
 
+
+def _rolled_out(
+    resolved: ResolvedModel,
+    probe: Probe,
+    images: Tensor,
+    method: Method,
+    chunks: list[_Chunk],
+    options: ExplainOptions,
+) -> Explanation:
+    """One method's explanation from its chunks: head weights, the rollout and the upsampled maps."""
+    batch = images.shape[0]
     logits = _joined([chunk.logits for chunk in chunks])
     targets = _joined([chunk.targets for chunk in chunks])
     plan = probe.plan

@@ -7,7 +7,14 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from gmar_lightning import METHODS, AttentionAdapter, explain, register_attention_adapter, unregister_attention_adapter
+from gmar_lightning import (
+    METHODS,
+    AttentionAdapter,
+    explain,
+    explain_many,
+    register_attention_adapter,
+    unregister_attention_adapter,
+)
 from gmar_lightning.capture import AttentionNotFoundError, attention_adapter
 from tests.models import FAMILIES, LAYOUTS, TINY, make_images, make_model, patch_grid_of, sharpen
 from tests.reference import reference_explain
@@ -375,3 +382,79 @@ def test_attention_that_does_not_fit_the_token_plan_is_refused_not_mapped() -> N
     model = make_model("vit")
     with pytest.raises(UnsupportedModelError, match=r"blocks.0.attn produced \[3, 4, 17, 17\].*\[3, heads, 16, 16\]"):
         explain(model, make_images("vit"), token_layout=TokenLayout(num_prefix_tokens=0, readout_tokens=None))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# explain_many: several methods from one forward and one backward pass
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _count_passes(model: nn.Module) -> tuple[list[int], list[torch.utils.hooks.RemovableHandle]]:
+    """``[forward calls of model, backward passes through its last block]``, counted by the model's own hooks."""
+    counts = [0, 0]
+
+    def forward(*_: object) -> None:
+        counts[0] += 1
+
+    def backward(*_: object) -> None:
+        counts[1] += 1
+
+    handles = [model.register_forward_hook(forward), model.blocks[-1].register_full_backward_hook(backward)]
+    return counts, handles
+
+
+@pytest.mark.parametrize("family", ["vit", "deit_distilled", "beit"])
+@pytest.mark.parametrize("options", [{}, {"chunk_size": 2, "head_norm": "global"}, {"discard_ratio": 0.5}])
+def test_explain_many_equals_explain_per_method_from_one_forward_and_one_backward(
+    family: str, options: dict[str, object]
+) -> None:
+    model, images = make_model(family), make_images(family, batch=3)
+    counts, handles = _count_passes(model)
+    try:
+        results = explain_many(model, images, METHODS, target=1, **options)
+        passes = list(counts)
+        # explain without the recomputed path materialises attention as explain_many does with several methods: the
+        # same computation, so equal to float32 rounding; the default explain (fused attention, recomputed in
+        # query-row chunks on timm ViTs) rounds differently, checked below at a looser tolerance.
+        singles = {
+            method: explain(model, images, method=method, target=1, recompute_attention=False, **options)
+            for method in METHODS
+        }
+    finally:
+        for handle in handles:
+            handle.remove()
+    chunks = 2 if "chunk_size" in options else 1  # one forward and one backward pass per chunk
+    assert passes == [chunks, chunks]
+    assert counts == [chunks * (1 + len(METHODS)), chunks * (1 + 3)]  # explain: a pass per method, backward for 3
+    assert list(results) == list(METHODS)
+    for method, single in singles.items():
+        many = results[method]
+        assert many.method == method
+        for name in ("token_maps", "maps", "targets", "logits", "head_weights", "head_scores"):
+            expected, got = getattr(single, name), getattr(many, name)
+            if expected is None:
+                assert got is None, (method, name)
+            else:
+                torch.testing.assert_close(got, expected, rtol=0, atol=1e-6, msg=f"{method} {name}")
+    for method in METHODS:
+        default = explain(model, images, method=method, target=1, **options)
+        torch.testing.assert_close(results[method].maps, default.maps, rtol=0, atol=1e-4, msg=method)
+        if default.head_weights is not None:
+            torch.testing.assert_close(results[method].head_weights, default.head_weights, rtol=0, atol=1e-5)
+
+
+def test_explain_many_of_a_head_mean_method_alone_runs_no_backward_pass() -> None:
+    model, images = make_model("vit"), make_images("vit")
+    counts, handles = _count_passes(model)
+    try:
+        explain_many(model, images, ("rollout", "attention"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert counts == [1, 0]
+
+
+@pytest.mark.parametrize("methods", [(), ("gmar_l1", "gmar_l1"), ("gmar_l1", "gradcam")])
+def test_explain_many_refuses_bad_method_lists_in_one_line(methods: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError, match=r"^`methods` must be distinct names of gmar_l1, .*, got"):
+        explain_many(make_model("vit"), make_images("vit"), methods)

@@ -47,7 +47,7 @@ from gmar_lightning.callback.records import (
 )
 from gmar_lightning.callback.sinks import Sink, sinks_for_loggers
 from gmar_lightning.capture import unwrap_model
-from gmar_lightning.engine import explain
+from gmar_lightning.engine import explain, explain_many
 from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
 from gmar_lightning.input_recipe import INPUT_RECIPE_KEY, InputRecipe, datamodule_recipe
 from gmar_lightning.options import ExplainOptions
@@ -188,7 +188,9 @@ class GMARCallback(Callback):
 
     At every ``every_n_epochs``-th epoch's validations during ``fit`` (every one of them with
     ``val_check_interval < 1``; never during the sanity check), global rank 0 explains a fixed probe batch with each
-    of ``methods`` on the unwrapped model and logs, under ``gmar/`` at the step of Lightning's own validation metrics:
+    of ``methods``, all from one forward and one backward pass
+    ([`explain_many`][gmar_lightning.engine.explain_many]), and logs, under ``gmar/`` at the step of Lightning's own
+    validation metrics:
 
     * ``gmar/overlay/<method>``: probe images 1-2 with the map overlaid, titled with what the map shows, captioned
       with true and predicted class and its probability, with a labelled colour bar;
@@ -228,7 +230,10 @@ class GMARCallback(Callback):
             kept for the whole run (also across a resume).
         probe: A fixed probe instead: images ``[B, C, H, W]``, an ``(images, labels)`` pair, or indices into the
             first validation dataset.
-        methods: Explanation methods, any of [`gmar_lightning.METHODS`][gmar_lightning.explanation.METHODS].
+        methods: Explanation methods, any of [`gmar_lightning.METHODS`][gmar_lightning.explanation.METHODS]. The
+            default logs GMAR's map, which shows where attention carries information (it barely changes with the
+            explained class), beside ``grad_rollout``'s, which follows the class and the classifier; GMAR's head
+            weights feed the trajectory either way.
         target: Explain the predicted class (``"pred"``) or the label (``"label"``, needs labels in the probe).
         every_n_epochs: Explain in every n-th epoch.
         model_getter: Returns the module to explain from the LightningModule: the ViT, or any module holding it whose
@@ -291,7 +296,7 @@ class GMARCallback(Callback):
         self,
         num_probe: int = 16,
         probe: ProbeInput | None = None,
-        methods: Sequence[str] = ("gmar_l1",),
+        methods: Sequence[str] = ("gmar_l1", "grad_rollout"),
         target: Literal["pred", "label"] = "pred",
         every_n_epochs: int = 1,
         model_getter: Callable[[pl.LightningModule], nn.Module] | None = None,
@@ -725,10 +730,11 @@ class GMARCallback(Callback):
         if self.target == "label" and probe.labels is None:
             raise ValueError("`target='label'` but the probe has no labels; use target='pred' or pass labels.")
         targets = probe.labels if self.target == "label" else None
-        explanations: dict[str, Explanation] = {
-            method: explain(resolved, probe.images, method=method, target=targets, **self.explain_options.as_kwargs())
-            for method in self.methods
-        }
+        # Every method from the same forward and backward pass (GMAR's head scores and grad_rollout's relevance
+        # reduce the same attention and attention gradient).
+        explanations: dict[str, Explanation] = explain_many(
+            resolved, probe.images, self.methods, target=targets, **self.explain_options.as_kwargs()
+        )
         # One step convention everywhere (trajectory, files, captions, every logger): the step Lightning logs this
         # validation's val_loss at; a validate run of a loaded checkpoint is keyed by the checkpoint's global step.
         step = _logging_step(trainer)

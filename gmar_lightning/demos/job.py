@@ -112,7 +112,7 @@ class DemoConfig:
     devices: str = "auto"
     strategy: str = "auto"
     precision: str | None = None
-    methods: list[str] = field(default_factory=lambda: ["gmar_l1"])
+    methods: list[str] = field(default_factory=lambda: ["gmar_l1", "grad_rollout"])
     num_probe: int = 16
     every_n_epochs: int = 1
     cmap: str = DEFAULT_CMAP
