@@ -314,3 +314,37 @@ def test_wandb_offline_and_tensorboard_together(tmp_path: Path, offline_wandb: M
     # W&B's copy lives in the run's own files folder as a real file (uploaded with the run), not in the shared save_dir.
     assert (files_dir / "head_importance.npz").is_file() and not (files_dir / "head_importance.npz").is_symlink()
     assert not (tmp_path / "wandb_logs" / "head_importance.npz").exists()
+
+
+def test_default_callback_logs_gmar_and_grad_rollout_and_head_weights_from_one_pass(tmp_path: Path) -> None:
+    callback = GMARCallback(num_probe=4)
+    assert callback.methods == ("gmar_l1", "grad_rollout") and callback.head_method == "gmar_l1"
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = pl.Trainer(callbacks=[callback], logger=logger, **trainer_kwargs(tmp_path))
+    module = TinyViTModule()
+    passes = {"forward": 0, "backward": 0}
+
+    def forward(_module: torch.nn.Module, inputs: tuple, _output: object) -> None:
+        # Validation batches run under inference mode; the explanation of the probe is the forward with gradients.
+        if torch.is_grad_enabled() and inputs[0].shape[0] == 4:
+            passes["forward"] += 1
+
+    def backward(*_: object) -> None:
+        passes["backward"] += 1
+
+    module.vit.register_forward_hook(forward)
+    module.vit.blocks[-1].register_full_backward_hook(backward)
+    trainer.validate(module, datamodule=tiny_data())
+
+    assert passes == {"forward": 1, "backward": 1}
+    events = read_events(logger.log_dir)
+    for tag in ("overlay/gmar_l1", "overlay/grad_rollout", "overlay/gmar_l1/images_3-4", "trajectory/layer_00"):
+        assert len(events.Images(f"gmar_validate/{tag}")) == 1, tag
+    assert len(events.Histograms("gmar_validate/head_weights/layer_01")) == 1
+    assert len(callback.validation_trajectory) == 1  # GMAR's head weights are the trajectory's source
+    texts = [tag for tag in events.Tags()["tensors"] if tag.endswith("/text_summary")]
+    captions = {tag: events.Tensors(tag)[0].tensor_proto.string_val[0].decode() for tag in texts}
+    gmar_caption = captions["gmar_validate/overlay/gmar_l1/text_summary"]
+    grad_caption = captions["gmar_validate/overlay/grad_rollout/text_summary"]
+    assert "where attention carries information" in gmar_caption and "why this class" not in gmar_caption
+    assert "changes with the class and with the classifier" in grad_caption
