@@ -1024,7 +1024,8 @@ def runtime_table(results: Sequence[SeedResult], total: tuple[float, float]) -> 
 
 
 def machine_description() -> str:
-    """CPU model, logical CPUs, torch threads and library versions, on one line."""
+    """CPU model and the vector kernels torch uses on it, logical CPUs, torch threads and library versions, on one
+    line."""
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -1034,8 +1035,11 @@ def machine_description() -> str:
     load = ""
     if hasattr(os, "getloadavg"):
         load = f", load average {os.getloadavg()[0]:.1f} at start"
+    # The vector instructions torch's CPU kernels dispatch to: they change float rounding, and so the trained weights.
+    kernels = torch.backends.cpu.get_cpu_capability()
     return (
-        f"machine: {cpu}, {os.cpu_count()} logical CPUs{load}, torch threads {torch.get_num_threads()}, "
+        f"machine: {cpu} ({kernels} kernels), {os.cpu_count()} logical CPUs{load}, torch threads "
+        f"{torch.get_num_threads()}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; python {platform.python_version()}, "
         f"torch {torch.__version__}, timm {timm.__version__}"
     )

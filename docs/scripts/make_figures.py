@@ -1,9 +1,11 @@
 """Regenerate the documentation figures from a real run of the main job.
 
-Runs the demo (the default small ViT on the shapes data, with ``gmar_l1`` and ``rollout``), then saves into
-``docs/images/``: the overlay grids, evolution figure, head-importance heatmap, trajectory and specialisation figures
-exactly as the callback logged them to TensorBoard, the head-pruning ablation curves, and screenshots of the TensorBoard
-web UI at its default card size taken with headless Chromium (skipped with a notice when no Chromium is installed)::
+Runs the demo (the default small ViT on the shapes data, logging its default ``gmar_l1`` and ``grad_rollout``), then
+saves into ``docs/images/``: the first overlay page of each method, the evolution, head-importance and per-layer
+trajectory figures exactly as the callback logged them to TensorBoard, the report's trajectory and specialisation
+figures of the run, the head-pruning ablation curves, and screenshots of the TensorBoard web UI at its default card
+size taken with headless Chromium (skipped with a notice when no Chromium is installed). For each screenshot it prints
+every image card's on-screen scale and the height its 10 pt text has on screen::
 
     python docs/scripts/make_figures.py              # the full main job, a few CPU minutes
     python docs/scripts/make_figures.py --epochs 3   # quicker, less trained figures
@@ -31,24 +33,28 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPOSITORY))  # the shared browser helpers live with the tests
 
 from gmar_lightning.demos.job import TENSORBOARD_SAMPLES, DemoConfig, run_demo  # noqa: E402
-from tests.browser import find_browser, screenshot, tensorboard  # noqa: E402
+from gmar_lightning.render import figure_to_png_bytes, specialisation_figure, trajectory_figure  # noqa: E402
+from gmar_lightning.trajectory import HeadTrajectory  # noqa: E402
+from tests.browser import find_browser, image_cards, screenshot, tensorboard  # noqa: E402
 
 LOGGED_IMAGES = {
     "gmar/overlay/gmar_l1": "overlay_gmar_l1.png",
-    "gmar/overlay/rollout": "overlay_rollout.png",
+    "gmar/overlay/grad_rollout": "overlay_grad_rollout.png",
     "gmar/evolution/gmar_l1": "evolution_gmar_l1.png",
     "gmar/head_importance": "head_importance.png",
-    "gmar/trajectory": "trajectory.png",
-    "gmar/specialisation": "specialisation.png",
+    "gmar/trajectory/layer_00": "trajectory_layer_00.png",
 }
 # TensorBoard views to photograph: file name -> URL query and fragment (view and tag filter).
 SCREENSHOTS = {
-    "tensorboard_time_series.png": f"tagFilter={urllib.parse.quote('gmar/(evolution|overlay)')}#timeseries",
-    "tensorboard_images.png": f"#images&tagFilter={urllib.parse.quote('gmar/(evolution|overlay)')}",
-    "tensorboard_figures.png": f"#images&tagFilter={urllib.parse.quote('gmar/(trajectory|specialisation|head_imp)')}",
+    "tensorboard_time_series.png": f"tagFilter={urllib.parse.quote('gmar/overlay')}#timeseries",
+    "tensorboard_evolution.png": f"tagFilter={urllib.parse.quote('gmar/evolution')}#timeseries",
+    "tensorboard_figures.png": f"tagFilter={urllib.parse.quote('gmar/(trajectory|head_imp)')}#timeseries",
+    "tensorboard_specialisation.png": f"tagFilter={urllib.parse.quote('gmar/specialisation')}#timeseries",
+    "tensorboard_images.png": f"#images&tagFilter={urllib.parse.quote('gmar/overlay')}",
     "tensorboard_custom_scalars.png": "#custom_scalars",
     "tensorboard_histograms.png": f"#histograms&tagFilter={urllib.parse.quote('gmar/head_weights/layer_00')}",
 }
+CAPTION_PIXELS = 10 / 72 * 100  # the figures' smallest text, 10 pt at 100 dpi, in logged pixels
 
 
 def save_logged_images(run_dir: Path, output: Path) -> list[Path]:
@@ -60,6 +66,15 @@ def save_logged_images(run_dir: Path, output: Path) -> list[Path]:
         (output / name).write_bytes(events.Images(tag)[-1].encoded_image_string)
         written.append(output / name)
     return written
+
+
+def save_report_figures(run_dir: Path, output: Path) -> list[Path]:
+    """The run's whole trajectory and specialisation figures, as ``gmar-lightning report`` draws them."""
+    trajectory = HeadTrajectory.load_npz(run_dir / "head_importance.npz")
+    figures = {"trajectory.png": trajectory_figure(trajectory), "specialisation.png": specialisation_figure(trajectory)}
+    for name, figure in figures.items():
+        (output / name).write_bytes(figure_to_png_bytes(figure))
+    return [output / name for name in figures]
 
 
 def save_ablation_plot(run_dir: Path, output: Path, work: Path) -> Path:
@@ -84,6 +99,11 @@ def save_screenshots(log_dir: Path, output: Path, work: Path) -> list[Path]:
             url = f"{base_url}/?darkMode=false{'&' if not view.startswith('#') else ''}{view}"
             # A fresh profile per view: TensorBoard keeps the last tag filter in the browser's storage.
             written.append(screenshot(browser, url, output / name, work / f"chrome_{index}"))
+            if "#timeseries" in view:
+                for card in image_cards(browser, url, work / f"measure_{index}"):
+                    scale = card["scale"] or 0.0
+                    print(f"{name}: {card['tag']} logged {card['logged']} in a {card['box']} box, scale {scale:.2f}, "
+                          f"10 pt text {CAPTION_PIXELS * scale:.1f} px tall on screen")  # fmt: skip
     return written
 
 
@@ -96,12 +116,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gmar_figures_") as temporary:
         work = Path(temporary)
-        config = DemoConfig(
-            log_dir=str(work / "runs"), epochs=args.epochs, methods=["gmar_l1", "rollout"], progress_bar=False
-        )
+        config = DemoConfig(log_dir=str(work / "runs"), epochs=args.epochs, progress_bar=False)
         result = run_demo(config)
         run_dir = Path(result["log_dir"])
         written = save_logged_images(run_dir, output)
+        written.extend(save_report_figures(run_dir, output))
         written.append(save_ablation_plot(run_dir, output, work))
         written.extend(save_screenshots(run_dir.parent, output, work))
     print(f"val_acc {result['val_acc']:.3f}; wrote {', '.join(path.name for path in written)} to {output}")

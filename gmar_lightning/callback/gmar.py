@@ -244,7 +244,7 @@ class GMARCallback(Callback):
         mean: Per-channel normalisation mean, to show probe images in their true colours (default: the data
             module's ``input_recipe``, else min-max).
         std: Per-channel normalisation std.
-        max_images: Most probe images in each overlay grid.
+        max_images: Most probe images shown per method, two per overlay image.
         class_names: Names for class indices in captions (default: the data module's ``input_recipe``).
         per_head_histograms: Also log one histogram per head (``gmar/head_weights/layer_XX/head_YY``).
         cmap: Matplotlib colour map of the overlays; the default, ``"inferno"``, is perceptually uniform.

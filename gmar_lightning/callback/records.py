@@ -1,7 +1,7 @@
 """Turn one evaluation's explanations into an [`EvaluationRecord`][gmar_lightning.callback.records.EvaluationRecord] of
 plain data.
 
-The callback decides *when* to explain and keeps the state; this module decides *what* is logged: overlay grids, the
+The callback decides *when* to explain and keeps the state; this module decides *what* is logged: overlay pages, the
 evolution of a few probe images' maps, per-layer and per-head head-weight histograms, per-head and specialisation
 scalars with the charts that group them, figures, a head-weight table and probe-batch metric scores. Tags live under
 ``gmar/``; layers are numbered ``layer_00, layer_01, ...`` and heads ``head_00, head_01, ...`` in forward order.
