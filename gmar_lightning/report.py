@@ -41,6 +41,15 @@ from gmar_lightning.trajectory import TRAJECTORY_NPZ, HeadTrajectory
 __all__ = ["OverlayPair", "Report", "build_report", "find_trajectory"]
 
 OVERLAY_TAG_PREFIX = "gmar/overlay/"
+# The callback logs a method's probe images two per image: ``<prefix><method>`` holds the first two, the report shows
+# those, and ``<prefix><method>/images_3-4`` ... (``..._images_3-4.png`` as files) hold the others.
+_LATER_PAGE = "/images_"
+
+
+def _first_page(tag: str) -> bool:
+    return _LATER_PAGE not in tag
+
+
 _REPORT_DIR = "report"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -160,7 +169,7 @@ def _tensorboard_overlays(events: list[Any], prefix: str = OVERLAY_TAG_PREFIX) -
     pairs = []
     for accumulator in events:
         for tag in accumulator.Tags()["images"]:
-            if tag.startswith(prefix):
+            if tag.startswith(prefix) and _first_page(tag):
                 images = accumulator.Images(tag)
                 first, latest = images[0], images[-1]
                 pairs.append(
@@ -176,6 +185,8 @@ def _file_overlays(run_dir: Path, output_dir: Path, kind: str = "overlay") -> li
     by_name: dict[str, list[tuple[int, Path]]] = {}
     for path in _run_files(run_dir, f"step_*/gmar_{kind}_*.png"):
         if path.resolve().is_relative_to(output_dir.resolve()) or path.read_bytes()[:8] != _PNG_SIGNATURE:
+            continue
+        if "_images_" in path.stem:  # a later page: gmar_overlay_<method>_images_3-4.png
             continue
         step = path.parent.name.removeprefix("step_")
         if step.isdigit():
@@ -285,7 +296,7 @@ def _logged_overlays(run: _LoggedRun | None, prefix: str) -> list[OverlayPair]:
     pairs = []
     for tag, found in sorted((run.images if run is not None else {}).items()):
         found = [(step, path) for step, path in found if path.is_file()]
-        if tag.startswith(prefix) and found:
+        if tag.startswith(prefix) and _first_page(tag) and found:
             (first_step, first), (latest_step, latest) = found[0], found[-1]
             pairs.append(OverlayPair(tag, (first_step, first.read_bytes()), (latest_step, latest.read_bytes())))
     return pairs

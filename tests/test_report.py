@@ -33,16 +33,23 @@ def _run_dir_with_trajectory(root: Path, epochs: int = 3) -> Path:
     return run_dir
 
 
-def test_report_writes_plots_and_a_self_contained_page(tmp_path: Path) -> None:
+def test_report_writes_plots_and_a_self_contained_page(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = _run_dir_with_trajectory(tmp_path)
     # What a CSV-logged run holds: the logger's hparams.yaml and metrics.csv, and a FileSink's overlay PNGs.
     (run_dir / "hparams.yaml").write_text("model_name: vit_tiny_patch16_224\nlr: 0.001\n")
     (run_dir / "metrics.csv").write_text("epoch,step,train_loss,val_acc\n0,9,1.2,\n0,9,,0.5\n1,19,,0.875\n2,29,,0.75\n")
     sink = FileSink(run_dir / "gmar")
     for step in (10, 20, 30):
-        images = {"gmar/overlay/gmar_l1": torch.rand(3, 16, 16), "gmar/evolution/gmar_l1": torch.rand(3, 8, 16)}
+        # The callback logs two probe images per overlay image; the report shows each method's first page.
+        images = {
+            "gmar/overlay/gmar_l1": torch.rand(3, 16, 16),
+            "gmar/overlay/gmar_l1/images_3-4": torch.rand(3, 16, 16),
+            "gmar/evolution/gmar_l1": torch.rand(3, 8, 16),
+            "gmar/evolution/gmar_l1/images_3-4": torch.rand(3, 8, 16),
+        }
         sink.log_evaluation(EvaluationRecord(step, 2, images=images))
     assert main(["report", str(run_dir)]) == 0
+    assert "(overlays of 1 method)" in capsys.readouterr().out
 
     report_dir = run_dir / "report"
     for name in ("head_importance.png", "trajectory.png", "specialisation.png"):
@@ -52,7 +59,7 @@ def test_report_writes_plots_and_a_self_contained_page(tmp_path: Path) -> None:
     # 3 plots, the first and the latest overlays, the latest evolution figure
     assert page.count('src="data:image/png;base64,') == 6
     assert "gmar/gmar_evolution_gmar_l1.png at step 30" in page
-    assert "gmar/gmar_overlay_gmar_l1.png" in page
+    assert "gmar/gmar_overlay_gmar_l1.png" in page and "images_3-4" not in page
     assert "first evaluation (step 10)" in page and "latest evaluation (step 30)" in page
     assert "<strong>0.750</strong> at the end (best 0.875)" in page
     assert "<td>model_name</td><td><code>vit_tiny_patch16_224</code></td>" in page
