@@ -1069,7 +1069,16 @@ def _step_ticks(axes: Axes, steps: Sequence[int], panel_inches: float) -> None:
     axes.xaxis.set_major_locator(MaxNLocator(nbins=max(1, int(panel_inches / label_inches) - 1), integer=True))
 
 
-def layer_trajectory_figure(trajectory: HeadTrajectory, layer: int, title: str | None = None) -> Figure:
+def _mark_prunings(axes: Axes, pruned_at: Sequence[int]) -> None:
+    """A dashed line at each step heads were removed: GMAR weights renormalise over the remaining heads there, so a
+    jump at such a line is the pruning, not a change in importance."""
+    for index, step in enumerate(pruned_at):
+        axes.axvline(step, color="0.45", linestyle="--", linewidth=1.0, label="heads pruned" if index == 0 else None)
+
+
+def layer_trajectory_figure(
+    trajectory: HeadTrajectory, layer: int, title: str | None = None, pruned_at: Sequence[int] = ()
+) -> Figure:
     """One layer's head weights over global steps, one coloured line per head named in a legend.
 
     Sized for a TensorBoard card (about 430 x 240 px, 10 pt text), so each head's colour and name read unexpanded:
@@ -1079,6 +1088,7 @@ def layer_trajectory_figure(trajectory: HeadTrajectory, layer: int, title: str |
         trajectory: The recorded trajectory.
         layer: Which layer, ``0 .. num_layers - 1``.
         title: Figure title; defaults to the layer's name.
+        pruned_at: Global steps at which heads were removed (``HeadPruning.history``), each marked by a dashed line.
 
     Returns:
         A figure with one axes.
@@ -1095,15 +1105,16 @@ def layer_trajectory_figure(trajectory: HeadTrajectory, layer: int, title: str |
     num_layers, num_heads = trajectory.num_layers, trajectory.num_heads
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
         raise ValueError(f"`layer` must be an index in [0, {num_layers}), got {layer!r}.")
-    head_labels = [f"head {head}" for head in range(num_heads)]
-    legend_columns = math.ceil(num_heads / 8)
+    head_labels = [f"head {head}" for head in range(num_heads)] + (["heads pruned"] if pruned_at else [])
+    legend_columns = math.ceil(len(head_labels) / 8)
     panel = (2.3, 1.45)
     figure, grid = _panel_grid(1, 1, panel, margins=(0.85, 0.1 + legend_columns * _legend_width(head_labels) * 0.8,
                                                       0.5, 0.35))  # fmt: skip
     axes = grid[0, 0]
     weights = trajectory.weights.numpy()
-    for head, (label, colour) in enumerate(zip(head_labels, line_colours(num_heads), strict=True)):
+    for head, (label, colour) in enumerate(zip(head_labels, line_colours(num_heads), strict=False)):
         axes.plot(trajectory.steps, weights[:, layer, head], marker="o", markersize=3, color=colour, label=label)
+    _mark_prunings(axes, pruned_at)
     axes.set_title(literal(title) if title else _layer_labels(trajectory.layer_names, num_layers)[layer],
                    fontsize=_TITLE_FONT_SIZE)  # fmt: skip
     axes.tick_params(labelsize=_FONT_SIZE)
@@ -1117,7 +1128,9 @@ def layer_trajectory_figure(trajectory: HeadTrajectory, layer: int, title: str |
     return figure
 
 
-def trajectory_figure(trajectory: HeadTrajectory, title: str = "GMAR head importance over training") -> Figure:
+def trajectory_figure(
+    trajectory: HeadTrajectory, title: str = "GMAR head importance over training", pruned_at: Sequence[int] = ()
+) -> Figure:
     """A grid of panels, one per layer, one line per head: head weight (y) against global step (x).
 
     The grid is near-square (2 x 2 for 4 layers, 4 x 3 for 12), so the figure keeps a shape that stays readable
@@ -1127,6 +1140,7 @@ def trajectory_figure(trajectory: HeadTrajectory, title: str = "GMAR head import
         trajectory: The recorded trajectory; an empty one gives empty panels (or a single note when even the
             number of layers is unknown).
         title: Figure title.
+        pruned_at: Global steps at which heads were removed, each marked by a dashed line in every panel.
 
     Returns:
         A figure with one axes per layer (at least one).
@@ -1144,7 +1158,7 @@ def trajectory_figure(trajectory: HeadTrajectory, title: str = "GMAR head import
     columns = _grid_columns(panels)
     rows = math.ceil(panels / columns)
     head_labels = [f"head {head}" for head in range(num_heads)]
-    right = _legend_width(head_labels) if len(trajectory) else 0.2
+    right = _legend_width([*head_labels, "heads pruned"] if pruned_at else head_labels) if len(trajectory) else 0.2
     figure, grid = _panel_grid(rows, columns, (2.4, 1.7), margins=(0.8, right, 0.6, 0.6), sharex=True, sharey=True)
     grid = grid.flatten()
     for unused in grid[panels:]:
@@ -1163,6 +1177,7 @@ def trajectory_figure(trajectory: HeadTrajectory, title: str = "GMAR head import
                 trajectory.steps, weights[:, layer, head], marker="o", markersize=3, color=colours[head],
                 label=head_label,
             )  # fmt: skip
+        _mark_prunings(axes, pruned_at)
         axes.set_title(labels[layer], fontsize=_FONT_SIZE)
         axes.tick_params(labelsize=_FONT_SIZE, labelbottom=True)
         _step_ticks(axes, trajectory.steps, 2.4)

@@ -348,3 +348,16 @@ def test_default_callback_logs_gmar_and_grad_rollout_and_head_weights_from_one_p
     grad_caption = captions["gmar_validate/overlay/grad_rollout/text_summary"]
     assert "where attention carries information" in gmar_caption and "why this class" not in gmar_caption
     assert "changes with the class and with the classifier" in grad_caption
+
+
+def test_trajectory_figures_mark_each_pruning_at_its_step(tmp_path: Path) -> None:
+    from gmar_lightning import HeadPruning
+    from gmar_lightning.callback.gmar import _pruning_steps
+
+    callback = GMARCallback(num_probe=4, methods=("gmar_l1",))
+    pruning = HeadPruning(amount=2, criterion="magnitude", epochs=[1], throughput_batch=0)
+    trainer = fit(tmp_path, [callback, pruning], max_epochs=3)
+    pruned_at = _pruning_steps(trainer)
+    assert pruned_at == [entry["step"] for entry in pruning.history] == [trainer.num_training_batches]
+    # After the first epoch's evaluation (logged one step earlier), before the second's.
+    assert callback.trajectory.steps[0] < pruned_at[0] < callback.trajectory.steps[1]

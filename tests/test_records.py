@@ -42,3 +42,29 @@ def test_probe_metric_scores_skip_mask_metrics_without_masks() -> None:
     with_masks = probe_metric_scores(LeftHalf(), Probe(images, masks=masks), _explanation(maps), names)
     assert sorted(with_masks) == sorted(names)
     assert with_masks["pointing_game"] == 1.0 and with_masks["energy_pointing_game"] == pytest.approx(1.0)
+
+
+def test_evaluation_record_pages_maps_and_marks_prunings_on_each_layers_trajectory() -> None:
+    from gmar_lightning.callback.records import evaluation_record
+    from gmar_lightning.trajectory import HeadTrajectory
+
+    generator = torch.Generator().manual_seed(0)
+    probe = Probe(torch.rand(5, 3, 16, 16, generator=generator), torch.tensor([0, 1, 0, 1, 0]))
+    weights = torch.rand(5, 2, 3, generator=generator).softmax(dim=-1)
+    maps = torch.rand(5, 16, 16, generator=generator)
+    gmar = Explanation("gmar_l1", maps[:, ::4, ::4], maps, torch.zeros(5, dtype=torch.long), torch.randn(5, 2),
+                       weights, weights)  # fmt: skip
+    trajectory = HeadTrajectory(layer_names=["blocks.0.attn", "blocks.1.attn"])
+    for step in (9, 19):
+        trajectory.append(step // 10, step, weights.mean(dim=0), weights.mean(dim=0))
+    record = evaluation_record(step=19, epoch=1, probe=probe, explanations={"gmar_l1": gmar}, trajectory=trajectory,
+                               head_method="gmar_l1", pruned_at=[10])  # fmt: skip
+    assert {tag for tag in record.images if tag.startswith("gmar/overlay/")} == {
+        "gmar/overlay/gmar_l1", "gmar/overlay/gmar_l1/images_3-4", "gmar/overlay/gmar_l1/images_5",
+    }  # fmt: skip
+    assert "where attention carries information" in record.captions["gmar/overlay/gmar_l1"]
+    for layer in ("00", "01"):
+        axes = record.figures[f"gmar/trajectory/layer_{layer}"].axes[0]
+        marks = [line for line in axes.get_lines() if line.get_label() == "heads pruned"]
+        assert len(marks) == 1 and list(marks[0].get_xdata()) == [10, 10]
+        assert "heads pruned" in [text.get_text() for text in axes.get_legend().get_texts()]

@@ -367,3 +367,18 @@ def test_step_ticks_never_overlap(evaluations: int, step_size: int) -> None:
         specialisation_figure(trajectory, statistic="stability"),
     ):
         _assert_ticks_apart(figure)
+
+
+@pytest.mark.parametrize("heads", [4, 12])
+def test_pruning_marks_are_named_in_the_legend_without_overlapping_text(heads: int) -> None:
+    trajectory = make_trajectory(epochs=6, layers=2, heads=heads)
+    for figure in (
+        layer_trajectory_figure(trajectory, 1, pruned_at=[15, 35]),
+        trajectory_figure(trajectory, pruned_at=[15]),
+    ):
+        axes = figure.axes[0]
+        marks = [line for line in axes.get_lines() if line.get_linestyle() == "--"]
+        assert sorted(line.get_xdata()[0] for line in marks) == ([15, 35] if len(figure.axes) == 1 else [15])
+        labels = [text.get_text() for text in (axes.get_legend() or figure.legends[0]).get_texts()]
+        assert labels.count("heads pruned") == 1 and len(labels) == heads + 1
+        _assert_no_text_overlaps(figure)

@@ -168,6 +168,13 @@ def _logging_step(trainer: pl.Trainer) -> int:
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 
+def _pruning_steps(trainer: pl.Trainer) -> list[int]:
+    """The global steps at which a ``HeadPruning`` callback of this fit removed heads (its ``history``)."""
+    from gmar_lightning.callback.head_pruning import HeadPruning  # it imports this module
+
+    return [int(entry["step"]) for c in trainer.callbacks if isinstance(c, HeadPruning) for entry in c.history]
+
+
 def _retagged(record: EvaluationRecord, prefix: str) -> EvaluationRecord:
     """The record with every leading ``gmar/`` of its tags (also those a line chart draws) replaced by ``prefix``."""
 
@@ -775,6 +782,7 @@ class GMARCallback(Callback):
             alpha=self.alpha,
             mode=self.mode,
             outlier_percentile=self.outlier_percentile,
+            pruned_at=[] if validating else _pruning_steps(trainer),
         )
         if self._prefixes[validating] != "gmar/":
             record = _retagged(record, self._prefixes[validating])

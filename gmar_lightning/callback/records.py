@@ -248,6 +248,7 @@ def evaluation_record(
     alpha: float = DEFAULT_ALPHA,
     mode: str = "blended",
     outlier_percentile: float = 0.0,
+    pruned_at: Sequence[int] = (),
 ) -> EvaluationRecord:
     """Assemble everything one evaluation logs.
 
@@ -269,6 +270,7 @@ def evaluation_record(
         alpha: Weight of the map in ``blended`` overlays.
         mode: How maps are drawn, one of [`MODES`][gmar_lightning.render.MODES].
         outlier_percentile: Saturate each map's top percent before drawing it.
+        pruned_at: Global steps at which heads were removed, marked on the trajectory figures.
 
     Returns:
         The record. Images, each sized to be read in a TensorBoard card unexpanded: ``gmar/overlay/<method>`` (the
@@ -329,7 +331,7 @@ def evaluation_record(
             record.scalars[f"gmar/metrics/{method}/{metric}"] = score
 
     if head_method is not None:
-        _add_head_data(record, explanations[head_method], trajectory, per_head_histograms)
+        _add_head_data(record, explanations[head_method], trajectory, per_head_histograms, pruned_at)
     return record
 
 
@@ -339,7 +341,11 @@ def _figure_image(figure: Figure) -> Tensor:
 
 
 def _add_head_data(
-    record: EvaluationRecord, explanation: Explanation, trajectory: HeadTrajectory, per_head_histograms: bool
+    record: EvaluationRecord,
+    explanation: Explanation,
+    trajectory: HeadTrajectory,
+    per_head_histograms: bool,
+    pruned_at: Sequence[int] = (),
 ) -> None:
     weights = explanation.head_weights.cpu()
     num_layers, num_heads = weights.shape[1:]
@@ -375,6 +381,7 @@ def _add_head_data(
             record.line_charts[f"gmar/{_SUMMARY_TAGS[name]}"] = chart
     record.figures["gmar/head_importance"] = head_heatmap_figure(weights, trajectory.layer_names or None)
     for layer in range(trajectory.num_layers):
-        record.figures[f"gmar/trajectory/layer_{layer:02d}"] = layer_trajectory_figure(trajectory, layer)
+        figure = layer_trajectory_figure(trajectory, layer, pruned_at=pruned_at)
+        record.figures[f"gmar/trajectory/layer_{layer:02d}"] = figure
     for name in trajectory.summaries():
         record.figures[f"gmar/specialisation/{_SUMMARY_TAGS[name]}"] = specialisation_figure(trajectory, statistic=name)
