@@ -9,6 +9,7 @@ every image card's on-screen scale and the height its 10 pt text has on screen::
 
     python docs/scripts/make_figures.py              # the full main job, a few CPU minutes
     python docs/scripts/make_figures.py --epochs 3   # quicker, less trained figures
+    python docs/scripts/make_figures.py --epochs 4 --max-train-images 600   # quicker still
 """
 
 from __future__ import annotations
@@ -110,13 +111,18 @@ def save_screenshots(log_dir: Path, output: Path, work: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description="Regenerate docs/images from a real run of the main job.")
     parser.add_argument("--epochs", type=int, default=DemoConfig().epochs, help="training epochs of the run")
+    parser.add_argument(
+        "--max-train-images", type=int, default=None, help="train on fewer images (default: all of the demo's)"
+    )
     parser.add_argument("--output", default=str(REPOSITORY / "docs" / "images"), help="where the PNGs go")
     args = parser.parse_args(argv)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gmar_figures_") as temporary:
         work = Path(temporary)
-        config = DemoConfig(log_dir=str(work / "runs"), epochs=args.epochs, progress_bar=False)
+        config = DemoConfig(
+            log_dir=str(work / "runs"), epochs=args.epochs, max_train_images=args.max_train_images, progress_bar=False
+        )
         result = run_demo(config)
         run_dir = Path(result["log_dir"])
         written = save_logged_images(run_dir, output)
