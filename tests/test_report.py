@@ -119,7 +119,7 @@ def test_report_reads_a_wandb_run_like_a_tensorboard_run(
     files_dir, run_id = Path(logger.experiment.dir), logger.experiment.id
     offline_wandb.finish()
     assert main(["report", str(files_dir)]) == 0
-    assert "(overlays of 1 method)" in capsys.readouterr().out
+    assert "(overlays of 2 methods)" in capsys.readouterr().out  # the default gmar_l1 and grad_rollout
     page = (files_dir / "report" / "report.html").read_text(encoding="utf-8")
     _assert_reads_the_run(page, f"GMAR report: shapes (W&amp;B run {run_id})")
     # The trainer's steps, at which Lightning logged val_acc too (2 batches an epoch), not W&B's row counter (0, 2).
