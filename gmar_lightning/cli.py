@@ -458,6 +458,14 @@ def _build_model(args: argparse.Namespace) -> nn.Module:
         )
     stored = stored or {}
     model_name = args.model or stored["model_name"]
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        # open_clip's names for hub and local models: an open_clip model makes class logits only from the user's
+        # class prompts (zero-shot), which the command has no way to take.
+        raise CommandError(
+            f"--model {model_name} names an open_clip (or timm hub) model, which the command does not load: an "
+            "open_clip model needs your class prompts for zero-shot logits; explain it from Python under your own "
+            "head (docs/guide/huggingface.md, open_clip image towers), or pass hf:<save_pretrained folder>."
+        )
     if not timm.is_model(model_name):
         raise CommandError(f"unknown timm model {model_name!r}; see timm.list_models('vit*') for valid names.")
     if args.checkpoint is None and not args.pretrained and not args.random_weights:

@@ -439,3 +439,14 @@ def test_a_backbone_folder_without_a_classifier_is_refused_in_one_line(
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and f"holds {name}, a backbone without a classifier" in error[0], error
     assert "put your head on it" in error[0]
+
+
+@pytest.mark.parametrize("name", ["hf-hub:timm/ViT-B-32-quickgelu", "local-dir:/nonexistent/open_clip"])
+def test_open_clip_names_are_refused_in_one_line_naming_the_python_route(
+    name: str, images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["explain", str(images[0]), "--model", name, "--random-weights", "--output", str(tmp_path / "out")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "names an open_clip (or timm hub) model, which the command does not load" in error[0]
+    assert "explain it from Python under your own head" in error[0]
