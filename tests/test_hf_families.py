@@ -559,3 +559,45 @@ def test_other_transformers_vision_classes_are_refused_with_what_they_are(make: 
     with pytest.raises(UnsupportedModelError, match=pattern) as error:
         explain(make().eval(), make_images(batch=1))
     assert "\n" not in str(error.value)
+
+
+class SiglipModule(pl.LightningModule):
+    """A user's linear head on a tiny SiglipVisionModel's attention-pooled output, for 4 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = WithHead(
+            transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION)), lambda o: o.pooler_output
+        )
+        self.model.head = nn.Linear(DIM, 4)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def training_step(self, batch: tuple, batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch: tuple, batch_idx: int) -> None:
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+@pytest.mark.integration
+def test_head_pruning_by_gmar_on_a_siglip_backbone_ranks_the_blocks_heads_only(tmp_path: Path) -> None:
+    pl.seed_everything(0, verbose=False)
+    module = SiglipModule()
+    gmar = GMARCallback(num_probe=4, methods=("gmar_l1",))
+    pruning = HeadPruning(amount=2, criterion="gmar", epochs=[1], gmar_last_n=1, throughput_batch=0)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, logger=False, callbacks=[gmar, pruning]))
+    trainer.fit(module, datamodule=tiny_data())
+    # The explanations carry the pool's heads as a third row; the two blocks lose the 2 lowest-ranked heads.
+    assert gmar.trajectory.layer_names[-1] == "head.attention"
+    assert sum(head_counts(module.model.backbone)) == 2 * HEADS - 2
+    weights = gmar.trajectory.weights[0, :2]
+    removed = [
+        (int(name.split(".")[2]), head) for name, heads in pruning.history[0]["removed"].items() for head in heads
+    ]
+    kept = [(layer, head) for layer in range(2) for head in range(HEADS) if (layer, head) not in removed]
+    assert max(weights[layer, head] for layer, head in removed) <= min(weights[layer, head] for layer, head in kept)

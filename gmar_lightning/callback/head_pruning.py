@@ -275,9 +275,9 @@ class HeadPruning(Callback):
                 loader = trainer.train_dataloader
             with _preserved_rng():  # reading batches must not shift the training's random streams
                 return michel_importance(model, loader, max_batches=self.michel_batches, progress=False)
-        return self._gmar_importance(trainer, epoch)
+        return self._gmar_importance(trainer, model, epoch)
 
-    def _gmar_importance(self, trainer: pl.Trainer, epoch: int) -> Tensor:
+    def _gmar_importance(self, trainer: pl.Trainer, model: nn.Module, epoch: int) -> Tensor:
         gmar = self._gmar_callback(trainer)
         if gmar._disabled:
             raise ValueError(
@@ -293,7 +293,13 @@ class HeadPruning(Callback):
                 f"`criterion='gmar'` has no GMAR evaluation since {since} to rank heads by at epoch {epoch}; "
                 f"schedule pruning after a GMAR evaluation (GMARCallback every_n_epochs={gmar.every_n_epochs})."
             )
-        return trajectory.weights[-min(fresh, self.gmar_last_n) :].mean(dim=0)
+        weights = trajectory.weights[-min(fresh, self.gmar_last_n) :].mean(dim=0)
+        names = [layer.name for layer in head_layers(model)]
+        if trajectory.layer_names and trajectory.layer_names != names and set(names) <= set(trajectory.layer_names):
+            # The explanation has layers the head tools do not act on (a transformers SigLIP pool's
+            # nn.MultiheadAttention): they rank no heads.
+            weights = weights[[trajectory.layer_names.index(name) for name in names]]
+        return weights
 
     def _choose(self, trainer: pl.Trainer, model: nn.Module, epoch: int) -> tuple[int, dict[int, list[int]]]:
         """``(heads asked for, {layer: [head, ...]})``; raises if the choice would remove every head."""
