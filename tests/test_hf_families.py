@@ -284,11 +284,19 @@ def uniform_attention(model: nn.Module) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("case", ["clip_classifier", "siglip_classifier", "dinov3", "clip_vision_model", "swin"])
+@pytest.mark.parametrize(
+    "case", ["clip_classifier", "siglip_classifier", "siglip_pooled", "dinov3", "clip_vision_model", "swin", "swin_odd"]
+)
 @pytest.mark.parametrize("method", ["rollout", "gmar_l1"])
 def test_uniform_attention_gives_a_flat_map(case: str, method: str) -> None:
-    model = uniform_attention(make_swin(case) if case in SWIN_CASES else make_model(case))
-    maps = explain(model, make_images(batch=2), method=method).token_maps
+    if case == "siglip_pooled":
+        model = siglip_pooled()
+        with torch.no_grad():  # the pool's query and key rows of its packed projection: uniform pool attention too
+            model.backbone.head.attention.in_proj_weight[: 2 * DIM].zero_()
+            model.backbone.head.attention.in_proj_bias[: 2 * DIM].zero_()
+    else:
+        model = make_swin(case) if case in SWIN_CASES else make_model(case)
+    maps = explain(uniform_attention(model), make_images(batch=2), method=method).token_maps
     assert float((maps.amax(dim=(1, 2)) / maps.amin(dim=(1, 2))).max()) <= 1.01
 
 

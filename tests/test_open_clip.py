@@ -133,3 +133,15 @@ def test_a_bare_tower_and_unpooled_or_attention_pooled_towers_are_refused_in_one
     with pytest.raises(UnsupportedModelError, match=r"attentional pooler \(CoCa's attn_pool\)") as error:
         explain(ZeroShot(coca), images(1))
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("pool_type", ["tok", "avg"])
+@pytest.mark.parametrize("method", ["rollout", "gmar_l1"])
+def test_uniform_attention_gives_a_flat_map(pool_type: str, method: str) -> None:
+    model = make(pool_type)
+    with torch.no_grad():  # zero query and key rows of every block's packed projection: every score is equal
+        for block in model.visual.transformer.resblocks:
+            block.attn.in_proj_weight[: 2 * 32].zero_()
+            block.attn.in_proj_bias[: 2 * 32].zero_()
+    maps = explain(model, images(2), method=method).token_maps
+    assert float((maps.amax(dim=(1, 2)) / maps.amin(dim=(1, 2))).max()) <= 1.01
