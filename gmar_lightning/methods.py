@@ -394,7 +394,9 @@ def gram_l2_scores(grad_output: Tensor, value: Tensor) -> Tensor:
 def chunked_l1_scores(grad_output: Tensor, value: Tensor, rows: int) -> Tensor:
     """GMAR-L1 head scores ``sum |G_h V_h^T|`` over query-row chunks of ``rows``: ``[B, H, N, d]`` pair -> ``[B, H]``.
 
-    Only one ``[B, H, rows, N]`` block of the attention gradient exists at a time; the sum accumulates in float64.
+    Only one ``[B, H, rows, N]`` block of the attention gradient exists at a time. Each block is summed in float32
+    (torch's cascaded reduction) and the blocks accumulate in float64; summing a block with ``dtype=float64`` would
+    first copy it to float64.
 
     Examples:
         >>> g, v = torch.tensor([[[[1.0, 0.0], [0.0, -2.0]]]]), torch.tensor([[[[3.0, 1.0], [0.0, 4.0]]]])
@@ -405,7 +407,7 @@ def chunked_l1_scores(grad_output: Tensor, value: Tensor, rows: int) -> Tensor:
     total = grad_output.new_zeros(grad_output.shape[:2], dtype=torch.float64)
     for start in _chunks(grad_output.shape[2], rows):
         block = grad_output[:, :, start : start + rows].float() @ values
-        total += block.abs().sum(dim=(-2, -1), dtype=torch.float64)
+        total += block.abs_().sum(dim=(-2, -1)).double()
     return total.float()
 
 
