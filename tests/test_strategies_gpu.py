@@ -71,7 +71,9 @@ def test_callback_maps_equal_the_unsharded_models(make_strategy, module_class, t
     # The unsharded model with the trained weights, explained directly.
     state = trainer.strategy.lightning_module_state_dict()
     unsharded = TinyViTModule()
-    unsharded.load_state_dict({key: value.cpu() for key, value in state.items()})
+    # FSDP2 may hand back sharded DTensors: gather each into the full tensor.
+    full = {key: getattr(value, "full_tensor", lambda value=value: value)().cpu() for key, value in state.items()}
+    unsharded.load_state_dict(full)
     for method, logged in callback.map_history.maps.items():
         expected = explain(unsharded.vit, images, method=method).maps
         quantised = (expected.clamp(0, 1) * 255).round().to(logged.dtype)
