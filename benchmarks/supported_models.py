@@ -243,6 +243,15 @@ CASES += [
         text_config=TINY_TEXT,
         num_labels=3,
     ),
+    transformers_case(
+        "MetaClip2ForImageClassification",
+        "MetaClip2Config",
+        vision_config={key: value for key, value in TINY_HF.items() if key != "num_labels"},
+        text_config=TINY_TEXT,
+        num_labels=3,
+    ),
+    transformers_case("ViTMSNForImageClassification", "ViTMSNConfig", **TINY_HF),
+    transformers_case("IJepaForImageClassification", "IJepaConfig", **TINY_HF),
     transformers_case("SwinForImageClassification", "SwinConfig", **TINY_HF_SWIN),
     transformers_case("Swinv2ForImageClassification", "Swinv2Config", **TINY_HF_SWIN),
 ]
@@ -279,6 +288,7 @@ def backbone_case(model_class: str, config_class: str, width: int = 32, **config
 TINY_HF_BACKBONE = {key: value for key, value in TINY_HF.items() if key != "num_labels"}
 CASES += [
     backbone_case("CLIPVisionModel", "CLIPVisionConfig", **TINY_HF_BACKBONE),
+    backbone_case("MetaClip2VisionModel", "MetaClip2VisionConfig", **TINY_HF_BACKBONE),
     backbone_case("CLIPVisionModelWithProjection", "CLIPVisionConfig", width=16, projection_dim=16, **TINY_HF_BACKBONE),
     backbone_case("SiglipVisionModel", "SiglipVisionConfig", **TINY_HF_BACKBONE),
     backbone_case("DINOv3ViTModel", "DINOv3ViTConfig", num_register_tokens=2, **TINY_HF_BACKBONE),

@@ -256,7 +256,10 @@ def _error_cases(tmp_path: Path, folder: Path, pruned_weights: Path) -> dict[str
             [*model_option, "--img-size", "4", "--random-weights"],
             "--img-size 4 is smaller than the model's 8-pixel patches; pass --img-size 8 or more.",
         ),
-        "not a ViT": (["--model", f"hf:{convnext}", "--random-weights"], "cannot be explained: it is a transformers"),
+        "not a ViT": (
+            ["--model", f"hf:{convnext}", "--random-weights"],
+            "cannot be explained: it has no attention over tokens",
+        ),
         "target beyond the config's labels": (
             [*model_option, "--target", "4"],
             "out of range for a model with 4 classes",

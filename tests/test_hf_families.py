@@ -113,6 +113,26 @@ CASES: dict[str, tuple[Callable[[], nn.Module], int, list[int] | None]] = {
     ),
     # DINOv3 with two registers: the pooler is the class token.
     "dinov3": (dinov3, 3, [0]),
+    # MetaClip2ForImageClassification averages the patch tokens, as CLIP's classifier does.
+    "metaclip_2_classifier": (
+        lambda: transformers.MetaClip2ForImageClassification(
+            transformers.MetaClip2Config(vision_config=VISION, text_config=TEXT, num_labels=5)
+        ),
+        1,
+        None,
+    ),
+    # ViTMSNForImageClassification reads the class token.
+    "vit_msn_classifier": (
+        lambda: transformers.ViTMSNForImageClassification(transformers.ViTMSNConfig(num_labels=5, **VISION)),
+        1,
+        [0],
+    ),
+    # IJepaForImageClassification averages every token (I-JEPA has no class token).
+    "ijepa_classifier": (
+        lambda: transformers.IJepaForImageClassification(transformers.IJepaConfig(num_labels=5, **VISION)),
+        0,
+        None,
+    ),
 }
 
 
@@ -558,8 +578,8 @@ def test_a_head_that_skips_siglips_pool_is_read_out_as_it_pools() -> None:
             r"it is the image encoder of a vision-language or other multimodal model; gmar-lightning does not map",
         ),
         (
-            lambda: transformers.ViTMSNForImageClassification(transformers.ViTMSNConfig(**VISION)),
-            r"it is a ViT-MSN ViT, not among the mapped ViT classes",
+            lambda: transformers.Data2VecVisionForImageClassification(transformers.Data2VecVisionConfig(**VISION)),
+            r"it is a data2vec BEiT-style ViT, not among the mapped ViT classes",
         ),
     ],
 )

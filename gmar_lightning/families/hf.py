@@ -65,7 +65,10 @@ SUPPORTED_CLASSES = (
     "Dinov2ForImageClassification",
     "Dinov2WithRegistersForImageClassification",
     "CLIPForImageClassification",
+    "MetaClip2ForImageClassification",
     "SiglipForImageClassification",
+    "ViTMSNForImageClassification",
+    "IJepaForImageClassification",
     "SwinForImageClassification",
     "Swinv2ForImageClassification",
     "TimmWrapperForImageClassification",
@@ -80,6 +83,7 @@ SUPPORTED_BACKBONES = (
     "Dinov2WithRegistersModel",
     "CLIPVisionModel",
     "CLIPVisionModelWithProjection",
+    "MetaClip2VisionModel",
     "SiglipVisionModel",
     "DINOv3ViTModel",
     "SwinModel",
@@ -96,15 +100,18 @@ _MODEL_TYPES = frozenset(
         "dinov2",
         "dinov2_with_registers",
         "clip_vision_model",
+        "metaclip_2_vision_model",
         "siglip_vision_model",
         "dinov3_vit",
+        "vit_msn",
+        "ijepa",
         "swin",
         "swinv2",
     }
 )
 # Image-text models whose config holds a ``vision_config``: only their image classifiers are vision models (CLIPModel
 # needs text too, and its CLIPVisionModel inside is found on its own).
-_COMPOSITE_TYPES = frozenset({"clip", "siglip"})
+_COMPOSITE_TYPES = frozenset({"clip", "metaclip_2", "siglip"})
 # The single-sequence ViTs of this family; Swin and Swin v2 (windows, merging) are `families.hf_swin`.
 _SWIN_TYPES = frozenset({"swin", "swinv2"})
 
@@ -245,7 +252,7 @@ def _restore(saved: list) -> None:
 def _num_prefix_tokens(config: object) -> int:
     if config.model_type == "deit":
         return 2  # class and distillation token
-    if config.model_type == "siglip_vision_model":
+    if config.model_type in ("siglip_vision_model", "ijepa"):
         return 0  # no class token: every token is a patch
     return 1 + int(getattr(config, "num_register_tokens", 0) or 0)
 
@@ -258,8 +265,9 @@ def token_layout_of(model: nn.Module) -> TokenLayout:
     - BEiT: the mean of the patch tokens with ``use_mean_pooling`` (the default), otherwise the class token.
     - Dinov2 (with or without registers): the head reads ``[class token, mean of the patch tokens]``; the read-out
       averages the class token's row and the mean patch row, each half of the classifier input weighing the same.
-    - ``CLIPForImageClassification``: the mean of the patch tokens (the class token is left out);
-      ``SiglipForImageClassification``: the mean of all tokens (SigLIP has no class token).
+    - ``CLIPForImageClassification`` and ``MetaClip2ForImageClassification``: the mean of the patch tokens (the class
+      token is left out); ``SiglipForImageClassification`` and ``IJepaForImageClassification``: the mean of all
+      tokens (neither has a class token); ``ViTMSNForImageClassification``: the class token.
     - A bare backbone nested under a custom head is assumed to be read out as its ``pooler_output``: the class token
       (ViT, DeiT, Dinov2, DINOv3, ``CLIPVisionModel``; ``CLIPVisionModelWithProjection`` projects it linearly), the
       patch mean (BEiT with ``use_mean_pooling``, ``SiglipVisionModel`` built without its pooling head); the read-out
@@ -276,7 +284,8 @@ def token_layout_of(model: nn.Module) -> TokenLayout:
         return TokenLayout(num_prefix_tokens=prefix, readout_tokens=None)
     if config.model_type.startswith("dinov2") and classifier:
         return TokenLayout(num_prefix_tokens=prefix, readout_tokens=(0,), with_patch_mean=True)
-    if (config.model_type == "clip_vision_model" and classifier) or config.model_type == "siglip_vision_model":
+    clip = config.model_type in ("clip_vision_model", "metaclip_2_vision_model")
+    if (clip and classifier) or config.model_type in ("siglip_vision_model", "ijepa"):
         return TokenLayout(num_prefix_tokens=prefix, readout_tokens=None)
     return TokenLayout(num_prefix_tokens=prefix, readout_tokens=(0,))
 
@@ -343,10 +352,7 @@ _TYPE_REASONS = {
     "dinat": f"its dilated neighbourhood attention gives every token its own key window; {_NOT_MAPPED}",
     "donut-swin": f"it is Donut's Swin encoder, whose classifier transformers builds apart from Swin's; {_NOT_MAPPED}",
     "imagegpt": "its causal attention runs over a sequence of colour-cluster pixels, not a patch grid",
-    "ijepa": f"it is an I-JEPA ViT, not among the mapped ViT classes; {_NOT_MAPPED}",
-    "vit_msn": f"it is a ViT-MSN ViT, not among the mapped ViT classes; {_NOT_MAPPED}",
     "data2vec-vision": f"it is a data2vec BEiT-style ViT, not among the mapped ViT classes; {_NOT_MAPPED}",
-    "metaclip_2": f"it is a MetaCLIP 2 tower, not among the mapped CLIP classes; {_NOT_MAPPED}",
 }
 
 
