@@ -445,7 +445,8 @@ def test_fit_with_head_pruning_and_gmar_callback_on_clip(tmp_path: Path) -> None
     expected_steps = [trainer.num_training_batches * epoch - 1 for epoch in (1, 2)]
     for tag in ("gmar/overlay/gmar_l1", "gmar/overlay/rollout", "gmar/head_importance"):
         assert [event.step for event in events.Images(tag)] == expected_steps, tag
-    assert [event.value for event in events.Scalars("head_pruning/heads")] == [2.0 * HEADS - 3]
+    # The start point, then the count after the pruning at epoch 1.
+    assert [event.value for event in events.Scalars("head_pruning/heads")] == [2.0 * HEADS, 2.0 * HEADS - 3]
     # The epoch-1 evaluation explains the pruned model: the 3 removed heads are NaN, the others sum to one per layer.
     assert gmar.trajectory.weights.shape == (2, 2, HEADS)
     assert int(gmar.trajectory.weights[1].isnan().sum()) == 3
