@@ -370,14 +370,14 @@ class HeadTrajectory:
         """Add the rows of ``saved`` (this run's trajectory as a file last held it) that this one lacks.
 
         A run resumed from a checkpoint holds the rows the checkpoint saved; a run killed after that checkpoint may
-        have written more rows before it died. Those at or below ``up_to_step`` (the checkpoint's step) describe
-        evaluations the resumed run will not repeat, so they are kept; rows above it are evaluations the resumed run
-        repeats. ``saved`` counts only when it is the same history: every key both hold must have the same epoch,
-        step and weights, and the layers must match.
+        have written more rows before it died. Those at or below ``up_to_step`` (the last step the checkpoint covers)
+        describe evaluations the resumed run will not repeat, so they are kept; rows above it are evaluations the
+        resumed run repeats. ``saved`` counts only when it is the same history: every key both hold must have the
+        same epoch, step and weights, and the layers must match.
 
         Args:
             saved: The trajectory read back from this run's file.
-            up_to_step: The checkpoint's global step.
+            up_to_step: The last row step the checkpoint covers (in the rows' own step convention).
 
         Returns:
             How many rows were added (0 when ``saved`` is another run's history).

@@ -69,7 +69,8 @@ def test_one_row_per_validation_at_val_losss_steps(
     val_steps = scalar_steps(logger.log_dir, "val_loss")
     assert len(val_steps) == len(validations.steps) > 0
     assert callback.trajectory.validations == list(range(len(val_steps)))
-    assert callback.trajectory.steps == validations.steps
+    # One step convention (issue 21): rows are keyed by the step val_loss is logged at, not trainer.global_step.
+    assert callback.trajectory.steps == val_steps
     assert scalar_steps(logger.log_dir, "gmar/entropy/layer_00") == val_steps
 
 
@@ -116,7 +117,9 @@ def test_a_resume_after_sigkill_keeps_every_row_written_before_the_kill(tmp_path
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     run_dir = tmp_path / "tb" / "version_0"
     before = HeadTrajectory.load_npz(run_dir / "head_importance.npz")
-    assert before.steps == [4, 8, 12]  # the checkpoint at step 12 was saved before the validation at step 12
+    # Rows carry val_loss's logging step, one less than the global step each validation follows: the checkpoint at
+    # global step 12 was saved before the validation logged at step 11.
+    assert before.steps == [3, 7, 11]
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 12
     events_before = sorted(path.name for path in run_dir.glob("events.out.tfevents.*"))
@@ -124,7 +127,7 @@ def test_a_resume_after_sigkill_keeps_every_row_written_before_the_kill(tmp_path
     resumed = run_fit(tmp_path, max_epochs=6, kill_at=-1, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     after = HeadTrajectory.load_npz(run_dir / "head_importance.npz")
-    assert after.steps == [4, 8, 12, 16, 20, 24]
+    assert after.steps == [3, 7, 11, 15, 19, 23]
     assert after.validations == list(range(6))
     assert torch.equal(after.weights[:3], before.weights)
     assert set(events_before) <= {path.name for path in run_dir.glob("events.out.tfevents.*")}  # nothing deleted

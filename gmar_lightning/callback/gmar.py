@@ -808,7 +808,10 @@ class GMARCallback(Callback):
                 saved = HeadTrajectory.load_npz(path)
             except ValueError:
                 continue  # a file cut short by the kill: the checkpoint's rows are all there is
-            kept = self.trajectory.keep_saved_rows(saved, self._checkpoint_step)
+            # Rows carry the step val_loss is logged at, which during fit-time validation lags the global step by
+            # the optimizer step that batch made: the validation that follows the checkpoint's own step is logged at
+            # one less and ran before the kill; one logged at the checkpoint's step ran after it and is repeated.
+            kept = self.trajectory.keep_saved_rows(saved, self._checkpoint_step - 1)
             if kept:
                 rank_zero_info(
                     f"GMARCallback: kept {kept} evaluation(s) that {path} holds after the checkpoint's step "
