@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from gmar_lightning import explain
 from gmar_lightning.families import UnsupportedModelError, find_family, find_vision_transformer
+from gmar_lightning.naflex import is_naflex_vit
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "supported_models.md"
 
@@ -398,6 +399,35 @@ def _check_explanation(model: nn.Module, result: object) -> str:
     return ""
 
 
+def _naflex_problem(model: nn.Module, size: int) -> str:
+    """Why a NaFlex batch of two images of different sizes is not explained right (``""`` if it is): the map of
+    each must be finite on its own grid and NaN outside it."""
+    from timm.data.naflex_transforms import patchify_image
+
+    generator = torch.Generator().manual_seed(0)
+    parts = [
+        patchify_image(torch.randn(3, *shape, generator=generator), model.embeds.patch_size)
+        for shape in ((size, size), (size // 2, size))
+    ]
+    length = len(parts[0][0])
+    batch = {
+        "patches": torch.zeros(2, length, parts[0][0].shape[1]),
+        "patch_coord": torch.zeros(2, length, 2, dtype=torch.long),
+        "patch_valid": torch.zeros(2, length, dtype=torch.bool),
+    }
+    for index, part in enumerate(parts):
+        for key, value in zip(batch, part, strict=True):
+            batch[key][index, : len(value)] = value
+    try:
+        result = explain(model, batch, method="gmar_l1")
+    except Exception as error:
+        return f"NaFlex batch: {type(error).__name__}: {error}"
+    for index, (height, width) in enumerate(result.grid_sizes.tolist()):
+        if int(result.token_maps[index].isfinite().sum()) != height * width:
+            return "NaFlex batch: an image's map is not finite exactly on its own grid"
+    return ""
+
+
 def run_case(case: Case) -> Outcome:
     try:
         model = case.build()
@@ -428,6 +458,11 @@ def run_case(case: Case) -> Outcome:
     note = FAMILY_NOTES[family]
     if result.layer_names[-1] in ("attn_pool", "head.attention"):
         note += "; read out through the attention pool's attention (no residual)"
+    if is_naflex_vit(model):
+        problem = _naflex_problem(model, case.image_size)
+        if problem:
+            return Outcome(case, model_class, "FAILED", problem)
+        note += "; NaFlex batches (patch sequences padded to one length) too, each image on its own grid"
     return Outcome(case, model_class, "works", f"{note} ({len(result.layer_names)} layers, {grid} grid)")
 
 

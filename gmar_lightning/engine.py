@@ -7,7 +7,7 @@ gradient-checkpointing flags, hooks, parameter ``.grad`` and the RNG state.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,8 +20,9 @@ from gmar_lightning.capture import KEPT_HEADS, hook_attention, slot_count
 from gmar_lightning.explanation import Explanation
 from gmar_lightning.families import Probe, UnsupportedModelError
 from gmar_lightning.methods import METHOD_TABLE, Method
-from gmar_lightning.mixing import AttentionMixing, TokenPlan, to_device
+from gmar_lightning.mixing import AttentionMixing, AttentionReadout, TokenPlan, to_device
 from gmar_lightning.model_state import resharded
+from gmar_lightning.naflex import NaFlexBatch, is_naflex_vit
 from gmar_lightning.options import ExplainOptions
 from gmar_lightning.resolve import ResolvedModel, as_resolved
 from gmar_lightning.tokens import TokenLayout, patch_embedding
@@ -124,12 +125,29 @@ def _joined(parts: list[Tensor], dim: int = 0) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def _check_images(resolved: ResolvedModel, images: object) -> Tensor:
-    if isinstance(images, dict) and "patch_valid" in images:
+def _check_naflex(resolved: ResolvedModel, images: Mapping, options: ExplainOptions) -> NaFlexBatch:
+    """A NaFlex batch, for a NaFlexViT that is the classifier itself (the read-out check runs on image tensors)."""
+    if not is_naflex_vit(resolved.vit):
         raise TypeError(
-            "`images` is a NaFlex batch (patches, patch_coord, patch_valid), which explain does not take; pass the "
-            "images as a float tensor [B, C, H, W] (one size per batch)."
+            f"`images` is a NaFlex batch (patches, patch_coord, patch_valid), which only timm's NaFlexViT takes, not "
+            f"{type(resolved.vit).__name__}; pass the images as a float tensor [B, C, H, W]."
         )
+    if resolved.classifier is not resolved.vit:
+        raise ValueError(
+            f"`images` is a NaFlex batch, which explain takes for a NaFlexViT classifier itself, not inside "
+            f"{type(resolved.classifier).__name__}; pass the NaFlexVit as `model`, or the images as [B, C, H, W]."
+        )
+    if options.discard_ratio > 0:
+        raise ValueError(
+            "`discard_ratio` must be 0 for a NaFlex batch: its per-layer quantile would count the padding entries; "
+            "leave it at 0 or pass the images as [B, C, H, W]."
+        )
+    return NaFlexBatch.from_dict(images)
+
+
+def _check_images(resolved: ResolvedModel, images: object, options: ExplainOptions) -> Tensor | NaFlexBatch:
+    if isinstance(images, Mapping) and "patch_valid" in images:
+        return _check_naflex(resolved, images, options)
     if not isinstance(images, Tensor):
         raise TypeError(f"`images` must be a float tensor [B, C, H, W], got {type(images).__name__}.")
     if images.dim() != 4:
@@ -156,6 +174,28 @@ def _check_images(resolved: ResolvedModel, images: object) -> Tensor:
             "create the model with dynamic_img_size=True."
         )
     return images
+
+
+def _batch_size(images: Tensor | NaFlexBatch) -> int:
+    return images.batch_size if isinstance(images, NaFlexBatch) else int(images.shape[0])
+
+
+def _masked(layout: Layout, mask: Tensor) -> Layout:
+    """``layout`` followed by zeroing the entries outside ``mask`` ``[B, 1, n_q, n_k]``."""
+    return lambda tensor: layout(tensor).masked_fill(~mask.to(tensor.device), 0.0)
+
+
+def _padded_probe(probe: Probe, images: NaFlexBatch) -> Probe:
+    """``probe`` with a ``[B, N]`` read-out: the model's pooling weights on each image's own tokens, renormalised
+    (timm's masked mean over the valid patches). A pool's read-out weighs its latents, which padding does not touch."""
+    plan = probe.plan
+    if isinstance(plan.attention_steps[-1].mixing, AttentionReadout):
+        readout = plan.readout.float().expand(images.batch_size, -1)
+    else:
+        tokens = images.token_valid(plan.num_prefix_tokens).to(plan.readout.device)
+        readout = plan.readout.float() * tokens
+        readout = readout / readout.sum(dim=1, keepdim=True)
+    return dataclasses.replace(probe, plan=dataclasses.replace(plan, readout=readout))
 
 
 def _check_target(target: Target, batch: int) -> Target:
@@ -305,7 +345,7 @@ def _streams(method: Method, options: ExplainOptions) -> bool:
 def _explain_chunk(
     resolved: ResolvedModel,
     probe: Probe,
-    images: Tensor,
+    images: Tensor | NaFlexBatch,
     specs: tuple[Method, ...],
     target: Target,
     options: ExplainOptions,
@@ -314,8 +354,12 @@ def _explain_chunk(
 
     Each method reduces the same captured attention (and the same attention gradient) in its own `_LayerReductions`.
     """
-    batch = images.shape[0]
+    batch = _batch_size(images)
     layouts = [[module.layout or _as_windows for module in layer] for layer in probe.layers]
+    if isinstance(images, NaFlexBatch):  # padding takes no part: its attention and gradient entries are zeroed
+        mixings = [step.mixing for step in probe.plan.attention_steps]
+        masks = images.masks(mixings, probe.plan.num_prefix_tokens)
+        layouts = [[_masked(layout, mask) for layout in layer] for layer, mask in zip(layouts, masks, strict=True)]
     branches = [len(layer) for layer in probe.layers]
     layers = len(branches)
     every = []
@@ -336,7 +380,10 @@ def _explain_chunk(
     needs_grad = any(method.needs_gradients for method in specs)
     # Inference tensors cannot enter autograd: clone inside inference_mode(False). requires_grad makes the attention
     # part of the graph even when every parameter is frozen.
-    inputs = images.clone().requires_grad_(needs_grad)
+    if isinstance(images, NaFlexBatch):
+        inputs = images.inputs(resolved.dtype, needs_grad)
+    else:
+        inputs = images.clone().requires_grad_(needs_grad)
     with hook_attention(probe.modules, on_attention):
         logits = resolved.logits(inputs)
     targets = _resolve_targets(target, logits)
@@ -517,7 +564,7 @@ def _head_grid(probe: Probe, per_layer: list[Tensor]) -> Tensor:
 
 def explain(
     model: nn.Module | ResolvedModel,
-    images: Tensor,
+    images: Tensor | Mapping[str, Tensor],
     method: str = "gmar_l1",
     target: Target = None,
     *,
@@ -559,7 +606,10 @@ def explain(
             models are explained through their eager module. A ViT without a classifier (``num_classes=0``,
             ``num_labels=0``, a bare transformers backbone) is refused: its outputs are features, not classes.
             Or a [`ResolvedModel`][gmar_lightning.resolve.ResolvedModel] of one.
-        images: ``[B, C, H, W]`` float batch, normalised as the model expects.
+        images: ``[B, C, H, W]`` float batch, normalised as the model expects; for a timm NaFlexViT also a NaFlex
+            batch, a dict of ``patches``, ``patch_coord`` and ``patch_valid`` (images of different sizes as patch
+            sequences padded to one length; see [`NaFlexBatch`][gmar_lightning.naflex.NaFlexBatch]), explained with
+            padding in no attention row or column and each image on its own grid (``Explanation.grid_sizes``).
         method: One of ``"gmar_l1"``, ``"gmar_l2"``, ``"rollout"``, ``"grad_rollout"``, ``"attention"``.
         target: Class to explain: ``None`` for the predicted class, an ``int`` for all images, or a ``[B]`` tensor.
         residual: Weight of the identity added to each layer's fused attention before renormalising rows
@@ -608,7 +658,7 @@ def explain(
 
 def explain_many(
     model: nn.Module | ResolvedModel,
-    images: Tensor,
+    images: Tensor | Mapping[str, Tensor],
     methods: Sequence[str] = ("gmar_l1", "grad_rollout"),
     target: Target = None,
     *,
@@ -668,7 +718,7 @@ def explain_many(
 
 def _explain(
     model: nn.Module | ResolvedModel,
-    images: Tensor,
+    images: Tensor | Mapping[str, Tensor],
     specs: tuple[Method, ...],
     target: Target,
     options: ExplainOptions,
@@ -676,10 +726,14 @@ def _explain(
 ) -> list[Explanation]:
     """The checks and the isolated pass shared by `explain` and `explain_many`."""
     resolved = as_resolved(model, vit, options.token_layout)
-    images = _check_images(resolved, images)
-    probe = resolved.probe(images)
+    images = _check_images(resolved, images, options)
+    if isinstance(images, NaFlexBatch):  # one sequence of N patches: a 1 x N grid until each image takes its own
+        patch_h, patch_w = resolved.vit.embeds.patch_size
+        probe = resolved.probe(images, size=(patch_h, images.length * patch_w))
+    else:
+        probe = resolved.probe(images)
     check_int_in_range("start_layer", options.start_layer, 0, len(probe.layers) - 1)
-    target = _check_target(target, images.shape[0])
+    target = _check_target(target, _batch_size(images))
     needs_gradients = any(spec.needs_gradients for spec in specs)
     with resolved.isolated(needs_gradients) as device, resharded(resolved.classifier):
         return _explain_batch(resolved, probe, images.to(device), specs, target, options)
@@ -688,7 +742,7 @@ def _explain(
 def _explain_batch(
     resolved: ResolvedModel,
     probe: Probe,
-    images: Tensor,
+    images: Tensor | NaFlexBatch,
     specs: tuple[Method, ...],
     target: Target,
     options: ExplainOptions,
@@ -696,11 +750,14 @@ def _explain_batch(
     """Explain ``images`` in chunks and roll out each method; runs inside `ResolvedModel.isolated`."""
     # Feed the parameters' dtype: autocast is off, so a bf16-true model gets bf16 inputs; reductions are float32.
     dtype = resolved.dtype
-    batch = images.shape[0]
+    batch = _batch_size(images)
+    naflex = isinstance(images, NaFlexBatch)
     budget = _memory_budget(probe, batch, options, images.device)
     # One method may take the recomputed path; several share one materialised pass.
+    # The recomputed path's softmax from q and k knows no padding mask: NaFlex batches take the materialised path.
     recomputed = (
-        len(specs) == 1
+        not naflex
+        and len(specs) == 1
         and recompute.applies(probe, specs[0], options)
         and (options.recompute_attention or _micro_batch(probe, batch, budget, recomputed=False) < batch)
     )
@@ -711,18 +768,26 @@ def _explain_batch(
     chunk_options = dataclasses.replace(options, memory_budget=budget)
     # The plan's index tensors go to the device once per call rather than once per layer and use.
     probe = dataclasses.replace(probe, plan=probe.plan.to(images.device))
+    if naflex:  # each image reads only its own tokens
+        probe = _padded_probe(probe, images)
     per_chunk = []
     # The recomputed path keeps fused attention: no module's attention flags are switched.
     with resolved.switches(probe, any(spec.needs_gradients for spec in specs), keep_fused=recomputed):
         for start in range(0, batch, step):
             chunk_target = target[start : start + step] if isinstance(target, Tensor | Sequence) else target
-            chunk_images = images[start : start + step].to(dtype=dtype)
+            if naflex:
+                chunk_images = images[start : start + step]
+                chunk_probe = dataclasses.replace(
+                    probe, plan=dataclasses.replace(probe.plan, readout=probe.plan.readout[start : start + step])
+                )
+            else:
+                chunk_images, chunk_probe = images[start : start + step].to(dtype=dtype), probe
             if recomputed:
                 chunks = [
                     _explain_chunk_recomputed(resolved, probe, chunk_images, specs[0], chunk_target, chunk_options)
                 ]
             else:
-                chunks = _explain_chunk(resolved, probe, chunk_images, specs, chunk_target, chunk_options)
+                chunks = _explain_chunk(resolved, chunk_probe, chunk_images, specs, chunk_target, chunk_options)
             per_chunk.append(chunks)
     return [
         _rolled_out(resolved, probe, images, method, [chunks[index] for chunks in per_chunk], options)
@@ -733,13 +798,13 @@ def _explain_batch(
 def _rolled_out(
     resolved: ResolvedModel,
     probe: Probe,
-    images: Tensor,
+    images: Tensor | NaFlexBatch,
     method: Method,
     chunks: list[_Chunk],
     options: ExplainOptions,
 ) -> Explanation:
     """One method's explanation from its chunks: head weights, the rollout and the upsampled maps."""
-    batch = images.shape[0]
+    batch = _batch_size(images)
     logits = _joined([chunk.logits for chunk in chunks])
     targets = _joined([chunk.targets for chunk in chunks])
     plan = probe.plan
@@ -767,17 +832,25 @@ def _rolled_out(
                 plan, lambda layer, mixing, row: update(layer, mixing, row, matrices[layer]), batch, images.device
             )
 
-    token_maps = rows[:, plan.num_prefix_tokens :].reshape(batch, *plan.grid)
-    maps = F.interpolate(token_maps.unsqueeze(1), size=images.shape[-2:], mode="bilinear", align_corners=False)
+    grid_sizes = None
+    if isinstance(images, NaFlexBatch):
+        token_maps = images.token_maps(rows[:, plan.num_prefix_tokens :])
+        maps = images.maps(token_maps, resolved.vit.embeds.patch_size)
+        grid_sizes = images.grid_sizes()
+    else:
+        token_maps = rows[:, plan.num_prefix_tokens :].reshape(batch, *plan.grid)
+        upsampled = F.interpolate(token_maps[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)
+        maps = methods.normalize_maps(upsampled.squeeze(1))
     _raise_flagged(resolved.classifier, torch.stack([chunk.flags for chunk in chunks]), targets, logits.shape[1])
     return Explanation(
         method=method.name,
         token_maps=token_maps,
-        maps=methods.normalize_maps(maps.squeeze(1)),
+        maps=maps,
         targets=targets,
         logits=logits,
         head_weights=weights,
         head_scores=scores,
         layer_names=list(probe.layer_names),
         options=options,
+        grid_sizes=grid_sizes,
     )

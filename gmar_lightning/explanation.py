@@ -41,6 +41,11 @@ class Explanation:
             (GMAR methods; ``None`` otherwise), NaN for missing heads likewise.
         layer_names: Qualified module names of the attention layers, in forward order (``L`` entries).
         options: The options the maps were computed with (``token_layout`` as given: ``None`` when inferred).
+        grid_sizes: ``[B, 2]`` int64 each image's own patch grid ``(h, w)`` for a NaFlex batch (images of different
+            sizes in one padded sequence), else ``None``. ``token_maps`` are then ``[B, h_max, w_max]`` and ``maps``
+            ``[B, h_max * P, w_max * P]``, each image's map in its top-left ``(h, w)`` (``(h * P, w * P)``) corner,
+            NaN outside it (and in grid cells that no valid patch fills); ``maps`` are normalised per image over its
+            own area (docs/method.md, NaFlex batches).
 
     Examples:
         >>> e = Explanation("rollout", torch.ones(1, 2, 2), torch.zeros(1, 8, 8), torch.tensor([3]), torch.zeros(1, 5))
@@ -57,6 +62,7 @@ class Explanation:
     head_scores: Tensor | None = None
     layer_names: list[str] = field(default_factory=list)
     options: ExplainOptions = field(default_factory=ExplainOptions)
+    grid_sizes: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -65,7 +71,7 @@ class Explanation:
 
     @property
     def grid_size(self) -> tuple[int, int]:
-        """The patch grid ``(h, w)`` of the token maps."""
+        """The patch grid ``(h, w)`` of the token maps (of a NaFlex batch: the largest; see ``grid_sizes``)."""
         return int(self.token_maps.shape[-2]), int(self.token_maps.shape[-1])
 
     @property
@@ -77,7 +83,7 @@ class Explanation:
         """Return a copy with every tensor moved to ``device``."""
         moved = {
             name: getattr(self, name).to(device)
-            for name in ("token_maps", "maps", "targets", "logits", "head_weights", "head_scores")
+            for name in ("token_maps", "maps", "targets", "logits", "head_weights", "head_scores", "grid_sizes")
             if getattr(self, name) is not None
         }
         return replace(self, **moved)

@@ -89,13 +89,14 @@ class ResolvedModel:
         """Whether the ViT still has the structure it was resolved with (no heads removed, no layer replaced)."""
         return structure_signature(self.vit) == self.signature
 
-    def probe(self, images: Tensor) -> Probe:
-        """The attention layers and token plan for images of this size, built once per size.
+    def probe(self, images: Tensor, size: tuple[int, int] | None = None) -> Probe:
+        """The attention layers and token plan for images of this size (or ``size``), built once per size.
 
         The first call checks the read-out against the gradient (docs/method.md) on ``images[:1]``, when the
         classifier puts its own head on the ViT's tokens and no ``token_layout`` was given.
         """
-        size = (int(images.shape[-2]), int(images.shape[-1]))
+        if size is None:
+            size = (int(images.shape[-2]), int(images.shape[-1]))
         probe = self._cache.probes.get(size)
         if probe is None:
             probe = families.probe(self.vit, size, self.readout(images), self.family)
@@ -119,8 +120,9 @@ class ResolvedModel:
         self._cache.readout_checked, self._cache.readout = True, verdict
         return verdict
 
-    def logits(self, inputs: Tensor) -> Tensor:
-        """The classifier's ``[B, C]`` logits for ``inputs`` (a tensor, or a transformers output's ``.logits``).
+    def logits(self, inputs: Tensor | dict[str, Tensor]) -> Tensor:
+        """The classifier's ``[B, C]`` logits for ``inputs`` (images, or a NaFlex batch's dict), from its output (a
+        tensor, or a transformers output's ``.logits``).
 
         Raises:
             ValueError: The output is not ``[B, C]`` logits, or it is the ViT's own pooled features (a ViT without a
@@ -132,7 +134,8 @@ class ResolvedModel:
                 handle = self.vit.register_forward_hook(lambda _m, _i, output: features.extend(_output_tensors(output)))
                 stack.callback(handle.remove)
             output = self.classifier(inputs)
-        logits = check_logits(self.classifier, output, inputs.shape[0])
+        batch = inputs["patches"].shape[0] if isinstance(inputs, dict) else inputs.shape[0]
+        logits = check_logits(self.classifier, output, batch)
         if any(logits is feature for feature in features):
             raise ValueError(
                 f"`model` ({type(self.classifier).__name__}) returns the pooled features of its ViT, not class "

@@ -1,4 +1,4 @@
-"""Attention pooling (timm ``global_pool='map'``: SigLIP, SigLIP 2, Perception Encoder) and NaFlexViT.
+"""Attention pooling (timm ``global_pool='map'``: SigLIP, SigLIP 2, Perception Encoder) and NaFlexViT on image tensors.
 
 The reference recomputes the pool's attention from its own ``q`` and ``kv`` projections, runs the rest of the pool
 from timm's formulas in place of the pool (its output must match the model's), captures each block's attention at
@@ -251,7 +251,8 @@ def test_pool_refusals_name_the_argument_and_the_fix() -> None:
         explain(prr, images_for())
 
 
-def test_naflex_gap_matches_the_plain_vit_formulas_and_refuses_naflex_batches() -> None:
+def test_naflex_gap_on_image_tensors_matches_the_plain_vit_formulas() -> None:
+    # NaFlex batches (padded patch sequences): tests/test_naflex.py.
     torch.manual_seed(0)
     model = sharpen(
         timm.create_model("naflexvit_base_patch16_gap", patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
@@ -276,10 +277,6 @@ def test_naflex_gap_matches_the_plain_vit_formulas_and_refuses_naflex_batches() 
     result = explain(model, images, method="rollout")
     torch.testing.assert_close(result.token_maps, row[:, prefix:].reshape(2, 4, 6), rtol=1e-4, atol=ATOL)
     assert len(blocks) == len(result.layer_names)
-    batch = {"patches": torch.randn(2, 24, 192), "patch_coord": torch.zeros(2, 24, 2), "patch_valid": torch.ones(2, 24)}
-    message = r"`images` is a NaFlex batch .*pass the images as a float tensor \[B, C, H, W\]"
-    with pytest.raises(TypeError, match=message):
-        explain(model, batch)
 
 
 # Head tools on a map-pooled ViT: the pool is the last row of the head grid. Ragged on purpose: the blocks keep 2, 4
