@@ -19,6 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from gmar_lightning import METHODS, explain
+from gmar_lightning.engine import explain_many
 from tests.models import TINY, sharpen
 
 ATOL = 1e-5
@@ -209,6 +210,15 @@ def test_padding_takes_no_part_whatever_it_holds(method: str) -> None:
     # Padding slots sit at cell (0, 0), which the image's own first patch holds: the map there is that patch's.
     tight = explain(model, naflex_batch(images), method=method)
     torch.testing.assert_close(result.token_maps, tight.token_maps, rtol=0, atol=ATOL, equal_nan=True)
+
+
+def test_explain_many_on_a_padded_batch_equals_explain_per_method() -> None:
+    model = make("map")
+    batch = naflex_batch(images_of())
+    for name, result in explain_many(model, batch, METHODS).items():
+        alone = explain(model, batch, method=name)
+        torch.testing.assert_close(result.token_maps, alone.token_maps, rtol=0, atol=1e-6, equal_nan=True)
+        assert torch.equal(result.grid_sizes, alone.grid_sizes)
 
 
 def test_masked_inputs_take_the_materialised_path_when_attention_is_recomputed() -> None:
