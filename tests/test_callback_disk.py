@@ -115,7 +115,8 @@ def test_a_disk_full_for_a_while_gets_the_whole_trajectory_back_at_the_end_of_th
         trainer.fit(TinyViTModule(), datamodule=tiny_data())
         saved = HeadTrajectory.load_npz(Path(logger.log_dir) / "head_importance.npz")
     assert trainer.current_epoch == 2
-    assert saved.steps == callback.trajectory.steps == [3, 6]  # the row of the full epoch too, written at the end
+    # val_loss's logging steps (one less than the global steps 3 and 6); the full epoch's row too, written at the end
+    assert saved.steps == callback.trajectory.steps == [2, 5]
 
 
 def test_the_disk_budget_refuses_what_would_eat_into_the_reserve_and_touches_nothing(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ def test_demo_checkpoint_of_its_own_run_resumes_it_and_says_so(tmp_path: Path) -
     assert str(last) in line and "from epoch 1, step 2" in line and "version_1" in line, line
     trajectory = HeadTrajectory.load_npz(tmp_path / "gmar_demo" / "version_1" / "head_importance.npz")
     assert trajectory.epochs == [0, 1]  # the first run's evaluation came back with the checkpoint
-    assert trajectory.steps == [2, 4]
+    assert trajectory.steps == [1, 3]  # val_loss's logging steps, one less than the global steps 2 and 4
 
     weights = tmp_path / "weights.pth"
     state = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
@@ -71,7 +71,7 @@ def test_a_malicious_hf_weights_file_is_refused_in_one_plain_line(tmp_path: Path
 
     torch.save({"weight": Payload()}, folder / "pytorch_model.bin")
     image = ROOT / "docs" / "images" / "overlay_rollout.png"
-    result = cli("explain", str(image), "--model", f"hf:{folder}", "--out", str(tmp_path / "out"))
+    result = cli("explain", str(image), "--model", f"hf:{folder}", "--output", str(tmp_path / "out"))
     assert result.returncode != 0 and not marker.exists()
     (line,) = result.stderr.strip().splitlines()
     assert "holds pickled code (posix.system) in pytorch_model.bin, which was refused without running it" in line
