@@ -555,8 +555,8 @@ def overlay_pages(
 
     Each page draws its images 150 px wide with 10 pt captions (``"true: <label>"`` / ``"pred: <prediction> p%"``,
     green when right, red when wrong), an optional title and a labelled colour bar, about 412 x 230 px in all: a
-    TensorBoard Time Series card shows it at 0.87 of that size or more (see
-    [`CARD_PIXELS`][gmar_lightning.render.CARD_PIXELS]), so captions stay over 9 screen pixels tall unexpanded.
+    TensorBoard Time Series card shows it at 0.90 of that size (see
+    [`CARD_PIXELS`][gmar_lightning.render.CARD_PIXELS]), so captions are 12.5 screen pixels tall unexpanded.
 
     Args:
         images: ``[B, 3, H, W]`` images in ``[0, 1]``.

@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-BROWSER_TIMEOUT_S = 120
+# Headless Chromium took over 120 s for one TensorBoard screenshot on a loaded 2-core machine.
+BROWSER_TIMEOUT_S = 300
 SERVER_TIMEOUT_S = 90.0
 # TensorBoard's default card size is what a user sees first; a 1400 x 1000 window is a common laptop browser.
 WINDOW = (1400, 1000)

@@ -9,7 +9,7 @@ every image card's on-screen scale and the height its 10 pt text has on screen::
 
     python docs/scripts/make_figures.py              # the full main job, a few CPU minutes
     python docs/scripts/make_figures.py --epochs 3   # quicker, less trained figures
-    python docs/scripts/make_figures.py --epochs 4 --max-train-images 600   # quicker still
+    python docs/scripts/make_figures.py --epochs 4 --max-train-images 600 --no-ablation   # quicker still
 """
 
 from __future__ import annotations
@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument(
         "--max-train-images", type=int, default=None, help="train on fewer images (default: all of the demo's)"
     )
+    parser.add_argument(
+        "--no-ablation", action="store_true", help="keep ablation.png (the head-pruning example takes the longest)"
+    )
     parser.add_argument("--output", default=str(REPOSITORY / "docs" / "images"), help="where the PNGs go")
     args = parser.parse_args(argv)
     output = Path(args.output)
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         run_dir = Path(result["log_dir"])
         written = save_logged_images(run_dir, output)
         written.extend(save_report_figures(run_dir, output))
-        written.append(save_ablation_plot(run_dir, output, work))
+        if not args.no_ablation:
+            written.append(save_ablation_plot(run_dir, output, work))
         written.extend(save_screenshots(run_dir.parent, output, work))
     print(f"val_acc {result['val_acc']:.3f}; wrote {', '.join(path.name for path in written)} to {output}")
     return written
