@@ -70,7 +70,7 @@ def test_a_malicious_hf_weights_file_is_refused_in_one_plain_line(tmp_path: Path
             return (os.system, (f"touch {marker}",))
 
     torch.save({"weight": Payload()}, folder / "pytorch_model.bin")
-    image = ROOT / "docs" / "images" / "overlay_rollout.png"
+    image = ROOT / "docs" / "images" / "overlay_gmar_l1.png"
     result = cli("explain", str(image), "--model", f"hf:{folder}", "--output", str(tmp_path / "out"))
     assert result.returncode != 0 and not marker.exists()
     (line,) = result.stderr.strip().splitlines()
