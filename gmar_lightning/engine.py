@@ -669,7 +669,7 @@ def explain_many(
     chunk_size: int | None = None,
     token_layout: TokenLayout | None = None,
     memory_budget: int | None = None,
-    recompute_attention: bool = True,
+    recompute_attention: bool | None = None,
     vit: nn.Module | None = None,
 ) -> dict[str, Explanation]:
     """Explain a batch with several methods from one forward and at most one backward pass.
