@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -73,11 +74,20 @@ def evaluate(
     to_browser_read, to_browser_write = os.pipe()
     from_browser_read, from_browser_write = os.pipe()
     flags = [flag for flag in _flags(profile, window) if not flag.startswith("--virtual-time-budget")]
-    # Chromium reads commands from its fd 3 and writes replies to its fd 4.
+
+    def pipe_to_fds_3_and_4() -> None:
+        # Chromium reads commands from its fd 3 and writes replies to its fd 4. Copy the pipe ends above 4 first, so
+        # neither dup2 overwrites the other's source; dup2 makes 3 and 4 inheritable, the pipes' own fds are not.
+        read_end = fcntl.fcntl(to_browser_read, fcntl.F_DUPFD, 10)
+        write_end = fcntl.fcntl(from_browser_write, fcntl.F_DUPFD, 10)
+        os.dup2(read_end, 3)
+        os.dup2(write_end, 4)
+
+    # close_fds=False: pass_fds would need fds 3 and 4 open in this process; every other fd is close-on-exec.
     process = subprocess.Popen(
         [browser, *flags, "--remote-debugging-pipe", "about:blank"],
-        pass_fds=(3, 4),
-        preexec_fn=lambda: (os.dup2(to_browser_read, 3), os.dup2(from_browser_write, 4)),
+        close_fds=False,
+        preexec_fn=pipe_to_fds_3_and_4,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
