@@ -33,6 +33,20 @@ class TinyViTModule(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
 
 
+class ClassifierModule(pl.LightningModule):
+    """Cross-entropy training and a logged ``val_loss`` around the subclass's ``forward`` (images -> logits), as users
+    write a fine-tuning module; subclasses build the model in ``__init__``."""
+
+    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch: tuple, batch_idx: int) -> None:
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
 def tiny_data(num_train: int = 48, num_val: int = 24, batch_size: int = 16) -> ShapesDataModule:
     return ShapesDataModule(num_train=num_train, num_val=num_val, image_size=32, batch_size=batch_size)
 

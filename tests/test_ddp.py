@@ -4,9 +4,6 @@ nothing hangs or desynchronises."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from timm.models.vision_transformer import VisionTransformer
 
 from tests.lightning_helpers import tiny_data
+from tests.scripts import run_ranks_script
 
 # Two real DDP processes.
 pytestmark = pytest.mark.integration
@@ -26,23 +24,7 @@ PRUNING_SCRIPT = Path(__file__).with_name("ddp_pruning_script.py")
 
 def run_ranks(tmp_path: Path, *arguments: str) -> tuple[dict, dict]:
     """Run the 2-process DDP fit; each rank's report."""
-    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parent.parent), "OMP_WAIT_POLICY": "PASSIVE"}
-    # Its own session, so a hang can be killed with every rank Lightning launched, not just the first.
-    process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), str(tmp_path), *arguments],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise AssertionError("DDP fit did not finish within 300 s: a rank is hanging") from None
-    assert process.returncode == 0, stderr[-3000:]
+    run_ranks_script([sys.executable, str(SCRIPT), str(tmp_path), *arguments], "DDP fit")
     return json.loads((tmp_path / "rank0.json").read_text()), json.loads((tmp_path / "rank1.json").read_text())
 
 
@@ -91,22 +73,7 @@ def masked_reference(state_dict: dict[str, torch.Tensor]) -> VisionTransformer:
 
 
 def test_ddp_head_pruning_keeps_the_ranks_identical(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parent.parent), "OMP_WAIT_POLICY": "PASSIVE"}
-    process = subprocess.Popen(
-        [sys.executable, str(PRUNING_SCRIPT), str(tmp_path)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise AssertionError("DDP fit with HeadPruning did not finish within 300 s: a rank is hanging") from None
-    assert process.returncode == 0, stderr[-3000:]
+    run_ranks_script([sys.executable, str(PRUNING_SCRIPT), str(tmp_path)], "DDP fit with HeadPruning")
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     saved = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     # Both ranks removed the same heads at the same step (rank 0 ranked them on its GMAR trajectory) ...

@@ -358,14 +358,13 @@ def test_hybrid_cnn_stem_maps_the_transformer_grid_at_input_size(method: str, de
 def test_callback_on_a_swin_fit_logs_to_tensorboard(tmp_path) -> None:
     """A real fit of a tiny Swin with the callback: overlays, per-layer head histograms and the trajectory read back."""
     import lightning.pytorch as pl
-    import torch.nn.functional as F
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from gmar_lightning import GMARCallback
-    from tests.lightning_helpers import tiny_data, trainer_kwargs
+    from tests.lightning_helpers import ClassifierModule, tiny_data, trainer_kwargs
 
-    class TinySwinModule(pl.LightningModule):
+    class TinySwinModule(ClassifierModule):
         def __init__(self) -> None:
             super().__init__()
             # Stage 1: one head, shifted windows of 4 on an 8x8 grid; stage 2: two heads on the merged 4x4 grid.
@@ -373,15 +372,6 @@ def test_callback_on_a_swin_fit_logs_to_tensorboard(tmp_path) -> None:
 
         def forward(self, images: Tensor) -> Tensor:
             return self.swin(images)
-
-        def training_step(self, batch: tuple, batch_idx: int) -> Tensor:
-            return F.cross_entropy(self(batch[0]), batch[1])
-
-        def validation_step(self, batch: tuple, batch_idx: int) -> None:
-            self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
     pl.seed_everything(0, verbose=False)
     callback = GMARCallback(num_probe=8, methods=("gmar_l1", "rollout"), metrics=("pointing_game",))

@@ -17,7 +17,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from timm.models.vision_transformer import VisionTransformer
@@ -27,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 from gmar_lightning import METHODS, GMARCallback, explain  # noqa: E402
 from gmar_lightning.families import UnsupportedModelError  # noqa: E402
-from tests.lightning_helpers import tiny_data, trainer_kwargs  # noqa: E402
+from tests.lightning_helpers import ClassifierModule, tiny_data, trainer_kwargs  # noqa: E402
 from tests.reference import capture_full, reference_from_attention  # noqa: E402
 
 TRANSFORMERS_4 = "4.57.6"  # the last 4.x release; CI runs this module again under it
@@ -412,7 +411,7 @@ def test_same_tests_pass_under_transformers_4(
     assert "passed" in run.stdout and "failed" not in run.stdout
 
 
-class HFViTModule(pl.LightningModule):
+class HFViTModule(ClassifierModule):
     """A LightningModule fine-tuning a transformers ViT, as users write it: the callback needs no extra code."""
 
     def __init__(self) -> None:
@@ -421,15 +420,6 @@ class HFViTModule(pl.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=images).logits
-
-    def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch: tuple, batch_idx: int) -> None:
-        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
 @pytest.mark.integration

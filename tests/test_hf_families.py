@@ -30,7 +30,7 @@ from gmar_lightning.families import UnsupportedModelError  # noqa: E402
 from gmar_lightning.heads import head_mask, michel_importance  # noqa: E402
 from gmar_lightning.heads.pruning import head_counts, prune_heads  # noqa: E402
 from gmar_lightning.tokens import TokenLayout  # noqa: E402
-from tests.lightning_helpers import tiny_data, trainer_kwargs  # noqa: E402
+from tests.lightning_helpers import ClassifierModule, tiny_data, trainer_kwargs  # noqa: E402
 from tests.reference import Layer, reference_from_attention, zeroed_output_columns  # noqa: E402
 from tests.test_families import merge_matrix, windows_to_global  # noqa: E402
 from tests.test_hf import sharpen  # noqa: E402
@@ -408,7 +408,7 @@ def test_pruned_equals_masked(case: str, implementation: str) -> None:
     torch.testing.assert_close(importance[KEEP == 1], expected_importance[KEEP == 1], rtol=1e-4, atol=1e-6)
 
 
-class CLIPModule(pl.LightningModule):
+class CLIPModule(ClassifierModule):
     """A tiny CLIPForImageClassification for 4 classes."""
 
     def __init__(self) -> None:
@@ -418,15 +418,6 @@ class CLIPModule(pl.LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(pixel_values=images).logits
-
-    def training_step(self, batch: tuple, batch_idx: int) -> Tensor:
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch: tuple, batch_idx: int) -> None:
-        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
 @pytest.mark.integration
@@ -590,7 +581,7 @@ def test_other_transformers_vision_classes_are_refused_with_what_they_are(make: 
     assert "\n" not in str(error.value)
 
 
-class SiglipModule(pl.LightningModule):
+class SiglipModule(ClassifierModule):
     """A user's linear head on a tiny SiglipVisionModel's attention-pooled output, for 4 classes."""
 
     def __init__(self) -> None:
@@ -602,15 +593,6 @@ class SiglipModule(pl.LightningModule):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
-
-    def training_step(self, batch: tuple, batch_idx: int) -> Tensor:
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch: tuple, batch_idx: int) -> None:
-        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
 @pytest.mark.integration

@@ -15,7 +15,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -24,7 +23,7 @@ from gmar_lightning import METHODS, GMARCallback, HeadPruning, TokenLayout, expl
 from gmar_lightning.families import UnsupportedModelError
 from gmar_lightning.heads.pruning import prune_heads
 from gmar_lightning.resolve import ResolvedModel, resolve_model
-from tests.lightning_helpers import tiny_data, trainer_kwargs
+from tests.lightning_helpers import ClassifierModule, tiny_data, trainer_kwargs
 from tests.reference import reference_from_attention
 
 GRID = (4, 4)
@@ -369,7 +368,7 @@ def test_a_resolved_model_rejects_other_settings_and_a_changed_structure() -> No
 # ------------------------------------------------------------------------------------------------------------------
 
 
-class HeadModule(pl.LightningModule):
+class HeadModule(ClassifierModule):
     """A LightningModule with a headless timm ViT and a patch-mean head of its own (read-out checked at setup)."""
 
     def __init__(self) -> None:
@@ -380,15 +379,6 @@ class HeadModule(pl.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.vit.forward_features(x)[:, 1:].mean(1))
-
-    def training_step(self, batch: tuple, batch_idx: int) -> Tensor:
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch: tuple, batch_idx: int) -> None:
-        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
 def counting(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[object]:

@@ -4,14 +4,13 @@ rank explains the same batch in lockstep and gets exactly the unsharded model's 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.scripts import run_ranks_script
 
 pytestmark = pytest.mark.integration
 
@@ -25,24 +24,9 @@ def free_port() -> int:
 
 
 def test_fsdp2_sharded_engine_equals_unsharded(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parent.parent), "OMP_WAIT_POLICY": "PASSIVE"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", str(free_port())]
-    process = subprocess.Popen(
-        [*command, str(SCRIPT), str(tmp_path)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # a hanging rank is killed with its whole session
-    )
-    try:
-        _, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise AssertionError("the sharded explanation did not finish within 300 s: a rank is hanging") from None
-    assert process.returncode == 0, stderr[-3000:]
+    command += ["--master_port", str(free_port()), str(SCRIPT), str(tmp_path)]
+    run_ranks_script(command, "the sharded explanation")
     for rank in (0, 1):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert report["gathered"] == []  # explain left every parameter sharded
