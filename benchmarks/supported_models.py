@@ -190,6 +190,7 @@ TINY_HF = {
 }
 
 
+TINY_HF_BACKBONE = {key: value for key, value in TINY_HF.items() if key != "num_labels"}
 TINY_TEXT = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
 TINY_HF_SWIN = {
     "image_size": 32,
@@ -230,26 +231,14 @@ CASES += [
         num_labels=3,
         model_args=TINY_VIT,
     ),
-    transformers_case(
-        "CLIPForImageClassification",
-        "CLIPConfig",
-        vision_config={key: value for key, value in TINY_HF.items() if key != "num_labels"},
-        text_config=TINY_TEXT,
-        num_labels=3,
-    ),
-    transformers_case(
-        "SiglipForImageClassification",
-        "SiglipConfig",
-        vision_config={key: value for key, value in TINY_HF.items() if key != "num_labels"},
-        text_config=TINY_TEXT,
-        num_labels=3,
-    ),
-    transformers_case(
-        "MetaClip2ForImageClassification",
-        "MetaClip2Config",
-        vision_config={key: value for key, value in TINY_HF.items() if key != "num_labels"},
-        text_config=TINY_TEXT,
-        num_labels=3,
+    # Image-text configs: the tiny tower as the vision config, a tiny text config beside it.
+    *(
+        transformers_case(name, config, vision_config=TINY_HF_BACKBONE, text_config=TINY_TEXT, num_labels=3)
+        for name, config in (
+            ("CLIPForImageClassification", "CLIPConfig"),
+            ("SiglipForImageClassification", "SiglipConfig"),
+            ("MetaClip2ForImageClassification", "MetaClip2Config"),
+        )
     ),
     transformers_case("ViTMSNForImageClassification", "ViTMSNConfig", **TINY_HF),
     transformers_case("IJepaForImageClassification", "IJepaConfig", **TINY_HF),
@@ -286,7 +275,6 @@ def backbone_case(model_class: str, config_class: str, width: int = 32, **config
     return Case("transformers", f"`{model_class}` (tiny) under a head", build, 32)
 
 
-TINY_HF_BACKBONE = {key: value for key, value in TINY_HF.items() if key != "num_labels"}
 CASES += [
     backbone_case("CLIPVisionModel", "CLIPVisionConfig", **TINY_HF_BACKBONE),
     backbone_case("MetaClip2VisionModel", "MetaClip2VisionConfig", **TINY_HF_BACKBONE),

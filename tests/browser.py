@@ -24,6 +24,16 @@ SERVER_TIMEOUT_S = 90.0
 WINDOW = (1400, 1000)
 
 
+def _stop(process: subprocess.Popen) -> None:
+    """End a browser or server process: terminate, then kill if it has not exited within 15 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=15)
+
+
 def find_browser() -> str | None:
     """The first Chromium-like browser on the PATH, or ``None``."""
     return next((path for name in BROWSERS if (path := shutil.which(name))), None)
@@ -132,12 +142,7 @@ def evaluate(
     finally:
         writer.close()
         reader.close()
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
+        _stop(process)
 
 
 # Each Time Series image card: its tag, the logged image's size and the box TensorBoard draws it in (the <img> element;
@@ -201,9 +206,4 @@ def tensorboard(log_dir: Path, *options: str) -> Iterator[str]:
             time.sleep(0.5)
         yield base_url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
+        _stop(process)

@@ -101,6 +101,14 @@ def timm_reference(model: TimmHead, x: Tensor) -> tuple[list[Tensor], list[Tenso
     return [a.detach() for a in attentions], grads
 
 
+def assert_explained_as(model: nn.Module, x: Tensor, method: str, expected: Tensor, weights: Tensor | None) -> None:
+    """``explain``'s token maps (and GMAR head weights) equal the reference's."""
+    result = explain(model, x, method)
+    torch.testing.assert_close(result.token_maps, expected, rtol=1e-4, atol=ATOL)
+    if weights is not None:
+        torch.testing.assert_close(result.head_weights, weights, rtol=1e-4, atol=ATOL)
+
+
 @pytest.mark.parametrize("pooling", list(POOLINGS))
 @pytest.mark.parametrize("method", METHODS)
 def test_timm_headless_vit_under_a_users_head_matches_reference(pooling: str, method: str) -> None:
@@ -109,10 +117,7 @@ def test_timm_headless_vit_under_a_users_head_matches_reference(pooling: str, me
     expected, weights = reference_from_attention(
         attentions, grads, method, num_prefix=1, readout=POOLINGS[pooling][2], grid=GRID
     )
-    result = explain(model, x, method)
-    torch.testing.assert_close(result.token_maps, expected, rtol=1e-4, atol=ATOL)
-    if weights is not None:
-        torch.testing.assert_close(result.head_weights, weights, rtol=1e-4, atol=ATOL)
+    assert_explained_as(model, x, method, expected, weights)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -274,10 +279,7 @@ def test_dinov2_backbone_under_a_users_head_matches_reference(pooling: str, meth
     expected, weights = reference_from_attention(
         attentions, grads, method, num_prefix=1, readout=POOLINGS[pooling][2], grid=GRID
     )
-    result = explain(model, x, method)
-    torch.testing.assert_close(result.token_maps, expected, rtol=1e-4, atol=ATOL)
-    if weights is not None:
-        torch.testing.assert_close(result.head_weights, weights, rtol=1e-4, atol=ATOL)
+    assert_explained_as(model, x, method, expected, weights)
 
 
 BACKBONES = {
@@ -326,10 +328,7 @@ def test_clip_and_siglip_backbones_under_a_patch_mean_head_match_reference(backb
     expected, weights = reference_from_attention(
         attentions, grads, method, num_prefix=model.num_prefix, readout=None, grid=GRID
     )
-    result = explain(model, x, method)
-    torch.testing.assert_close(result.token_maps, expected, rtol=1e-4, atol=ATOL)
-    if weights is not None:
-        torch.testing.assert_close(result.head_weights, weights, rtol=1e-4, atol=ATOL)
+    assert_explained_as(model, x, method, expected, weights)
 
 
 @pytest.mark.parametrize("backbone", list(BACKBONES))
