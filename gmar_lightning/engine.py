@@ -7,8 +7,10 @@ gradient-checkpointing flags, hooks, parameter ``.grad`` and the RNG state.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -432,15 +434,30 @@ def _chunk_of(reductions: _LayerReductions, probe: Probe, logits: Tensor, target
     return _Chunk(logits.detach().float(), targets, matrices, scores, weights, rows, flags)
 
 
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes the device can still give: CUDA's free memory, or on a Linux CPU the kernel's ``MemAvailable`` (what
+    can be allocated without swapping); ``None`` where it is not known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    available = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo, re.MULTILINE)
+    return int(available.group(1)) * 1024 if available else None
+
+
 def _memory_budget(probe: Probe, batch: int, options: ExplainOptions, device: torch.device) -> int | None:
-    """The call's budget in bytes: the option, or a training step's estimated activations for the batch; on CUDA at
-    most the free memory. ``None`` when neither is known (no bound)."""
+    """The call's budget in bytes: the option, or a training step's estimated activations for the batch; at most the
+    device's free memory (a probe may be larger than the training batch). ``None`` when neither is known (no bound)."""
     budget = options.memory_budget
     if budget is None:
         estimate = recompute.per_image_bytes(probe)
         budget = estimate.training * batch if estimate is not None else None
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+    free = _free_memory(device)
+    if free is not None:
         budget = free if budget is None else min(budget, free)
     return budget
 
@@ -623,7 +640,8 @@ def explain(
         token_layout: Override the inferred prefix tokens and read-out (see
             [`TokenLayout`][gmar_lightning.tokens.TokenLayout]).
         memory_budget: Bytes of attention-sized buffers to hold at once (micro-batches and query-row chunks are
-            sized to fit); ``None``: a training step's estimated activations, capped by free memory on CUDA.
+            sized to fit); ``None``: a training step's estimated activations. Capped by the device's free memory
+            (CUDA) or available memory (CPU, Linux ``MemAvailable``).
         recompute_attention: Keep fused attention and recompute what each method needs in query-row chunks where
             the model allows (timm ViT attention); ``None``: where the materialised path would not fit the budget
             in one pass; ``False`` materialises every layer's probabilities.

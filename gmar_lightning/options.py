@@ -35,7 +35,8 @@ class ExplainOptions:
         memory_budget: Bytes the engine may spend on attention-sized buffers at once: the materialised path explains
             micro-batches whose saved attention fits, the recomputed path works in query-row chunks that fit.
             ``None``: what one training step of the same batch keeps for its backward pass (estimated from the
-            model's layers, ``docs/performance.md``), on CUDA at most the free memory. Results do not depend on it.
+            model's layers, ``docs/performance.md``), at most the device's free memory (CUDA) or available memory (CPU,
+            Linux ``MemAvailable``). Results do not depend on it.
         recompute_attention: Keep fused attention and recompute what each method needs from ``q``, ``k``, ``v`` and
             the attention output's gradient, in query-row chunks, where the model allows (timm ViT attention).
             ``None``: only where the materialised path would not fit ``memory_budget`` in one pass (at short

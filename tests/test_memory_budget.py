@@ -6,12 +6,15 @@ test_engine.py and test_families.py; here every other path is compared with it.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from gmar_lightning import METHODS, explain, recompute
-from gmar_lightning.engine import _micro_batch
+from gmar_lightning.engine import _memory_budget, _micro_batch
 from gmar_lightning.families import probe
 from gmar_lightning.heads import prune_heads
 from gmar_lightning.methods import METHOD_TABLE
@@ -87,6 +90,16 @@ def test_the_default_budget_is_a_training_steps_activations() -> None:
     assert training == 4 * 17 * layers * tokens * width
     assert materialised == 4 * layers * (10 * tokens * width + heads * tokens * tokens)
     assert recomputed == 4 * 10 * layers * tokens * width
+
+
+def test_the_budget_on_a_cpu_is_capped_by_the_memory_the_kernel_says_is_available() -> None:
+    # A probe may be larger than the training batch, and a budget larger than the machine would swap or be killed.
+    model, images = make_model("vit"), make_images("vit")
+    vit_probe = probe(model, tuple(images.shape[-2:]))
+    budget = _memory_budget(vit_probe, 2, ExplainOptions(memory_budget=2**62), torch.device("cpu"))
+    available = int(re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text()).group(1)) * 1024
+    assert budget < 2**62
+    assert abs(budget - available) < 0.2 * available  # MemAvailable moves between the two reads
 
 
 def test_a_budget_splits_the_recomputed_path_into_micro_batches() -> None:
