@@ -222,6 +222,7 @@ def test_a_pruned_vit_classifier_checkpoint_loads_and_explains(tmp_path: Path) -
         ({"epochs": "1"}, "`epochs` must be a list of epoch numbers >= 0 or a callable"),
         ({"gmar_last_n": 0}, "`gmar_last_n` must be an integer >= 1"),
         ({"min_heads_per_layer": -1}, "`min_heads_per_layer` must be an integer >= 0"),
+        ({"criterion": "magnitude", "gmar_name": "ema"}, "`gmar_name` names the GMARCallback that ranks heads"),
     ],
 )
 def test_bad_arguments_fail_in_one_line(kwargs: dict, message: str) -> None:

@@ -123,6 +123,35 @@ def test_a_schedule_that_follows_the_gmar_evaluations_prunes(tmp_path: Path) -> 
     assert sum(head_counts(module)) == 6 and pruning.history[0]["epoch"] == 2
 
 
+def test_gmar_name_picks_whose_head_weights_rank_the_heads_and_several_unnamed_are_refused(tmp_path: Path) -> None:
+    def callbacks(**pruning: object) -> list[Callback]:
+        return [
+            # Different probes, so that the two rank the heads differently and the choice shows.
+            GMARCallback(num_probe=2, methods=("gmar_l1",), name="l1"),
+            GMARCallback(num_probe=8, methods=("gmar_l2",), name="l2"),
+            HeadPruning(amount=2, criterion="gmar", epochs=[1], throughput_batch=0, gmar_last_n=1, **pruning),
+        ]
+
+    refusals = [({}, r"finds 2 GMARCallbacks .*HeadPruning\(gmar_name="), ({"gmar_name": "l3"}, "names no GMARCall")]
+    for pruning, message in refusals:
+        with pytest.raises(ValueError, match=message) as raised:
+            fit(tmp_path / "refused", callbacks(**pruning))
+        assert "\n" not in str(raised.value)
+    chosen = callbacks(gmar_name="l2")
+    fit(tmp_path / "named", chosen)
+    first = {name: callback.trajectory for name, callback in zip(("l1", "l2"), chosen, strict=False)}
+
+    def lowest_two(trajectory: object) -> set[tuple[str, int]]:
+        weights = trajectory.weights[0]  # the epoch-0 evaluation, the only one before the pruning at epoch 1
+        order = torch.argsort(weights.flatten())[:2].tolist()
+        heads = weights.shape[1]
+        return {(trajectory.layer_names[index // heads], index % heads) for index in order}
+
+    removed = {(layer, head) for layer, heads in chosen[2].history[0]["removed"].items() for head in heads}
+    assert lowest_two(first["l1"]) != lowest_two(first["l2"])
+    assert removed == lowest_two(first["l2"])
+
+
 class BreaksUnderExplanation(TinyViTModule):
     """A forward that fails from epoch 1 on when run in eval mode with gradients: only GMAR's explanation does that
     (validation runs without gradients, training in train mode), so the GMARCallback switches itself off then."""

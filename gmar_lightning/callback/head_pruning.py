@@ -89,6 +89,8 @@ class HeadPruning(Callback):
             index.
         epochs: The epochs at whose start to prune, or a callable ``epoch -> bool``.
         gmar_last_n: GMAR evaluations averaged by ``criterion="gmar"``.
+        gmar_name: With ``criterion="gmar"``, the ``name`` of the GMARCallback whose head weights rank the heads, where
+            the Trainer holds several with a GMAR method (e.g. one watching the EMA copy); ``None``: the only one.
         michel_batches: Validation batches read by ``criterion="michel"``.
         min_heads_per_layer: Heads every layer keeps (0 allows emptying a layer of a timm ViT; its attention branch
             then outputs only ``proj``'s bias; transformers ViTs need at least 1). The model as a whole always keeps
@@ -119,6 +121,7 @@ class HeadPruning(Callback):
         criterion: Criterion = "gmar",
         epochs: Sequence[int] | Callable[[int], bool] = (1,),
         gmar_last_n: int = 3,
+        gmar_name: str | None = None,
         michel_batches: int = 8,
         min_heads_per_layer: int = 1,
         model_getter: Callable[[pl.LightningModule], nn.Module] | None = None,
@@ -146,12 +149,18 @@ class HeadPruning(Callback):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+        if gmar_name is not None and (not isinstance(gmar_name, str) or criterion != "gmar"):
+            raise ValueError(
+                f"`gmar_name` names the GMARCallback that ranks heads for criterion='gmar', got {gmar_name!r} with "
+                f"criterion={criterion!r}; pass a callback's `name` string with criterion='gmar', or drop it."
+            )
         if model_getter is not None and not callable(model_getter):
             raise TypeError(f"`model_getter` must be callable, got {type(model_getter).__name__}.")
         self.amount = amount
         self.criterion = criterion
         self.epochs = epochs if callable(epochs) else tuple(epochs)
         self.gmar_last_n = gmar_last_n
+        self.gmar_name = gmar_name
         self.michel_batches = michel_batches
         self.min_heads_per_layer = min_heads_per_layer
         self.model_getter = model_getter
@@ -184,12 +193,7 @@ class HeadPruning(Callback):
                 "WeightAveraging (or EMAWeightAveraging), whose averaged copy loses the same heads."
             )
         if self.criterion == "gmar":
-            gmar = self._gmar_callback(trainer)
-            if gmar is None:
-                raise ValueError(
-                    "`criterion='gmar'` needs a GMARCallback with a GMAR method ('gmar_l1' or 'gmar_l2') in the "
-                    "Trainer's callbacks; add one, or pick another criterion."
-                )
+            gmar = self._check_gmar_callback(trainer)
             if stage == "fit":
                 self._check_gmar_schedule(trainer, gmar)
         model = self._model(pl_module)
@@ -243,8 +247,36 @@ class HeadPruning(Callback):
             previous = epoch
 
     @staticmethod
-    def _gmar_callback(trainer: pl.Trainer) -> GMARCallback | None:
-        return next((c for c in trainer.callbacks if isinstance(c, GMARCallback) and c.head_method), None)
+    def _ranking_callbacks(trainer: pl.Trainer) -> list[GMARCallback]:
+        return [c for c in trainer.callbacks if isinstance(c, GMARCallback) and c.head_method]
+
+    def _gmar_callback(self, trainer: pl.Trainer) -> GMARCallback | None:
+        """The GMARCallback whose head weights rank the heads: the one named ``gmar_name``, else the first (``setup``
+        refuses several without a name); ``None`` without one."""
+        ranking = self._ranking_callbacks(trainer)
+        if self.gmar_name is not None:
+            return next((c for c in ranking if c.name == self.gmar_name), None)
+        return ranking[0] if ranking else None
+
+    def _check_gmar_callback(self, trainer: pl.Trainer) -> GMARCallback:
+        gmar = self._gmar_callback(trainer)
+        names = [c.name for c in self._ranking_callbacks(trainer)]
+        if gmar is None and self.gmar_name is not None:
+            raise ValueError(
+                f"`gmar_name={self.gmar_name!r}` names no GMARCallback with a GMAR method ('gmar_l1' or 'gmar_l2') "
+                f"in the Trainer's callbacks (their names: {names}); pass one of those."
+            )
+        if gmar is None:
+            raise ValueError(
+                "`criterion='gmar'` needs a GMARCallback with a GMAR method ('gmar_l1' or 'gmar_l2') in the "
+                "Trainer's callbacks; add one, or pick another criterion."
+            )
+        if self.gmar_name is None and len(names) > 1:
+            raise ValueError(
+                f"`criterion='gmar'` finds {len(names)} GMARCallbacks with a GMAR method (names {names}); pass "
+                "HeadPruning(gmar_name=...) to say whose head weights rank the heads."
+            )
+        return gmar
 
     @staticmethod
     def _averaged_copies(trainer: pl.Trainer) -> list[nn.Module]:
