@@ -42,15 +42,20 @@ from tqdm.auto import tqdm
 
 from gmar_lightning._checks import one_line, parse_methods
 from gmar_lightning._io import atomic_write_bytes
+from gmar_lightning.classifiers import DEFAULT_PROMPT, ZeroShotClassifier, check_prompt
 from gmar_lightning.demos.job import LOGGERS, DemoConfig, run_demo
 from gmar_lightning.demos.model import (
     HF_PREFIX,
+    OPEN_CLIP_PREFIXES,
     checkpoint_input_recipe,
     checkpoint_model_settings,
-    create_hf_classifier,
     create_vit,
+    hf_classifier,
     hf_image_processor_settings,
+    load_hf_model,
+    load_open_clip,
     load_weights,
+    open_clip_classifier,
 )
 from gmar_lightning.engine import explain
 from gmar_lightning.explanation import METHODS
@@ -283,6 +288,37 @@ def hf_preprocessing(
     )
 
 
+def open_clip_preprocessing(
+    model: nn.Module,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    crop_pct: float | None = None,
+) -> Preprocessing:
+    """An open_clip model's input recipe, from its image tower's ``preprocess_cfg`` (what ``open_clip``'s own eval
+    transform uses: the side, mean, std and interpolation; the shorter side resized and centre-cropped, or with
+    ``resize_mode='squash'`` both sides resized); ``mean``, ``std`` and ``crop_pct`` override it.
+
+    Raises:
+        CommandError: ``resize_mode='longest'`` (the image padded to a square), whose maps would cover padding.
+    """
+    settings = getattr(model.visual, "preprocess_cfg", None) or {}
+    resize = settings.get("resize_mode", "shortest")
+    if resize not in ("shortest", "squash"):
+        raise CommandError(
+            f"the open_clip model pads its images to a square (resize_mode={resize!r}), which the command does not "
+            "do; explain it from Python with open_clip's own transform."
+        )
+    side = settings.get("size", model.visual.image_size)
+    return Preprocessing(
+        img_size=_pair(side)[0],
+        mean=tuple(mean if mean is not None else _three(settings.get("mean", HF_DEFAULT_PROCESSOR["image_mean"]))),
+        std=tuple(std if std is not None else _three(settings.get("std", HF_DEFAULT_PROCESSOR["image_std"]))),
+        interpolation=str(settings.get("interpolation", "bicubic")),
+        crop_pct=float(crop_pct if crop_pct is not None else 1.0),
+        resize="squash" if resize == "squash" else "shorter_side",
+    )
+
+
 MIN_IMAGE_SIDE = 16
 """Images with a side below this many pixels are refused: upsampled to the model's input they hold less than a
 ViT-B/16 patch of information, and their maps would explain interpolation."""
@@ -359,6 +395,13 @@ def load_image(path: Path, preprocessing: Preprocessing) -> Tensor:
     return preprocessing.transform()(read_rgb(path))
 
 
+def _read_names(path: str) -> list[str]:
+    try:
+        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as error:
+        raise CommandError(f"--class-names {path!r} cannot be read ({one_line(error)}); pass a text file.") from None
+
+
 def read_class_names(path: str | None, num_classes: int) -> list[str] | None:
     """Class names from a text file, one per line in class-index order (blank lines skipped).
 
@@ -367,10 +410,7 @@ def read_class_names(path: str | None, num_classes: int) -> list[str] | None:
     """
     if path is None:
         return None
-    try:
-        names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except OSError as error:
-        raise CommandError(f"--class-names {path!r} cannot be read ({one_line(error)}); pass a text file.") from None
+    names = _read_names(path)
     if len(names) < num_classes:
         raise CommandError(
             f"--class-names {path!r} names {len(names)} classes but the model has {num_classes}; "
@@ -405,8 +445,13 @@ def _is_hf(model_name: str | None) -> bool:
     return model_name is not None and model_name.startswith(HF_PREFIX)
 
 
+def _is_open_clip(model_name: str | None) -> bool:
+    return model_name is not None and model_name.startswith(OPEN_CLIP_PREFIXES)
+
+
 def _num_classes(model: nn.Module) -> int:
-    """A timm model's ``num_classes``, a Hugging Face classifier's ``config.num_labels``."""
+    """A timm model's (or zero-shot or linear-head classifier's) ``num_classes``, a Hugging Face classifier's
+    ``config.num_labels``."""
     return model.num_classes if hasattr(model, "num_classes") else model.config.num_labels
 
 
@@ -422,9 +467,46 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def _build_hf_model(args: argparse.Namespace) -> nn.Module:
-    """A Hugging Face classifier named ``hf:<folder or hub id>``: the folder's weights, or its architecture filled
-    from ``--checkpoint`` (pruned like the model that wrote it) or left random (``--random-weights``)."""
+def _zero_shot_names(args: argparse.Namespace) -> list[str] | None:
+    """The class names a model without a classifier is given: ``--labels``, else the ``--class-names`` file."""
+    if args.labels is not None:
+        return args.labels
+    return _read_names(args.class_names) if args.class_names is not None else None
+
+
+def _read_head(path: str | None) -> dict[str, Tensor] | None:
+    """The tensors of ``--head FILE`` (read with ``weights_only=True``)."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise CommandError(f"--head {path!r} does not exist; pass torch.save(nn.Linear(dim, classes).state_dict()).")
+    try:
+        head = timm.models.load_state_dict(path, use_ema=False, weights_only=True)
+    except Exception:
+        raise CommandError(
+            f"--head {path!r} is not a weights file PyTorch can read safely; pass torch.save(nn.Linear(dim, "
+            "classes).state_dict()) or a .safetensors file."
+        ) from None
+    return dict(head)
+
+
+def _check_no_class_count(args: argparse.Namespace, model: nn.Module) -> None:
+    """``--num-classes`` sizes a classifier that is built; zero-shot and head classifiers have their classes given."""
+    if args.num_classes is None or not isinstance(getattr(model, "num_classes", None), int):
+        return
+    if args.num_classes != model.num_classes:
+        given = "--labels (or --class-names)" if isinstance(model, ZeroShotClassifier) else "--head's rows"
+        raise CommandError(
+            f"--num-classes {args.num_classes} differs from the {model.num_classes} classes of {given}; drop "
+            "--num-classes."
+        )
+
+
+def _build_hf_model(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
+    """A Hugging Face model named ``hf:<folder or hub id>``: the folder's weights, or its architecture filled from
+    ``--checkpoint`` (pruned like the model that wrote it) or left random (``--random-weights``); with class logits
+    of its own, zero-shot from ``--labels`` (image-text models) or from ``--head``. Returns the classifier and the
+    transformers model (whose config gives the input recipe)."""
     if args.pretrained:
         raise CommandError(
             f"--pretrained downloads timm weights, but --model {args.model} loads its own (or --checkpoint FILE); "
@@ -435,21 +517,58 @@ def _build_hf_model(args: argparse.Namespace) -> nn.Module:
         overrides["num_labels"] = args.num_classes
     if args.img_size is not None:
         overrides["image_size"] = args.img_size
+    source = args.model.removeprefix(HF_PREFIX)
     load_saved_weights = args.checkpoint is None and not args.random_weights
-    model = create_hf_classifier(args.model.removeprefix(HF_PREFIX), overrides, load_saved_weights)
-    vision = hf.vision_config(model)
+    loaded = load_hf_model(source, overrides, load_saved_weights)
+    vision = hf.vision_config(loaded)
     _check_patches_fit(_pair(vision.image_size), _pair(vision.patch_size))
     if args.checkpoint is not None:
-        load_weights(model, args.checkpoint, strict=not args.partial_checkpoint)
-    return model.eval()
+        load_weights(loaded, args.checkpoint, strict=not args.partial_checkpoint)
+    model = hf_classifier(loaded, source, _zero_shot_names(args), args.prompt, _read_head(args.head))
+    if model is not loaded:
+        _check_no_class_count(args, model)
+    return model, loaded
 
 
-def _build_model(args: argparse.Namespace) -> nn.Module:
-    """The model to explain: from the options, filled in from a ViTClassifier checkpoint's stored settings."""
+def _build_open_clip_model(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
+    """An open_clip model named ``local-dir:<folder>`` or ``hf-hub:<owner/name>``, zero-shot from ``--labels`` or
+    under ``--head``. Returns the classifier and the open_clip model (whose image tower gives the input recipe)."""
+    for option, value in (
+        ("--pretrained", args.pretrained),
+        ("--img-size", args.img_size),
+        ("--model-kwargs", args.model_kwargs),
+    ):
+        if value:
+            raise CommandError(f"{option} does not apply to open_clip models (--model {args.model}); drop {option}.")
+    load_saved_weights = args.checkpoint is None and not args.random_weights
+    loaded, tokenizer = load_open_clip(args.model, load_saved_weights)
+    if args.checkpoint is not None:
+        load_weights(loaded, args.checkpoint, strict=not args.partial_checkpoint)
+    model = open_clip_classifier(
+        loaded, tokenizer, args.model, _zero_shot_names(args), args.prompt, _read_head(args.head)
+    )
+    _check_no_class_count(args, model)
+    return model, loaded
+
+
+def _build_model(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
+    """The model to explain, from the options, filled in from a ViTClassifier checkpoint's stored settings; and the
+    model whose configuration gives the input recipe (a Hugging Face or open_clip model inside a zero-shot or head
+    classifier, else the model itself)."""
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise CommandError(f"checkpoint {args.checkpoint!r} does not exist; pass a weights file.")
+    if args.labels is not None and args.class_names is not None:
+        raise CommandError("--labels and --class-names both name the classes; pass one of them.")
+    check_prompt(args.prompt, "--prompt")
     if _is_hf(args.model):
         return _build_hf_model(args)
+    if _is_open_clip(args.model):
+        return _build_open_clip_model(args)
+    if args.head is not None:
+        raise CommandError(
+            "--head puts a linear head on a backbone's pooled output, for hf: and open_clip models; a timm model has "
+            "its own (--num-classes, --checkpoint); drop --head."
+        )
     stored = checkpoint_model_settings(args.checkpoint) if args.checkpoint else None
     if args.model is None and stored is None:
         raise CommandError(
@@ -458,14 +577,6 @@ def _build_model(args: argparse.Namespace) -> nn.Module:
         )
     stored = stored or {}
     model_name = args.model or stored["model_name"]
-    if model_name.startswith(("hf-hub:", "local-dir:")):
-        # open_clip's names for hub and local models: an open_clip model makes class logits only from the user's
-        # class prompts (zero-shot), which the command has no way to take.
-        raise CommandError(
-            f"--model {model_name} names an open_clip (or timm hub) model, which the command does not load: an "
-            "open_clip model needs your class prompts for zero-shot logits; explain it from Python under your own "
-            "head (docs/guide/huggingface.md, open_clip image towers), or pass hf:<save_pretrained folder>."
-        )
     if not timm.is_model(model_name):
         raise CommandError(f"unknown timm model {model_name!r}; see timm.list_models('vit*') for valid names.")
     if args.checkpoint is None and not args.pretrained and not args.random_weights:
@@ -495,7 +606,7 @@ def _build_model(args: argparse.Namespace) -> nn.Module:
     input_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if patch_size is not None and input_size is not None:
         _check_patches_fit(input_size, patch_size)
-    return model.eval()
+    return model.eval(), model
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:
@@ -742,7 +853,16 @@ def hf_class_names(model: nn.Module) -> list[str] | None:
 def _class_names(
     args: argparse.Namespace, model: nn.Module, recipe: InputRecipe, num_classes: int
 ) -> tuple[list[str] | None, str]:
-    """The class names for captions and where they came from: ``--class-names``, the checkpoint, ``id2label``."""
+    """The class names for captions and where they came from: ``--labels`` or ``--class-names`` (a zero-shot model's
+    classes), the checkpoint, ``id2label``."""
+    if isinstance(model, ZeroShotClassifier):
+        return model.class_names, "--labels" if args.labels is not None else "--class-names"
+    if args.labels is not None:
+        if len(args.labels) != num_classes:
+            raise CommandError(
+                f"--labels names {len(args.labels)} classes but the model has {num_classes}; name every class once."
+            )
+        return args.labels, "--labels"
     names = read_class_names(args.class_names, num_classes)
     if names is not None:
         return names, "--class-names"
@@ -765,7 +885,8 @@ def _run_explain(args: argparse.Namespace) -> int:
     paths = [path for path in paths if path not in problems]
     if not paths:
         return EXIT_ERROR
-    model = _build_model(args).to(args.device)
+    model, loaded = _build_model(args)
+    model = model.to(args.device)
     num_classes = _num_classes(model)
     if args.target is not None and not 0 <= args.target < num_classes:
         raise CommandError(f"--target {args.target} is out of range for a model with {num_classes} classes.")
@@ -778,7 +899,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     if _is_hf(args.model):
         processor = hf_image_processor_settings(args.model.removeprefix(HF_PREFIX))
         preprocessing = hf_preprocessing(
-            model,
+            loaded,
             processor,
             args.mean if args.mean is not None else recipe.mean,
             args.std if args.std is not None else recipe.std,
@@ -786,10 +907,18 @@ def _run_explain(args: argparse.Namespace) -> int:
         )
         origin = "the saved image processor" if processor is not None else "no image processor saved: defaults"
         print(f"Model input: {preprocessing.describe()} ({origin}){stored}")
+    elif _is_open_clip(args.model):
+        preprocessing = open_clip_preprocessing(
+            loaded,
+            args.mean if args.mean is not None else recipe.mean,
+            args.std if args.std is not None else recipe.std,
+            args.crop_pct if args.crop_pct is not None else recipe.crop_pct,
+        )
+        print(f"Model input: {preprocessing.describe()} (the model's preprocess_cfg){stored}")
     else:
         preprocessing = model_preprocessing(model, args.mean, args.std, args.crop_pct, recipe)
         print(f"Model input: {preprocessing.describe()}{stored}")
-    if names_origin and names_origin != "--class-names":
+    if names_origin and names_origin not in ("--class-names", "--labels"):
         shown = ", ".join(class_names[:5]) + (", ..." if num_classes > 5 else "")  # type: ignore[index]
         print(f"Class names from {names_origin}: {shown}")
     output = Path(args.output)
@@ -870,9 +999,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, hugging_face: bool = Fa
     """
     if hugging_face:
         model_help = (
-            f"timm model name, or {HF_PREFIX}<folder written by save_pretrained, or hub id> for a Hugging Face image "
-            "classifier (its input recipe comes from the folder's preprocessor_config.json, else mean/std 0.5, "
-            "bilinear, no crop)"
+            f"timm model name; {HF_PREFIX}<folder written by save_pretrained, or hub id> for a Hugging Face image "
+            "classifier, image-text model (CLIP, SigLIP: zero-shot from --labels) or backbone (with --head); or an "
+            "open_clip local-dir:<folder> or hf-hub:<owner/name> (zero-shot from --labels)"
         )
         kwargs_help = "timm constructor overrides (hf: config overrides) as JSON, e.g. '{\"depth\": 2}'"
     else:
@@ -983,6 +1112,15 @@ def _device(text: str) -> torch.device:
     return device
 
 
+def _labels(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if len(names) < 2 or not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"must be two or more distinct, non-empty class names separated by commas, e.g. 'cat,dog', got {text!r}"
+        )
+    return names
+
+
 def _unit_fraction(text: str) -> float:
     try:
         value = float(text)
@@ -1001,7 +1139,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain_parser = commands.add_parser(
         "explain",
         help="overlay GMAR maps on images",
-        description="Explain images with a timm ViT or a Hugging Face ViT classifier (--model hf:<folder>).",
+        description="Explain images with a timm ViT, a Hugging Face model (--model hf:<folder>) or an open_clip model "
+        "(--model local-dir:<folder>).",
     )
     explain_parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     add_model_arguments(explain_parser, hugging_face=True)
@@ -1028,6 +1167,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         default=None,
         help="text file with one class name per line, for captions (default: the checkpoint's, hf: id2label)",
+    )
+    explain_parser.add_argument(
+        "--labels",
+        type=_labels,
+        default=None,
+        metavar="NAMES",
+        help="comma-separated class names: the zero-shot classes of an image-text model (CLIP, SigLIP, open_clip), or "
+        "the captions' names of any other model, in class-index order",
+    )
+    explain_parser.add_argument(
+        "--prompt",
+        default=DEFAULT_PROMPT,
+        help=f"zero-shot prompt template, {{}} standing for each class name (default {DEFAULT_PROMPT!r})",
+    )
+    explain_parser.add_argument(
+        "--head",
+        metavar="FILE",
+        default=None,
+        help="a linear head for an hf: backbone without a classifier (DINOv3ViTModel, CLIPVisionModel, ...) or an "
+        "image-text model: torch.save(nn.Linear(dim, classes).state_dict()), applied to the model's pooled output "
+        "(an image-text model's image embedding)",
     )
     explain_parser.add_argument(
         "--mean",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -419,37 +418,3 @@ def test_an_image_size_override_reaches_the_vision_config_of_a_clip_classifier(
     assert main([*argv, "--img-size", "48", "--output", str(tmp_path / "out")]) == 0
     with np.load(tmp_path / "out" / "maps.npz") as arrays:
         assert arrays["maps_gmar_l1"].shape == (1, 48, 48)
-
-
-@pytest.mark.parametrize(
-    ("backbone", "name"),
-    [
-        (lambda: transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**test_hf.TINY)), "DINOv3ViTModel"),
-        (lambda: transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**test_hf.TINY)), "CLIPVisionModel"),
-    ],
-)
-def test_a_backbone_folder_without_a_classifier_is_refused_in_one_line(
-    backbone: Callable[[], torch.nn.Module],
-    name: str,
-    images: list[Path],
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    backbone().save_pretrained(tmp_path / "backbone")
-    capsys.readouterr()  # save_pretrained's progress bar
-    argv = ["explain", str(images[0]), "--model", f"hf:{tmp_path / 'backbone'}", "--output", str(tmp_path / "out")]
-    assert main(argv) == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and f"holds {name}, a backbone without a classifier" in error[0], error
-    assert "put your head on it" in error[0]
-
-
-@pytest.mark.parametrize("name", ["hf-hub:timm/ViT-B-32-quickgelu", "local-dir:/nonexistent/open_clip"])
-def test_open_clip_names_are_refused_in_one_line_naming_the_python_route(
-    name: str, images: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    argv = ["explain", str(images[0]), "--model", name, "--random-weights", "--output", str(tmp_path / "out")]
-    assert main(argv) == 2
-    error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "names an open_clip (or timm hub) model, which the command does not load" in error[0]
-    assert "explain it from Python under your own head" in error[0]

@@ -15,6 +15,7 @@ CORE_MODULES = (
     "gmar_lightning.families",
     "gmar_lightning.resolve",
     "gmar_lightning.readout",
+    "gmar_lightning.classifiers",
     "gmar_lightning.methods",
     "gmar_lightning.options",
     "gmar_lightning.engine",

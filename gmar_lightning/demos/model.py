@@ -5,10 +5,14 @@ and the LightningCLI config train: a timm model created by name (with any constr
 ``depth``), cross-entropy, accuracy logged as ``val_acc`` and AdamW with a linear-warmup cosine schedule.
 [`GMARCallback`][gmar_lightning.callback.gmar.GMARCallback] finds the ViT as its ``model`` attribute.
 
-[`create_hf_classifier`][gmar_lightning.demos.model.create_hf_classifier] builds a Hugging Face image classifier from a
-``save_pretrained`` folder (or hub id) for ``gmar-lightning explain --model hf:...``, and
+[`load_hf_model`][gmar_lightning.demos.model.load_hf_model] loads a Hugging Face model from a ``save_pretrained``
+folder (or hub id) for ``gmar-lightning explain --model hf:...``,
+[`hf_classifier`][gmar_lightning.demos.model.hf_classifier] makes class logits from it (zero-shot for an image-text
+model, a linear head for a backbone), and
 [`hf_image_processor_settings`][gmar_lightning.demos.model.hf_image_processor_settings] reads its saved image processor.
-``transformers`` is imported only there (``pip install transformers``, or the ``hf`` extra of a clone).
+``transformers`` is imported only there (``pip install transformers``, or the ``hf`` extra of a clone);
+[`load_open_clip`][gmar_lightning.demos.model.load_open_clip] does the same for open_clip's ``hf-hub:`` and
+``local-dir:`` names (the ``open_clip`` extra).
 """
 
 from __future__ import annotations
@@ -37,6 +41,13 @@ from typing_extensions import override
 
 from gmar_lightning._checks import check_positive_int, one_line, strip_ansi
 from gmar_lightning.capture import KEPT_HEADS
+from gmar_lightning.classifiers import (
+    DEFAULT_PROMPT,
+    hf_image_features,
+    hf_zero_shot,
+    open_clip_zero_shot,
+    with_linear_head,
+)
 from gmar_lightning.families.hf import unsupported_reason
 from gmar_lightning.heads.pruning import restore_pruning, restore_pruning_on_load
 from gmar_lightning.input_recipe import INPUT_RECIPE_KEY, InputRecipe, datamodule_recipe
@@ -46,10 +57,13 @@ __all__ = [
     "ViTClassifier",
     "checkpoint_input_recipe",
     "checkpoint_model_settings",
-    "create_hf_classifier",
     "create_vit",
+    "hf_classifier",
     "hf_image_processor_settings",
+    "load_hf_model",
+    "load_open_clip",
     "load_weights",
+    "open_clip_classifier",
 ]
 
 _MODEL_SETTINGS = ("model_name", "num_classes", "img_size", "model_kwargs")
@@ -292,38 +306,44 @@ def _saved_weight_names(folder: Path) -> list[str]:
     return []
 
 
-class _NoClassifierError(Exception):
-    """The folder holds a vision backbone that transformers has no image classifier for."""
+def _architecture(transformers: ModuleType, config: Any) -> type | None:
+    """The transformers class that saved the folder (``config.architectures``), or ``None`` when the config does not
+    name one transformers has (a config saved on its own)."""
+    names = getattr(config, "architectures", None) or []
+    found = getattr(transformers, names[0], None) if names else None
+    return found if isinstance(found, type) else None
 
 
-def _without_classifier(transformers: ModuleType, config: Any, named: str) -> None:
-    """Refuse a backbone (``DINOv3ViTModel``, ``CLIPVisionModel``, ...) saved without a classifier: its outputs are
-    features, not classes, and ``AutoModelForImageClassification`` has no class for its model type."""
-    classifiers = transformers.models.auto.modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
-    if config.model_type in classifiers:
-        return
-    architecture = (getattr(config, "architectures", None) or [type(config).__name__.removesuffix("Config")])[0]
-    raise _NoClassifierError(
-        f"{named} holds {architecture}, a backbone without a classifier (transformers has no image classifier for "
-        f"model type {config.model_type!r}), so it outputs features, not classes; put your head on it and call "
-        "gmar_lightning.explain(model, images) in Python, or save a *ForImageClassification model."
-    )
+def _is_image_text(model: nn.Module) -> bool:
+    """An image-text model (``CLIPModel``, ``SiglipModel``): text embeddings to compare, an image tower inside."""
+    return hasattr(model, "get_text_features") and hasattr(model, "vision_model") and hasattr(model, "logit_scale")
+
+
+def _is_classifier(model: nn.Module) -> bool:
+    return type(model).__name__.endswith(("ForImageClassification", "ForImageClassificationWithTeacher"))
 
 
 def _override(config: Any, overrides: Mapping[str, Any]) -> None:
-    """Set ``overrides`` on ``config``; an image-text classifier's image settings (``image_size``, ``patch_size``)
-    live in its ``vision_config``, where they are set."""
+    """Set ``overrides`` on ``config``; an image-text model's image settings (``image_size``, ``patch_size``) live in
+    its ``vision_config``, where they are set."""
     vision = getattr(config, "vision_config", None) or config
     for key, value in overrides.items():
         target = vision if not hasattr(config, key) and hasattr(vision, key) else config
         setattr(target, key, value)
 
 
-def create_hf_classifier(
+def load_hf_model(
     source: str, config_overrides: dict[str, Any] | None = None, load_saved_weights: bool = True
 ) -> nn.Module:
-    """A Hugging Face image classifier (``AutoModelForImageClassification``) from a ``save_pretrained`` folder or a
-    hub id.
+    """The transformers model saved in a ``save_pretrained`` folder (or under a hub id), as the class that saved it.
+
+    The class is the one the config names (``architectures``): an image classifier, an image-text model
+    (``CLIPModel``, ``SiglipModel``) or a vision backbone (``CLIPVisionModel``, ``DINOv3ViTModel``...), each loaded
+    as itself, never as another class that would fill the weights it lacks at random
+    (``AutoModelForImageClassification`` turns a whole ``CLIPModel`` folder into a ``CLIPForImageClassification`` with
+    a random classifier); saved weights that lack a tensor of the model are refused too. A config saved on its own
+    (no ``architectures``) builds ``AutoModelForImageClassification``'s class. Make class logits from a model that has
+    none with [`hf_classifier`][gmar_lightning.demos.model.hf_classifier].
 
     Args:
         source: A local folder holding ``config.json`` (and weights), or a hub id such as
@@ -336,10 +356,10 @@ def create_hf_classifier(
         The model in eval mode, float32.
 
     Raises:
-        ValueError: If transformers is missing, the source does not exist or cannot be loaded, the model is not a
-            ViT that ``explain`` supports, or the folder's weights are those of a pruned model (``from_pretrained``
-            cannot load them: save the unpruned model's config there and pass the pruned weights file to
-            ``load_weights``).
+        ValueError: If transformers is missing, the source does not exist or cannot be loaded, its saved weights lack
+            tensors of the model (they would be random), or the folder's weights are those of a pruned model
+            (``from_pretrained`` cannot load them: save the unpruned model's config there and pass the pruned weights
+            file to ``load_weights``).
     """
     transformers = _transformers(source)
     location = _resolve_hf_source(source)
@@ -361,10 +381,16 @@ def create_hf_classifier(
     try:
         with _quiet(transformers):
             config = transformers.AutoConfig.from_pretrained(location)
-            _without_classifier(transformers, config, named)
             _override(config, config_overrides or {})
-            auto = transformers.AutoModelForImageClassification
-            model = auto.from_pretrained(location, config=config) if load_saved_weights else auto.from_config(config)
+            architecture = _architecture(transformers, config)
+            info: dict[str, Any] = {}
+            if load_saved_weights:
+                loader = architecture or transformers.AutoModelForImageClassification
+                model, info = loader.from_pretrained(location, config=config, output_loading_info=True)
+            elif architecture is not None:
+                model = architecture(config)
+            else:
+                model = transformers.AutoModelForImageClassification.from_config(config)
     except RuntimeError as error:
         if not config_overrides:
             raise ValueError(f"{named} cannot be loaded ({one_line(error)[:300]}).") from None
@@ -373,8 +399,6 @@ def create_hf_classifier(
             f"{named}: the saved weights do not fit the config changed by --num-classes, --img-size or --model-kwargs "
             f"({config_overrides}); drop those options, or pass --checkpoint FILE or --random-weights."
         ) from None
-    except _NoClassifierError as error:
-        raise ValueError(str(error)) from None
     except pickle.UnpicklingError as error:
         # torch's own message advises loading with weights_only=False "if you trust the source": never pass that on.
         blocked = re.search(r"GLOBAL (\S+)", strip_ansi(str(error)))
@@ -394,11 +418,164 @@ def create_hf_classifier(
         # (ValueError, TypeError, ZeroDivisionError, huggingface_hub's validation errors...): all are a bad option.
         fix = "; check --num-classes, --img-size and --model-kwargs" if config_overrides else ""
         raise ValueError(f"{named} cannot be built ({one_line(error)[:300]}){fix}.") from None
-    reason = unsupported_reason(model)
-    if reason is not None:
-        raise ValueError(f"{named} cannot be explained: {reason}.")
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        # from_pretrained fills what the files lack at random: a classifier read from them would explain noise.
+        raise ValueError(
+            f"{named}: its saved weights lack {len(missing)} tensors of {type(model).__name__} "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), which would be random; save the whole "
+            "model with save_pretrained, or pass --checkpoint FILE with them."
+        )
     # transformers 5 loads weights in their saved dtype (half precision on the hub); 4.x has no `dtype` argument.
     return model.float().eval()
+
+
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+def hf_classifier(
+    model: nn.Module,
+    source: str,
+    class_names: list[str] | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    head: Mapping[str, Tensor] | None = None,
+) -> nn.Module:
+    """Class logits from a model of [`load_hf_model`][gmar_lightning.demos.model.load_hf_model]: an image classifier
+    as it is; an image-text model zero-shot from ``class_names`` with its saved tokenizer
+    ([`hf_zero_shot`][gmar_lightning.classifiers.hf_zero_shot]); a backbone (or an image-text model's image embedding)
+    under the linear ``head`` ([`with_linear_head`][gmar_lightning.classifiers.with_linear_head] on its pooled
+    output).
+
+    Args:
+        model: The loaded model.
+        source: The folder or hub id it came from (its tokenizer is loaded from there), as ``--model hf:`` names it.
+        class_names: The zero-shot classes of an image-text model.
+        prompt: The template each zero-shot class name fills.
+        head: A linear head's tensors (``weight`` ``[classes, dim]``, ``bias``) for a model without a classifier.
+
+    Raises:
+        ValueError: In one line naming the fix: a classifier given a head, a model without class logits given neither
+            class names nor a head, an image-text folder without a tokenizer, or a model ``explain`` does not support.
+    """
+    named = f"--model {HF_PREFIX}{source}"
+    name = type(model).__name__
+    if _is_classifier(model):
+        if head is not None:
+            raise ValueError(f"{named} holds {name}, which has its own classifier; drop --head.")
+        classifier = model
+    elif head is not None:
+        features = hf_image_features(model)
+        classifier = with_linear_head(features, head, features.dim, "--head")
+    elif _is_image_text(model):
+        if class_names is None:
+            raise ValueError(
+                f"{named} holds {name}, an image-text model whose class logits are zero-shot: pass --labels "
+                "'cat,dog,...' (or --class-names FILE) to name the classes (the prompt is --prompt, default "
+                f"{DEFAULT_PROMPT!r}), or --head FILE for a linear head on its image embedding."
+            )
+        transformers = _transformers(source)
+        location = _resolve_hf_source(source)
+        # transformers 5 builds an empty tokenizer for a folder saved without one: its prompts would all be alike.
+        if Path(location).is_dir() and not any((Path(location) / file).is_file() for file in _TOKENIZER_FILES):
+            raise ValueError(
+                f"{named} holds {name} but no tokenizer ({' or '.join(_TOKENIZER_FILES)}); save the model's "
+                "tokenizer (or processor) into the folder with save_pretrained."
+            )
+        try:
+            with _quiet(transformers):
+                tokenizer = transformers.AutoTokenizer.from_pretrained(location)
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(
+                f"{named} holds {name} but no tokenizer it can load ({one_line(error)[:200]}); save the model's "
+                "tokenizer (or processor) into the folder with save_pretrained."
+            ) from None
+        classifier = hf_zero_shot(model, tokenizer, class_names, prompt)
+    else:
+        raise ValueError(
+            f"{named} holds {name}, a backbone with neither a classifier nor a text tower, so it outputs features, not "
+            "classes; pass --head FILE (a linear head on its pooled output: weight [classes, dim], bias [classes]; "
+            "--labels names its classes), or save a *ForImageClassification model."
+        )
+    reason = unsupported_reason(classifier)
+    if reason is not None:
+        raise ValueError(f"{named} cannot be explained: {reason}.")
+    return classifier.eval()
+
+
+OPEN_CLIP_PREFIXES = ("hf-hub:", "local-dir:")
+"""How ``--model`` names an open_clip model: ``local-dir:<folder>`` (``open_clip_config.json`` and weights) or
+``hf-hub:<owner/name>``."""
+INSTALL_OPEN_CLIP = 'pip install open_clip_torch (or pip install -e ".[open_clip]" in your gmar-lightning clone)'
+
+
+def load_open_clip(name: str, load_saved_weights: bool = True) -> tuple[nn.Module, Callable[[list[str]], Tensor]]:
+    """An open_clip model and its tokenizer from ``local-dir:<folder>`` or ``hf-hub:<owner/name>``.
+
+    Args:
+        name: The open_clip model name, with its prefix.
+        load_saved_weights: Load the saved weights (required then: open_clip would otherwise start from random ones);
+            ``False`` builds the architecture with fresh weights, for
+            [`load_weights`][gmar_lightning.demos.model.load_weights] to fill.
+
+    Returns:
+        The model (eval mode, float32) and its tokenizer.
+
+    Raises:
+        ValueError: open_clip is missing, or the model cannot be loaded, in one line.
+    """
+    named = f"--model {name}"
+    try:
+        import open_clip
+    except ImportError:
+        raise ValueError(f"{named} names an open_clip model, which needs open_clip: {INSTALL_OPEN_CLIP}.") from None
+    if name.startswith("local-dir:"):
+        folder = Path(name.removeprefix("local-dir:")).expanduser()
+        if not (folder / "open_clip_config.json").is_file():
+            what = "does not exist" if not folder.is_dir() else "holds no open_clip_config.json"
+            raise ValueError(
+                f"{named} {what}; pass local-dir:<folder> holding open_clip_config.json and the weights "
+                "(open_clip_model.safetensors), as open_clip's push_to_hf_hub writes them."
+            )
+    root = logging.getLogger()
+    level = root.manager.disable
+    logging.disable(logging.WARNING)  # open_clip logs its steps and fallbacks on the root logger
+    try:
+        model = open_clip.create_model(name, load_weights=load_saved_weights, require_pretrained=load_saved_weights)
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as error:  # open_clip raises RuntimeError, ValueError, OSError or hub errors for one cause
+        fix = "pass local-dir:<folder> with open_clip_config.json and weights, or hf-hub: where the hub is reachable"
+        if load_saved_weights and "pretrained weights" in str(error).lower():
+            fix = "the folder holds no weights; pass --checkpoint FILE, or --random-weights to explain a random network"
+        raise ValueError(f"{named} cannot be loaded as an open_clip model ({one_line(error)[:300]}); {fix}.") from None
+    finally:
+        logging.disable(level)
+    return model.float().eval(), tokenizer
+
+
+def open_clip_classifier(
+    model: nn.Module,
+    tokenizer: Callable[[list[str]], Tensor],
+    name: str,
+    class_names: list[str] | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    head: Mapping[str, Tensor] | None = None,
+) -> nn.Module:
+    """Class logits from an open_clip model: zero-shot from ``class_names``
+    ([`open_clip_zero_shot`][gmar_lightning.classifiers.open_clip_zero_shot]), or the linear ``head`` on its image
+    embedding.
+
+    Raises:
+        ValueError: Neither class names nor a head, in one line naming both.
+    """
+    if head is not None:
+        return with_linear_head(model.visual, head, model.visual.output_dim, "--head").eval()
+    if class_names is None:
+        raise ValueError(
+            f"--model {name} is an open_clip model, whose class logits are zero-shot: pass --labels 'cat,dog,...' (or "
+            f"--class-names FILE) to name the classes (the prompt is --prompt, default {DEFAULT_PROMPT!r}), or --head "
+            "FILE for a linear head on its image embedding."
+        )
+    return open_clip_zero_shot(model, tokenizer, class_names, prompt).eval()
 
 
 def hf_image_processor_settings(source: str) -> dict[str, Any] | None:
