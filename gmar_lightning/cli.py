@@ -495,7 +495,7 @@ def _check_no_class_count(args: argparse.Namespace, model: nn.Module) -> None:
     if args.num_classes is None or not isinstance(getattr(model, "num_classes", None), int):
         return
     if args.num_classes != model.num_classes:
-        given = "--labels (or --class-names)" if isinstance(model, ZeroShotClassifier) else "--head's rows"
+        given = "--labels (or --class-names)" if isinstance(model, ZeroShotClassifier) else "--head (its weight's rows)"
         raise CommandError(
             f"--num-classes {args.num_classes} differs from the {model.num_classes} classes of {given}; drop "
             "--num-classes."
@@ -868,7 +868,7 @@ def _class_names(
         return names, "--class-names"
     if recipe.class_names is not None and len(recipe.class_names) == num_classes:
         return list(recipe.class_names), "the checkpoint"
-    if _is_hf(args.model):
+    if _is_hf(args.model) and hasattr(model, "config"):  # a transformers classifier, not one made of a backbone
         names = hf_class_names(model)
         if names is not None:
             return names, "the config's id2label"

@@ -165,8 +165,11 @@ def test_a_backbone_folder_is_explained_under_a_head_file_on_its_pooled_output(
     head = nn.Linear(32, 3)
     torch.save(head.state_dict(), tmp_path / "head.pth")
     argv = ["explain", *map(str, images), "--model", f"hf:{tmp_path / 'backbone'}", "--device", "cpu"]
-    argv += ["--head", str(tmp_path / "head.pth"), "--labels", ",".join(LABELS), "--method", "gmar_l1,rollout"]
-    assert main([*argv, "--output", str(tmp_path / "out")]) == 0
+    argv += ["--head", str(tmp_path / "head.pth"), "--method", "gmar_l1,rollout"]
+    named = isinstance(model, transformers.CLIPVisionModel)  # the others' captions say "class <index>"
+    assert main([*argv, *(["--labels", ",".join(LABELS)] if named else []), "--output", str(tmp_path / "out")]) == 0
+    with np.load(tmp_path / "out" / "maps.npz") as arrays:
+        assert arrays["class_names"].tolist() == LABELS if named else "class_names" not in arrays.files
 
     class Headed(nn.Module):
         def __init__(self) -> None:
@@ -278,7 +281,7 @@ REFUSALS = {
     ),
     "saved weights lacking the classifier": (
         ["--model", "hf:{no_classifier}"],
-        "its saved weights lack 2 tensors of ViTForImageClassification (classifier.weight, classifier.bias), which "
+        "its saved weights lack 2 tensors of ViTForImageClassification (classifier.bias, classifier.weight), which "
         "would be random",
     ),
     "head of another width": (
@@ -292,6 +295,10 @@ REFUSALS = {
     "labels of another count": (
         ["--model", "hf:{vit_backbone}", "--head", "{head}", "--labels", "cat,dog"],
         "--labels names 2 classes but the model has 3",
+    ),
+    "class count beside labels": (
+        ["--model", "hf:{clip}", "--labels", "cat,dog", "--num-classes", "3"],
+        "--num-classes 3 differs from the 2 classes of --labels (or --class-names); drop --num-classes.",
     ),
     "prompt without a slot": (
         ["--model", "hf:{clip}", "--labels", "cat,dog", "--prompt", "a photo"],

@@ -418,7 +418,7 @@ def load_hf_model(
         # (ValueError, TypeError, ZeroDivisionError, huggingface_hub's validation errors...): all are a bad option.
         fix = "; check --num-classes, --img-size and --model-kwargs" if config_overrides else ""
         raise ValueError(f"{named} cannot be built ({one_line(error)[:300]}){fix}.") from None
-    missing = list(info.get("missing_keys") or [])
+    missing = sorted(info.get("missing_keys") or [])
     if missing:
         # from_pretrained fills what the files lack at random: a classifier read from them would explain noise.
         raise ValueError(
