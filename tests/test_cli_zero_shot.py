@@ -77,6 +77,8 @@ def image_text_model(kind: str) -> nn.Module:
         model = transformers.CLIPModel(config)
     else:
         model = transformers.SiglipModel(transformers.SiglipConfig(vision_config=VISION, text_config=TEXT))
+        with torch.no_grad():  # SigLIP initialises its bias to 0: make it count, as a trained model's does
+            model.logit_bias.fill_(-3.0)
     sharpen(model.vision_model)  # peaked attention, so that maps differ clearly across tokens
     return model.eval()
 
@@ -191,6 +193,7 @@ def open_clip_folder(folder: Path) -> nn.Module:
 
     model_cfg = {
         "embed_dim": 16,
+        "init_logit_bias": -3.0,  # a SigLIP-style bias, added to the scaled similarities
         "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 8, "patch_size": 8, "mlp_ratio": 2.0},
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
     }
@@ -224,15 +227,15 @@ def test_an_open_clip_local_dir_is_explained_zero_shot_through_its_own_logits(
     tokens = open_clip.get_tokenizer(name)([f"a photo of a {label}." for label in LABELS])
 
     class OwnLogits(nn.Module):
-        """open_clip's own forward for (image, text): normalised features and exp(logit_scale)."""
+        """open_clip's own forward for (image, text): normalised features, exp(logit_scale) and the bias."""
 
         def __init__(self) -> None:
             super().__init__()
             self.model = model
 
         def forward(self, pixels: Tensor) -> Tensor:
-            image_features, text_features, scale = self.model(pixels, tokens)
-            return scale * image_features @ text_features.T
+            image_features, text_features, scale, bias = self.model(pixels, tokens)
+            return scale * image_features @ text_features.T + bias
 
     inputs = reference_inputs(images, 32, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), "bicubic")
     assert_maps(tmp_path / "out", OwnLogits().eval(), inputs, ["gmar_l1", "rollout"])
