@@ -4,6 +4,9 @@
 gmar-lightning explain cat.jpg dogs/ --model vit_small_patch16_224 --checkpoint vit_s.pth --method gmar_l1,rollout
 gmar-lightning explain shapes/ --checkpoint runs/gmar_demo/version_0/checkpoints/last.ckpt
 gmar-lightning explain cat.jpg --model hf:my_vit/ --checkpoint pruned_vit.pth
+gmar-lightning explain cat.jpg --model hf:my_clip/ --labels cat,dog,bird --prompt "a photo of a {}."
+gmar-lightning explain cat.jpg --model hf:my_dinov3/ --head head.pth --labels cat,dog
+gmar-lightning explain cat.jpg --model local-dir:my_open_clip/ --labels cat,dog
 gmar-lightning report runs/gmar_demo/version_0
 gmar-lightning demo --epochs 5
 ```
@@ -1166,7 +1169,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--class-names",
         metavar="FILE",
         default=None,
-        help="text file with one class name per line, for captions (default: the checkpoint's, hf: id2label)",
+        help="text file with one class name per line, for captions (default: the checkpoint's, hf: id2label), or "
+        "the zero-shot classes of an image-text model",
     )
     explain_parser.add_argument(
         "--labels",
