@@ -57,8 +57,11 @@ def main() -> None:
     print(f"  memory_budget                                 {budget / GIB:8.1f} GiB")
     step = _micro_batch(probe, batch, budget, recomputed)
     left = max(budget - step * estimate.recomputed, 1)
-    rows = recompute.query_rows(left, step, module.num_heads, tokens, block=recompute.CPU_BLOCK_ELEMENTS)
-    print(f"  recomputed path (timm ViT attention: {recomputed}): {step} images per pass, {rows} query rows per block")
+    block = recompute.block_shape(left, step, module.num_heads, tokens, block=recompute.CPU_BLOCK_ELEMENTS)
+    print(
+        f"  recomputed path (timm ViT attention: {recomputed}): {step} images per pass, blocks of {block.images} "
+        f"image(s) x {block.rows} query rows"
+    )
     step_materialised = _micro_batch(probe, batch, budget, False)
     print(f"  materialised path: {step_materialised} images per pass")
     ratio = estimate.recomputed * step / training

@@ -488,8 +488,8 @@ def _explain_chunk_recomputed(
 
     block = recompute.CPU_BLOCK_ELEMENTS if images.device.type == "cpu" else None
 
-    def rows(tensor: Tensor) -> int:
-        return recompute.query_rows(options.memory_budget, *tensor.shape[:3], block=block)
+    def blocks(tensor: Tensor) -> recompute.Block:
+        return recompute.block_shape(options.memory_budget, *tensor.shape[:3], block=block)
 
     def on_gradient(layer: int, grad: Tensor) -> None:
         # Runs inside the backward pass, as each layer's dy/dO appears (last layer first).
@@ -498,7 +498,7 @@ def _explain_chunk_recomputed(
             stream.feed(layer, grad)
             return
         value = tensors.saved[layer].pop("v")
-        scores[layer] = recompute.head_scores(method, grad, value, rows(grad))
+        scores[layer] = recompute.head_scores(method, grad, value, blocks(grad))
         weights[layer] = methods.layer_head_weights(scores[layer], complete=True)
         if stream is not None:
             stream.feed(layer, weights[layer])
@@ -506,9 +506,9 @@ def _explain_chunk_recomputed(
     tensors = recompute.LayerTensors(probe, on_gradient if method.needs_gradients else None)
     if _streams(method, options):
         if method.propagate == "gradient_rollout":
-            update = recompute.gradient_rollout_update(tensors, options, rows)
+            update = recompute.gradient_rollout_update(tensors, options, blocks)
         else:
-            update = recompute.rollout_update(tensors, options, rows)
+            update = recompute.rollout_update(tensors, options, blocks)
         stream = methods.RowStream(probe.plan, update, batch, images.device)
     inputs = images.clone().requires_grad_(method.needs_gradients)
     with tensors.hooked():
@@ -530,7 +530,7 @@ def _explain_chunk_recomputed(
     if stream is not None:
         rows_out = stream.result()
     else:
-        update = recompute.rollout_update(tensors, options, rows)
+        update = recompute.rollout_update(tensors, options, blocks)
         if method.weighs_heads:  # the global head norm: every layer's share of its image's scores
             shares = methods.layer_shares(torch.stack([part.sum(dim=1) for part in scores], dim=1)[..., None])
             layer_weights = [w * shares[:, index, None] for index, w in enumerate(weights)]

@@ -371,8 +371,15 @@ def _contiguous(tensor: Tensor) -> Tensor:
     return tensor.float().contiguous()
 
 
-def _chunks(tokens: int, rows: int) -> range:
-    return range(0, tokens, max(int(rows), 1))
+def _blocks(batch: int, tokens: int, rows: int, images: int | None) -> list[tuple[slice, slice]]:
+    """``(images, query rows)`` slices of the blocks that cover a ``[B, H, N, N]`` layer: ``images`` images (all when
+    ``None``) by ``rows`` query rows each."""
+    step, rows = max(int(images or batch), 1), max(int(rows), 1)
+    return [
+        (slice(first, first + step), slice(start, start + rows))
+        for first in range(0, batch, step)
+        for start in range(0, tokens, rows)
+    ]
 
 
 def gram_l2_scores(grad_output: Tensor, value: Tensor) -> Tensor:
@@ -391,10 +398,11 @@ def gram_l2_scores(grad_output: Tensor, value: Tensor) -> Tensor:
     return grams.sum(dim=(-2, -1)).clamp_min(0).sqrt().float()
 
 
-def chunked_l1_scores(grad_output: Tensor, value: Tensor, rows: int) -> Tensor:
-    """GMAR-L1 head scores ``sum |G_h V_h^T|`` over query-row chunks of ``rows``: ``[B, H, N, d]`` pair -> ``[B, H]``.
+def chunked_l1_scores(grad_output: Tensor, value: Tensor, rows: int, images: int | None = None) -> Tensor:
+    """GMAR-L1 head scores ``sum |G_h V_h^T|`` over blocks of ``images`` images (all when ``None``) by ``rows`` query
+    rows: ``[B, H, N, d]`` pair -> ``[B, H]``.
 
-    Only one ``[B, H, rows, N]`` block of the attention gradient exists at a time. Each block is summed in float32
+    Only one ``[images, H, rows, N]`` block of the attention gradient exists at a time. Each block is summed in float32
     (torch's cascaded reduction) and the blocks accumulate in float64; summing a block with ``dtype=float64`` would
     first copy it to float64.
 
@@ -405,20 +413,21 @@ def chunked_l1_scores(grad_output: Tensor, value: Tensor, rows: int) -> Tensor:
     """
     values = _contiguous(value).transpose(-2, -1)
     total = grad_output.new_zeros(grad_output.shape[:2], dtype=torch.float64)
-    for start in _chunks(grad_output.shape[2], rows):
-        block = grad_output[:, :, start : start + rows].float() @ values
-        total += block.abs_().sum(dim=(-2, -1)).double()
+    for part, query_rows in _blocks(grad_output.shape[0], grad_output.shape[2], rows, images):
+        block = grad_output[part, :, query_rows].float() @ values[part]
+        total[part] += block.abs_().sum(dim=(-2, -1)).double()
     return total.float()
 
 
 def recomputed_rollout_step(
-    row: Tensor, query: Tensor, key: Tensor, weights: Tensor, residual: float, rows: int
+    row: Tensor, query: Tensor, key: Tensor, weights: Tensor, residual: float, rows: int, images: int | None = None
 ) -> Tensor:
     """[`rollout_step`][gmar_lightning.methods.rollout_step] of a global attention layer with ``F = sum_h w_h A_h``
-    recomputed from ``q`` and ``k`` in query-row chunks of ``rows``: no ``N x N`` matrix is kept.
+    recomputed from ``q`` and ``k`` in blocks of ``images`` images (all when ``None``) by ``rows`` query rows: no
+    ``N x N`` matrix is kept.
 
     ``row^T Ahat = r u + (1 - r) u^T F`` with ``u_i = row_i / (r + (1 - r) sum_j F_ij)``; both terms are sums over
-    query rows, so each chunk of rows adds its share. ``weights`` is ``[B, H]`` (``1/H`` for the head mean).
+    query rows, so each block of rows adds its share. ``weights`` is ``[B, H]`` (``1/H`` for the head mean).
 
     Examples:
         >>> q, k = torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)  # uniform attention [[.5, .5], [.5, .5]]
@@ -430,23 +439,23 @@ def recomputed_rollout_step(
     mixed = torch.zeros_like(row)
     weights = weights.float()[:, None]  # [B, 1, H]
     batch, heads, tokens, _ = query.shape
-    for start in _chunks(tokens, rows):
-        attention = attention_rows(query, key, start, start + rows)  # [B, H, c, N]
-        chunk = attention.shape[2]
-        fused = torch.bmm(weights, attention.reshape(batch, heads, chunk * tokens)).reshape(batch, chunk, tokens)
+    for part, query_rows in _blocks(batch, tokens, rows, images):
+        attention = attention_rows(query[part], key[part], query_rows.start, query_rows.stop)  # [b, H, c, N]
+        count, chunk = attention.shape[0], attention.shape[2]
+        fused = torch.bmm(weights[part], attention.reshape(count, heads, chunk * tokens)).reshape(count, chunk, tokens)
         sums = residual + (1.0 - residual) * fused.sum(dim=-1)
-        part = row[:, start : start + chunk] / sums.clamp_min(torch.finfo(sums.dtype).tiny)
-        scaled[:, start : start + chunk] = part
-        mixed += torch.bmm(part[:, None], fused).squeeze(1)
+        share = row[part, query_rows] / sums.clamp_min(torch.finfo(sums.dtype).tiny)
+        scaled[part, query_rows] = share
+        mixed[part] += torch.bmm(share[:, None], fused).squeeze(1)
     return residual * scaled + (1.0 - residual) * mixed
 
 
 def recomputed_gradient_rollout_step(
-    row: Tensor, query: Tensor, key: Tensor, grad_output: Tensor, value: Tensor, rows: int
+    row: Tensor, query: Tensor, key: Tensor, grad_output: Tensor, value: Tensor, rows: int, images: int | None = None
 ) -> Tensor:
     """[`gradient_rollout_step`][gmar_lightning.methods.gradient_rollout_step] of a global attention layer, with
-    ``Abar = mean_h((G_h V_h^T * A_h)^+)`` built in query-row chunks of ``rows`` from ``q``, ``k``, ``G = dy/dO``
-    and ``v``: ``row^T (I + Abar) = row + sum_chunks row_c^T Abar_c``.
+    ``Abar = mean_h((G_h V_h^T * A_h)^+)`` built in blocks of ``images`` images (all when ``None``) by ``rows`` query
+    rows from ``q``, ``k``, ``G = dy/dO`` and ``v``: ``row^T (I + Abar) = row + sum_blocks row_c^T Abar_c``.
 
     Examples:
         >>> q, k = torch.zeros(1, 1, 2, 1), torch.zeros(1, 1, 2, 1)  # uniform attention
@@ -455,13 +464,13 @@ def recomputed_gradient_rollout_step(
         [[2.0, 1.0]]
     """
     key, values = _contiguous(key), _contiguous(value).transpose(-2, -1)
-    _, heads, tokens, _ = query.shape
+    batch, heads, tokens, _ = query.shape
     total = row.clone()
-    for start in _chunks(tokens, rows):
-        product = grad_output[:, :, start : start + rows].float() @ values  # dy/dA rows [B, H, c, N]
-        product.mul_(attention_rows(query, key, start, start + rows)).clamp_min_(0)
-        relevance = product.sum(dim=1) / max(heads, 1)  # [B, c, N]
-        total += torch.bmm(row[:, None, start : start + product.shape[2]], relevance).squeeze(1)
+    for part, query_rows in _blocks(batch, tokens, rows, images):
+        product = grad_output[part, :, query_rows].float() @ values[part]  # dy/dA rows [b, H, c, N]
+        product.mul_(attention_rows(query[part], key[part], query_rows.start, query_rows.stop)).clamp_min_(0)
+        relevance = product.sum(dim=1) / max(heads, 1)  # [b, c, N]
+        total[part] += torch.bmm(row[part, None, query_rows], relevance).squeeze(1)
     return total
 
 

@@ -27,7 +27,7 @@ from gmar_lightning.methods import Method
 from gmar_lightning.mixing import AttentionMixing
 from gmar_lightning.options import ExplainOptions
 
-__all__ = ["LayerTensors", "MemoryEstimate", "applies", "per_image_bytes", "query_rows"]
+__all__ = ["Block", "LayerTensors", "MemoryEstimate", "applies", "block_shape", "per_image_bytes"]
 
 
 def _is_plain_timm_attention(module: nn.Module) -> bool:
@@ -50,28 +50,44 @@ def _is_global(mixing: AttentionMixing) -> bool:
     return mixing.queries is None and mixing.keys is None and mixing.key_map is None
 
 
-CPU_BLOCK_ELEMENTS = 2**23
-"""On the CPU, a row block holds at most this many floats per ``[B, H, rows, N]`` tensor (32 MiB): larger blocks spill
-out of the caches and ran slower on a 2-vCPU VM (ViT-S/16, 518 px, batch 4: 256 rows took 0.18 s per rollout step,
-all 1025 rows 0.31 s)."""
+CPU_BLOCK_ELEMENTS = 2**21
+"""On the CPU, a block holds at most this many floats per ``[images, H, rows, N]`` tensor (8 MiB), and spans several
+images only when it holds all their rows. Blocks that ran across the batch got thinner as it grew (85 query rows at
+518 px and batch 16 under the earlier cap of ``2**23``), and the three reductions of a ViT-S/16 layer at 518 px, batch 4
+took 0.60 s that way against 0.27 s in blocks of one image's 341 rows (``2**20`` and ``2**22`` were within noise of
+``2**21``), on a 2-vCPU VM."""
 
 
-def query_rows(budget: int | None, batch: int, heads: int, tokens: int, block: int | None = None) -> int:
-    """Query rows per chunk: three ``[B, H, rows, N]`` float32 blocks (logits, probabilities, a product) fit in
-    ``budget`` bytes (the whole layer when ``budget`` is ``None``), and one block holds at most ``block`` floats.
+class Block(NamedTuple):
+    """The shape of one block of a layer's ``[B, H, N, N]`` attention: ``images`` images by ``rows`` query rows."""
+
+    images: int
+    rows: int
+
+
+def block_shape(budget: int | None, batch: int, heads: int, tokens: int, block: int | None = None) -> Block:
+    """The `Block` of a layer: three ``[images, H, rows, N]`` float32 blocks (logits, probabilities, a product) fit in
+    ``budget`` bytes (the whole layer when ``budget`` is ``None``), and one block holds at most ``block`` floats. A
+    block covers several images only when it holds all their rows, so its shape does not depend on the batch size
+    (and a batch is reduced block for block as its images would be one by one) unless the whole layer fits.
 
     Examples:
-        >>> query_rows(3 * 4 * 2 * 6 * 197 * 5, batch=2, heads=6, tokens=197)
-        5
-        >>> query_rows(None, 2, 6, 197), query_rows(1, 2, 6, 197), query_rows(None, 2, 6, 197, block=2 * 6 * 197 * 7)
-        (197, 1, 7)
+        >>> block_shape(3 * 4 * 6 * 197 * 5, batch=2, heads=6, tokens=197)
+        Block(images=1, rows=5)
+        >>> block_shape(None, 2, 6, 197), block_shape(1, 2, 6, 197), block_shape(None, 2, 6, 197, block=6 * 197 * 7)
+        (Block(images=2, rows=197), Block(images=1, rows=1), Block(images=1, rows=7))
+        >>> block_shape(None, 4, 6, 197, block=2 * 6 * 197 * 197)
+        Block(images=2, rows=197)
     """
     if not batch * heads * tokens:  # a layer that lost every head (HeadPruning): nothing to chunk
-        return max(1, tokens)
-    rows = tokens if budget is None else budget // (3 * 4 * batch * heads * tokens)
-    if block is not None:
-        rows = min(rows, block // (batch * heads * tokens))
-    return int(min(tokens, max(1, rows)))
+        return Block(max(1, batch), max(1, tokens))
+    limits = [limit for limit in (block, None if budget is None else budget // (3 * 4)) if limit is not None]
+    if not limits:
+        return Block(batch, tokens)
+    limit = min(limits)
+    rows = min(tokens, max(1, limit // (heads * tokens)))
+    images = min(batch, max(1, limit // (heads * tokens * tokens))) if rows == tokens else 1
+    return Block(int(images), int(rows))
 
 
 class LayerTensors:
@@ -141,7 +157,7 @@ class LayerTensors:
 
 
 def rollout_update(
-    tensors: LayerTensors, options: ExplainOptions, rows: Callable[[Tensor], int], keep: bool = False
+    tensors: LayerTensors, options: ExplainOptions, blocks: Callable[[Tensor], Block], keep: bool = False
 ) -> Callable[[int, AttentionMixing, Tensor, Tensor], Tensor]:
     """One layer's rollout step from its recomputed attention fused with ``weights`` ``[B, H]``.
 
@@ -153,13 +169,14 @@ def rollout_update(
         if layer < options.start_layer:
             return row
         query, key = saved["q"], saved["k"]
-        return methods.recomputed_rollout_step(row, query, key, weights, options.residual, rows(query))
+        block = blocks(query)
+        return methods.recomputed_rollout_step(row, query, key, weights, options.residual, block.rows, block.images)
 
     return update
 
 
 def gradient_rollout_update(
-    tensors: LayerTensors, options: ExplainOptions, rows: Callable[[Tensor], int]
+    tensors: LayerTensors, options: ExplainOptions, blocks: Callable[[Tensor], Block]
 ) -> Callable[[int, AttentionMixing, Tensor, Tensor], Tensor]:
     """One layer's step of the generic rule from its recomputed attention and ``G = dy/dO``."""
 
@@ -167,17 +184,19 @@ def gradient_rollout_update(
         saved = tensors.release(layer)
         if layer < options.start_layer:
             return row
-        query = saved["q"]
-        return methods.recomputed_gradient_rollout_step(row, query, saved["k"], grad, saved["v"], rows(query))
+        query, block = saved["q"], blocks(saved["q"])
+        return methods.recomputed_gradient_rollout_step(
+            row, query, saved["k"], grad, saved["v"], block.rows, block.images
+        )
 
     return update
 
 
-def head_scores(method: Method, grad: Tensor, value: Tensor, rows: int) -> Tensor:
+def head_scores(method: Method, grad: Tensor, value: Tensor, block: Block) -> Tensor:
     """``[B, H]`` GMAR head scores of one layer from ``G = dy/dO`` and ``v``."""
     if method.gradient_norm == "l2":
         return methods.gram_l2_scores(grad, value)
-    return methods.chunked_l1_scores(grad, value, rows)
+    return methods.chunked_l1_scores(grad, value, block.rows, block.images)
 
 
 TRAINING_ACTIVATIONS = 17

@@ -49,6 +49,19 @@ def test_recomputed_and_chunked_paths_equal_the_materialised_path(family: str, m
     assert_same(explain(model, images, method=method, memory_budget=1, **options), default, 1e-6)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_blocks_of_whole_images_equal_the_materialised_path(method: str) -> None:
+    model, images = make_model("vit"), make_images("vit", batch=3)
+    estimate = recompute.per_image_bytes(probe(model, tuple(images.shape[-2:])))
+    tokens, heads = (32 // 8) ** 2 + 1, TINY["num_heads"]
+    # The forward of all three images, plus three blocks of two and a half images' [H, N, N] floats each: blocks of
+    # two whole images, the third image in a block of its own.
+    budget = 3 * estimate.recomputed + 3 * 4 * (5 * heads * tokens * tokens // 2)
+    assert recompute.block_shape(budget - 3 * estimate.recomputed, 3, heads, tokens) == recompute.Block(2, tokens)
+    expected = explain(model, images, method=method, recompute_attention=False)
+    assert_same(explain(model, images, method=method, memory_budget=budget, recompute_attention=True), expected, 1e-5)
+
+
 def test_timm_vit_takes_the_recomputed_path_and_others_do_not() -> None:
     def takes(model, method: str = "gmar_l1", **options) -> bool:
         images = make_images("vit")

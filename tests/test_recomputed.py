@@ -24,12 +24,12 @@ def materialised(seed: int) -> tuple[torch.Tensor, ...]:
     return q, k, v, g, attention.detach(), grad_attention
 
 
-@pytest.mark.parametrize("rows", [1, 4, N, 100])
-def test_head_scores_equal_the_norms_of_the_full_gradient(rows: int) -> None:
+@pytest.mark.parametrize(("rows", "images"), [(1, None), (4, None), (N, None), (100, None), (4, 1), (N, 1)])
+def test_head_scores_equal_the_norms_of_the_full_gradient(rows: int, images: int | None) -> None:
     _, _, v, g, _, grad_attention = materialised(0)
     l1 = grad_attention.abs().sum(dim=(-2, -1)).float()
     l2 = grad_attention.pow(2).sum(dim=(-2, -1)).sqrt().float()
-    torch.testing.assert_close(methods.chunked_l1_scores(g, v, rows), l1, rtol=1e-6, atol=0)
+    torch.testing.assert_close(methods.chunked_l1_scores(g, v, rows, images), l1, rtol=1e-6, atol=0)
     torch.testing.assert_close(methods.gram_l2_scores(g, v), l2, rtol=1e-6, atol=0)
 
 
@@ -42,8 +42,10 @@ def test_attention_rows_are_the_softmax_rows(rows: int) -> None:
         )
 
 
-@pytest.mark.parametrize(("rows", "residual"), [(1, 0.5), (4, 0.0), (N, 0.9)])
-def test_recomputed_rollout_step_equals_the_full_residual_matrix(rows: int, residual: float) -> None:
+@pytest.mark.parametrize(("rows", "images", "residual"), [(1, None, 0.5), (4, None, 0.0), (N, None, 0.9), (4, 1, 0.5)])
+def test_recomputed_rollout_step_equals_the_full_residual_matrix(
+    rows: int, images: int | None, residual: float
+) -> None:
     q, k, _, _, attention, _ = materialised(2)
     weights = torch.rand(B, H, dtype=torch.float64)
     weights /= weights.sum(dim=-1, keepdim=True)
@@ -52,15 +54,15 @@ def test_recomputed_rollout_step_equals_the_full_residual_matrix(rows: int, resi
     full = full / full.sum(dim=-1, keepdim=True)
     row = torch.rand(B, N, dtype=torch.float64)
     expected = (row[:, None] @ full).squeeze(1).float()
-    actual = methods.recomputed_rollout_step(row.float(), q, k, weights.float(), residual, rows)
+    actual = methods.recomputed_rollout_step(row.float(), q, k, weights.float(), residual, rows, images)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("rows", [1, 5, N])
-def test_recomputed_gradient_rollout_step_equals_the_full_relevance(rows: int) -> None:
+@pytest.mark.parametrize(("rows", "images"), [(1, None), (5, None), (N, None), (5, 1), (N, 1)])
+def test_recomputed_gradient_rollout_step_equals_the_full_relevance(rows: int, images: int | None) -> None:
     q, k, v, g, attention, grad_attention = materialised(3)
     relevance = (grad_attention * attention).clamp_min(0).mean(dim=1)
     row = torch.rand(B, N, dtype=torch.float64)
     expected = (row[:, None] @ (torch.eye(N, dtype=torch.float64) + relevance)).squeeze(1).float()
-    actual = methods.recomputed_gradient_rollout_step(row.float(), q, k, g, v, rows)
+    actual = methods.recomputed_gradient_rollout_step(row.float(), q, k, g, v, rows, images)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
