@@ -393,8 +393,10 @@ def gram_l2_scores(grad_output: Tensor, value: Tensor) -> Tensor:
         >>> gram_l2_scores(g, v).tolist()  # G V^T = [[3, 0], [0, 8]]
         [[8.5440034866333]]
     """
-    grads, values = grad_output.double(), value.double()
-    grams = (grads.transpose(-2, -1) @ grads) * (values.transpose(-2, -1) @ values)
+    # Contiguous copies: `.double()` keeps the strides of the fused projection's views, and each batched product with
+    # such an operand would copy it again (half of this function's time at 518 px).
+    grads, values = (tensor.to(torch.float64, memory_format=torch.contiguous_format) for tensor in (grad_output, value))
+    grams = (grads.mT @ grads) * (values.mT @ values)
     return grams.sum(dim=(-2, -1)).clamp_min(0).sqrt().float()
 
 

@@ -74,6 +74,8 @@ def block_shape(budget: int | None, batch: int, heads: int, tokens: int, block: 
     Examples:
         >>> block_shape(3 * 4 * 6 * 197 * 5, batch=2, heads=6, tokens=197)
         Block(images=1, rows=5)
+        >>> block_shape(None, batch=4, heads=6, tokens=1025, block=2**21)  # 341 rows a block: 4 blocks, as equal
+        Block(images=1, rows=257)
         >>> block_shape(None, 2, 6, 197), block_shape(1, 2, 6, 197), block_shape(None, 2, 6, 197, block=6 * 197 * 7)
         (Block(images=2, rows=197), Block(images=1, rows=1), Block(images=1, rows=7))
         >>> block_shape(None, 4, 6, 197, block=2 * 6 * 197 * 197)
@@ -86,6 +88,7 @@ def block_shape(budget: int | None, batch: int, heads: int, tokens: int, block: 
         return Block(batch, tokens)
     limit = min(limits)
     rows = min(tokens, max(1, limit // (heads * tokens)))
+    rows = -(-tokens // -(-tokens // rows))  # as many blocks, of equal rows: 4 of 257 rather than 3 of 341 and one of 2
     images = min(batch, max(1, limit // (heads * tokens * tokens))) if rows == tokens else 1
     return Block(int(images), int(rows))
 
