@@ -470,47 +470,79 @@ def _micro_batch(probe: Probe, batch: int, budget: int | None, recomputed: bool)
     return max(1, min(batch, budget // (estimate.recomputed if recomputed else estimate.materialised)))
 
 
+@dataclass
+class _RecomputedReductions:
+    """What the recomputed path keeps of one method: per layer head scores and weights (GMAR), and the row stream."""
+
+    method: Method
+    scores: list[Tensor | None]
+    weights: list[Tensor | None]
+    stream: methods.RowStream | None = None
+
+
 def _explain_chunk_recomputed(
     resolved: ResolvedModel,
     probe: Probe,
     images: Tensor,
-    method: Method,
+    specs: tuple[Method, ...],
     target: Target,
     options: ExplainOptions,
-) -> _Chunk:
+) -> list[_Chunk]:
     """`_explain_chunk` with fused attention kept: each layer is reduced from ``q``, ``k``, ``v`` and ``dy/dO`` in
-    query-row chunks that fit ``options.memory_budget`` (`gmar_lightning.recompute`)."""
+    blocks that fit ``options.memory_budget`` (`gmar_lightning.recompute`), by every method in ``specs`` from the same
+    forward and backward pass."""
     batch, layers = images.shape[0], len(probe.layers)
-    scores: list[Tensor | None] = [None] * layers
-    weights: list[Tensor | None] = [None] * layers
     reached: set[int] = set()
-    stream: methods.RowStream | None = None
-
+    needs_gradients = any(method.needs_gradients for method in specs)
     block = recompute.CPU_BLOCK_ELEMENTS if images.device.type == "cpu" else None
 
     def blocks(tensor: Tensor) -> recompute.Block:
         return recompute.block_shape(options.memory_budget, *tensor.shape[:3], block=block)
 
+    every = [_RecomputedReductions(method, [None] * layers, [None] * layers) for method in specs]
+    streaming = [reductions for reductions in every if _streams(reductions.method, options)]
+    # A layer's q, k, v are released once every method that rolls out through the backward pass used them; methods
+    # that roll out after it (the head mean, the global head norm) keep q and k of every layer.
+    after = len(streaming) < len(every)
+    uses = dict.fromkeys(range(layers), len(streaming))
+
+    def used(layer: int) -> None:
+        uses[layer] -= 1
+        if uses[layer] > 0:
+            return
+        if after:  # q and k wait for the rollout after the backward pass
+            tensors.outputs.pop(layer, None)
+            tensors.saved[layer].pop("v", None)
+        else:
+            tensors.release(layer)
+
     def on_gradient(layer: int, grad: Tensor) -> None:
         # Runs inside the backward pass, as each layer's dy/dO appears (last layer first).
         reached.add(layer)
-        if not method.weighs_heads:
-            stream.feed(layer, grad)
-            return
-        value = tensors.saved[layer].pop("v")
-        scores[layer] = recompute.head_scores(method, grad, value, blocks(grad))
-        weights[layer] = methods.layer_head_weights(scores[layer], complete=True)
-        if stream is not None:
-            stream.feed(layer, weights[layer])
+        value = tensors.saved[layer]["v"]
+        for reductions in every:
+            method = reductions.method
+            if not method.needs_gradients:
+                continue
+            if not method.weighs_heads:
+                reductions.stream.feed(layer, grad)
+                continue
+            scores = recompute.head_scores(method, grad, value, blocks(grad))
+            reductions.scores[layer] = scores
+            reductions.weights[layer] = methods.layer_head_weights(scores, complete=True)
+            if reductions.stream is not None:
+                reductions.stream.feed(layer, reductions.weights[layer])
+        if not streaming:  # v served the scores only
+            tensors.saved[layer].pop("v")
 
-    tensors = recompute.LayerTensors(probe, on_gradient if method.needs_gradients else None)
-    if _streams(method, options):
-        if method.propagate == "gradient_rollout":
-            update = recompute.gradient_rollout_update(tensors, options, blocks)
+    tensors = recompute.LayerTensors(probe, on_gradient if needs_gradients else None)
+    for reductions in streaming:
+        if reductions.method.propagate == "gradient_rollout":
+            update = recompute.gradient_rollout_update(tensors, options, blocks, used)
         else:
-            update = recompute.rollout_update(tensors, options, blocks)
-        stream = methods.RowStream(probe.plan, update, batch, images.device)
-    inputs = images.clone().requires_grad_(method.needs_gradients)
+            update = recompute.rollout_update(tensors, options, blocks, used)
+        reductions.stream = methods.RowStream(probe.plan, update, batch, images.device)
+    inputs = images.clone().requires_grad_(needs_gradients)
     with tensors.hooked():
         logits = resolved.logits(inputs)
     targets = _resolve_targets(target, logits)
@@ -520,34 +552,43 @@ def _explain_chunk_recomputed(
             f"No attention was captured from {', '.join(missing)}: `model`'s forward does not run them; pass the ViT "
             "it classifies with as `vit=`."
         )
-    if method.needs_gradients:
+    if needs_gradients:
         objective = logits.gather(1, targets.clamp(0, logits.shape[1] - 1)[:, None]).sum()
         # As in `_explain_chunk`: differentiate with respect to the first layer's attention output only.
         torch.autograd.grad(objective, [tensors.outputs[0]], allow_unused=True)
         for layer in range(layers):
             if layer not in reached:  # the target does not depend on it: zero gradients
                 on_gradient(layer, torch.zeros_like(tensors.saved[layer]["v"]))
-    if stream is not None:
-        rows_out = stream.result()
-    else:
-        update = recompute.rollout_update(tensors, options, blocks)
-        if method.weighs_heads:  # the global head norm: every layer's share of its image's scores
-            shares = methods.layer_shares(torch.stack([part.sum(dim=1) for part in scores], dim=1)[..., None])
-            layer_weights = [w * shares[:, index, None] for index, w in enumerate(weights)]
-        else:  # the head mean
-            heads = [tensors.saved[index]["q"].shape[1] for index in range(layers)]
-            # A layer that lost every head gets an empty [B, 0] (max: no division by its zero heads).
-            layer_weights = [
-                images.new_full((batch, count), 1.0 / max(count, 1), dtype=torch.float32) for count in heads
-            ]
+    chunks = []
+    for position, reductions in enumerate(every):
+        method = reductions.method
+        if reductions.stream is not None:
+            rows_out = reductions.stream.result()
+        else:
+            if method.weighs_heads:  # the global head norm: every layer's share of its image's scores
+                per_layer = torch.stack([part.sum(dim=1) for part in reductions.scores], dim=1)
+                shares = methods.layer_shares(per_layer[..., None])
+                layer_weights = [w * shares[:, index, None] for index, w in enumerate(reductions.weights)]
+            else:  # the head mean
+                heads = [tensors.saved[index]["q"].shape[1] for index in range(layers)]
+                # A layer that lost every head gets an empty [B, 0] (max: no division by its zero heads).
+                layer_weights = [
+                    images.new_full((batch, count), 1.0 / max(count, 1), dtype=torch.float32) for count in heads
+                ]
+            # The last method to roll out after the backward pass releases each layer as it goes.
+            last = all(other.stream is not None for other in every[position + 1 :])
+            update = recompute.rollout_update(tensors, options, blocks, tensors.release if last else None)
 
-        def step(layer: int, mixing: AttentionMixing, row: Tensor) -> Tensor:
-            return update(layer, mixing, row, layer_weights[layer])
+            def step(layer: int, mixing: AttentionMixing, row: Tensor, update=update, weights=layer_weights) -> Tensor:
+                return update(layer, mixing, row, weights[layer])
 
-        rows_out = methods.propagate(probe.plan, step, batch, images.device)
-    summary = scores if method.weighs_heads else [rows_out] if method.needs_gradients else []
-    flags = _flags(logits.detach(), targets, summary)
-    return _Chunk(logits.detach().float(), targets, [None] * layers, scores, weights, rows_out, flags)
+            rows_out = methods.propagate(probe.plan, step, batch, images.device)
+        scores = reductions.scores if method.weighs_heads else None
+        weights = reductions.weights if method.weighs_heads else None
+        summary = scores if scores is not None else [rows_out] if method.needs_gradients else []
+        flags = _flags(logits.detach(), targets, summary)
+        chunks.append(_Chunk(logits.detach().float(), targets, [None] * layers, scores, weights, rows_out, flags))
+    return chunks
 
 
 def _head_grid(probe: Probe, per_layer: list[Tensor]) -> Tensor:
@@ -693,10 +734,11 @@ def explain_many(
     """Explain a batch with several methods from one forward and at most one backward pass.
 
     GMAR's head scores and ``grad_rollout``'s relevance ``(grad A * A)^+`` both come from the same attention ``A`` and
-    its gradient, so every method reduces what one pass captured, with the attention probabilities materialised
-    (several methods do not take ``explain``'s recomputed path, which reduces one method's attention in query-row
-    chunks). Each result equals [`explain`][gmar_lightning.engine.explain] with that method alone to float rounding;
-    the arguments are ``explain``'s.
+    its gradient, so every method reduces what one pass captured. The pass takes ``explain``'s recomputed path (fused
+    attention kept, each layer reduced from ``q``, ``k``, ``v`` and ``dy/dO`` in blocks) where every method in
+    ``methods`` would take it alone, and materialises the attention probabilities otherwise. Each result equals
+    [`explain`][gmar_lightning.engine.explain] with that method alone to float rounding; the arguments are
+    ``explain``'s.
 
     Args:
         model: As for ``explain``.
@@ -710,7 +752,7 @@ def explain_many(
         chunk_size: As for ``explain``: one forward and one backward pass per chunk.
         token_layout: As for ``explain``.
         memory_budget: As for ``explain``: sizes the micro-batches.
-        recompute_attention: As for ``explain``; used when ``methods`` holds one method.
+        recompute_attention: As for ``explain``; the recomputed path needs every method to allow it.
         vit: As for ``explain``.
 
     Returns:
@@ -771,12 +813,11 @@ def _explain_batch(
     batch = _batch_size(images)
     naflex = isinstance(images, NaFlexBatch)
     budget = _memory_budget(probe, batch, options, images.device)
-    # One method may take the recomputed path; several share one materialised pass.
+    # One method or several (each reduces the same q, k, v and dy/dO) may take the recomputed path.
     # The recomputed path's softmax from q and k knows no padding mask: NaFlex batches take the materialised path.
     recomputed = (
         not naflex
-        and len(specs) == 1
-        and recompute.applies(probe, specs[0], options)
+        and all(recompute.applies(probe, method, options) for method in specs)
         and (options.recompute_attention or _micro_batch(probe, batch, budget, recomputed=False) < batch)
     )
     step = options.chunk_size or _micro_batch(probe, batch, budget, recomputed)
@@ -801,9 +842,7 @@ def _explain_batch(
             else:
                 chunk_images, chunk_probe = images[start : start + step].to(dtype=dtype), probe
             if recomputed:
-                chunks = [
-                    _explain_chunk_recomputed(resolved, probe, chunk_images, specs[0], chunk_target, chunk_options)
-                ]
+                chunks = _explain_chunk_recomputed(resolved, probe, chunk_images, specs, chunk_target, chunk_options)
             else:
                 chunks = _explain_chunk(resolved, chunk_probe, chunk_images, specs, chunk_target, chunk_options)
             per_chunk.append(chunks)

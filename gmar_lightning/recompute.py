@@ -160,37 +160,45 @@ class LayerTensors:
 
 
 def rollout_update(
-    tensors: LayerTensors, options: ExplainOptions, blocks: Callable[[Tensor], Block], keep: bool = False
+    tensors: LayerTensors,
+    options: ExplainOptions,
+    blocks: Callable[[Tensor], Block],
+    used: Callable[[int], object] | None = None,
 ) -> Callable[[int, AttentionMixing, Tensor, Tensor], Tensor]:
-    """One layer's rollout step from its recomputed attention fused with ``weights`` ``[B, H]``.
-
-    ``keep=False`` releases the layer's tensors once used (the rollout streams through the backward pass).
-    """
+    """One layer's rollout step from its recomputed attention fused with ``weights`` ``[B, H]``; ``used(layer)`` is
+    called once the step no longer needs the layer's tensors (to release them)."""
 
     def update(layer: int, _mixing: AttentionMixing, row: Tensor, weights: Tensor) -> Tensor:
-        saved = tensors.release(layer) if not keep else tensors.saved[layer]
-        if layer < options.start_layer:
-            return row
-        query, key = saved["q"], saved["k"]
-        block = blocks(query)
-        return methods.recomputed_rollout_step(row, query, key, weights, options.residual, block.rows, block.images)
+        if layer >= options.start_layer:
+            query, key = tensors.saved[layer]["q"], tensors.saved[layer]["k"]
+            block = blocks(query)
+            row = methods.recomputed_rollout_step(row, query, key, weights, options.residual, block.rows, block.images)
+        if used is not None:
+            used(layer)
+        return row
 
     return update
 
 
 def gradient_rollout_update(
-    tensors: LayerTensors, options: ExplainOptions, blocks: Callable[[Tensor], Block]
+    tensors: LayerTensors,
+    options: ExplainOptions,
+    blocks: Callable[[Tensor], Block],
+    used: Callable[[int], object] | None = None,
 ) -> Callable[[int, AttentionMixing, Tensor, Tensor], Tensor]:
-    """One layer's step of the generic rule from its recomputed attention and ``G = dy/dO``."""
+    """One layer's step of the generic rule from its recomputed attention and ``G = dy/dO``; ``used`` as for
+    `rollout_update`."""
 
     def update(layer: int, _mixing: AttentionMixing, row: Tensor, grad: Tensor) -> Tensor:
-        saved = tensors.release(layer)
-        if layer < options.start_layer:
-            return row
-        query, block = saved["q"], blocks(saved["q"])
-        return methods.recomputed_gradient_rollout_step(
-            row, query, saved["k"], grad, saved["v"], block.rows, block.images
-        )
+        if layer >= options.start_layer:
+            saved = tensors.saved[layer]
+            block = blocks(saved["q"])
+            row = methods.recomputed_gradient_rollout_step(
+                row, saved["q"], saved["k"], grad, saved["v"], block.rows, block.images
+            )
+        if used is not None:
+            used(layer)
+        return row
 
     return update
 

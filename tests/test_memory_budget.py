@@ -13,7 +13,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from gmar_lightning import METHODS, explain, recompute
+from gmar_lightning import METHODS, explain, explain_many, recompute
 from gmar_lightning.engine import _memory_budget, _micro_batch
 from gmar_lightning.families import probe
 from gmar_lightning.heads import prune_heads
@@ -60,6 +60,25 @@ def test_blocks_of_whole_images_equal_the_materialised_path(method: str) -> None
     assert recompute.block_shape(budget - 3 * estimate.recomputed, 3, heads, tokens) == recompute.Block(2, tokens)
     expected = explain(model, images, method=method, recompute_attention=False)
     assert_same(explain(model, images, method=method, memory_budget=budget, recompute_attention=True), expected, 1e-5)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=["default", "global", "start_layer"])
+def test_explain_many_on_the_recomputed_path_equals_the_materialised_path(options: dict) -> None:
+    model, images = make_model("vit"), make_images("vit", batch=3)
+    names = ("gmar_l1", "grad_rollout", "gmar_l2", "rollout")
+    fused = []
+    handle = model.blocks[0].attn.register_forward_pre_hook(lambda module, _: fused.append(module.fused_attn))
+    try:
+        many = explain_many(model, images, names, recompute_attention=True, **options)
+    finally:
+        handle.remove()
+    assert fused == [True]  # one forward, with fused attention kept
+    for name in names:
+        assert_same(many[name], explain(model, images, method=name, recompute_attention=False, **options), 1e-5)
+    # The callback's default pair with a one-byte budget: one query row at a time.
+    pair = explain_many(model, images, names[:2], memory_budget=1, recompute_attention=True, **options)
+    for name in names[:2]:
+        assert_same(pair[name], many[name], 1e-6)
 
 
 def test_timm_vit_takes_the_recomputed_path_and_others_do_not() -> None:
