@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 from types import ModuleType
@@ -33,10 +35,21 @@ def load_example(name: str) -> ModuleType:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One tiny run of examples/finetune_vit.py, shared by the tests that read its output."""
+def job_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, Path]:
+    """One tiny run of examples/finetune_vit.py, shared by the tests that read its output: its result, what it
+    printed, and the ``--log-dir`` it was given."""
     log_dir = tmp_path_factory.mktemp("job")
-    return load_example("finetune_vit").main([*TINY_JOB, "--methods", "gmar_l1,rollout", "--log-dir", str(log_dir)])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = load_example("finetune_vit").main(
+            [*TINY_JOB, "--methods", "gmar_l1,rollout", "--log-dir", str(log_dir)]
+        )
+    return result, printed.getvalue(), log_dir
+
+
+@pytest.fixture(scope="module")
+def job(job_run: tuple[dict[str, Any], str, Path]) -> dict[str, Any]:
+    return job_run[0]
 
 
 def test_main_job_logs_to_tensorboard_and_writes_head_importance(job: dict[str, Any]) -> None:
@@ -62,11 +75,10 @@ def test_main_job_logs_to_tensorboard_and_writes_head_importance(job: dict[str, 
     assert {"val_acc", "gmar/entropy/layer_01"} <= set(tags["scalars"])
 
 
-def test_main_job_prints_where_the_logs_are(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    result = load_example("finetune_vit").main([*TINY_JOB, "--epochs", "1", "--log-dir", str(tmp_path)])
-    printed = capsys.readouterr().out
+def test_main_job_prints_where_the_logs_are(job_run: tuple[dict[str, Any], str, Path]) -> None:
+    result, printed, log_dir = job_run
     assert f"tensorboard --logdir {result['log_dir']} --samples_per_plugin images=1000" in printed
-    assert str(tmp_path) in result["log_dir"]
+    assert str(log_dir) in result["log_dir"]
 
 
 def test_main_job_stops_once_the_target_accuracy_is_reached(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
