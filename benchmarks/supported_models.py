@@ -81,6 +81,9 @@ class Case:
     build: Callable[[], nn.Module]
     image_size: int = 32
     expect: str = "works"
+    inputs: Callable[[int], object] | None = None
+    """The model's inputs for two images of side ``image_size``, when it takes no image tensor (SigLIP 2's NaFlex
+    dict); ``None``: a random ``[2, 3, size, size]`` batch."""
 
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -203,7 +206,29 @@ TINY_HF_SWIN = {
 }
 
 
-def transformers_case(model_class: str, config_class: str, expect: str = "works", **config: object) -> Case:
+TINY_SIGLIP2 = {key: value for key, value in TINY_HF_BACKBONE.items() if key != "image_size"} | {"num_patches": 16}
+
+
+def siglip2_inputs(size: int) -> dict[str, torch.Tensor]:
+    """Siglip2ImageProcessor's output for two images, ``size x size`` and ``size/2 x size``, as 8-pixel patches
+    (``TINY_SIGLIP2``) padded to the larger one's count."""
+    grids = torch.tensor([[size // 8, size // 8], [size // 16, size // 8]])
+    length = int(grids[0].prod())
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "pixel_values": torch.randn(2, length, 3 * 8 * 8, generator=generator),
+        "pixel_attention_mask": (torch.arange(length)[None] < grids.prod(dim=1)[:, None]).int(),
+        "spatial_shapes": grids,
+    }
+
+
+def transformers_case(
+    model_class: str,
+    config_class: str,
+    expect: str = "works",
+    inputs: Callable[[int], object] | None = None,
+    **config: object,
+) -> Case:
     """A transformers class built from a tiny config (no download)."""
 
     def build() -> nn.Module:
@@ -212,7 +237,7 @@ def transformers_case(model_class: str, config_class: str, expect: str = "works"
         torch.manual_seed(0)
         return getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
 
-    return Case("transformers", f"`{model_class}` (tiny)", build, 32, expect)
+    return Case("transformers", f"`{model_class}` (tiny)", build, 32, expect, inputs)
 
 
 CASES += [
@@ -240,6 +265,14 @@ CASES += [
             ("MetaClip2ForImageClassification", "MetaClip2Config"),
         )
     ),
+    transformers_case(
+        "Siglip2ForImageClassification",
+        "Siglip2Config",
+        inputs=siglip2_inputs,
+        vision_config=TINY_SIGLIP2,
+        text_config=TINY_TEXT,
+        num_labels=3,
+    ),
     transformers_case("ViTMSNForImageClassification", "ViTMSNConfig", **TINY_HF),
     transformers_case("IJepaForImageClassification", "IJepaConfig", **TINY_HF),
     transformers_case("SwinForImageClassification", "SwinConfig", **TINY_HF_SWIN),
@@ -254,15 +287,21 @@ class WithHead(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, nn.Linear(width, 3)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        output = self.backbone(images)
+    def forward(self, images: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        output = self.backbone(**images) if isinstance(images, dict) else self.backbone(images)
         if isinstance(output, torch.Tensor):
             return self.head(output)
         features = output.image_embeds if hasattr(output, "image_embeds") else output.pooler_output
         return self.head(features)
 
 
-def backbone_case(model_class: str, config_class: str, width: int = 32, **config: object) -> Case:
+def backbone_case(
+    model_class: str,
+    config_class: str,
+    width: int = 32,
+    inputs: Callable[[int], object] | None = None,
+    **config: object,
+) -> Case:
     """A transformers backbone (no classifier) built tiny, under a linear head of the user's own."""
 
     def build() -> nn.Module:
@@ -272,7 +311,7 @@ def backbone_case(model_class: str, config_class: str, width: int = 32, **config
         backbone = getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
         return WithHead(backbone, width)
 
-    return Case("transformers", f"`{model_class}` (tiny) under a head", build, 32)
+    return Case("transformers", f"`{model_class}` (tiny) under a head", build, 32, inputs=inputs)
 
 
 CASES += [
@@ -280,6 +319,7 @@ CASES += [
     backbone_case("MetaClip2VisionModel", "MetaClip2VisionConfig", **TINY_HF_BACKBONE),
     backbone_case("CLIPVisionModelWithProjection", "CLIPVisionConfig", width=16, projection_dim=16, **TINY_HF_BACKBONE),
     backbone_case("SiglipVisionModel", "SiglipVisionConfig", **TINY_HF_BACKBONE),
+    backbone_case("Siglip2VisionModel", "Siglip2VisionConfig", inputs=siglip2_inputs, **TINY_SIGLIP2),
     backbone_case("DINOv3ViTModel", "DINOv3ViTConfig", num_register_tokens=2, **TINY_HF_BACKBONE),
     backbone_case("SwinModel", "SwinConfig", **TINY_HF_SWIN),
 ]
@@ -378,8 +418,8 @@ def _check_explanation(model: nn.Module, result: object) -> str:
         return f"explained by family {family!r}, whose token plan no test checks"
     if family == "vit" and type(vit).__name__ not in SINGLE_SEQUENCE_CLASSES:
         return f"{type(vit).__name__} went through the generic single-sequence probe, which no test checks for it"
-    if not bool(torch.isfinite(result.token_maps).all()):
-        return "token maps are not finite"
+    if result.grid_sizes is None and not bool(torch.isfinite(result.token_maps).all()):
+        return "token maps are not finite"  # a NaFlex batch's are NaN off each image's grid: `_own_grid_problem`
     weights = result.head_weights
     sums = torch.nansum(weights, dim=-1)
     if not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
@@ -387,9 +427,17 @@ def _check_explanation(model: nn.Module, result: object) -> str:
     return ""
 
 
+def _own_grid_problem(result: object) -> str:
+    """Why a NaFlex batch's maps are not on each image's own grid (``""`` if they are): each must be finite there and
+    NaN outside it."""
+    for index, (height, width) in enumerate(result.grid_sizes.tolist()):
+        if int(result.token_maps[index].isfinite().sum()) != height * width:
+            return "NaFlex batch: an image's map is not finite exactly on its own grid"
+    return ""
+
+
 def _naflex_problem(model: nn.Module, size: int) -> str:
-    """Why a NaFlex batch of two images of different sizes is not explained right (``""`` if it is): the map of
-    each must be finite on its own grid and NaN outside it."""
+    """Why a NaFlex batch of two images of different sizes is not explained right (``""`` if it is)."""
     from timm.data.naflex_transforms import patchify_image
 
     generator = torch.Generator().manual_seed(0)
@@ -410,10 +458,7 @@ def _naflex_problem(model: nn.Module, size: int) -> str:
         result = explain(model, batch, method="gmar_l1")
     except Exception as error:
         return f"NaFlex batch: {type(error).__name__}: {error}"
-    for index, (height, width) in enumerate(result.grid_sizes.tolist()):
-        if int(result.token_maps[index].isfinite().sum()) != height * width:
-            return "NaFlex batch: an image's map is not finite exactly on its own grid"
-    return ""
+    return _own_grid_problem(result)
 
 
 def run_case(case: Case) -> Outcome:
@@ -425,7 +470,10 @@ def run_case(case: Case) -> Outcome:
             return Outcome(case, name, "not run", f"cannot be built here: {UNBUILDABLE_HERE[name]}")
         return Outcome(case, "?", "FAILED", f"cannot build: {type(error).__name__}: {error}")
     model_class = type(model.backbone if isinstance(model, WithHead) else model).__name__
-    images = torch.randn(2, 3, case.image_size, case.image_size, generator=torch.Generator().manual_seed(0))
+    if case.inputs is not None:
+        images = case.inputs(case.image_size)
+    else:
+        images = torch.randn(2, 3, case.image_size, case.image_size, generator=torch.Generator().manual_seed(0))
     try:
         result = explain(model, images, method="gmar_l1")
     except UnsupportedModelError as error:
@@ -436,7 +484,7 @@ def run_case(case: Case) -> Outcome:
         return Outcome(case, model_class, verdict, message.split(": ", 1)[-1].rstrip("."))
     except Exception as error:
         return Outcome(case, model_class, "FAILED", f"{type(error).__name__}: {error}")
-    problem = _check_explanation(model, result)
+    problem = _check_explanation(model, result) or (_own_grid_problem(result) if case.inputs is not None else "")
     if problem:
         return Outcome(case, model_class, "FAILED", problem)
     if case.expect != "works":
@@ -451,6 +499,11 @@ def run_case(case: Case) -> Outcome:
         if problem:
             return Outcome(case, model_class, "FAILED", problem)
         note += "; NaFlex batches (patch sequences padded to one length) too, each image on its own grid"
+    if case.inputs is not None:
+        note += (
+            "; takes NaFlex batches only (Siglip2ImageProcessor's pixel_values, pixel_attention_mask, "
+            "spatial_shapes), padding in no attention row or column, each image on its own grid"
+        )
     return Outcome(case, model_class, "works", f"{note} ({len(result.layer_names)} layers, {grid} grid)")
 
 

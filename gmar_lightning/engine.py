@@ -24,7 +24,7 @@ from gmar_lightning.families import Probe, UnsupportedModelError
 from gmar_lightning.methods import METHOD_TABLE, Method
 from gmar_lightning.mixing import AttentionMixing, AttentionReadout, TokenPlan, to_device
 from gmar_lightning.model_state import resharded
-from gmar_lightning.naflex import NaFlexBatch, is_naflex_vit
+from gmar_lightning.naflex import NaFlexBatch, is_naflex_batch, keys_of
 from gmar_lightning.options import ExplainOptions
 from gmar_lightning.resolve import ResolvedModel, as_resolved
 from gmar_lightning.tokens import TokenLayout, patch_embedding
@@ -128,28 +128,42 @@ def _joined(parts: list[Tensor], dim: int = 0) -> Tensor:
 
 
 def _check_naflex(resolved: ResolvedModel, images: Mapping, options: ExplainOptions) -> NaFlexBatch:
-    """A NaFlex batch, for a NaFlexViT that is the classifier itself (the read-out check runs on image tensors)."""
-    if not is_naflex_vit(resolved.vit):
+    """A NaFlex batch in the spelling the ViT takes (timm's NaFlexViT, transformers' SigLIP 2)."""
+    naflex = resolved.naflex
+    name = type(resolved.vit).__name__
+    if naflex is None:
         raise TypeError(
-            f"`images` is a NaFlex batch (patches, patch_coord, patch_valid), which only timm's NaFlexViT takes, not "
-            f"{type(resolved.vit).__name__}; pass the images as a float tensor [B, C, H, W]."
+            f"`images` is a NaFlex batch, which only timm's NaFlexViT and transformers' SigLIP 2 take, not {name}; "
+            "pass the images as a float tensor [B, C, H, W]."
         )
-    if resolved.classifier is not resolved.vit:
+    keys = keys_of(images)
+    if keys != naflex.keys:
+        raise TypeError(f"`images` is a NaFlex batch with keys {list(keys)}; {name} takes {naflex.describe()}.")
+    batch = NaFlexBatch.from_dict(images)
+    patch_h, patch_w = naflex.patch_size
+    width = batch.patches.shape[2:].numel()
+    if naflex.channels is not None and width != naflex.channels * patch_h * patch_w:
         raise ValueError(
-            f"`images` is a NaFlex batch, which explain takes for a NaFlexViT classifier itself, not inside "
-            f"{type(resolved.classifier).__name__}; pass the NaFlexVit as `model`, or the images as [B, C, H, W]."
+            f"`images` patches have {width} values each, but {name} takes {naflex.channels}x{patch_h}x{patch_w} = "
+            f"{naflex.channels * patch_h * patch_w}; patchify the images with the model's patch size and channels."
         )
     if options.discard_ratio > 0:
         raise ValueError(
             "`discard_ratio` must be 0 for a NaFlex batch: its per-layer quantile would count the padding entries; "
-            "leave it at 0 or pass the images as [B, C, H, W]."
+            "leave it at 0."
         )
-    return NaFlexBatch.from_dict(images)
+    return batch
 
 
 def _check_images(resolved: ResolvedModel, images: object, options: ExplainOptions) -> Tensor | NaFlexBatch:
-    if isinstance(images, Mapping) and "patch_valid" in images:
+    if is_naflex_batch(images):
         return _check_naflex(resolved, images, options)
+    naflex = resolved.naflex
+    if naflex is not None and not naflex.takes_images:
+        given = f"a tensor {list(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
+        raise TypeError(
+            f"`images` must be {naflex.describe()}: {type(resolved.vit).__name__} takes patch sequences, not {given}."
+        )
     if not isinstance(images, Tensor):
         raise TypeError(f"`images` must be a float tensor [B, C, H, W], got {type(images).__name__}.")
     if images.dim() != 4:
@@ -788,7 +802,7 @@ def _explain(
     resolved = as_resolved(model, vit, options.token_layout)
     images = _check_images(resolved, images, options)
     if isinstance(images, NaFlexBatch):  # one sequence of N patches: a 1 x N grid until each image takes its own
-        patch_h, patch_w = resolved.vit.embeds.patch_size
+        patch_h, patch_w = resolved.naflex.patch_size
         probe = resolved.probe(images, size=(patch_h, images.length * patch_w))
     else:
         probe = resolved.probe(images)
@@ -892,7 +906,7 @@ def _rolled_out(
     grid_sizes = None
     if isinstance(images, NaFlexBatch):
         token_maps = images.token_maps(rows[:, plan.num_prefix_tokens :])
-        maps = images.maps(token_maps, resolved.vit.embeds.patch_size)
+        maps = images.maps(token_maps, resolved.naflex.patch_size)
         grid_sizes = images.grid_sizes()
     else:
         token_maps = rows[:, plan.num_prefix_tokens :].reshape(batch, *plan.grid)

@@ -1,14 +1,24 @@
-"""NaFlex batches: timm NaFlexViT's variable-resolution input, each image a sequence of patches padded to one length.
+"""NaFlex batches: variable-resolution input, each image a sequence of patches padded to one length.
 
-A NaFlex batch is a dict of ``patches`` ``[B, N, P*P*C]`` (or ``[B, N, Ph, Pw, C]``), ``patch_coord`` ``[B, N, 2]``
-(the ``(y, x)`` grid cell of each patch) and ``patch_valid`` ``[B, N]`` (False: padding), as timm's NaFlex collator
-builds it. NaFlexViT masks padding out of every attention (no query row, no key column) and out of its pooling; the
-engine does the same with the attention it reads (docs/method.md, NaFlex batches) and places each image's map on its
-own grid, ``(max y + 1, max x + 1)`` of its valid patches.
+Two libraries spell the same batch differently:
+
+- timm's NaFlexViT takes a dict of ``patches`` ``[B, N, P*P*C]`` (or ``[B, N, Ph, Pw, C]``), ``patch_coord``
+  ``[B, N, 2]`` (the ``(y, x)`` grid cell of each patch) and ``patch_valid`` ``[B, N]`` (False: padding), as timm's
+  NaFlex collator builds it.
+- transformers' SigLIP 2 (``Siglip2VisionModel``, ``Siglip2ForImageClassification``) takes ``pixel_values``
+  ``[B, N, P*P*C]``, ``pixel_attention_mask`` ``[B, N]`` (0: padding) and ``spatial_shapes`` ``[B, 2]`` (each image's
+  grid ``(h, w)``), as ``Siglip2ImageProcessor`` builds it: an image's ``h * w`` patches come first, in row-major
+  order, then the padding, and the model places patch ``i`` at cell ``(i // w, i % w)``.
+
+Both models mask padding out of every attention (no query row, no key column) and out of their pooling; the engine
+does the same with the attention it reads (docs/method.md, NaFlex batches) and places each image's map on its own
+grid, ``(max y + 1, max x + 1)`` of its valid patches (SigLIP 2: its ``spatial_shapes``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -19,9 +29,68 @@ from torch import Tensor, nn
 from gmar_lightning.methods import normalize_maps
 from gmar_lightning.mixing import AttentionMixing, AttentionReadout
 
-__all__ = ["NaFlexBatch", "is_naflex_vit"]
+__all__ = [
+    "TIMM",
+    "TRANSFORMERS",
+    "NaFlexBatch",
+    "NaFlexFormat",
+    "call_model",
+    "is_naflex_batch",
+    "is_naflex_vit",
+    "keys_of",
+]
 
-_KEYS = ("patches", "patch_coord", "patch_valid")
+TIMM = ("patches", "patch_coord", "patch_valid")
+"""timm's keys of a NaFlex batch: patches, their ``(y, x)`` cells, and which are valid."""
+TRANSFORMERS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+"""transformers' keys (SigLIP 2): patches, which are valid, and each image's grid ``(h, w)``."""
+
+
+@dataclass(frozen=True)
+class NaFlexFormat:
+    """How a model takes NaFlex batches.
+
+    Args:
+        keys: `TIMM` or `TRANSFORMERS`.
+        patch_size: ``(Ph, Pw)`` pixels per patch.
+        channels: Image channels per patch pixel, or ``None`` when the model does not say.
+        takes_images: Whether the model also takes images ``[B, C, H, W]`` (timm's NaFlexViT patchifies them itself;
+            SigLIP 2 takes patch sequences only).
+    """
+
+    keys: tuple[str, str, str]
+    patch_size: tuple[int, int]
+    channels: int | None
+    takes_images: bool
+
+    def describe(self) -> str:
+        """The dict this format names, for messages."""
+        if self.keys == TRANSFORMERS:
+            return (
+                "the dict of 'pixel_values' [B, N, C*P*P], 'pixel_attention_mask' [B, N] and 'spatial_shapes' [B, 2] "
+                "that Siglip2ImageProcessor returns"
+            )
+        return "a dict of 'patches' [B, N, P*P*C], 'patch_coord' [B, N, 2] and 'patch_valid' [B, N] (timm's collator)"
+
+
+def is_naflex_batch(images: object) -> bool:
+    """Whether ``images`` is a NaFlex dict in either spelling: it holds a key that only NaFlex batches use."""
+    return isinstance(images, Mapping) and any(key in images for key in (*TIMM[1:], *TRANSFORMERS[1:]))
+
+
+def keys_of(batch: Mapping) -> tuple[str, str, str]:
+    """The spelling of a NaFlex dict: `TRANSFORMERS` when it holds one of their keys, else `TIMM`."""
+    return TRANSFORMERS if any(key in batch for key in TRANSFORMERS) else TIMM
+
+
+def call_model(model: nn.Module, inputs: Mapping[str, Tensor]) -> object:
+    """``model``'s output for a NaFlex dict: its keys as keyword arguments when ``model.forward`` names the first
+    (transformers' ``model(**processor_output)``; a user's ``forward(pixel_values, pixel_attention_mask,
+    spatial_shapes)``), else the dict as the one argument (timm's ``NaFlexVit(batch)``; a user's ``forward(batch)``)."""
+    first = next(iter(inputs))
+    if first in inspect.signature(model.forward).parameters:
+        return model(**inputs)
+    return model(dict(inputs))
 
 
 def is_naflex_vit(model: nn.Module) -> bool:
@@ -33,33 +102,40 @@ def is_naflex_vit(model: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class NaFlexBatch:
-    """A checked NaFlex batch.
+    """A checked NaFlex batch, in one form whichever library's keys it came with.
 
     Args:
         patches: ``[B, N, P*P*C]`` or ``[B, N, Ph, Pw, C]`` float patches.
         coord: ``[B, N, 2]`` integer ``(y, x)`` cells.
         valid: ``[B, N]`` bool, False for padding.
+        keys: The spelling it came in and is handed to the model in: `TIMM` or `TRANSFORMERS`.
+        mask_dtype: The dtype of the given ``pixel_attention_mask`` (transformers), handed back as it came.
     """
 
     patches: Tensor
     coord: Tensor
     valid: Tensor
+    keys: tuple[str, str, str] = TIMM
+    mask_dtype: torch.dtype = torch.bool
 
     @classmethod
     def from_dict(cls, batch: Mapping) -> NaFlexBatch:
-        """Check a NaFlex dict and keep its three tensors.
+        """Check a NaFlex dict in either spelling and keep its tensors.
 
         Raises:
             TypeError, ValueError: A key is missing, a tensor has the wrong shape or dtype, an image has no valid
-                patch, or two valid patches of an image share a cell; one line that names the fix.
+                patch, or two valid patches of an image share a cell (SigLIP 2: its valid patches are not the first
+                ``h * w`` of its ``spatial_shapes``); one line that names the fix.
         """
-        missing = [key for key in _KEYS if not isinstance(batch.get(key), Tensor)]
+        if keys_of(batch) == TRANSFORMERS:
+            return cls._from_transformers(batch)
+        missing = [key for key in TIMM if not isinstance(batch.get(key), Tensor)]
         if missing:
             raise TypeError(
                 f"`images` is a NaFlex batch without tensor(s) {', '.join(map(repr, missing))}; pass a dict of "
                 "'patches' [B, N, P*P*C], 'patch_coord' [B, N, 2] and 'patch_valid' [B, N] (timm's NaFlex collator)."
             )
-        patches, coord, valid = (batch[key] for key in _KEYS)
+        patches, coord, valid = (batch[key] for key in TIMM)
         if not patches.is_floating_point() or patches.dim() not in (3, 5):
             raise ValueError(
                 f"`images['patches']` must be a float tensor [B, N, P*P*C], got {patches.dtype} {list(patches.shape)}."
@@ -94,6 +170,57 @@ class NaFlexBatch:
                 )
         return checked
 
+    @classmethod
+    def _from_transformers(cls, batch: Mapping) -> NaFlexBatch:
+        """`from_dict` for transformers' spelling: the cells follow from ``spatial_shapes`` and the slot order."""
+        missing = [key for key in TRANSFORMERS if not isinstance(batch.get(key), Tensor)]
+        if missing:
+            raise TypeError(
+                f"`images` is a NaFlex batch without tensor(s) {', '.join(map(repr, missing))}; pass the dict of "
+                "'pixel_values' [B, N, C*P*P], 'pixel_attention_mask' [B, N] and 'spatial_shapes' [B, 2] that "
+                "Siglip2ImageProcessor returns (processor(images=..., return_tensors='pt'))."
+            )
+        patches, mask, shapes = (batch[key] for key in TRANSFORMERS)
+        if not patches.is_floating_point() or patches.dim() != 3:
+            raise ValueError(
+                f"`images['pixel_values']` must be a float tensor [B, N, C*P*P] of patches, got {patches.dtype} "
+                f"{list(patches.shape)}; build it with Siglip2ImageProcessor."
+            )
+        batch_size, length = patches.shape[:2]
+        if batch_size == 0:
+            raise ValueError("`images` is an empty NaFlex batch; pass at least one image.")
+        if mask.shape != (batch_size, length) or mask.is_floating_point() or mask.is_complex():
+            raise ValueError(
+                f"`images['pixel_attention_mask']` must be an integer or bool tensor [{batch_size}, {length}] (0: "
+                f"padding), got {mask.dtype} {list(mask.shape)}."
+            )
+        if shapes.shape != (batch_size, 2) or shapes.is_floating_point() or shapes.dtype == torch.bool:
+            raise ValueError(
+                f"`images['spatial_shapes']` must be an integer tensor [{batch_size}, 2] of each image's patch grid "
+                f"(h, w), got {shapes.dtype} {list(shapes.shape)}."
+            )
+        shapes = shapes.long()
+        sizes = shapes.prod(dim=1)
+        if bool((shapes <= 0).any()) or bool((sizes > length).any()):
+            raise ValueError(
+                f"`images['spatial_shapes']` {shapes.tolist()} must hold grids of at least one and at most {length} "
+                "patches (the sequence length N of 'pixel_values')."
+            )
+        slots = torch.arange(length, device=mask.device)
+        expected = slots[None, :] < sizes.to(mask.device)[:, None]
+        if not torch.equal(mask != 0, expected):
+            index = int((mask != 0).ne(expected).any(dim=1).nonzero()[0])
+            height, width = shapes[index].tolist()
+            raise ValueError(
+                f"`images['pixel_attention_mask']` of image {index} must mark its first {height * width} patches "
+                f"(spatial_shapes [{height}, {width}]) valid and the rest padding, as Siglip2ImageProcessor builds it."
+            )
+        # Siglip2's position embeddings put slot i of an image of width w at (i // w, i % w), padding at (0, 0).
+        widths = shapes[:, 1].to(mask.device)[:, None]
+        coord = torch.stack([slots[None, :] // widths, slots[None, :] % widths], dim=-1)
+        coord = coord.masked_fill(~expected[..., None], 0)
+        return cls(patches, coord, expected, TRANSFORMERS, mask.dtype)
+
     @property
     def batch_size(self) -> int:
         return int(self.patches.shape[0])
@@ -108,15 +235,30 @@ class NaFlexBatch:
         return self.patches.device
 
     def to(self, device: torch.device | str) -> NaFlexBatch:
-        return NaFlexBatch(self.patches.to(device), self.coord.to(device), self.valid.to(device))
+        return dataclasses.replace(
+            self, patches=self.patches.to(device), coord=self.coord.to(device), valid=self.valid.to(device)
+        )
 
     def __getitem__(self, index: slice) -> NaFlexBatch:
-        return NaFlexBatch(self.patches[index], self.coord[index], self.valid[index])
+        return dataclasses.replace(self, patches=self.patches[index], coord=self.coord[index], valid=self.valid[index])
+
+    def alone_with_padding(self) -> NaFlexBatch:
+        """The first image alone, its valid patches first, then one padding slot (zeros at cell ``(0, 0)``): the
+        read-out check's input, which shows whether a head reads padding."""
+        own = self.valid[0]
+        patches = torch.cat([self.patches[0, own], torch.zeros_like(self.patches[0, :1])])
+        coord = torch.cat([self.coord[0, own], torch.zeros_like(self.coord[0, :1])])
+        valid = torch.cat([own[own], torch.zeros_like(own[:1])])
+        return dataclasses.replace(self, patches=patches[None], coord=coord[None], valid=valid[None])
 
     def inputs(self, dtype: torch.dtype, requires_grad: bool) -> dict[str, Tensor]:
-        """The dict NaFlexViT's forward takes; ``patches`` in ``dtype``, a fresh leaf (``requires_grad``)."""
+        """The dict the model's forward takes, in the batch's spelling; the patches in ``dtype``, a fresh leaf
+        (``requires_grad``)."""
         patches = self.patches.to(dtype=dtype).clone().requires_grad_(requires_grad)
-        return {"patches": patches, "patch_coord": self.coord, "patch_valid": self.valid}
+        if self.keys == TRANSFORMERS:
+            mask = self.valid.to(self.mask_dtype)
+            return dict(zip(TRANSFORMERS, (patches, mask, self.grid_sizes()), strict=True))
+        return dict(zip(TIMM, (patches, self.coord, self.valid), strict=True))
 
     def grid_sizes(self) -> Tensor:
         """``[B, 2]`` each image's grid ``(h, w)``: one more than the largest ``(y, x)`` of its valid patches."""

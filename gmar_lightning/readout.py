@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from gmar_lightning import families
 from gmar_lightning.families import UnsupportedModelError
 from gmar_lightning.model_state import eval_mode_without_fast_paths
+from gmar_lightning.naflex import NaFlexBatch
 from gmar_lightning.tokens import TokenLayout
 
 if TYPE_CHECKING:
@@ -79,22 +80,32 @@ class _BlockOutput:
         return output
 
 
-def checked_readout(resolved: ResolvedModel, image: Tensor) -> TokenLayout | object | None:  # object: UNDECIDED
-    """The read-out of ``resolved``'s classifier as its gradient shows it, for one image ``[1, C, H, W]``.
+def checked_readout(
+    resolved: ResolvedModel, image: Tensor | NaFlexBatch
+) -> TokenLayout | object | None:  # object: UNDECIDED
+    """The read-out of ``resolved``'s classifier as its gradient shows it, for one image ``[1, C, H, W]`` or a
+    one-image NaFlex batch whose last slot is padding (`NaFlexBatch.alone_with_padding`).
 
     Returns:
         ``None`` when it is the family's own read-out (or the check cannot reach the ViT's last block), the
         `TokenLayout` it is when not, or `UNDECIDED`.
 
     Raises:
-        UnsupportedModelError: The logits read the tokens in no linear pooling; the one-line message names
-            ``token_layout=TokenLayout(...)``, the fix.
+        UnsupportedModelError: The logits read the tokens in no linear pooling, or read padding slots; the one-line
+            message names the fix.
     """
-    size = (int(image.shape[-2]), int(image.shape[-1]))
+    naflex = isinstance(image, NaFlexBatch)
+    if naflex:  # one sequence of patches: a 1 x N grid
+        patch_h, patch_w = resolved.naflex.patch_size
+        size = (patch_h, image.length * patch_w)
+    else:
+        size = (int(image.shape[-2]), int(image.shape[-1]))
     assumed = families.probe(resolved.vit, size, None, resolved.family)
     grid = assumed.plan.grid
     num_prefix = assumed.plan.num_prefix_tokens
     num_tokens = num_prefix + grid[0] * grid[1]  # one token space throughout: a single-sequence ViT
+    # The image's own tokens; a NaFlex sample's padding slots follow them.
+    own_tokens = num_prefix + int(image.valid.sum()) if naflex else num_tokens
     # The last block: an attention pool after the blocks, the plan's last layer then, is in no block.
     blocks = (last_block(resolved.vit, layer[0].name) for layer in reversed(assumed.layers))
     block = next((block for block in blocks if block is not None), None)
@@ -108,7 +119,10 @@ def checked_readout(resolved: ResolvedModel, image: Tensor) -> TokenLayout | obj
         handles.append(pool.register_forward_hook(lambda _m, _i, output: pool_outputs.extend(_tensors(output))))
     try:
         with resolved.isolated(True) as device, eval_mode_without_fast_paths(resolved.classifier, [], True):
-            inputs = image.to(device=device, dtype=resolved.dtype).clone().requires_grad_(True)
+            if naflex:
+                inputs = image.to(device).inputs(resolved.dtype, requires_grad=True)
+            else:
+                inputs = image.to(device=device, dtype=resolved.dtype).clone().requires_grad_(True)
             logits = resolved.logits(inputs).float()
             if tap.hidden is None:  # the forward does not run the block (the engine says so), or not as [B, N, D]
                 return None
@@ -137,7 +151,14 @@ def checked_readout(resolved: ResolvedModel, image: Tensor) -> TokenLayout | obj
                 return bool((swapped - logits.detach()).abs().max() <= tolerance)
 
             read = {index for index, norm in enumerate(values) if norm > 0}
-            observed = _observed(read, num_prefix, num_tokens, unchanged_by_swap)
+            if any(index >= own_tokens for index in read):
+                raise UnsupportedModelError(
+                    f"`model` ({type(resolved.classifier).__name__}) reads the padding slots of its NaFlex batch "
+                    "through its ViT's last block, so its logits depend on how much padding an image gets; mask the "
+                    "padding out of your head's pooling (as Siglip2ForImageClassification does with "
+                    "pixel_attention_mask)."
+                )
+            observed = _observed(read, num_prefix, own_tokens, unchanged_by_swap)
     finally:
         for handle in handles:
             handle.remove()

@@ -21,6 +21,7 @@ from gmar_lightning._checks import check_logits
 from gmar_lightning.capture import unwrap_model
 from gmar_lightning.families import Family, Probe, UnsupportedModelError, find_vision_transformer
 from gmar_lightning.model_state import eval_mode_without_fast_paths, isolated
+from gmar_lightning.naflex import NaFlexBatch, NaFlexFormat, call_model
 from gmar_lightning.readout import UNDECIDED, checked_readout
 from gmar_lightning.tokens import TokenLayout
 
@@ -89,11 +90,17 @@ class ResolvedModel:
         """Whether the ViT still has the structure it was resolved with (no heads removed, no layer replaced)."""
         return structure_signature(self.vit) == self.signature
 
-    def probe(self, images: Tensor, size: tuple[int, int] | None = None) -> Probe:
+    @property
+    def naflex(self) -> NaFlexFormat | None:
+        """How the ViT takes NaFlex batches, or ``None`` when it does not."""
+        return self.family.naflex(self.vit)
+
+    def probe(self, images: Tensor | NaFlexBatch, size: tuple[int, int] | None = None) -> Probe:
         """The attention layers and token plan for images of this size (or ``size``), built once per size.
 
-        The first call checks the read-out against the gradient (docs/method.md) on ``images[:1]``, when the
-        classifier puts its own head on the ViT's tokens and no ``token_layout`` was given.
+        The first call checks the read-out against the gradient (docs/method.md) on ``images[:1]`` (a NaFlex batch:
+        its first image with one padding slot), when the classifier puts its own head on the ViT's tokens and no
+        ``token_layout`` was given.
         """
         if size is None:
             size = (int(images.shape[-2]), int(images.shape[-1]))
@@ -104,7 +111,7 @@ class ResolvedModel:
                 self._cache.probes[size] = probe
         return probe
 
-    def readout(self, images: Tensor) -> TokenLayout | None:
+    def readout(self, images: Tensor | NaFlexBatch) -> TokenLayout | None:
         """The token layout to explain with: the user's, else the one the gradient shows when the family's disagrees
         (``None``: the family's own, which the gradient confirms or which has no linear read-out to check)."""
         if self.token_layout is not None:
@@ -114,7 +121,8 @@ class ResolvedModel:
         verdict = None
         family, vit = self.family, self.vit
         if self.classifier is not vit and (family.linear_readout(vit) or family.attention_pool(vit) is not None):
-            verdict = checked_readout(self, images[:1])
+            sample = images.alone_with_padding() if isinstance(images, NaFlexBatch) else images[:1]
+            verdict = checked_readout(self, sample)
             if verdict is UNDECIDED:  # NaN logits, the ViT not run...: the engine's own checks report why
                 return None
         self._cache.readout_checked, self._cache.readout = True, verdict
@@ -133,8 +141,8 @@ class ResolvedModel:
             if self.vit is not self.classifier and self.features_only:
                 handle = self.vit.register_forward_hook(lambda _m, _i, output: features.extend(_output_tensors(output)))
                 stack.callback(handle.remove)
-            output = self.classifier(inputs)
-        batch = inputs["patches"].shape[0] if isinstance(inputs, dict) else inputs.shape[0]
+            output = call_model(self.classifier, inputs) if isinstance(inputs, dict) else self.classifier(inputs)
+        batch = next(iter(inputs.values())).shape[0] if isinstance(inputs, dict) else inputs.shape[0]
         logits = check_logits(self.classifier, output, batch)
         if any(logits is feature for feature in features):
             raise ValueError(

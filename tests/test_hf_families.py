@@ -324,12 +324,6 @@ def test_uniform_attention_gives_a_flat_map(case: str, method: str) -> None:
     ("make", "pattern"),
     [
         (
-            lambda: transformers.Siglip2ForImageClassification(
-                transformers.Siglip2Config(vision_config=VISION, text_config=TEXT, num_labels=5)
-            ),
-            r"cannot be explained: it takes NaFlex patch sequences",
-        ),
-        (
             lambda: transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(**VISION)),
             r"cannot be explained: it drops a random share of the patches",
         ),

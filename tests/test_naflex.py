@@ -212,6 +212,17 @@ def test_padding_takes_no_part_whatever_it_holds(method: str) -> None:
     torch.testing.assert_close(result.token_maps, tight.token_maps, rtol=0, atol=ATOL, equal_nan=True)
 
 
+def test_a_naflexvit_inside_a_module_is_explained_as_it_classifies() -> None:
+    # The read-out check runs on the first image with one padding slot: a wrapper that passes the batch on reads
+    # what the NaFlexViT reads.
+    model = make("map")
+    batch = naflex_batch(images_of())
+    wrapped = explain(nn.Sequential(model), batch, method="gmar_l1")
+    alone = explain(model, batch, method="gmar_l1")
+    torch.testing.assert_close(wrapped.token_maps, alone.token_maps, rtol=0, atol=0, equal_nan=True)
+    assert wrapped.layer_names == alone.layer_names
+
+
 def test_explain_many_on_a_padded_batch_equals_explain_per_method() -> None:
     model = make("map")
     batch = naflex_batch(images_of())
@@ -236,11 +247,11 @@ def test_masked_inputs_take_the_materialised_path_when_attention_is_recomputed()
 def test_naflex_batch_refusals_name_the_argument_and_the_fix() -> None:
     model = make("gap")
     batch = naflex_batch(images_of())
-    with pytest.raises(TypeError, match=r"only timm's NaFlexViT takes, not VisionTransformer; pass the images as"):
+    with pytest.raises(TypeError, match=r"only timm's NaFlexViT and transformers' SigLIP 2 take, not VisionTransf"):
         explain(VisionTransformer(**TINY).eval(), batch)
-    wrapped = nn.Sequential(model)
-    with pytest.raises(ValueError, match=r"NaFlexViT classifier itself, not inside Sequential; pass the NaFlexVit"):
-        explain(wrapped, batch)
+    hf_keys = {"pixel_values": batch["patches"], "pixel_attention_mask": batch["patch_valid"]}
+    with pytest.raises(TypeError, match=r"keys \['pixel_values', .*\]; NaFlexVit takes a dict of 'patches' \[B, N"):
+        explain(model, hf_keys)
     with pytest.raises(ValueError, match=r"`discard_ratio` must be 0 for a NaFlex batch"):
         explain(model, batch, method="rollout", discard_ratio=0.5)
     with pytest.raises(TypeError, match=r"without tensor\(s\) 'patch_coord'"):

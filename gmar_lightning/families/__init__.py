@@ -2,13 +2,13 @@
 
 One registry serves timm, transformers and open_clip alike. A family is a small module of plain functions,
 ``matches(model)`` and ``probe(model, image_size, token_layout)`` (and, where the timm defaults do not fit, ``check``,
-``headless``, ``num_channels``, ``linear_readout``, ``attention_pool``, ``attention_layers``), registered as one
-`Family` entry in `FAMILIES`. Its
-probe returns a `Probe`: the attention modules to capture, grouped into rollout layers, and the `TokenPlan` that maps
-each layer onto its token space. Models that cannot be explained are refused in one line by the functions in
-`REFUSALS` (each library's own: `gmar_lightning.families.refused` for timm, `gmar_lightning.families.hf` for
-transformers). ``docs/method.md`` defines every mapping; ``docs/supported_models.md`` lists what works;
-``docs/architecture.md`` says how to add a family.
+``headless``, ``num_channels``, ``linear_readout``, ``attention_pool``, ``attention_layers``, ``naflex``),
+registered as one `Family` entry in `FAMILIES`. Its probe returns a `Probe`: the attention modules to capture,
+grouped into rollout layers, and the `TokenPlan` that maps each layer onto its token space. Models that cannot be
+explained are refused in one line by the functions in `REFUSALS` (each library's own:
+`gmar_lightning.families.refused` for timm, `gmar_lightning.families.hf` for transformers). ``docs/method.md``
+defines every mapping; ``docs/supported_models.md`` lists what works; ``docs/architecture.md`` says how to add a
+family.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from torch import nn
 
 from gmar_lightning.capture import AttentionLayer, find_attention_layers, unwrap_model
 from gmar_lightning.mixing import TokenPlan
+from gmar_lightning.naflex import NaFlexFormat
 from gmar_lightning.tokens import TokenLayout, patch_embedding
 
 __all__ = [
@@ -116,6 +117,8 @@ class Family:
     themselves) gets the linear read-out check all the same."""
     attention_layers: Callable[[nn.Module], list[AttentionLayer]] = find_attention_layers
     """Every attention module in forward order, for the head tools (masking, importance, pruning)."""
+    naflex: Callable[[nn.Module], NaFlexFormat | None] = lambda _model: None
+    """How the model takes NaFlex batches (timm's NaFlexViT, transformers' SigLIP 2), or ``None`` when it does not."""
 
 
 def _registry() -> tuple[list[Family], list[Callable[[nn.Module], str | None]]]:
@@ -135,6 +138,7 @@ def _registry() -> tuple[list[Family], list[Callable[[nn.Module], str | None]]]:
             takes_token_layout=True,
             linear_readout=vit.linear_readout,
             attention_pool=vit.attention_pool,
+            naflex=vit.naflex,
         ),
         Family(
             "open_clip",
@@ -165,6 +169,7 @@ def _registry() -> tuple[list[Family], list[Callable[[nn.Module], str | None]]]:
             linear_readout=hf.linear_readout,
             attention_layers=hf.attention_layers,
             attention_pool=hf.attention_pool,
+            naflex=hf.naflex,
         ),
     ]
     return families, [refused.refusal, hf.unsupported_reason]

@@ -11,7 +11,9 @@ Supported: ``ViTForImageClassification``, ``DeiTForImageClassification``, ``DeiT
 (and their bare ``*Model`` backbones inside a module that adds its own head), on transformers 4.x and 5.x; on
 transformers 5.x also ``CLIPForImageClassification``, ``SiglipForImageClassification`` and the backbones
 ``CLIPVisionModel``, ``CLIPVisionModelWithProjection``, ``SiglipVisionModel`` and ``DINOv3ViTModel`` (RoPE and
-register tokens; RoPE changes the attention scores, not which tokens are mixed). Swin and Swin v2 are the family
+register tokens; RoPE changes the attention scores, not which tokens are mixed), and SigLIP 2's
+``Siglip2ForImageClassification`` and ``Siglip2VisionModel`` on their NaFlex batches (see
+[`naflex`][gmar_lightning.naflex]). Swin and Swin v2 are the family
 [`families.hf_swin`][gmar_lightning.families.hf_swin]. ``TimmWrapperForImageClassification`` holds a timm model, which
 the timm families explain.
 
@@ -38,6 +40,7 @@ from gmar_lightning.families import Probe
 from gmar_lightning.families.grids import global_mixing
 from gmar_lightning.families.mha import mha_layer, per_head_weights
 from gmar_lightning.mixing import AttentionReadout, AttentionStep, TokenPlan
+from gmar_lightning.naflex import TRANSFORMERS, NaFlexFormat
 from gmar_lightning.tokens import TokenLayout
 
 __all__ = [
@@ -50,6 +53,7 @@ __all__ = [
     "is_transformers_model",
     "is_transformers_vit",
     "matches",
+    "naflex",
     "num_channels_of",
     "patch_grid_of",
     "probe",
@@ -67,6 +71,7 @@ SUPPORTED_CLASSES = (
     "CLIPForImageClassification",
     "MetaClip2ForImageClassification",
     "SiglipForImageClassification",
+    "Siglip2ForImageClassification",
     "ViTMSNForImageClassification",
     "IJepaForImageClassification",
     "SwinForImageClassification",
@@ -85,6 +90,7 @@ SUPPORTED_BACKBONES = (
     "CLIPVisionModelWithProjection",
     "MetaClip2VisionModel",
     "SiglipVisionModel",
+    "Siglip2VisionModel",
     "DINOv3ViTModel",
     "SwinModel",
     "Swinv2Model",
@@ -102,6 +108,7 @@ _MODEL_TYPES = frozenset(
         "clip_vision_model",
         "metaclip_2_vision_model",
         "siglip_vision_model",
+        "siglip2_vision_model",
         "dinov3_vit",
         "vit_msn",
         "ijepa",
@@ -111,7 +118,7 @@ _MODEL_TYPES = frozenset(
 )
 # Image-text models whose config holds a ``vision_config``: only their image classifiers are vision models (CLIPModel
 # needs text too, and its CLIPVisionModel inside is found on its own).
-_COMPOSITE_TYPES = frozenset({"clip", "metaclip_2", "siglip"})
+_COMPOSITE_TYPES = frozenset({"clip", "metaclip_2", "siglip", "siglip2"})
 # The single-sequence ViTs of this family; Swin and Swin v2 (windows, merging) are `families.hf_swin`.
 _SWIN_TYPES = frozenset({"swin", "swinv2"})
 
@@ -249,10 +256,16 @@ def _restore(saved: list) -> None:
         config._attn_implementation = implementation
 
 
+# ViTs without a class token: their classifiers average the tokens (SigLIP 2's over the valid ones only).
+_NO_CLASS_TOKEN = ("siglip_vision_model", "siglip2_vision_model", "ijepa")
+# The SigLIP vision towers, whose pooler is an attention-pooling head (one learned probe over the tokens).
+_SIGLIP_TYPES = ("siglip_vision_model", "siglip2_vision_model")
+
+
 def _num_prefix_tokens(config: object) -> int:
     if config.model_type == "deit":
         return 2  # class and distillation token
-    if config.model_type in ("siglip_vision_model", "ijepa"):
+    if config.model_type in _NO_CLASS_TOKEN:
         return 0  # no class token: every token is a patch
     return 1 + int(getattr(config, "num_register_tokens", 0) or 0)
 
@@ -267,10 +280,12 @@ def token_layout_of(model: nn.Module) -> TokenLayout:
       averages the class token's row and the mean patch row, each half of the classifier input weighing the same.
     - ``CLIPForImageClassification`` and ``MetaClip2ForImageClassification``: the mean of the patch tokens (the class
       token is left out); ``SiglipForImageClassification`` and ``IJepaForImageClassification``: the mean of all
-      tokens (neither has a class token); ``ViTMSNForImageClassification``: the class token.
+      tokens (neither has a class token); ``Siglip2ForImageClassification``: the mean of its valid tokens (its
+      ``pixel_attention_mask``); ``ViTMSNForImageClassification``: the class token.
     - A bare backbone nested under a custom head is assumed to be read out as its ``pooler_output``: the class token
       (ViT, DeiT, Dinov2, DINOv3, ``CLIPVisionModel``; ``CLIPVisionModelWithProjection`` projects it linearly), the
-      patch mean (BEiT with ``use_mean_pooling``, ``SiglipVisionModel`` built without its pooling head); the read-out
+      patch mean (BEiT with ``use_mean_pooling``, ``SiglipVisionModel`` and ``Siglip2VisionModel`` built without their
+      pooling head); the read-out
       check ([`gmar_lightning.readout`][gmar_lightning.readout]) replaces that with the pooling the head really
       applies.
     """
@@ -285,7 +300,7 @@ def token_layout_of(model: nn.Module) -> TokenLayout:
     if config.model_type.startswith("dinov2") and classifier:
         return TokenLayout(num_prefix_tokens=prefix, readout_tokens=(0,), with_patch_mean=True)
     clip = config.model_type in ("clip_vision_model", "metaclip_2_vision_model")
-    if (clip and classifier) or config.model_type in ("siglip_vision_model", "ijepa"):
+    if (clip and classifier) or config.model_type in _NO_CLASS_TOKEN:
         return TokenLayout(num_prefix_tokens=prefix, readout_tokens=None)
     return TokenLayout(num_prefix_tokens=prefix, readout_tokens=(0,))
 
@@ -310,15 +325,9 @@ def image_size_of(model: nn.Module) -> tuple[int, int]:
 
 # Why a transformers vision model outside the supported ones cannot be explained, by model type: each reason names
 # what is missing, not a workaround that does not exist.
-_NAFLEX = (
-    "it takes NaFlex patch sequences with spatial_shapes and a padding mask, not images [B, C, H, W]; gmar-lightning "
-    "does not map them yet"
-)
 _NO_TOKEN_ATTENTION = "it has no attention over tokens ({}), so there is nothing to roll out"
 _NOT_MAPPED = "gmar-lightning does not map it yet"
 _TYPE_REASONS = {
-    "siglip2_vision_model": _NAFLEX,
-    "siglip2": _NAFLEX,
     "vit_mae": (
         "it drops a random share of the patches (mask_ratio) on every call, so its attention covers a different token "
         "subset each time; explain a classifier fine-tuned from it (ViTForImageClassification) instead"
@@ -417,13 +426,23 @@ def attention_layers(model: nn.Module) -> list[AttentionLayer]:
 
 
 def attention_pool(model: nn.Module) -> nn.Module | None:
-    """The ``nn.MultiheadAttention`` of a ``SiglipVisionModel``'s pooling head, when its ``pooler_output`` is what the
-    model hands on (the bare vision model built with ``vision_use_head``, the default; a SigLIP classifier runs the head
-    but pools the tokens itself), or ``None``."""
+    """The ``nn.MultiheadAttention`` of a ``SiglipVisionModel``'s or ``Siglip2VisionModel``'s pooling head, when its
+    ``pooler_output`` is what the model hands on (the bare vision model built with ``vision_use_head``, the default; a
+    SigLIP classifier runs the head but pools the tokens itself), or ``None``. SigLIP 2's head masks the padding out of
+    the probe's keys (``key_padding_mask``), as the engine does."""
     head = getattr(model, "head", None)
-    if vision_config(model).model_type != "siglip_vision_model" or type(model).__name__.endswith("Classification"):
+    if vision_config(model).model_type not in _SIGLIP_TYPES or type(model).__name__.endswith("Classification"):
         return None
     return head.attention if getattr(model, "use_head", False) and head is not None else None
+
+
+def naflex(model: nn.Module) -> NaFlexFormat | None:
+    """SigLIP 2 takes NaFlex batches in transformers' spelling (``Siglip2ImageProcessor``'s output), and no image
+    tensors."""
+    config = vision_config(model)
+    if config.model_type != "siglip2_vision_model":
+        return None
+    return NaFlexFormat(TRANSFORMERS, (config.patch_size, config.patch_size), config.num_channels, False)
 
 
 def linear_readout(model: nn.Module) -> bool:

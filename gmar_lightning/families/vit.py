@@ -16,6 +16,7 @@ from gmar_lightning.capture import TIMM_POOL_ADAPTER, AttentionLayer, attention_
 from gmar_lightning.families import Probe, UnsupportedModelError
 from gmar_lightning.families.grids import global_mixing
 from gmar_lightning.mixing import AttentionReadout, AttentionStep, TokenPlan
+from gmar_lightning.naflex import TIMM, NaFlexFormat, is_naflex_vit
 from gmar_lightning.tokens import TokenLayout, infer_token_layout, patch_embedding, patch_grid
 
 
@@ -28,6 +29,14 @@ def attention_pool(model: nn.Module) -> nn.Module | None:
     """The model's timm attention pool (``global_pool='map'``), or ``None``."""
     pool = getattr(model, "attn_pool", None)
     return pool if pool is not None and TIMM_POOL_ADAPTER.matches(pool) else None
+
+
+def naflex(model: nn.Module) -> NaFlexFormat | None:
+    """timm's NaFlexViT takes NaFlex batches in timm's spelling, and image tensors too."""
+    if not is_naflex_vit(model):
+        return None
+    patch_h, patch_w = model.embeds.patch_size
+    return NaFlexFormat(TIMM, (patch_h, patch_w), getattr(model.embeds, "in_chans", None), True)
 
 
 def check(model: nn.Module) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -11,8 +11,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from gmar_lightning._checks import check_logits, check_positive_int
+from gmar_lightning.naflex import call_model, is_naflex_batch
 
-__all__ = ["LossFn", "per_example_cross_entropy"]
+__all__ = ["Images", "LossFn", "per_example_cross_entropy"]
+
+Images = Tensor | dict[str, Tensor]
+"""A batch of images ``[B, C, H, W]``, or a NaFlex dict (timm's NaFlexViT, transformers' SigLIP 2)."""
 
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -42,8 +46,9 @@ def _model_device(model: nn.Module, device: torch.device | str | None) -> torch.
 
 def _batches(
     dataloader: Iterable[Any], max_batches: int | None, device: torch.device, progress: bool, description: str
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield ``(images, labels)`` on ``device`` from ``(images, labels[, masks, ...])`` batches."""
+) -> Iterator[tuple[Images, Tensor]]:
+    """Yield ``(images, labels)`` on ``device`` from ``(images, labels[, masks, ...])`` batches; ``images`` may be a
+    NaFlex dict, whose tensors are moved."""
     try:
         total: int | None = len(dataloader)  # type: ignore[arg-type]
     except TypeError:  # iterables and DataLoaders over an IterableDataset have no length
@@ -66,13 +71,27 @@ def _batches(
                     "`dataloader` labels must be an integer class-index tensor of shape [B], got "
                     f"{type(labels).__name__}{list(labels.shape) if isinstance(labels, Tensor) else ''}."
                 )
-            yield images.to(device), labels.to(device)
+            if is_naflex_batch(images):
+                yield {key: value.to(device) for key, value in images.items()}, labels.to(device)
+            else:
+                yield images.to(device), labels.to(device)
     finally:
         batches.close()
 
 
-def _logits(model: nn.Module, images: Tensor) -> Tensor:
-    return check_logits(model, model(images), images.shape[0])
+def _batch_size(images: Images) -> int:
+    return next(iter(images.values())).shape[0] if isinstance(images, Mapping) else images.shape[0]
+
+
+def _cloned(images: Images) -> Images:
+    """A copy of ``images`` (each tensor of a NaFlex dict): batches made under inference mode are inference tensors,
+    which autograd cannot save."""
+    return {key: value.clone() for key, value in images.items()} if isinstance(images, Mapping) else images.clone()
+
+
+def _logits(model: nn.Module, images: Images) -> Tensor:
+    output = call_model(model, images) if isinstance(images, Mapping) else model(images)
+    return check_logits(model, output, _batch_size(images))
 
 
 def _per_example_loss(loss_fn: LossFn, logits: Tensor, labels: Tensor) -> Tensor:

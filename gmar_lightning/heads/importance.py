@@ -14,8 +14,10 @@ from gmar_lightning.capture import unwrap_model
 from gmar_lightning.explanation import Explanation
 from gmar_lightning.heads._batches import (
     LossFn,
+    _batch_size,
     _batches,
     _check_max_batches,
+    _cloned,
     _logits,
     _model_device,
     _per_example_loss,
@@ -47,7 +49,8 @@ def michel_importance(
 
     Args:
         model: A timm Vision Transformer returning logits ``[B, C]``; it must already be on ``device``.
-        dataloader: Yields ``(images, labels)`` or ``(images, labels, masks)``; labels are class indices.
+        dataloader: Yields ``(images, labels)`` or ``(images, labels, masks)``; labels are class indices, images a
+            tensor or a NaFlex dict (SigLIP 2's processor output, timm's NaFlex collator's).
         loss_fn: ``loss_fn(logits, labels) -> [B]`` per-example losses.
         max_batches: Stop after this many batches (``None``: the whole dataloader).
         device: Where batches are moved; defaults to the device of the model's parameters.
@@ -85,10 +88,9 @@ def michel_importance(
         # Created here, not above, so it is a normal tensor even when the caller is in inference mode.
         totals = [torch.zeros(len(slots), dtype=torch.float64, device=device) for slots in layout.slots]
         for images, labels in _batches(dataloader, max_batches, device, progress, "head importance"):
-            # Batches made under inference mode are inference tensors, which autograd cannot save; clone them.
-            images = images.clone()
+            images = _cloned(images)
             # One gate per layer, [B, H_l]: layers may have different head counts; a layer without heads has none.
-            batch = images.shape[0]
+            batch = _batch_size(images)
             gates = [torch.ones(batch, len(slots), device=device, requires_grad=True) for slots in layout.slots]
             with _gated_heads(layout.layers, [gate if gate.shape[1] else None for gate in gates]):
                 losses = _per_example_loss(loss_fn, _logits(eager, images), labels.clone())
@@ -96,7 +98,7 @@ def michel_importance(
             grads = torch.autograd.grad(losses.sum(), [gates[index] for index in gated])
             for index, grad in zip(gated, grads, strict=True):
                 totals[index] += grad.detach().abs().sum(dim=0, dtype=torch.float64)
-            num_samples += images.shape[0]
+            num_samples += batch
     if num_samples == 0:
         raise ValueError("`dataloader` yielded no batches; head importance needs at least one sample.")
     importance = torch.full((len(layout.layers), layout.width), float("nan"))
