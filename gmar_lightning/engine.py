@@ -678,10 +678,13 @@ def explain(
             models are explained through their eager module. A ViT without a classifier (``num_classes=0``,
             ``num_labels=0``, a bare transformers backbone) is refused: its outputs are features, not classes.
             Or a [`ResolvedModel`][gmar_lightning.resolve.ResolvedModel] of one.
-        images: ``[B, C, H, W]`` float batch, normalised as the model expects; for a timm NaFlexViT also a NaFlex
-            batch, a dict of ``patches``, ``patch_coord`` and ``patch_valid`` (images of different sizes as patch
-            sequences padded to one length; see [`NaFlexBatch`][gmar_lightning.naflex.NaFlexBatch]), explained with
-            padding in no attention row or column and each image on its own grid (``Explanation.grid_sizes``).
+        images: ``[B, C, H, W]`` float batch, normalised as the model expects; or a NaFlex batch (images of
+            different sizes as patch sequences padded to one length; see
+            [`NaFlexBatch`][gmar_lightning.naflex.NaFlexBatch]): for a timm NaFlexViT (which takes image tensors too)
+            a dict of ``patches``, ``patch_coord`` and ``patch_valid``, for transformers' SigLIP 2 (which takes only
+            these) the ``pixel_values``, ``pixel_attention_mask`` and ``spatial_shapes`` of ``Siglip2ImageProcessor``;
+            explained with padding in no attention row or column and each image on its own grid
+            (``Explanation.grid_sizes``).
         method: One of ``"gmar_l1"``, ``"gmar_l2"``, ``"rollout"``, ``"grad_rollout"``, ``"attention"``.
         target: Class to explain: ``None`` for the predicted class, an ``int`` for all images, or a ``[B]`` tensor.
         residual: Weight of the identity added to each layer's fused attention before renormalising rows
