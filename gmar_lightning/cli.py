@@ -523,6 +523,12 @@ def _build_hf_model(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
     source = args.model.removeprefix(HF_PREFIX)
     load_saved_weights = args.checkpoint is None and not args.random_weights
     loaded = load_hf_model(source, overrides, load_saved_weights)
+    if hf.naflex(loaded) is not None:
+        raise CommandError(
+            f"--model {args.model} is SigLIP 2 ({type(loaded).__name__}), which takes NaFlex patch sequences rather "
+            "than resized images, and the command line does not build them; explain it from Python with "
+            "explain(model, dict(processor(images=..., return_tensors='pt'))) (docs/guide/huggingface.md)."
+        )
     vision = hf.vision_config(loaded)
     _check_patches_fit(_pair(vision.image_size), _pair(vision.patch_size))
     if args.checkpoint is not None:
