@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import matplotlib
 import numpy as np
 import torch
+from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
@@ -39,6 +40,7 @@ __all__ = [
     "denormalize",
     "evenly_spaced",
     "evolution_figure",
+    "evolution_page_images",
     "evolution_pages",
     "explanation_figure",
     "figure_to_array",
@@ -47,12 +49,14 @@ __all__ = [
     "image_to_array",
     "image_to_png_bytes",
     "layer_trajectory_figure",
+    "layer_trajectory_images",
     "line_colours",
     "literal",
     "methods_figure",
     "overlay",
     "overlay_grid_figure",
     "overlay_grid_image",
+    "overlay_page_images",
     "overlay_pages",
     "specialisation_figure",
     "trajectory_figure",
@@ -361,24 +365,55 @@ def _draw_tiles(
     One image in one axes is much faster than one axes per tile. ``header`` are column titles above the first row,
     ``row_labels`` text left of each row; ``left``/``right``/``top`` reserve that many inches at the figure's edges.
     """
+    axes = _tile_axes(figure, left, right, top)
+    _fill_tiles(axes, tiles, columns, captions, colours, figure.get_size_inches()[0] - left - right, header, row_labels)
+
+
+def _tile_axes(figure: Figure, left: float, right: float, top: float) -> Axes:
+    """The axes `_fill_tiles` draws into, leaving ``left``/``right``/``top`` inches free at the figure's edges."""
+    figure_width, figure_height = figure.get_size_inches()
+    axes = figure.add_axes((left / figure_width, 0.0, 1 - (left + right) / figure_width, 1 - top / figure_height))
+    axes.set_axis_off()
+    return axes
+
+
+def _caption_lines(captions: Sequence[Sequence[str]] | None) -> int:
+    return max((len(caption) for caption in captions), default=0) if captions else 0
+
+
+def _fill_tiles(
+    axes: Axes,
+    tiles: Tensor,
+    columns: int,
+    captions: Sequence[Sequence[str]] | None,
+    colours: Sequence[str] | None,
+    inches_wide: float,
+    header: Sequence[str] = (),
+    row_labels: Sequence[str] = (),
+) -> list[Artist]:
+    """The tiles as one image in ``axes`` (``inches_wide`` wide) with their captions, header and row labels.
+
+    Returns:
+        The artists added, the image first and then the texts: the order a draw of the axes paints them in.
+    """
     count, (height, width) = tiles.shape[0], tiles.shape[2:]
     rows = math.ceil(count / columns)
-    figure_width, figure_height = figure.get_size_inches()
-    inches_per_pixel = (figure_width - left - right) / (columns * width + (columns + 1) * _tile_padding(width))
     padding = _tile_padding(width)
-    lines = max((len(caption) for caption in captions), default=0) if captions else 0
+    inches_per_pixel = inches_wide / (columns * width + (columns + 1) * padding)
+    lines = _caption_lines(captions)
     caption_band = math.ceil(lines * 1.35 * _FONT_SIZE / 72 / inches_per_pixel) if lines else 0
     header_band = math.ceil(1.6 * _TITLE_FONT_SIZE / 72 / inches_per_pixel) if header else 0
     cell_height, cell_width = height + caption_band + padding, width + padding
-    canvas = torch.ones(3, header_band + rows * cell_height + padding, columns * cell_width + padding)
-    axes = figure.add_axes((left / figure_width, 0.0, 1 - (left + right) / figure_width, 1 - top / figure_height))
-    axes.set_axis_off()
+    # NumPy, not torch: small tensor ops cost milliseconds each on a busy machine (thread start-up).
+    pixels = tiles.permute(0, 2, 3, 1).numpy()
+    canvas = np.ones((header_band + rows * cell_height + padding, columns * cell_width + padding, 3), np.float32)
+    texts = []
     for index in range(count):
         top = header_band + (index // columns) * cell_height + padding + caption_band
         left_pixel = (index % columns) * cell_width + padding
-        canvas[:, top : top + height, left_pixel : left_pixel + width] = tiles[index]
+        canvas[top : top + height, left_pixel : left_pixel + width] = pixels[index]
         for line, text in enumerate(captions[index] if captions else ()):
-            axes.text(
+            texts.append(axes.text(
                 left_pixel + width / 2,
                 top - caption_band + (line + 0.5) * caption_band / lines,
                 literal(text),
@@ -386,14 +421,15 @@ def _draw_tiles(
                 va="center",
                 fontsize=_FONT_SIZE,
                 color=colours[index] if colours else "black",
-            )
+            ))  # fmt: skip
     for column, text in enumerate(header):
-        axes.text(column * cell_width + padding + width / 2, header_band / 2, literal(text), ha="center", va="center",
-                  fontsize=_FONT_SIZE, fontweight="bold")  # fmt: skip
+        texts.append(axes.text(column * cell_width + padding + width / 2, header_band / 2, literal(text), ha="center",
+                               va="center", fontsize=_FONT_SIZE, fontweight="bold"))  # fmt: skip
     for row, text in enumerate(row_labels):
-        axes.text(-padding, header_band + row * cell_height + padding + caption_band + height / 2, literal(text),
-                  ha="right", va="center", fontsize=_FONT_SIZE)  # fmt: skip
-    axes.imshow(canvas.permute(1, 2, 0).numpy(), interpolation="nearest", aspect="auto")
+        texts.append(axes.text(-padding, header_band + row * cell_height + padding + caption_band + height / 2,
+                               literal(text), ha="right", va="center", fontsize=_FONT_SIZE))  # fmt: skip
+    image = axes.imshow(canvas, interpolation="nearest", aspect="auto")
+    return [image, *texts]
 
 
 def _tile_padding(width: int) -> int:
@@ -508,6 +544,37 @@ def _colorbar_label(mode: str) -> str:
     return "saliency (brightness)" if mode == "masked" else "saliency"
 
 
+# One page of `_tile_page`: its tiles, their captions and caption colours, and its row labels.
+_Page = tuple[Tensor, Sequence[Sequence[str]] | None, Sequence[str] | None, Sequence[str]]
+
+
+def _tile_page_frame(
+    tiles: Tensor,
+    columns: int,
+    captions: Sequence[Sequence[str]] | None,
+    title: str | None,
+    cmap: str,
+    mode: str,
+    header: bool,
+    row_labels: bool,
+) -> tuple[Figure, Axes, float]:
+    """A `_tile_page` figure without its tiles and texts: the title, the colour bar and the empty tile axes, with the
+    width in inches of that axes."""
+    width, height = _canvas_inches(
+        tiles.shape[0], columns, tiles[0], _caption_lines(captions), header=header, tile_inches=tiles.shape[-1] / _DPI
+    )
+    row_label_width = 0.6 if row_labels else 0.0
+    colorbar_width = sum(_COLORBAR_INCHES) + 0.1
+    title_height = 0.3 if title else 0.0
+    figure = Figure(figsize=(row_label_width + width + colorbar_width, height + title_height), dpi=_DPI)
+    if title:
+        figure.suptitle(literal(title), fontsize=_TITLE_FONT_SIZE, y=1 - 0.04 / (height + title_height), va="top")
+    axes = _tile_axes(figure, row_label_width, colorbar_width, title_height)
+    _add_colorbar(figure, "gray" if mode == "masked" else cmap, bottom=0.1 * height, height=0.8 * height,
+                  label=_colorbar_label(mode))  # fmt: skip
+    return figure, axes, figure.get_size_inches()[0] - row_label_width - colorbar_width
+
+
 def _tile_page(
     tiles: Tensor,
     columns: int,
@@ -520,21 +587,42 @@ def _tile_page(
     row_labels: Sequence[str] = (),
 ) -> Figure:
     """Tiles drawn 1:1 at ``_DPI`` with their captions, an optional title and a labelled colour bar."""
-    lines = max((len(caption) for caption in captions), default=0) if captions else 0
-    width, height = _canvas_inches(
-        tiles.shape[0], columns, tiles[0], lines, header=bool(header), tile_inches=tiles.shape[-1] / _DPI
-    )
-    row_label_width = 0.6 if row_labels else 0.0
-    colorbar_width = sum(_COLORBAR_INCHES) + 0.1
-    title_height = 0.3 if title else 0.0
-    figure = Figure(figsize=(row_label_width + width + colorbar_width, height + title_height), dpi=_DPI)
-    if title:
-        figure.suptitle(literal(title), fontsize=_TITLE_FONT_SIZE, y=1 - 0.04 / (height + title_height), va="top")
-    _draw_tiles(figure, tiles, columns, captions, colours, right=colorbar_width, header=header,
-                row_labels=row_labels, left=row_label_width, top=title_height)  # fmt: skip
-    _add_colorbar(figure, "gray" if mode == "masked" else cmap, bottom=0.1 * height, height=0.8 * height,
-                  label=_colorbar_label(mode))  # fmt: skip
+    figure, axes, inches_wide = _tile_page_frame(tiles, columns, captions, title, cmap, mode, bool(header),
+                                                 bool(row_labels))  # fmt: skip
+    _fill_tiles(axes, tiles, columns, captions, colours, inches_wide, header, row_labels)
     return figure
+
+
+def _tile_page_images(
+    pages: Sequence[_Page], columns: int, title: str | None, cmap: str, mode: str, header: Sequence[str] = ()
+) -> list[np.ndarray]:
+    """``figure_to_array(_tile_page(...))`` of each page, pixel for pixel, for a fraction of the cost.
+
+    Creating and drawing a whole figure per page (title, colour bar, their text) cost most of an evaluation's
+    rendering. Pages of one layout share all of that: it is drawn once, its pixels are kept (Agg's
+    ``copy_from_bbox``), and each page puts them back and draws only its own image and texts over them, in the order
+    a full draw paints them; they cover nothing of the shared part, so the pixels are those of a full draw.
+    """
+    images: list[np.ndarray] = []
+    layout, artists = None, []
+    for tiles, captions, colours, row_labels in pages:
+        page_layout = (math.ceil(tiles.shape[0] / columns), _caption_lines(captions), bool(row_labels))
+        if page_layout != layout:
+            layout = page_layout
+            figure, axes, inches_wide = _tile_page_frame(tiles, columns, captions, title, cmap, mode, bool(header),
+                                                         bool(row_labels))  # fmt: skip
+            canvas = FigureCanvasAgg(figure)
+            canvas.draw()
+            frame = canvas.copy_from_bbox(figure.bbox)
+        else:
+            canvas.restore_region(frame)
+            for artist in artists:
+                artist.remove()
+        artists = _fill_tiles(axes, tiles, columns, captions, colours, inches_wide, header, row_labels)
+        for artist in artists:
+            figure.draw_artist(artist)
+        images.append(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+    return images
 
 
 def overlay_pages(
@@ -580,6 +668,54 @@ def overlay_pages(
         >>> len(pages), [text.get_text() for text in pages[0].axes[0].texts]
         (2, ['true: cat', 'pred: cat', 'true: cat', 'pred: dog'])
     """
+    pages = _overlay_page_list(images, maps, labels, predictions, probabilities, max_images, per_page, cmap, alpha,
+                               mode, outlier_percentile)  # fmt: skip
+    return [_tile_page(tiles, per_page, captions, colours, title, cmap, mode) for tiles, captions, colours, _ in pages]
+
+
+def overlay_page_images(
+    images: Tensor,
+    maps: Tensor,
+    labels: Sequence[str] | None = None,
+    predictions: Sequence[str] | None = None,
+    probabilities: Sequence[float] | None = None,
+    max_images: int = 16,
+    per_page: int = 2,
+    title: str | None = None,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = DEFAULT_ALPHA,
+    mode: str = "blended",
+    outlier_percentile: float = 0.0,
+) -> list[np.ndarray]:
+    """The pages of [`overlay_pages`][gmar_lightning.render.overlay_pages] as ``[H, W, 3]`` uint8 arrays, the pixels
+    [`figure_to_array`][gmar_lightning.render.figure_to_array] gives of each of its figures, drawn several times
+    faster: the title and the colour bar, the same on every page, are drawn once.
+
+    Arguments as for [`overlay_pages`][gmar_lightning.render.overlay_pages].
+
+    Examples:
+        >>> pages = overlay_page_images(torch.rand(3, 3, 8, 8), torch.rand(3, 8, 8), ["cat"] * 3, ["cat", "dog", "cat"])
+        >>> len(pages), pages[0].dtype
+        (2, dtype('uint8'))
+    """
+    pages = _overlay_page_list(images, maps, labels, predictions, probabilities, max_images, per_page, cmap, alpha,
+                               mode, outlier_percentile)  # fmt: skip
+    return _tile_page_images(pages, per_page, title, cmap, mode)
+
+
+def _overlay_page_list(
+    images: Tensor,
+    maps: Tensor,
+    labels: Sequence[str] | None,
+    predictions: Sequence[str] | None,
+    probabilities: Sequence[float] | None,
+    max_images: int,
+    per_page: int,
+    cmap: str,
+    alpha: float,
+    mode: str,
+    outlier_percentile: float,
+) -> list[_Page]:
     _check_images(images)
     check_positive_int("per_page", per_page)
     images, maps = _select(images, maps, max_images)
@@ -589,14 +725,11 @@ def overlay_pages(
     )
     tiles = _resized(overlay(images, maps, cmap, alpha, mode, outlier_percentile).cpu(), _CARD_TILE_PIXELS)
     return [
-        _tile_page(
+        (
             tiles[start : start + per_page],
-            per_page,
             captions[start : start + per_page] if captions else None,
             colours[start : start + per_page] if colours else None,
-            title,
-            cmap,
-            mode,
+            (),
         )
         for start in range(0, count, per_page)
     ]
@@ -697,24 +830,65 @@ def evolution_pages(
         >>> len(pages), [text.get_text() for text in pages[1].axes[0].texts]
         (2, ['epoch 0', 'epoch 2', 'epoch 3', 'epoch 5', 'image 3'])
     """
+    header, pages = _evolution_page_list(images, maps, epochs, rows_per_page, max_columns, cmap, alpha, mode,
+                                         outlier_percentile)  # fmt: skip
+    columns = len(header)
+    return [_tile_page(tiles, columns, None, None, None, cmap, mode, header, labels) for tiles, _, _, labels in pages]
+
+
+def evolution_page_images(
+    images: Tensor,
+    maps: Tensor,
+    epochs: Sequence[int],
+    rows_per_page: int = 2,
+    max_columns: int = 4,
+    cmap: str = DEFAULT_CMAP,
+    alpha: float = DEFAULT_ALPHA,
+    mode: str = "blended",
+    outlier_percentile: float = 0.0,
+) -> list[np.ndarray]:
+    """The pages of [`evolution_pages`][gmar_lightning.render.evolution_pages] as ``[H, W, 3]`` uint8 arrays, the
+    pixels [`figure_to_array`][gmar_lightning.render.figure_to_array] gives of each of its figures, drawn faster: the
+    colour bar, the same on every page, is drawn once.
+
+    Arguments as for [`evolution_pages`][gmar_lightning.render.evolution_pages].
+
+    Examples:
+        >>> pages = evolution_page_images(torch.rand(3, 3, 8, 8), torch.rand(6, 3, 4, 4), list(range(6)))
+        >>> len(pages), pages[0].dtype
+        (2, dtype('uint8'))
+    """
+    header, pages = _evolution_page_list(images, maps, epochs, rows_per_page, max_columns, cmap, alpha, mode,
+                                         outlier_percentile)  # fmt: skip
+    return _tile_page_images(pages, len(header), None, cmap, mode, header)
+
+
+def _evolution_page_list(
+    images: Tensor,
+    maps: Tensor,
+    epochs: Sequence[int],
+    rows_per_page: int,
+    max_columns: int,
+    cmap: str,
+    alpha: float,
+    mode: str,
+    outlier_percentile: float,
+) -> tuple[list[str], list[_Page]]:
+    """The column headings (the shown evaluations) and the pages of `evolution_pages`."""
     check_positive_int("rows_per_page", rows_per_page)
     shown, tiles = _evolution_tiles(images, maps, epochs, max_columns, cmap, alpha, mode, outlier_percentile)
     rows, columns = images.shape[0], len(shown)
     tiles = _resized(tiles, _CARD_EVOLUTION_TILE_PIXELS)
-    return [
-        _tile_page(
+    pages: list[_Page] = [
+        (
             tiles[first * columns : (first + rows_per_page) * columns],
-            columns,
             None,
             None,
-            None,
-            cmap,
-            mode,
-            header=[f"epoch {epochs[index]}" for index in shown],
-            row_labels=[f"image {row + 1}" for row in range(first, min(first + rows_per_page, rows))],
+            [f"image {row + 1}" for row in range(first, min(first + rows_per_page, rows))],
         )
         for first in range(0, rows, rows_per_page)
     ]
+    return [f"epoch {epochs[index]}" for index in shown], pages
 
 
 def _evolution_tiles(
@@ -1126,6 +1300,48 @@ def layer_trajectory_figure(
     axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=_FONT_SIZE, frameon=False,
                 ncols=legend_columns, handlelength=1.2, columnspacing=0.8, borderaxespad=0.0)  # fmt: skip
     return figure
+
+
+def layer_trajectory_images(trajectory: HeadTrajectory, pruned_at: Sequence[int] = ()) -> list[np.ndarray]:
+    """Every layer's [`layer_trajectory_figure`][gmar_lightning.render.layer_trajectory_figure] as an ``[H, W, 3]``
+    uint8 array, the pixels [`figure_to_array`][gmar_lightning.render.figure_to_array] gives of it, drawn faster.
+
+    The layers' figures differ only in their lines and title: one figure is built and drawn again for each layer with
+    those changed (and the y-axis rescaled to them), which spares building a figure and its ticks per layer.
+
+    Args:
+        trajectory: The recorded trajectory.
+        pruned_at: Global steps at which heads were removed, each marked by a dashed line.
+
+    Returns:
+        One array per layer, layer 0 first.
+
+    Examples:
+        >>> trajectory = HeadTrajectory(layer_names=["blocks.0.attn", "blocks.1.attn"])
+        >>> trajectory.append(0, 5, torch.tensor([[0.5, 0.5], [0.9, 0.1]]), torch.ones(2, 2))
+        >>> [pixels.shape for pixels in layer_trajectory_images(trajectory)]
+        [(230, 429, 3), (230, 429, 3)]
+    """
+    if not isinstance(trajectory, HeadTrajectory):
+        raise TypeError(f"`trajectory` must be a HeadTrajectory, got {type(trajectory).__name__}.")
+    if not len(trajectory):  # no lines to rescale to: a new figure keeps the axes' default limits, relim drops them
+        return [figure_to_array(layer_trajectory_figure(trajectory, layer, pruned_at=pruned_at))
+                for layer in range(trajectory.num_layers)]  # fmt: skip
+    figure = layer_trajectory_figure(trajectory, 0, pruned_at=pruned_at)
+    axes, canvas = figure.axes[0], FigureCanvasAgg(figure)
+    weights, titles = trajectory.weights.numpy(), _layer_labels(trajectory.layer_names, trajectory.num_layers)
+    images = []
+    for layer in range(trajectory.num_layers):
+        if layer:
+            for head, line in enumerate(axes.get_lines()[: trajectory.num_heads]):
+                line.set_ydata(weights[:, layer, head])
+            axes.set_title(titles[layer], fontsize=_TITLE_FONT_SIZE)
+            # What the y-axis of a new figure of these lines autoscales to.
+            axes.relim()
+            axes.autoscale_view()
+        canvas.draw()
+        images.append(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+    return images
 
 
 def trajectory_figure(

@@ -8,6 +8,7 @@ from torch import nn
 
 from gmar_lightning.callback.records import METRICS, EvaluationRecord, Probe, probe_metric_scores
 from gmar_lightning.explanation import Explanation
+from gmar_lightning.render import figure_to_array, layer_trajectory_figure
 
 
 def test_evaluation_record_rejects_malformed_data() -> None:
@@ -63,8 +64,12 @@ def test_evaluation_record_pages_maps_and_marks_prunings_on_each_layers_trajecto
         "gmar/overlay/gmar_l1", "gmar/overlay/gmar_l1/images_3-4", "gmar/overlay/gmar_l1/images_5",
     }  # fmt: skip
     assert "where attention carries information" in record.captions["gmar/overlay/gmar_l1"]
-    for layer in ("00", "01"):
-        axes = record.figures[f"gmar/trajectory/layer_{layer}"].axes[0]
+    for layer in (0, 1):
+        figure = layer_trajectory_figure(trajectory, layer, pruned_at=[10])
+        axes = figure.axes[0]
         marks = [line for line in axes.get_lines() if line.get_label() == "heads pruned"]
         assert len(marks) == 1 and list(marks[0].get_xdata()) == [10, 10]
         assert "heads pruned" in [text.get_text() for text in axes.get_legend().get_texts()]
+        # The record logs that figure's pixels.
+        logged = (record.images[f"gmar/trajectory/layer_{layer:02d}"] * 255).round().byte().permute(1, 2, 0).numpy()
+        assert (logged == figure_to_array(figure)).all()

@@ -18,14 +18,17 @@ from gmar_lightning.render import (
     denormalize,
     evenly_spaced,
     evolution_figure,
+    evolution_page_images,
     evolution_pages,
     figure_to_array,
     figure_to_png_bytes,
     head_heatmap_figure,
     layer_trajectory_figure,
+    layer_trajectory_images,
     overlay,
     overlay_grid_figure,
     overlay_grid_image,
+    overlay_page_images,
     overlay_pages,
     specialisation_figure,
     trajectory_figure,
@@ -263,6 +266,41 @@ def test_evolution_pages_fit_a_tensorboard_card() -> None:
     for page in pages:
         assert min(text.get_fontsize() for text in _texts(page)) >= 10
         assert 10 / 72 * page.dpi * _card_scale(page) >= 9
+
+
+@pytest.mark.parametrize("mode", ["blended", "masked"])
+def test_page_images_are_the_pixels_of_the_page_figures_each_drawn_whole(mode: str) -> None:
+    generator = torch.Generator().manual_seed(0)
+    images, maps = torch.rand(5, 3, 40, 40, generator=generator), torch.rand(5, 40, 40, generator=generator)
+    names, predicted = ["cat", "dog", "US$ 1", "cat", "owl"], ["cat", "cat", "US$ 1", "owl", "owl"]
+    options = {"title": "gmar_l1: where attention carries information", "mode": mode}
+    for labels, predictions in ((names, predicted), (None, predicted), (None, None)):
+        figures = overlay_pages(images, maps, labels, predictions, [0.5] * 5, **options)
+        drawn = overlay_page_images(images, maps, labels, predictions, [0.5] * 5, **options)
+        # Three pages, the last with one image: every page differs, so a stale image or caption would show.
+        assert len(drawn) == 3
+        for figure, pixels in zip(figures, drawn, strict=True):
+            assert (pixels == figure_to_array(figure)).all()
+    history = torch.rand(6, 5, 8, 8, generator=generator)
+    evolution = evolution_page_images(images, history, list(range(6)), mode=mode)
+    figures = evolution_pages(images, history, list(range(6)), mode=mode)
+    assert len(evolution) == 3  # images 1-2 and 3-4 share a layout (row labels beside the tiles differ), 5 has its own
+    for figure, pixels in zip(figures, evolution, strict=True):
+        assert (pixels == figure_to_array(figure)).all()
+
+
+def test_layer_trajectory_images_are_the_pixels_of_each_layers_figure_drawn_whole() -> None:
+    trajectory = make_trajectory(epochs=3, layers=4, heads=3)
+    # A pruned head (NaN from its pruning on) and a layer whose heads were all removed.
+    weights = torch.rand(4, 3, generator=torch.Generator().manual_seed(1)).softmax(dim=1)
+    weights[1, 2], weights[3] = float("nan"), float("nan")
+    trajectory.append(3, 30, weights, weights)
+    empty = HeadTrajectory(layer_names=["blocks.0.attn", "blocks.1.attn"])
+    for history, pruned_at in ((trajectory, [25]), (trajectory, []), (empty, [])):
+        drawn = layer_trajectory_images(history, pruned_at)
+        assert len(drawn) == history.num_layers
+        for layer, pixels in enumerate(drawn):
+            assert (pixels == figure_to_array(layer_trajectory_figure(history, layer, pruned_at=pruned_at))).all()
 
 
 def test_overlay_modes_and_outlier_clipping_follow_their_formulas() -> None:

@@ -94,7 +94,13 @@ def test_tensorboard_sink_writes_every_kind_at_the_step(tmp_path: Path) -> None:
     assert [image.step for image in events.Images(OVERLAY_TAG)] == [12, 40]
     overlay = Image.open(io.BytesIO(events.Images(OVERLAY_TAG)[0].encoded_image_string))
     assert overlay.size == (30, 20)
+    # The logged pixels are the record's, each rounded to the nearest of 256 levels.
+    expected = (make_record(step=12).images[OVERLAY_TAG] * 255).round().byte().permute(1, 2, 0).numpy()
+    assert (np.asarray(overlay.convert("RGB")) == expected).all()
     assert [image.step for image in events.Images(FIGURE_TAG)] == [12, 40]
+    figure = events.Images(FIGURE_TAG)[0]
+    logged = Image.open(io.BytesIO(figure.encoded_image_string))
+    assert (figure.width, figure.height) == logged.size  # the header of the PNG it holds
     assert [histogram.step for histogram in events.Histograms(HISTOGRAM_TAG)] == [12, 40]
     assert events.Histograms(HISTOGRAM_TAG)[0].histogram_value.num == 4
     assert [(scalar.step, scalar.value) for scalar in events.Scalars(SCALAR_TAG)] == [(12, 0.75), (40, 0.5)]

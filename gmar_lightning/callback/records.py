@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
@@ -26,12 +27,11 @@ from gmar_lightning.render import (
     DEFAULT_ALPHA,
     DEFAULT_CMAP,
     denormalize,
-    evolution_pages,
-    figure_to_array,
+    evolution_page_images,
     head_heatmap_figure,
-    layer_trajectory_figure,
+    layer_trajectory_images,
     overlay,
-    overlay_pages,
+    overlay_page_images,
     specialisation_figure,
 )
 from gmar_lightning.trajectory import HeadTrajectory
@@ -297,13 +297,13 @@ def evaluation_record(
         maps = explanation.maps[:shown].cpu()
         style = {"cmap": cmap, "alpha": alpha, "mode": mode, "outlier_percentile": outlier_percentile}
         title, meaning = map_meaning(method)
-        pages = overlay_pages(display, maps, labels, predicted, probabilities, max_images, _OVERLAYS_PER_PAGE,
-                              title=f"{method}: {title}", **style)  # fmt: skip
+        pages = overlay_page_images(display, maps, labels, predicted, probabilities, max_images, _OVERLAYS_PER_PAGE,
+                                    title=f"{method}: {title}", **style)  # fmt: skip
         hits = sum(truth == prediction for truth, prediction in zip(truths or [], predictions, strict=False))
         right = f"{hits}/{shown} probe images predicted right" if truths is not None else f"{shown} probe images"
-        for page, figure in enumerate(pages):
+        for page, pixels in enumerate(pages):
             tag = _page_tag(f"gmar/overlay/{method}", page, _OVERLAYS_PER_PAGE, shown)
-            record.images[tag] = _figure_image(figure)
+            record.images[tag] = _page_image(pixels)
             record.captions[tag] = f"{method} at epoch {epoch}, step {step}: {right}; {meaning}."
         record.galleries[f"gmar/probe/{method}"] = [
             (tile, f"{'true: ' + labels[index] + ', ' if labels else ''}pred: {predicted[index]} "
@@ -312,7 +312,7 @@ def evaluation_record(
         ]  # fmt: skip
         if map_history is not None and method in map_history.maps:
             evaluations, rows = map_history.maps[method].shape[:2]
-            evolution = evolution_pages(
+            evolution = evolution_page_images(
                 display[:rows],
                 map_history.maps[method].float() / 255.0,
                 # A method added when a run resumed has maps of the latest evaluations only.
@@ -320,9 +320,9 @@ def evaluation_record(
                 rows_per_page=_EVOLUTION_ROWS_PER_PAGE,
                 **style,
             )
-            for page, figure in enumerate(evolution):
+            for page, pixels in enumerate(evolution):
                 tag = _page_tag(f"gmar/evolution/{method}", page, _EVOLUTION_ROWS_PER_PAGE, rows)
-                record.images[tag] = _figure_image(figure)
+                record.images[tag] = _page_image(pixels)
                 record.captions[tag] = (
                     f"{method} maps of probe images {_page_images(page, _EVOLUTION_ROWS_PER_PAGE, rows)} at "
                     f"{evaluations} evaluations (at most 4 shown, evenly spaced, always the first and the latest)"
@@ -335,9 +335,10 @@ def evaluation_record(
     return record
 
 
-def _figure_image(figure: Figure) -> Tensor:
-    """A figure rasterised as a ``[3, H, W]`` float image in ``[0, 1]``, so every back-end logs the same pixels."""
-    return torch.from_numpy(figure_to_array(figure)).permute(2, 0, 1).float() / 255.0
+def _page_image(pixels: np.ndarray) -> Tensor:
+    """A rasterised page (``[H, W, 3]`` uint8) as a ``[3, H, W]`` float image in ``[0, 1]``, so every back-end logs
+    the same pixels."""
+    return torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0
 
 
 def _add_head_data(
@@ -380,8 +381,7 @@ def _add_head_data(
         if chart:
             record.line_charts[f"gmar/{_SUMMARY_TAGS[name]}"] = chart
     record.figures["gmar/head_importance"] = head_heatmap_figure(weights, trajectory.layer_names or None)
-    for layer in range(trajectory.num_layers):
-        figure = layer_trajectory_figure(trajectory, layer, pruned_at=pruned_at)
-        record.figures[f"gmar/trajectory/layer_{layer:02d}"] = figure
+    for layer, pixels in enumerate(layer_trajectory_images(trajectory, pruned_at)):
+        record.images[f"gmar/trajectory/layer_{layer:02d}"] = _page_image(pixels)
     for name in trajectory.summaries():
         record.figures[f"gmar/specialisation/{_SUMMARY_TAGS[name]}"] = specialisation_figure(trajectory, statistic=name)
