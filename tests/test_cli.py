@@ -362,7 +362,9 @@ def test_console_script_reports_errors_without_traceback(tmp_path: Path) -> None
         [*command, "explain", str(tmp_path / "missing.png"), "--model", "vit_tiny_patch16_224"],
         capture_output=True,
         text=True,
-        timeout=120,
+        # A hang guard only, as long as the other CLI subprocess tests': at 120 s this one timed out in a full-suite
+        # run at autogroup nice 19 under load 14, its interpreter starved before it got to the error.
+        timeout=300,
     )
     assert completed.returncode == 2
     assert completed.stderr.strip().splitlines() == [
