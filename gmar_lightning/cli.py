@@ -55,6 +55,7 @@ from gmar_lightning.demos.model import (
     create_vit,
     hf_classifier,
     hf_image_processor_settings,
+    hf_naflex_processor,
     load_hf_model,
     load_open_clip,
     load_weights,
@@ -202,6 +203,55 @@ class Preprocessing:
             (left + self.img_size) * x_scale,
             (top + self.img_size) * y_scale,
         )
+
+
+@dataclass
+class NaFlexPreprocessing:
+    """SigLIP 2's input: its own image processor (``Siglip2ImageProcessor``) on the images of a batch, as
+    ``processor(images=..., return_tensors="pt")``. It resizes each whole image, keeping its aspect ratio, to the
+    largest grid of ``patch_size`` patches within ``max_num_patches``, rescales, normalises, patchifies and pads: no
+    crop, so each map covers its whole image.
+
+    Args:
+        processor: The processor (saved with the model, else built with the model's patch size and ``num_patches``).
+        origin: Where the processor came from, for the printed recipe.
+        mean: Overrides the processor's ``image_mean`` (``--mean``).
+        std: Overrides the processor's ``image_std`` (``--std``).
+    """
+
+    processor: Any
+    origin: str
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.processor.patch_size)
+
+    def _overrides(self) -> dict[str, Any]:
+        overrides = {"image_mean": self.mean, "image_std": self.std}
+        return {key: list(value) for key, value in overrides.items() if value is not None}
+
+    def describe(self) -> str:
+        """The recipe in one line, e.g. ``Siglip2ImageProcessor: up to 256 patches of 16x16 px, ...``."""
+        processor, settings = self.processor, {**vars(self.processor), **self._overrides()}
+        resize = "each image resized keeping its aspect ratio" if processor.do_resize else "no resize"
+        normalised = "no normalisation"
+        if processor.do_normalize:
+            normalised = f"mean {_numbers(settings['image_mean'])}, std {_numbers(settings['image_std'])}"
+        rescaled = f"pixels x {processor.rescale_factor:g}" if processor.do_rescale else "no rescale"
+        return (
+            f"{type(processor).__name__}: up to {processor.max_num_patches} patches of {self.patch_size}x"
+            f"{self.patch_size} px, {resize}, {rescaled}, {normalised}, no crop ({self.origin})"
+        )
+
+    def batch(self, images: list[Image.Image]) -> dict[str, Tensor]:
+        """The NaFlex dict of ``images``: ``pixel_values``, ``pixel_attention_mask``, ``spatial_shapes``."""
+        return dict(self.processor(images=images, return_tensors="pt", **self._overrides()))
+
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The whole image: the processor resizes it without cropping."""
+        return 0.0, 0.0, float(width), float(height)
 
 
 def _numbers(values: Sequence[float]) -> str:
@@ -519,24 +569,38 @@ def _build_hf_model(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
     if args.num_classes is not None:
         overrides["num_labels"] = args.num_classes
     if args.img_size is not None:
-        overrides["image_size"] = args.img_size
+        overrides["image_size"] = args.img_size  # SigLIP 2 ignores it; refused below once the config shows which
     source = args.model.removeprefix(HF_PREFIX)
     load_saved_weights = args.checkpoint is None and not args.random_weights
     loaded = load_hf_model(source, overrides, load_saved_weights)
     if hf.naflex(loaded) is not None:
-        raise CommandError(
-            f"--model {args.model} is SigLIP 2 ({type(loaded).__name__}), which takes NaFlex patch sequences rather "
-            "than resized images, and the command line does not build them; explain it from Python with "
-            "explain(model, dict(processor(images=..., return_tensors='pt'))) (docs/guide/huggingface.md)."
-        )
-    vision = hf.vision_config(loaded)
-    _check_patches_fit(_pair(vision.image_size), _pair(vision.patch_size))
+        _check_naflex_options(args, loaded)
+    else:
+        vision = hf.vision_config(loaded)
+        _check_patches_fit(_pair(vision.image_size), _pair(vision.patch_size))
     if args.checkpoint is not None:
         load_weights(loaded, args.checkpoint, strict=not args.partial_checkpoint)
     model = hf_classifier(loaded, source, _zero_shot_names(args), args.prompt, _read_head(args.head))
     if model is not loaded:
         _check_no_class_count(args, model)
     return model, loaded
+
+
+def _check_naflex_options(args: argparse.Namespace, loaded: nn.Module) -> None:
+    """Refuse what SigLIP 2 (NaFlex input: its processor sizes each image itself, with no crop) cannot honour."""
+    for option, value in (("--img-size", args.img_size), ("--crop-pct", args.crop_pct)):
+        if value is not None:
+            raise CommandError(
+                f"{option} does not apply to --model {args.model}: SigLIP 2 resizes each image keeping its aspect "
+                "ratio to at most the processor's max_num_patches patches, with no crop; drop it (save a "
+                "Siglip2ImageProcessor with another max_num_patches into the folder to change the size)."
+            )
+    if not type(loaded).__name__.endswith("ForImageClassification"):
+        raise CommandError(
+            f"--model {args.model} holds {type(loaded).__name__}: the command line explains SigLIP 2 as "
+            "Siglip2ForImageClassification only (its zero-shot and --head classifiers take image tensors); explain "
+            "it from Python with your own head (docs/guide/huggingface.md#siglip-2-naflex-batches)."
+        )
 
 
 def _build_open_clip_model(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
@@ -704,6 +768,8 @@ class _Results:
     boxes: list[tuple[float, float, float, float]]
     sizes: list[tuple[int, int]]
     outputs: list[str]
+    grid_sizes: list[tuple[int, int]]
+    map_sizes: list[tuple[int, int]]
     bad: int = 0
 
 
@@ -719,16 +785,22 @@ def _explain_files(
     batch_size: int,
     target: int | None,
     output: Path,
-    preprocessing: Preprocessing,
+    preprocessing: Preprocessing | NaFlexPreprocessing,
     style: ExplainStyle,
 ) -> _Results:
     """Explain ``paths`` batch by batch and write one captioned overlay PNG per image and method (plus a
-    side-by-side of the methods when asked); an image that cannot be read gets one line and is skipped."""
+    side-by-side of the methods when asked); an image that cannot be read gets one line and is skipped. A NaFlex
+    model's maps are each on its image's own grid (``Explanation.grid_sizes``), kept here at that size."""
     stems = _unique_stems(paths)
-    results = _Results([], {method: [] for method in methods}, {}, [], [], [], [], [])
-    transform = preprocessing.transform()
+    results = _Results([], {method: [] for method in methods}, {}, [], [], [], [], [], [], [])
+    naflex = isinstance(preprocessing, NaFlexPreprocessing)
+    transform = None if naflex else preprocessing.transform()
     device = next(model.parameters()).device
-    side = preprocessing.img_size
+    kept_at = (
+        "on each image's own patch grid"
+        if isinstance(preprocessing, NaFlexPreprocessing)
+        else f"at the model's {preprocessing.img_size}x{preprocessing.img_size}"
+    )
     resolved = resolve_model(model)  # once for every batch and method
     # disable=None: a bar only on a terminal, so logs and captured output hold one line per event.
     for start in tqdm(range(0, len(paths), batch_size), desc="explaining", unit="batch", disable=None):
@@ -743,7 +815,10 @@ def _explain_files(
             kept.append(index)
         if not kept:
             continue
-        images = torch.stack([transform(image) for image in originals]).to(device)
+        if isinstance(preprocessing, NaFlexPreprocessing):
+            images = {key: value.to(device) for key, value in preprocessing.batch(originals).items()}
+        else:
+            images = torch.stack([transform(image) for image in originals]).to(device)  # type: ignore[misc]
         explanations = {method: explain(resolved, images, method=method, target=target).cpu() for method in methods}
         first = next(iter(explanations.values()))
         batch_predictions = first.predictions
@@ -756,19 +831,26 @@ def _explain_files(
             results.files.append(path)
             results.boxes.append(box)
             results.sizes.append((width, height))
+            own_maps = {method: explanation.maps[offset] for method, explanation in explanations.items()}
+            if naflex:
+                grid = first.grid_sizes[offset]  # type: ignore[index]
+                results.grid_sizes.append((int(grid[0]), int(grid[1])))
+                rows, columns = (int(cells) * preprocessing.patch_size for cells in grid)  # type: ignore[union-attr]
+                results.map_sizes.append((rows, columns))
+                own_maps = {method: own[:rows, :columns] for method, own in own_maps.items()}
             shown = shown_image(original)
             scale_x, scale_y = shown.width / width, shown.height / height
             if shown.width < width:
                 print(
                     f"Note: {str(path)!r} is {width}x{height} px; its overlays are drawn at {shown.width}x"
-                    f"{shown.height}, and maps.npz keeps the maps at the model's {side}x{side}."
+                    f"{shown.height}, and maps.npz keeps the maps {kept_at}."
                 )
             shown_box = (box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y)
             pixels = torch.from_numpy(np.asarray(shown, dtype=np.float32) / 255.0).permute(2, 0, 1)
             prediction, probability = int(batch_predictions[offset]), float(batch_probabilities[offset])
             placed = {}
-            for method, explanation in explanations.items():
-                placed[method] = map_to_original(explanation.maps[offset], shown_box, shown.width, shown.height)
+            for method, own in own_maps.items():
+                placed[method] = map_to_original(own, shown_box, shown.width, shown.height)
                 caption = _caption(method, prediction, probability, style, target)
                 figure = explanation_figure(pixels, placed[method], caption, style.cmap, style.alpha, box=shown_box,
                                             mode=style.mode, outlier_percentile=style.outlier_percentile)  # fmt: skip
@@ -792,8 +874,12 @@ def _explain_files(
 
 
 def _arrays(results: _Results, class_names: list[str] | None) -> dict[str, np.ndarray]:
-    """The contents of maps.npz; ``outputs`` names the files this run wrote, so the next run can replace them."""
-    arrays = {f"maps_{method}": torch.cat(values).numpy() for method, values in results.maps.items()}
+    """The contents of maps.npz; ``outputs`` names the files this run wrote, so the next run can replace them.
+
+    A NaFlex model's maps are of different sizes: each is kept at its own size in the top-left corner of the largest,
+    the rest NaN (never resampled), with ``grid_sizes`` (each image's patch grid) and ``map_sizes`` (its map's size).
+    """
+    arrays = {f"maps_{method}": _nan_padded(values).numpy() for method, values in results.maps.items()}
     arrays.update(
         {f"head_weights_{method}": torch.cat(values).numpy() for method, values in results.head_weights.items()}
     )
@@ -803,9 +889,23 @@ def _arrays(results: _Results, class_names: list[str] | None) -> dict[str, np.nd
     arrays["image_sizes"] = np.asarray(results.sizes, dtype=np.int64)
     arrays["files"] = np.asarray([str(path) for path in results.files], dtype=np.str_)
     arrays["outputs"] = np.asarray(results.outputs, dtype=np.str_)
+    if results.grid_sizes:
+        arrays["grid_sizes"] = np.asarray(results.grid_sizes, dtype=np.int64)
+        arrays["map_sizes"] = np.asarray(results.map_sizes, dtype=np.int64)
     if class_names is not None:
         arrays["class_names"] = np.asarray(class_names, dtype=np.str_)
     return arrays
+
+
+def _nan_padded(batches: list[Tensor]) -> Tensor:
+    """The maps of all batches in one ``[N, H, W]``: NaFlex batches, each NaN-padded to its largest image, padded with
+    NaN to the largest of the run (the maps of fixed-size models are all alike and pass unchanged)."""
+    height, width = max(batch.shape[-2] for batch in batches), max(batch.shape[-1] for batch in batches)
+    padded = [
+        torch.nn.functional.pad(batch, (0, width - batch.shape[-1], 0, height - batch.shape[-2]), value=float("nan"))
+        for batch in batches
+    ]
+    return torch.cat(padded)
 
 
 MAPS_FILE = "maps.npz"
@@ -905,7 +1005,17 @@ def _run_explain(args: argparse.Namespace) -> int:
         args.cmap, args.alpha, class_names, args.side_by_side, args.random_weights, args.mode, args.outlier_percentile
     )
     stored = " (from the checkpoint, where no flag overrides it)" if recipe.mean is not None else ""
-    if _is_hf(args.model):
+    preprocessing: Preprocessing | NaFlexPreprocessing
+    if _is_hf(args.model) and hf.naflex(loaded) is not None:
+        processor, origin = hf_naflex_processor(args.model.removeprefix(HF_PREFIX), loaded)
+        preprocessing = NaFlexPreprocessing(
+            processor,
+            origin,
+            args.mean if args.mean is not None else recipe.mean,
+            args.std if args.std is not None else recipe.std,
+        )
+        print(f"Model input: {preprocessing.describe()}{stored}")
+    elif _is_hf(args.model):
         processor = hf_image_processor_settings(args.model.removeprefix(HF_PREFIX))
         preprocessing = hf_preprocessing(
             loaded,
@@ -1009,8 +1119,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, hugging_face: bool = Fa
     if hugging_face:
         model_help = (
             f"timm model name; {HF_PREFIX}<folder written by save_pretrained, or hub id> for a Hugging Face image "
-            "classifier, image-text model (CLIP, SigLIP: zero-shot from --labels) or backbone (with --head); or an "
-            "open_clip local-dir:<folder> or hf-hub:<owner/name> (zero-shot from --labels)"
+            "classifier, image-text model (CLIP, SigLIP: zero-shot from --labels) or backbone (with --head), or a "
+            "Siglip2ForImageClassification (its input made by the folder's saved image processor, else "
+            "Siglip2ImageProcessor's defaults at the model's patch size); or an open_clip local-dir:<folder> or "
+            "hf-hub:<owner/name> (zero-shot from --labels)"
         )
         kwargs_help = "timm constructor overrides (hf: config overrides) as JSON, e.g. '{\"depth\": 2}'"
     else:
@@ -1018,7 +1130,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, hugging_face: bool = Fa
         kwargs_help = 'timm constructor overrides as JSON, e.g. \'{"depth": 2, "patch_size": 8}\''
     parser.add_argument("--model", default=None, help=model_help)
     parser.add_argument("--model-kwargs", type=_json_dict, default={}, metavar="JSON", help=kwargs_help)
-    parser.add_argument("--img-size", type=positive_int, default=None, help="input side in pixels")
+    parser.add_argument(
+        "--img-size", type=positive_int, default=None, help="input side in pixels (not SigLIP 2: its processor sizes)"
+    )
     parser.add_argument(
         "--checkpoint",
         default=None,
@@ -1220,7 +1334,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_unit_fraction,
         default=None,
         help="fraction of the resized image the centre crop keeps (default: timm's, usually 0.9; hf: the saved "
-        "processor's crop_size / size, else 1)",
+        "processor's crop_size / size, else 1; not SigLIP 2, which is not cropped)",
     )
     explain_parser.add_argument("--cmap", default=DEFAULT_CMAP, help=f"matplotlib colour map (default {DEFAULT_CMAP})")
     explain_parser.add_argument(

@@ -228,13 +228,6 @@ def _error_cases(tmp_path: Path, folder: Path, pruned_weights: Path) -> dict[str
     torch.save(deeper.state_dict(), tmp_path / "deeper.pth")
     convnext = tmp_path / "convnext"
     transformers.ConvNextConfig(hidden_sizes=[8] * 4, depths=[1] * 4, num_labels=3).save_pretrained(convnext)
-    siglip2 = tmp_path / "siglip2"
-    transformers.Siglip2Config(
-        vision_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
-        text_config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
-        num_labels=3,
-        architectures=["Siglip2ForImageClassification"],
-    ).save_pretrained(siglip2)
     model_option = ["--model", f"hf:{folder}"]
     return {
         "missing folder": (["--model", f"hf:{tmp_path / 'missing'}"], "does not exist; pass a folder written by"),
@@ -266,10 +259,6 @@ def _error_cases(tmp_path: Path, folder: Path, pruned_weights: Path) -> dict[str
             ["--model", f"hf:{convnext}", "--random-weights"],
             "cannot be explained: it has no attention over tokens",
         ),
-        "SigLIP 2 folder": (
-            ["--model", f"hf:{siglip2}", "--random-weights"],
-            "is SigLIP 2 (Siglip2ForImageClassification), which takes NaFlex patch sequences rather than resized",
-        ),
         "target beyond the config's labels": (
             [*model_option, "--target", "4"],
             "out of range for a model with 4 classes",
@@ -292,7 +281,6 @@ ERROR_CASES = [
     "classes the saved weights lack",
     "image smaller than a patch",
     "not a ViT",
-    "SigLIP 2 folder",
     "config override the architecture refuses",
     "target beyond the config's labels",
 ]

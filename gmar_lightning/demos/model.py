@@ -60,6 +60,7 @@ __all__ = [
     "create_vit",
     "hf_classifier",
     "hf_image_processor_settings",
+    "hf_naflex_processor",
     "load_hf_model",
     "load_open_clip",
     "load_weights",
@@ -591,6 +592,31 @@ def hf_image_processor_settings(source: str) -> dict[str, Any] | None:
             raise
         return None  # a hub model without a saved processor
     return settings
+
+
+def hf_naflex_processor(source: str, model: nn.Module) -> tuple[Any, str]:
+    """SigLIP 2's image processor and where it came from: the one saved with the model (``preprocessor_config.json``,
+    loaded by ``AutoImageProcessor``), else ``Siglip2ImageProcessor``'s defaults with the model's own patch size and
+    ``num_patches`` as ``max_num_patches`` (the defaults, 16 px and 256, would not fit another model).
+
+    Raises:
+        ValueError: The saved processor's patch size is not the model's, in one line naming the fix.
+    """
+    transformers = _transformers(source)
+    location = _resolve_hf_source(source)
+    vision = model.config.vision_config if hasattr(model.config, "vision_config") else model.config
+    if hf_image_processor_settings(source) is None:
+        processor = transformers.Siglip2ImageProcessor(patch_size=vision.patch_size, max_num_patches=vision.num_patches)
+        return processor, "no image processor saved: Siglip2ImageProcessor's defaults at the model's patch size"
+    with _quiet(transformers):
+        processor = transformers.AutoImageProcessor.from_pretrained(location)
+    if getattr(processor, "patch_size", None) != vision.patch_size:
+        raise ValueError(
+            f"--model {HF_PREFIX}{source} saved a {type(processor).__name__} with patch_size "
+            f"{getattr(processor, 'patch_size', None)} but the model's patches are {vision.patch_size} px; save the "
+            "model's own processor into the folder with save_pretrained."
+        )
+    return processor, "the saved image processor"
 
 
 class ViTClassifier(L.LightningModule):
