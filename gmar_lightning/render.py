@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import math
+import struct
+import zlib
 from collections.abc import Sequence
 
 import matplotlib
@@ -22,7 +24,6 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
-from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
@@ -104,7 +105,7 @@ _TILE_INCHES = 1.8
 _CARD_TILE_PIXELS = 150
 _CARD_EVOLUTION_TILE_PIXELS = 75
 _COLORBAR_INCHES = (0.15, 0.75)  # bar width and the room for its tick labels and label
-# Level 1 compresses these flat-coloured images nearly as well as the default 6, several times faster.
+# Level 1 compresses these flat-coloured figures nearly as well as the default 6, several times faster.
 _PNG_COMPRESS_LEVEL = 1
 
 
@@ -1514,23 +1515,42 @@ def figure_to_png_bytes(figure: Figure, dpi: float | None = None) -> bytes:
 
 
 def image_to_array(image: Tensor) -> np.ndarray:
-    """``[C, H, W]`` float in ``[0, 1]`` (``C`` 1 or 3) -> ``[H, W, 3]`` uint8, the layout every image writer takes.
+    """``[C, H, W]`` (``C`` 1 or 3) float in ``[0, 1]`` or uint8 -> ``[H, W, 3]`` uint8, the layout every image writer
+    takes.
 
     Examples:
         >>> image_to_array(torch.full((1, 2, 2), 0.5)).shape, image_to_array(torch.full((1, 2, 2), 0.5))[0, 0]
         ((2, 2, 3), array([128, 128, 128], dtype=uint8))
+        >>> image_to_array(torch.full((3, 1, 1), 7, dtype=torch.uint8))[0, 0]
+        array([7, 7, 7], dtype=uint8)
     """
+    if image.dtype == torch.uint8:  # rasterised already (a figure's pixels): no round trip through floats
+        return image.detach().cpu().expand(3, -1, -1).permute(1, 2, 0).numpy()
     pixels = image.detach().float().cpu().clamp(0.0, 1.0).expand(3, -1, -1)
     return (pixels * 255.0).round().byte().permute(1, 2, 0).numpy()
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def image_to_png_bytes(image: Tensor) -> bytes:
-    """Encode a ``[C, H, W]`` image in ``[0, 1]`` as PNG bytes (the one PNG encoder of images in the package).
+    """Encode a ``[C, H, W]`` image (float in ``[0, 1]`` or uint8) as 8-bit RGB PNG bytes (the one PNG encoder of
+    images in the package).
+
+    Rows go unfiltered into zlib at level 1 with its run-length strategy: for these renderings (flat colours, text,
+    photographs) that is 3 to 4 times faster than Pillow's encoder, which tries five filters on every row, for files
+    at most about a tenth larger.
 
     Examples:
         >>> image_to_png_bytes(torch.zeros(3, 2, 2))[:8]
         b'\\x89PNG\\r\\n\\x1a\\n'
     """
-    buffer = io.BytesIO()
-    Image.fromarray(image_to_array(image)).save(buffer, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
-    return buffer.getvalue()
+    pixels = image_to_array(image)
+    height, width, _ = pixels.shape
+    rows = np.zeros((height, 1 + 3 * width), np.uint8)  # each row: filter type 0 (none), then its RGB bytes
+    rows[:, 1:] = pixels.reshape(height, 3 * width)
+    compressor = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS, 9, zlib.Z_RLE)
+    data = compressor.compress(rows) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, deflate, no filter set, no interlace
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")

@@ -71,5 +71,5 @@ def test_evaluation_record_pages_maps_and_marks_prunings_on_each_layers_trajecto
         assert len(marks) == 1 and list(marks[0].get_xdata()) == [10, 10]
         assert "heads pruned" in [text.get_text() for text in axes.get_legend().get_texts()]
         # The record logs that figure's pixels.
-        logged = (record.images[f"gmar/trajectory/layer_{layer:02d}"] * 255).round().byte().permute(1, 2, 0).numpy()
-        assert (logged == figure_to_array(figure)).all()
+        logged = record.images[f"gmar/trajectory/layer_{layer:02d}"]
+        assert logged.dtype == torch.uint8 and (logged.permute(1, 2, 0).numpy() == figure_to_array(figure)).all()

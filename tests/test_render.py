@@ -7,6 +7,7 @@ import itertools
 
 import matplotlib
 import matplotlib.text
+import numpy as np
 import pytest
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -23,6 +24,7 @@ from gmar_lightning.render import (
     figure_to_array,
     figure_to_png_bytes,
     head_heatmap_figure,
+    image_to_png_bytes,
     layer_trajectory_figure,
     layer_trajectory_images,
     overlay,
@@ -301,6 +303,23 @@ def test_layer_trajectory_images_are_the_pixels_of_each_layers_figure_drawn_whol
         assert len(drawn) == history.num_layers
         for layer, pixels in enumerate(drawn):
             assert (pixels == figure_to_array(layer_trajectory_figure(history, layer, pruned_at=pruned_at))).all()
+
+
+def test_image_png_bytes_decode_to_the_images_pixels() -> None:
+    generator = torch.Generator().manual_seed(0)
+    colour = torch.rand(3, 7, 5, generator=generator)
+    grey = torch.rand(1, 3, 4, generator=generator)
+    flat = torch.randint(0, 256, (3, 6, 9), generator=generator, dtype=torch.uint8)
+    for image, expected in (
+        (colour, (colour * 255).round().byte()),
+        (grey, (grey * 255).round().byte().expand(3, -1, -1)),
+        (flat, flat),
+        (flat.permute(0, 2, 1), flat.permute(0, 2, 1)),  # not contiguous
+    ):
+        decoded = Image.open(io.BytesIO(image_to_png_bytes(image)))
+        decoded.load()  # reads every chunk and checks their CRCs
+        assert decoded.mode == "RGB" and decoded.size == (image.shape[2], image.shape[1])
+        assert (np.asarray(decoded) == expected.permute(1, 2, 0).numpy()).all()
 
 
 def test_overlay_modes_and_outlier_clipping_follow_their_formulas() -> None:

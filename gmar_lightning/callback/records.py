@@ -70,7 +70,8 @@ class EvaluationRecord:
     Attributes:
         step: Trainer global step the values belong to.
         epoch: Trainer epoch.
-        images: Tag -> ``[3, H, W]`` (or ``[1, H, W]``) float image in ``[0, 1]``, e.g. an overlay grid.
+        images: Tag -> ``[3, H, W]`` (or ``[1, H, W]``) image, float in ``[0, 1]`` or uint8 (a rasterised page), e.g.
+            an overlay page.
         figures: Tag -> matplotlib figure (head heatmap, trajectory, ...).
         histograms: Tag -> 1-D values, e.g. one layer's head weights.
         scalars: Tag -> number, e.g. one layer's head entropy.
@@ -336,9 +337,9 @@ def evaluation_record(
 
 
 def _page_image(pixels: np.ndarray) -> Tensor:
-    """A rasterised page (``[H, W, 3]`` uint8) as a ``[3, H, W]`` float image in ``[0, 1]``, so every back-end logs
-    the same pixels."""
-    return torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0
+    """A rasterised page (``[H, W, 3]`` uint8) as a ``[3, H, W]`` uint8 image, so every back-end logs the same
+    pixels."""
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def _add_head_data(
