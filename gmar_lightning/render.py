@@ -1331,16 +1331,31 @@ def layer_trajectory_images(trajectory: HeadTrajectory, pruned_at: Sequence[int]
     figure = layer_trajectory_figure(trajectory, 0, pruned_at=pruned_at)
     axes, canvas = figure.axes[0], FigureCanvasAgg(figure)
     weights, titles = trajectory.weights.numpy(), _layer_labels(trajectory.layer_names, trajectory.num_layers)
-    images = []
-    for layer in range(trajectory.num_layers):
-        if layer:
-            for head, line in enumerate(axes.get_lines()[: trajectory.num_heads]):
-                line.set_ydata(weights[:, layer, head])
-            axes.set_title(titles[layer], fontsize=_TITLE_FONT_SIZE)
-            # What the y-axis of a new figure of these lines autoscales to.
-            axes.relim()
-            axes.autoscale_view()
-        canvas.draw()
+    canvas.draw()
+    images = [np.asarray(canvas.buffer_rgba())[..., :3].copy()]
+    # What differs between layers (the y-axis with its label, the lines, the title) and the spines drawn over the
+    # lines, in the order a full draw paints them: by z-order, then as added. The rest (x-axis, legend) is drawn once
+    # and copied; nothing that differs overlaps it, so each layer gets the pixels of a whole draw of its figure.
+    changing = sorted([axes.yaxis, *axes.get_lines(), *axes.spines.values(), axes.title], key=lambda a: a.zorder)
+    for artist in changing:
+        artist.set_visible(False)
+    canvas.draw()
+    frame, frame_steps = canvas.copy_from_bbox(figure.bbox), axes.get_xlim()
+    for artist in changing:
+        artist.set_visible(True)
+    for layer in range(1, trajectory.num_layers):
+        for head, line in enumerate(axes.get_lines()[: trajectory.num_heads]):
+            line.set_ydata(weights[:, layer, head])
+        axes.set_title(titles[layer], fontsize=_TITLE_FONT_SIZE)
+        # What the y-axis of a new figure of these lines autoscales to.
+        axes.relim()
+        axes.autoscale_view()
+        if axes.get_xlim() == frame_steps:
+            canvas.restore_region(frame)
+            for artist in changing:
+                figure.draw_artist(artist)
+        else:  # a layer without weights at some steps (its heads pruned) spans fewer steps: its x-axis differs
+            canvas.draw()
         images.append(np.asarray(canvas.buffer_rgba())[..., :3].copy())
     return images
 
