@@ -224,12 +224,12 @@ class TensorBoardSink:
     new event file. Before each write the disk budget
     ([`check_disk_budget`][gmar_lightning.callback.sinks.check_disk_budget]) is checked.
 
-    Figures go through ``add_figure`` (rendered to images), captions through ``add_text`` under the same tag
-    (the Text tab, which shows it as ``<tag>/text_summary``), tables as Markdown text; empty histograms are skipped
-    (TensorBoard rejects them). Scalars go through ``add_scalar`` exactly as ``TensorBoardLogger.log_metrics`` writes
-    them. Line charts become a custom-scalars layout (the Custom Scalars tab): one category per chart tag's parent
-    (``gmar/head_mean`` holds one chart per layer, one line per head), written again only when the set of charts
-    changes.
+    Images and figures are logged as ``add_image`` logs images (their PNGs encoded here), captions through
+    ``add_text`` under the same tag (the Text tab, which shows it as ``<tag>/text_summary``), tables as Markdown text;
+    empty histograms are skipped (TensorBoard rejects them). Scalars go through ``add_scalar`` exactly as
+    ``TensorBoardLogger.log_metrics`` writes them. Line charts become a custom-scalars layout (the Custom Scalars
+    tab): one category per chart tag's parent (``gmar/head_mean`` holds one chart per layer, one line per head),
+    written again only when the set of charts changes.
 
     Args:
         log_dir: The run folder (``TensorBoardLogger.log_dir``).
@@ -260,8 +260,8 @@ class TensorBoardSink:
             if layout and layout != self._layout:
                 writer.add_custom_scalars(layout)
                 self._layout = layout
-            # PNGs encoded here rather than by add_image/add_figure: those compress at zlib's default level, several
-            # times slower than the light level every other sink uses, for files hardly smaller.
+            # PNGs encoded here rather than by add_image/add_figure: those filter and compress at zlib's default level,
+            # several times slower than the package's encoder for files hardly smaller, and truncate pixel values.
             for tag, image in record.images.items():
                 _add_png(writer, tag, image_to_png_bytes(image), step)
             for tag, figure in record.figures.items():
