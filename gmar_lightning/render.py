@@ -11,7 +11,7 @@ import io
 import math
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import matplotlib
 import numpy as np
@@ -60,6 +60,7 @@ __all__ = [
     "overlay_page_images",
     "overlay_pages",
     "specialisation_figure",
+    "specialisation_images",
     "trajectory_figure",
     "visualize",
 ]
@@ -1329,13 +1330,33 @@ def layer_trajectory_images(trajectory: HeadTrajectory, pruned_at: Sequence[int]
         return [figure_to_array(layer_trajectory_figure(trajectory, layer, pruned_at=pruned_at))
                 for layer in range(trajectory.num_layers)]  # fmt: skip
     figure = layer_trajectory_figure(trajectory, 0, pruned_at=pruned_at)
-    axes, canvas = figure.axes[0], FigureCanvasAgg(figure)
+    axes = figure.axes[0]
     weights, titles = trajectory.weights.numpy(), _layer_labels(trajectory.layer_names, trajectory.num_layers)
+
+    def show(layer: int) -> None:
+        for head, line in enumerate(axes.get_lines()[: trajectory.num_heads]):
+            line.set_ydata(weights[:, layer, head])
+        axes.set_title(titles[layer], fontsize=_TITLE_FONT_SIZE)
+        # What the y-axis of a new figure of these lines autoscales to.
+        axes.relim()
+        axes.autoscale_view()
+
+    return _redrawn(figure, axes, trajectory.num_layers, show)
+
+
+def _redrawn(figure: Figure, axes: Axes, count: int, show: Callable[[int], None]) -> list[np.ndarray]:
+    """The pixels of ``figure`` as drawn, then after ``show(1)``, ..., ``show(count - 1)`` (each changing only the
+    lines, y-axis and title of its one ``axes``), each those of a whole draw of that figure.
+
+    A whole draw per picture would redraw the x-axis and legend, the same in all of them. They are drawn once and
+    copied instead (Agg's ``copy_from_bbox``); each picture draws what differs (the y-axis with its label, the lines,
+    the title) and the spines over the lines, in the order a whole draw paints them: by z-order, then as added.
+    Nothing that differs overlaps the copied part. A picture whose x-axis differs (lines spanning other steps) is drawn
+    whole.
+    """
+    canvas = FigureCanvasAgg(figure)
     canvas.draw()
     images = [np.asarray(canvas.buffer_rgba())[..., :3].copy()]
-    # What differs between layers (the y-axis with its label, the lines, the title) and the spines drawn over the
-    # lines, in the order a full draw paints them: by z-order, then as added. The rest (x-axis, legend) is drawn once
-    # and copied; nothing that differs overlaps it, so each layer gets the pixels of a whole draw of its figure.
     changing = sorted([axes.yaxis, *axes.get_lines(), *axes.spines.values(), axes.title], key=lambda a: a.zorder)
     for artist in changing:
         artist.set_visible(False)
@@ -1343,18 +1364,13 @@ def layer_trajectory_images(trajectory: HeadTrajectory, pruned_at: Sequence[int]
     frame, frame_steps = canvas.copy_from_bbox(figure.bbox), axes.get_xlim()
     for artist in changing:
         artist.set_visible(True)
-    for layer in range(1, trajectory.num_layers):
-        for head, line in enumerate(axes.get_lines()[: trajectory.num_heads]):
-            line.set_ydata(weights[:, layer, head])
-        axes.set_title(titles[layer], fontsize=_TITLE_FONT_SIZE)
-        # What the y-axis of a new figure of these lines autoscales to.
-        axes.relim()
-        axes.autoscale_view()
+    for index in range(1, count):
+        show(index)
         if axes.get_xlim() == frame_steps:
             canvas.restore_region(frame)
             for artist in changing:
                 figure.draw_artist(artist)
-        else:  # a layer without weights at some steps (its heads pruned) spans fewer steps: its x-axis differs
+        else:
             canvas.draw()
         images.append(np.asarray(canvas.buffer_rgba())[..., :3].copy())
     return images
@@ -1498,6 +1514,49 @@ def specialisation_figure(
     elif labels:
         figure.legend(*panels[0].get_legend_handles_labels(), loc="upper right", fontsize=_FONT_SIZE, frameon=False)
     return figure
+
+
+def specialisation_images(trajectory: HeadTrajectory) -> dict[str, np.ndarray]:
+    """Each statistic's [`specialisation_figure`][gmar_lightning.render.specialisation_figure] (one panel, sized for
+    a TensorBoard card) as an ``[H, W, 3]`` uint8 array, the pixels
+    [`figure_to_array`][gmar_lightning.render.figure_to_array] gives of it, drawn faster: one figure is drawn again
+    for each statistic with its lines, y-range and title changed.
+
+    Args:
+        trajectory: The recorded trajectory.
+
+    Returns:
+        Statistic (``"entropy"``, ``"top_share"``, ``"stability"``) -> its picture.
+
+    Examples:
+        >>> trajectory = HeadTrajectory()
+        >>> trajectory.append(0, 5, torch.tensor([[0.5, 0.5]]), torch.ones(1, 2))
+        >>> {key: pixels.shape for key, pixels in specialisation_images(trajectory).items()}
+        {'entropy': (230, 454, 3), 'top_share': (230, 454, 3), 'stability': (230, 454, 3)}
+    """
+    if not isinstance(trajectory, HeadTrajectory):
+        raise TypeError(f"`trajectory` must be a HeadTrajectory, got {type(trajectory).__name__}.")
+    keys = [key for key, _ in _SUMMARY_PANELS]
+    if not len(trajectory):  # no lines: drawn whole, like the empty layer figures
+        return {key: figure_to_array(specialisation_figure(trajectory, statistic=key)) for key in keys}
+    figure = specialisation_figure(trajectory, statistic=keys[0])
+    axes, summaries = figure.axes[0], trajectory.summaries()
+    layers = trajectory.weights.shape[1]
+
+    def show(index: int) -> None:
+        key, name = _SUMMARY_PANELS[index]
+        values = summaries[key].numpy()
+        for layer, line in enumerate(axes.get_lines()[:layers]):
+            line.set_ydata(values[:, layer])
+        axes.set_title(literal(name), fontsize=_FONT_SIZE)
+        # The steps a new figure's x-axis autoscales to (rank stability has no value at the first evaluation); the
+        # y-range is the statistic's own.
+        axes.relim()
+        axes.autoscale_view()
+        low, high = SUMMARY_BOUNDS[key]
+        axes.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+
+    return dict(zip(keys, _redrawn(figure, axes, len(keys), show), strict=True))
 
 
 def figure_to_array(figure: Figure) -> np.ndarray:

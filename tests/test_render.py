@@ -33,6 +33,7 @@ from gmar_lightning.render import (
     overlay_page_images,
     overlay_pages,
     specialisation_figure,
+    specialisation_images,
     trajectory_figure,
     visualize,
 )
@@ -291,7 +292,7 @@ def test_page_images_are_the_pixels_of_the_page_figures_each_drawn_whole(mode: s
         assert (pixels == figure_to_array(figure)).all()
 
 
-def test_layer_trajectory_images_are_the_pixels_of_each_layers_figure_drawn_whole() -> None:
+def test_trajectory_images_are_the_pixels_of_each_figure_drawn_whole() -> None:
     trajectory = make_trajectory(epochs=3, layers=4, heads=3)
     # A pruned head (NaN from its pruning on) and a layer whose heads were all removed.
     weights = torch.rand(4, 3, generator=torch.Generator().manual_seed(1)).softmax(dim=1)
@@ -303,6 +304,10 @@ def test_layer_trajectory_images_are_the_pixels_of_each_layers_figure_drawn_whol
         assert len(drawn) == history.num_layers
         for layer, pixels in enumerate(drawn):
             assert (pixels == figure_to_array(layer_trajectory_figure(history, layer, pruned_at=pruned_at))).all()
+        statistics = specialisation_images(history)
+        assert list(statistics) == ["entropy", "top_share", "stability"]
+        for statistic, pixels in statistics.items():
+            assert (pixels == figure_to_array(specialisation_figure(history, statistic=statistic))).all()
 
 
 def test_image_png_bytes_decode_to_the_images_pixels() -> None:

@@ -32,7 +32,7 @@ from gmar_lightning.render import (
     layer_trajectory_images,
     overlay,
     overlay_page_images,
-    specialisation_figure,
+    specialisation_images,
 )
 from gmar_lightning.trajectory import HeadTrajectory
 
@@ -281,9 +281,10 @@ def evaluation_record(
         ``gmar/probe/<method>`` (one captioned overlay per probe image).
         With head data: histograms ``gmar/head_weights/layer_XX`` and ``gmar/head_weights/layer_XX/head_YY``; scalars
         ``gmar/head_mean/layer_XX/head_YY`` (probe mean) grouped into one line chart per layer,
-        ``gmar/{entropy,top_head_share,rank_stability}/layer_XX`` grouped into one chart per statistic; figures
-        ``gmar/head_importance``, ``gmar/trajectory/layer_XX`` (one coloured, named line per head) and
-        ``gmar/specialisation/{entropy,top_head_share,rank_stability}``; table ``gmar/head_weights_table``.
+        ``gmar/{entropy,top_head_share,rank_stability}/layer_XX`` grouped into one chart per statistic; the figure
+        ``gmar/head_importance``; rasterised figures (images) ``gmar/trajectory/layer_XX`` (one coloured, named line
+        per head) and ``gmar/specialisation/{entropy,top_head_share,rank_stability}``; table
+        ``gmar/head_weights_table``.
         Scalars ``gmar/metrics/<method>/<metric>`` for the metric scores.
     """
     display = denormalize(probe.images[:max_images], mean, std)
@@ -384,5 +385,5 @@ def _add_head_data(
     record.figures["gmar/head_importance"] = head_heatmap_figure(weights, trajectory.layer_names or None)
     for layer, pixels in enumerate(layer_trajectory_images(trajectory, pruned_at)):
         record.images[f"gmar/trajectory/layer_{layer:02d}"] = _page_image(pixels)
-    for name in trajectory.summaries():
-        record.figures[f"gmar/specialisation/{_SUMMARY_TAGS[name]}"] = specialisation_figure(trajectory, statistic=name)
+    for name, pixels in specialisation_images(trajectory).items():
+        record.images[f"gmar/specialisation/{_SUMMARY_TAGS[name]}"] = _page_image(pixels)
