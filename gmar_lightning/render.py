@@ -915,10 +915,9 @@ def _evolution_tiles(
     resized = torch.nn.functional.interpolate(
         maps[shown].float().flatten(0, 1).unsqueeze(1), size=images.shape[2:], mode="bilinear", align_corners=False
     ).view(columns, rows, *images.shape[2:])
-    tiles = torch.stack(
-        [overlay(images[row : row + 1], resized[column, row : row + 1], cmap, alpha, mode, outlier_percentile)[0]
-         for row in range(rows) for column in range(columns)]
-    )  # fmt: skip
+    # One overlay call for all tiles (each map is drawn, and its outliers clipped, on its own).
+    tiles = overlay(images.repeat_interleave(columns, dim=0), resized.transpose(0, 1).flatten(0, 1), cmap, alpha,
+                    mode, outlier_percentile)  # fmt: skip
     return shown, tiles
 
 

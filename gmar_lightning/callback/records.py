@@ -28,6 +28,7 @@ from gmar_lightning.render import (
     DEFAULT_CMAP,
     denormalize,
     evolution_page_images,
+    figure_to_array,
     head_heatmap_figure,
     layer_trajectory_images,
     overlay,
@@ -281,10 +282,9 @@ def evaluation_record(
         ``gmar/probe/<method>`` (one captioned overlay per probe image).
         With head data: histograms ``gmar/head_weights/layer_XX`` and ``gmar/head_weights/layer_XX/head_YY``; scalars
         ``gmar/head_mean/layer_XX/head_YY`` (probe mean) grouped into one line chart per layer,
-        ``gmar/{entropy,top_head_share,rank_stability}/layer_XX`` grouped into one chart per statistic; the figure
-        ``gmar/head_importance``; rasterised figures (images) ``gmar/trajectory/layer_XX`` (one coloured, named line
-        per head) and ``gmar/specialisation/{entropy,top_head_share,rank_stability}``; table
-        ``gmar/head_weights_table``.
+        ``gmar/{entropy,top_head_share,rank_stability}/layer_XX`` grouped into one chart per statistic; figures,
+        rasterised as images: ``gmar/head_importance``, ``gmar/trajectory/layer_XX`` (one coloured, named line per
+        head) and ``gmar/specialisation/{entropy,top_head_share,rank_stability}``; table ``gmar/head_weights_table``.
         Scalars ``gmar/metrics/<method>/<metric>`` for the metric scores.
     """
     display = denormalize(probe.images[:max_images], mean, std)
@@ -382,7 +382,8 @@ def _add_head_data(
                 record.scalars[chart[-1]] = value
         if chart:
             record.line_charts[f"gmar/{_SUMMARY_TAGS[name]}"] = chart
-    record.figures["gmar/head_importance"] = head_heatmap_figure(weights, trajectory.layer_names or None)
+    heatmap = head_heatmap_figure(weights, trajectory.layer_names or None)
+    record.images["gmar/head_importance"] = _page_image(figure_to_array(heatmap))
     for layer, pixels in enumerate(layer_trajectory_images(trajectory, pruned_at)):
         record.images[f"gmar/trajectory/layer_{layer:02d}"] = _page_image(pixels)
     for name, pixels in specialisation_images(trajectory).items():
