@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.error
 import urllib.parse
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from gmar_lightning import GMARCallback
 from gmar_lightning.demos.data import ShapesDataModule
 from gmar_lightning.demos.job import TENSORBOARD_SAMPLES
 from gmar_lightning.demos.model import ViTClassifier
-from tests.browser import find_browser, get, image_cards, rendered_dom, screenshot, tensorboard
+from tests.browser import SERVER_TIMEOUT_S, find_browser, get, image_cards, rendered_dom, screenshot, tensorboard
 
 IMAGE_TAG = "gmar/overlay/gmar_l1"
 EVOLUTION_TAG = "gmar/evolution/gmar_l1"
@@ -66,6 +67,16 @@ def _tags(base_url: str, plugin: str) -> dict[str, Any]:
     return json.loads(get(f"{base_url}/data/plugin/{plugin}/tags"))
 
 
+def _served(url: str) -> list[Any]:
+    """The entries TensorBoard serves at ``url`` once it has read all ``EPOCHS`` evaluations (or the last answer after
+    ``SERVER_TIMEOUT_S``): it reads event files in the background and serves the tags as soon as it meets them, so
+    the last evaluation's scalars, written after its images, may not be read yet when the images are served."""
+    deadline = time.monotonic() + SERVER_TIMEOUT_S
+    while len(entries := json.loads(get(url))) < EPOCHS and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return entries
+
+
 def test_tensorboard_serves_the_gmar_tags(server: str) -> None:
     images, histograms, scalars = (_tags(server, plugin) for plugin in ("images", "histograms", "scalars"))
     (run,) = [name for name, tags in images.items() if IMAGE_TAG in tags]
@@ -79,17 +90,13 @@ def test_tensorboard_serves_the_gmar_tags(server: str) -> None:
     assert "val_acc" in scalars[run]
 
     for tag in (IMAGE_TAG, EVOLUTION_TAG):
-        entries = json.loads(
-            get(f"{server}/data/plugin/images/images?{urllib.parse.urlencode({'run': run, 'tag': tag})}")
-        )
+        entries = _served(f"{server}/data/plugin/images/images?{urllib.parse.urlencode({'run': run, 'tag': tag})}")
         assert [entry["step"] for entry in entries] == sorted(entry["step"] for entry in entries)
         assert len(entries) == EPOCHS  # every evaluation is served
         image = get(f"{server}/data/plugin/images/individualImage?{entries[-1]['query']}")
         assert image[:8] == b"\x89PNG\r\n\x1a\n"
 
-    series = json.loads(
-        get(f"{server}/data/plugin/scalars/scalars?{urllib.parse.urlencode({'run': run, 'tag': SCALAR_TAG})}")
-    )
+    series = _served(f"{server}/data/plugin/scalars/scalars?{urllib.parse.urlencode({'run': run, 'tag': SCALAR_TAG})}")
     assert len(series) == EPOCHS and all(0.0 <= value <= 1.0 for _, _, value in series)
 
     # The per-layer charts: one chart per layer, one line per head.
