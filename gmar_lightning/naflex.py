@@ -38,6 +38,8 @@ __all__ = [
     "is_naflex_batch",
     "is_naflex_vit",
     "keys_of",
+    "naflex_part",
+    "pad_cat",
 ]
 
 TIMM = ("patches", "patch_coord", "patch_valid")
@@ -81,6 +83,30 @@ def is_naflex_batch(images: object) -> bool:
 def keys_of(batch: Mapping) -> tuple[str, str, str]:
     """The spelling of a NaFlex dict: `TRANSFORMERS` when it holds one of their keys, else `TIMM`."""
     return TRANSFORMERS if any(key in batch for key in TRANSFORMERS) else TIMM
+
+
+def naflex_part(batch: Mapping, limit: int | None = None) -> dict[str, Tensor]:
+    """The NaFlex tensors of a batch dict (its own spelling's keys; ``labels`` and others left out), each sliced to
+    its first ``limit`` images."""
+    return {key: batch[key][:limit] for key in keys_of(batch) if isinstance(batch.get(key), Tensor)}
+
+
+def pad_cat(parts: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """NaFlex dicts of one spelling joined along the batch: sequences padded with zeros (padding in both spellings:
+    a zero patch, mask 0 or ``patch_valid`` False, cell ``(0, 0)``) to the longest ``N`` first."""
+    keys = keys_of(parts[0])
+    length = max(int(part[keys[0]].shape[1]) for part in parts)
+    joined = {}
+    for key in parts[0]:
+        tensors = []
+        for part in parts:
+            tensor = part[key]
+            if key != "spatial_shapes" and tensor.shape[1] < length:
+                pad = tensor.new_zeros((tensor.shape[0], length - tensor.shape[1], *tensor.shape[2:]))
+                tensor = torch.cat([tensor, pad], dim=1)
+            tensors.append(tensor)
+        joined[key] = torch.cat(tensors)
+    return joined
 
 
 def call_model(model: nn.Module, inputs: Mapping[str, Tensor]) -> object:
@@ -259,6 +285,24 @@ class NaFlexBatch:
             mask = self.valid.to(self.mask_dtype)
             return dict(zip(TRANSFORMERS, (patches, mask, self.grid_sizes()), strict=True))
         return dict(zip(TIMM, (patches, self.coord, self.valid), strict=True))
+
+    def images(self, patch_size: tuple[int, int]) -> list[Tensor]:
+        """Each image ``[C, h * Ph, w * Pw]`` rebuilt from its valid patches on its own grid, the inverse of both
+        libraries' patchify (a patch's pixels in ``(y, x, channel)`` order); a cell no valid patch fills is 0.
+
+        Args:
+            patch_size: ``(Ph, Pw)`` pixels per patch (needed for flat ``[B, N, P*P*C]`` patches).
+        """
+        patch_h, patch_w = patch_size
+        patches = self.patches.reshape(self.batch_size, self.length, patch_h, patch_w, -1)
+        rebuilt = []
+        for index, (height, width) in enumerate(self.grid_sizes().tolist()):
+            own = self.valid[index]
+            grid = patches.new_zeros(height, width, patch_h, patch_w, patches.shape[-1])
+            cells = self.coord[index, own]
+            grid[cells[:, 0], cells[:, 1]] = patches[index, own]
+            rebuilt.append(grid.permute(4, 0, 2, 1, 3).reshape(-1, height * patch_h, width * patch_w))
+        return rebuilt
 
     def grid_sizes(self) -> Tensor:
         """``[B, 2]`` each image's grid ``(h, w)``: one more than the largest ``(y, x)`` of its valid patches."""

@@ -11,7 +11,7 @@ import io
 import math
 import struct
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -28,6 +28,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from gmar_lightning._checks import check_positive_int
+from gmar_lightning.naflex import NaFlexBatch
 from gmar_lightning.trajectory import HeadTrajectory
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "line_colours",
     "literal",
     "methods_figure",
+    "naflex_display",
     "overlay",
     "overlay_grid_figure",
     "overlay_grid_image",
@@ -164,6 +166,27 @@ def denormalize(
     low = flat.amin(dim=1).view(-1, 1, 1, 1)
     span = (flat.amax(dim=1).view(-1, 1, 1, 1) - low).clamp_min(torch.finfo(torch.float32).tiny)
     return ((images - low) / span).clamp(0.0, 1.0)
+
+
+def naflex_display(
+    batch: Mapping[str, Tensor],
+    patch_size: tuple[int, int],
+    mean: Sequence[float] | Tensor | None = None,
+    std: Sequence[float] | Tensor | None = None,
+) -> list[Tensor]:
+    """Each image of a NaFlex batch (timm's or transformers' dict), rebuilt from its valid patches on its own grid and
+    mapped back to displayable ``[0, 1]`` like [`denormalize`][gmar_lightning.render.denormalize].
+
+    Args:
+        batch: A NaFlex dict in either spelling (see [`gmar_lightning.naflex`][gmar_lightning.naflex]).
+        patch_size: ``(Ph, Pw)`` pixels per patch.
+        mean: Per-channel normalisation mean (``None``: per-image min-max).
+        std: Per-channel normalisation std.
+
+    Returns:
+        One ``[1, C, h * Ph, w * Pw]`` float32 image per batch image, at its own size and aspect ratio.
+    """
+    return [denormalize(image[None], mean, std) for image in NaFlexBatch.from_dict(batch).images(patch_size)]
 
 
 def check_overlay_style(cmap: str, alpha: float, mode: str = "blended", outlier_percentile: float = 0.0) -> None:
@@ -848,12 +871,14 @@ def evolution_page_images(
     alpha: float = DEFAULT_ALPHA,
     mode: str = "blended",
     outlier_percentile: float = 0.0,
+    first_image: int = 1,
 ) -> list[np.ndarray]:
     """The pages of [`evolution_pages`][gmar_lightning.render.evolution_pages] as ``[H, W, 3]`` uint8 arrays, the
     pixels [`figure_to_array`][gmar_lightning.render.figure_to_array] gives of each of its figures, drawn faster: the
     colour bar, the same on every page, is drawn once.
 
-    Arguments as for [`evolution_pages`][gmar_lightning.render.evolution_pages].
+    Arguments as for [`evolution_pages`][gmar_lightning.render.evolution_pages], and ``first_image``: the number the
+    first row is labelled with (``image 1``, ...), for images drawn apart from those before them.
 
     Examples:
         >>> pages = evolution_page_images(torch.rand(3, 3, 8, 8), torch.rand(6, 3, 4, 4), list(range(6)))
@@ -861,7 +886,7 @@ def evolution_page_images(
         (2, dtype('uint8'))
     """
     header, pages = _evolution_page_list(images, maps, epochs, rows_per_page, max_columns, cmap, alpha, mode,
-                                         outlier_percentile)  # fmt: skip
+                                         outlier_percentile, first_image)  # fmt: skip
     return _tile_page_images(pages, len(header), None, cmap, mode, header)
 
 
@@ -875,6 +900,7 @@ def _evolution_page_list(
     alpha: float,
     mode: str,
     outlier_percentile: float,
+    first_image: int = 1,
 ) -> tuple[list[str], list[_Page]]:
     """The column headings (the shown evaluations) and the pages of `evolution_pages`."""
     check_positive_int("rows_per_page", rows_per_page)
@@ -886,7 +912,7 @@ def _evolution_page_list(
             tiles[first * columns : (first + rows_per_page) * columns],
             None,
             None,
-            [f"image {row + 1}" for row in range(first, min(first + rows_per_page, rows))],
+            [f"image {row + first_image}" for row in range(first, min(first + rows_per_page, rows))],
         )
         for first in range(0, rows, rows_per_page)
     ]

@@ -50,6 +50,7 @@ from gmar_lightning.capture import unwrap_model
 from gmar_lightning.engine import explain, explain_many
 from gmar_lightning.explanation import GMAR_METHODS, METHODS, Explanation
 from gmar_lightning.input_recipe import INPUT_RECIPE_KEY, InputRecipe, datamodule_recipe
+from gmar_lightning.naflex import is_naflex_batch, naflex_part, pad_cat
 from gmar_lightning.options import ExplainOptions
 from gmar_lightning.render import DEFAULT_ALPHA, DEFAULT_CMAP, check_overlay_style
 from gmar_lightning.resolve import ResolvedModel, resolve_model
@@ -58,7 +59,8 @@ from gmar_lightning.trajectory import TRAJECTORY_STEM, HeadTrajectory
 __all__ = ["GMARCallback"]
 
 ProbeInput = Tensor | tuple[Tensor, Tensor] | list[int]
-BatchParts = tuple[Tensor, Tensor | None, Tensor | None]
+# Images are a tensor [B, C, H, W] or a NaFlex dict of B images (its own keys only).
+BatchParts = tuple[Tensor | dict[str, Tensor], Tensor | None, Tensor | None]
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -83,10 +85,18 @@ def _preserved_rng() -> Iterator[None]:
 
 
 def _split_batch(batch: Any) -> BatchParts:
-    """Images, labels and masks from a ``Tensor``, an ``(images, labels[, masks])`` sequence or a dict."""
+    """Images, labels and masks from a ``Tensor``, an ``(images, labels[, masks])`` sequence or a dict; a NaFlex dict
+    (transformers' processor output, perhaps with ``labels``) or a ``(NaFlex dict, labels)`` pair (timm's NaFlex
+    loader) gives its NaFlex tensors as the images."""
     if isinstance(batch, Tensor):
         return batch, None, None
-    if isinstance(batch, Mapping):
+    if is_naflex_batch(batch):
+        images: Any = naflex_part(batch)
+        labels = next((batch[key] for key in _LABEL_KEYS if key in batch), None)
+        masks = None
+    elif isinstance(batch, Sequence) and batch and is_naflex_batch(batch[0]):
+        images, labels, masks = naflex_part(batch[0]), batch[1] if len(batch) > 1 else None, None
+    elif isinstance(batch, Mapping):
         images = next((batch[key] for key in _IMAGE_KEYS if key in batch), None)
         labels = next((batch[key] for key in _LABEL_KEYS if key in batch), None)
         masks = next((batch[key] for key in _MASK_KEYS if key in batch), None)
@@ -96,7 +106,7 @@ def _split_batch(batch: Any) -> BatchParts:
         masks = batch[2] if len(batch) > 2 else None
     else:
         images = labels = masks = None
-    if not isinstance(images, Tensor):
+    if not isinstance(images, Tensor) and not is_naflex_batch(images):
         keys = f" with keys {sorted(map(str, batch))}" if isinstance(batch, Mapping) else ""
         raise TypeError(
             f"GMARCallback cannot find images in a validation batch of type {type(batch).__name__}{keys}; pass "
@@ -112,17 +122,29 @@ def _indexable(dataset: Any) -> bool:
     return dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
 
 
-def _cat(parts: list[Tensor | None]) -> Tensor | None:
-    return None if any(part is None for part in parts) else torch.cat(parts)  # type: ignore[arg-type]
+def _cat(parts: list[Any]) -> Any:
+    if any(part is None for part in parts):
+        return None
+    return pad_cat(parts) if isinstance(parts[0], Mapping) else torch.cat(parts)
 
 
-def _own_copy(part: Tensor | None, limit: int | None = None) -> Tensor | None:
-    """A CPU copy that is a normal tensor even when made under ``trainer.validate()``'s inference mode, so that a
-    probe taken in a baseline validate can still be explained (with gradients) during a later fit."""
+def _own_copy(part: Any, limit: int | None = None) -> Any:
+    """A CPU copy (of a tensor, or of each tensor of a NaFlex dict) that is a normal tensor even when made under
+    ``trainer.validate()``'s inference mode, so that a probe taken in a baseline validate can still be explained
+    (with gradients) during a later fit."""
     if part is None:
         return None
+    if isinstance(part, Mapping):
+        return {key: _own_copy(value, limit) for key, value in part.items()}
     with torch.inference_mode(False):
         return part[:limit].detach().cpu().clone()
+
+
+def _moved(part: Any, device: torch.device) -> Any:
+    """A tensor, or each tensor of a NaFlex dict, on ``device``."""
+    if isinstance(part, Mapping):
+        return {key: value.to(device) for key, value in part.items()}
+    return None if part is None else part.to(device)
 
 
 def _first_loader(loaders: Any) -> Any:
@@ -272,7 +294,9 @@ class GMARCallback(Callback):
             ``head_norm``, ``discard_ratio``, ``start_layer``, ``chunk_size``, ``token_layout``), checked here.
         unpack_batch: Turns one validation batch (or the collated probe samples) into ``images`` or
             ``(images, labels[, masks])``, for batches the default cannot read (a tensor, an
-            ``(images, labels[, masks])`` sequence, or a dict with keys such as ``images``/``labels``/``masks``).
+            ``(images, labels[, masks])`` sequence, a dict with keys such as ``images``/``labels``/``masks``, or a
+            NaFlex batch: a dict in timm's or transformers' keys, perhaps with ``labels``, or a ``(dict, labels)``
+            pair, whose probe images are each drawn at their own size).
         explain_on_all_ranks: Whether every rank explains the same probe in lockstep (rank 0 alone logs), as a model
             whose forward runs collectives needs. ``None``: under ``FSDPStrategy``, ``ModelParallelStrategy``
             (FSDP2) and ``DeepSpeedStrategy``, where sharded parameters are gathered by every rank together; rank 0
@@ -640,7 +664,7 @@ class GMARCallback(Callback):
 
     def _keep_from_batch(self, batch: Any) -> None:
         """For iterable datasets, which cannot be indexed: keep the first samples that rank 0 sees."""
-        wanted = self.num_probe - sum(len(part[0]) for part in self._pending)
+        wanted = self.num_probe - sum(len(Probe(part[0])) for part in self._pending)
         if wanted > 0:
             self._pending.append(tuple(_own_copy(part, wanted) for part in self._unpack(batch)))  # type: ignore[arg-type]
 
@@ -664,7 +688,9 @@ class GMARCallback(Callback):
                 batch = pl_module.on_after_batch_transfer(batch, 0)
                 probe = Probe(*(_own_copy(part) for part in self._unpack(batch)))  # type: ignore[arg-type]
         elif self._pending:
-            probe = Probe(*(_cat([pending[part] for pending in self._pending]) for part in range(3)))
+            # Joined outside inference mode too (a validate run's hook runs in it): the probe stays a normal tensor.
+            with torch.inference_mode(False):
+                probe = Probe(*(_cat([pending[part] for pending in self._pending]) for part in range(3)))
             self._pending = []
         else:
             return None
@@ -723,12 +749,7 @@ class GMARCallback(Callback):
                 self.probe = (
                     None
                     if probe is None
-                    else Probe(
-                        **{
-                            name: None if part is None else part.to(pl_module.device)
-                            for name, part in probe.state_dict().items()
-                        }
-                    )
+                    else Probe(**{name: _moved(part, pl_module.device) for name, part in probe.state_dict().items()})
                 )
             if self.probe is None:
                 return
@@ -867,7 +888,7 @@ class GMARCallback(Callback):
         own = InputRecipe(mean=self.mean, std=self.std, class_names=self.class_names)
         data = datamodule_recipe(trainer)
         recipe = data.merged_over(own) if stored else own.merged_over(data)
-        if recipe.img_size is None and self.probe is not None:
+        if recipe.img_size is None and self.probe is not None and isinstance(self.probe.images, Tensor):
             recipe = InputRecipe(img_size=int(self.probe.images.shape[-1])).merged_over(recipe)
         return recipe
 

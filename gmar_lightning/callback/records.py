@@ -31,6 +31,7 @@ from gmar_lightning.render import (
     figure_to_array,
     head_heatmap_figure,
     layer_trajectory_images,
+    naflex_display,
     overlay,
     overlay_page_images,
     specialisation_images,
@@ -121,19 +122,21 @@ class Probe:
     """The fixed batch explained at every evaluation, kept on the CPU.
 
     Attributes:
-        images: ``[B, C, H, W]`` model inputs.
+        images: ``[B, C, H, W]`` model inputs, or a NaFlex dict (timm's or transformers' keys, see
+            [`gmar_lightning.naflex`][gmar_lightning.naflex]) of ``B`` images of their own sizes.
         labels: ``[B]`` class labels, if known.
         masks: ``[B, H, W]`` boolean object masks, if known (needed by the pointing games).
     """
 
-    images: Tensor
+    images: Tensor | dict[str, Tensor]
     labels: Tensor | None = None
     masks: Tensor | None = None
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        images = self.images if isinstance(self.images, Tensor) else next(iter(self.images.values()))
+        return int(images.shape[0])
 
-    def state_dict(self) -> dict[str, Tensor | None]:
+    def state_dict(self) -> dict[str, Tensor | dict[str, Tensor] | None]:
         return {"images": self.images, "labels": self.labels, "masks": self.masks}
 
 
@@ -159,10 +162,11 @@ class MapHistory:
     def append(self, epoch: int, maps: dict[str, Tensor]) -> None:
         """Add one evaluation: method -> ``[B, H, W]`` maps in ``[0, 1]`` of the whole probe."""
         for method, values in maps.items():
-            rows = values[:EVOLUTION_ROWS].detach().float().cpu().unsqueeze(1)
+            # NaN outside a NaFlex image's own grid: nothing there, and no NaN spread into the pooled border.
+            rows = values[:EVOLUTION_ROWS].detach().float().cpu().nan_to_num(0.0).unsqueeze(1)
             side = (min(rows.shape[-2], _HISTORY_SIDE), min(rows.shape[-1], _HISTORY_SIDE))
             small = torch.nn.functional.adaptive_avg_pool2d(rows, side).squeeze(1)
-            quantised = (small.nan_to_num(0.0).clamp(0.0, 1.0) * 255).round().to(torch.uint8).unsqueeze(0)
+            quantised = (small.clamp(0.0, 1.0) * 255).round().to(torch.uint8).unsqueeze(0)
             previous = self.maps.get(method)
             self.maps[method] = quantised if previous is None else torch.cat([previous, quantised])
         self.epochs.append(int(epoch))
@@ -223,6 +227,12 @@ def probe_metric_scores(
     model: nn.Module, probe: Probe, explanation: Explanation, names: Sequence[str]
 ) -> dict[str, float]:
     """Score one method's maps on the probe with the named metrics; metrics undefined without masks are skipped."""
+    if not names:
+        return {}
+    if not isinstance(probe.images, Tensor):
+        raise ValueError(
+            f"`metrics` {list(names)} score image tensors [B, C, H, W]; the probe is a NaFlex batch: pass metrics=()."
+        )
     images = probe.images.to(explanation.maps.device)
     return {
         name: metrics.METRICS[name].score(model, images, explanation.maps, explanation.targets, probe.masks)
@@ -287,9 +297,9 @@ def evaluation_record(
         head) and ``gmar/specialisation/{entropy,top_head_share,rank_stability}``; table ``gmar/head_weights_table``.
         Scalars ``gmar/metrics/<method>/<metric>`` for the metric scores.
     """
-    display = denormalize(probe.images[:max_images], mean, std)
     record = EvaluationRecord(step=step, epoch=epoch)
     truths = probe.labels.tolist() if probe.labels is not None else None
+    displays, per_page = _displayed(probe, next(iter(explanations.values())), max_images, mean, std)
     for method, explanation in explanations.items():
         shown = min(max_images, explanation.batch_size)
         predictions = explanation.predictions[:shown].tolist()
@@ -299,34 +309,54 @@ def evaluation_record(
         maps = explanation.maps[:shown].cpu()
         style = {"cmap": cmap, "alpha": alpha, "mode": mode, "outlier_percentile": outlier_percentile}
         title, meaning = map_meaning(method)
-        pages = overlay_page_images(display, maps, labels, predicted, probabilities, max_images, _OVERLAYS_PER_PAGE,
-                                    title=f"{method}: {title}", **style)  # fmt: skip
+        # (first image, images, their maps cropped to them): a NaFlex map fills its image's corner of the canvas.
+        groups, first = [], 0
+        for images in displays:
+            groups.append((first, images, maps[first : first + len(images), : images.shape[-2], : images.shape[-1]]))
+            first += len(images)
+        pages, tiles = [], []
+        for first, images, own in groups:
+            part = slice(first, first + len(images))
+            pages += overlay_page_images(images, own, labels[part] if labels else None, predicted[part],
+                                         probabilities[part], max_images, per_page, title=f"{method}: {title}",
+                                         **style)  # fmt: skip
+            tiles += list(overlay(images, own, **style))
         hits = sum(truth == prediction for truth, prediction in zip(truths or [], predictions, strict=False))
         right = f"{hits}/{shown} probe images predicted right" if truths is not None else f"{shown} probe images"
         for page, pixels in enumerate(pages):
-            tag = _page_tag(f"gmar/overlay/{method}", page, _OVERLAYS_PER_PAGE, shown)
+            tag = _page_tag(f"gmar/overlay/{method}", page, per_page, shown)
             record.images[tag] = _page_image(pixels)
             record.captions[tag] = f"{method} at epoch {epoch}, step {step}: {right}; {meaning}."
         record.galleries[f"gmar/probe/{method}"] = [
             (tile, f"{'true: ' + labels[index] + ', ' if labels else ''}pred: {predicted[index]} "
                    f"({probabilities[index]:.0%})")
-            for index, tile in enumerate(overlay(display, maps, **style))
+            for index, tile in enumerate(tiles)
         ]  # fmt: skip
         if map_history is not None and method in map_history.maps:
-            evaluations, rows = map_history.maps[method].shape[:2]
-            evolution = evolution_page_images(
-                display[:rows],
-                map_history.maps[method].float() / 255.0,
-                # A method added when a run resumed has maps of the latest evaluations only.
-                map_history.epochs[-evaluations:],
-                rows_per_page=_EVOLUTION_ROWS_PER_PAGE,
-                **style,
-            )
+            history = map_history.maps[method].float() / 255.0
+            evaluations, rows, height, width = history.shape
+            evolution, evolution_per_page = [], min(per_page, _EVOLUTION_ROWS_PER_PAGE)
+            for first, images, _ in groups:
+                if first >= rows:
+                    break
+                images = images[: rows - first]
+                # The history holds the whole canvas, pooled: an image's own share of it.
+                own_height = max(1, round(height * images.shape[-2] / maps.shape[-2]))
+                own_width = max(1, round(width * images.shape[-1] / maps.shape[-1]))
+                evolution += evolution_page_images(
+                    images,
+                    history[:, first : first + len(images), :own_height, :own_width],
+                    # A method added when a run resumed has maps of the latest evaluations only.
+                    map_history.epochs[-evaluations:],
+                    rows_per_page=evolution_per_page,
+                    first_image=first + 1,
+                    **style,
+                )
             for page, pixels in enumerate(evolution):
-                tag = _page_tag(f"gmar/evolution/{method}", page, _EVOLUTION_ROWS_PER_PAGE, rows)
+                tag = _page_tag(f"gmar/evolution/{method}", page, evolution_per_page, rows)
                 record.images[tag] = _page_image(pixels)
                 record.captions[tag] = (
-                    f"{method} maps of probe images {_page_images(page, _EVOLUTION_ROWS_PER_PAGE, rows)} at "
+                    f"{method} maps of probe images {_page_images(page, evolution_per_page, rows)} at "
                     f"{evaluations} evaluations (at most 4 shown, evenly spaced, always the first and the latest)"
                 )
         for metric, score in (metric_scores or {}).get(method, {}).items():
@@ -335,6 +365,20 @@ def evaluation_record(
     if head_method is not None:
         _add_head_data(record, explanations[head_method], trajectory, per_head_histograms, pruned_at)
     return record
+
+
+def _displayed(
+    probe: Probe, explanation: Explanation, max_images: int, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[list[Tensor], int]:
+    """The shown probe images in ``[0, 1]``, as groups of one size, and the overlays per page: image tensors are one
+    group, two per page; a NaFlex batch's images each at their own size and aspect ratio, one per page (a page puts
+    tiles of one size side by side)."""
+    if isinstance(probe.images, Tensor):
+        return [denormalize(probe.images[:max_images], mean, std)], _OVERLAYS_PER_PAGE
+    grid = explanation.grid_sizes.amax(dim=0).tolist()
+    patch_size = (explanation.maps.shape[-2] // grid[0], explanation.maps.shape[-1] // grid[1])
+    shown = {key: value[:max_images] for key, value in probe.images.items()}
+    return naflex_display(shown, patch_size, mean, std), 1
 
 
 def _page_image(pixels: np.ndarray) -> Tensor:
