@@ -28,6 +28,8 @@ from gmar_lightning.render import naflex_display  # noqa: E402
 from tests.lightning_helpers import trainer_kwargs  # noqa: E402
 from tests.test_callback import read_events  # noqa: E402
 from tests.test_hf_siglip2 import PATCH, classifier  # noqa: E402
+from tests.test_naflex import images_of  # noqa: E402
+from tests.test_naflex import make as naflexvit  # noqa: E402
 from tests.test_naflex import naflex_batch as timm_batch  # noqa: E402
 
 # A wide (2x4 patches) and a tall (4x2) image, padded to 10 patches.
@@ -150,6 +152,41 @@ def test_a_probe_from_iterable_batches_of_two_lengths_is_padded_to_one(tmp_path:
     assert torch.equal(probe["pixel_values"][2], alone["pixel_values"][0])
     assert callback.probe.labels.tolist() == [0, 1, 2]
     expected = explain(module.model.eval(), processed(raw_images(4)[:3], length=12), method="gmar_l1")
+    torch.testing.assert_close(callback.validation_trajectory.weights[-1], expected.head_weights.mean(0), rtol=0,
+                               atol=1e-6)  # fmt: skip
+
+
+class NaFlexViTModule(pl.LightningModule):
+    """A timm NaFlexViT validated on (dict, labels) pairs, as timm's NaFlex loader yields them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.vit = naflexvit("map")
+
+    def forward(self, batch: dict[str, Tensor]) -> Tensor:
+        return self.vit(batch)
+
+    def validation_step(self, batch: list, batch_idx: int) -> None:
+        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+
+class TimmBatches(IterableDataset):
+    def __iter__(self):
+        images = images_of([(16, 24), (24, 16), (24, 32)])
+        yield timm_batch(images[:2], length=6), torch.tensor([0, 1])
+        yield timm_batch(images[2:], length=12), torch.tensor([2])
+
+
+def test_a_naflexvit_validated_on_timm_pairs_is_explained_on_its_probe(tmp_path: Path) -> None:
+    callback = GMARCallback(num_probe=3, methods=("gmar_l1",), on_error="raise")
+    module = NaFlexViTModule()
+    pl.Trainer(**trainer_kwargs(tmp_path, logger=False, callbacks=[callback])).validate(
+        module, DataLoader(TimmBatches(), batch_size=None)
+    )
+    expected_batch = timm_batch(images_of([(16, 24), (24, 16), (24, 32)]), length=12)
+    for key, value in expected_batch.items():
+        assert torch.equal(callback.probe.images[key], value), key
+    expected = explain(module.vit.eval(), expected_batch, method="gmar_l1")
     torch.testing.assert_close(callback.validation_trajectory.weights[-1], expected.head_weights.mean(0), rtol=0,
                                atol=1e-6)  # fmt: skip
 
