@@ -113,11 +113,11 @@ def test_a_siglip2_fit_on_processor_dicts_logs_each_image_at_its_own_aspect_rati
                              for head in range(4)] for layer in range(2)])  # fmt: skip
     torch.testing.assert_close(weights, expected.head_weights.mean(0), rtol=0, atol=1e-6)
     torch.testing.assert_close(callback.trajectory.weights[-1], expected.head_weights.mean(0), rtol=0, atol=1e-6)
-    # The evolution history: the maps (NaN outside each image's grid counted as 0), pooled to 8x16 and quantised.
-    pooled = F.adaptive_avg_pool2d(expected.maps.nan_to_num(0.0)[:, None], expected.maps.shape[-2:])[:, 0]
+    # The evolution history: the 16x16 canvases (under 64 px: not pooled), NaN outside each image's grid counted as 0,
+    # quantised to 255 levels.
     history = callback.map_history.maps["gmar_l1"][-1].float() / 255
     assert history.shape == expected.maps.shape == (3, 16, 16)
-    torch.testing.assert_close(history, pooled, rtol=0, atol=0.5 / 255 + 1e-6)
+    torch.testing.assert_close(history, expected.maps.nan_to_num(0.0), rtol=0, atol=0.5 / 255 + 1e-6)
 
     # The checkpoint holds the NaFlex probe; a resumed fit explains the same dict.
     resumed = GMARCallback(num_probe=3, methods=("gmar_l1",), on_error="raise")
