@@ -90,6 +90,34 @@ def zeroed_output_columns(attentions: list[nn.Module], keep: Tensor, head_dim: i
             getattr(module, output).weight.mul_(row.repeat_interleave(head_dim))
 
 
+def fuse_heads(method: str, attention: Tensor, grad: Tensor) -> tuple[Tensor, Tensor | None]:
+    """One image's layer: its ``[H, n_q, n_k]`` attention fused over heads into ``[n_q, n_k]`` and, for GMAR, the
+    ``[H]`` head weights (each head's gradient norm over the layer's sum)."""
+    if method in ("gmar_l1", "gmar_l2"):
+        scores = grad.abs().sum((1, 2)) if method == "gmar_l1" else grad.pow(2).sum((1, 2)).sqrt()
+        weights = scores / scores.sum()
+        return (weights[:, None, None] * attention).sum(0), weights
+    if method == "grad_rollout":
+        return (grad * attention).clamp(min=0).mean(0), None
+    return attention.mean(0), None
+
+
+def roll_out_row(row: Tensor, matrices: list[Tensor], method: str, pooled: bool) -> Tensor:
+    """The read-out ``row`` carried down through one image's fused ``[N, N]`` layer matrices (forward order), as
+    Abnar & Zuidema roll out: identity added with weight 0.5 and rows renormalised (``grad_rollout``: identity added,
+    no renormalising); ``attention`` reads the last layer alone, or the pool's row as it is (``pooled``)."""
+    eye = torch.eye(row.shape[-1], dtype=row.dtype)
+    if method == "attention":
+        return row if pooled else row @ matrices[-1]
+    for matrix in reversed(matrices):
+        if method == "grad_rollout":
+            row = row @ (eye + matrix)
+        else:
+            mixed = 0.5 * eye + 0.5 * matrix
+            row = row @ (mixed / mixed.sum(-1, keepdim=True))
+    return row
+
+
 def readout_rows(matrix: Tensor, readout: list[int] | Tensor) -> Tensor:
     """Mean of the read-out tokens' rows of ``[B, N, M]``, or the sum of its rows weighted by an ``[N]`` tensor."""
     if isinstance(readout, Tensor):

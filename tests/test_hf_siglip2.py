@@ -5,8 +5,8 @@ builds from images of two sizes, padded.
 The reference works image by image with the padding removed, in float64: each block's attention is transformers' own
 ``output_attentions`` under eager attention (with the model's padding mask) restricted to the image's own tokens, the
 pool's attention is recomputed from its own ``q``/``k`` projections with the padding keys masked, the gradients come
-from one ``torch.autograd.grad`` on those tensors, and the rollout is written here as full products. Nothing here uses
-the package's plans, mixings or method helpers.
+from one ``torch.autograd.grad`` on those tensors, and the rollout is written as full products (tests/reference.py).
+Nothing here uses the package's plans, mixings or method helpers.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from gmar_lightning import METHODS, explain  # noqa: E402
 from gmar_lightning.families import UnsupportedModelError  # noqa: E402
 from gmar_lightning.heads import head_mask, michel_importance  # noqa: E402
 from gmar_lightning.heads.pruning import head_counts, prune_heads  # noqa: E402
-from tests.reference import zeroed_output_columns  # noqa: E402
+from tests.reference import fuse_heads, roll_out_row, zeroed_output_columns  # noqa: E402
 from tests.test_hf import sharpen  # noqa: E402
 
 DIM, HEADS, HEAD_DIM, PATCH = 32, 4, 8, 4
@@ -154,17 +154,6 @@ def captured(model: nn.Module, batch: dict[str, Tensor], pooled: bool) -> tuple[
     return [t.detach() for t in tensors], list(grads), logits.detach()
 
 
-def fuse(method: str, attention: Tensor, grad: Tensor) -> tuple[Tensor, Tensor | None]:
-    """One layer's ``[n_q, n_k]`` matrix and, for GMAR, its ``[H]`` head weights."""
-    if method in ("gmar_l1", "gmar_l2"):
-        scores = grad.abs().sum((1, 2)) if method == "gmar_l1" else grad.pow(2).sum((1, 2)).sqrt()
-        weights = scores / scores.sum()
-        return (weights[:, None, None] * attention).sum(0), weights
-    if method == "grad_rollout":
-        return (grad * attention).clamp(min=0).mean(0), None
-    return attention.mean(0), None
-
-
 def reference(model: nn.Module, batch: dict[str, Tensor], method: str, pooled: bool) -> list:
     """Per image: the token map on its own grid and the head weights ``[L (+ pool), H]``, padding removed."""
     attentions, grads, _ = captured(model, batch, pooled)
@@ -177,26 +166,16 @@ def reference(model: nn.Module, batch: dict[str, Tensor], method: str, pooled: b
             attention = attentions[layer][image][:, :own, :own]
             # The model's mask: every query's attention lies on the image's own keys.
             torch.testing.assert_close(attention.sum(-1), torch.ones_like(attention[..., 0]))
-            matrix, weight = fuse(method, attention, grads[layer][image][:, :own, :own])
+            matrix, weight = fuse_heads(method, attention, grads[layer][image][:, :own, :own])
             matrices.append(matrix)
             weights.append(weight)
         if pooled:  # the pool's fused attention over the valid patches is the read-out row; no residual
-            pool_matrix, pool_weight = fuse(method, attentions[-1][image][..., :own], grads[-1][image][..., :own])
+            pool_matrix, pool_weight = fuse_heads(method, attentions[-1][image][..., :own], grads[-1][image][..., :own])
             row = pool_matrix[0]
             weights.append(pool_weight)
         else:  # the mean of the image's own tokens
             row = torch.full((own,), 1.0 / own, dtype=torch.float64)
-        eye = torch.eye(own, dtype=torch.float64)
-        if method == "attention":
-            if not pooled:
-                row = row @ matrices[-1]
-        else:
-            for matrix in reversed(matrices):
-                if method == "grad_rollout":
-                    row = row @ (eye + matrix)
-                else:
-                    mixed = 0.5 * eye + 0.5 * matrix
-                    row = row @ (mixed / mixed.sum(-1, keepdim=True))
+        row = roll_out_row(row, matrices, method, pooled)
         out.append((row.reshape(height, width), torch.stack(weights) if weights[0] is not None else None))
     return out
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from gmar_lightning import METHODS, explain
 from gmar_lightning.engine import explain_many
 from tests.models import TINY, sharpen
+from tests.reference import fuse_heads, roll_out_row
 
 ATOL = 1e-5
 PATCH = 8
@@ -95,17 +96,6 @@ def capture(model: nn.Module, batch: dict[str, Tensor]):
     return every, list(grads), qkvs
 
 
-def fuse(method: str, attention: Tensor, grad: Tensor) -> tuple[Tensor, Tensor | None]:
-    """One layer's ``[n_q, n_k]`` matrix and, for GMAR, its ``[H]`` head weights."""
-    if method in ("gmar_l1", "gmar_l2"):
-        scores = grad.abs().sum((1, 2)) if method == "gmar_l1" else grad.pow(2).sum((1, 2)).sqrt()
-        weights = scores / scores.sum()
-        return (weights[:, None, None] * attention).sum(0), weights
-    if method == "grad_rollout":
-        return (grad * attention).clamp(min=0).mean(0), None
-    return attention.mean(0), None
-
-
 def reference(model: nn.Module, batch: dict[str, Tensor], method: str) -> list[tuple[Tensor, Tensor | None]]:
     """Per image: the token map on its own grid and the head weights ``[L (+ pool), H]``, padding removed."""
     attentions, grads, qkvs = capture(model, batch)
@@ -123,12 +113,14 @@ def reference(model: nn.Module, batch: dict[str, Tensor], method: str) -> list[t
             recomputed = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)
             attention = attentions[layer][image][:, own][:, :, own]
             torch.testing.assert_close(attention, recomputed, rtol=1e-5, atol=1e-6)  # the mask: the image alone
-            matrix, weight = fuse(method, recomputed, grads[layer][image][:, own][:, :, own])
+            matrix, weight = fuse_heads(method, recomputed, grads[layer][image][:, own][:, :, own])
             matrices.append(matrix)
             weights.append(weight)
         row = torch.zeros(count)
         if pooled:  # the pool's fused attention over the valid patches is the read-out row; no residual
-            pool_matrix, pool_weight = fuse(method, attentions[-1][image][..., patches], grads[-1][image][..., patches])
+            pool_matrix, pool_weight = fuse_heads(
+                method, attentions[-1][image][..., patches], grads[-1][image][..., patches]
+            )
             latents = model.attn_pool.latent_len
             latent_weights = torch.full((latents,), 1.0 / latents)
             if model.attn_pool.pool == "token":
@@ -137,17 +129,7 @@ def reference(model: nn.Module, batch: dict[str, Tensor], method: str) -> list[t
             weights.append(pool_weight)
         else:  # global average pooling over the image's valid patches
             row[prefix:] = 1.0 / len(patches)
-        eye = torch.eye(count)
-        if method == "attention":
-            if not pooled:
-                row = row @ matrices[-1]
-        else:
-            for matrix in reversed(matrices):
-                if method == "grad_rollout":
-                    row = row @ (eye + matrix)
-                else:
-                    mixed = 0.5 * eye + 0.5 * matrix
-                    row = row @ (mixed / mixed.sum(-1, keepdim=True))
+        row = roll_out_row(row, matrices, method, pooled)
         cells = batch["patch_coord"][image, patches]
         grid = torch.full((int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1), float("nan"))
         grid[cells[:, 0], cells[:, 1]] = row[prefix:]
