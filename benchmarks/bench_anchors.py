@@ -273,9 +273,12 @@ def print_case(case: dict, repeats: int) -> None:
         print(line)
     for method in ("gmar_l1", "grad_rollout"):
         name = f"explain_{method}"
+        # On the CPU a small case's blocks come from freed heap memory of a process that ran bigger work before (a
+        # test worker), so the training step may add nothing to the resident peak: that ratio is then undefined.
+        peak_ratio = f"{peaks[name] / peaks['train_step']:5.2f}" if peaks["train_step"] else "  n/a"
         print(
             f"  RATIO {name:<22} / floor {times[name] / times['floor']:5.2f}  / train step "
-            f"{times[name] / times['train_step']:5.2f}   peak / train step {peaks[name] / peaks['train_step']:5.2f}"
+            f"{times[name] / times['train_step']:5.2f}   peak / train step {peak_ratio}"
         )
 
 

@@ -61,6 +61,17 @@ def test_tiny_run_checks_the_anchors_without_discard_and_times_them_with_it(
     assert {"anchor_rollout", "anchor_grad_rollout", "anchor_generic_rule", "floor"} <= set(case["times"])
 
 
+def test_a_training_step_that_adds_no_resident_peak_prints_no_peak_ratio(
+    bench: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # What a small CPU case measures in a process whose freed heap serves its tensors (a pytest-xdist worker that ran
+    # other files first): no peak growth for any operation. It once ended the run with a ZeroDivisionError.
+    names = ["anchor_rollout", "explain_rollout", "explain_grad_rollout", "explain_gmar_l1", "floor", "train_step"]
+    bench.print_case({"tokens": 10, "times": dict.fromkeys(names, 0.1), "peaks": dict.fromkeys(names, 0)}, 1)
+    ratios = [line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("RATIO")]
+    assert len(ratios) == 2 and all(line.endswith("/ train step  1.00   peak / train step   n/a") for line in ratios)
+
+
 def test_discard_ratio_out_of_range_is_refused_in_one_line(
     bench: ModuleType, capsys: pytest.CaptureFixture[str]
 ) -> None:
