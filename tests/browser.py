@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -103,7 +104,6 @@ def evaluate(
     )
     os.close(to_browser_read)
     os.close(from_browser_write)
-    reader = os.fdopen(from_browser_read, "rb")
     writer = os.fdopen(to_browser_write, "wb")
     pending = b""
     counter = iter(range(1, 1 << 30))
@@ -125,7 +125,9 @@ def evaluate(
                     if "error" in reply:
                         raise RuntimeError(f"{method} failed: {reply['error']}")
                     return reply["result"]
-            chunk = reader.read1(1 << 16)
+            # Wait for the reply no longer than the deadline: a Chromium that hangs silent must not hang the test.
+            readable, _, _ = select.select([from_browser_read], [], [], max(deadline - time.monotonic(), 0))
+            chunk = os.read(from_browser_read, 1 << 16) if readable else b""
             if not chunk:
                 break
             pending += chunk
@@ -141,7 +143,7 @@ def evaluate(
         return result["result"].get("value")
     finally:
         writer.close()
-        reader.close()
+        os.close(from_browser_read)
         _stop(process)
 
 
