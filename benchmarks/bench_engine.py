@@ -34,7 +34,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -43,13 +42,12 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from peak_memory import peak_bytes
+from peak_memory import MMAP_THRESHOLD, peak_bytes, run_fresh
 
 from gmar_lightning import explain
 
 METHODS = ("gmar_l1", "gmar_l2", "rollout", "grad_rollout")
 LOOP_METHOD = "gmar_l1"
-MMAP_THRESHOLD = "131072"
 
 
 def build(
@@ -122,9 +120,7 @@ def peak_memory_of(args: argparse.Namespace, name: str) -> int:
 def run_child(args: argparse.Namespace, size: int, batch: int, extra: list[str]) -> dict:
     command = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--repeats", str(args.repeats)]
     command += ["--image-size", str(size), "--batch", str(batch), "--methods", *args.methods, *extra]
-    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    return run_fresh(command)
 
 
 def measure_case(args: argparse.Namespace, size: int, batch: int) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
-from peak_memory import peak_bytes
+from peak_memory import peak_bytes, run_fresh
 
 from gmar_lightning import explain, families, recompute
 from gmar_lightning.engine import _free_memory, _memory_budget, _micro_batch
@@ -36,7 +35,6 @@ from gmar_lightning.methods import METHOD_TABLE
 from gmar_lightning.options import ExplainOptions
 
 GIB = 2**30
-MMAP_THRESHOLD = "131072"  # freed tensors leave the resident set at once (bench_engine.py)
 TRAINING_BATCHES = (1, 2)
 
 
@@ -65,9 +63,7 @@ def measured(args: argparse.Namespace, operation: str, batch: int) -> dict[str, 
     command += ["--batch", str(batch), "--peak-of", operation]
     if args.budget_gib:
         command += ["--budget-gib", str(args.budget_gib)]
-    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
-    output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    return run_fresh(command)
 
 
 def measure(args: argparse.Namespace) -> None:

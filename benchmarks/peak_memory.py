@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+MMAP_THRESHOLD = "131072"
+"""glibc's mmap threshold for measured children: freed tensors then leave the resident set at once."""
 
 
 def peak_bytes(op: Callable[[], object], device: torch.device) -> int:
@@ -30,3 +36,10 @@ def resident_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {field}; peak memory on CPU needs Linux.")
+
+
+def run_fresh(command: list[str]) -> dict:
+    """Run a benchmark child in a fresh process under ``MMAP_THRESHOLD`` and return the JSON of its last line."""
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD}
+    output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
+    return json.loads(output.strip().splitlines()[-1])
