@@ -350,19 +350,29 @@ def positive_relevance(attention: Tensor, grad: Tensor) -> Tensor:
     return total / max(heads, 1)
 
 
-def attention_rows(query: Tensor, key: Tensor, start: int, stop: int) -> Tensor:
+def attention_rows(query: Tensor, key: Tensor, start: int, stop: int, log_sum_exp: Tensor | None = None) -> Tensor:
     """Rows ``start:stop`` of the post-softmax attention ``A = softmax(q k^T / sqrt(d))``, recomputed: ``[B, H, c, N]``.
 
     ``query`` and ``key`` are ``[B, H, N, d]`` (after any q/k normalisation), as fused attention receives them. A
-    query row's softmax needs only that row's logits, so rows recompute exactly in chunks, in float32.
+    query row's softmax needs only that row's logits, so rows recompute exactly in chunks, in float32. With the
+    layer's log-sum-exp ``[B, H, N]`` (the normaliser the fused kernel computed in the forward pass), row ``i`` is
+    ``exp(q_i k^T / sqrt(d) - lse_i)``: one product and one ``exp`` instead of the softmax's three passes.
 
     Examples:
         >>> q, k = torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2)
         >>> attention_rows(q, k, 1, 2).tolist()  # equal logits: uniform attention
         [[[[0.3333333432674408, 0.3333333432674408, 0.3333333432674408]]]]
+        >>> attention_rows(q, k, 1, 2, log_sum_exp=torch.full((1, 1, 3), 3.0).log()).tolist()  # exp(0 - log 3)
+        [[[[0.3333333134651184, 0.3333333134651184, 0.3333333134651184]]]]
     """
-    logits = (query[:, :, start:stop].float() * query.shape[-1] ** -0.5) @ key.float().transpose(-2, -1)
-    return torch.softmax(logits, dim=-1)
+    rows = query[:, :, start:stop].float() * query.shape[-1] ** -0.5
+    key = key.float()
+    if log_sum_exp is None:
+        return torch.softmax(rows @ key.transpose(-2, -1), dim=-1)
+    # -lse_i rides in the product as one more dimension, (q_i, -lse_i) . (k_j, 1): no pass of its own subtracts it.
+    rows = torch.cat([rows, -log_sum_exp[:, :, start:stop, None].float()], dim=-1)
+    key = torch.cat([key, key.new_ones(*key.shape[:-1], 1)], dim=-1)
+    return (rows @ key.transpose(-2, -1)).exp_()
 
 
 def _contiguous(tensor: Tensor) -> Tensor:
@@ -371,15 +381,44 @@ def _contiguous(tensor: Tensor) -> Tensor:
     return tensor.float().contiguous()
 
 
-def _blocks(batch: int, tokens: int, rows: int, images: int | None) -> list[tuple[slice, slice]]:
-    """``(images, query rows)`` slices of the blocks that cover a ``[B, H, N, N]`` layer: ``images`` images (all when
-    ``None``) by ``rows`` query rows each."""
+def _blocks(batch: int, span: tuple[int, int], rows: int, images: int | None) -> list[tuple[slice, slice]]:
+    """``(images, query rows)`` slices of the blocks that cover query rows ``span = (start, stop)`` of a
+    ``[B, H, N, N]`` layer: ``images`` images (all when ``None``) by ``rows`` query rows each."""
     step, rows = max(int(images or batch), 1), max(int(rows), 1)
     return [
-        (slice(first, first + step), slice(start, start + rows))
+        (slice(first, first + step), slice(start, min(start + rows, span[1])))
         for first in range(0, batch, step)
-        for start in range(0, tokens, rows)
+        for start in range(span[0], span[1], rows)
     ]
+
+
+def _part(tensor: Tensor | None, images: slice) -> Tensor | None:
+    """``tensor[images]``, or ``None`` for ``None``."""
+    return None if tensor is None else tensor[images]
+
+
+def _row_span(active: Tensor) -> tuple[int, int]:
+    """``(start, stop)``: the first and one past the last query row where ``active`` (``[N]`` bool) holds; ``(0, 0)``
+    when none does.
+
+    A row block whose rows all have a zero read-out weight, or a zero output gradient, adds nothing to any method's sum
+    over query rows. Below a class token read-out only the class token's row is reached in the last layer, and the
+    pooled models' own rows are every row, so a span (one host synchronisation per layer) skips what exists to be
+    skipped without a per-block test.
+
+    Examples:
+        >>> _row_span(torch.tensor([False, True, False, True, False])), _row_span(torch.zeros(3, dtype=torch.bool))
+        ((1, 4), (0, 0))
+    """
+    indices = active.nonzero()
+    if not len(indices):
+        return 0, 0
+    return int(indices[0, 0]), int(indices[-1, 0]) + 1
+
+
+def _nonzero_rows(tensor: Tensor) -> Tensor:
+    """``[N]`` bool: the query rows (dimension 2) of a ``[B, H, N, d]`` tensor with a non-zero entry."""
+    return tensor.ne(0).any(dim=3).any(dim=1).any(dim=0)
 
 
 def gram_l2_scores(grad_output: Tensor, value: Tensor) -> Tensor:
@@ -413,51 +452,70 @@ def chunked_l1_scores(grad_output: Tensor, value: Tensor, rows: int, images: int
         >>> chunked_l1_scores(g, v, rows=1).tolist()  # G V^T = [[3, 0], [-2, -8]]
         [[13.0]]
     """
-    values = _contiguous(value).transpose(-2, -1)
+    grads, values = _contiguous(grad_output), _contiguous(value).transpose(-2, -1)
     total = grad_output.new_zeros(grad_output.shape[:2], dtype=torch.float64)
-    for part, query_rows in _blocks(grad_output.shape[0], grad_output.shape[2], rows, images):
-        block = grad_output[part, :, query_rows].float() @ values[part]
+    for part, query_rows in _blocks(grads.shape[0], _row_span(_nonzero_rows(grads)), rows, images):
+        block = grads[part, :, query_rows] @ values[part]
         total[part] += block.abs_().sum(dim=(-2, -1)).double()
     return total.float()
 
 
 def recomputed_rollout_step(
-    row: Tensor, query: Tensor, key: Tensor, weights: Tensor, residual: float, rows: int, images: int | None = None
+    row: Tensor,
+    query: Tensor,
+    key: Tensor,
+    weights: Tensor,
+    residual: float,
+    rows: int,
+    images: int | None = None,
+    log_sum_exp: Tensor | None = None,
 ) -> Tensor:
     """[`rollout_step`][gmar_lightning.methods.rollout_step] of a global attention layer with ``F = sum_h w_h A_h``
     recomputed from ``q`` and ``k`` in blocks of ``images`` images (all when ``None``) by ``rows`` query rows: no
     ``N x N`` matrix is kept.
 
-    ``row^T Ahat = r u + (1 - r) u^T F`` with ``u_i = row_i / (r + (1 - r) sum_j F_ij)``; both terms are sums over
-    query rows, so each block of rows adds its share. ``weights`` is ``[B, H]`` (``1/H`` for the head mean).
+    ``row^T Ahat = r u + (1 - r) u^T F`` with ``u_i = row_i / (r + (1 - r) sum_j F_ij)``, and each softmax row sums to
+    one, so ``sum_j F_ij = sum_h w_h`` and ``u`` is known before any block. ``u^T F`` is a sum over query rows: each
+    block adds ``sum_h sum_i (w_h u_i) A_h[i]``, one product of its ``[H * rows, N]`` attention with the ``H * rows``
+    coefficients ``w_h u_i``, and blocks of rows where ``u`` is zero are skipped. ``weights`` is ``[B, H]`` (``1/H``
+    for the head mean); ``log_sum_exp`` as for `attention_rows`.
 
     Examples:
         >>> q, k = torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)  # uniform attention [[.5, .5], [.5, .5]]
         >>> recomputed_rollout_step(torch.tensor([[1.0, 0.0]]), q, k, torch.ones(1, 1), 0.5, rows=1).tolist()
         [[0.75, 0.25]]
     """
-    key = _contiguous(key)
-    scaled = torch.empty_like(row)
+    key, weights = _contiguous(key), weights.float()
+    sums = residual + (1.0 - residual) * weights.sum(dim=1, keepdim=True)  # [B, 1]: every row of Ahat before scaling
+    scaled = row / sums.clamp_min(torch.finfo(sums.dtype).tiny)
     mixed = torch.zeros_like(row)
-    weights = weights.float()[:, None]  # [B, 1, H]
     batch, heads, tokens, _ = query.shape
-    for part, query_rows in _blocks(batch, tokens, rows, images):
-        attention = attention_rows(query[part], key[part], query_rows.start, query_rows.stop)  # [b, H, c, N]
+    for part, query_rows in _blocks(batch, _row_span(scaled.ne(0).any(dim=0)), rows, images):
+        attention = attention_rows(query[part], key[part], query_rows.start, query_rows.stop, _part(log_sum_exp, part))
         count, chunk = attention.shape[0], attention.shape[2]
-        fused = torch.bmm(weights[part], attention.reshape(count, heads, chunk * tokens)).reshape(count, chunk, tokens)
-        sums = residual + (1.0 - residual) * fused.sum(dim=-1)
-        share = row[part, query_rows] / sums.clamp_min(torch.finfo(sums.dtype).tiny)
-        scaled[part, query_rows] = share
-        mixed[part] += torch.bmm(share[:, None], fused).squeeze(1)
+        coefficients = weights[part, :, None] * scaled[part, None, query_rows]  # [b, H, c]
+        products = torch.bmm(
+            coefficients.reshape(count, 1, heads * chunk), attention.view(count, heads * chunk, tokens)
+        )
+        mixed[part] += products.squeeze(1)
     return residual * scaled + (1.0 - residual) * mixed
 
 
 def recomputed_gradient_rollout_step(
-    row: Tensor, query: Tensor, key: Tensor, grad_output: Tensor, value: Tensor, rows: int, images: int | None = None
+    row: Tensor,
+    query: Tensor,
+    key: Tensor,
+    grad_output: Tensor,
+    value: Tensor,
+    rows: int,
+    images: int | None = None,
+    log_sum_exp: Tensor | None = None,
 ) -> Tensor:
     """[`gradient_rollout_step`][gmar_lightning.methods.gradient_rollout_step] of a global attention layer, with
     ``Abar = mean_h((G_h V_h^T * A_h)^+)`` built in blocks of ``images`` images (all when ``None``) by ``rows`` query
-    rows from ``q``, ``k``, ``G = dy/dO`` and ``v``: ``row^T (I + Abar) = row + sum_blocks row_c^T Abar_c``.
+    rows from ``q``, ``k``, ``G = dy/dO`` and ``v``: ``row^T (I + Abar) = row + sum_blocks row_c^T Abar_c``, where each
+    block's head mean and row product are one product of its ``[H * rows, N]`` relevance with ``row_i / H``, and
+    blocks of rows where ``row`` or ``G`` is zero are skipped; ``log_sum_exp`` as for `attention_rows`.
 
     Examples:
         >>> q, k = torch.zeros(1, 1, 2, 1), torch.zeros(1, 1, 2, 1)  # uniform attention
@@ -465,14 +523,18 @@ def recomputed_gradient_rollout_step(
         >>> recomputed_gradient_rollout_step(torch.tensor([[1.0, 1.0]]), q, k, g, v, rows=1).tolist()
         [[2.0, 1.0]]
     """
-    key, values = _contiguous(key), _contiguous(value).transpose(-2, -1)
+    key, grads, values = _contiguous(key), _contiguous(grad_output), _contiguous(value).transpose(-2, -1)
     batch, heads, tokens, _ = query.shape
     total = row.clone()
-    for part, query_rows in _blocks(batch, tokens, rows, images):
-        product = grad_output[part, :, query_rows].float() @ values[part]  # dy/dA rows [b, H, c, N]
-        product.mul_(attention_rows(query[part], key[part], query_rows.start, query_rows.stop)).clamp_min_(0)
-        relevance = product.sum(dim=1) / max(heads, 1)  # [b, c, N]
-        total[part] += torch.bmm(row[part, None, query_rows], relevance).squeeze(1)
+    span = _row_span(row.ne(0).any(dim=0) & _nonzero_rows(grads))
+    for part, query_rows in _blocks(batch, span, rows, images):
+        product = grads[part, :, query_rows] @ values[part]  # dy/dA rows [b, H, c, N]
+        attention = attention_rows(query[part], key[part], query_rows.start, query_rows.stop, _part(log_sum_exp, part))
+        product.mul_(attention).clamp_min_(0)
+        count, chunk = product.shape[0], product.shape[2]
+        coefficients = (row[part, None, query_rows] / max(heads, 1)).expand(count, heads, chunk)
+        relevance = torch.bmm(coefficients.reshape(count, 1, heads * chunk), product.view(count, heads * chunk, tokens))
+        total[part] += relevance.squeeze(1)
     return total
 
 

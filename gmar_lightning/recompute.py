@@ -19,7 +19,11 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend
+from torch.overrides import TorchFunctionMode
 
 from gmar_lightning import methods
 from gmar_lightning.families import Probe, UnsupportedModelError
@@ -107,6 +111,7 @@ class LayerTensors:
         self.saved: dict[int, dict[str, Tensor]] = {}
         self.outputs: dict[int, Tensor] = {}
         self.on_gradient = on_gradient
+        self._query: tuple[int, Tensor] | None = None  # the layer whose fused attention call comes next, and its q
 
     @contextlib.contextmanager
     def hooked(self) -> Iterator[None]:
@@ -119,8 +124,10 @@ class LayerTensors:
                 handles.append(module.k_norm.register_forward_hook(self._keeper(layer, "k")))
                 handles.append(module.qkv.register_forward_hook(self._keeper(layer, "qkv")))
                 handles.append(module.norm.register_forward_pre_hook(self._output_hook(layer)))
-            yield
+            with _KeepLogSumExp(self):
+                yield
         finally:
+            self._query = None
             for handle in handles:
                 handle.remove()
 
@@ -128,6 +135,8 @@ class LayerTensors:
         def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> None:
             # Detached: the reductions recompute from these values and never differentiate through them.
             self.saved.setdefault(layer, {})[name] = output.detach()
+            if name == "q":
+                self._query = (layer, output)
 
         return hook
 
@@ -153,10 +162,55 @@ class LayerTensors:
 
         return hook
 
+    def attention(self, query: Tensor, key: Tensor, value: Tensor, *args: object, **kwargs: object) -> Tensor | None:
+        """The output of ``F.scaled_dot_product_attention(query, key, value, ...)`` when it is a hooked layer's call
+        that runs the CPU flash kernel, from that kernel, keeping the log-sum-exp it returns as the layer's ``"lse"``;
+        ``None`` for any other call."""
+        pending, self._query = self._query, None
+        if pending is None or query is not pending[1] or args or query.device.type != "cpu":
+            return None
+        arguments = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+        if set(kwargs) - set(arguments):
+            return None
+        arguments.update(kwargs)
+        choice = torch._fused_sdp_choice(query, key, value, **arguments)
+        if choice != SDPBackend.FLASH_ATTENTION.value or arguments["enable_gqa"]:
+            return None
+        # The kernel that F.scaled_dot_product_attention itself calls here (same output, same backward); only its
+        # log-sum-exp, which the public function drops, is kept.
+        output, log_sum_exp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query,
+            key,
+            value,
+            arguments["dropout_p"],
+            arguments["is_causal"],
+            attn_mask=arguments["attn_mask"],
+            scale=arguments["scale"],
+        )
+        self.saved[pending[0]]["lse"] = log_sum_exp.detach()
+        return output
+
     def release(self, layer: int) -> dict[str, Tensor]:
         """Forget ``layer``'s tensors and return them (``q``, ``k``, ``v``)."""
         self.outputs.pop(layer, None)
         return self.saved.pop(layer)
+
+
+class _KeepLogSumExp(TorchFunctionMode):
+    """Hands each ``F.scaled_dot_product_attention`` call inside `LayerTensors.hooked` to `LayerTensors.attention`
+    (every other call runs as it would)."""
+
+    def __init__(self, tensors: LayerTensors) -> None:
+        super().__init__()
+        self.tensors = tensors
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            output = self.tensors.attention(*args, **kwargs)
+            if output is not None:
+                return output
+        return func(*args, **kwargs)
 
 
 def rollout_update(
@@ -172,7 +226,10 @@ def rollout_update(
         if layer >= options.start_layer:
             query, key = tensors.saved[layer]["q"], tensors.saved[layer]["k"]
             block = blocks(query)
-            row = methods.recomputed_rollout_step(row, query, key, weights, options.residual, block.rows, block.images)
+            lse = tensors.saved[layer].get("lse")
+            row = methods.recomputed_rollout_step(
+                row, query, key, weights, options.residual, block.rows, block.images, log_sum_exp=lse
+            )
         if used is not None:
             used(layer)
         return row
@@ -194,7 +251,7 @@ def gradient_rollout_update(
             saved = tensors.saved[layer]
             block = blocks(saved["q"])
             row = methods.recomputed_gradient_rollout_step(
-                row, saved["q"], saved["k"], grad, saved["v"], block.rows, block.images
+                row, saved["q"], saved["k"], grad, saved["v"], block.rows, block.images, log_sum_exp=saved.get("lse")
             )
         if used is not None:
             used(layer)

@@ -66,3 +66,81 @@ def test_recomputed_gradient_rollout_step_equals_the_full_relevance(rows: int, i
     expected = (row[:, None] @ (torch.eye(N, dtype=torch.float64) + relevance)).squeeze(1).float()
     actual = methods.recomputed_gradient_rollout_step(row.float(), q, k, g, v, rows, images)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+SPARSE_ROWS = {
+    "class token": [0],  # the last layer's row under a class token read-out
+    "last token": [N - 1],
+    "two apart": [2, 7],
+    "none": [],
+}
+
+
+@pytest.mark.parametrize("rows", [1, 4, N])
+@pytest.mark.parametrize("nonzero", SPARSE_ROWS.values(), ids=SPARSE_ROWS.keys())
+def test_rows_and_gradients_with_zeros_skip_nothing_they_need(rows: int, nonzero: list[int]) -> None:
+    """Zero read-out weights and zero output-gradient rows (a class token read-out's last layer) give the same steps and
+    scores as the full matrices: only the rows whose terms vanish may be left out."""
+    q, k, v, g, attention, _ = materialised(4)
+    keep = torch.zeros(N, dtype=torch.float64)
+    keep[nonzero] = 1.0
+    row = torch.rand(B, N, dtype=torch.float64) * keep
+    g = g * keep[:, None].float()  # G rows outside `nonzero` are zero
+    probabilities = attention.clone().requires_grad_(True)
+    (grad_attention,) = torch.autograd.grad(((probabilities @ v.double()) * g.double()).sum(), probabilities)
+    weights = torch.rand(B, H, dtype=torch.float64)
+    fused = (weights[:, :, None, None] * attention).sum(dim=1)
+    full = 0.5 * torch.eye(N, dtype=torch.float64) + 0.5 * fused
+    full = full / full.sum(dim=-1, keepdim=True)
+    expected = (row[:, None] @ full).squeeze(1).float()
+    actual = methods.recomputed_rollout_step(row.float(), q, k, weights.float(), 0.5, rows)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+    relevance = (grad_attention * attention).clamp_min(0).mean(dim=1)
+    expected = (row[:, None] @ (torch.eye(N, dtype=torch.float64) + relevance)).squeeze(1).float()
+    torch.testing.assert_close(
+        methods.recomputed_gradient_rollout_step(row.float(), q, k, g, v, rows), expected, rtol=1e-5, atol=1e-6
+    )
+    l1 = grad_attention.abs().sum(dim=(-2, -1)).float()
+    torch.testing.assert_close(methods.chunked_l1_scores(g, v, rows), l1, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 3, N])
+def test_attention_rows_from_the_log_sum_exp_are_the_softmax_rows(rows: int) -> None:
+    q, k, _, _, attention, _ = materialised(5)
+    log_sum_exp = torch.logsumexp(q.double() @ k.double().transpose(-2, -1) / D**0.5, dim=-1).float()
+    for start in range(0, N, rows):
+        torch.testing.assert_close(
+            methods.attention_rows(q, k, start, start + rows, log_sum_exp),
+            attention[:, :, start : start + rows].float(),
+        )
+
+
+def softmax_calls(run) -> int:
+    """How many ``aten::_softmax`` calls ``run()`` makes (the profiler records every aten operator)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run()
+    return sum(event.count for event in profile.key_averages() if event.key == "aten::_softmax")
+
+
+@pytest.mark.parametrize("method", ["rollout", "gmar_l1", "grad_rollout"])
+def test_timm_attention_rows_come_from_the_fused_kernels_log_sum_exp(method: str) -> None:
+    """On the CPU the recomputed path reads each row's normaliser from the flash kernel's forward instead of a softmax
+    per block, with the same result; a forward forced onto another kernel falls back to the softmax."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from gmar_lightning import explain
+    from tests.models import make_images, make_model
+
+    model, images = make_model("vit"), make_images("vit", batch=2)
+    materialised = explain(model, images, method=method, recompute_attention=False)
+    results = []
+    assert softmax_calls(lambda: results.append(explain(model, images, method=method, recompute_attention=True))) == 0
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():  # the math kernel's forward runs a softmax per layer itself
+        forward = softmax_calls(lambda: model(images))
+    with sdpa_kernel(SDPBackend.MATH):
+        run = lambda: results.append(explain(model, images, method=method, recompute_attention=True))  # noqa: E731
+        assert softmax_calls(run) > forward
+    for result in results:
+        torch.testing.assert_close(result.token_maps, materialised.token_maps, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result.logits, materialised.logits, rtol=1e-5, atol=1e-5)
