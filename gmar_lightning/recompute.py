@@ -7,7 +7,8 @@ only through sums over query rows, so each layer is reduced from ``q``, ``k``, `
 (`gmar_lightning.methods`: ``gram_l2_scores``, ``chunked_l1_scores``, ``recomputed_rollout_step``,
 ``recomputed_gradient_rollout_step``; derivations in ``docs/method.md``). The forward keeps timm's fused
 ``scaled_dot_product_attention``; hooks on ``q_norm``, ``k_norm``, ``qkv`` and ``norm`` (the attention output's
-normalisation, an identity by default) see the tensors it uses.
+normalisation, an identity by default) see the tensors it uses, and on the CPU a ``TorchFunctionMode`` keeps the
+log-sum-exp that the flash kernel returns with each output, so no block needs a softmax of its own.
 
 Applies to timm's ``Attention`` (ViT, DeiT and relatives) with one attention module per rollout layer; other layers,
 ``discard_ratio > 0`` (a top-k over a whole layer) and the ``attention`` method use the materialised path.
@@ -124,7 +125,9 @@ class LayerTensors:
                 handles.append(module.k_norm.register_forward_hook(self._keeper(layer, "k")))
                 handles.append(module.qkv.register_forward_hook(self._keeper(layer, "qkv")))
                 handles.append(module.norm.register_forward_pre_hook(self._output_hook(layer)))
-            with _KeepLogSumExp(self):
+            # Only the CPU flash kernel's log-sum-exp is read; elsewhere the mode would only add host time per op.
+            on_cpu = self.probe.layers[0][0].module.qkv.weight.device.type == "cpu" if self.probe.layers else False
+            with _KeepLogSumExp(self) if on_cpu else contextlib.nullcontext():
                 yield
         finally:
             self._query = None
