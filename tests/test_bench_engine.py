@@ -1,0 +1,42 @@
+"""``benchmarks/bench_engine.py``: which operations it times and how it reports a ratio it cannot measure."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from tests.scripts import load_script
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[ModuleType]:
+    sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling peak_memory.py
+    try:
+        yield load_script(BENCHMARKS / "bench_engine.py", "bench_engine")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_the_per_image_loop_is_timed_beside_its_own_batched_method_when_others_are_asked(bench: ModuleType) -> None:
+    model, images = torch.nn.Linear(1, 1), torch.zeros(2, 1)
+    ops = bench.operations(model, images, torch.zeros(2, dtype=torch.long), ["rollout"], loop=True)
+    assert list(ops) == ["train_step", "rollout", bench.LOOP_METHOD, "per_image_loop"]
+    assert list(bench.operations(model, images, images, ["rollout"], loop=False)) == ["train_step", "rollout"]
+    case = {
+        "times": {"train_step": 2.0, "rollout": 1.0, bench.LOOP_METHOD: 1.0, "per_image_loop": 3.0},
+        "peaks": {"train_step": 0, "rollout": 5},
+    }
+    rows = {label: value for label, value, _, _ in bench.ratios_of(case, "cpu")}
+    # Only the asked method gets rows; a training step that added nothing to the peak leaves that ratio unmeasured.
+    assert rows == {
+        "rollout time / train step": 0.5,
+        "rollout peak / train-step peak": None,
+        f"per-image loop / batched ({bench.LOOP_METHOD})": 3.0,
+    }
