@@ -331,6 +331,7 @@ def test_hf_model_without_transformers_names_the_extra(
 
 
 @pytest.mark.integration
+@pytest.mark.xdist_group("processes")  # one worker installs transformers 4.x (tests/conftest.py)
 def test_under_transformers_4_the_folder_explains_and_pruned_weights_are_refused_in_one_line(
     folder: Path,
     pruned_weights: Path,

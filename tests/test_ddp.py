@@ -16,7 +16,7 @@ from tests.lightning_helpers import tiny_data
 from tests.scripts import run_ranks_script
 
 # Two real DDP processes.
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("processes")]
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 PRUNING_SCRIPT = Path(__file__).with_name("ddp_pruning_script.py")

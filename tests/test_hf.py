@@ -374,9 +374,10 @@ def transformers_4_environment(request: pytest.FixtureRequest, tmp_path_factory:
     """Environment variables under which a subprocess imports the last transformers 4.x (pure Python, installed once
     into a cached folder) and this repository; skips the test when the package registry cannot be reached."""
     folder = f"transformers-{TRANSFORMERS_4}"
-    # `-p no:cacheprovider` (benchmarks/gpu_check.sh) leaves no cache: install into this session's temporary folder.
+    # `-p no:cacheprovider` (benchmarks/gpu_check.sh) leaves no cache: install into this session's temporary folder,
+    # once for both tests that use it (pytest-xdist runs them in one worker, whose own folder it is).
     cache = getattr(request.config, "cache", None)
-    target = cache.mkdir(folder) if cache is not None else tmp_path_factory.mktemp(folder)
+    target = cache.mkdir(folder) if cache is not None else tmp_path_factory.getbasetemp() / folder
     if not (target / "transformers").is_dir():
         # tokenizers and huggingface_hub are pinned too: transformers 4.x checks their versions on import.
         install = subprocess.run(
@@ -398,13 +399,15 @@ def transformers_4_environment(request: pytest.FixtureRequest, tmp_path_factory:
 
 
 @pytest.mark.skipif(transformers.__version__.startswith("4."), reason="this is the run under transformers 4.x")
+@pytest.mark.xdist_group("processes")  # one worker installs transformers 4.x (tests/conftest.py)
 def test_same_tests_pass_under_transformers_4(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Install the last transformers 4.x into a cached folder and run this module under it."""
     environment = transformers_4_environment(request, tmp_path_factory)
+    # -n 0: one process, as this test already runs in a pytest-xdist worker beside another.
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", __file__],
         capture_output=True, text=True, timeout=600, env=environment,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

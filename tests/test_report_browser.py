@@ -15,7 +15,7 @@ from gmar_lightning.trajectory import HeadTrajectory
 from tests.browser import find_browser, rendered_dom
 
 # A headless browser renders the report.
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("processes")]
 
 
 def _browser() -> str:

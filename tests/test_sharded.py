@@ -12,7 +12,7 @@ import pytest
 
 from tests.scripts import run_ranks_script
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("processes")]
 
 SCRIPT = Path(__file__).with_name("fsdp_script.py")
 

@@ -33,6 +33,9 @@ HISTOGRAM_TAG = "gmar/head_weights/layer_00"
 SCALAR_TAG = "gmar/entropy/layer_00"
 EPOCHS = 3
 
+# One worker runs the server and browser tests, apart from the other multi-process tests (see tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("processes")
+
 
 @pytest.fixture(scope="module")
 def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
