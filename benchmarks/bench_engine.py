@@ -9,6 +9,9 @@ method (``gmar_l1``, ``gmar_l2``, ``rollout``, ``grad_rollout``):
 * a per-image loop of ``explain(gmar_l1)`` is never faster than the batched call (loop / batched >= 1.0; >= 10 on a
   GPU).
 
+Beside them, without a target, the floor: what every gradient method pays before it reduces anything, the forward
+(fused attention) and the backward that stops at the first layer's attention output, parameters frozen.
+
 Times are medians of interleaved repeats in one fresh process per size and batch, so a noisy machine slows every
 operation alike; the load average is printed beside them, and each time ratio is also printed in the process's CPU time
 (``time.process_time``, both threads), which other jobs on a shared machine disturb less than wall time (the targets
@@ -43,6 +46,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from peak_memory import MMAP_THRESHOLD, peak_bytes, run_fresh
+from timm.layers.attention import Attention
 
 from gmar_lightning import explain
 
@@ -69,7 +73,27 @@ def operations(
         loss.backward()
         model.zero_grad(set_to_none=True)
 
+    def floor() -> None:
+        # What every gradient method pays before reducing anything: the forward (fused attention) and the backward
+        # that stops at the first layer's attention output, parameters frozen.
+        flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+        kept: list[torch.Tensor] = []
+        first = next(module for module in model.modules() if isinstance(module, Attention))
+        handle = first.proj.register_forward_pre_hook(lambda _module, inputs: kept.append(inputs[0]))
+        try:
+            model.eval()
+            for parameter, _ in flags:
+                parameter.requires_grad_(False)
+            logits = model(images.clone().requires_grad_())
+            torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), kept[:1])
+        finally:
+            handle.remove()
+            for parameter, requires_grad in flags:
+                parameter.requires_grad_(requires_grad)
+
     ops: dict[str, Callable[[], None]] = {"train_step": train_step}
+    if loop:  # timed with the rest (not a memory case)
+        ops["floor"] = floor
     # The loop is compared with the batched call of its own method, timed beside it even when not asked for.
     for method in dict.fromkeys([*methods, LOOP_METHOD] if loop else methods):
         ops[method] = lambda method=method: explain(model, images, method=method)
@@ -142,6 +166,8 @@ def ratios_of(case: dict, device: str) -> list[tuple[str, float | None, str, flo
         # A training step that adds nothing to the resident peak (a warm heap served it) has no ratio.
         peak = peaks[method] / peaks["train_step"] if peaks["train_step"] else None
         rows.append((f"{method} peak / train-step peak", peak, "<=", 1.0))
+    if "floor" in times:  # no target: what the gradient methods' time cannot go below
+        rows.append(("floor time / train step", times["floor"] / times["train_step"], "info", 0.0))
     loop_target = 10.0 if device.startswith("cuda") else 1.0
     loop = times["per_image_loop"] / times[LOOP_METHOD]
     rows.append((f"per-image loop / batched ({LOOP_METHOD})", loop, ">=", loop_target))
@@ -197,6 +223,10 @@ def main() -> None:
                 print(f"  {name:<15} {seconds:8.3f} s  cpu {case['cpu_times'][name]:8.3f} s{peak}")
             case["ratios"] = []
             for label, value, relation, target in ratios_of(case, args.device):
+                if relation == "info":
+                    print(f"  RATIO {label:<36} {value:5.2f}  {'(no target)':<24}{cpu_ratio(case, label)}".rstrip())
+                    case["ratios"].append({"label": label, "value": value, "relation": relation, "target": None})
+                    continue
                 if value is None:
                     print(f"  RATIO {label:<36}   n/a  (target {relation} {target}: not measured)")
                     failures += 1
