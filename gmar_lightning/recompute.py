@@ -172,24 +172,14 @@ class LayerTensors:
         pending, self._query = self._query, None
         if pending is None or query is not pending[1] or args or query.device.type != "cpu":
             return None
-        arguments = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
-        if set(kwargs) - set(arguments):
-            return None
-        arguments.update(kwargs)
-        choice = torch._fused_sdp_choice(query, key, value, **arguments)
-        if choice != SDPBackend.FLASH_ATTENTION.value or arguments["enable_gqa"]:
+        plain = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+        if any(kwargs.get(name, default) != default for name, default in plain.items()) or set(kwargs) - set(plain):
+            return None  # the recomputed rows are those of the plain softmax, and so must their normaliser be
+        if torch._fused_sdp_choice(query, key, value) != SDPBackend.FLASH_ATTENTION.value:
             return None
         # The kernel that F.scaled_dot_product_attention itself calls here (same output, same backward); only its
         # log-sum-exp, which the public function drops, is kept.
-        output, log_sum_exp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query,
-            key,
-            value,
-            arguments["dropout_p"],
-            arguments["is_causal"],
-            attn_mask=arguments["attn_mask"],
-            scale=arguments["scale"],
-        )
+        output, log_sum_exp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value)
         self.saved[pending[0]]["lse"] = log_sum_exp.detach()
         return output
 
