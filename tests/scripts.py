@@ -3,11 +3,13 @@ the tests' multi-process scripts."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -26,6 +28,18 @@ def load_script(path: Path, name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def benchmark_script(name: str) -> Iterator[ModuleType]:
+    """``benchmarks/<name>.py`` loaded as module ``name``, with ``benchmarks/`` on ``sys.path`` for the ``with`` block
+    (the benchmarks import their sibling ``peak_memory.py``)."""
+    folder = str(ROOT / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        yield load_script(ROOT / "benchmarks" / f"{name}.py", name)
+    finally:
+        sys.path.remove(folder)
 
 
 def run_ranks_script(command: list[str], what: str, timeout: float = 300) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -11,18 +10,13 @@ from types import ModuleType
 import pytest
 import torch
 
-from tests.scripts import load_script
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from tests.scripts import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling peak_memory.py
-    try:
-        yield load_script(BENCHMARKS / "bench_anchors.py", "bench_anchors")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_script("bench_anchors") as module:
+        yield module
 
 
 @pytest.mark.parametrize("keep_first", [True, False])

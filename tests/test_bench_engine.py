@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
-from tests.scripts import load_script
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from tests.scripts import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling peak_memory.py
-    try:
-        yield load_script(BENCHMARKS / "bench_engine.py", "bench_engine")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    with benchmark_script("bench_engine") as module:
+        yield module
 
 
 def test_the_per_image_loop_is_timed_beside_its_own_batched_method_when_others_are_asked(bench: ModuleType) -> None:
