@@ -11,8 +11,10 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -22,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from typing_extensions import override
 
 from gmar_lightning import GMARCallback
 from gmar_lightning.callback.sinks import write_trajectory
@@ -314,3 +317,37 @@ def test_sigkill_never_leaves_an_inconsistent_pair_and_leftovers_are_cleaned(tmp
     write_trajectory(HeadTrajectory(), tmp_path)  # the next write cleans what killed writers left
     assert sorted(path.name for path in tmp_path.iterdir()) == ["head_importance.csv", "head_importance.npz"]
     assert np.load(tmp_path / "head_importance.npz")["steps"].tolist() == []
+
+
+class SwallowedCtrlC(pl.Callback):
+    """At the second training batch, Ctrl-C arrives while a weakref callback runs: Python prints "Exception ignored
+    in ..." and drops the KeyboardInterrupt, as happened to a demo in CI."""
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == 2:
+
+            class Referent:
+                pass
+
+            referent = Referent()
+            reference = weakref.ref(referent, lambda _: signal.raise_signal(signal.SIGINT))  # noqa: F841
+            del referent  # the callback runs here and its KeyboardInterrupt is swallowed
+
+
+def test_a_ctrl_c_that_python_swallowed_still_stops_the_demos_fit(tmp_path: Path) -> None:
+    from gmar_lightning.demos.job import _KeyboardInterruptAgain, _noting_interrupts
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # xdist workers ignore SIGINT
+    interrupted = threading.Event()
+    trainer = pl.Trainer(
+        **trainer_kwargs(tmp_path, max_epochs=50, logger=False, enable_checkpointing=False),
+        callbacks=[SwallowedCtrlC(), _KeyboardInterruptAgain(interrupted)],
+    )
+    try:
+        with pytest.raises(SystemExit), _noting_interrupts(interrupted):  # Lightning's exit on KeyboardInterrupt
+            trainer.fit(TinyViTModule(), datamodule=tiny_data())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert interrupted.is_set() and trainer.global_step == 2
+    assert signal.getsignal(signal.SIGINT) is previous

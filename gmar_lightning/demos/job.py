@@ -10,12 +10,15 @@ subfolders and ``--model`` to any timm model.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import netrc
 import os
 import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,6 +236,48 @@ class _LastOnException(L.Callback):
         trainer.save_checkpoint(self.path)
 
 
+class _KeyboardInterruptAgain(L.Callback):
+    """Raise ``KeyboardInterrupt`` at the next batch once a Ctrl-C arrived (``interrupted`` is set), in case Python
+    swallowed the first: a ``KeyboardInterrupt`` raised while a finaliser or weakref callback runs is printed as
+    "Exception ignored in ..." and lost, and the fit would go on as if the key had never been pressed."""
+
+    def __init__(self, interrupted: threading.Event) -> None:
+        self.interrupted = interrupted
+
+    def _raise_if_interrupted(self) -> None:
+        if self.interrupted.is_set():
+            raise KeyboardInterrupt
+
+    @override
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._raise_if_interrupted()
+
+    @override
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self._raise_if_interrupted()
+
+
+@contextlib.contextmanager
+def _noting_interrupts(interrupted: threading.Event) -> Iterator[None]:
+    """While the block runs in the main thread, Ctrl-C (SIGINT) sets ``interrupted`` and then raises
+    ``KeyboardInterrupt`` as Python's own handler does; the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not (
+        signal.default_int_handler
+    ):
+        yield  # another thread, or a handler of someone else's (or SIGINT ignored): left as it is
+        return
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        interrupted.set()
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _devices(value: str) -> str | int | list[int]:
     """``--devices`` as Lightning expects it: ``"auto"``, a count, or a list of indices for ``"0,1"``."""
     if "," in value:
@@ -315,7 +360,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=0)
     # Ctrl-C, SIGTERM or a crash saves the state reached as last.ckpt, so `--checkpoint` can resume from there.
     on_interrupt = _LastOnException(checkpoint_dir / "last.ckpt")
-    callbacks: list[L.Callback] = [gmar, checkpoint, on_interrupt]
+    interrupted = threading.Event()
+    callbacks: list[L.Callback] = [gmar, checkpoint, on_interrupt, _KeyboardInterruptAgain(interrupted)]
     if config.target_acc is not None:
         # Patience longer than the run: only the threshold stops it.
         callbacks.append(
@@ -342,7 +388,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         print(start)
     started = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        with _noting_interrupts(interrupted):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     except SystemExit as stop:
         # Lightning ends a fit on Ctrl-C with exit status 1 and on SIGTERM with SIGTERMException, a SystemExit of 0;
         # an interrupted run must not look like a finished one.
