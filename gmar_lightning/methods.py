@@ -365,14 +365,29 @@ def attention_rows(query: Tensor, key: Tensor, start: int, stop: int, log_sum_ex
         >>> attention_rows(q, k, 1, 2, log_sum_exp=torch.full((1, 1, 3), 3.0).log()).tolist()  # exp(0 - log 3)
         [[[[0.3333333134651184, 0.3333333134651184, 0.3333333134651184]]]]
     """
-    rows = query[:, :, start:stop].float() * query.shape[-1] ** -0.5
-    key = key.float()
-    if log_sum_exp is None:
-        return torch.softmax(rows @ key.transpose(-2, -1), dim=-1)
-    # -lse_i rides in the product as one more dimension, (q_i, -lse_i) . (k_j, 1): no pass of its own subtracts it.
-    rows = torch.cat([rows, -log_sum_exp[:, :, start:stop, None].float()], dim=-1)
-    key = torch.cat([key, key.new_ones(*key.shape[:-1], 1)], dim=-1)
-    return (rows @ key.transpose(-2, -1)).exp_()
+    rows_log_sum_exp = None if log_sum_exp is None else log_sum_exp[:, :, start:stop]
+    queries, keys = _logit_operands(query[:, :, start:stop], key, rows_log_sum_exp)
+    return _attention_block(queries, keys, normalised=log_sum_exp is not None)
+
+
+def _logit_operands(query: Tensor, key: Tensor, log_sum_exp: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(queries, keys)``, float32, such that ``queries[..., I, :] @ keys`` are the logits ``q_i k^T / sqrt(d)`` of
+    rows ``I`` (``keys`` is ``[B, H, d, N]``), less ``lse_i`` when the log-sum-exp ``[B, H, N]`` is given: ``-lse_i``
+    rides in the product as one more dimension, ``(q_i, -lse_i) . (k_j, 1)``, so no pass of its own subtracts it.
+    Built once per layer, and sliced per block (contiguous: a strided operand would be copied by every block's
+    product)."""
+    queries, key = _contiguous(query) * query.shape[-1] ** -0.5, _contiguous(key)
+    if log_sum_exp is not None:
+        queries = torch.cat([queries, -log_sum_exp[..., None].float()], dim=-1)
+        key = torch.cat([key, key.new_ones(*key.shape[:-1], 1)], dim=-1)
+    return queries, key.transpose(-2, -1)
+
+
+def _attention_block(queries: Tensor, keys: Tensor, normalised: bool) -> Tensor:
+    """The attention rows of `_logit_operands`' ``queries`` rows: ``exp`` of logits less their log-sum-exp
+    (``normalised``), or the softmax of plain logits."""
+    logits = queries @ keys
+    return logits.exp_() if normalised else torch.softmax(logits, dim=-1)
 
 
 def _contiguous(tensor: Tensor) -> Tensor:
@@ -392,9 +407,11 @@ def _blocks(batch: int, span: tuple[int, int], rows: int, images: int | None) ->
     ]
 
 
-def _part(tensor: Tensor | None, images: slice) -> Tensor | None:
-    """``tensor[images]``, or ``None`` for ``None``."""
-    return None if tensor is None else tensor[images]
+def _row_products(coefficients: Tensor, rows: Tensor) -> Tensor:
+    """``sum_h sum_i coefficients[b, h, i] * rows[b, h, i]``: ``[b, H, c]`` and ``[b, H, c, N]`` -> ``[b, N]``, one
+    batched product of the ``H * c`` coefficients with the ``[H * c, N]`` rows (no per-head sum is formed first)."""
+    count, heads, chunk, tokens = rows.shape
+    return torch.bmm(coefficients.reshape(count, 1, heads * chunk), rows.view(count, heads * chunk, tokens)).squeeze(1)
 
 
 def _row_span(active: Tensor) -> tuple[int, int]:
@@ -485,19 +502,14 @@ def recomputed_rollout_step(
         >>> recomputed_rollout_step(torch.tensor([[1.0, 0.0]]), q, k, torch.ones(1, 1), 0.5, rows=1).tolist()
         [[0.75, 0.25]]
     """
-    key, weights = _contiguous(key), weights.float()
+    queries, keys = _logit_operands(query, key, log_sum_exp)
+    weights = weights.float()
     sums = residual + (1.0 - residual) * weights.sum(dim=1, keepdim=True)  # [B, 1]: every row of Ahat before scaling
     scaled = row / sums.clamp_min(torch.finfo(sums.dtype).tiny)
     mixed = torch.zeros_like(row)
-    batch, heads, tokens, _ = query.shape
-    for part, query_rows in _blocks(batch, _row_span(scaled.ne(0).any(dim=0)), rows, images):
-        attention = attention_rows(query[part], key[part], query_rows.start, query_rows.stop, _part(log_sum_exp, part))
-        count, chunk = attention.shape[0], attention.shape[2]
-        coefficients = weights[part, :, None] * scaled[part, None, query_rows]  # [b, H, c]
-        products = torch.bmm(
-            coefficients.reshape(count, 1, heads * chunk), attention.view(count, heads * chunk, tokens)
-        )
-        mixed[part] += products.squeeze(1)
+    for part, query_rows in _blocks(query.shape[0], _row_span(scaled.ne(0).any(dim=0)), rows, images):
+        attention = _attention_block(queries[part, :, query_rows], keys[part], log_sum_exp is not None)  # [b, H, c, N]
+        mixed[part] += _row_products(weights[part, :, None] * scaled[part, None, query_rows], attention)
     return residual * scaled + (1.0 - residual) * mixed
 
 
@@ -523,18 +535,16 @@ def recomputed_gradient_rollout_step(
         >>> recomputed_gradient_rollout_step(torch.tensor([[1.0, 1.0]]), q, k, g, v, rows=1).tolist()
         [[2.0, 1.0]]
     """
-    key, grads, values = _contiguous(key), _contiguous(grad_output), _contiguous(value).transpose(-2, -1)
-    batch, heads, tokens, _ = query.shape
+    queries, keys = _logit_operands(query, key, log_sum_exp)
+    grads, values = _contiguous(grad_output), _contiguous(value).transpose(-2, -1)
+    heads = query.shape[1]
     total = row.clone()
     span = _row_span(row.ne(0).any(dim=0) & _nonzero_rows(grads))
-    for part, query_rows in _blocks(batch, span, rows, images):
+    for part, query_rows in _blocks(query.shape[0], span, rows, images):
         product = grads[part, :, query_rows] @ values[part]  # dy/dA rows [b, H, c, N]
-        attention = attention_rows(query[part], key[part], query_rows.start, query_rows.stop, _part(log_sum_exp, part))
-        product.mul_(attention).clamp_min_(0)
-        count, chunk = product.shape[0], product.shape[2]
-        coefficients = (row[part, None, query_rows] / max(heads, 1)).expand(count, heads, chunk)
-        relevance = torch.bmm(coefficients.reshape(count, 1, heads * chunk), product.view(count, heads * chunk, tokens))
-        total[part] += relevance.squeeze(1)
+        product.mul_(_attention_block(queries[part, :, query_rows], keys[part], log_sum_exp is not None)).clamp_min_(0)
+        coefficients = (row[part, None, query_rows] / max(heads, 1)).expand(*product.shape[:3])
+        total[part] += _row_products(coefficients, product)
     return total
 
 

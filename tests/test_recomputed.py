@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gmar_lightning import methods
+from gmar_lightning import explain, methods
+from tests.models import make_images, make_model
 
 B, H, N, D = 2, 3, 11, 4
 
@@ -127,11 +129,6 @@ def softmax_calls(run) -> int:
 def test_timm_attention_rows_come_from_the_fused_kernels_log_sum_exp(method: str) -> None:
     """On the CPU the recomputed path reads each row's normaliser from the flash kernel's forward instead of a softmax
     per block, with the same result; a forward forced onto another kernel falls back to the softmax."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from gmar_lightning import explain
-    from tests.models import make_images, make_model
-
     model, images = make_model("vit"), make_images("vit", batch=2)
     materialised = explain(model, images, method=method, recompute_attention=False)
     results = []
