@@ -18,7 +18,10 @@ operation alike; the load average is printed beside them, and each time ratio is
 are on wall time). Peak memory is measured in a fresh process per operation:
 on CUDA with ``torch.cuda.max_memory_allocated``, on CPU as the growth of the process's peak resident set (``VmHWM``,
 reset with ``echo 5 > /proc/self/clear_refs`` just before) over the state with model and batch loaded, under a fixed
-glibc mmap threshold (``MALLOC_MMAP_THRESHOLD_=131072``) so that freed tensors leave the resident set at once.
+glibc mmap threshold (``MALLOC_MMAP_THRESHOLD_=131072``) so that freed tensors leave the resident set at once. Times
+are not taken under that threshold, which slows every operation and ``explain``'s many short-lived row blocks most
+(``peak_memory.MMAP_THRESHOLD``): the timing process runs under the allocator this script was started with, glibc's
+default unless you export ``MALLOC_MMAP_THRESHOLD_`` yourself, and prints which.
 
 Run: ``python benchmarks/bench_engine.py`` (``--device cuda`` on a GPU; ``--model``, ``--sizes``, ``--batches``,
 ``--methods`` and ``--repeats`` to vary; ``--json PATH`` writes the numbers). On a small shared machine, run it at low
@@ -132,7 +135,12 @@ def time_operations(args: argparse.Namespace) -> dict[str, object]:
             cpu_samples[name].append(time.process_time() - cpu_start)
     times = {name: statistics.median(values) for name, values in samples.items()}
     cpu_times = {name: statistics.median(values) for name, values in cpu_samples.items()}
-    return {"times": times, "cpu_times": cpu_times, "load": [load_before, os.getloadavg()[0]]}
+    return {
+        "times": times,
+        "cpu_times": cpu_times,
+        "load": [load_before, os.getloadavg()[0]],
+        "mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+    }
 
 
 def peak_memory_of(args: argparse.Namespace, name: str) -> int:
@@ -142,16 +150,16 @@ def peak_memory_of(args: argparse.Namespace, name: str) -> int:
     return peak_bytes(op, torch.device(args.device))
 
 
-def run_child(args: argparse.Namespace, size: int, batch: int, extra: list[str]) -> dict:
+def run_child(args: argparse.Namespace, size: int, batch: int, extra: list[str], measures_memory: bool) -> dict:
     command = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--repeats", str(args.repeats)]
     command += ["--image-size", str(size), "--batch", str(batch), "--methods", *args.methods, *extra]
-    return run_fresh(command)
+    return run_fresh(command, measures_memory)
 
 
 def measure_case(args: argparse.Namespace, size: int, batch: int) -> dict:
-    timing = run_child(args, size, batch, ["--time-case"])
+    timing = run_child(args, size, batch, ["--time-case"], measures_memory=False)
     names = ("train_step", *args.methods)
-    peaks = {name: run_child(args, size, batch, ["--memory-of", name])["peak_bytes"] for name in names}
+    peaks = {name: run_child(args, size, batch, ["--memory-of", name], True)["peak_bytes"] for name in names}
     return {"size": size, "batch": batch, **timing, "peaks": peaks}
 
 
@@ -208,7 +216,7 @@ def main() -> None:
 
     print(
         f"model={args.model} device={args.device} threads={torch.get_num_threads()} cpus={os.cpu_count()} "
-        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} "
+        f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} memory: MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} "
         f"torch={torch.__version__} timm={timm.__version__} repeats={args.repeats}",
         flush=True,
     )
@@ -217,7 +225,12 @@ def main() -> None:
         for batch in args.batches:
             case = measure_case(args, size, batch)
             times, peaks = case["times"], case["peaks"]
-            print(f"{size}px batch {batch} (load average {case['load'][0]:.1f} -> {case['load'][1]:.1f})")
+            threshold = case["mmap_threshold"]
+            allocator = f"MALLOC_MMAP_THRESHOLD_={threshold}" if threshold else "glibc default"
+            print(
+                f"{size}px batch {batch} (load average {case['load'][0]:.1f} -> {case['load'][1]:.1f}; "
+                f"times under {allocator} malloc)"
+            )
             for name, seconds in times.items():
                 peak = f"  peak {peaks[name] / 2**20:8.1f} MiB" if name in peaks else ""
                 print(f"  {name:<15} {seconds:8.3f} s  cpu {case['cpu_times'][name]:8.3f} s{peak}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -34,3 +36,19 @@ def test_the_per_image_loop_is_timed_beside_its_own_batched_method_when_others_a
         "floor time / train step": 0.75,
         f"per-image loop / batched ({bench.LOOP_METHOD})": 3.0,
     }
+
+
+def test_times_run_under_the_allocator_it_was_started_with_and_peaks_under_the_fixed_mmap_threshold(
+    bench: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fixed 128 KiB mmap threshold makes every large block a fresh mapping, which slows explain's short-lived row
+    # blocks more than the training step: it serves the memory measurement only.
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    child = [sys.executable, "-c", "import json, os; print(json.dumps(os.environ.get('MALLOC_MMAP_THRESHOLD_')))"]
+    assert bench.run_fresh(child, measures_memory=True) == bench.MMAP_THRESHOLD
+    assert bench.run_fresh(child, measures_memory=False) is None
+    args = argparse.Namespace(model="vit_tiny_patch16_224", device="cpu", repeats=1, methods=["rollout"])
+    case = bench.measure_case(args, 32, 1)
+    assert case["mmap_threshold"] is None
+    assert set(case["peaks"]) == {"train_step", "rollout"}
+    assert set(case["times"]) == {"train_step", "floor", "rollout", bench.LOOP_METHOD, "per_image_loop"}
