@@ -56,7 +56,6 @@ from tqdm.auto import tqdm
 
 from gmar_lightning import explain
 from gmar_lightning.demos.data import ShapesDataset, TwoShapesDataset
-from gmar_lightning.demos.model import create_vit
 from gmar_lightning.heads import (
     AblationCurve,
     distillation_loss,
@@ -78,6 +77,7 @@ from gmar_lightning.metrics.functional import (
     road_curve,
     token_perturbation_curve,
 )
+from gmar_lightning.model_loading import create_vit
 from gmar_lightning.trajectory import spearman
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -76,7 +76,6 @@ from eval_report import (  # the sibling script's training loop and statistics
 
 from gmar_lightning import explain
 from gmar_lightning.capture import find_attention_layers
-from gmar_lightning.demos.model import create_vit
 from gmar_lightning.heads import (
     head_counts,
     mask_from_order,
@@ -88,6 +87,7 @@ from gmar_lightning.heads import (
     select_heads,
     weight_magnitude_importance,
 )
+from gmar_lightning.model_loading import create_vit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED_LOG = REPO_ROOT / "benchmarks" / "pruning_output.txt"

@@ -50,10 +50,10 @@ from tqdm.auto import tqdm
 
 from gmar_lightning import explain
 from gmar_lightning.cli import add_model_arguments
+from gmar_lightning.demos.config import DemoConfig
 from gmar_lightning.demos.data import ShapesDataModule
 from gmar_lightning.demos.image_folder import ImageFolderDataModule
-from gmar_lightning.demos.job import DemoConfig, run_demo
-from gmar_lightning.demos.model import checkpoint_model_settings, create_vit
+from gmar_lightning.demos.job import run_demo
 from gmar_lightning.heads import (
     AblationCurve,
     attention_head_grid,
@@ -69,6 +69,7 @@ from gmar_lightning.heads import (
     random_order,
     rank_heads,
 )
+from gmar_lightning.model_loading import checkpoint_model_settings, create_vit
 from gmar_lightning.report import find_trajectory
 from gmar_lightning.trajectory import HeadTrajectory
 
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{recovered}; inference {summary['speedup']:.2f}x as fast (median of 11 interleaved rounds, batch "
         f"{len(next(iter(val_loader))[0])})"
     )
-    print(f"Saved the pruned model to {model_path} (load it with gmar_lightning.demos.model.load_weights)")
+    print(f"Saved the pruned model to {model_path} (load it with gmar_lightning.model_loading.load_weights)")
     return {
         "ranking": ranking,
         "plot_path": str(output / "ablation.png"),

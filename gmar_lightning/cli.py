@@ -46,8 +46,12 @@ from tqdm.auto import tqdm
 from gmar_lightning._checks import one_line, parse_methods
 from gmar_lightning._io import atomic_write_bytes
 from gmar_lightning.classifiers import DEFAULT_PROMPT, ZeroShotClassifier, check_prompt
-from gmar_lightning.demos.job import LOGGERS, DemoConfig, run_demo
-from gmar_lightning.demos.model import (
+from gmar_lightning.demos.config import LOGGERS, DemoConfig
+from gmar_lightning.engine import explain
+from gmar_lightning.explanation import METHODS
+from gmar_lightning.families import hf
+from gmar_lightning.input_recipe import InputRecipe
+from gmar_lightning.model_loading import (
     HF_PREFIX,
     OPEN_CLIP_PREFIXES,
     checkpoint_input_recipe,
@@ -61,10 +65,6 @@ from gmar_lightning.demos.model import (
     load_weights,
     open_clip_classifier,
 )
-from gmar_lightning.engine import explain
-from gmar_lightning.explanation import METHODS
-from gmar_lightning.families import hf
-from gmar_lightning.input_recipe import InputRecipe
 from gmar_lightning.render import (
     DEFAULT_ALPHA,
     DEFAULT_CMAP,
@@ -317,7 +317,7 @@ def hf_preprocessing(
     """A Hugging Face classifier's input recipe; ``mean``, ``std`` and ``crop_pct`` override it.
 
     The side is the one the model's config was built for (``image_size``). ``processor`` is the saved image
-    processor's settings ([`hf_image_processor_settings`][gmar_lightning.demos.model.hf_image_processor_settings]):
+    processor's settings ([`hf_image_processor_settings`][gmar_lightning.model_loading.hf_image_processor_settings]):
     its ``image_mean``/``image_std`` (0 and 1 when ``do_normalize`` is off), its ``resample`` filter, and, when it
     centre-crops, the fraction ``crop_size / size`` its crop keeps. ``None`` (no processor saved) means
     [`HF_DEFAULT_PROCESSOR`][gmar_lightning.cli.HF_DEFAULT_PROCESSOR]: mean and std 0.5, bilinear, no crop. The image
@@ -1072,6 +1072,9 @@ def _run_report(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: training imports Lightning (seconds), which explain and report never use.
+    from gmar_lightning.demos.job import run_demo
+
     run_demo(config_from_args(args))
     return 0
 
@@ -1142,7 +1145,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, hugging_face: bool = Fa
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of [`DemoConfig`][gmar_lightning.demos.job.DemoConfig] to ``parser`` (shared by the example
+    """Add the options of [`DemoConfig`][gmar_lightning.demos.config.DemoConfig] to ``parser`` (shared by the example
     script and the CLI)."""
     defaults = DemoConfig()
     data = parser.add_argument_group("data")
@@ -1217,7 +1220,7 @@ def _target_accuracy(text: str) -> float | None:
 
 def config_from_args(args: argparse.Namespace) -> DemoConfig:
     """Turn parsed [`add_demo_arguments`][gmar_lightning.cli.add_demo_arguments] options into a
-    [`DemoConfig`][gmar_lightning.demos.job.DemoConfig]."""
+    [`DemoConfig`][gmar_lightning.demos.config.DemoConfig]."""
     fields = {name: getattr(args, name) for name in DemoConfig.__dataclass_fields__ if hasattr(args, name)}
     fields["methods"] = parse_methods(args.methods or DemoConfig().methods)
     return DemoConfig(**fields)

@@ -20,7 +20,8 @@ from PIL import Image
 from gmar_lightning import explain
 from gmar_lightning.cli import load_image, main, map_to_original, model_preprocessing
 from gmar_lightning.demos.data import ShapesDataModule, ShapesDataset
-from gmar_lightning.demos.model import ViTClassifier, create_vit
+from gmar_lightning.demos.model import ViTClassifier
+from gmar_lightning.model_loading import create_vit
 from gmar_lightning.trajectory import HeadTrajectory
 
 MODEL = "vit_tiny_patch16_224"

@@ -22,8 +22,9 @@ from PIL import Image
 from gmar_lightning import GMARCallback
 from gmar_lightning.cli import MAX_SHOWN_SIDE, MIN_IMAGE_SIDE, load_image, main, model_preprocessing
 from gmar_lightning.demos.data import SHAPES, ShapesDataModule, ShapesDataset, denormalize
-from gmar_lightning.demos.model import ViTClassifier, create_vit
+from gmar_lightning.demos.model import ViTClassifier
 from gmar_lightning.input_recipe import INPUT_RECIPE_KEY, InputRecipe
+from gmar_lightning.model_loading import create_vit
 from tests.lightning_helpers import TinyViTModule, trainer_kwargs
 
 MODEL = "vit_tiny_patch16_224"

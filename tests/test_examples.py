@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from gmar_lightning.cli import main as cli_main
-from gmar_lightning.demos.model import checkpoint_model_settings, create_vit, load_weights
+from gmar_lightning.model_loading import checkpoint_model_settings, create_vit, load_weights
 from gmar_lightning.trajectory import HeadTrajectory
 from tests.scripts import load_script
 

@@ -22,6 +22,7 @@ CORE_MODULES = (
     "gmar_lightning.explanation",
     "gmar_lightning.trajectory",
     "gmar_lightning.input_recipe",
+    "gmar_lightning.model_loading",
     "gmar_lightning.render",
     "gmar_lightning.heads",
     "gmar_lightning.metrics",

@@ -33,7 +33,8 @@ from tensorboard.backend.event_processing.event_accumulator import IMAGES, Event
 REPOSITORY = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPOSITORY))  # the shared browser helpers live with the tests
 
-from gmar_lightning.demos.job import TENSORBOARD_SAMPLES, DemoConfig, run_demo  # noqa: E402
+from gmar_lightning.demos.config import DemoConfig  # noqa: E402
+from gmar_lightning.demos.job import TENSORBOARD_SAMPLES, run_demo  # noqa: E402
 from gmar_lightning.render import figure_to_png_bytes, specialisation_figure, trajectory_figure  # noqa: E402
 from gmar_lightning.trajectory import HeadTrajectory  # noqa: E402
 from tests.browser import find_browser, image_cards, screenshot, tensorboard  # noqa: E402

@@ -1,29 +1,18 @@
 """The demo: fine-tune a timm ViT with [`GMARCallback`][gmar_lightning.callback.gmar.GMARCallback] on synthetic shapes
 or an image folder.
 
-- [`job`][gmar_lightning.demos.job]: [`run_demo`][gmar_lightning.demos.job.run_demo] and
-  [`DemoConfig`][gmar_lightning.demos.job.DemoConfig], behind ``gmar-lightning demo``.
-- [`model`][gmar_lightning.demos.model]: [`ViTClassifier`][gmar_lightning.demos.model.ViTClassifier],
-  [`create_vit`][gmar_lightning.demos.model.create_vit], [`load_weights`][gmar_lightning.demos.model.load_weights].
+- [`job`][gmar_lightning.demos.job]: [`run_demo`][gmar_lightning.demos.job.run_demo], behind
+  ``gmar-lightning demo``.
+- [`config`][gmar_lightning.demos.config]: its settings, [`DemoConfig`][gmar_lightning.demos.config.DemoConfig], and
+  the default model.
+- [`model`][gmar_lightning.demos.model]: [`ViTClassifier`][gmar_lightning.demos.model.ViTClassifier].
 - [`data`][gmar_lightning.demos.data]: the synthetic [`ShapesDataset`][gmar_lightning.demos.data.ShapesDataset] with
   object masks and its data module.
 - [`image_folder`][gmar_lightning.demos.image_folder]:
   [`ImageFolderDataModule`][gmar_lightning.demos.image_folder.ImageFolderDataModule] for ``train/`` and ``val/``
   folders.
+
+Import from the modules: this package imports none of them, so that
+[`config`][gmar_lightning.demos.config] loads without Lightning (the ``gmar-lightning`` parser reads it for every
+command, and only the demo needs Lightning).
 """
-
-from gmar_lightning.demos.data import ShapesDataModule, ShapesDataset
-from gmar_lightning.demos.image_folder import ImageFolderDataModule
-from gmar_lightning.demos.job import DemoConfig, run_demo
-from gmar_lightning.demos.model import ViTClassifier, create_vit, load_weights
-
-__all__ = [
-    "DemoConfig",
-    "ImageFolderDataModule",
-    "ShapesDataModule",
-    "ShapesDataset",
-    "ViTClassifier",
-    "create_vit",
-    "load_weights",
-    "run_demo",
-]

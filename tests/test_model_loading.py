@@ -1,4 +1,4 @@
-"""The demo's model helpers: building a timm ViT and loading weights into it."""
+"""Model loading: building a timm ViT and loading weights into it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gmar_lightning.demos.model import create_vit, load_weights
+from gmar_lightning.model_loading import create_vit, load_weights
 
 MODEL = "vit_tiny_patch16_224"
 MODEL_KWARGS = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4}
