@@ -530,24 +530,42 @@ def _explain_chunk_recomputed(
         else:
             tensors.release(layer)
 
+    l1 = any(reductions.method.gradient_norm == "l1" for reductions in every)
+
     def on_gradient(layer: int, grad: Tensor) -> None:
-        # Runs inside the backward pass, as each layer's dy/dO appears (last layer first).
+        # Runs inside the backward pass, as each layer's dy/dO appears (last layer first). One pass over the layer's
+        # blocks serves every method: the L1 scores and the row products of each streamed rollout whose row waits for
+        # this layer share one q k^T and one G V^T per block.
         reached.add(layer)
-        value = tensors.saved[layer]["v"]
+        saved = tensors.saved[layer]
+        value = saved["v"]
+        shape = blocks(grad)
+        rolling = layer >= options.start_layer
+        ready = [reductions for reductions in streaming if rolling and reductions.stream.waiting_for == layer]
+        row_of = {id(reductions): reductions.stream.row for reductions in ready}
+        sums = methods.recomputed_layer_sums(
+            saved["q"], saved["k"], grad, value, shape.rows, shape.images, saved.get("lse"), l1=l1,
+            head_rows=[row_of[id(reductions)] for reductions in ready if reductions.method.weighs_heads],
+            relevance_rows=[row_of[id(reductions)] for reductions in ready if not reductions.method.weighs_heads],
+        )  # fmt: skip
+        head_rows, relevance = iter(sums.head_rows), iter(sums.relevance)
         for reductions in every:
             method = reductions.method
             if not method.needs_gradients:
                 continue
+            row = row_of.get(id(reductions))
             if not method.weighs_heads:
-                reductions.stream.feed(layer, grad)
+                reduced = None if row is None else next(relevance)
+                reductions.stream.feed(layer, recompute.LayerInput(grad, row, reduced))
                 continue
-            scores = recompute.head_scores(method, grad, value, blocks(grad))
+            scores = sums.l1 if method.gradient_norm == "l1" else methods.gram_l2_scores(grad, value)
             reductions.scores[layer] = scores
             reductions.weights[layer] = methods.layer_head_weights(scores, complete=True)
             if reductions.stream is not None:
-                reductions.stream.feed(layer, reductions.weights[layer])
+                reduced = None if row is None else next(head_rows)
+                reductions.stream.feed(layer, recompute.LayerInput(reductions.weights[layer], row, reduced))
         if not streaming:  # v served the scores only
-            tensors.saved[layer].pop("v")
+            saved.pop("v")
 
     tensors = recompute.LayerTensors(probe, on_gradient if needs_gradients else None)
     for reductions in streaming:
@@ -594,7 +612,7 @@ def _explain_chunk_recomputed(
             update = recompute.rollout_update(tensors, options, blocks, tensors.release if last else None)
 
             def step(layer: int, mixing: AttentionMixing, row: Tensor, update=update, weights=layer_weights) -> Tensor:
-                return update(layer, mixing, row, weights[layer])
+                return update(layer, mixing, row, recompute.LayerInput(weights[layer]))
 
             rows_out = methods.propagate(probe.plan, step, batch, images.device)
         scores = reductions.scores if method.weighs_heads else None

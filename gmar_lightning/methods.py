@@ -9,9 +9,9 @@ propagate only the read-out row vector through the layers (``[B, N] @ [B, N, N]`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -224,6 +224,12 @@ class RowStream:
         if self._next < len(self._steps):
             raise RuntimeError(f"The rollout still waits for attention layer(s) {sorted(self._missing())}.")
         return self.row
+
+    @property
+    def waiting_for(self) -> int | None:
+        """The attention layer whose matrix the row needs next; ``None`` once it crossed every layer."""
+        step = self._steps[self._next] if self._next < len(self._steps) else None
+        return None if step is None or isinstance(step, TokenMap) else step.layer
 
     def _missing(self) -> set[int]:
         return {step.layer for step in self._steps[self._next :] if not isinstance(step, TokenMap)}
@@ -458,23 +464,127 @@ def gram_l2_scores(grad_output: Tensor, value: Tensor) -> Tensor:
 
 def chunked_l1_scores(grad_output: Tensor, value: Tensor, rows: int, images: int | None = None) -> Tensor:
     """GMAR-L1 head scores ``sum |G_h V_h^T|`` over blocks of ``images`` images (all when ``None``) by ``rows`` query
-    rows: ``[B, H, N, d]`` pair -> ``[B, H]``.
-
-    Only one ``[images, H, rows, N]`` block of the attention gradient exists at a time. Each block is summed in float32
-    (torch's cascaded reduction) and the blocks accumulate in float64; summing a block with ``dtype=float64`` would
-    first copy it to float64.
+    rows: ``[B, H, N, d]`` pair -> ``[B, H]`` (`recomputed_layer_sums` with ``l1=True``).
 
     Examples:
         >>> g, v = torch.tensor([[[[1.0, 0.0], [0.0, -2.0]]]]), torch.tensor([[[[3.0, 1.0], [0.0, 4.0]]]])
         >>> chunked_l1_scores(g, v, rows=1).tolist()  # G V^T = [[3, 0], [-2, -8]]
         [[13.0]]
     """
-    grads, values = _contiguous(grad_output), _contiguous(value).transpose(-2, -1)
-    total = grad_output.new_zeros(grad_output.shape[:2], dtype=torch.float64)
-    for part, query_rows in _blocks(grads.shape[0], _row_span(_nonzero_rows(grads)), rows, images):
-        block = grads[part, :, query_rows] @ values[part]
-        total[part] += block.abs_().sum(dim=(-2, -1)).double()
-    return total.float()
+    return recomputed_layer_sums(None, None, grad_output, value, rows, images, l1=True).l1
+
+
+class LayerSums(NamedTuple):
+    """What [`recomputed_layer_sums`][gmar_lightning.methods.recomputed_layer_sums] reduced from one layer."""
+
+    l1: Tensor | None
+    """``[B, H]``: ``sum |G_h V_h^T|`` per head (GMAR-L1's scores), when asked for."""
+    head_rows: list[Tensor]
+    """Per row ``r`` of ``head_rows``: ``[B, H, N]``, ``r^T A_h`` per head."""
+    relevance: list[Tensor]
+    """Per row ``r`` of ``relevance_rows``: ``[B, N]``, ``r^T mean_h((G_h V_h^T * A_h)^+)``."""
+
+
+def recomputed_layer_sums(
+    query: Tensor | None,
+    key: Tensor | None,
+    grad_output: Tensor | None,
+    value: Tensor | None,
+    rows: int,
+    images: int | None = None,
+    log_sum_exp: Tensor | None = None,
+    *,
+    l1: bool = False,
+    head_rows: Sequence[Tensor] = (),
+    relevance_rows: Sequence[Tensor] = (),
+) -> LayerSums:
+    """Every sum over query rows that the methods read from one global attention layer, in one pass over blocks of
+    ``images`` images (all when ``None``) by ``rows`` query rows: no ``N x N`` matrix is kept.
+
+    Each block recomputes the attention rows ``A[I]`` from ``q`` and ``k`` (as `attention_rows`) when a row product
+    is asked for, and the gradient rows ``dy/dA[I] = G[I] V^T`` from ``G = dy/dO`` and ``v`` when ``l1`` or a relevance
+    is asked for, once for every quantity: GMAR-L1's ``sum |G_h V_h^T|`` (``l1``), the per-head row products
+    ``r^T A_h`` of each row in ``head_rows`` ([B, N] each; the rollout fuses them with its head weights, which GMAR-L1
+    knows only once this pass has summed every block) and ``r^T mean_h((G_h V_h^T * A_h)^+)`` of each row in
+    ``relevance_rows`` (the generic rule). Blocks of rows that add nothing to any of them (a zero row weight, a zero
+    output gradient) are skipped. ``query``/``key`` may be ``None`` when no row is asked for, ``grad_output``/``value``
+    when neither ``l1`` nor a relevance is.
+
+    Examples:
+        >>> q, k = torch.zeros(1, 1, 2, 1), torch.zeros(1, 1, 2, 1)  # uniform attention [[.5, .5], [.5, .5]]
+        >>> g, v = torch.tensor([[[[1.0], [0.0]]]]), torch.tensor([[[[2.0], [-2.0]]]])  # dy/dA = [[2, -2], [0, 0]]
+        >>> row = torch.tensor([[1.0, 1.0]])
+        >>> sums = recomputed_layer_sums(q, k, g, v, rows=1, l1=True, head_rows=[row], relevance_rows=[row])
+        >>> sums.l1.tolist(), sums.head_rows[0].tolist(), sums.relevance[0].tolist()
+        ([[4.0]], [[[1.0, 1.0]]], [[1.0, 0.0]])
+    """
+    with_attention, with_gradient = bool(head_rows or relevance_rows), l1 or bool(relevance_rows)
+    if with_attention and (query is None or key is None):
+        raise ValueError("recomputed_layer_sums: row products need `query` and `key`.")
+    if with_gradient and (grad_output is None or value is None):
+        raise ValueError("recomputed_layer_sums: `l1` and relevance need `grad_output` and `value`.")
+    reference = query if query is not None else grad_output
+    batch, heads, tokens = reference.shape[:3]
+    active = torch.zeros(tokens, dtype=torch.bool, device=reference.device)
+    for row in head_rows:
+        active |= row.ne(0).any(dim=0)
+    if with_attention:
+        queries, keys = _logit_operands(query, key, log_sum_exp)
+    if with_gradient:
+        grads, values = _contiguous(grad_output), _contiguous(value).transpose(-2, -1)
+        gradient_rows = _nonzero_rows(grads)
+        if l1:
+            active |= gradient_rows
+        for row in relevance_rows:
+            active |= row.ne(0).any(dim=0) & gradient_rows
+    l1_total = torch.zeros(batch, heads, dtype=torch.float64, device=active.device) if l1 else None
+    head_totals = [row.new_zeros(batch, heads, tokens, dtype=torch.float32) for row in head_rows]
+    relevance_totals = [row.new_zeros(batch, tokens, dtype=torch.float32) for row in relevance_rows]
+    for part, query_rows in _blocks(batch, _row_span(active), rows, images):
+        if with_attention:
+            attention = _attention_block(queries[part, :, query_rows], keys[part], log_sum_exp is not None)
+        for row, total in zip(head_rows, head_totals, strict=True):
+            total[part] += _head_row_products(row[part, query_rows].float(), attention)
+        if not with_gradient:
+            continue
+        product = grads[part, :, query_rows] @ values[part]  # dy/dA rows [b, H, c, N]
+        for index, (row, total) in enumerate(zip(relevance_rows, relevance_totals, strict=True)):
+            # In place when nothing else reads the gradient rows after this relevance (one block less).
+            last = not l1 and index == len(relevance_rows) - 1
+            relevance = (product.mul_(attention) if last else product * attention).clamp_min_(0)
+            coefficients = (row[part, None, query_rows].float() / max(heads, 1)).expand(*relevance.shape[:3])
+            total[part] += _row_products(coefficients, relevance)
+        if l1:
+            # Each block summed in float32 (torch's cascaded reduction), the blocks accumulated in float64; summing
+            # a block with dtype=float64 would first copy it to float64.
+            l1_total[part] += product.abs_().sum(dim=(-2, -1)).double()
+    return LayerSums(None if l1_total is None else l1_total.float(), head_totals, relevance_totals)
+
+
+def _head_row_products(row: Tensor, attention: Tensor) -> Tensor:
+    """``sum_i row[b, i] * attention[b, h, i]`` per head: ``[b, c]`` and ``[b, H, c, N]`` -> ``[b, H, N]``, one batched
+    product of the ``b * H`` row vectors with their ``[c, N]`` attention rows."""
+    count, heads, chunk, tokens = attention.shape
+    coefficients = row[:, None, None, :].expand(count, heads, 1, chunk).reshape(count * heads, 1, chunk)
+    return torch.bmm(coefficients, attention.reshape(count * heads, chunk, tokens)).view(count, heads, tokens)
+
+
+def rollout_from_head_rows(row: Tensor, weights: Tensor, head_rows: Tensor, residual: float) -> Tensor:
+    """[`rollout_step`][gmar_lightning.methods.rollout_step] of a global attention layer from its per-head row
+    products ``head_rows[b, h] = row^T A_h`` (`recomputed_layer_sums`) and head weights ``weights`` ``[B, H]``.
+
+    With ``F = sum_h w_h A_h`` and ``Ahat = (r I + (1 - r) F) / s``, each softmax row sums to one, so every row of
+    ``r I + (1 - r) F`` sums to ``s = r + (1 - r) sum_h w_h``, known without the matrix, and
+    ``row^T Ahat = (r row + (1 - r) sum_h w_h row^T A_h) / s``.
+
+    Examples:
+        >>> rollout_from_head_rows(torch.tensor([[1.0, 0.0]]), torch.ones(1, 1), torch.tensor([[[0.5, 0.5]]]), 0.5)
+        tensor([[0.7500, 0.2500]])
+    """
+    weights = weights.float()
+    sums = residual + (1.0 - residual) * weights.sum(dim=1, keepdim=True)  # [B, 1]: every row of Ahat before scaling
+    mixed = (weights[:, :, None] * head_rows).sum(dim=1)
+    return (residual * row + (1.0 - residual) * mixed) / sums.clamp_min(torch.finfo(sums.dtype).tiny)
 
 
 def recomputed_rollout_step(
@@ -489,28 +599,16 @@ def recomputed_rollout_step(
 ) -> Tensor:
     """[`rollout_step`][gmar_lightning.methods.rollout_step] of a global attention layer with ``F = sum_h w_h A_h``
     recomputed from ``q`` and ``k`` in blocks of ``images`` images (all when ``None``) by ``rows`` query rows: no
-    ``N x N`` matrix is kept.
-
-    ``row^T Ahat = r u + (1 - r) u^T F`` with ``u_i = row_i / (r + (1 - r) sum_j F_ij)``, and each softmax row sums to
-    one, so ``sum_j F_ij = sum_h w_h`` and ``u`` is known before any block. ``u^T F`` is a sum over query rows: each
-    block adds ``sum_h sum_i (w_h u_i) A_h[i]``, one product of its ``[H * rows, N]`` attention with the ``H * rows``
-    coefficients ``w_h u_i``, and blocks of rows where ``u`` is zero are skipped. ``weights`` is ``[B, H]`` (``1/H``
-    for the head mean); ``log_sum_exp`` as for `attention_rows`.
+    ``N x N`` matrix is kept (`recomputed_layer_sums`, then `rollout_from_head_rows`). ``weights`` is ``[B, H]``
+    (``1/H`` for the head mean); ``log_sum_exp`` as for `attention_rows`.
 
     Examples:
         >>> q, k = torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)  # uniform attention [[.5, .5], [.5, .5]]
         >>> recomputed_rollout_step(torch.tensor([[1.0, 0.0]]), q, k, torch.ones(1, 1), 0.5, rows=1).tolist()
         [[0.75, 0.25]]
     """
-    queries, keys = _logit_operands(query, key, log_sum_exp)
-    weights = weights.float()
-    sums = residual + (1.0 - residual) * weights.sum(dim=1, keepdim=True)  # [B, 1]: every row of Ahat before scaling
-    scaled = row / sums.clamp_min(torch.finfo(sums.dtype).tiny)
-    mixed = torch.zeros_like(row)
-    for part, query_rows in _blocks(query.shape[0], _row_span(scaled.ne(0).any(dim=0)), rows, images):
-        attention = _attention_block(queries[part, :, query_rows], keys[part], log_sum_exp is not None)  # [b, H, c, N]
-        mixed[part] += _row_products(weights[part, :, None] * scaled[part, None, query_rows], attention)
-    return residual * scaled + (1.0 - residual) * mixed
+    sums = recomputed_layer_sums(query, key, None, None, rows, images, log_sum_exp, head_rows=[row])
+    return rollout_from_head_rows(row, weights, sums.head_rows[0], residual)
 
 
 def recomputed_gradient_rollout_step(
@@ -525,9 +623,8 @@ def recomputed_gradient_rollout_step(
 ) -> Tensor:
     """[`gradient_rollout_step`][gmar_lightning.methods.gradient_rollout_step] of a global attention layer, with
     ``Abar = mean_h((G_h V_h^T * A_h)^+)`` built in blocks of ``images`` images (all when ``None``) by ``rows`` query
-    rows from ``q``, ``k``, ``G = dy/dO`` and ``v``: ``row^T (I + Abar) = row + sum_blocks row_c^T Abar_c``, where each
-    block's head mean and row product are one product of its ``[H * rows, N]`` relevance with ``row_i / H``, and
-    blocks of rows where ``row`` or ``G`` is zero are skipped; ``log_sum_exp`` as for `attention_rows`.
+    rows from ``q``, ``k``, ``G = dy/dO`` and ``v``: ``row^T (I + Abar) = row + row^T Abar``, the relevance of
+    `recomputed_layer_sums`; ``log_sum_exp`` as for `attention_rows`.
 
     Examples:
         >>> q, k = torch.zeros(1, 1, 2, 1), torch.zeros(1, 1, 2, 1)  # uniform attention
@@ -535,17 +632,8 @@ def recomputed_gradient_rollout_step(
         >>> recomputed_gradient_rollout_step(torch.tensor([[1.0, 1.0]]), q, k, g, v, rows=1).tolist()
         [[2.0, 1.0]]
     """
-    queries, keys = _logit_operands(query, key, log_sum_exp)
-    grads, values = _contiguous(grad_output), _contiguous(value).transpose(-2, -1)
-    heads = query.shape[1]
-    total = row.clone()
-    span = _row_span(row.ne(0).any(dim=0) & _nonzero_rows(grads))
-    for part, query_rows in _blocks(query.shape[0], span, rows, images):
-        product = grads[part, :, query_rows] @ values[part]  # dy/dA rows [b, H, c, N]
-        product.mul_(_attention_block(queries[part, :, query_rows], keys[part], log_sum_exp is not None)).clamp_min_(0)
-        coefficients = (row[part, None, query_rows] / max(heads, 1)).expand(*product.shape[:3])
-        total[part] += _row_products(coefficients, product)
-    return total
+    sums = recomputed_layer_sums(query, key, grad_output, value, rows, images, log_sum_exp, relevance_rows=[row])
+    return row + sums.relevance[0]
 
 
 def normalize_maps(maps: Tensor) -> Tensor:

@@ -4,8 +4,8 @@ The materialised path switches fused attention off so that every layer's ``[B, H
 autograd keeps them for the backward pass). For global attention that is not needed. With ``O_h = A_h V_h`` and
 ``G_h = dy/dO_h``, the attention gradient is ``dy/dA_h = G_h V_h^T``, and every method reads ``A_h`` and ``dy/dA_h``
 only through sums over query rows, so each layer is reduced from ``q``, ``k``, ``v`` and ``G`` in query-row chunks
-(`gmar_lightning.methods`: ``gram_l2_scores``, ``chunked_l1_scores``, ``recomputed_rollout_step``,
-``recomputed_gradient_rollout_step``; derivations in ``docs/method.md``). The forward keeps timm's fused
+(`gmar_lightning.methods`: ``gram_l2_scores`` and ``recomputed_layer_sums``, which reduces a layer for every method
+at once; derivations in ``docs/method.md``). The forward keeps timm's fused
 ``scaled_dot_product_attention``; hooks on ``q_norm``, ``k_norm``, ``qkv`` and ``norm`` (the attention output's
 normalisation, an identity by default) see the tensors it uses, and on the CPU a ``TorchFunctionMode`` keeps the
 log-sum-exp that the flash kernel returns with each output, so no block needs a softmax of its own.
@@ -32,7 +32,7 @@ from gmar_lightning.methods import Method
 from gmar_lightning.mixing import AttentionMixing
 from gmar_lightning.options import ExplainOptions
 
-__all__ = ["Block", "LayerTensors", "MemoryEstimate", "applies", "block_shape", "per_image_bytes"]
+__all__ = ["Block", "LayerInput", "LayerTensors", "MemoryEstimate", "applies", "block_shape", "per_image_bytes"]
 
 
 def _is_plain_timm_attention(module: nn.Module) -> bool:
@@ -206,23 +206,47 @@ class _KeepLogSumExp(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class LayerInput(NamedTuple):
+    """What a streamed rollout receives for one layer: its ``matrix`` (head weights ``[B, H]`` for a rollout, ``G =
+    dy/dO`` for the generic rule) and, when the engine's pass over the layer's blocks already reduced it for the row,
+    that ``row`` and the ``reduced`` result (per-head row products ``[B, H, N]``, or the relevance row ``[B, N]``)."""
+
+    matrix: Tensor
+    row: Tensor | None = None
+    reduced: Tensor | None = None
+
+    def reduced_for(self, row: Tensor) -> Tensor | None:
+        """``reduced``, when it was computed from ``row`` itself (else the step reduces the layer for ``row``).
+
+        Examples:
+            >>> row = torch.ones(1, 2)
+            >>> given = LayerInput(torch.ones(1, 1), row, torch.zeros(1, 1, 2))
+            >>> given.reduced_for(row) is given.reduced, given.reduced_for(row.clone())
+            (True, None)
+        """
+        return self.reduced if self.row is row else None
+
+
 def rollout_update(
     tensors: LayerTensors,
     options: ExplainOptions,
     blocks: Callable[[Tensor], Block],
     used: Callable[[int], object] | None = None,
-) -> Callable[[int, AttentionMixing, Tensor, Tensor], Tensor]:
-    """One layer's rollout step from its recomputed attention fused with ``weights`` ``[B, H]``; ``used(layer)`` is
-    called once the step no longer needs the layer's tensors (to release them)."""
+) -> Callable[[int, AttentionMixing, Tensor, LayerInput], Tensor]:
+    """One layer's rollout step from its recomputed attention fused with the head weights of its `LayerInput`;
+    ``used(layer)`` is called once the step no longer needs the layer's tensors (to release them)."""
 
-    def update(layer: int, _mixing: AttentionMixing, row: Tensor, weights: Tensor) -> Tensor:
+    def update(layer: int, _mixing: AttentionMixing, row: Tensor, given: LayerInput) -> Tensor:
         if layer >= options.start_layer:
-            query, key = tensors.saved[layer]["q"], tensors.saved[layer]["k"]
-            block = blocks(query)
-            lse = tensors.saved[layer].get("lse")
-            row = methods.recomputed_rollout_step(
-                row, query, key, weights, options.residual, block.rows, block.images, log_sum_exp=lse
-            )
+            head_rows = given.reduced_for(row)
+            if head_rows is None:
+                saved = tensors.saved[layer]
+                block = blocks(saved["q"])
+                sums = methods.recomputed_layer_sums(
+                    saved["q"], saved["k"], None, None, block.rows, block.images, saved.get("lse"), head_rows=[row]
+                )
+                head_rows = sums.head_rows[0]
+            row = methods.rollout_from_head_rows(row, given.matrix, head_rows, options.residual)
         if used is not None:
             used(layer)
         return row
@@ -235,29 +259,27 @@ def gradient_rollout_update(
     options: ExplainOptions,
     blocks: Callable[[Tensor], Block],
     used: Callable[[int], object] | None = None,
-) -> Callable[[int, AttentionMixing, Tensor, Tensor], Tensor]:
-    """One layer's step of the generic rule from its recomputed attention and ``G = dy/dO``; ``used`` as for
-    `rollout_update`."""
+) -> Callable[[int, AttentionMixing, Tensor, LayerInput], Tensor]:
+    """One layer's step of the generic rule from its recomputed attention and the ``G = dy/dO`` of its `LayerInput`;
+    ``used`` as for `rollout_update`."""
 
-    def update(layer: int, _mixing: AttentionMixing, row: Tensor, grad: Tensor) -> Tensor:
+    def update(layer: int, _mixing: AttentionMixing, row: Tensor, given: LayerInput) -> Tensor:
         if layer >= options.start_layer:
-            saved = tensors.saved[layer]
-            block = blocks(saved["q"])
-            row = methods.recomputed_gradient_rollout_step(
-                row, saved["q"], saved["k"], grad, saved["v"], block.rows, block.images, log_sum_exp=saved.get("lse")
-            )
+            relevance = given.reduced_for(row)
+            if relevance is None:
+                saved = tensors.saved[layer]
+                block = blocks(saved["q"])
+                sums = methods.recomputed_layer_sums(
+                    saved["q"], saved["k"], given.matrix, saved["v"], block.rows, block.images, saved.get("lse"),
+                    relevance_rows=[row],
+                )  # fmt: skip
+                relevance = sums.relevance[0]
+            row = row + relevance
         if used is not None:
             used(layer)
         return row
 
     return update
-
-
-def head_scores(method: Method, grad: Tensor, value: Tensor, block: Block) -> Tensor:
-    """``[B, H]`` GMAR head scores of one layer from ``G = dy/dO`` and ``v``."""
-    if method.gradient_norm == "l2":
-        return methods.gram_l2_scores(grad, value)
-    return methods.chunked_l1_scores(grad, value, block.rows, block.images)
 
 
 TRAINING_ACTIVATIONS = 17

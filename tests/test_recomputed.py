@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gmar_lightning import explain, methods
+from gmar_lightning import explain, explain_many, methods
 from tests.models import make_images, make_model
 
 B, H, N, D = 2, 3, 11, 4
@@ -141,3 +141,63 @@ def test_timm_attention_rows_come_from_the_fused_kernels_log_sum_exp(method: str
     for result in results:
         torch.testing.assert_close(result.token_maps, materialised.token_maps, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(result.logits, materialised.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("rows", "images"), [(1, None), (4, None), (N, None), (4, 1)])
+def test_one_pass_over_a_layer_gives_every_methods_sums(rows: int, images: int | None) -> None:
+    """The L1 scores, the per-head row products of two rows and the relevance of two others, from one pass, each
+    equal to its full-matrix reference; rows with zeros (a class-token read-out) and zero gradient rows included."""
+    q, k, v, g, attention, _ = materialised(6)
+    g = g.clone()
+    g[:, :, 3] = 0.0  # a query row whose output gradient is zero
+    probabilities = attention.clone().requires_grad_(True)
+    (grad_attention,) = torch.autograd.grad(((probabilities @ v.double()) * g.double()).sum(), probabilities)
+    first = torch.zeros(B, N, dtype=torch.float64)
+    first[:, 0] = 1.0
+    head_rows, relevance_rows = [first, torch.rand(B, N, dtype=torch.float64)], [torch.rand(B, N, dtype=torch.float64)]
+    relevance_rows.append(first)
+    sums = methods.recomputed_layer_sums(
+        q, k, g, v, rows, images, l1=True,
+        head_rows=[row.float() for row in head_rows], relevance_rows=[row.float() for row in relevance_rows],
+    )  # fmt: skip
+    torch.testing.assert_close(sums.l1, grad_attention.abs().sum(dim=(-2, -1)).float(), rtol=1e-6, atol=0)
+    for row, got in zip(head_rows, sums.head_rows, strict=True):
+        expected = torch.einsum("bi,bhij->bhj", row, attention).float()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    relevance = (grad_attention * attention).clamp_min(0).mean(dim=1)
+    for row, got in zip(relevance_rows, sums.relevance, strict=True):
+        torch.testing.assert_close(got, (row[:, None] @ relevance).squeeze(1).float(), rtol=1e-5, atol=1e-6)
+
+
+def block_products(run, head_dim: int, tokens: int) -> tuple[int, int]:
+    """``(attention, gradient)``: how many batched products ``run()`` makes of attention rows (``q`` with its
+    log-sum-exp column times ``k``: ``[.., c, d + 1] x [.., d + 1, N]``) and of gradient rows (``G V^T``:
+    ``[.., c, d] x [.., d, N]``)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
+        run()
+    counts = {head_dim + 1: 0, head_dim: 0}
+    for event in profile.events():
+        shapes = event.input_shapes
+        if event.name == "aten::matmul" and len(shapes) >= 2 and len(shapes[0]) == len(shapes[1]) == 4:
+            inner = shapes[0][-1]
+            if inner in counts and shapes[1][-2:] == [inner, tokens]:
+                counts[inner] += 1
+    return counts[head_dim + 1], counts[head_dim]
+
+
+def test_explain_many_reduces_each_block_once_for_the_callbacks_pair() -> None:
+    """GMAR-L1's scores and rollout and the generic rule's relevance share one attention block and one gradient block
+    per layer block: the pair makes as many block products as the generic rule alone (GMAR-L1 alone as many)."""
+    model, images = make_model("vit"), make_images("vit", batch=2)
+    sizes = model.blocks[0].attn.head_dim, model.patch_embed.num_patches + 1
+    pair = explain_many(model, images, ("gmar_l1", "grad_rollout"), recompute_attention=True)
+    alone = {method: explain(model, images, method=method, recompute_attention=True) for method in pair}
+    for method, result in alone.items():
+        torch.testing.assert_close(pair[method].token_maps, result.token_maps, rtol=1e-5, atol=1e-6)
+    products = [
+        block_products(lambda method=method: explain(model, images, method=method, recompute_attention=True), *sizes)
+        for method in pair
+    ]
+    many = block_products(lambda: explain_many(model, images, tuple(pair), recompute_attention=True), *sizes)
+    assert products[0] == products[1] and min(products[0]) > 0
+    assert many == products[1]
