@@ -14,10 +14,10 @@ MMAP_THRESHOLD = "131072"
 """glibc's mmap threshold for children that measure memory: freed tensors then leave the resident set at once.
 
 Only for memory: under it every block above 128 KiB is a fresh mapping whose pages fault in on first touch and leave
-on free, which slows code that makes many short-lived blocks far more than code that makes few large ones. On the
-CPU it made a ViT-S/16 training step at 384 px, batch 4 about 25 % slower and ``explain(gmar_l1)`` about 50 % slower
-than glibc's default (which raises its threshold as blocks are freed), so children that time run under the
-allocator the benchmark was started with."""
+on free, which slows code that makes many short-lived blocks more than code that makes few large ones. On the CPU it
+made a ViT-S/16 training step at 384 px, batch 4 about 20 % slower and ``explain(gmar_l1)`` about 40 % slower than
+glibc's default, which raises its threshold as blocks are freed (``docs/performance.md``), so children that time run
+under the allocator the benchmark was started with."""
 
 
 def peak_bytes(op: Callable[[], object], device: torch.device) -> int:

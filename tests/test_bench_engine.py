@@ -22,18 +22,17 @@ def bench() -> Iterator[ModuleType]:
 def test_the_per_image_loop_is_timed_beside_its_own_batched_method_when_others_are_asked(bench: ModuleType) -> None:
     model, images = torch.nn.Linear(1, 1), torch.zeros(2, 1)
     ops = bench.operations(model, images, torch.zeros(2, dtype=torch.long), ["rollout"], loop=True)
-    assert list(ops) == ["train_step", "floor", "rollout", bench.LOOP_METHOD, "per_image_loop"]
+    assert list(ops) == ["train_step", "floor", "rollout", bench.LOOP_METHOD, "per_image_loop", "callback_pair"]
     assert list(bench.operations(model, images, images, ["rollout"], loop=False)) == ["train_step", "rollout"]
-    case = {
-        "times": {"train_step": 2.0, "floor": 1.5, "rollout": 1.0, bench.LOOP_METHOD: 1.0, "per_image_loop": 3.0},
-        "peaks": {"train_step": 0, "rollout": 5},
-    }
+    times = {"train_step": 2.0, "floor": 1.5, "rollout": 1.0, bench.LOOP_METHOD: 1.0, "per_image_loop": 3.0}
+    case = {"times": {**times, "callback_pair": 1.2}, "peaks": {"train_step": 0, "rollout": 5}}
     rows = {label: value for label, value, _, _ in bench.ratios_of(case, "cpu")}
     # Only the asked method gets rows; a training step that added nothing to the peak leaves that ratio unmeasured.
     assert rows == {
         "rollout time / train step": 0.5,
         "rollout peak / train-step peak": None,
         "floor time / train step": 0.75,
+        "callback_pair time / train step": 0.6,
         f"per-image loop / batched ({bench.LOOP_METHOD})": 3.0,
     }
 
@@ -51,4 +50,5 @@ def test_times_run_under_the_allocator_it_was_started_with_and_peaks_under_the_f
     case = bench.measure_case(args, 32, 1)
     assert case["mmap_threshold"] is None
     assert set(case["peaks"]) == {"train_step", "rollout"}
-    assert set(case["times"]) == {"train_step", "floor", "rollout", bench.LOOP_METHOD, "per_image_loop"}
+    timed = {"train_step", "floor", "rollout", bench.LOOP_METHOD, "per_image_loop", "callback_pair"}
+    assert set(case["times"]) == timed
