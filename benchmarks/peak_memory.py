@@ -47,6 +47,6 @@ def resident_kib(field: str) -> int:
 def run_fresh(command: list[str], measures_memory: bool = True) -> dict:
     """Run a benchmark child in a fresh process and return the JSON of its last line: under ``MMAP_THRESHOLD`` when
     it ``measures_memory``, else under this process's own environment (a child that times)."""
-    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD} if measures_memory else dict(os.environ)
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": MMAP_THRESHOLD} if measures_memory else None
     output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
     return json.loads(output.strip().splitlines()[-1])

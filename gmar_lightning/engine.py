@@ -537,17 +537,15 @@ def _explain_chunk_recomputed(
         # blocks serves every method: the L1 scores and the row products of each streamed rollout whose row waits for
         # this layer share one q k^T and one G V^T per block.
         reached.add(layer)
-        saved = tensors.saved[layer]
-        value = saved["v"]
-        shape = blocks(grad)
         rolling = layer >= options.start_layer
         ready = [reductions for reductions in streaming if rolling and reductions.stream.waiting_for == layer]
         row_of = {id(reductions): reductions.stream.row for reductions in ready}
-        sums = methods.recomputed_layer_sums(
-            saved["q"], saved["k"], grad, value, shape.rows, shape.images, saved.get("lse"), l1=l1,
+        sums = tensors.reduce(
+            layer, blocks(grad), grad, l1=l1,
             head_rows=[row_of[id(reductions)] for reductions in ready if reductions.method.weighs_heads],
             relevance_rows=[row_of[id(reductions)] for reductions in ready if not reductions.method.weighs_heads],
         )  # fmt: skip
+        value = tensors.saved[layer]["v"]
         head_rows, relevance = iter(sums.head_rows), iter(sums.relevance)
         for reductions in every:
             method = reductions.method
@@ -565,7 +563,7 @@ def _explain_chunk_recomputed(
                 reduced = None if row is None else next(head_rows)
                 reductions.stream.feed(layer, recompute.LayerInput(reductions.weights[layer], row, reduced))
         if not streaming:  # v served the scores only
-            saved.pop("v")
+            tensors.saved[layer].pop("v")
 
     tensors = recompute.LayerTensors(probe, on_gradient if needs_gradients else None)
     for reductions in streaming:

@@ -413,13 +413,6 @@ def _blocks(batch: int, span: tuple[int, int], rows: int, images: int | None) ->
     ]
 
 
-def _row_products(coefficients: Tensor, rows: Tensor) -> Tensor:
-    """``sum_h sum_i coefficients[b, h, i] * rows[b, h, i]``: ``[b, H, c]`` and ``[b, H, c, N]`` -> ``[b, N]``, one
-    batched product of the ``H * c`` coefficients with the ``[H * c, N]`` rows (no per-head sum is formed first)."""
-    count, heads, chunk, tokens = rows.shape
-    return torch.bmm(coefficients.reshape(count, 1, heads * chunk), rows.view(count, heads * chunk, tokens)).squeeze(1)
-
-
 def _row_span(active: Tensor) -> tuple[int, int]:
     """``(start, stop)``: the first and one past the last query row where ``active`` (``[N]`` bool) holds; ``(0, 0)``
     when none does.
@@ -552,8 +545,7 @@ def recomputed_layer_sums(
             # In place when nothing else reads the gradient rows after this relevance (one block less).
             last = not l1 and index == len(relevance_rows) - 1
             relevance = (product.mul_(attention) if last else product * attention).clamp_min_(0)
-            coefficients = (row[part, None, query_rows].float() / max(heads, 1)).expand(*relevance.shape[:3])
-            total[part] += _row_products(coefficients, relevance)
+            total[part] += _head_row_products(row[part, query_rows].float() / max(heads, 1), relevance).sum(dim=1)
         if l1:
             # Each block summed in float32 (torch's cascaded reduction), the blocks accumulated in float64; summing
             # a block with dtype=float64 would first copy it to float64.

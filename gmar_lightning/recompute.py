@@ -183,6 +183,16 @@ class LayerTensors:
         self.saved[pending[0]]["lse"] = log_sum_exp.detach()
         return output
 
+    def reduce(self, layer: int, block: Block, grad: Tensor | None = None, **asked: object) -> methods.LayerSums:
+        """``methods.recomputed_layer_sums`` of ``layer`` from its kept ``q``, ``k`` (and log-sum-exp), with ``v``
+        when ``grad = dy/dO`` is given, in blocks of shape ``block``; ``asked``: the quantities (``l1``,
+        ``head_rows``, ``relevance_rows``)."""
+        saved = self.saved[layer]
+        value = None if grad is None else saved["v"]
+        return methods.recomputed_layer_sums(
+            saved["q"], saved["k"], grad, value, block.rows, block.images, saved.get("lse"), **asked
+        )
+
     def release(self, layer: int) -> dict[str, Tensor]:
         """Forget ``layer``'s tensors and return them (``q``, ``k``, ``v``)."""
         self.outputs.pop(layer, None)
@@ -240,12 +250,7 @@ def rollout_update(
         if layer >= options.start_layer:
             head_rows = given.reduced_for(row)
             if head_rows is None:
-                saved = tensors.saved[layer]
-                block = blocks(saved["q"])
-                sums = methods.recomputed_layer_sums(
-                    saved["q"], saved["k"], None, None, block.rows, block.images, saved.get("lse"), head_rows=[row]
-                )
-                head_rows = sums.head_rows[0]
+                head_rows = tensors.reduce(layer, blocks(tensors.saved[layer]["q"]), head_rows=[row]).head_rows[0]
             row = methods.rollout_from_head_rows(row, given.matrix, head_rows, options.residual)
         if used is not None:
             used(layer)
@@ -267,13 +272,8 @@ def gradient_rollout_update(
         if layer >= options.start_layer:
             relevance = given.reduced_for(row)
             if relevance is None:
-                saved = tensors.saved[layer]
-                block = blocks(saved["q"])
-                sums = methods.recomputed_layer_sums(
-                    saved["q"], saved["k"], given.matrix, saved["v"], block.rows, block.images, saved.get("lse"),
-                    relevance_rows=[row],
-                )  # fmt: skip
-                relevance = sums.relevance[0]
+                block = blocks(tensors.saved[layer]["q"])
+                relevance = tensors.reduce(layer, block, given.matrix, relevance_rows=[row]).relevance[0]
             row = row + relevance
         if used is not None:
             used(layer)
