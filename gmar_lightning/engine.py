@@ -585,7 +585,7 @@ def _explain_chunk_recomputed(
     if needs_gradients:
         objective = logits.gather(1, targets.clamp(0, logits.shape[1] - 1)[:, None]).sum()
         # As in `_explain_chunk`: differentiate with respect to the first layer's attention output only.
-        torch.autograd.grad(objective, [tensors.outputs[0]], allow_unused=True)
+        tensors.backward(objective)
         for layer in range(layers):
             if layer not in reached:  # the target does not depend on it: zero gradients
                 on_gradient(layer, torch.zeros_like(tensors.saved[layer]["v"]))

@@ -432,9 +432,17 @@ def _row_span(active: Tensor) -> tuple[int, int]:
     return int(indices[0, 0]), int(indices[-1, 0]) + 1
 
 
-def _nonzero_rows(tensor: Tensor) -> Tensor:
-    """``[N]`` bool: the query rows (dimension 2) of a ``[B, H, N, d]`` tensor with a non-zero entry."""
-    return tensor.ne(0).any(dim=3).any(dim=1).any(dim=0)
+def nonzero_rows(tensor: Tensor) -> Tensor:
+    """``[N]`` bool: the query rows (dimension 2) of a ``[B, H, N, d]`` tensor with a non-zero entry.
+
+    Examples:
+        >>> nonzero_rows(torch.tensor([[[[0.0, 1.0], [0.0, 0.0], [-2.0, 0.0]]]])).tolist()
+        [True, False, True]
+    """
+    if not tensor.numel():  # no image or no head left (HeadPruning): no reduction over an empty dimension
+        return torch.zeros(tensor.shape[2], dtype=torch.bool, device=tensor.device)
+    # One reduction over the floats (a quarter of the time of a boolean copy and three `any`s); NaN stays non-zero.
+    return tensor.abs().amax(dim=(0, 1, 3)).ne(0)
 
 
 def gram_l2_scores(grad_output: Tensor, value: Tensor) -> Tensor:
@@ -476,6 +484,9 @@ class LayerSums(NamedTuple):
     """Per row ``r`` of ``head_rows``: ``[B, H, N]``, ``r^T A_h`` per head."""
     relevance: list[Tensor]
     """Per row ``r`` of ``relevance_rows``: ``[B, N]``, ``r^T mean_h((G_h V_h^T * A_h)^+)``."""
+    input_grads: tuple[Tensor, Tensor, Tensor] | None = None
+    """``(dy/dq, dy/dk, dy/dv)``, each ``[B, H, N, d]`` float32: the attention's backward pass, when ``output`` was
+    given."""
 
 
 def recomputed_layer_sums(
@@ -490,6 +501,7 @@ def recomputed_layer_sums(
     l1: bool = False,
     head_rows: Sequence[Tensor] = (),
     relevance_rows: Sequence[Tensor] = (),
+    output: Tensor | None = None,
 ) -> LayerSums:
     """Every sum over query rows that the methods read from one global attention layer, in one pass over blocks of
     ``images`` images (all when ``None``) by ``rows`` query rows: no ``N x N`` matrix is kept.
@@ -503,6 +515,11 @@ def recomputed_layer_sums(
     output gradient) are skipped. ``query``/``key`` may be ``None`` when no row is asked for, ``grad_output``/``value``
     when neither ``l1`` nor a relevance is.
 
+    With the attention's ``output`` ``O = A V`` (``[B, H, N, d]``), the same blocks also give the attention's backward
+    pass, ``input_grads``: with ``dS = A * (dy/dA - delta)`` and ``delta_i = G_i . O_i`` (the softmax's backward),
+    ``dy/dq = dS k / sqrt(d)``, ``dy/dk = dS^T q / sqrt(d)`` and ``dy/dv = A^T G``; the fused kernel's own backward
+    would recompute ``A`` and ``G V^T`` a second time.
+
     Examples:
         >>> q, k = torch.zeros(1, 1, 2, 1), torch.zeros(1, 1, 2, 1)  # uniform attention [[.5, .5], [.5, .5]]
         >>> g, v = torch.tensor([[[[1.0], [0.0]]]]), torch.tensor([[[[2.0], [-2.0]]]])  # dy/dA = [[2, -2], [0, 0]]
@@ -510,14 +527,19 @@ def recomputed_layer_sums(
         >>> sums = recomputed_layer_sums(q, k, g, v, rows=1, l1=True, head_rows=[row], relevance_rows=[row])
         >>> sums.l1.tolist(), sums.head_rows[0].tolist(), sums.relevance[0].tolist()
         ([[4.0]], [[[1.0, 1.0]]], [[1.0, 0.0]])
+        >>> grads = recomputed_layer_sums(q, k, g, v, rows=1, output=torch.zeros(1, 1, 2, 1)).input_grads
+        >>> [grad.flatten().tolist() for grad in grads]  # dS = [[1, -1], [0, 0]]: dy/dk = dS^T q = 0, dy/dv = A^T G
+        [[0.0, 0.0], [0.0, 0.0], [0.5, 0.5]]
     """
-    with_attention, with_gradient = bool(head_rows or relevance_rows), l1 or bool(relevance_rows)
+    backward = output is not None
+    with_attention = bool(head_rows or relevance_rows) or backward
+    with_gradient = l1 or bool(relevance_rows) or backward
     if with_attention and (query is None or key is None):
-        raise ValueError("recomputed_layer_sums: row products need `query` and `key`.")
+        raise ValueError("recomputed_layer_sums: row products and `output` need `query` and `key`.")
     if with_gradient and (grad_output is None or value is None):
-        raise ValueError("recomputed_layer_sums: `l1` and relevance need `grad_output` and `value`.")
+        raise ValueError("recomputed_layer_sums: `l1`, relevance and `output` need `grad_output` and `value`.")
     reference = query if query is not None else grad_output
-    batch, heads, tokens = reference.shape[:3]
+    batch, heads, tokens, head_dim = reference.shape
     active = torch.zeros(tokens, dtype=torch.bool, device=reference.device)
     for row in head_rows:
         active |= row.ne(0).any(dim=0)
@@ -525,14 +547,21 @@ def recomputed_layer_sums(
         queries, keys = _logit_operands(query, key, log_sum_exp)
     if with_gradient:
         grads, values = _contiguous(grad_output), _contiguous(value).transpose(-2, -1)
-        gradient_rows = _nonzero_rows(grads)
-        if l1:
+        gradient_rows = nonzero_rows(grads)
+        if l1 or backward:
             active |= gradient_rows
         for row in relevance_rows:
             active |= row.ne(0).any(dim=0) & gradient_rows
+    if backward:
+        # Rows without an output gradient add nothing to any input gradient, so only the span's rows of dy/dq are set.
+        delta = (grads * output.float()).sum(dim=-1, keepdim=True)
+        key_rows = keys.transpose(-2, -1)[..., :head_dim]  # k as [B, H, N, d] (without the log-sum-exp column)
+        grad_query = torch.zeros_like(grads)
+        grad_key, grad_value = torch.zeros_like(grads), torch.zeros_like(grads)
     l1_total = torch.zeros(batch, heads, dtype=torch.float64, device=active.device) if l1 else None
     head_totals = [row.new_zeros(batch, heads, tokens, dtype=torch.float32) for row in head_rows]
     relevance_totals = [row.new_zeros(batch, tokens, dtype=torch.float32) for row in relevance_rows]
+    scratch = None  # one reused block for |dy/dA| and the relevance, whose fresh pages would cost more than the sums
     for part, query_rows in _blocks(batch, _row_span(active), rows, images):
         if with_attention:
             attention = _attention_block(queries[part, :, query_rows], keys[part], log_sum_exp is not None)
@@ -541,16 +570,36 @@ def recomputed_layer_sums(
         if not with_gradient:
             continue
         product = grads[part, :, query_rows] @ values[part]  # dy/dA rows [b, H, c, N]
-        for index, (row, total) in enumerate(zip(relevance_rows, relevance_totals, strict=True)):
-            # In place when nothing else reads the gradient rows after this relevance (one block less).
-            last = not l1 and index == len(relevance_rows) - 1
-            relevance = (product.mul_(attention) if last else product * attention).clamp_min_(0)
-            total[part] += _head_row_products(row[part, query_rows].float() / max(heads, 1), relevance).sum(dim=1)
+        if scratch is None or scratch.numel() < product.numel():
+            scratch = torch.empty_like(product).view(-1)
+        spare = scratch[: product.numel()].view(product.shape)
         if l1:
             # Each block summed in float32 (torch's cascaded reduction), the blocks accumulated in float64; summing
             # a block with dtype=float64 would first copy it to float64.
-            l1_total[part] += product.abs_().sum(dim=(-2, -1)).double()
-    return LayerSums(None if l1_total is None else l1_total.float(), head_totals, relevance_totals)
+            l1_total[part] += torch.abs(product, out=spare).sum(dim=(-2, -1)).double()
+        if relevance_rows:
+            product.mul_(attention)  # dy/dA * A: the relevance's product (and dS's first term)
+        for row, total in zip(relevance_rows, relevance_totals, strict=True):
+            relevance = torch.clamp_min(product, 0, out=spare)
+            total[part] += _head_row_products(row[part, query_rows].float() / max(heads, 1), relevance).sum(dim=1)
+        if backward:
+            # dS = A * (dy/dA - delta), from dy/dA * A when the relevance already formed it (one pass either way).
+            rows_delta = delta[part, :, query_rows]
+            dS = (
+                product.addcmul_(attention, rows_delta, value=-1.0)
+                if relevance_rows
+                else product.sub_(rows_delta).mul_(attention)
+            )
+            _accumulate(grad_value[part], attention.transpose(-2, -1), grads[part, :, query_rows])
+            grad_query[part, :, query_rows] = dS @ key_rows[part]
+            _accumulate(grad_key[part], dS.transpose(-2, -1), queries[part, :, query_rows, :head_dim])
+    input_grads = (grad_query.mul_(head_dim**-0.5), grad_key, grad_value) if backward else None
+    return LayerSums(None if l1_total is None else l1_total.float(), head_totals, relevance_totals, input_grads)
+
+
+def _accumulate(total: Tensor, left: Tensor, right: Tensor) -> None:
+    """``total += left @ right`` for ``[b, H, ...]`` stacks of matrices, in place (no product is allocated)."""
+    total.flatten(0, 1).baddbmm_(left.flatten(0, 1), right.flatten(0, 1))
 
 
 def _head_row_products(row: Tensor, attention: Tensor) -> Tensor:

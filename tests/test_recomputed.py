@@ -201,3 +201,66 @@ def test_explain_many_reduces_each_block_once_for_the_callbacks_pair() -> None:
     many = block_products(lambda: explain_many(model, images, tuple(pair), recompute_attention=True), *sizes)
     assert products[0] == products[1] and min(products[0]) > 0
     assert many == products[1]
+
+
+@pytest.mark.parametrize(
+    ("rows", "images", "asked"),
+    [(1, None, "nothing"), (4, None, "l1"), (N, None, "relevance"), (4, 1, "everything"), (N, 1, "nothing")],
+)
+@pytest.mark.parametrize("with_log_sum_exp", [False, True])
+def test_one_pass_gives_the_attentions_backward(
+    rows: int, images: int | None, asked: str, with_log_sum_exp: bool
+) -> None:
+    """With the attention's output, the pass also returns dy/dq, dy/dk, dy/dv, equal to autograd through
+    softmax(q k^T / sqrt(d)) V, and the sums it reduces beside them stay those of the references; a zero gradient row
+    (whose blocks the pass may skip) included."""
+    q, k, v, g, attention, _ = materialised(7)
+    g = g.clone()
+    g[:, :, 2] = 0.0
+    inputs = [tensor.double().requires_grad_(True) for tensor in (q, k, v)]
+    probabilities = torch.softmax(inputs[0] @ inputs[1].transpose(-2, -1) / D**0.5, dim=-1)
+    output = probabilities @ inputs[2]
+    expected = torch.autograd.grad(output, inputs, grad_outputs=g.double())
+    probabilities = attention.clone().requires_grad_(True)
+    (grad_attention,) = torch.autograd.grad(((probabilities @ v.double()) * g.double()).sum(), probabilities)
+    row = torch.rand(B, N, dtype=torch.float64)
+    log_sum_exp = torch.logsumexp(q.double() @ k.double().transpose(-2, -1) / D**0.5, dim=-1).float()
+    sums = methods.recomputed_layer_sums(
+        q, k, g, v, rows, images, log_sum_exp if with_log_sum_exp else None,
+        l1=asked in ("l1", "everything"),
+        head_rows=[row.float()] if asked == "everything" else [],
+        relevance_rows=[row.float()] if asked in ("relevance", "everything") else [],
+        output=output.detach().float(),
+    )  # fmt: skip
+    for got, reference in zip(sums.input_grads, expected, strict=True):
+        torch.testing.assert_close(got, reference.float(), rtol=1e-5, atol=1e-6)
+    if sums.l1 is not None:
+        torch.testing.assert_close(sums.l1, grad_attention.abs().sum(dim=(-2, -1)).float(), rtol=1e-6, atol=0)
+    for got in sums.head_rows:
+        torch.testing.assert_close(got, torch.einsum("bi,bhij->bhj", row, attention).float(), rtol=1e-5, atol=1e-6)
+    relevance = (grad_attention * attention).clamp_min(0).mean(dim=1)
+    for got in sums.relevance:
+        torch.testing.assert_close(got, (row[:, None] @ relevance).squeeze(1).float(), rtol=1e-5, atol=1e-6)
+
+
+def kernel_backwards(run) -> int:
+    """How many times ``run()`` calls the CPU flash kernel's own backward."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run()
+    return sum(event.name == "aten::_scaled_dot_product_flash_attention_for_cpu_backward" for event in profile.events())
+
+
+@pytest.mark.parametrize(("method", "kernel_inside"), [("gmar_l1", False), ("grad_rollout", False), ("gmar_l2", True)])
+def test_the_recomputed_pass_takes_over_the_attentions_backward(method: str, kernel_inside: bool) -> None:
+    """Where a layer's pass forms G V^T anyway (GMAR-L1, the generic rule), or the gradient reaches one row (the
+    last layer under a class-token read-out), it also computes the attention's backward, and the kernel's own backward
+    does not run; GMAR-L2's row products alone leave the interior layers to the kernel. The first layer's backward
+    never runs (the pass stops at its output). Maps equal the materialised path's."""
+    model, images = make_model("vit"), make_images("vit", batch=2)
+    depth = len(model.blocks)
+    expected = depth - 2 if kernel_inside else 0
+    results = []
+    count = kernel_backwards(lambda: results.append(explain(model, images, method=method, recompute_attention=True)))
+    assert count == expected
+    materialised_result = explain(model, images, method=method, recompute_attention=False)
+    torch.testing.assert_close(results[0].token_maps, materialised_result.token_maps, rtol=1e-5, atol=1e-5)
