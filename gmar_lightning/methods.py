@@ -583,16 +583,17 @@ def recomputed_layer_sums(
             relevance = torch.clamp_min(product, 0, out=spare)
             total[part] += _head_row_products(row[part, query_rows].float() / max(heads, 1), relevance).sum(dim=1)
         if backward:
-            # dS = A * (dy/dA - delta), from dy/dA * A when the relevance already formed it (one pass either way).
+            # dS = dy/d(logits) = A * (dy/dA - delta), in place of the block, from dy/dA * A when the relevance
+            # already formed it (one pass either way).
             rows_delta = delta[part, :, query_rows]
-            dS = (
+            logit_grad = (
                 product.addcmul_(attention, rows_delta, value=-1.0)
                 if relevance_rows
                 else product.sub_(rows_delta).mul_(attention)
             )
             _accumulate(grad_value[part], attention.transpose(-2, -1), grads[part, :, query_rows])
-            grad_query[part, :, query_rows] = dS @ key_rows[part]
-            _accumulate(grad_key[part], dS.transpose(-2, -1), queries[part, :, query_rows, :head_dim])
+            grad_query[part, :, query_rows] = logit_grad @ key_rows[part]
+            _accumulate(grad_key[part], logit_grad.transpose(-2, -1), queries[part, :, query_rows, :head_dim])
     input_grads = (grad_query.mul_(head_dim**-0.5), grad_key, grad_value) if backward else None
     return LayerSums(None if l1_total is None else l1_total.float(), head_totals, relevance_totals, input_grads)
 

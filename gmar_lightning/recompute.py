@@ -113,9 +113,7 @@ class LayerTensors:
         self.outputs: dict[int, Tensor] = {}
         self.on_gradient = on_gradient
         self._query: tuple[int, Tensor] | None = None  # the layer whose fused attention call comes next, and its q
-        # Layers whose flash call (`_FlashAttention`) still waits for its backward, and the input gradients that
-        # their recomputed pass left it.
-        self._awaiting_backward: set[int] = set()
+        # The input gradients that a layer's recomputed pass left for its flash call's backward (`_FlashAttention`).
         self._input_grads: dict[int, tuple[Tensor, ...]] = {}
 
     @contextlib.contextmanager
@@ -185,9 +183,10 @@ class LayerTensors:
         # public function drops, is kept, and its backward takes the input gradients of the layer's recomputed pass.
         layer = pending[0]
         output, log_sum_exp = _FlashAttention.apply(query, key, value, layer, self._input_grads)
-        self.saved[layer]["lse"], self.saved[layer]["o"] = log_sum_exp, output.detach()
-        if layer > 0:  # the backward pass stops at the first layer's attention output (`backward`)
-            self._awaiting_backward.add(layer)
+        self.saved[layer]["lse"] = log_sum_exp
+        # The output, while the layer's backward is still to run (none runs for the first layer: `backward`).
+        if layer > 0 and self.on_gradient is not None and output.requires_grad:
+            self.saved[layer]["o"] = output.detach()
         return output
 
     def backward(self, objective: Tensor) -> None:
@@ -196,7 +195,6 @@ class LayerTensors:
         try:
             torch.autograd.grad(objective, [self.outputs[0]], allow_unused=True)
         finally:
-            self._awaiting_backward.clear()
             self._input_grads.clear()
             for saved in self.saved.values():
                 saved.pop("o", None)
@@ -207,15 +205,16 @@ class LayerTensors:
         ``head_rows``, ``relevance_rows``)."""
         saved = self.saved[layer]
         value = None if grad is None else saved["v"]
-        fuses = layer in self._awaiting_backward and grad is not None and self._fuses_backward(grad, asked)
+        # Inside the backward pass, the layer's attention backward runs next: from this pass's gradients, or the
+        # kernel's own (which keeps its own reference to the output).
+        output = saved.pop("o", None) if grad is not None else None
+        fuses = output is not None and self._fuses_backward(grad, asked)
         sums = methods.recomputed_layer_sums(
             saved["q"], saved["k"], grad, value, block.rows, block.images, saved.get("lse"),
-            output=saved["o"] if fuses else None, **asked,
+            output=output if fuses else None, **asked,
         )  # fmt: skip
-        if fuses:  # the layer's backward runs next and takes these gradients
-            self._awaiting_backward.discard(layer)
+        if fuses:
             self._input_grads[layer] = sums.input_grads
-            del saved["o"]
         return sums
 
     @staticmethod

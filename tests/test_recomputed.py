@@ -264,3 +264,25 @@ def test_the_recomputed_pass_takes_over_the_attentions_backward(method: str, ker
     assert count == expected
     materialised_result = explain(model, images, method=method, recompute_attention=False)
     torch.testing.assert_close(results[0].token_maps, materialised_result.token_maps, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_gradients", [False, True])
+def test_layer_tensors_keep_an_attention_output_only_until_its_backward(with_gradients: bool) -> None:
+    """The flash output that a fused backward reads is kept only where a backward will run (every layer but the first,
+    when gradients are asked for) and only until that backward: a forward alone (``rollout``) keeps none, and after
+    the backward pass none is left (each would hold a ``[B, H, N, d]`` tensor per layer for the whole explanation)."""
+    from gmar_lightning.recompute import LayerTensors
+    from gmar_lightning.resolve import resolve_model
+
+    model, images = make_model("vit"), make_images("vit", batch=2)
+    probe = resolve_model(model).probe(images)
+    seen: list[int] = []
+    tensors = LayerTensors(probe, (lambda layer, grad: seen.append(layer)) if with_gradients else None)
+    with tensors.hooked():
+        logits = model(images.clone().requires_grad_(with_gradients))
+    kept = [layer for layer, saved in sorted(tensors.saved.items()) if "o" in saved]
+    assert kept == (list(range(1, len(model.blocks))) if with_gradients else [])
+    if with_gradients:
+        tensors.backward(logits[:, 0].sum())
+        assert seen == list(range(len(model.blocks)))[::-1]
+        assert not any("o" in saved for saved in tensors.saved.values())
