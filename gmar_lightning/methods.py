@@ -573,9 +573,10 @@ def recomputed_layer_sums(
         if not with_gradient:
             continue
         product = grads[part, :, query_rows] @ values[part]  # dy/dA rows [b, H, c, N]
-        if scratch is None or scratch.numel() < product.numel():
-            scratch = torch.empty_like(product).view(-1)
-        spare = scratch[: product.numel()].view(product.shape)
+        if l1 or relevance_rows:
+            if scratch is None or scratch.numel() < product.numel():
+                scratch = torch.empty_like(product).view(-1)
+            spare = scratch[: product.numel()].view(product.shape)
         if l1:
             # Each block summed in float32 (torch's cascaded reduction), the blocks accumulated in float64; summing
             # a block with dtype=float64 would first copy it to float64.
