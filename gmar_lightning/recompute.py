@@ -204,7 +204,8 @@ class LayerTensors:
     def reduce(self, layer: int, block: Block, grad: Tensor | None = None, **asked: object) -> methods.LayerSums:
         """``methods.recomputed_layer_sums`` of ``layer`` from its kept ``q``, ``k`` (and log-sum-exp), with ``v``
         when ``grad = dy/dO`` is given, in blocks of shape ``block``; ``asked``: the quantities (``l1``,
-        ``head_rows``, ``relevance_rows``)."""
+        ``head_rows``, ``relevance_rows``). Inside the backward pass the same pass may also compute the layer's
+        attention backward (`_fuses_backward`), which it leaves for the layer's `_FlashAttention` to return."""
         saved = self.saved[layer]
         value = None if grad is None else saved["v"]
         # Inside the backward pass, the layer's attention backward runs next: from this pass's gradients, or the
